@@ -1,0 +1,174 @@
+//! Backends behind one trait, and the routing table from model name to backend.
+//!
+//! A backend turns a [`ChatRequest`] into a stream of [`Delta`]s. It knows nothing of HTTP
+//! or SSE; dropping its stream must stop its work (an upstream request closes its
+//! connection, a generator stops at its next token).
+
+pub mod mock;
+pub mod openai;
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+/// One chat message as sluice needs it: the role and the text of its content.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+/// A validated chat request, routed: `model` is the name the backend knows.
+#[derive(Debug, Clone, Default)]
+pub struct ChatRequest {
+    pub model: String,
+    pub messages: Vec<Message>,
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    /// The client's request body, for backends that forward it (unknown fields, tools,
+    /// structured content parts pass through unchanged).
+    pub body: Map<String, Value>,
+}
+
+impl ChatRequest {
+    /// The text of the last user message: what the mock model answers to.
+    pub fn last_user_text(&self) -> &str {
+        self.messages
+            .iter()
+            .rev()
+            .find(|m| m.role == "user")
+            .map_or("", |m| m.content.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub total_tokens: u32,
+}
+
+impl Usage {
+    pub fn new(prompt_tokens: u32, completion_tokens: u32) -> Self {
+        Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
+    }
+}
+
+/// One step of a generated reply.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Delta {
+    /// Generated text.
+    Text(String),
+    /// Delta fields other than `role` and `content` (`tool_calls`, `refusal`, reasoning),
+    /// relayed to OpenAI clients unchanged.
+    Fields(Map<String, Value>),
+    /// The reply is complete: `stop`, `length`, `tool_calls`, `content_filter`.
+    Finish(String),
+    /// Token counts as the backend reports them.
+    Usage(Usage),
+}
+
+/// Why a backend could not produce (the rest of) a reply.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BackendError {
+    /// The upstream answered the request with an error status.
+    #[error("upstream answered {status}: {message}")]
+    Rejected {
+        status: u16,
+        message: String,
+        param: Option<String>,
+        code: Option<String>,
+    },
+    #[error("upstream rate limited: {message}")]
+    RateLimited {
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    /// No connection could be made.
+    #[error("upstream unreachable: {0}")]
+    Unreachable(String),
+    /// The stream broke off: connection lost, an in-band error object, no finish.
+    #[error("upstream stream interrupted: {0}")]
+    Interrupted(String),
+    /// The upstream sent something that is not a chat completion chunk.
+    #[error("upstream sent malformed data: {0}")]
+    Protocol(String),
+    /// Nothing came within a limit: "first token", "chunk".
+    #[error("no {0} within the limit")]
+    Timeout(&'static str),
+}
+
+pub type DeltaStream = Pin<Box<dyn Stream<Item = Result<Delta, BackendError>> + Send>>;
+
+pub trait Backend: Send + Sync {
+    /// Starts generating. The stream is lazy: no work happens until it is first polled.
+    fn stream(&self, request: ChatRequest) -> DeltaStream;
+}
+
+/// Where a model name goes: a backend and the name that backend knows the model by.
+#[derive(Clone)]
+pub struct Route {
+    pub backend: Arc<dyn Backend>,
+    pub upstream_model: String,
+}
+
+/// The routing table: configured names first, then the built-in mock models, then anything
+/// else to the default upstream when one is configured.
+#[derive(Clone)]
+pub struct Routes {
+    named: HashMap<String, Route>,
+    mock: Arc<dyn Backend>,
+    default_upstream: Option<Arc<dyn Backend>>,
+}
+
+impl Routes {
+    pub fn new(
+        named: HashMap<String, Route>,
+        mock: Arc<dyn Backend>,
+        default_upstream: Option<Arc<dyn Backend>>,
+    ) -> Self {
+        Routes {
+            named,
+            mock,
+            default_upstream,
+        }
+    }
+
+    pub fn resolve(&self, model: &str) -> Option<Route> {
+        if let Some(route) = self.named.get(model) {
+            return Some(route.clone());
+        }
+        if mock::Mode::from_model(model).is_some() {
+            return Some(Route {
+                backend: self.mock.clone(),
+                upstream_model: model.to_owned(),
+            });
+        }
+        self.default_upstream.as_ref().map(|backend| Route {
+            backend: backend.clone(),
+            upstream_model: model.to_owned(),
+        })
+    }
+
+    /// Every name sluice routes by itself, sorted (the default upstream takes any other).
+    pub fn model_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.named.keys().cloned().collect();
+        names.extend(mock::Mode::MODEL_NAMES.iter().map(|s| (*s).to_owned()));
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    pub fn has_default_upstream(&self) -> bool {
+        self.default_upstream.is_some()
+    }
+}

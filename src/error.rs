@@ -1,0 +1,198 @@
+//! `ApiError`: every failure a client can see, one status match, OpenAI's error body.
+
+use std::time::Duration;
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::backend::BackendError;
+
+/// What went wrong, as the client is told. 5xx details are logged, not returned.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{message}")]
+    InvalidRequest {
+        message: String,
+        param: Option<String>,
+        code: Option<&'static str>,
+    },
+    #[error("request body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("Content-Type must be application/json")]
+    UnsupportedMediaType,
+    #[error("The model `{0}` does not exist or you do not have access to it.")]
+    ModelNotFound(String),
+    #[error("Unknown request URL: {method} {path}")]
+    RouteNotFound { method: String, path: String },
+    #[error("Method {method} is not allowed for {path}")]
+    MethodNotAllowed { method: String, path: String },
+    /// The upstream refused the request itself (400, 404, 422...): its status and message.
+    #[error("{message}")]
+    UpstreamRejected {
+        status: StatusCode,
+        message: String,
+        param: Option<String>,
+        code: Option<String>,
+    },
+    #[error("the upstream is rate limiting requests: {message}")]
+    UpstreamRateLimited {
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    #[error("the upstream rejected sluice's credentials for this model")]
+    UpstreamAuth,
+    #[error("the upstream failed: {0}")]
+    UpstreamFailed(String),
+    #[error("the upstream did not answer in time: {0}")]
+    UpstreamTimeout(String),
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn invalid(message: impl Into<String>, param: Option<&str>) -> Self {
+        ApiError::InvalidRequest {
+            message: message.into(),
+            param: param.map(str::to_owned),
+            code: None,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::ModelNotFound(_) | ApiError::RouteNotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::UpstreamRejected { status, .. } => *status,
+            ApiError::UpstreamRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::UpstreamAuth | ApiError::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
+            ApiError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            ApiError::InvalidRequest { .. }
+            | ApiError::PayloadTooLarge { .. }
+            | ApiError::UnsupportedMediaType
+            | ApiError::ModelNotFound(_)
+            | ApiError::RouteNotFound { .. }
+            | ApiError::MethodNotAllowed { .. }
+            | ApiError::UpstreamRejected { .. } => "invalid_request_error",
+            ApiError::UpstreamRateLimited { .. } => "rate_limit_error",
+            ApiError::UpstreamAuth | ApiError::UpstreamFailed(_) => "upstream_error",
+            ApiError::UpstreamTimeout(_) => "timeout_error",
+            ApiError::Internal(_) => "server_error",
+        }
+    }
+
+    fn code(&self) -> Option<String> {
+        let code = match self {
+            ApiError::InvalidRequest { code, .. } => return code.map(str::to_owned),
+            ApiError::UpstreamRejected { code, .. } => return code.clone(),
+            ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::UnsupportedMediaType => "unsupported_media_type",
+            ApiError::ModelNotFound(_) => "model_not_found",
+            ApiError::RouteNotFound { .. } => "unknown_url",
+            ApiError::MethodNotAllowed { .. } => "method_not_allowed",
+            ApiError::UpstreamRateLimited { .. } => "rate_limit_exceeded",
+            ApiError::UpstreamAuth => "upstream_auth_failed",
+            ApiError::UpstreamFailed(_) => "upstream_failed",
+            ApiError::UpstreamTimeout(_) => "upstream_timeout",
+            ApiError::Internal(_) => "internal_error",
+        };
+        Some(code.to_owned())
+    }
+
+    fn param(&self) -> Option<&str> {
+        match self {
+            ApiError::InvalidRequest { param, .. } | ApiError::UpstreamRejected { param, .. } => {
+                param.as_deref()
+            }
+            ApiError::ModelNotFound(_) => Some("model"),
+            _ => None,
+        }
+    }
+
+    /// `{"error":{"message","type","param","code"}}`: the body of an error response, and the
+    /// payload of an error event once a stream has started.
+    pub fn body(&self) -> serde_json::Value {
+        json!({"error": {
+            "message": self.to_string(),
+            "type": self.kind(),
+            "param": self.param(),
+            "code": self.code(),
+        }})
+    }
+
+    /// Seconds to put in `Retry-After`, rounded up and never 0.
+    fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            ApiError::UpstreamRateLimited {
+                retry_after: Some(d),
+                ..
+            } => Some(d.as_millis().div_ceil(1000).max(1) as u64),
+            _ => None,
+        }
+    }
+}
+
+impl From<BackendError> for ApiError {
+    fn from(e: BackendError) -> Self {
+        match e {
+            BackendError::Rejected {
+                status,
+                message,
+                param,
+                code,
+            } => match status {
+                401 | 403 => ApiError::UpstreamAuth,
+                429 => ApiError::UpstreamRateLimited {
+                    message,
+                    retry_after: None,
+                },
+                400..=499 => ApiError::UpstreamRejected {
+                    status: StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+                    message,
+                    param,
+                    code,
+                },
+                _ => ApiError::UpstreamFailed(format!("status {status}: {message}")),
+            },
+            BackendError::RateLimited {
+                message,
+                retry_after,
+            } => ApiError::UpstreamRateLimited {
+                message,
+                retry_after,
+            },
+            BackendError::Unreachable(m)
+            | BackendError::Interrupted(m)
+            | BackendError::Protocol(m) => ApiError::UpstreamFailed(m),
+            BackendError::Timeout(which) => {
+                ApiError::UpstreamTimeout(format!("no {which} within the limit"))
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::warn!(error = %self, detail = ?self, "request failed");
+        }
+        let retry_after = self.retry_after_secs();
+        let mut response = (status, axum::Json(self.body())).into_response();
+        if let Some(secs) = retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}

@@ -1,0 +1,474 @@
+//! The relay: a backend's [`Delta`] stream → SSE events (OpenAI chunks, or sluice's own
+//! `/api/chat` events), with timeouts, usage metering, and a guard that records on drop
+//! whether the stream completed, failed, or was cancelled by its client.
+//!
+//! The SSE body owns the backend stream: when the client goes away hyper drops the body,
+//! the body drops the backend stream, and the backend's work stops. No task, no channel.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use axum::http::{HeaderName, HeaderValue};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::{Stream, StreamExt};
+use serde_json::{Map, Value, json};
+
+use crate::backend::{BackendError, Delta, DeltaStream, Message, Usage};
+use crate::error::ApiError;
+use crate::metrics::{Metrics, Outcome};
+use crate::tokens;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub first_token: Duration,
+    pub idle: Duration,
+}
+
+/// Applies the first-token and between-chunks limits: past either, the stream ends with
+/// [`BackendError::Timeout`]. Time spent waiting on a slow client does not count.
+pub fn timed(inner: DeltaStream, limits: Timeouts) -> DeltaStream {
+    Box::pin(async_stream::stream! {
+        let mut inner = inner;
+        let deadline = tokio::time::sleep(limits.first_token);
+        tokio::pin!(deadline);
+        let mut waiting_for = "first token";
+        loop {
+            tokio::select! {
+                biased;
+                item = inner.next() => {
+                    let Some(item) = item else { return };
+                    let failed = item.is_err();
+                    if matches!(item, Ok(Delta::Text(_) | Delta::Fields(_))) {
+                        waiting_for = "chunk";
+                    }
+                    yield item;
+                    if failed {
+                        return;
+                    }
+                    if waiting_for == "chunk" {
+                        deadline.as_mut().reset(tokio::time::Instant::now() + limits.idle);
+                    }
+                }
+                () = &mut deadline => {
+                    yield Err(BackendError::Timeout(waiting_for));
+                    return;
+                }
+            }
+        }
+    })
+}
+
+/// A backend stream whose first item has been seen, so its status is known.
+pub struct Opened {
+    first: Option<Delta>,
+    rest: DeltaStream,
+}
+
+/// Peek before committing: waits up to `window` for the first item, so a failure before
+/// the first token becomes a real HTTP status. A first token slower than `window` is
+/// committed to as 200 anyway, so keep-alive comments flow while the client waits.
+pub async fn open(mut stream: DeltaStream, window: Duration) -> Result<Opened, BackendError> {
+    match tokio::time::timeout(window, stream.next()).await {
+        Ok(Some(Ok(first))) => Ok(Opened {
+            first: Some(first),
+            rest: stream,
+        }),
+        Ok(Some(Err(e))) => Err(e),
+        Ok(None) => Err(BackendError::Interrupted(
+            "the backend ended without a reply".into(),
+        )),
+        Err(_) => Ok(Opened {
+            first: None,
+            rest: stream,
+        }),
+    }
+}
+
+impl Opened {
+    fn into_stream(self) -> DeltaStream {
+        match self.first {
+            Some(first) => Box::pin(futures::stream::once(async { Ok(first) }).chain(self.rest)),
+            None => self.rest,
+        }
+    }
+}
+
+/// Which stream this is, for logs and metrics, and the running count of what it delivered.
+/// Dropping it records the outcome: a stream dropped before it finished was cancelled.
+pub struct StreamGuard {
+    metrics: Metrics,
+    request_id: String,
+    model: String,
+    started: Instant,
+    first_token: Option<Duration>,
+    prompt_tokens: u32,
+    delivered_tokens: u32,
+    reported: Option<Usage>,
+    outcome: Option<Outcome>,
+}
+
+impl StreamGuard {
+    pub fn new(metrics: Metrics, request_id: String, model: String, messages: &[Message]) -> Self {
+        metrics.stream_started();
+        StreamGuard {
+            metrics,
+            request_id,
+            model,
+            started: Instant::now(),
+            first_token: None,
+            prompt_tokens: tokens::prompt(messages),
+            delivered_tokens: 0,
+            reported: None,
+            outcome: None,
+        }
+    }
+
+    fn delivered(&mut self, text: &str) {
+        self.first_token
+            .get_or_insert_with(|| self.started.elapsed());
+        self.delivered_tokens += tokens::text(text);
+    }
+
+    /// The backend's own counts when it sent them, else sluice's count of what it delivered.
+    pub fn usage(&self) -> Usage {
+        self.reported
+            .unwrap_or_else(|| Usage::new(self.prompt_tokens, self.delivered_tokens))
+    }
+
+    pub fn finish(&mut self, outcome: Outcome) {
+        self.outcome.get_or_insert(outcome);
+    }
+
+    fn failed(&mut self, error: &BackendError) {
+        self.finish(Outcome::of(error));
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let outcome = self.outcome.unwrap_or(Outcome::Cancelled);
+        let usage = self.usage();
+        tracing::info!(
+            request_id = %self.request_id,
+            model = %self.model,
+            outcome = outcome.as_str(),
+            delivered_tokens = self.delivered_tokens,
+            prompt_tokens = usage.prompt_tokens,
+            completion_tokens = usage.completion_tokens,
+            ttft_ms = self.first_token.map(|d| d.as_millis() as u64),
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            "stream ended"
+        );
+        self.metrics.stream_ended(outcome);
+    }
+}
+
+/// The SSE response around an event stream: no buffering by proxies, keep-alive comments.
+fn sse(
+    events: impl Stream<Item = Result<Event, Infallible>> + Send + 'static,
+    keep_alive: Duration,
+) -> Response {
+    let mut response = Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(keep_alive).text("keep-alive"))
+        .into_response();
+    response.headers_mut().insert(
+        HeaderName::from_static("x-accel-buffering"),
+        HeaderValue::from_static("no"),
+    );
+    response
+}
+
+/// The identity every chunk of one OpenAI completion shares.
+pub struct Completion {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+}
+
+impl Completion {
+    pub fn new(model: &str) -> Self {
+        Completion {
+            id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            model: model.to_owned(),
+        }
+    }
+}
+
+/// Writes `chat.completion.chunk` JSON around a prefix built once per stream.
+struct ChunkWriter {
+    /// `{"id":…,"object":…,"created":…,"model":…,"system_fingerprint":null,"choices":`
+    head: String,
+    /// `}` or `,"usage":null}`: what closes a chunk that carries a choice.
+    tail: &'static str,
+}
+
+impl ChunkWriter {
+    fn new(c: &Completion, include_usage: bool) -> Self {
+        let head = json!({"id": c.id, "object": "chat.completion.chunk", "created": c.created,
+            "model": c.model, "system_fingerprint": null})
+        .to_string();
+        // Reopen the object to append the choices.
+        let head = format!("{},\"choices\":", head.trim_end_matches('}'));
+        let tail = if include_usage {
+            ",\"usage\":null}"
+        } else {
+            "}"
+        };
+        ChunkWriter { head, tail }
+    }
+
+    fn choice(&self, delta: &str, finish_reason: Option<&str>) -> String {
+        let finish = finish_reason.map_or_else(|| "null".to_owned(), |r| json!(r).to_string());
+        let mut out = String::with_capacity(self.head.len() + delta.len() + 80);
+        out.push_str(&self.head);
+        out.push_str("[{\"index\":0,\"delta\":");
+        out.push_str(delta);
+        out.push_str(",\"logprobs\":null,\"finish_reason\":");
+        out.push_str(&finish);
+        out.push('}');
+        out.push(']');
+        out.push_str(self.tail);
+        out
+    }
+
+    fn text(&self, text: &str) -> String {
+        self.choice(&json!({"content": text}).to_string(), None)
+    }
+
+    fn usage(&self, usage: Usage) -> String {
+        format!("{}[],\"usage\":{}}}", self.head, json!(usage))
+    }
+}
+
+/// `POST /v1/chat/completions` with `stream: true`: OpenAI's chunks, then `[DONE]`; a failure
+/// after the first byte is a `data: {"error":…}` event and the stream ends without `[DONE]`.
+pub fn openai_sse(
+    opened: Opened,
+    completion: Completion,
+    include_usage: bool,
+    mut guard: StreamGuard,
+    keep_alive: Duration,
+) -> Response {
+    let writer = ChunkWriter::new(&completion, include_usage);
+    let mut stream = opened.into_stream();
+    let events = async_stream::stream! {
+        yield Ok(Event::default().data(writer.choice(r#"{"role":"assistant","content":""}"#, None)));
+        let mut finished = false;
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(Delta::Text(text)) => {
+                    guard.delivered(&text);
+                    yield Ok(Event::default().data(writer.text(&text)));
+                }
+                Ok(Delta::Fields(fields)) => {
+                    guard.first_token.get_or_insert_with(|| guard.started.elapsed());
+                    yield Ok(Event::default().data(writer.choice(&Value::Object(fields).to_string(), None)));
+                }
+                Ok(Delta::Finish(reason)) => {
+                    finished = true;
+                    yield Ok(Event::default().data(writer.choice("{}", Some(&reason))));
+                }
+                Ok(Delta::Usage(usage)) => guard.reported = Some(usage),
+                Err(e) => {
+                    guard.failed(&e);
+                    yield Ok(Event::default().data(ApiError::from(e).body().to_string()));
+                    return;
+                }
+            }
+        }
+        if !finished {
+            let e = BackendError::Interrupted("the backend ended without finishing".into());
+            guard.failed(&e);
+            yield Ok(Event::default().data(ApiError::from(e).body().to_string()));
+            return;
+        }
+        if include_usage {
+            yield Ok(Event::default().data(writer.usage(guard.usage())));
+        }
+        guard.finish(Outcome::Completed);
+        yield Ok(Event::default().data("[DONE]"));
+    };
+    sse(events, keep_alive)
+}
+
+/// `POST /api/chat`: `meta`, `token`…, then `done` or `error`, each event with an `id:`.
+pub fn chat_sse(
+    opened: Opened,
+    completion: Completion,
+    mut guard: StreamGuard,
+    keep_alive: Duration,
+) -> Response {
+    let mut stream = opened.into_stream();
+    let events = async_stream::stream! {
+        let mut id = 0u64;
+        let mut event = move |name: &'static str, data: String| {
+            id += 1;
+            Ok::<_, Infallible>(Event::default().event(name).id(id.to_string()).data(data))
+        };
+        let chat_id = completion.id.replacen("chatcmpl-", "chat-", 1);
+        yield event("meta", json!({"id": chat_id, "model": completion.model, "created": completion.created}).to_string());
+        let mut finish = None;
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(Delta::Text(text)) => {
+                    guard.delivered(&text);
+                    yield event("token", json!({"text": text}).to_string());
+                }
+                Ok(Delta::Fields(_)) => {}
+                Ok(Delta::Finish(reason)) => finish = Some(reason),
+                Ok(Delta::Usage(usage)) => guard.reported = Some(usage),
+                Err(e) => {
+                    guard.failed(&e);
+                    yield event("error", ApiError::from(e).body().to_string());
+                    return;
+                }
+            }
+        }
+        let Some(finish_reason) = finish else {
+            let e = BackendError::Interrupted("the backend ended without finishing".into());
+            guard.failed(&e);
+            yield event("error", ApiError::from(e).body().to_string());
+            return;
+        };
+        guard.finish(Outcome::Completed);
+        let done = json!({
+            "finish_reason": finish_reason,
+            "usage": guard.usage(),
+            "ttft_ms": guard.first_token.map(|d| d.as_millis() as u64),
+            "duration_ms": guard.started.elapsed().as_millis() as u64,
+        });
+        yield event("done", done.to_string());
+    };
+    sse(events, keep_alive)
+}
+
+/// `stream: false`: the whole reply as one `chat.completion` object. Dropping this future
+/// (the client left) drops the backend stream like a streamed request would.
+pub async fn collect(
+    stream: DeltaStream,
+    completion: Completion,
+    mut guard: StreamGuard,
+) -> Result<Value, ApiError> {
+    let mut stream: Pin<Box<dyn Stream<Item = _> + Send>> = stream;
+    let mut content = String::new();
+    let mut fields = Map::new();
+    let mut finish = None;
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(Delta::Text(text)) => {
+                guard.delivered(&text);
+                content.push_str(&text);
+            }
+            Ok(Delta::Fields(delta)) => merge_fields(&mut fields, delta),
+            Ok(Delta::Finish(reason)) => finish = Some(reason),
+            Ok(Delta::Usage(usage)) => guard.reported = Some(usage),
+            Err(e) => {
+                guard.failed(&e);
+                return Err(e.into());
+            }
+        }
+    }
+    let Some(finish_reason) = finish else {
+        let e = BackendError::Interrupted("the backend ended without finishing".into());
+        guard.failed(&e);
+        return Err(e.into());
+    };
+    guard.finish(Outcome::Completed);
+    let mut message = Map::new();
+    message.insert("role".into(), json!("assistant"));
+    let has_tool_calls = fields.contains_key("tool_calls");
+    message.insert(
+        "content".into(),
+        if content.is_empty() && has_tool_calls {
+            Value::Null
+        } else {
+            Value::String(content)
+        },
+    );
+    message.extend(fields);
+    Ok(json!({
+        "id": completion.id,
+        "object": "chat.completion",
+        "created": completion.created,
+        "model": completion.model,
+        "system_fingerprint": null,
+        "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish_reason}],
+        "usage": guard.usage(),
+    }))
+}
+
+/// Folds one streamed delta into the message so far, the way OpenAI's SDKs do: strings
+/// append (`function.arguments`), objects merge, list items merge by their `index`.
+fn merge_fields(into: &mut Map<String, Value>, delta: Map<String, Value>) {
+    for (key, value) in delta {
+        match (into.get_mut(&key), value) {
+            (Some(Value::String(have)), Value::String(more)) if key != "index" => {
+                if key == "id" || key == "type" {
+                    *have = more;
+                } else {
+                    have.push_str(&more);
+                }
+            }
+            (Some(Value::Object(have)), Value::Object(more)) => merge_fields(have, more),
+            (Some(Value::Array(have)), Value::Array(more)) => {
+                for item in more {
+                    let index = item.get("index").cloned();
+                    let slot = have
+                        .iter_mut()
+                        .find(|h| index.is_some() && h.get("index") == index.as_ref());
+                    match (slot, item) {
+                        (Some(Value::Object(h)), Value::Object(m)) => merge_fields(h, m),
+                        (_, item) => have.push(item),
+                    }
+                }
+            }
+            (_, value) => {
+                into.insert(key, value);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tool_call_deltas_merge_like_the_sdks() {
+        let mut message = Map::new();
+        let parts = [
+            json!({"tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"get_weather","arguments":""}}]}),
+            json!({"tool_calls":[{"index":0,"function":{"arguments":"{\"city\":"}}]}),
+            json!({"tool_calls":[{"index":0,"function":{"arguments":"\"Paris\"}"}}]}),
+        ];
+        for part in parts {
+            let Value::Object(part) = part else {
+                unreachable!()
+            };
+            merge_fields(&mut message, part);
+        }
+        assert_eq!(
+            Value::Object(message),
+            json!({"tool_calls":[{"index":0,"id":"call_1","type":"function",
+                "function":{"name":"get_weather","arguments":"{\"city\":\"Paris\"}"}}]})
+        );
+    }
+
+    #[test]
+    fn chunks_are_valid_json_with_the_shared_identity() {
+        let c = Completion::new("m\"odel");
+        let writer = ChunkWriter::new(&c, true);
+        let chunk: Value = serde_json::from_str(&writer.text("a\n\"b")).expect("valid JSON");
+        assert_eq!(chunk["model"], "m\"odel");
+        assert_eq!(chunk["choices"][0]["delta"]["content"], "a\n\"b");
+        assert!(chunk["usage"].is_null() && chunk.get("usage").is_some());
+        let usage: Value = serde_json::from_str(&writer.usage(Usage::new(2, 3))).expect("JSON");
+        assert_eq!(usage["choices"], json!([]));
+        assert_eq!(usage["usage"]["total_tokens"], 5);
+    }
+}

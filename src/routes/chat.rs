@@ -1,0 +1,135 @@
+//! `POST /api/chat`: sluice's simple endpoint. A prompt, an optional template and history
+//! in; `meta`, `token`…, `done` or `error` SSE events out.
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::Response;
+use axum::routing::post;
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use super::{JsonObject, request_id, typed};
+use crate::backend::{ChatRequest, Message};
+use crate::error::ApiError;
+use crate::metrics::Outcome;
+use crate::relay::{self, Completion, StreamGuard};
+use crate::state::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/api/chat", post(chat))
+}
+
+/// The model used when a request names none.
+pub const DEFAULT_MODEL: &str = "mock";
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChatBody {
+    prompt: String,
+    model: Option<String>,
+    template: Option<String>,
+    #[serde(default)]
+    vars: Map<String, Value>,
+    #[serde(default)]
+    history: Vec<Turn>,
+    max_tokens: Option<u32>,
+    temperature: Option<f32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Turn {
+    role: String,
+    content: String,
+}
+
+async fn chat(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    JsonObject(mut body): JsonObject,
+) -> Result<Response, ApiError> {
+    let req: ChatBody = typed(&mut body)?;
+    if req.prompt.trim().is_empty() {
+        return Err(ApiError::invalid(
+            "`prompt` must not be empty",
+            Some("prompt"),
+        ));
+    }
+    let mut messages = Vec::with_capacity(req.history.len() + 2);
+    if let Some(name) = &req.template {
+        let system = state
+            .prompts
+            .render(name, &req.vars)
+            .map_err(|e| ApiError::invalid(e.to_string(), Some("vars")))?;
+        messages.push(Message {
+            role: "system".into(),
+            content: system,
+        });
+    }
+    for (i, turn) in req.history.into_iter().enumerate() {
+        if !matches!(turn.role.as_str(), "user" | "assistant") {
+            return Err(ApiError::invalid(
+                "history turns are `user` or `assistant`",
+                Some(&format!("history[{i}].role")),
+            ));
+        }
+        messages.push(Message {
+            role: turn.role,
+            content: turn.content,
+        });
+    }
+    messages.push(Message {
+        role: "user".into(),
+        content: req.prompt,
+    });
+
+    let model = req.model.unwrap_or_else(|| DEFAULT_MODEL.to_owned());
+    let route = state
+        .routes
+        .resolve(&model)
+        .ok_or_else(|| ApiError::ModelNotFound(model.clone()))?;
+
+    // The body an OpenAI-compatible upstream receives.
+    let mut upstream_body = Map::new();
+    upstream_body.insert(
+        "messages".into(),
+        messages
+            .iter()
+            .map(|m| json!({"role": m.role, "content": m.content}))
+            .collect(),
+    );
+    if let Some(n) = req.max_tokens {
+        upstream_body.insert("max_tokens".into(), n.into());
+    }
+    if let Some(t) = req.temperature {
+        upstream_body.insert("temperature".into(), t.into());
+    }
+    let request = ChatRequest {
+        model: route.upstream_model,
+        messages,
+        max_tokens: req.max_tokens,
+        temperature: req.temperature,
+        body: upstream_body,
+    };
+    let mut guard = StreamGuard::new(
+        state.metrics.clone(),
+        request_id(&headers),
+        model.clone(),
+        &request.messages,
+    );
+    let stream = relay::timed(route.backend.stream(request), state.timeouts);
+    let opened = match relay::open(stream, state.keep_alive).await {
+        Ok(opened) => opened,
+        Err(e) => {
+            guard.finish(Outcome::of(&e));
+            return Err(e.into());
+        }
+    };
+    Ok(relay::chat_sse(
+        opened,
+        Completion::new(&model),
+        guard,
+        state.keep_alive,
+    ))
+}

@@ -1,0 +1,155 @@
+//! `POST /v1/chat/completions`: OpenAI's chat completions, streamed or not, on any backend.
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::{JsonObject, request_id, typed};
+use crate::backend::{ChatRequest, Message};
+use crate::error::ApiError;
+use crate::metrics::Outcome;
+use crate::relay::{self, Completion, StreamGuard};
+use crate::state::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/v1/chat/completions", post(chat_completions))
+}
+
+/// The fields sluice reads; every other field stays in the body and goes to the upstream.
+#[derive(Deserialize)]
+struct Fields {
+    model: String,
+    messages: Vec<MessageIn>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    max_tokens: Option<u32>,
+    max_completion_tokens: Option<u32>,
+    temperature: Option<f32>,
+    n: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+#[derive(Deserialize)]
+struct MessageIn {
+    role: String,
+    #[serde(default)]
+    content: Option<Content>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+/// A content part: text is kept for the models sluice runs itself and for counting; other
+/// parts (images, audio) pass through to the upstream.
+#[derive(Deserialize)]
+struct Part {
+    text: Option<String>,
+}
+
+const ROLES: [&str; 6] = [
+    "system",
+    "developer",
+    "user",
+    "assistant",
+    "tool",
+    "function",
+];
+
+fn messages(raw: Vec<MessageIn>) -> Result<Vec<Message>, ApiError> {
+    if raw.is_empty() {
+        return Err(ApiError::invalid(
+            "`messages` must hold at least one message",
+            Some("messages"),
+        ));
+    }
+    raw.into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            if !ROLES.contains(&m.role.as_str()) {
+                return Err(ApiError::invalid(
+                    format!("unknown role {:?}; expected one of {ROLES:?}", m.role),
+                    Some(&format!("messages[{i}].role")),
+                ));
+            }
+            let content = match m.content {
+                None => String::new(),
+                Some(Content::Text(text)) => text,
+                Some(Content::Parts(parts)) => parts.into_iter().filter_map(|p| p.text).collect(),
+            };
+            Ok(Message {
+                role: m.role,
+                content,
+            })
+        })
+        .collect()
+}
+
+async fn chat_completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    JsonObject(mut body): JsonObject,
+) -> Result<Response, ApiError> {
+    // Parse and validate: a client's mistake is a 400 and nothing else happens.
+    let fields: Fields = typed(&mut body)?;
+    if fields.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::invalid("sluice supports only n = 1", Some("n")));
+    }
+    let messages = messages(fields.messages)?;
+
+    // Route: model name → backend and the name the backend knows.
+    let route = state
+        .routes
+        .resolve(&fields.model)
+        .ok_or_else(|| ApiError::ModelNotFound(fields.model.clone()))?;
+
+    let request = ChatRequest {
+        model: route.upstream_model,
+        messages,
+        max_tokens: fields.max_completion_tokens.or(fields.max_tokens),
+        temperature: fields.temperature,
+        body,
+    };
+    let mut guard = StreamGuard::new(
+        state.metrics.clone(),
+        request_id(&headers),
+        fields.model.clone(),
+        &request.messages,
+    );
+    let stream = relay::timed(route.backend.stream(request), state.timeouts);
+    let completion = Completion::new(&fields.model);
+
+    if !fields.stream {
+        let reply = relay::collect(stream, completion, guard).await?;
+        return Ok(Json::<Value>(reply).into_response());
+    }
+    // Peek before committing, so a failure before the first token is a real status.
+    let opened = match relay::open(stream, state.keep_alive).await {
+        Ok(opened) => opened,
+        Err(e) => {
+            guard.finish(Outcome::of(&e));
+            return Err(e.into());
+        }
+    };
+    let include_usage = fields.stream_options.is_some_and(|o| o.include_usage);
+    Ok(relay::openai_sse(
+        opened,
+        completion,
+        include_usage,
+        guard,
+        state.keep_alive,
+    ))
+}

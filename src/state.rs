@@ -1,0 +1,100 @@
+//! `AppState`: everything a request needs, built once at start-up from the configuration.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use crate::backend::mock::{self, MockBackend};
+use crate::backend::openai::OpenAiBackend;
+use crate::backend::{Backend, Route, Routes};
+use crate::config::{Config, DEFAULT_OPENAI_BASE_URL};
+use crate::metrics::Metrics;
+use crate::prompts::Prompts;
+use crate::relay::Timeouts;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub routes: Routes,
+    pub prompts: Prompts,
+    pub metrics: Metrics,
+    pub timeouts: Timeouts,
+    pub keep_alive: Duration,
+}
+
+impl AppState {
+    /// Builds the state, or says what in the configuration is wrong.
+    pub fn build(config: &Config) -> anyhow::Result<Self> {
+        let metrics = Metrics::new();
+        let fixtures = match &config.mock_fixtures {
+            Some(path) => mock::load_fixtures(path).context("SLUICE_MOCK_FIXTURES")?,
+            None => Vec::new(),
+        };
+        let mock: Arc<dyn Backend> = Arc::new(MockBackend::new(
+            config.mock_tokens_per_s,
+            fixtures,
+            metrics.mock_tokens(),
+        ));
+        let default_upstream = match config.default_upstream() {
+            Some((base, key)) => Some(Arc::new(
+                OpenAiBackend::new(base, key, config.connect_timeout())
+                    .context("OPENAI_BASE_URL")?,
+            ) as Arc<dyn Backend>),
+            None => None,
+        };
+
+        let mut named = HashMap::new();
+        for (name, route) in config.file()?.models {
+            let upstream_model = route.model.clone().unwrap_or_else(|| name.clone());
+            let backend = if route.backend == "mock" {
+                mock.clone()
+            } else {
+                let base = route
+                    .base_url
+                    .as_deref()
+                    .or(config.openai_base_url.as_deref())
+                    .unwrap_or(DEFAULT_OPENAI_BASE_URL);
+                let key = match &route.api_key_env {
+                    Some(var) => std::env::var(var).ok(),
+                    None => config.openai_api_key.clone(),
+                };
+                Arc::new(
+                    OpenAiBackend::new(base, key.as_deref(), config.connect_timeout())
+                        .with_context(|| format!("SLUICE_CONFIG: model {name:?}"))?,
+                ) as Arc<dyn Backend>
+            };
+            named.insert(
+                name,
+                Route {
+                    backend,
+                    upstream_model,
+                },
+            );
+        }
+
+        let prompts = if config.prompts.is_dir() {
+            Prompts::load(&config.prompts).context("SLUICE_PROMPTS")?
+        } else {
+            tracing::warn!(
+                folder = %config.prompts.display(),
+                "no prompts folder: /api/prompts is empty (set SLUICE_PROMPTS)"
+            );
+            Prompts::empty()
+        };
+
+        // The tokenizer's tables take a moment to build: pay it now, not on a first request.
+        crate::tokens::text("warm up");
+
+        Ok(AppState {
+            routes: Routes::new(named, mock, default_upstream),
+            prompts,
+            metrics,
+            timeouts: Timeouts {
+                first_token: config.first_token_timeout(),
+                idle: config.idle_timeout(),
+            },
+            keep_alive: config.keep_alive(),
+        })
+    }
+}

@@ -1,0 +1,146 @@
+//! `POST /api/chat` and `GET /api/prompts`: sluice's own events, templates, history, and the
+//! mock model's scripted replies.
+
+use serde_json::{Value, json};
+
+use crate::support::{FakeUpstream, TestApp, all_events};
+
+#[tokio::test]
+async fn events_are_meta_tokens_done_with_increasing_ids() {
+    let app = TestApp::spawn().await;
+    let response = app
+        .post(
+            "/api/chat",
+            &json!({"prompt": "Hello there", "max_tokens": 5}),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let events = all_events(response).await;
+    let names: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(
+        names,
+        ["meta", "token", "token", "token", "token", "token", "done"]
+    );
+    let ids: Vec<u64> = events
+        .iter()
+        .map(|e| e.id.parse().expect("numeric id"))
+        .collect();
+    assert!(ids.windows(2).all(|w| w[1] > w[0]), "{ids:?}");
+
+    let meta: Value = serde_json::from_str(&events[0].data).expect("JSON");
+    assert!(
+        meta["id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("chat-"))
+    );
+    assert_eq!(meta["model"], "mock");
+    assert!(meta["created"].is_u64());
+    let text: String = events[1..6]
+        .iter()
+        .map(|e| {
+            serde_json::from_str::<Value>(&e.data).expect("JSON")["text"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned()
+        })
+        .collect();
+    assert!(text.starts_with("You said: Hello there. "), "{text}");
+    let done: Value = serde_json::from_str(&events[6].data).expect("JSON");
+    assert_eq!(done["finish_reason"], "length");
+    assert_eq!(done["usage"]["completion_tokens"], 5);
+    assert!(done["ttft_ms"].is_u64() && done["duration_ms"].is_u64());
+}
+
+#[tokio::test]
+async fn templates_and_history_become_the_upstream_messages() {
+    let upstream = FakeUpstream::spawn().await;
+    let app = TestApp::in_front_of(&upstream).await;
+    let body = json!({"prompt": "The quick brown fox.", "model": "gpt-4o-mini",
+        "template": "summarize", "vars": {"sentences": 2, "audience": "children"},
+        "history": [{"role": "user", "content": "Earlier"}, {"role": "assistant", "content": "Reply"}],
+        "max_tokens": 50, "temperature": 0.5});
+    let events = all_events(app.post("/api/chat", &body).await).await;
+    assert_eq!(events.last().map(|e| e.event.as_str()), Some("done"));
+    let seen = upstream.request(1).await.body;
+    let messages = seen["messages"].as_array().expect("messages");
+    assert_eq!(messages.len(), 4);
+    assert_eq!(messages[0]["role"], "system");
+    let system = messages[0]["content"].as_str().unwrap_or_default();
+    assert!(
+        system.contains("at most 2 sentences for children"),
+        "{system}"
+    );
+    assert_eq!(messages[1], json!({"role": "user", "content": "Earlier"}));
+    assert_eq!(
+        messages[2],
+        json!({"role": "assistant", "content": "Reply"})
+    );
+    assert_eq!(
+        messages[3],
+        json!({"role": "user", "content": "The quick brown fox."})
+    );
+    assert_eq!(seen["max_tokens"], 50);
+    assert_eq!(seen["temperature"], 0.5);
+}
+
+#[tokio::test]
+async fn prompts_lists_templates_with_descriptions_and_variables() {
+    let app = TestApp::spawn().await;
+    let list = app.get_json("/api/prompts").await;
+    let data = list["data"].as_array().expect("a list");
+    assert!(data.len() >= 3);
+    let translate = data
+        .iter()
+        .find(|p| p["name"] == "translate")
+        .expect("translate");
+    assert!(
+        translate["description"]
+            .as_str()
+            .is_some_and(|d| !d.is_empty())
+    );
+    assert_eq!(
+        translate["variables"],
+        json!(["formality", "target_language"])
+    );
+}
+
+#[tokio::test]
+async fn fixtures_script_the_mock_model() {
+    let path =
+        std::env::temp_dir().join(format!("sluice-fixtures-chat-{}.toml", std::process::id()));
+    std::fs::write(
+        &path,
+        "[[reply]]\npattern = \"(?i)capital of france\"\nreply = \"Paris is the capital of France.\"\n",
+    )
+    .expect("write");
+    let app = TestApp::spawn_with(|c| c.mock_fixtures = Some(path.clone())).await;
+    let body = json!({"model": "mock", "messages": [{"role": "user", "content": "What is the CAPITAL of France?"}]});
+    let reply: Value = app
+        .post("/v1/chat/completions", &body)
+        .await
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(
+        reply["choices"][0]["message"]["content"],
+        "Paris is the capital of France."
+    );
+    assert_eq!(reply["usage"]["completion_tokens"], 6);
+}
+
+#[tokio::test]
+async fn the_page_and_health_answer() {
+    let app = TestApp::spawn().await;
+    let page = app.http.get(app.url("/")).send().await.expect("answers");
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.expect("html").contains("/api/chat"));
+    assert_eq!(app.get_json("/healthz").await["status"], "ok");
+    assert_eq!(app.get_json("/readyz").await["status"], "ready");
+    let response = app
+        .http
+        .get(app.url("/healthz"))
+        .send()
+        .await
+        .expect("answers");
+    assert!(response.headers().contains_key("x-request-id"));
+}

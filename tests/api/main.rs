@@ -1,0 +1,11 @@
+//! sluice's integration tests: one binary, the real server on port 0, a fake upstream that
+//! records what it saw. `TEST_LOG=1` shows sluice's logs.
+
+mod cancel;
+mod chat;
+mod failures;
+mod input;
+mod openai;
+mod sdk;
+mod startup;
+mod support;

@@ -1,0 +1,245 @@
+//! `POST /v1/chat/completions` as OpenAI clients see it: the exact chunk format, usage,
+//! non-streamed answers, fields passed through to the upstream, and a real SDK client.
+
+use async_openai::config::OpenAIConfig;
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+use crate::support::{FakeUpstream, TestApp, all_events, content, payloads};
+
+fn chat(model: &str, stream: bool) -> Value {
+    json!({"model": model, "stream": stream,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+}
+
+#[tokio::test]
+async fn a_stream_has_openai_exact_chunk_format() {
+    let app = TestApp::spawn().await;
+    let mut body = chat("mock", true);
+    body["stream_options"] = json!({"include_usage": true});
+    body["max_tokens"] = json!(6);
+    let response = app.post("/v1/chat/completions", &body).await;
+    assert_eq!(response.status(), 200);
+    let headers = response.headers().clone();
+    assert_eq!(headers["content-type"], "text/event-stream");
+    assert_eq!(headers["cache-control"], "no-cache");
+    assert_eq!(headers["x-accel-buffering"], "no");
+    let p = payloads(&all_events(response).await);
+
+    // One identity for every chunk.
+    let id = p[0]["id"].as_str().expect("an id");
+    assert!(id.starts_with("chatcmpl-"));
+    for chunk in &p[..p.len() - 1] {
+        assert_eq!(chunk["id"], id);
+        assert_eq!(chunk["created"], p[0]["created"]);
+        assert_eq!(chunk["object"], "chat.completion.chunk");
+        assert_eq!(chunk["model"], "mock");
+    }
+    // Role first, then content, then the finish, then usage, then [DONE].
+    assert_eq!(
+        p[0]["choices"][0]["delta"],
+        json!({"role": "assistant", "content": ""})
+    );
+    let n = p.len();
+    assert_eq!(p[n - 1], json!("[DONE]"));
+    assert_eq!(p[n - 2]["choices"], json!([]));
+    assert_eq!(
+        p[n - 2]["usage"]["completion_tokens"],
+        6,
+        "the mock's own count"
+    );
+    assert!(p[n - 2]["usage"]["prompt_tokens"].as_u64() > Some(0));
+    assert_eq!(p[n - 3]["choices"][0]["delta"], json!({}));
+    assert_eq!(p[n - 3]["choices"][0]["finish_reason"], "length");
+    let contents = &p[1..n - 3];
+    assert_eq!(contents.len(), 6, "one chunk a token, none merged");
+    for chunk in contents {
+        assert!(chunk["choices"][0]["delta"]["content"].is_string());
+        assert!(chunk["choices"][0]["finish_reason"].is_null());
+        assert!(chunk.get("usage").is_some_and(Value::is_null));
+    }
+}
+
+#[tokio::test]
+async fn without_include_usage_there_is_no_usage_chunk() {
+    let app = TestApp::spawn().await;
+    let response = app.post("/v1/chat/completions", &chat("mock", true)).await;
+    let p = payloads(&all_events(response).await);
+    assert!(p.iter().all(|c| c.get("usage").is_none()), "{p:?}");
+    assert_eq!(p.last(), Some(&json!("[DONE]")));
+    assert_eq!(p[p.len() - 2]["choices"][0]["finish_reason"], "stop");
+}
+
+#[tokio::test]
+async fn a_non_streamed_answer_is_a_chat_completion_with_usage() {
+    let app = TestApp::spawn().await;
+    let response = app.post("/v1/chat/completions", &chat("mock", false)).await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.expect("JSON");
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["choices"][0]["message"]["role"], "assistant");
+    let text = body["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("text");
+    assert!(text.starts_with("You said: What is the capital of France?"));
+    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    let usage = &body["usage"];
+    assert_eq!(
+        usage["total_tokens"].as_u64(),
+        Some(
+            usage["prompt_tokens"].as_u64().unwrap_or(0)
+                + usage["completion_tokens"].as_u64().unwrap_or(0)
+        )
+    );
+}
+
+#[tokio::test]
+async fn the_mock_is_deterministic() {
+    let app = TestApp::spawn().await;
+    let mut replies = Vec::new();
+    for _ in 0..2 {
+        let response = app.post("/v1/chat/completions", &chat("mock", true)).await;
+        replies.push(content(&payloads(&all_events(response).await)));
+    }
+    assert_eq!(replies[0], replies[1]);
+    assert!(replies[0].len() > 40);
+}
+
+#[tokio::test]
+async fn upstream_chunks_relay_with_fields_passed_through() {
+    let upstream = FakeUpstream::spawn().await;
+    let app = TestApp::in_front_of(&upstream).await;
+    let body = json!({"model": "gpt-4o-mini", "stream": true, "seed": 7,
+        "response_format": {"type": "json_object"}, "logit_bias": {"50256": -100},
+        "messages": [{"role": "system", "content": "Be brief."},
+                     {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]});
+    let response = app.post("/v1/chat/completions", &body).await;
+    assert_eq!(response.status(), 200);
+    let p = payloads(&all_events(response).await);
+    assert_eq!(content(&p), "Hello from the fake upstream");
+    assert!(
+        p.iter().all(|c| c.get("usage").is_none()),
+        "usage not asked for: {p:?}"
+    );
+
+    let seen = upstream.request(1).await;
+    assert_eq!(seen.body["model"], "gpt-4o-mini");
+    assert_eq!(seen.body["seed"], 7);
+    assert_eq!(seen.body["response_format"], json!({"type": "json_object"}));
+    assert_eq!(seen.body["logit_bias"], json!({"50256": -100}));
+    assert_eq!(seen.body["messages"][1]["content"][0]["text"], "Hi");
+    assert_eq!(seen.body["stream"], true);
+    assert_eq!(
+        seen.body["stream_options"]["include_usage"], true,
+        "sluice always asks for usage"
+    );
+    assert_eq!(
+        seen.authorization.as_deref(),
+        Some("Bearer sk-test-secret-key")
+    );
+}
+
+#[tokio::test]
+async fn upstream_usage_is_reported_when_asked_for() {
+    let upstream = FakeUpstream::spawn().await;
+    let app = TestApp::in_front_of(&upstream).await;
+    let mut body = chat("gpt-4o-mini", true);
+    body["stream_options"] = json!({"include_usage": true});
+    let p = payloads(&all_events(app.post("/v1/chat/completions", &body).await).await);
+    let usage = &p[p.len() - 2];
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(
+        usage["usage"],
+        json!({"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16})
+    );
+}
+
+#[tokio::test]
+async fn tool_call_deltas_relay_unchanged_and_merge_when_not_streamed() {
+    let upstream = FakeUpstream::spawn().await;
+    let app = TestApp::in_front_of(&upstream).await;
+    let mut body = chat("tools", true);
+    body["tools"] = json!([{"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+    let p = payloads(&all_events(app.post("/v1/chat/completions", &body).await).await);
+    assert_eq!(
+        p[1]["choices"][0]["delta"],
+        json!({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": ""}}]})
+    );
+    assert_eq!(
+        p[2]["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"],
+        "{\"city\":"
+    );
+    assert_eq!(p[4]["choices"][0]["finish_reason"], "tool_calls");
+    assert_eq!(upstream.request(1).await.body["tools"], body["tools"]);
+
+    body["stream"] = json!(false);
+    let reply: Value = app
+        .post("/v1/chat/completions", &body)
+        .await
+        .json()
+        .await
+        .expect("JSON");
+    let message = &reply["choices"][0]["message"];
+    assert!(message["content"].is_null());
+    assert_eq!(
+        message["tool_calls"][0]["function"]["arguments"],
+        "{\"city\":\"Paris\"}"
+    );
+    assert_eq!(reply["choices"][0]["finish_reason"], "tool_calls");
+}
+
+#[tokio::test]
+async fn the_async_openai_sdk_streams_through_sluice() {
+    let upstream = FakeUpstream::spawn().await;
+    let app = TestApp::in_front_of(&upstream).await;
+    let client = async_openai::Client::with_config(
+        OpenAIConfig::new()
+            .with_api_base(app.url("/v1"))
+            .with_api_key("unused"),
+    );
+    let request = json!({"model": "gpt-4o-mini", "stream": true,
+        "messages": [{"role": "user", "content": "Hi"}]});
+    let mut stream = client
+        .chat()
+        .create_stream_byot::<_, async_openai::types::chat::CreateChatCompletionStreamResponse>(
+            request,
+        )
+        .await
+        .expect("the stream starts");
+    let mut text = String::new();
+    let mut finish = None;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.expect("every chunk parses as OpenAI's type");
+        for choice in chunk.choices {
+            text.push_str(choice.delta.content.as_deref().unwrap_or(""));
+            finish = finish.or(choice.finish_reason);
+        }
+    }
+    assert_eq!(text, "Hello from the fake upstream");
+    assert!(finish.is_some());
+}
+
+#[tokio::test]
+async fn models_lists_every_routable_model() {
+    let app = TestApp::spawn().await;
+    let list = app.get_json("/v1/models").await;
+    assert_eq!(list["object"], "list");
+    let ids: Vec<&str> = list["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    for name in [
+        "mock",
+        "mock-error-before",
+        "mock-error-after",
+        "mock-hang",
+        "mock-stall",
+    ] {
+        assert!(ids.contains(&name), "{ids:?}");
+    }
+    assert_eq!(list["data"][0]["object"], "model");
+}

@@ -1,0 +1,164 @@
+//! What every test uses: sluice on port 0, a fake upstream that records what it saw, and
+//! an SSE reader that parses the stream the way clients do.
+
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use eventsource_stream::{Event, Eventsource};
+use futures::{Stream, StreamExt};
+use serde_json::Value;
+use sluice::{AppState, Config};
+
+pub use upstream::FakeUpstream;
+
+/// How long a test waits for something that should happen at once.
+pub const DEADLINE: Duration = Duration::from_secs(5);
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub http: reqwest::Client,
+}
+
+impl TestApp {
+    /// sluice with the default configuration and a fast mock model.
+    pub async fn spawn() -> TestApp {
+        Self::spawn_with(|_| {}).await
+    }
+
+    /// sluice with the configuration `adjust` leaves.
+    pub async fn spawn_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
+        init_logging();
+        let mut config = Config::defaults();
+        config.prompts = concat!(env!("CARGO_MANIFEST_DIR"), "/prompts").into();
+        config.mock_tokens_per_s = 0.0;
+        adjust(&mut config);
+        let state = AppState::build(&config).expect("the test configuration is valid");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind port 0");
+        let addr = listener.local_addr().expect("local addr");
+        tokio::spawn(sluice::serve(listener, state, std::future::pending()));
+        TestApp {
+            addr,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// sluice in front of `upstream` as its default upstream.
+    pub async fn in_front_of(upstream: &FakeUpstream) -> TestApp {
+        let base = upstream.base_url();
+        Self::spawn_with(|c| {
+            c.openai_base_url = Some(base);
+            c.openai_api_key = Some("sk-test-secret-key".into());
+        })
+        .await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.http
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("sluice answers")
+    }
+
+    pub async fn get_json(&self, path: &str) -> Value {
+        let response = self.http.get(self.url(path)).send().await.expect("answers");
+        response.json().await.expect("JSON")
+    }
+
+    /// The value of one series in `/metrics`, 0 when absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self
+            .http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Waits until `series` reaches `value`; panics with what it was at the deadline.
+    pub async fn wait_metric(&self, series: &str, value: f64) {
+        let start = Instant::now();
+        loop {
+            let now = self.metric(series).await;
+            if now == value {
+                return;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "{series} is {now}, expected {value}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// SSE events as a client parses them.
+pub fn events(response: reqwest::Response) -> impl Stream<Item = Event> + Unpin {
+    Box::pin(
+        response
+            .bytes_stream()
+            .eventsource()
+            .map(|e| e.expect("well-formed SSE")),
+    )
+}
+
+/// Every event until the server ends the stream.
+pub async fn all_events(response: reqwest::Response) -> Vec<Event> {
+    tokio::time::timeout(DEADLINE, events(response).collect())
+        .await
+        .expect("the stream ends")
+}
+
+/// The `data:` payloads of a `/v1/chat/completions` stream, parsed; `[DONE]` as a string.
+pub fn payloads(events: &[Event]) -> Vec<Value> {
+    events
+        .iter()
+        .map(|e| match e.data.as_str() {
+            "[DONE]" => Value::String("[DONE]".into()),
+            data => serde_json::from_str(data).expect("each data line is JSON"),
+        })
+        .collect()
+}
+
+/// The text of a streamed reply.
+pub fn content(payloads: &[Value]) -> String {
+    payloads
+        .iter()
+        .filter_map(|p| p["choices"][0]["delta"]["content"].as_str())
+        .collect()
+}
+
+/// Whether a test needing `what` may skip here; under `SLUICE_TEST_STRICT=1` (CI) it may not.
+pub fn skip_without(what: &str) -> bool {
+    assert!(
+        std::env::var("SLUICE_TEST_STRICT").as_deref() != Ok("1"),
+        "{what} is missing and SLUICE_TEST_STRICT=1"
+    );
+    eprintln!("skipped: {what} is missing on this machine");
+    true
+}
+
+/// `TEST_LOG=1` shows sluice's logs.
+fn init_logging() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("info")
+            .with_test_writer()
+            .try_init();
+    }
+}

@@ -1,0 +1,260 @@
+//! A fake OpenAI-compatible upstream on port 0. It behaves as the request's `model` says,
+//! records every request, and records when each TCP connection closed: what a real
+//! upstream would see of a cancellation.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::UnsyncBoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+
+use super::DEADLINE;
+
+/// What the fake upstream saw of one request.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub connection: u64,
+    pub body: Value,
+    pub authorization: Option<String>,
+}
+
+#[derive(Default)]
+struct Record {
+    requests: Vec<Seen>,
+    closed: HashMap<u64, Instant>,
+}
+
+#[derive(Clone)]
+pub struct FakeUpstream {
+    addr: std::net::SocketAddr,
+    record: Arc<Mutex<Record>>,
+    changed: Arc<Notify>,
+}
+
+type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+
+impl FakeUpstream {
+    pub async fn spawn() -> FakeUpstream {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind port 0");
+        let upstream = FakeUpstream {
+            addr: listener.local_addr().expect("addr"),
+            record: Arc::default(),
+            changed: Arc::default(),
+        };
+        let server = upstream.clone();
+        tokio::spawn(async move {
+            let mut next_connection = 0;
+            while let Ok((tcp, _)) = listener.accept().await {
+                next_connection += 1;
+                let connection = next_connection;
+                let server = server.clone();
+                tokio::spawn(async move {
+                    let handler = server.clone();
+                    let service = hyper::service::service_fn(move |req| {
+                        let handler = handler.clone();
+                        async move { Ok::<_, Infallible>(handler.answer(connection, req).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .await;
+                    server.lock().closed.insert(connection, Instant::now());
+                    server.changed.notify_waiters();
+                });
+            }
+        });
+        upstream
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Record> {
+        self.record.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn requests(&self) -> Vec<Seen> {
+        self.lock().requests.clone()
+    }
+
+    /// Waits for the `n`th request (from 1) to arrive.
+    pub async fn request(&self, n: usize) -> Seen {
+        self.wait(|r| r.requests.get(n - 1).cloned()).await
+    }
+
+    /// Waits until the connection that carried the `n`th request closes; when it did.
+    pub async fn closed(&self, n: usize) -> Instant {
+        let connection = self.request(n).await.connection;
+        self.wait(|r| r.closed.get(&connection).copied()).await
+    }
+
+    /// Whether the connection of the `n`th request is still open.
+    pub fn is_open(&self, n: usize) -> bool {
+        let record = self.lock();
+        let connection = record.requests[n - 1].connection;
+        !record.closed.contains_key(&connection)
+    }
+
+    async fn wait<T>(&self, mut found: impl FnMut(&Record) -> Option<T>) -> T {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let changed = self.changed.notified();
+            if let Some(value) = found(&self.lock()) {
+                return value;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                panic!("the fake upstream did not see it within {DEADLINE:?}");
+            }
+        }
+    }
+
+    async fn answer(&self, connection: u64, req: Request<Incoming>) -> Response<Body> {
+        let authorization = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let bytes = req
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        self.lock().requests.push(Seen {
+            connection,
+            body: body.clone(),
+            authorization,
+        });
+        self.changed.notify_waiters();
+        behave(&body).await
+    }
+}
+
+/// One streamed chunk as OpenAI writes it.
+fn chunk(delta: Value, finish: Option<&str>) -> String {
+    let chunk = json!({"id": "chatcmpl-up", "object": "chat.completion.chunk", "created": 1,
+        "model": "up", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+    format!("data: {chunk}\n\n")
+}
+
+fn text(t: &str) -> String {
+    chunk(json!({"content": t}), None)
+}
+
+/// What the upstream sends, step by step.
+enum Step {
+    Send(String),
+    Wait(Duration),
+    /// Never send anything more, keeping the connection open.
+    Hang,
+    /// Break the connection off.
+    Abort,
+}
+
+/// The behaviour the request's model name selects.
+async fn behave(body: &Value) -> Response<Body> {
+    let model = body["model"].as_str().unwrap_or("");
+    let usage = body["stream_options"]["include_usage"] == json!(true);
+    let tokens = ["Hello", " from", " the", " fake", " upstream"];
+    let role = chunk(json!({"role": "assistant", "content": ""}), None);
+    let finish = chunk(json!({}), Some("stop"));
+    let usage_chunk = format!(
+        "data: {}\n\n",
+        json!({"id": "chatcmpl-up", "object": "chat.completion.chunk", "created": 1, "model": "up",
+            "choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16}})
+    );
+    let done = "data: [DONE]\n\n".to_owned();
+    let mut steps = vec![Step::Send(role)];
+    match model {
+        "status-401" => return error(401, None, "Incorrect API key provided: sk-test-***"),
+        "status-400" => return error(400, None, "temperature must be at most 2"),
+        "status-404" => return error(404, None, "The model `nope` does not exist"),
+        "status-429" => return error(429, Some("7"), "Rate limit reached for requests"),
+        "status-500" => return error(500, None, "The server had an error"),
+        "hang-headers" => {
+            futures::future::pending::<()>().await;
+        }
+        "hang-body" => steps.push(Step::Hang),
+        "stall" => steps.extend([Step::Send(text("Hello")), Step::Hang]),
+        "slow" => {
+            for i in 0..200 {
+                steps.push(Step::Send(text(&format!(" t{i}"))));
+                steps.push(Step::Wait(Duration::from_millis(50)));
+            }
+        }
+        "midstream-error" => steps.extend([
+            Step::Send(text("Hello")),
+            Step::Send("data: {\"error\":{\"message\":\"upstream overloaded\",\"type\":\"server_error\"}}\n\n".into()),
+            Step::Send(text(" after")),
+            Step::Send(finish.clone()),
+            Step::Send(done.clone()),
+        ]),
+        // The pause lets hyper flush what was sent, as a real upstream dying mid-reply would.
+        "abort" => steps.extend([Step::Send(text("Hello")), Step::Wait(Duration::from_millis(20)), Step::Abort]),
+        "garbage" => steps.extend([Step::Send(text("Hello")), Step::Send("data: not json\n\n".into())]),
+        "no-finish" => steps.extend([Step::Send(text("Hello")), Step::Send(done.clone())]),
+        "tools" => steps.extend([
+            Step::Send(chunk(json!({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": ""}}]}), None)),
+            Step::Send(chunk(json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\":"}}]}), None)),
+            Step::Send(chunk(json!({"tool_calls": [{"index": 0, "function": {"arguments": "\"Paris\"}"}}]}), None)),
+            Step::Send(chunk(json!({}), Some("tool_calls"))),
+            Step::Send(done.clone()),
+        ]),
+        _ => {
+            for t in tokens {
+                steps.push(Step::Send(text(t)));
+            }
+            steps.push(Step::Send(finish));
+            if usage {
+                steps.push(Step::Send(usage_chunk));
+            }
+            steps.push(Step::Send(done));
+        }
+    }
+    let frames = async_stream::stream! {
+        for step in steps {
+            match step {
+                Step::Send(data) => yield Ok(Frame::data(Bytes::from(data))),
+                Step::Wait(d) => tokio::time::sleep(d).await,
+                Step::Hang => futures::future::pending::<()>().await,
+                Step::Abort => {
+                    yield Err(std::io::Error::other("aborted by the fake upstream"));
+                    return;
+                }
+            }
+        }
+    };
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(BodyExt::boxed_unsync(StreamBody::new(frames.boxed())))
+        .unwrap_or_else(|_| unreachable!())
+}
+
+fn error(status: u16, retry_after: Option<&str>, message: &str) -> Response<Body> {
+    let body = json!({"error": {"message": message, "type": "invalid_request_error",
+        "param": null, "code": null}})
+    .to_string();
+    let mut response = Response::builder()
+        .status(status)
+        .header("content-type", "application/json");
+    if let Some(seconds) = retry_after {
+        response = response.header("retry-after", seconds);
+    }
+    response
+        .body(BodyExt::boxed_unsync(
+            Full::new(Bytes::from(body)).map_err(|never: Infallible| match never {}),
+        ))
+        .unwrap_or_else(|_| unreachable!())
+}
