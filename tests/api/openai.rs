@@ -155,6 +155,31 @@ async fn upstream_usage_is_reported_when_asked_for() {
 }
 
 #[tokio::test]
+async fn usage_is_counted_when_the_upstream_sends_none() {
+    let upstream = FakeUpstream::spawn().await;
+    let app = TestApp::in_front_of(&upstream).await;
+    let mut body = chat("no-usage", true);
+    body["stream_options"] = json!({"include_usage": true});
+    let p = payloads(&all_events(app.post("/v1/chat/completions", &body).await).await);
+    let usage = &p[p.len() - 2]["usage"];
+    // "Hello from the fake upstream" is 5 tokens in o200k; the prompt is one short message.
+    assert_eq!(usage["completion_tokens"], 5, "{usage}");
+    assert!(
+        usage["prompt_tokens"].as_u64().is_some_and(|n| n > 5),
+        "{usage}"
+    );
+
+    body["stream"] = json!(false);
+    let reply: Value = app
+        .post("/v1/chat/completions", &body)
+        .await
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(reply["usage"]["completion_tokens"], 5);
+}
+
+#[tokio::test]
 async fn tool_call_deltas_relay_unchanged_and_merge_when_not_streamed() {
     let upstream = FakeUpstream::spawn().await;
     let app = TestApp::in_front_of(&upstream).await;

@@ -30,9 +30,18 @@ impl TestApp {
     /// sluice with the configuration `adjust` leaves.
     pub async fn spawn_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
         init_logging();
+        // Pinned, whatever the developer's environment or checkout holds.
         let mut config = Config::defaults();
+        config.openai_api_key = None;
+        config.openai_base_url = None;
+        config.config = Some(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/api/empty.toml").into());
         config.prompts = concat!(env!("CARGO_MANIFEST_DIR"), "/prompts").into();
+        config.mock_fixtures = None;
         config.mock_tokens_per_s = 0.0;
+        config.connect_timeout_ms = 10_000;
+        config.first_token_timeout_ms = 60_000;
+        config.idle_timeout_ms = 30_000;
+        config.keepalive_s = 15.0;
         adjust(&mut config);
         let state = AppState::build(&config).expect("the test configuration is valid");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

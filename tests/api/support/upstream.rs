@@ -165,7 +165,8 @@ enum Step {
 /// The behaviour the request's model name selects.
 async fn behave(body: &Value) -> Response<Body> {
     let model = body["model"].as_str().unwrap_or("");
-    let usage = body["stream_options"]["include_usage"] == json!(true);
+    // "no-usage" is an upstream that never reports usage, asked or not.
+    let usage = body["stream_options"]["include_usage"] == json!(true) && model != "no-usage";
     let tokens = ["Hello", " from", " the", " fake", " upstream"];
     let role = chunk(json!({"role": "assistant", "content": ""}), None);
     let finish = chunk(json!({}), Some("stop"));
