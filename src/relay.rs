@@ -28,20 +28,33 @@ pub struct Timeouts {
 
 /// Applies the first-token and between-chunks limits: past either, the stream ends with
 /// [`BackendError::Timeout`]. Time spent waiting on a slow client does not count.
+///
+/// It also makes sure a stream ends either with [`Delta::Finish`] (and perhaps usage) or
+/// with an error: one that just stops did not complete, whatever the backend thought.
 pub fn timed(inner: DeltaStream, limits: Timeouts) -> DeltaStream {
     Box::pin(async_stream::stream! {
         let mut inner = inner;
         let deadline = tokio::time::sleep(limits.first_token);
         tokio::pin!(deadline);
         let mut waiting_for = "first token";
+        let mut finished = false;
         loop {
             tokio::select! {
                 biased;
                 item = inner.next() => {
-                    let Some(item) = item else { return };
+                    let Some(item) = item else {
+                        if !finished {
+                            yield Err(BackendError::Interrupted(
+                                "the stream ended before the reply was finished".into(),
+                            ));
+                        }
+                        return;
+                    };
                     let failed = item.is_err();
-                    if matches!(item, Ok(Delta::Text(_) | Delta::Fields(_))) {
-                        waiting_for = "chunk";
+                    match item {
+                        Ok(Delta::Text(_) | Delta::Fields(_)) => waiting_for = "chunk",
+                        Ok(Delta::Finish(_)) => finished = true,
+                        _ => {}
                     }
                     yield item;
                     if failed {
@@ -67,23 +80,27 @@ pub struct Opened {
 }
 
 /// Peek before committing: waits up to `window` for the first item, so a failure before
-/// the first token becomes a real HTTP status. A first token slower than `window` is
-/// committed to as 200 anyway, so keep-alive comments flow while the client waits.
-pub async fn open(mut stream: DeltaStream, window: Duration) -> Result<Opened, BackendError> {
-    match tokio::time::timeout(window, stream.next()).await {
-        Ok(Some(Ok(first))) => Ok(Opened {
-            first: Some(first),
-            rest: stream,
-        }),
-        Ok(Some(Err(e))) => Err(e),
-        Ok(None) => Err(BackendError::Interrupted(
-            "the backend ended without a reply".into(),
-        )),
-        Err(_) => Ok(Opened {
-            first: None,
-            rest: stream,
-        }),
-    }
+/// the first token becomes a real HTTP status (and is recorded on `guard`). A first token
+/// slower than `window` is committed to as 200 anyway, so keep-alive comments flow while
+/// the client waits.
+pub async fn open(
+    mut stream: DeltaStream,
+    window: Duration,
+    guard: &mut StreamGuard,
+) -> Result<Opened, ApiError> {
+    let first = match tokio::time::timeout(window, stream.next()).await {
+        Ok(Some(Ok(first))) => Some(first),
+        Ok(Some(Err(e))) => {
+            guard.failed(&e);
+            return Err(e.into());
+        }
+        // `timed` streams end with a finish or an error, never empty.
+        Ok(None) | Err(_) => None,
+    };
+    Ok(Opened {
+        first,
+        rest: stream,
+    })
 }
 
 impl Opened {
@@ -258,7 +275,6 @@ pub fn openai_sse(
     let mut stream = opened.into_stream();
     let events = async_stream::stream! {
         yield Ok(Event::default().data(writer.choice(r#"{"role":"assistant","content":""}"#, None)));
-        let mut finished = false;
         while let Some(item) = stream.next().await {
             match item {
                 Ok(Delta::Text(text)) => {
@@ -270,7 +286,6 @@ pub fn openai_sse(
                     yield Ok(Event::default().data(writer.choice(&Value::Object(fields).to_string(), None)));
                 }
                 Ok(Delta::Finish(reason)) => {
-                    finished = true;
                     yield Ok(Event::default().data(writer.choice("{}", Some(&reason))));
                 }
                 Ok(Delta::Usage(usage)) => guard.reported = Some(usage),
@@ -280,12 +295,6 @@ pub fn openai_sse(
                     return;
                 }
             }
-        }
-        if !finished {
-            let e = BackendError::Interrupted("the backend ended without finishing".into());
-            guard.failed(&e);
-            yield Ok(Event::default().data(ApiError::from(e).body().to_string()));
-            return;
         }
         if include_usage {
             yield Ok(Event::default().data(writer.usage(guard.usage())));
@@ -329,15 +338,9 @@ pub fn chat_sse(
                 }
             }
         }
-        let Some(finish_reason) = finish else {
-            let e = BackendError::Interrupted("the backend ended without finishing".into());
-            guard.failed(&e);
-            yield event("error", ApiError::from(e).body().to_string());
-            return;
-        };
         guard.finish(Outcome::Completed);
         let done = json!({
-            "finish_reason": finish_reason,
+            "finish_reason": finish,
             "usage": guard.usage(),
             "ttft_ms": guard.first_token.map(|d| d.as_millis() as u64),
             "duration_ms": guard.started.elapsed().as_millis() as u64,
@@ -373,11 +376,6 @@ pub async fn collect(
             }
         }
     }
-    let Some(finish_reason) = finish else {
-        let e = BackendError::Interrupted("the backend ended without finishing".into());
-        guard.failed(&e);
-        return Err(e.into());
-    };
     guard.finish(Outcome::Completed);
     let mut message = Map::new();
     message.insert("role".into(), json!("assistant"));
@@ -397,7 +395,7 @@ pub async fn collect(
         "created": completion.created,
         "model": completion.model,
         "system_fingerprint": null,
-        "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish_reason}],
+        "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish}],
         "usage": guard.usage(),
     }))
 }

@@ -12,7 +12,6 @@ use serde_json::{Map, Value, json};
 use super::{JsonObject, request_id, typed};
 use crate::backend::{ChatRequest, Message};
 use crate::error::ApiError;
-use crate::metrics::Outcome;
 use crate::relay::{self, Completion, StreamGuard};
 use crate::state::AppState;
 
@@ -119,13 +118,7 @@ async fn chat(
         &request.messages,
     );
     let stream = relay::timed(route.backend.stream(request), state.timeouts);
-    let opened = match relay::open(stream, state.keep_alive).await {
-        Ok(opened) => opened,
-        Err(e) => {
-            guard.finish(Outcome::of(&e));
-            return Err(e.into());
-        }
-    };
+    let opened = relay::open(stream, state.keep_alive, &mut guard).await?;
     Ok(relay::chat_sse(
         opened,
         Completion::new(&model),

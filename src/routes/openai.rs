@@ -11,7 +11,6 @@ use serde_json::Value;
 use super::{JsonObject, request_id, typed};
 use crate::backend::{ChatRequest, Message};
 use crate::error::ApiError;
-use crate::metrics::Outcome;
 use crate::relay::{self, Completion, StreamGuard};
 use crate::state::AppState;
 
@@ -137,13 +136,7 @@ async fn chat_completions(
         return Ok(Json::<Value>(reply).into_response());
     }
     // Peek before committing, so a failure before the first token is a real status.
-    let opened = match relay::open(stream, state.keep_alive).await {
-        Ok(opened) => opened,
-        Err(e) => {
-            guard.finish(Outcome::of(&e));
-            return Err(e.into());
-        }
-    };
+    let opened = relay::open(stream, state.keep_alive, &mut guard).await?;
     let include_usage = fields.stream_options.is_some_and(|o| o.include_usage);
     Ok(relay::openai_sse(
         opened,

@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 
-use crate::support::{FakeUpstream, TestApp, all_events};
+use crate::support::{FakeUpstream, TestApp, all_events, fixtures};
 
 #[tokio::test]
 async fn events_are_meta_tokens_done_with_increasing_ids() {
@@ -106,21 +106,10 @@ async fn prompts_lists_templates_with_descriptions_and_variables() {
 
 #[tokio::test]
 async fn fixtures_script_the_mock_model() {
-    let path =
-        std::env::temp_dir().join(format!("sluice-fixtures-chat-{}.toml", std::process::id()));
-    std::fs::write(
-        &path,
-        "[[reply]]\npattern = \"(?i)capital of france\"\nreply = \"Paris is the capital of France.\"\n",
-    )
-    .expect("write");
+    let path = fixtures("(?i)capital of france", "Paris is the capital of France.");
     let app = TestApp::spawn_with(|c| c.mock_fixtures = Some(path.clone())).await;
     let body = json!({"model": "mock", "messages": [{"role": "user", "content": "What is the CAPITAL of France?"}]});
-    let reply: Value = app
-        .post("/v1/chat/completions", &body)
-        .await
-        .json()
-        .await
-        .expect("JSON");
+    let reply = app.post_json("/v1/chat/completions", &body).await;
     assert_eq!(
         reply["choices"][0]["message"]["content"],
         "Paris is the capital of France."

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::support::{FakeUpstream, TestApp, all_events, events, payloads};
+use crate::support::{FakeUpstream, TestApp, all_events, events, fixtures, payloads};
 use futures::StreamExt;
 
 fn chat(model: &str) -> Value {
@@ -230,14 +230,9 @@ async fn a_slow_first_token_gets_keep_alive_comments() {
 #[tokio::test]
 async fn sse_framing_survives_awkward_text() {
     // Newlines, quotes and unicode inside tokens must not break SSE framing.
-    let fixtures =
-        std::env::temp_dir().join(format!("sluice-fixtures-{}.toml", std::process::id()));
-    std::fs::write(
-        &fixtures,
-        "[[reply]]\npattern = \"(?i)awkward\"\nreply = \"line one\\n\\ndata: not an event \\\"quoted\\\" \u{1F600} \u{00E9}t\u{00E9}\"\n",
-    )
-    .expect("write fixtures");
-    let app = TestApp::spawn_with(|c| c.mock_fixtures = Some(fixtures.clone())).await;
+    let reply = "line one\n\ndata: not an event \"quoted\" \u{1F600} \u{00E9}t\u{00E9}";
+    let path = fixtures("(?i)awkward", reply);
+    let app = TestApp::spawn_with(|c| c.mock_fixtures = Some(path)).await;
     let response = app
         .post(
             "/v1/chat/completions",
@@ -257,8 +252,5 @@ async fn sse_framing_survives_awkward_text() {
                 .unwrap_or(""),
         );
     }
-    assert_eq!(
-        text,
-        "line one\n\ndata: not an event \"quoted\" \u{1F600} \u{00E9}t\u{00E9}"
-    );
+    assert_eq!(text, reply);
 }

@@ -170,12 +170,7 @@ async fn usage_is_counted_when_the_upstream_sends_none() {
     );
 
     body["stream"] = json!(false);
-    let reply: Value = app
-        .post("/v1/chat/completions", &body)
-        .await
-        .json()
-        .await
-        .expect("JSON");
+    let reply = app.post_json("/v1/chat/completions", &body).await;
     assert_eq!(reply["usage"]["completion_tokens"], 5);
 }
 
@@ -200,12 +195,7 @@ async fn tool_call_deltas_relay_unchanged_and_merge_when_not_streamed() {
     assert_eq!(upstream.request(1).await.body["tools"], body["tools"]);
 
     body["stream"] = json!(false);
-    let reply: Value = app
-        .post("/v1/chat/completions", &body)
-        .await
-        .json()
-        .await
-        .expect("JSON");
+    let reply = app.post_json("/v1/chat/completions", &body).await;
     let message = &reply["choices"][0]["message"];
     assert!(message["content"].is_null());
     assert_eq!(

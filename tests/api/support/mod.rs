@@ -78,6 +78,15 @@ impl TestApp {
             .expect("sluice answers")
     }
 
+    /// POSTs `body` and reads the answer as JSON, whatever its status.
+    pub async fn post_json(&self, path: &str, body: &Value) -> Value {
+        self.post(path, body)
+            .await
+            .json()
+            .await
+            .expect("a JSON answer")
+    }
+
     pub async fn get_json(&self, path: &str) -> Value {
         let response = self.http.get(self.url(path)).send().await.expect("answers");
         response.json().await.expect("JSON")
@@ -150,6 +159,18 @@ pub fn content(payloads: &[Value]) -> String {
         .iter()
         .filter_map(|p| p["choices"][0]["delta"]["content"].as_str())
         .collect()
+}
+
+/// A mock fixtures file with one scripted reply; a fresh path each call.
+pub fn fixtures(pattern: &str, reply: &str) -> std::path::PathBuf {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path =
+        std::env::temp_dir().join(format!("sluice-fixtures-{}-{n}.toml", std::process::id()));
+    let file = serde_json::json!({"reply": [{"pattern": pattern, "reply": reply}]});
+    let text = toml::to_string(&file).expect("fixtures as TOML");
+    std::fs::write(&path, text).expect("write fixtures");
+    path
 }
 
 /// Whether a test needing `what` may skip here; under `SLUICE_TEST_STRICT=1` (CI) it may not.
