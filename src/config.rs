@@ -11,6 +11,7 @@ use clap::Parser;
 use serde::Deserialize;
 
 pub const DEFAULT_OPENAI_BASE_URL: &str = "https://api.openai.com/v1";
+pub const DEFAULT_LOCAL_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// sluice: an LLM token-streaming gateway. Every flag can also be set by its variable, in
 /// the environment or in `.env`.
@@ -76,6 +77,16 @@ pub struct Config {
         value_name = "SLUICE_MOCK_FIXTURES"
     )]
     pub mock_fixtures: Option<PathBuf>,
+
+    /// GGUF file of the in-process model [default: models/SmolLM2-135M-Instruct.Q4_1.gguf,
+    /// used when present]; `off` for none.
+    #[arg(long, env = "SLUICE_LOCAL_MODEL", value_name = "SLUICE_LOCAL_MODEL")]
+    pub local_model: Option<PathBuf>,
+
+    /// Requests that may wait for the local model; more are refused with 503.
+    #[arg(long, env = "SLUICE_LOCAL_QUEUE", value_name = "SLUICE_LOCAL_QUEUE",
+          default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    pub local_queue: u32,
 
     /// Folder of prompt templates.
     #[arg(

@@ -46,6 +46,11 @@ pub enum ApiError {
     UpstreamFailed(String),
     #[error("the upstream did not answer in time: {0}")]
     UpstreamTimeout(String),
+    #[error("{message}")]
+    Overloaded {
+        message: String,
+        retry_after: Duration,
+    },
     #[error("internal error")]
     Internal(String),
 }
@@ -70,6 +75,7 @@ impl ApiError {
             ApiError::UpstreamRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::UpstreamAuth | ApiError::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
             ApiError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -86,6 +92,7 @@ impl ApiError {
             ApiError::UpstreamRateLimited { .. } => "rate_limit_error",
             ApiError::UpstreamAuth | ApiError::UpstreamFailed(_) => "upstream_error",
             ApiError::UpstreamTimeout(_) => "timeout_error",
+            ApiError::Overloaded { .. } => "overloaded_error",
             ApiError::Internal(_) => "server_error",
         }
     }
@@ -103,6 +110,7 @@ impl ApiError {
             ApiError::UpstreamAuth => "upstream_auth_failed",
             ApiError::UpstreamFailed(_) => "upstream_failed",
             ApiError::UpstreamTimeout(_) => "upstream_timeout",
+            ApiError::Overloaded { .. } => "model_overloaded",
             ApiError::Internal(_) => "internal_error",
         };
         Some(code.to_owned())
@@ -131,13 +139,15 @@ impl ApiError {
 
     /// Seconds to put in `Retry-After`, rounded up and never 0.
     fn retry_after_secs(&self) -> Option<u64> {
-        match self {
+        let wait = match self {
             ApiError::UpstreamRateLimited {
                 retry_after: Some(d),
                 ..
-            } => Some(d.as_millis().div_ceil(1000).max(1) as u64),
-            _ => None,
-        }
+            }
+            | ApiError::Overloaded { retry_after: d, .. } => d,
+            _ => return None,
+        };
+        Some(wait.as_millis().div_ceil(1000).max(1) as u64)
     }
 }
 
@@ -173,6 +183,13 @@ impl From<BackendError> for ApiError {
             BackendError::Unreachable(m)
             | BackendError::Interrupted(m)
             | BackendError::Protocol(m) => ApiError::UpstreamFailed(m),
+            BackendError::Overloaded {
+                message,
+                retry_after,
+            } => ApiError::Overloaded {
+                message,
+                retry_after,
+            },
             BackendError::Timeout(which) => {
                 ApiError::UpstreamTimeout(format!("no {which} within the limit"))
             }

@@ -54,6 +54,7 @@ struct Inner {
     /// Indexed like [`Outcome::ALL`].
     ended: [Counter; 4],
     mock_tokens: Counter,
+    local_tokens: Counter,
 }
 
 impl Metrics {
@@ -76,6 +77,11 @@ impl Metrics {
             vec![],
             "Tokens the built-in mock model generated.",
         );
+        let local_tokens = counter(
+            "sluice_local_tokens_generated_total",
+            vec![],
+            "Tokens the in-process model computed.",
+        );
         recorder.describe_gauge(
             "sluice_active_streams".into(),
             None,
@@ -88,6 +94,7 @@ impl Metrics {
             active,
             ended,
             mock_tokens,
+            local_tokens,
         }))
     }
 
@@ -103,6 +110,10 @@ impl Metrics {
 
     pub fn mock_tokens(&self) -> Counter {
         self.0.mock_tokens.clone()
+    }
+
+    pub fn local_tokens(&self) -> Counter {
+        self.0.local_tokens.clone()
     }
 
     /// The Prometheus text exposition.

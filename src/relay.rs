@@ -54,6 +54,11 @@ pub fn timed(inner: DeltaStream, limits: Timeouts) -> DeltaStream {
                     match item {
                         Ok(Delta::Text(_) | Delta::Fields(_)) => waiting_for = "chunk",
                         Ok(Delta::Finish(_)) => finished = true,
+                        // Moving up the queue is progress: the wait for a first token
+                        // starts when the model takes the request.
+                        Ok(Delta::Queued(_)) => deadline
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + limits.first_token),
                         _ => {}
                     }
                     yield item;
@@ -197,6 +202,11 @@ fn sse(
     response
 }
 
+/// A keep-alive comment that says where the request waits; every client ignores it.
+fn queued(ahead: usize) -> Event {
+    Event::default().comment(format!("queued: {ahead} ahead"))
+}
+
 /// The identity every chunk of one OpenAI completion shares.
 pub struct Completion {
     pub id: String,
@@ -289,6 +299,7 @@ pub fn openai_sse(
                     yield Ok(Event::default().data(writer.choice("{}", Some(&reason))));
                 }
                 Ok(Delta::Usage(usage)) => guard.reported = Some(usage),
+                Ok(Delta::Queued(ahead)) => yield Ok(queued(ahead)),
                 Err(e) => {
                     guard.failed(&e);
                     yield Ok(Event::default().data(ApiError::from(e).body().to_string()));
@@ -331,6 +342,7 @@ pub fn chat_sse(
                 Ok(Delta::Fields(_)) => {}
                 Ok(Delta::Finish(reason)) => finish = Some(reason),
                 Ok(Delta::Usage(usage)) => guard.reported = Some(usage),
+                Ok(Delta::Queued(ahead)) => yield Ok(queued(ahead)),
                 Err(e) => {
                     guard.failed(&e);
                     yield event("error", ApiError::from(e).body().to_string());
@@ -370,6 +382,7 @@ pub async fn collect(
             Ok(Delta::Fields(delta)) => merge_fields(&mut fields, delta),
             Ok(Delta::Finish(reason)) => finish = Some(reason),
             Ok(Delta::Usage(usage)) => guard.reported = Some(usage),
+            Ok(Delta::Queued(_)) => {}
             Err(e) => {
                 guard.failed(&e);
                 return Err(e.into());

@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use crate::backend::mock::{self, MockBackend};
 use crate::backend::openai::OpenAiBackend;
 use crate::backend::{Backend, Route, Routes};
-use crate::config::{Config, DEFAULT_OPENAI_BASE_URL};
+use crate::config::{Config, DEFAULT_LOCAL_MODEL, DEFAULT_OPENAI_BASE_URL};
 use crate::metrics::Metrics;
 use crate::prompts::Prompts;
 use crate::relay::Timeouts;
@@ -73,6 +73,12 @@ impl AppState {
             );
         }
 
+        let mut default_model = String::from("mock");
+        if let Some(route) = local_route(config, &metrics)? {
+            default_model = route.upstream_model.clone();
+            named.insert(route.upstream_model.clone(), route);
+        }
+
         let prompts = if config.prompts.is_dir() {
             Prompts::load(&config.prompts).context("SLUICE_PROMPTS")?
         } else {
@@ -87,7 +93,7 @@ impl AppState {
         crate::tokens::text("warm up");
 
         Ok(AppState {
-            routes: Routes::new(named, mock, default_upstream),
+            routes: Routes::new(named, mock, default_upstream, default_model),
             prompts,
             metrics,
             timeouts: Timeouts {
@@ -96,5 +102,46 @@ impl AppState {
             },
             keep_alive: config.keep_alive(),
         })
+    }
+}
+
+/// The in-process model's route, when its weights are there. A path that was set must
+/// exist; the default one may be missing, and then one log line says how to fetch it.
+fn local_route(config: &Config, metrics: &Metrics) -> anyhow::Result<Option<Route>> {
+    let path = config
+        .local_model
+        .clone()
+        .unwrap_or_else(|| DEFAULT_LOCAL_MODEL.into());
+    if path.as_os_str() == "off" {
+        return Ok(None);
+    }
+    if !path.exists() {
+        if config.local_model.is_some() {
+            anyhow::bail!("SLUICE_LOCAL_MODEL: {} does not exist", path.display());
+        }
+        tracing::info!(
+            "no local model at {}: run scripts/fetch-model.sh to fetch SmolLM2-135M-Instruct (93 MB); serving the mock model",
+            path.display()
+        );
+        return Ok(None);
+    }
+    #[cfg(feature = "local")]
+    {
+        use crate::backend::local::{LocalBackend, MODEL_NAME};
+        let backend =
+            LocalBackend::start(&path, config.local_queue as usize, metrics.local_tokens())?;
+        Ok(Some(Route {
+            backend: Arc::new(backend),
+            upstream_model: MODEL_NAME.to_owned(),
+        }))
+    }
+    #[cfg(not(feature = "local"))]
+    {
+        let _ = metrics;
+        tracing::warn!(
+            "sluice was built without the `local` feature: {} is not used",
+            path.display()
+        );
+        Ok(None)
     }
 }

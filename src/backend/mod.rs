@@ -4,6 +4,8 @@
 //! or SSE; dropping its stream must stop its work (an upstream request closes its
 //! connection, a generator stops at its next token).
 
+#[cfg(feature = "local")]
+pub mod local;
 pub mod mock;
 pub mod openai;
 
@@ -30,6 +32,8 @@ pub struct ChatRequest {
     pub messages: Vec<Message>,
     pub max_tokens: Option<u32>,
     pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub seed: Option<u64>,
     /// The client's request body, for backends that forward it (unknown fields, tools,
     /// structured content parts pass through unchanged).
     pub body: Map<String, Value>,
@@ -75,6 +79,9 @@ pub enum Delta {
     Finish(String),
     /// Token counts as the backend reports them.
     Usage(Usage),
+    /// Waiting for the model, with this many requests ahead: shown to the client as a
+    /// keep-alive comment.
+    Queued(usize),
 }
 
 /// Why a backend could not produce (the rest of) a reply.
@@ -105,6 +112,12 @@ pub enum BackendError {
     /// Nothing came within a limit: "first token", "chunk".
     #[error("no {0} within the limit")]
     Timeout(&'static str),
+    /// The backend's queue is full.
+    #[error("the model is busy: {message}")]
+    Overloaded {
+        message: String,
+        retry_after: Duration,
+    },
 }
 
 pub type DeltaStream = Pin<Box<dyn Stream<Item = Result<Delta, BackendError>> + Send>>;
@@ -128,6 +141,7 @@ pub struct Routes {
     named: HashMap<String, Route>,
     mock: Arc<dyn Backend>,
     default_upstream: Option<Arc<dyn Backend>>,
+    default_model: String,
 }
 
 impl Routes {
@@ -135,11 +149,13 @@ impl Routes {
         named: HashMap<String, Route>,
         mock: Arc<dyn Backend>,
         default_upstream: Option<Arc<dyn Backend>>,
+        default_model: String,
     ) -> Self {
         Routes {
             named,
             mock,
             default_upstream,
+            default_model,
         }
     }
 
@@ -159,13 +175,20 @@ impl Routes {
         })
     }
 
-    /// Every name sluice routes by itself, sorted (the default upstream takes any other).
+    /// Every name sluice routes by itself, the default first, then sorted (the default
+    /// upstream takes any other name).
     pub fn model_names(&self) -> Vec<String> {
         let mut names: Vec<String> = self.named.keys().cloned().collect();
         names.extend(mock::Mode::MODEL_NAMES.iter().map(|s| (*s).to_owned()));
         names.sort();
         names.dedup();
+        names.sort_by_key(|name| *name != self.default_model);
         names
+    }
+
+    /// The model of a request that names none: the local model when it is loaded.
+    pub fn default_model(&self) -> &str {
+        &self.default_model
     }
 
     pub fn has_default_upstream(&self) -> bool {

@@ -19,9 +19,6 @@ pub fn router() -> Router<AppState> {
     Router::new().route("/api/chat", post(chat))
 }
 
-/// The model used when a request names none.
-pub const DEFAULT_MODEL: &str = "mock";
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ChatBody {
@@ -83,7 +80,9 @@ async fn chat(
         content: req.prompt,
     });
 
-    let model = req.model.unwrap_or_else(|| DEFAULT_MODEL.to_owned());
+    let model = req
+        .model
+        .unwrap_or_else(|| state.routes.default_model().to_owned());
     let route = state
         .routes
         .resolve(&model)
@@ -109,6 +108,8 @@ async fn chat(
         messages,
         max_tokens: req.max_tokens,
         temperature: req.temperature,
+        top_p: None,
+        seed: None,
         body: upstream_body,
     };
     let mut guard = StreamGuard::new(

@@ -29,6 +29,8 @@ struct Fields {
     max_tokens: Option<u32>,
     max_completion_tokens: Option<u32>,
     temperature: Option<f32>,
+    top_p: Option<f32>,
+    seed: Option<u64>,
     n: Option<u32>,
 }
 
@@ -120,6 +122,8 @@ async fn chat_completions(
         messages,
         max_tokens: fields.max_completion_tokens.or(fields.max_tokens),
         temperature: fields.temperature,
+        top_p: fields.top_p,
+        seed: fields.seed,
         body,
     };
     let mut guard = StreamGuard::new(

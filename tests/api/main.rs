@@ -8,6 +8,8 @@ mod cancel;
 mod chat;
 mod failures;
 mod input;
+#[cfg(feature = "local")]
+mod local;
 mod openai;
 mod sdk;
 mod startup;

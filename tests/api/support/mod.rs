@@ -37,6 +37,7 @@ impl TestApp {
         config.config = Some(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/api/empty.toml").into());
         config.prompts = concat!(env!("CARGO_MANIFEST_DIR"), "/prompts").into();
         config.mock_fixtures = None;
+        config.local_model = Some("off".into());
         config.mock_tokens_per_s = 0.0;
         config.connect_timeout_ms = 10_000;
         config.first_token_timeout_ms = 60_000;
