@@ -181,7 +181,7 @@ impl Model {
                 text("tokenizer.chat_template").unwrap_or_else(|| CHATML.to_owned()),
             )
             .context("the model's chat template does not parse")?;
-        let weights = requantized(content, &mut file)?;
+        let weights = weights(content, &mut file, true)?;
         Ok(Model {
             weights,
             tokenizer,
@@ -361,13 +361,25 @@ fn tokenizer(content: &gguf_file::Content) -> anyhow::Result<Tokenizer> {
     Ok(tokenizer)
 }
 
-/// Loads the weights, re-quantising 4- and 5-bit blocks to Q8_0: candle has no SIMD kernel
-/// for Q4_1, and Q8_0's runs about twice as fast on x86 (see the README).
-fn requantized(
+/// The weights of the model at `path`, as the backend loads them (`requantize`) or as the
+/// file ships them: for benchmarks.
+pub fn load_weights(path: &Path, requantize: bool) -> anyhow::Result<ModelWeights> {
+    let mut file = std::fs::File::open(path)?;
+    let content = gguf_file::Content::read(&mut file)?;
+    weights(content, &mut file, requantize)
+}
+
+/// Loads the weights, re-quantising 4- and 5-bit blocks to Q8_0 when asked: candle has no
+/// SIMD kernel for Q4_1, and its Q8_0 kernel runs about 2.6 times as fast here (README).
+fn weights(
     content: gguf_file::Content,
     file: &mut std::fs::File,
+    requantize: bool,
 ) -> anyhow::Result<ModelWeights> {
     let device = Device::Cpu;
+    if !requantize {
+        return Ok(ModelWeights::from_gguf(content, file, &device)?);
+    }
     let mut tensors = Vec::with_capacity(content.tensor_infos.len());
     for name in content.tensor_infos.keys() {
         let tensor = content.tensor(file, name, &device)?;
