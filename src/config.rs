@@ -45,6 +45,47 @@ pub struct Config {
     #[arg(long = "config", env = "SLUICE_CONFIG", value_name = "SLUICE_CONFIG")]
     pub config: Option<PathBuf>,
 
+    /// Keys clients must present as `Authorization: Bearer <key>`, comma-separated; unset
+    /// (and no keys in the TOML config): open, each client known by its IP.
+    #[arg(
+        long,
+        env = "SLUICE_API_KEYS",
+        value_name = "SLUICE_API_KEYS",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub api_keys: Vec<String>,
+
+    /// Requests per minute per client.
+    #[arg(long, env = "SLUICE_RPM", value_name = "SLUICE_RPM", default_value_t = 600,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub rpm: u32,
+
+    /// Requests a client may make at once before the per-minute pace applies [default: SLUICE_RPM].
+    #[arg(long, env = "SLUICE_RPM_BURST", value_name = "SLUICE_RPM_BURST",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub rpm_burst: Option<u32>,
+
+    /// Tokens per minute per client (prompt and reply); unset: unlimited.
+    #[arg(long, env = "SLUICE_TPM", value_name = "SLUICE_TPM",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub tpm: Option<u32>,
+
+    /// Concurrent streams per client.
+    #[arg(long, env = "SLUICE_MAX_STREAMS", value_name = "SLUICE_MAX_STREAMS", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_streams: u32,
+
+    /// Concurrent streams in all.
+    #[arg(long, env = "SLUICE_GLOBAL_MAX_STREAMS", value_name = "SLUICE_GLOBAL_MAX_STREAMS",
+          default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub global_max_streams: u32,
+
+    /// Proxies (addresses or CIDR ranges, comma-separated) whose `X-Forwarded-For` is believed.
+    #[arg(long, env = "SLUICE_TRUSTED_PROXIES", value_name = "SLUICE_TRUSTED_PROXIES",
+          value_delimiter = ',', value_parser = ip_net)]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+
     /// Limit on connecting to an upstream, in milliseconds.
     #[arg(long, env = "SLUICE_CONNECT_TIMEOUT_MS", value_name = "SLUICE_CONNECT_TIMEOUT_MS",
           default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
@@ -115,6 +156,14 @@ fn http_url(value: &str) -> Result<String, String> {
     Ok(value.trim_end_matches('/').to_owned())
 }
 
+fn ip_net(value: &str) -> Result<ipnet::IpNet, String> {
+    let value = value.trim();
+    value
+        .parse::<ipnet::IpNet>()
+        .or_else(|_| value.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{value:?} is not an IP address or CIDR range"))
+}
+
 fn non_negative(value: &str) -> Result<f64, String> {
     match value.parse::<f64>() {
         Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
@@ -145,6 +194,17 @@ impl Config {
 
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_millis(self.idle_timeout_ms)
+    }
+
+    /// The limits of a client with no limits of its own.
+    pub fn default_limits(&self) -> crate::admission::Limits {
+        crate::admission::Limits {
+            rpm: self.rpm,
+            burst: self.rpm_burst.unwrap_or(self.rpm),
+            tpm: self.tpm,
+            max_streams: self.max_streams,
+            models: None,
+        }
     }
 
     pub fn keep_alive(&self) -> Duration {
@@ -187,6 +247,61 @@ pub struct FileConfig {
     /// Model name → where it goes.
     #[serde(default)]
     pub models: BTreeMap<String, ModelRoute>,
+    /// Key name → the key and its own limits.
+    #[serde(default)]
+    pub keys: BTreeMap<String, KeyConfig>,
+}
+
+/// An API key in the TOML config; limits it leaves out are the defaults.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    /// The key itself, or
+    pub key: Option<String>,
+    /// the name of the environment variable that holds it.
+    pub key_env: Option<String>,
+    pub rpm: Option<u32>,
+    pub burst: Option<u32>,
+    pub tpm: Option<u32>,
+    pub max_streams: Option<u32>,
+    /// The only models this key may use.
+    pub models: Option<Vec<String>>,
+}
+
+impl KeyConfig {
+    /// The key, and its limits with `defaults` filling what it leaves out.
+    pub fn resolve(
+        &self,
+        name: &str,
+        defaults: &crate::admission::Limits,
+    ) -> anyhow::Result<(String, crate::admission::Limits)> {
+        let secret = match (&self.key, &self.key_env) {
+            (Some(key), None) => key.clone(),
+            (None, Some(var)) => std::env::var(var).map_err(|_| {
+                anyhow::anyhow!("key {name:?}: key_env names {var}, which is not set")
+            })?,
+            _ => bail!("key {name:?}: give exactly one of key and key_env"),
+        };
+        if secret.trim().is_empty() {
+            bail!("key {name:?} is empty");
+        }
+        let rpm = self.rpm.unwrap_or(defaults.rpm);
+        let limits = crate::admission::Limits {
+            rpm,
+            burst: self
+                .burst
+                .or(self.rpm.map(|_| rpm))
+                .unwrap_or(defaults.burst),
+            tpm: self.tpm.or(defaults.tpm),
+            max_streams: self.max_streams.unwrap_or(defaults.max_streams),
+            models: self.models.as_ref().map(|m| m.iter().cloned().collect()),
+        };
+        if limits.rpm == 0 || limits.burst == 0 || limits.max_streams == 0 || limits.tpm == Some(0)
+        {
+            bail!("key {name:?}: limits must be above 0");
+        }
+        Ok((secret, limits))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

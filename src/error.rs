@@ -6,6 +6,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::admission::RateHeaders;
 use crate::backend::BackendError;
 
 /// What went wrong, as the client is told. 5xx details are logged, not returned.
@@ -51,6 +52,23 @@ pub enum ApiError {
         message: String,
         retry_after: Duration,
     },
+    #[error(
+        "Incorrect API key provided. Send one of sluice's keys as `Authorization: Bearer <key>`."
+    )]
+    InvalidApiKey,
+    /// The client is over one of its limits.
+    #[error("{message}")]
+    RateLimited {
+        message: String,
+        retry_after: Duration,
+        headers: Option<RateHeaders>,
+    },
+    /// sluice as a whole is at its limit.
+    #[error("{message}")]
+    Busy {
+        message: String,
+        retry_after: Duration,
+    },
     #[error("internal error")]
     Internal(String),
 }
@@ -75,7 +93,9 @@ impl ApiError {
             ApiError::UpstreamRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::UpstreamAuth | ApiError::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
             ApiError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            ApiError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Overloaded { .. } | ApiError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::InvalidApiKey => StatusCode::UNAUTHORIZED,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -89,7 +109,11 @@ impl ApiError {
             | ApiError::RouteNotFound { .. }
             | ApiError::MethodNotAllowed { .. }
             | ApiError::UpstreamRejected { .. } => "invalid_request_error",
-            ApiError::UpstreamRateLimited { .. } => "rate_limit_error",
+            ApiError::UpstreamRateLimited { .. } | ApiError::RateLimited { .. } => {
+                "rate_limit_error"
+            }
+            ApiError::InvalidApiKey => "invalid_request_error",
+            ApiError::Busy { .. } => "overloaded_error",
             ApiError::UpstreamAuth | ApiError::UpstreamFailed(_) => "upstream_error",
             ApiError::UpstreamTimeout(_) => "timeout_error",
             ApiError::Overloaded { .. } => "overloaded_error",
@@ -111,6 +135,9 @@ impl ApiError {
             ApiError::UpstreamFailed(_) => "upstream_failed",
             ApiError::UpstreamTimeout(_) => "upstream_timeout",
             ApiError::Overloaded { .. } => "model_overloaded",
+            ApiError::InvalidApiKey => "invalid_api_key",
+            ApiError::RateLimited { .. } => "rate_limit_exceeded",
+            ApiError::Busy { .. } => "server_busy",
             ApiError::Internal(_) => "internal_error",
         };
         Some(code.to_owned())
@@ -137,17 +164,18 @@ impl ApiError {
         }})
     }
 
-    /// Seconds to put in `Retry-After`, rounded up and never 0.
-    fn retry_after_secs(&self) -> Option<u64> {
-        let wait = match self {
+    /// How long the client should wait before trying again.
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
             ApiError::UpstreamRateLimited {
                 retry_after: Some(d),
                 ..
             }
-            | ApiError::Overloaded { retry_after: d, .. } => d,
-            _ => return None,
-        };
-        Some(wait.as_millis().div_ceil(1000).max(1) as u64)
+            | ApiError::Overloaded { retry_after: d, .. }
+            | ApiError::RateLimited { retry_after: d, .. }
+            | ApiError::Busy { retry_after: d, .. } => Some(*d),
+            _ => None,
+        }
     }
 }
 
@@ -203,12 +231,22 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             tracing::warn!(error = %self, detail = ?self, "request failed");
         }
-        let retry_after = self.retry_after_secs();
+        let retry_after = self.retry_after();
         let mut response = (status, axum::Json(self.body())).into_response();
-        if let Some(secs) = retry_after {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        let headers = response.headers_mut();
+        if let Some(wait) = retry_after {
+            // Seconds rounded up and never 0: a client that waits that long gets in.
+            let secs = wait.as_millis().div_ceil(1000).max(1) as u64;
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            let ms = wait.as_millis().max(1) as u64;
+            headers.insert("retry-after-ms", HeaderValue::from(ms));
+        }
+        if let ApiError::RateLimited {
+            headers: Some(rate),
+            ..
+        } = &self
+        {
+            rate.apply(headers);
         }
         response
     }

@@ -4,6 +4,7 @@
 //! When the client leaves, the response body is dropped, and with it the whole chain down
 //! to the upstream's connection.
 
+pub mod admission;
 pub mod app;
 pub mod backend;
 pub mod config;
@@ -16,6 +17,7 @@ pub mod state;
 pub mod tokens;
 
 use std::future::Future;
+use std::net::SocketAddr;
 
 pub use app::app;
 pub use config::Config;
@@ -27,7 +29,27 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app(state))
+    let stop = tokio_util::sync::CancellationToken::new();
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "the one background task: forgets idle clients each minute, ends with serve"
+    )]
+    tokio::spawn(forget_idle_clients(state.admission.clone(), stop.clone()));
+    let app = app(state).into_make_service_with_connect_info::<SocketAddr>();
+    let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
-        .await
+        .await;
+    stop.cancel();
+    served
+}
+
+/// Keeps admission's memory bounded by the clients active in the last minute or so.
+async fn forget_idle_clients(
+    admission: std::sync::Arc<admission::Admission>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+    while stop.run_until_cancelled(every.tick()).await.is_some() {
+        admission.purge();
+    }
 }

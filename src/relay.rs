@@ -15,10 +15,10 @@ use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
 use serde_json::{Map, Value, json};
 
-use crate::backend::{BackendError, Delta, DeltaStream, Message, Usage};
+use crate::admission::Permit;
+use crate::backend::{BackendError, Delta, DeltaStream, Usage};
 use crate::error::ApiError;
 use crate::metrics::{Metrics, Outcome};
-use crate::tokens;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
@@ -121,6 +121,8 @@ impl Opened {
 /// Dropping it records the outcome: a stream dropped before it finished was cancelled.
 pub struct StreamGuard {
     metrics: Metrics,
+    /// The client's hold on its limits: settled to the real usage when the stream ends.
+    permit: Permit,
     request_id: String,
     model: String,
     started: Instant,
@@ -132,15 +134,22 @@ pub struct StreamGuard {
 }
 
 impl StreamGuard {
-    pub fn new(metrics: Metrics, request_id: String, model: String, messages: &[Message]) -> Self {
+    pub fn new(
+        metrics: Metrics,
+        permit: Permit,
+        request_id: String,
+        model: String,
+        prompt_tokens: u32,
+    ) -> Self {
         metrics.stream_started();
         StreamGuard {
             metrics,
+            permit,
             request_id,
             model,
             started: Instant::now(),
             first_token: None,
-            prompt_tokens: tokens::prompt(messages),
+            prompt_tokens,
             delivered_tokens: 0,
             reported: None,
             outcome: None,
@@ -150,7 +159,7 @@ impl StreamGuard {
     fn delivered(&mut self, text: &str) {
         self.first_token
             .get_or_insert_with(|| self.started.elapsed());
-        self.delivered_tokens += tokens::text(text);
+        self.delivered_tokens += crate::tokens::text(text);
     }
 
     /// The backend's own counts when it sent them, else sluice's count of what it delivered.
@@ -172,8 +181,11 @@ impl Drop for StreamGuard {
     fn drop(&mut self) {
         let outcome = self.outcome.unwrap_or(Outcome::Cancelled);
         let usage = self.usage();
+        // A cancelled stream is charged what it delivered; a failed one, what it used.
+        self.permit.settle(usage.total_tokens);
         tracing::info!(
             request_id = %self.request_id,
+            client = %self.permit.client(),
             model = %self.model,
             outcome = outcome.as_str(),
             delivered_tokens = self.delivered_tokens,

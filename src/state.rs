@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
+use crate::admission::{Admission, ApiKey};
 use crate::backend::mock::{self, MockBackend};
 use crate::backend::openai::OpenAiBackend;
 use crate::backend::{Backend, Route, Routes};
@@ -16,6 +17,7 @@ use crate::relay::Timeouts;
 
 #[derive(Clone)]
 pub struct AppState {
+    pub admission: Arc<Admission>,
     pub routes: Routes,
     pub prompts: Prompts,
     pub metrics: Metrics,
@@ -44,8 +46,37 @@ impl AppState {
             None => None,
         };
 
+        let file = config.file()?;
+        let defaults = config.default_limits();
+        let mut keys: Vec<ApiKey> = config
+            .api_keys
+            .iter()
+            .map(|k| k.trim())
+            .filter(|k| !k.is_empty())
+            .enumerate()
+            .map(|(i, secret)| ApiKey {
+                name: format!("key-{}", i + 1),
+                secret: secret.to_owned(),
+                limits: None,
+            })
+            .collect();
+        for (name, key) in &file.keys {
+            let (secret, limits) = key.resolve(name, &defaults).context("SLUICE_CONFIG")?;
+            keys.push(ApiKey {
+                name: name.clone(),
+                secret,
+                limits: Some(limits),
+            });
+        }
+        let admission = Admission::new(
+            keys,
+            defaults,
+            config.trusted_proxies.clone(),
+            config.global_max_streams as usize,
+        );
+
         let mut named = HashMap::new();
-        for (name, route) in config.file()?.models {
+        for (name, route) in file.models {
             let upstream_model = route.model.clone().unwrap_or_else(|| name.clone());
             let backend = if route.backend == "mock" {
                 mock.clone()
@@ -93,6 +124,7 @@ impl AppState {
         crate::tokens::text("warm up");
 
         Ok(AppState {
+            admission,
             routes: Routes::new(named, mock, default_upstream, default_model),
             prompts,
             metrics,

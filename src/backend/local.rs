@@ -42,10 +42,10 @@ struct Job {
 
 pub struct LocalBackend {
     jobs: mpsc::Sender<Job>,
-    /// The ticket of the request the model is on; a waiting request's position is its
-    /// ticket minus this.
-    serving: watch::Receiver<u64>,
-    next_ticket: Arc<AtomicU64>,
+    /// Tickets number the accepted requests 1, 2, 3...; the model publishes the last one it
+    /// finished, so a waiting request has `ticket - 1 - finished` ahead of it.
+    finished: watch::Receiver<u64>,
+    next_ticket: Arc<std::sync::Mutex<u64>>,
     /// A running average of how long a request holds the model, for Retry-After.
     average_ms: Arc<AtomicU64>,
 }
@@ -62,17 +62,17 @@ impl LocalBackend {
             "local model loaded"
         );
         let (jobs, inbox) = mpsc::channel(queue.max(1));
-        let (serving_tx, serving) = watch::channel(0);
+        let (finished_tx, finished) = watch::channel(0);
         let average_ms = Arc::new(AtomicU64::new(2_000));
         let worker_average = average_ms.clone();
         std::thread::Builder::new()
             .name("local-model".into())
-            .spawn(move || model.serve(inbox, serving_tx, worker_average, generated))
+            .spawn(move || model.serve(inbox, finished_tx, worker_average, generated))
             .context("cannot start the local model's thread")?;
         Ok(LocalBackend {
             jobs,
-            serving,
-            next_ticket: Arc::new(AtomicU64::new(1)),
+            finished,
+            next_ticket: Arc::new(std::sync::Mutex::new(1)),
             average_ms,
         })
     }
@@ -81,13 +81,24 @@ impl LocalBackend {
 impl Backend for LocalBackend {
     fn stream(&self, request: ChatRequest) -> DeltaStream {
         let jobs = self.jobs.clone();
-        let mut serving = self.serving.clone();
-        let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
+        let mut finished = self.finished.clone();
+        let next_ticket = self.next_ticket.clone();
         let average = Duration::from_millis(self.average_ms.load(Ordering::Relaxed));
         Box::pin(async_stream::stream! {
             let (reply, mut tokens) = mpsc::channel(CHANNEL_TOKENS);
-            match jobs.try_send(Job { ticket, request, reply }) {
-                Ok(()) => {}
+            // A ticket only for a request the queue takes: a refused one would leave a gap
+            // that no finished request ever closes.
+            let enqueued = {
+                let mut next = next_ticket.lock().unwrap_or_else(|e| e.into_inner());
+                let ticket = *next;
+                let sent = jobs.try_send(Job { ticket, request, reply });
+                if sent.is_ok() {
+                    *next += 1;
+                }
+                sent.map(|()| ticket)
+            };
+            let ticket = match enqueued {
+                Ok(ticket) => ticket,
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     let waiting = jobs.max_capacity() as u32 + 1;
                     yield Err(BackendError::Overloaded {
@@ -100,11 +111,12 @@ impl Backend for LocalBackend {
                     yield Err(BackendError::Unreachable("the local model has stopped".into()));
                     return;
                 }
-            }
+            };
             // Until the model takes the request, tell the client where it stands.
             let mut told = None;
             loop {
-                let ahead = ticket.saturating_sub(*serving.borrow_and_update()) as usize;
+                let done = *finished.borrow_and_update();
+                let ahead = ticket.saturating_sub(done + 1) as usize;
                 if ahead > 0 && told != Some(ahead) {
                     told = Some(ahead);
                     yield Ok(Delta::Queued(ahead));
@@ -117,7 +129,7 @@ impl Backend for LocalBackend {
                         }
                         break;
                     }
-                    changed = serving.changed() => if changed.is_err() { break },
+                    changed = finished.changed() => if changed.is_err() { break },
                 }
             }
             while let Some(item) = tokens.recv().await {
@@ -196,22 +208,22 @@ impl Model {
     fn serve(
         mut self,
         mut inbox: mpsc::Receiver<Job>,
-        serving: watch::Sender<u64>,
+        finished: watch::Sender<u64>,
         average_ms: Arc<AtomicU64>,
         generated: metrics::Counter,
     ) {
         while let Some(job) = inbox.blocking_recv() {
-            serving.send_replace(job.ticket);
-            if job.reply.is_closed() {
-                continue; // The client left while it waited.
+            // A client that left while it waited costs nothing.
+            if !job.reply.is_closed() {
+                let started = Instant::now();
+                if let Err(e) = self.generate(&job.request, &job.reply, &generated) {
+                    let _ = job.reply.blocking_send(Err(e));
+                }
+                let ms = started.elapsed().as_millis() as u64;
+                let old = average_ms.load(Ordering::Relaxed);
+                average_ms.store((old * 7 + ms) / 8, Ordering::Relaxed);
             }
-            let started = Instant::now();
-            if let Err(e) = self.generate(&job.request, &job.reply, &generated) {
-                let _ = job.reply.blocking_send(Err(e));
-            }
-            let ms = started.elapsed().as_millis() as u64;
-            let old = average_ms.load(Ordering::Relaxed);
-            average_ms.store((old * 7 + ms) / 8, Ordering::Relaxed);
+            finished.send_replace(job.ticket);
         }
     }
 

@@ -9,11 +9,13 @@ use axum::routing::post;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::{JsonObject, request_id, typed};
+use super::{JsonObject, request_id, typed, with_rate_headers};
+use crate::admission::{DEFAULT_REPLY_TOKENS, Principal};
 use crate::backend::{ChatRequest, Message};
 use crate::error::ApiError;
 use crate::relay::{self, Completion, StreamGuard};
 use crate::state::AppState;
+use crate::tokens;
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/api/chat", post(chat))
@@ -42,6 +44,7 @@ struct Turn {
 
 async fn chat(
     State(state): State<AppState>,
+    who: Principal,
     headers: HeaderMap,
     JsonObject(mut body): JsonObject,
 ) -> Result<Response, ApiError> {
@@ -103,6 +106,15 @@ async fn chat(
     if let Some(t) = req.temperature {
         upstream_body.insert("temperature".into(), t.into());
     }
+    // Admission: this client's request, token and stream limits.
+    let prompt_tokens = tokens::prompt(&messages);
+    let permit = state.admission.admit(
+        &who,
+        &model,
+        prompt_tokens + req.max_tokens.unwrap_or(DEFAULT_REPLY_TOKENS),
+    )?;
+    let rate = permit.headers().clone();
+
     let request = ChatRequest {
         model: route.upstream_model,
         messages,
@@ -114,16 +126,14 @@ async fn chat(
     };
     let mut guard = StreamGuard::new(
         state.metrics.clone(),
+        permit,
         request_id(&headers),
         model.clone(),
-        &request.messages,
+        prompt_tokens,
     );
     let stream = relay::timed(route.backend.stream(request), state.timeouts);
-    let opened = relay::open(stream, state.keep_alive, &mut guard).await?;
-    Ok(relay::chat_sse(
-        opened,
-        Completion::new(&model),
-        guard,
-        state.keep_alive,
-    ))
+    let response = relay::open(stream, state.keep_alive, &mut guard)
+        .await
+        .map(|opened| relay::chat_sse(opened, Completion::new(&model), guard, state.keep_alive));
+    Ok(with_rate_headers(response, &rate))
 }

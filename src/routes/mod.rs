@@ -93,6 +93,16 @@ pub fn typed<T: DeserializeOwned>(body: &mut Map<String, Value>) -> Result<T, Ap
     })
 }
 
+/// An admitted request's answer, success or failure, with its `x-ratelimit-*` headers.
+pub fn with_rate_headers(
+    response: Result<axum::response::Response, ApiError>,
+    rate: &crate::admission::RateHeaders,
+) -> axum::response::Response {
+    let mut response = response.unwrap_or_else(axum::response::IntoResponse::into_response);
+    rate.apply(response.headers_mut());
+    response
+}
+
 /// The id the request-id layer gave this request.
 pub fn request_id(headers: &HeaderMap) -> String {
     headers

@@ -8,11 +8,13 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{JsonObject, request_id, typed};
+use super::{JsonObject, request_id, typed, with_rate_headers};
+use crate::admission::{DEFAULT_REPLY_TOKENS, Principal};
 use crate::backend::{ChatRequest, Message};
 use crate::error::ApiError;
 use crate::relay::{self, Completion, StreamGuard};
 use crate::state::AppState;
+use crate::tokens;
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/v1/chat/completions", post(chat_completions))
@@ -101,6 +103,7 @@ fn messages(raw: Vec<MessageIn>) -> Result<Vec<Message>, ApiError> {
 
 async fn chat_completions(
     State(state): State<AppState>,
+    who: Principal,
     headers: HeaderMap,
     JsonObject(mut body): JsonObject,
 ) -> Result<Response, ApiError> {
@@ -117,10 +120,20 @@ async fn chat_completions(
         .resolve(&fields.model)
         .ok_or_else(|| ApiError::ModelNotFound(fields.model.clone()))?;
 
+    // Admission: this client's request, token and stream limits.
+    let max_tokens = fields.max_completion_tokens.or(fields.max_tokens);
+    let prompt_tokens = tokens::prompt(&messages);
+    let permit = state.admission.admit(
+        &who,
+        &fields.model,
+        prompt_tokens + max_tokens.unwrap_or(DEFAULT_REPLY_TOKENS),
+    )?;
+    let rate = permit.headers().clone();
+
     let request = ChatRequest {
         model: route.upstream_model,
         messages,
-        max_tokens: fields.max_completion_tokens.or(fields.max_tokens),
+        max_tokens,
         temperature: fields.temperature,
         top_p: fields.top_p,
         seed: fields.seed,
@@ -128,25 +141,26 @@ async fn chat_completions(
     };
     let mut guard = StreamGuard::new(
         state.metrics.clone(),
+        permit,
         request_id(&headers),
         fields.model.clone(),
-        &request.messages,
+        prompt_tokens,
     );
     let stream = relay::timed(route.backend.stream(request), state.timeouts);
     let completion = Completion::new(&fields.model);
 
-    if !fields.stream {
-        let reply = relay::collect(stream, completion, guard).await?;
-        return Ok(Json::<Value>(reply).into_response());
-    }
-    // Peek before committing, so a failure before the first token is a real status.
-    let opened = relay::open(stream, state.keep_alive, &mut guard).await?;
-    let include_usage = fields.stream_options.is_some_and(|o| o.include_usage);
-    Ok(relay::openai_sse(
-        opened,
-        completion,
-        include_usage,
-        guard,
-        state.keep_alive,
-    ))
+    let response = if !fields.stream {
+        relay::collect(stream, completion, guard)
+            .await
+            .map(|reply| Json::<Value>(reply).into_response())
+    } else {
+        // Peek before committing, so a failure before the first token is a real status.
+        let include_usage = fields.stream_options.is_some_and(|o| o.include_usage);
+        relay::open(stream, state.keep_alive, &mut guard)
+            .await
+            .map(|opened| {
+                relay::openai_sse(opened, completion, include_usage, guard, state.keep_alive)
+            })
+    };
+    Ok(with_rate_headers(response, &rate))
 }

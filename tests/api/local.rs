@@ -180,9 +180,13 @@ async fn requests_queue_for_the_model_and_a_full_queue_is_a_503() {
     }
     let app = local_app(1).await;
     let long = ask("Count from 1 to 300, separated by commas.", 300);
-    // The first request holds the model...
+    // The first request holds the model (once its first token arrives)...
     let mut first = events(app.post("/v1/chat/completions", &long).await);
-    first.next().await.expect("the first request is generating");
+    while let Some(event) = first.next().await {
+        if event.data.contains("\"content\":\"") && !event.data.contains("\"content\":\"\"") {
+            break;
+        }
+    }
     // ...the second waits, and is told where it stands...
     let second = app
         .http

@@ -4,6 +4,7 @@
 // Tests spawn servers and clients freely; the rule is for the request path in src/.
 #![allow(clippy::disallowed_methods)]
 
+mod admission;
 mod cancel;
 mod chat;
 mod failures;

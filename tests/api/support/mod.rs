@@ -15,6 +15,8 @@ pub use upstream::FakeUpstream;
 
 /// How long a test waits for something that should happen at once.
 pub const DEADLINE: Duration = Duration::from_secs(5);
+/// How long a whole reply may take: a real model on a busy 2-core machine is slow.
+pub const REPLY_DEADLINE: Duration = Duration::from_secs(120);
 
 pub struct TestApp {
     pub addr: SocketAddr,
@@ -38,6 +40,13 @@ impl TestApp {
         config.prompts = concat!(env!("CARGO_MANIFEST_DIR"), "/prompts").into();
         config.mock_fixtures = None;
         config.local_model = Some("off".into());
+        config.api_keys = Vec::new();
+        config.rpm = 600;
+        config.rpm_burst = None;
+        config.tpm = None;
+        config.max_streams = 16;
+        config.global_max_streams = 10_000;
+        config.trusted_proxies = Vec::new();
         config.mock_tokens_per_s = 0.0;
         config.connect_timeout_ms = 10_000;
         config.first_token_timeout_ms = 60_000;
@@ -138,7 +147,7 @@ pub fn events(response: reqwest::Response) -> impl Stream<Item = Event> + Unpin 
 
 /// Every event until the server ends the stream.
 pub async fn all_events(response: reqwest::Response) -> Vec<Event> {
-    tokio::time::timeout(DEADLINE, events(response).collect())
+    tokio::time::timeout(REPLY_DEADLINE, events(response).collect())
         .await
         .expect("the stream ends")
 }

@@ -1,0 +1,514 @@
+//! Admission: who the client is (an API key's name, or its IP), and whether it may start a
+//! chat request now — requests per minute, tokens per minute, concurrent streams. Refusals
+//! are answered the way OpenAI does (429 + `Retry-After`; 503 when sluice itself is full),
+//! and every admitted response carries OpenAI's `x-ratelimit-*` headers.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::state::keyed::DefaultKeyedStateStore;
+use governor::{Quota, RateLimiter};
+use ipnet::IpNet;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// Reserved for the reply when a request sets no `max_tokens`.
+pub const DEFAULT_REPLY_TOKENS: u32 = 512;
+
+/// One client's limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    pub rpm: u32,
+    pub burst: u32,
+    pub tpm: Option<u32>,
+    pub max_streams: u32,
+    /// Models this client may use; all when `None`.
+    pub models: Option<HashSet<String>>,
+}
+
+type RequestLimiter = RateLimiter<
+    Arc<str>,
+    DefaultKeyedStateStore<Arc<str>>,
+    DefaultClock,
+    StateInformationMiddleware,
+>;
+
+/// Limits and the request limiter that enforces them, shared by every client under them.
+struct Policy {
+    limits: Limits,
+    requests: RequestLimiter,
+}
+
+impl Policy {
+    fn new(limits: Limits) -> Arc<Self> {
+        let rpm = NonZeroU32::new(limits.rpm.max(1)).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(limits.burst.max(1)).unwrap_or(NonZeroU32::MIN);
+        let quota = Quota::per_minute(rpm).allow_burst(burst);
+        Arc::new(Policy {
+            limits,
+            requests: RateLimiter::keyed(quota).with_middleware::<StateInformationMiddleware>(),
+        })
+    }
+}
+
+/// A configured API key: only its SHA-256 is kept.
+pub struct ApiKey {
+    pub name: String,
+    pub secret: String,
+    pub limits: Option<Limits>,
+}
+
+struct StoredKey {
+    name: Arc<str>,
+    digest: [u8; 32],
+    policy: Arc<Policy>,
+}
+
+/// Who is asking: a key's name or an IP, and the policy that applies.
+#[derive(Clone)]
+pub struct Principal {
+    pub name: Arc<str>,
+    policy: Arc<Policy>,
+}
+
+pub struct Admission {
+    keys: Vec<StoredKey>,
+    default_policy: Arc<Policy>,
+    trusted_proxies: Vec<IpNet>,
+    tokens: Mutex<HashMap<Arc<str>, Bucket>>,
+    streams: Mutex<HashMap<Arc<str>, u32>>,
+    global_streams: AtomicUsize,
+    global_max: usize,
+}
+
+impl Admission {
+    pub fn new(
+        keys: Vec<ApiKey>,
+        defaults: Limits,
+        trusted_proxies: Vec<IpNet>,
+        global_max: usize,
+    ) -> Arc<Self> {
+        let default_policy = Policy::new(defaults);
+        let keys = keys
+            .into_iter()
+            .map(|key| StoredKey {
+                name: key.name.into(),
+                digest: Sha256::digest(key.secret.as_bytes()).into(),
+                policy: key
+                    .limits
+                    .map_or_else(|| default_policy.clone(), Policy::new),
+            })
+            .collect();
+        Arc::new(Admission {
+            keys,
+            default_policy,
+            trusted_proxies,
+            tokens: Mutex::default(),
+            streams: Mutex::default(),
+            global_streams: AtomicUsize::new(0),
+            global_max,
+        })
+    }
+
+    /// The principal of a request: its key when keys are configured, else its IP.
+    pub fn identify(
+        &self,
+        headers: &HeaderMap,
+        peer: Option<IpAddr>,
+    ) -> Result<Principal, ApiError> {
+        if self.keys.is_empty() {
+            let ip = self.client_ip(headers, peer);
+            return Ok(Principal {
+                name: ip.map_or_else(|| "unknown".into(), |ip| ip.to_string().into()),
+                policy: self.default_policy.clone(),
+            });
+        }
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or(ApiError::InvalidApiKey)?;
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        // Compare with every key, each in constant time, so timing tells nothing.
+        let mut found = None;
+        for key in &self.keys {
+            if bool::from(key.digest.ct_eq(&digest)) {
+                found = Some(key);
+            }
+        }
+        let key = found.ok_or(ApiError::InvalidApiKey)?;
+        Ok(Principal {
+            name: key.name.clone(),
+            policy: key.policy.clone(),
+        })
+    }
+
+    /// The peer's address, or the client `X-Forwarded-For` names when the peer is a trusted
+    /// proxy: the right-most address no trusted proxy added.
+    fn client_ip(&self, headers: &HeaderMap, peer: Option<IpAddr>) -> Option<IpAddr> {
+        let trusted = |ip: &IpAddr| self.trusted_proxies.iter().any(|net| net.contains(ip));
+        let peer = peer?;
+        if !trusted(&peer) {
+            return Some(peer);
+        }
+        let forwarded = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|s| s.trim().parse::<IpAddr>().ok())
+            .collect::<Vec<_>>();
+        Some(
+            forwarded
+                .into_iter()
+                .rev()
+                .find(|ip| !trusted(ip))
+                .unwrap_or(peer),
+        )
+    }
+
+    /// Decides whether `who` may start a request for `model` that may use `tokens` tokens.
+    /// On yes, the permit holds a stream slot and the token reservation until it is dropped.
+    pub fn admit(
+        self: &Arc<Self>,
+        who: &Principal,
+        model: &str,
+        tokens: u32,
+    ) -> Result<Permit, ApiError> {
+        let limits = &who.policy.limits;
+        if limits.models.as_ref().is_some_and(|m| !m.contains(model)) {
+            return Err(ApiError::ModelNotFound(model.to_owned()));
+        }
+        // Stream slots: checked before anything is spent.
+        let reserved_global = self
+            .global_streams
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.global_max).then_some(n + 1)
+            })
+            .is_ok();
+        if !reserved_global {
+            return Err(ApiError::Busy {
+                message: format!("sluice is at its limit of {} streams", self.global_max),
+                retry_after: Duration::from_secs(1),
+            });
+        }
+        let mut permit = Permit {
+            admission: self.clone(),
+            client: who.name.clone(),
+            reserved: 0,
+            holds_stream: false,
+            headers: RateHeaders::default(),
+        };
+        {
+            let mut streams = lock(&self.streams);
+            let open = streams.entry(who.name.clone()).or_insert(0);
+            if *open >= limits.max_streams {
+                return Err(ApiError::RateLimited {
+                    message: format!(
+                        "you have {} streams open, the limit; one must end before another starts",
+                        limits.max_streams
+                    ),
+                    retry_after: Duration::from_secs(1),
+                    headers: None,
+                });
+            }
+            *open += 1;
+            permit.holds_stream = true;
+        }
+
+        // Requests per minute.
+        let period = Duration::from_secs(60) / limits.rpm.max(1);
+        let requests = match who.policy.requests.check_key(&who.name) {
+            Ok(snapshot) => snapshot.remaining_burst_capacity(),
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(DefaultClock::default().now());
+                let headers = RateHeaders::requests(limits, 0, period * limits.burst);
+                return Err(ApiError::RateLimited {
+                    message: format!(
+                        "rate limit of {} requests per minute reached; try again in {}",
+                        limits.rpm,
+                        duration(wait)
+                    ),
+                    retry_after: wait,
+                    headers: Some(headers),
+                });
+            }
+        };
+        let reset = period * (limits.burst.saturating_sub(requests));
+        permit.headers = RateHeaders::requests(limits, requests, reset);
+
+        // Tokens per minute: reserve now, settle when the stream ends.
+        if let Some(tpm) = limits.tpm {
+            let mut buckets = lock(&self.tokens);
+            let bucket = buckets
+                .entry(who.name.clone())
+                .or_insert_with(|| Bucket::full(tpm));
+            match bucket.reserve(tpm, tokens) {
+                Ok(()) => permit.reserved = tokens,
+                Err(None) => {
+                    return Err(ApiError::invalid(
+                        format!(
+                            "this request may use {tokens} tokens (prompt and max_tokens), more than the limit of {tpm} tokens per minute; lower max_tokens"
+                        ),
+                        Some("max_tokens"),
+                    ));
+                }
+                Err(Some(wait)) => {
+                    permit
+                        .headers
+                        .tokens(tpm, bucket.available(tpm), bucket.until_full(tpm));
+                    return Err(ApiError::RateLimited {
+                        message: format!(
+                            "rate limit of {tpm} tokens per minute reached; try again in {}",
+                            duration(wait)
+                        ),
+                        retry_after: wait,
+                        headers: Some(permit.headers.clone()),
+                    });
+                }
+            }
+            permit
+                .headers
+                .tokens(tpm, bucket.available(tpm), bucket.until_full(tpm));
+        }
+        Ok(permit)
+    }
+
+    /// Forgets clients whose limits have recovered fully: nothing they did still counts.
+    pub fn purge(&self) {
+        self.default_policy.requests.retain_recent();
+        self.default_policy.requests.shrink_to_fit();
+        for key in &self.keys {
+            key.policy.requests.retain_recent();
+        }
+        let tpm = |name: &Arc<str>| self.policy_of(name).limits.tpm.unwrap_or(u32::MAX);
+        lock(&self.tokens).retain(|name, bucket| bucket.until_full(tpm(name)) > Duration::ZERO);
+        lock(&self.streams).retain(|_, open| *open > 0);
+    }
+
+    fn policy_of(&self, name: &str) -> &Arc<Policy> {
+        self.keys
+            .iter()
+            .find(|k| &*k.name == name)
+            .map_or(&self.default_policy, |k| &k.policy)
+    }
+
+    /// How many clients sluice holds state for, in each of its tables.
+    pub fn tracked(&self) -> (usize, usize, usize) {
+        let requests = self.default_policy.requests.len()
+            + self
+                .keys
+                .iter()
+                .map(|k| k.policy.requests.len())
+                .sum::<usize>();
+        (
+            requests,
+            lock(&self.tokens).len(),
+            lock(&self.streams).len(),
+        )
+    }
+
+    pub fn open_streams(&self) -> usize {
+        self.global_streams.load(Ordering::Acquire)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A token bucket that gives back what a request reserved and did not use: governor's GCRA
+/// cannot return capacity, so tokens per minute keep their own small bucket.
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    updated: Instant,
+}
+
+impl Bucket {
+    fn full(capacity: u32) -> Self {
+        Bucket {
+            tokens: f64::from(capacity),
+            updated: Instant::now(),
+        }
+    }
+
+    fn refill(&mut self, capacity: u32) {
+        let now = Instant::now();
+        let rate = f64::from(capacity) / 60.0;
+        self.tokens =
+            (self.tokens + rate * (now - self.updated).as_secs_f64()).min(f64::from(capacity));
+        self.updated = now;
+    }
+
+    /// `Err(None)`: can never fit; `Err(Some(wait))`: fits after `wait`.
+    fn reserve(&mut self, capacity: u32, n: u32) -> Result<(), Option<Duration>> {
+        if n > capacity {
+            return Err(None);
+        }
+        self.refill(capacity);
+        let n = f64::from(n);
+        if self.tokens >= n {
+            self.tokens -= n;
+            return Ok(());
+        }
+        let rate = f64::from(capacity) / 60.0;
+        Err(Some(Duration::from_secs_f64((n - self.tokens) / rate)))
+    }
+
+    /// Gives back `n` tokens (negative: takes more, for a reply that used more).
+    fn give_back(&mut self, capacity: u32, n: f64) {
+        self.refill(capacity);
+        self.tokens = (self.tokens + n).min(f64::from(capacity));
+    }
+
+    fn available(&self, capacity: u32) -> u32 {
+        self.tokens.clamp(0.0, f64::from(capacity)) as u32
+    }
+
+    fn until_full(&mut self, capacity: u32) -> Duration {
+        self.refill(capacity);
+        let rate = f64::from(capacity) / 60.0;
+        Duration::from_secs_f64((f64::from(capacity) - self.tokens).max(0.0) / rate)
+    }
+}
+
+/// An admitted request's hold on its client's limits: a stream slot while it lives, and a
+/// token reservation settled to the real usage by [`Permit::settle`] (or given back whole).
+pub struct Permit {
+    admission: Arc<Admission>,
+    client: Arc<str>,
+    reserved: u32,
+    holds_stream: bool,
+    headers: RateHeaders,
+}
+
+impl Permit {
+    pub fn headers(&self) -> &RateHeaders {
+        &self.headers
+    }
+
+    pub fn client(&self) -> &str {
+        &self.client
+    }
+
+    /// Charges `used` tokens in place of the reservation: the rest comes back.
+    pub fn settle(&mut self, used: u32) {
+        let reserved = std::mem::take(&mut self.reserved);
+        let Some(tpm) = self.admission.policy_of(&self.client).limits.tpm else {
+            return;
+        };
+        if let Some(bucket) = lock(&self.admission.tokens).get_mut(&self.client) {
+            bucket.give_back(tpm, f64::from(reserved) - f64::from(used));
+        }
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if self.reserved > 0 {
+            self.settle(0);
+        }
+        if self.holds_stream
+            && let Some(open) = lock(&self.admission.streams).get_mut(&self.client)
+        {
+            *open = open.saturating_sub(1);
+        }
+        self.admission.global_streams.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// OpenAI's `x-ratelimit-*` headers.
+#[derive(Debug, Clone, Default)]
+pub struct RateHeaders(Vec<(&'static str, String)>);
+
+impl RateHeaders {
+    fn requests(limits: &Limits, remaining: u32, reset: Duration) -> Self {
+        RateHeaders(vec![
+            ("x-ratelimit-limit-requests", limits.rpm.to_string()),
+            ("x-ratelimit-remaining-requests", remaining.to_string()),
+            ("x-ratelimit-reset-requests", duration(reset)),
+        ])
+    }
+
+    fn tokens(&mut self, limit: u32, remaining: u32, reset: Duration) {
+        self.0.retain(|(name, _)| !name.ends_with("-tokens"));
+        self.0.extend([
+            ("x-ratelimit-limit-tokens", limit.to_string()),
+            ("x-ratelimit-remaining-tokens", remaining.to_string()),
+            ("x-ratelimit-reset-tokens", duration(reset)),
+        ]);
+    }
+
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        for (name, value) in &self.0 {
+            if let Ok(value) = HeaderValue::from_str(value) {
+                headers.insert(HeaderName::from_static(name), value);
+            }
+        }
+    }
+}
+
+/// A duration as OpenAI writes it: `120ms`, `1s`, `6m0s`, `1h2m3s`.
+pub fn duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let secs = d.as_secs_f64().ceil() as u64;
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    match (h, m) {
+        (0, 0) => format!("{s}s"),
+        (0, _) => format!("{m}m{s}s"),
+        _ => format!("{h}h{m}m{s}s"),
+    }
+}
+
+impl FromRequestParts<AppState> for Principal {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip());
+        state.admission.identify(&parts.headers, peer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_like_openai() {
+        assert_eq!(duration(Duration::from_millis(120)), "120ms");
+        assert_eq!(duration(Duration::from_millis(1000)), "1s");
+        assert_eq!(duration(Duration::from_millis(1200)), "2s");
+        assert_eq!(duration(Duration::from_secs(360)), "6m0s");
+        assert_eq!(duration(Duration::from_secs(3723)), "1h2m3s");
+    }
+
+    #[test]
+    fn a_bucket_gives_back_what_was_not_used() {
+        let mut bucket = Bucket::full(600);
+        assert!(bucket.reserve(600, 500).is_ok());
+        assert!(matches!(bucket.reserve(600, 500), Err(Some(_))));
+        bucket.give_back(600, 400.0);
+        assert!(bucket.reserve(600, 450).is_ok());
+        assert!(matches!(bucket.reserve(600, 601), Err(None)));
+    }
+}
