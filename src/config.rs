@@ -81,6 +81,21 @@ pub struct Config {
           default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub global_max_streams: u32,
 
+    /// Redis that shares limits across instances (`redis://host:6379`); unset: in-process.
+    #[arg(
+        long,
+        env = "SLUICE_REDIS_URL",
+        value_name = "SLUICE_REDIS_URL",
+        hide_env_values = true
+    )]
+    pub redis_url: Option<String>,
+
+    /// When Redis cannot be reached: `open` (this instance's own limits apply, with a
+    /// warning and a metric) or `closed` (503).
+    #[arg(long, env = "SLUICE_REDIS_FAILURE", value_name = "SLUICE_REDIS_FAILURE",
+          default_value = "open", value_parser = ["open", "closed"])]
+    pub redis_failure: String,
+
     /// Proxies (addresses or CIDR ranges, comma-separated) whose `X-Forwarded-For` is believed.
     #[arg(long, env = "SLUICE_TRUSTED_PROXIES", value_name = "SLUICE_TRUSTED_PROXIES",
           value_delimiter = ',', value_parser = ip_net)]

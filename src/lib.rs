@@ -32,24 +32,13 @@ pub async fn serve(
     let stop = tokio_util::sync::CancellationToken::new();
     #[expect(
         clippy::disallowed_methods,
-        reason = "the one background task: forgets idle clients each minute, ends with serve"
+        reason = "the one background task: admission's upkeep, ends with serve"
     )]
-    tokio::spawn(forget_idle_clients(state.admission.clone(), stop.clone()));
+    tokio::spawn(state.admission.clone().maintain(stop.clone()));
     let app = app(state).into_make_service_with_connect_info::<SocketAddr>();
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await;
     stop.cancel();
     served
-}
-
-/// Keeps admission's memory bounded by the clients active in the last minute or so.
-async fn forget_idle_clients(
-    admission: std::sync::Arc<admission::Admission>,
-    stop: tokio_util::sync::CancellationToken,
-) {
-    let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
-    while stop.run_until_cancelled(every.tick()).await.is_some() {
-        admission.purge();
-    }
 }

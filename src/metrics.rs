@@ -55,6 +55,7 @@ struct Inner {
     ended: [Counter; 4],
     mock_tokens: Counter,
     local_tokens: Counter,
+    redis_errors: Counter,
 }
 
 impl Metrics {
@@ -82,6 +83,11 @@ impl Metrics {
             vec![],
             "Tokens the in-process model computed.",
         );
+        let redis_errors = counter(
+            "sluice_redis_errors_total",
+            vec![],
+            "Admissions that could not reach Redis (then failed open or closed).",
+        );
         recorder.describe_gauge(
             "sluice_active_streams".into(),
             None,
@@ -95,6 +101,7 @@ impl Metrics {
             ended,
             mock_tokens,
             local_tokens,
+            redis_errors,
         }))
     }
 
@@ -110,6 +117,10 @@ impl Metrics {
 
     pub fn mock_tokens(&self) -> Counter {
         self.0.mock_tokens.clone()
+    }
+
+    pub fn redis_errors(&self) -> Counter {
+        self.0.redis_errors.clone()
     }
 
     pub fn local_tokens(&self) -> Counter {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
-use crate::admission::{Admission, ApiKey};
+use crate::admission::{Admission, ApiKey, SharedLimits};
 use crate::backend::mock::{self, MockBackend};
 use crate::backend::openai::OpenAiBackend;
 use crate::backend::{Backend, Route, Routes};
@@ -68,12 +68,19 @@ impl AppState {
                 limits: Some(limits),
             });
         }
+        let shared = config.redis_url.as_ref().map(|url| SharedLimits {
+            redis_url: url.clone(),
+            fail_closed: config.redis_failure == "closed",
+            errors: metrics.redis_errors(),
+        });
         let admission = Admission::new(
             keys,
             defaults,
             config.trusted_proxies.clone(),
             config.global_max_streams as usize,
-        );
+            shared,
+        )
+        .context("SLUICE_REDIS_URL")?;
 
         let mut named = HashMap::new();
         for (name, route) in file.models {

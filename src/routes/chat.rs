@@ -108,11 +108,14 @@ async fn chat(
     }
     // Admission: this client's request, token and stream limits.
     let prompt_tokens = tokens::prompt(&messages);
-    let permit = state.admission.admit(
-        &who,
-        &model,
-        prompt_tokens + req.max_tokens.unwrap_or(DEFAULT_REPLY_TOKENS),
-    )?;
+    let permit = state
+        .admission
+        .admit(
+            &who,
+            &model,
+            prompt_tokens + req.max_tokens.unwrap_or(DEFAULT_REPLY_TOKENS),
+        )
+        .await?;
     let rate = permit.headers().clone();
 
     let request = ChatRequest {

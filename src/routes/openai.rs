@@ -123,11 +123,14 @@ async fn chat_completions(
     // Admission: this client's request, token and stream limits.
     let max_tokens = fields.max_completion_tokens.or(fields.max_tokens);
     let prompt_tokens = tokens::prompt(&messages);
-    let permit = state.admission.admit(
-        &who,
-        &fields.model,
-        prompt_tokens + max_tokens.unwrap_or(DEFAULT_REPLY_TOKENS),
-    )?;
+    let permit = state
+        .admission
+        .admit(
+            &who,
+            &fields.model,
+            prompt_tokens + max_tokens.unwrap_or(DEFAULT_REPLY_TOKENS),
+        )
+        .await?;
     let rate = permit.headers().clone();
 
     let request = ChatRequest {

@@ -272,13 +272,14 @@ async fn memory_stays_bounded_with_100_000_clients() {
         max_streams: 4,
         models: None,
     };
-    let admission: Arc<Admission> = Admission::new(Vec::new(), limits, Vec::new(), 1_000_000);
+    let admission: Arc<Admission> =
+        Admission::new(Vec::new(), limits, Vec::new(), 1_000_000, None).expect("admission");
     for i in 0..100_000u32 {
         let ip = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i));
         let who = admission
             .identify(&HeaderMap::new(), Some(ip))
             .expect("open");
-        let permit = admission.admit(&who, "mock", 50).expect("admitted");
+        let permit = admission.admit(&who, "mock", 50).await.expect("admitted");
         drop(permit);
     }
     assert_eq!(admission.tracked(), (100_000, 100_000, 100_000));

@@ -13,5 +13,6 @@ mod input;
 mod local;
 mod openai;
 mod sdk;
+mod shared;
 mod startup;
 mod support;

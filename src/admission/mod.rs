@@ -24,6 +24,9 @@ use subtle::ConstantTimeEq;
 use crate::error::ApiError;
 use crate::state::AppState;
 
+mod shared;
+use shared::{Decision, Release, Shared};
+
 /// Reserved for the reply when a request sets no `max_tokens`.
 pub const DEFAULT_REPLY_TOKENS: u32 = 512;
 
@@ -83,8 +86,20 @@ pub struct Principal {
     policy: Arc<Policy>,
 }
 
+/// Limits shared through Redis, and what to do when it cannot be reached.
+pub struct SharedLimits {
+    pub redis_url: String,
+    /// Refuse (503) rather than fall back to this instance's own limits.
+    pub fail_closed: bool,
+    pub errors: metrics::Counter,
+}
+
 pub struct Admission {
     keys: Vec<StoredKey>,
+    shared: Option<Arc<Shared>>,
+    releases: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Release>>>,
+    fail_closed: bool,
+    redis_errors: metrics::Counter,
     default_policy: Arc<Policy>,
     trusted_proxies: Vec<IpNet>,
     tokens: Mutex<HashMap<Arc<str>, Bucket>>,
@@ -99,7 +114,8 @@ impl Admission {
         defaults: Limits,
         trusted_proxies: Vec<IpNet>,
         global_max: usize,
-    ) -> Arc<Self> {
+        shared: Option<SharedLimits>,
+    ) -> anyhow::Result<Arc<Self>> {
         let default_policy = Policy::new(defaults);
         let keys = keys
             .into_iter()
@@ -111,15 +127,31 @@ impl Admission {
                     .map_or_else(|| default_policy.clone(), Policy::new),
             })
             .collect();
-        Arc::new(Admission {
+        let (fail_closed, redis_errors) = shared
+            .as_ref()
+            .map_or((false, metrics::Counter::noop()), |s| {
+                (s.fail_closed, s.errors.clone())
+            });
+        let (shared, releases) = match shared {
+            Some(config) => {
+                let (shared, releases) = Shared::new(&config.redis_url)?;
+                (Some(shared), Some(releases))
+            }
+            None => (None, None),
+        };
+        Ok(Arc::new(Admission {
             keys,
+            shared,
+            releases: Mutex::new(releases),
+            fail_closed,
+            redis_errors,
             default_policy,
             trusted_proxies,
             tokens: Mutex::default(),
             streams: Mutex::default(),
             global_streams: AtomicUsize::new(0),
             global_max,
-        })
+        }))
     }
 
     /// The principal of a request: its key when keys are configured, else its IP.
@@ -182,7 +214,8 @@ impl Admission {
 
     /// Decides whether `who` may start a request for `model` that may use `tokens` tokens.
     /// On yes, the permit holds a stream slot and the token reservation until it is dropped.
-    pub fn admit(
+    /// With Redis, the limits are every instance's together.
+    pub async fn admit(
         self: &Arc<Self>,
         who: &Principal,
         model: &str,
@@ -192,6 +225,73 @@ impl Admission {
         if limits.models.as_ref().is_some_and(|m| !m.contains(model)) {
             return Err(ApiError::ModelNotFound(model.to_owned()));
         }
+        if let Some(shared) = &self.shared {
+            let id = uuid::Uuid::new_v4().simple().to_string();
+            match shared
+                .admit(&who.name, limits, tokens, self.global_max, &id)
+                .await
+            {
+                Ok(decision) => return self.decided(who, decision, tokens, id),
+                Err(e) => {
+                    self.redis_errors.increment(1);
+                    if self.fail_closed {
+                        tracing::warn!(error = %e, "Redis is unreachable: refusing requests");
+                        return Err(ApiError::Busy {
+                            message: "rate limits cannot be checked right now; try again shortly"
+                                .into(),
+                            retry_after: Duration::from_secs(1),
+                        });
+                    }
+                    tracing::warn!(error = %e, "Redis is unreachable: this instance's own limits apply");
+                }
+            }
+        }
+        self.admit_locally(who, tokens)
+    }
+
+    /// Redis's decision, as a permit or the same refusals as [`Self::admit_locally`]'s.
+    fn decided(
+        self: &Arc<Self>,
+        who: &Principal,
+        decision: Decision,
+        tokens: u32,
+        id: String,
+    ) -> Result<Permit, ApiError> {
+        let limits = &who.policy.limits;
+        match decision {
+            Decision::Admitted {
+                remaining_requests,
+                reset_requests,
+                tokens: left,
+            } => {
+                let mut headers = RateHeaders::requests(limits, remaining_requests, reset_requests);
+                if let (Some(tpm), Some((left, reset))) = (limits.tpm, left) {
+                    headers.tokens(tpm, left, reset);
+                }
+                Ok(Permit {
+                    admission: self.clone(),
+                    client: who.name.clone(),
+                    reserved: if limits.tpm.is_some() { tokens } else { 0 },
+                    hold: Hold::Shared { id, give_back: 0 },
+                    headers,
+                })
+            }
+            Decision::TooManyStreams => Err(too_many_streams(limits)),
+            Decision::GlobalFull => Err(global_full(self.global_max)),
+            Decision::Requests { wait, reset } => Err(over_requests(limits, wait, reset)),
+            Decision::TokensNeverFit => Err(never_fits(tokens, limits.tpm.unwrap_or(0))),
+            Decision::Tokens { wait, left, reset } => {
+                let tpm = limits.tpm.unwrap_or(0);
+                let mut headers = RateHeaders::requests(limits, 0, Duration::ZERO);
+                headers.tokens(tpm, left, reset);
+                Err(over_tokens(tpm, wait, headers))
+            }
+        }
+    }
+
+    /// This instance's own limits: without Redis, or when Redis fails open.
+    fn admit_locally(self: &Arc<Self>, who: &Principal, tokens: u32) -> Result<Permit, ApiError> {
+        let limits = &who.policy.limits;
         // Stream slots: checked before anything is spent.
         let reserved_global = self
             .global_streams
@@ -200,33 +300,23 @@ impl Admission {
             })
             .is_ok();
         if !reserved_global {
-            return Err(ApiError::Busy {
-                message: format!("sluice is at its limit of {} streams", self.global_max),
-                retry_after: Duration::from_secs(1),
-            });
+            return Err(global_full(self.global_max));
         }
         let mut permit = Permit {
             admission: self.clone(),
             client: who.name.clone(),
             reserved: 0,
-            holds_stream: false,
+            hold: Hold::Local { stream: false },
             headers: RateHeaders::default(),
         };
         {
             let mut streams = lock(&self.streams);
             let open = streams.entry(who.name.clone()).or_insert(0);
             if *open >= limits.max_streams {
-                return Err(ApiError::RateLimited {
-                    message: format!(
-                        "you have {} streams open, the limit; one must end before another starts",
-                        limits.max_streams
-                    ),
-                    retry_after: Duration::from_secs(1),
-                    headers: None,
-                });
+                return Err(too_many_streams(limits));
             }
             *open += 1;
-            permit.holds_stream = true;
+            permit.hold = Hold::Local { stream: true };
         }
 
         // Requests per minute.
@@ -235,16 +325,7 @@ impl Admission {
             Ok(snapshot) => snapshot.remaining_burst_capacity(),
             Err(not_until) => {
                 let wait = not_until.wait_time_from(DefaultClock::default().now());
-                let headers = RateHeaders::requests(limits, 0, period * limits.burst);
-                return Err(ApiError::RateLimited {
-                    message: format!(
-                        "rate limit of {} requests per minute reached; try again in {}",
-                        limits.rpm,
-                        duration(wait)
-                    ),
-                    retry_after: wait,
-                    headers: Some(headers),
-                });
+                return Err(over_requests(limits, wait, period * limits.burst));
             }
         };
         let reset = period * (limits.burst.saturating_sub(requests));
@@ -258,26 +339,12 @@ impl Admission {
                 .or_insert_with(|| Bucket::full(tpm));
             match bucket.reserve(tpm, tokens) {
                 Ok(()) => permit.reserved = tokens,
-                Err(None) => {
-                    return Err(ApiError::invalid(
-                        format!(
-                            "this request may use {tokens} tokens (prompt and max_tokens), more than the limit of {tpm} tokens per minute; lower max_tokens"
-                        ),
-                        Some("max_tokens"),
-                    ));
-                }
+                Err(None) => return Err(never_fits(tokens, tpm)),
                 Err(Some(wait)) => {
                     permit
                         .headers
                         .tokens(tpm, bucket.available(tpm), bucket.until_full(tpm));
-                    return Err(ApiError::RateLimited {
-                        message: format!(
-                            "rate limit of {tpm} tokens per minute reached; try again in {}",
-                            duration(wait)
-                        ),
-                        retry_after: wait,
-                        headers: Some(permit.headers.clone()),
-                    });
+                    return Err(over_tokens(tpm, wait, permit.headers.clone()));
                 }
             }
             permit
@@ -285,6 +352,36 @@ impl Admission {
                 .tokens(tpm, bucket.available(tpm), bucket.until_full(tpm));
         }
         Ok(permit)
+    }
+
+    /// The background work admission needs, until `stop`: forgetting idle clients, and with
+    /// Redis, refreshing this instance's permits and releasing ended ones.
+    pub async fn maintain(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let mut purge = tokio::time::interval(Duration::from_secs(60));
+        let mut refresh = tokio::time::interval(shared::REFRESH_EVERY);
+        let mut releases = lock(&self.releases).take();
+        loop {
+            let release = async {
+                match releases.as_mut() {
+                    Some(inbox) => inbox.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = purge.tick() => self.purge(),
+                _ = refresh.tick() => {
+                    if let Some(shared) = &self.shared {
+                        shared.refresh().await;
+                    }
+                }
+                Some(release) = release => {
+                    if let Some(shared) = &self.shared {
+                        shared.apply(release).await;
+                    }
+                }
+            }
+        }
     }
 
     /// Forgets clients whose limits have recovered fully: nothing they did still counts.
@@ -323,6 +420,56 @@ impl Admission {
 
     pub fn open_streams(&self) -> usize {
         self.global_streams.load(Ordering::Acquire)
+    }
+}
+
+fn too_many_streams(limits: &Limits) -> ApiError {
+    ApiError::RateLimited {
+        message: format!(
+            "you have {} streams open, the limit; one must end before another starts",
+            limits.max_streams
+        ),
+        retry_after: Duration::from_secs(1),
+        headers: None,
+    }
+}
+
+fn global_full(max: usize) -> ApiError {
+    ApiError::Busy {
+        message: format!("sluice is at its limit of {max} streams"),
+        retry_after: Duration::from_secs(1),
+    }
+}
+
+fn over_requests(limits: &Limits, wait: Duration, reset: Duration) -> ApiError {
+    ApiError::RateLimited {
+        message: format!(
+            "rate limit of {} requests per minute reached; try again in {}",
+            limits.rpm,
+            duration(wait)
+        ),
+        retry_after: wait,
+        headers: Some(RateHeaders::requests(limits, 0, reset)),
+    }
+}
+
+fn never_fits(tokens: u32, tpm: u32) -> ApiError {
+    ApiError::invalid(
+        format!(
+            "this request may use {tokens} tokens (prompt and max_tokens), more than the limit of {tpm} tokens per minute; lower max_tokens"
+        ),
+        Some("max_tokens"),
+    )
+}
+
+fn over_tokens(tpm: u32, wait: Duration, headers: RateHeaders) -> ApiError {
+    ApiError::RateLimited {
+        message: format!(
+            "rate limit of {tpm} tokens per minute reached; try again in {}",
+            duration(wait)
+        ),
+        retry_after: wait,
+        headers: Some(headers),
     }
 }
 
@@ -392,8 +539,16 @@ pub struct Permit {
     admission: Arc<Admission>,
     client: Arc<str>,
     reserved: u32,
-    holds_stream: bool,
+    hold: Hold,
     headers: RateHeaders,
+}
+
+/// Where the permit's stream slot is held.
+enum Hold {
+    /// In this instance: always a global slot, and the client's once `stream` is set.
+    Local { stream: bool },
+    /// In Redis, under `id`; `give_back` is what settling returns, applied on release.
+    Shared { id: String, give_back: i64 },
 }
 
 impl Permit {
@@ -411,8 +566,16 @@ impl Permit {
         let Some(tpm) = self.admission.policy_of(&self.client).limits.tpm else {
             return;
         };
-        if let Some(bucket) = lock(&self.admission.tokens).get_mut(&self.client) {
-            bucket.give_back(tpm, f64::from(reserved) - f64::from(used));
+        let give_back = i64::from(reserved) - i64::from(used);
+        match &mut self.hold {
+            Hold::Shared {
+                give_back: pending, ..
+            } => *pending += give_back,
+            Hold::Local { .. } => {
+                if let Some(bucket) = lock(&self.admission.tokens).get_mut(&self.client) {
+                    bucket.give_back(tpm, give_back as f64);
+                }
+            }
         }
     }
 }
@@ -422,12 +585,29 @@ impl Drop for Permit {
         if self.reserved > 0 {
             self.settle(0);
         }
-        if self.holds_stream
-            && let Some(open) = lock(&self.admission.streams).get_mut(&self.client)
-        {
-            *open = open.saturating_sub(1);
+        match &mut self.hold {
+            Hold::Local { stream } => {
+                if *stream && let Some(open) = lock(&self.admission.streams).get_mut(&self.client) {
+                    *open = open.saturating_sub(1);
+                }
+                self.admission.global_streams.fetch_sub(1, Ordering::AcqRel);
+            }
+            Hold::Shared { id, give_back } => {
+                if let Some(shared) = &self.admission.shared {
+                    shared.release(Release {
+                        client: self.client.clone(),
+                        id: std::mem::take(id),
+                        tpm: self
+                            .admission
+                            .policy_of(&self.client)
+                            .limits
+                            .tpm
+                            .unwrap_or(0),
+                        give_back: *give_back,
+                    });
+                }
+            }
         }
-        self.admission.global_streams.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -1,0 +1,319 @@
+//! Limits shared by every sluice instance through Redis: one script, one round trip per
+//! admission, on Redis's clock so instances need not agree on the time.
+//!
+//! Stream permits are sorted sets of permit ids scored by their expiry: each admission drops
+//! the expired ones first, and the instance that holds a permit refreshes it while its
+//! stream lives, so an instance that crashes cannot hold permits for longer than the TTL.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use redis::aio::ConnectionManager;
+use redis::{Client, Script};
+use tokio::sync::{OnceCell, mpsc};
+
+use super::Limits;
+
+/// How long a permit outlives its last refresh.
+const PERMIT_TTL: Duration = Duration::from_secs(30);
+/// Refresh well within the TTL.
+pub const REFRESH_EVERY: Duration = Duration::from_secs(10);
+/// After a failure, how long admissions skip Redis before trying again.
+const BACKOFF: Duration = Duration::from_secs(1);
+
+const ADMIT: &str = r"
+local time = redis.call('TIME')
+local now = time[1] * 1000 + math.floor(time[2] / 1000)
+local period, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local tpm, n = tonumber(ARGV[3]), tonumber(ARGV[4])
+local max_streams, global_max = tonumber(ARGV[5]), tonumber(ARGV[6])
+local id, ttl = ARGV[7], tonumber(ARGV[8])
+-- Stream permits: expired ones first.
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+if redis.call('ZCARD', KEYS[4]) >= global_max then return {3, 1000, 0, 0, 0, 0} end
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+if redis.call('ZCARD', KEYS[3]) >= max_streams then return {2, 1000, 0, 0, 0, 0} end
+-- Requests: GCRA on the theoretical arrival time.
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local new_tat = tat + period
+local allow_at = new_tat - burst * period
+if now < allow_at then return {4, math.ceil(allow_at - now), 0, math.ceil(tat - now), 0, 0} end
+-- Tokens: a bucket refilled at tpm per minute.
+local left, tokens_reset = -1, 0
+if tpm > 0 then
+  if n > tpm then return {5, 0, 0, 0, 0, 0} end
+  local rate = tpm / 60000
+  local b = redis.call('HMGET', KEYS[2], 't', 'ts')
+  local t, ts = tonumber(b[1]) or tpm, tonumber(b[2]) or now
+  t = math.min(tpm, t + (now - ts) * rate)
+  if t < n then return {6, math.ceil((n - t) / rate), 0, 0, math.floor(t), math.ceil((tpm - t) / rate)} end
+  t = t - n
+  redis.call('HSET', KEYS[2], 't', t, 'ts', now)
+  redis.call('PEXPIRE', KEYS[2], math.ceil((tpm - t) / rate) + 1000)
+  left, tokens_reset = math.floor(t), math.ceil((tpm - t) / rate)
+end
+redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil(new_tat - now) + 1000)
+redis.call('ZADD', KEYS[3], now + ttl, id)
+redis.call('PEXPIRE', KEYS[3], ttl * 2)
+redis.call('ZADD', KEYS[4], now + ttl, id)
+redis.call('PEXPIRE', KEYS[4], ttl * 2)
+return {0, 0, math.floor((now - allow_at) / period), math.ceil(new_tat - now), left, tokens_reset}
+";
+
+/// Gives back unused tokens (a negative amount takes more) and releases a permit.
+const RELEASE: &str = r"
+local time = redis.call('TIME')
+local now = time[1] * 1000 + math.floor(time[2] / 1000)
+local tpm, amount, id = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+redis.call('ZREM', KEYS[3], id)
+redis.call('ZREM', KEYS[4], id)
+if tpm > 0 and amount ~= 0 then
+  local rate = tpm / 60000
+  local b = redis.call('HMGET', KEYS[2], 't', 'ts')
+  local t, ts = tonumber(b[1]) or tpm, tonumber(b[2]) or now
+  t = math.min(tpm, t + (now - ts) * rate + amount)
+  redis.call('HSET', KEYS[2], 't', t, 'ts', now)
+  redis.call('PEXPIRE', KEYS[2], math.ceil(math.max(0, tpm - t) / rate) + 1000)
+end
+return 0
+";
+
+/// Pushes the expiry of live permits: KEYS[1] the global set, then one client set per id.
+const REFRESH: &str = r"
+local time = redis.call('TIME')
+local now = time[1] * 1000 + math.floor(time[2] / 1000)
+local ttl = tonumber(ARGV[1])
+for i = 2, #ARGV do
+  redis.call('ZADD', KEYS[1], 'XX', now + ttl, ARGV[i])
+  redis.call('ZADD', KEYS[i], 'XX', now + ttl, ARGV[i])
+  redis.call('PEXPIRE', KEYS[i], ttl * 2)
+end
+redis.call('PEXPIRE', KEYS[1], ttl * 2)
+return 0
+";
+
+/// What Redis decided.
+pub enum Decision {
+    Admitted {
+        remaining_requests: u32,
+        reset_requests: Duration,
+        /// Tokens left and time to full, when tokens are limited.
+        tokens: Option<(u32, Duration)>,
+    },
+    TooManyStreams,
+    GlobalFull,
+    Requests {
+        wait: Duration,
+        reset: Duration,
+    },
+    TokensNeverFit,
+    Tokens {
+        wait: Duration,
+        left: u32,
+        reset: Duration,
+    },
+}
+
+/// A permit's release, done by the maintenance task: `Drop` cannot wait for Redis.
+pub struct Release {
+    pub client: Arc<str>,
+    pub id: String,
+    pub tpm: u32,
+    pub give_back: i64,
+}
+
+pub struct Shared {
+    client: Client,
+    connection: OnceCell<ConnectionManager>,
+    /// Until when (ms since `epoch`) to skip Redis after a failure.
+    down_until: AtomicU64,
+    epoch: Instant,
+    admit: Script,
+    release: Script,
+    refresh: Script,
+    /// Live permits this instance holds: id → client.
+    live: Mutex<HashMap<String, Arc<str>>>,
+    releases: mpsc::UnboundedSender<Release>,
+}
+
+impl Shared {
+    pub fn new(url: &str) -> anyhow::Result<(Arc<Self>, mpsc::UnboundedReceiver<Release>)> {
+        let client = Client::open(url)?;
+        let (releases, inbox) = mpsc::unbounded_channel();
+        Ok((
+            Arc::new(Shared {
+                client,
+                connection: OnceCell::new(),
+                down_until: AtomicU64::new(0),
+                epoch: Instant::now(),
+                admit: Script::new(ADMIT),
+                release: Script::new(RELEASE),
+                refresh: Script::new(REFRESH),
+                live: Mutex::default(),
+                releases,
+            }),
+            inbox,
+        ))
+    }
+
+    async fn connection(&self) -> Result<ConnectionManager, redis::RedisError> {
+        let since = self.epoch.elapsed().as_millis() as u64;
+        if since < self.down_until.load(Ordering::Relaxed) {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::IoError,
+                "Redis failed a moment ago",
+            )));
+        }
+        let client = self.client.clone();
+        let result = self
+            .connection
+            .get_or_try_init(|| async move {
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Duration::from_millis(500))
+                    .set_response_timeout(Duration::from_millis(500))
+                    .set_number_of_retries(1);
+                ConnectionManager::new_with_config(client, config).await
+            })
+            .await
+            .cloned();
+        if result.is_err() {
+            self.failed();
+        }
+        result
+    }
+
+    fn failed(&self) {
+        let until = self.epoch.elapsed() + BACKOFF;
+        self.down_until
+            .store(until.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn keys(client: &str) -> [String; 4] {
+        [
+            format!("sluice:requests:{client}"),
+            format!("sluice:tokens:{client}"),
+            format!("sluice:streams:{client}"),
+            "sluice:streams".to_owned(),
+        ]
+    }
+
+    pub async fn admit(
+        &self,
+        client: &Arc<str>,
+        limits: &Limits,
+        tokens: u32,
+        global_max: usize,
+        id: &str,
+    ) -> Result<Decision, redis::RedisError> {
+        let mut connection = self.connection().await?;
+        let period_ms = 60_000.0 / f64::from(limits.rpm.max(1));
+        let mut invocation = self.admit.prepare_invoke();
+        for key in Self::keys(client) {
+            invocation.key(key);
+        }
+        invocation
+            .arg(period_ms)
+            .arg(limits.burst)
+            .arg(limits.tpm.unwrap_or(0))
+            .arg(tokens)
+            .arg(limits.max_streams)
+            .arg(global_max)
+            .arg(id)
+            .arg(PERMIT_TTL.as_millis() as u64);
+        let reply: Vec<i64> = match invocation.invoke_async(&mut connection).await {
+            Ok(reply) => reply,
+            Err(e) => {
+                self.failed();
+                return Err(e);
+            }
+        };
+        let at = |i: usize| reply.get(i).copied().unwrap_or(0).max(0) as u64;
+        let ms = |i: usize| Duration::from_millis(at(i));
+        Ok(match at(0) {
+            0 => {
+                self.live
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id.to_owned(), client.clone());
+                Decision::Admitted {
+                    remaining_requests: at(2) as u32,
+                    reset_requests: ms(3),
+                    tokens: limits.tpm.map(|_| (at(4) as u32, ms(5))),
+                }
+            }
+            2 => Decision::TooManyStreams,
+            3 => Decision::GlobalFull,
+            4 => Decision::Requests {
+                wait: ms(1),
+                reset: ms(3),
+            },
+            5 => Decision::TokensNeverFit,
+            _ => Decision::Tokens {
+                wait: ms(1),
+                left: at(4) as u32,
+                reset: ms(5),
+            },
+        })
+    }
+
+    /// Queues a permit's release for the maintenance task.
+    pub fn release(&self, release: Release) {
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&release.id);
+        let _ = self.releases.send(release);
+    }
+
+    pub async fn apply(&self, r: Release) {
+        let Ok(mut connection) = self.connection().await else {
+            return; // The permit expires by itself.
+        };
+        let mut invocation = self.release.prepare_invoke();
+        for key in Self::keys(&r.client) {
+            invocation.key(key);
+        }
+        invocation.arg(r.tpm).arg(r.give_back).arg(&r.id);
+        if invocation
+            .invoke_async::<i64>(&mut connection)
+            .await
+            .is_err()
+        {
+            self.failed();
+        }
+    }
+
+    /// Keeps this instance's live permits from expiring.
+    pub async fn refresh(&self) {
+        let live: Vec<(String, Arc<str>)> = self
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(id, client)| (id.clone(), client.clone()))
+            .collect();
+        if live.is_empty() {
+            return;
+        }
+        let Ok(mut connection) = self.connection().await else {
+            return;
+        };
+        let mut invocation = self.refresh.prepare_invoke();
+        invocation
+            .key("sluice:streams")
+            .arg(PERMIT_TTL.as_millis() as u64);
+        for (id, client) in &live {
+            invocation.key(format!("sluice:streams:{client}")).arg(id);
+        }
+        if invocation
+            .invoke_async::<i64>(&mut connection)
+            .await
+            .is_err()
+        {
+            self.failed();
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! Limits shared through a real Redis: two sluice instances admit together what one quota
+//! allows, hold one stream cap, and behave as configured when Redis dies.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::support::{DEADLINE, TestApp, all_events, events, skip_without};
+
+/// A redis-server of this test's own, on a free port; stopped (by its pid) when dropped.
+struct Redis {
+    child: Child,
+    url: String,
+}
+
+impl Redis {
+    fn start() -> Option<Redis> {
+        let found = Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !found && skip_without("redis-server (Debian package redis-server)") {
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        let redis = Redis {
+            child,
+            url: format!("redis://127.0.0.1:{port}"),
+        };
+        let started = Instant::now();
+        while !ping(port) {
+            assert!(started.elapsed() < DEADLINE, "redis-server did not answer");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Some(redis)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn ping(port: u16) -> bool {
+    let Ok(mut tcp) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let mut reply = [0u8; 7];
+    tcp.write_all(b"PING\r\n").is_ok()
+        && tcp.read_exact(&mut reply).is_ok()
+        && &reply == b"+PONG\r\n"
+}
+
+fn chat(max_tokens: u32) -> Value {
+    json!({"model": "mock", "stream": true, "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": "Hi"}]})
+}
+
+async fn instance(redis: &Redis, adjust: impl FnOnce(&mut sluice::Config)) -> TestApp {
+    let url = redis.url.clone();
+    TestApp::spawn_with(move |c| {
+        c.redis_url = Some(url);
+        adjust(c);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn two_instances_share_one_request_quota() {
+    let Some(redis) = Redis::start() else { return };
+    let limits = |c: &mut sluice::Config| {
+        c.rpm = 6; // one request every 10 s, after...
+        c.rpm_burst = Some(4); // ...a burst of four, for both instances together
+    };
+    let a = instance(&redis, limits).await;
+    let b = instance(&redis, limits).await;
+    let mut admitted = 0;
+    for i in 0..10 {
+        let app = if i % 2 == 0 { &a } else { &b };
+        let response = app.post("/v1/chat/completions", &chat(2)).await;
+        match response.status().as_u16() {
+            200 => {
+                admitted += 1;
+                all_events(response).await;
+            }
+            429 => assert!(response.headers().contains_key("retry-after")),
+            other => panic!("status {other}"),
+        }
+    }
+    assert_eq!(
+        admitted, 4,
+        "the two instances together admitted {admitted}"
+    );
+    assert_eq!(a.metric("sluice_redis_errors_total").await, 0.0);
+}
+
+#[tokio::test]
+async fn two_instances_share_one_stream_cap() {
+    let Some(redis) = Redis::start() else { return };
+    let limits = |c: &mut sluice::Config| {
+        c.max_streams = 1;
+        c.mock_tokens_per_s = 2.0;
+    };
+    let a = instance(&redis, limits).await;
+    let b = instance(&redis, limits).await;
+    let open = events(a.post("/v1/chat/completions", &chat(100)).await);
+    let refused = b.post("/v1/chat/completions", &chat(100)).await;
+    assert_eq!(refused.status(), 429);
+
+    // The client leaves instance a; instance b admits once the release has reached Redis.
+    drop(open);
+    let started = Instant::now();
+    loop {
+        let response = b.post("/v1/chat/completions", &chat(2)).await;
+        if response.status() == 200 {
+            break;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the permit was never released"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn when_redis_dies_each_instance_fails_as_configured() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    let open = instance(&redis, |c| c.redis_failure = "open".into()).await;
+    let closed = instance(&redis, |c| c.redis_failure = "closed".into()).await;
+    for app in [&open, &closed] {
+        let response = app.post("/v1/chat/completions", &chat(2)).await;
+        assert_eq!(response.status(), 200);
+        all_events(response).await;
+    }
+
+    redis.kill();
+    // Fail-open: this instance's own limits apply, and the failure is counted.
+    let response = open.post("/v1/chat/completions", &chat(2)).await;
+    assert_eq!(response.status(), 200);
+    assert!(
+        response
+            .headers()
+            .contains_key("x-ratelimit-remaining-requests")
+    );
+    all_events(response).await;
+    assert!(open.metric("sluice_redis_errors_total").await >= 1.0);
+    // Fail-closed: refused, with a time to retry.
+    let response = closed.post("/v1/chat/completions", &chat(2)).await;
+    assert_eq!(response.status(), 503);
+    assert!(response.headers().contains_key("retry-after"));
+    let body: Value = response.json().await.expect("JSON");
+    assert_eq!(body["error"]["code"], "server_busy");
+}
+
+/// Posts until admitted: a release reaches Redis through the instance's background task.
+async fn admitted_soon(app: &TestApp, body: &Value) -> reqwest::Response {
+    let started = Instant::now();
+    loop {
+        let response = app.post("/v1/chat/completions", body).await;
+        if response.status() == 200 {
+            return response;
+        }
+        assert_eq!(response.status(), 429);
+        assert!(started.elapsed() < DEADLINE, "never admitted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn token_budgets_are_shared_and_settled() {
+    let Some(redis) = Redis::start() else { return };
+    let limits = |c: &mut sluice::Config| c.tpm = Some(1000);
+    let a = instance(&redis, limits).await;
+    let b = instance(&redis, limits).await;
+    // Each reserves ~610 of 1000 and uses ~50. Settled, the next fits within moments;
+    // unsettled, the budget would take over half a minute to refill.
+    for app in [&a, &b, &a, &b] {
+        all_events(admitted_soon(app, &chat(600)).await).await;
+    }
+}
