@@ -1,0 +1,99 @@
+//! The cost of one admission (identify the client, check requests, reserve tokens, take a
+//! stream permit, release it), in process and through Redis.
+//!
+//! `cargo bench --bench admission`. The Redis case starts its own redis-server on a free
+//! port, and is skipped with a message when the binary is missing.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::HeaderMap;
+use criterion::{Criterion, criterion_group, criterion_main};
+use sluice::admission::{Admission, Limits, SharedLimits};
+
+fn limits() -> Limits {
+    Limits {
+        rpm: 1_000_000_000, // never the limit here: the cost is what is measured
+        burst: 1_000_000_000,
+        tpm: Some(1_000_000_000),
+        max_streams: 1_000_000,
+        models: None,
+    }
+}
+
+fn bench(
+    c: &mut Criterion,
+    name: &str,
+    admission: Arc<Admission>,
+    runtime: &tokio::runtime::Runtime,
+) {
+    let stop = tokio_util::sync::CancellationToken::new();
+    runtime.spawn(admission.clone().maintain(stop.clone()));
+    let who = admission
+        .identify(&HeaderMap::new(), Some(IpAddr::V4(Ipv4Addr::LOCALHOST)))
+        .expect("open");
+    c.bench_function(name, |b| {
+        b.to_async(runtime).iter(|| async {
+            let mut permit = admission.admit(&who, "mock", 100).await.expect("admitted");
+            permit.settle(60);
+        })
+    });
+    stop.cancel();
+}
+
+fn admission(c: &mut Criterion) {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let local =
+        Admission::new(Vec::new(), limits(), Vec::new(), 1_000_000, None).expect("admission");
+    bench(c, "admission in process", local, &runtime);
+
+    let has_redis = Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_redis {
+        eprintln!("skipped: admission through Redis (no redis-server on this machine)");
+        return;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let mut server = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server starts");
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "redis-server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let shared = SharedLimits {
+        redis_url: format!("redis://127.0.0.1:{port}"),
+        fail_closed: true, // a failure must not be measured as a fast local admission
+        errors: metrics::Counter::noop(),
+    };
+    let through_redis = Admission::new(Vec::new(), limits(), Vec::new(), 1_000_000, Some(shared))
+        .expect("admission");
+    bench(c, "admission through Redis", through_redis, &runtime);
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+criterion_group!(benches, admission);
+criterion_main!(benches);
