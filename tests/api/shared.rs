@@ -151,6 +151,48 @@ async fn two_instances_share_one_stream_cap() {
 }
 
 #[tokio::test]
+async fn a_crashed_instance_cannot_hold_permits() {
+    let Some(redis) = Redis::start() else { return };
+    let app = instance(&redis, |c| c.max_streams = 1).await;
+    // A permit left by an instance that crashed: nobody refreshes it, it expires in 300 ms.
+    let client = redis::Client::open(redis.url.as_str()).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connects");
+    let (secs, micros): (u64, u64) = redis::cmd("TIME")
+        .query_async(&mut conn)
+        .await
+        .expect("TIME");
+    let expiry = secs * 1000 + micros / 1000 + 300;
+    let _: i64 = redis::cmd("ZADD")
+        .arg("sluice:streams:127.0.0.1")
+        .arg(expiry)
+        .arg("crashed-instance")
+        .query_async(&mut conn)
+        .await
+        .expect("ZADD");
+    let held = app.post("/v1/chat/completions", &chat(2)).await;
+    assert_eq!(
+        held.status(),
+        429,
+        "the crashed instance's permit counts while it lasts"
+    );
+    let started = Instant::now();
+    loop {
+        let response = app.post("/v1/chat/completions", &chat(2)).await;
+        if response.status() == 200 {
+            break;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the stale permit never lapsed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
 async fn when_redis_dies_each_instance_fails_as_configured() {
     let Some(mut redis) = Redis::start() else {
         return;

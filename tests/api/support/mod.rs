@@ -47,6 +47,8 @@ impl TestApp {
         config.max_streams = 16;
         config.global_max_streams = 10_000;
         config.trusted_proxies = Vec::new();
+        config.redis_url = None;
+        config.redis_failure = "open".into();
         config.mock_tokens_per_s = 0.0;
         config.connect_timeout_ms = 10_000;
         config.first_token_timeout_ms = 60_000;
