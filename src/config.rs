@@ -153,6 +153,15 @@ pub struct Config {
     )]
     pub prompts: PathBuf,
 
+    /// Seconds open streams may run on after SIGTERM or Ctrl-C.
+    #[arg(
+        long,
+        env = "SLUICE_SHUTDOWN_GRACE_S",
+        value_name = "SLUICE_SHUTDOWN_GRACE_S",
+        default_value_t = 10
+    )]
+    pub shutdown_grace_s: u64,
+
     /// Log filter (`info`, `sluice=debug,...`); `json` for JSON lines at info.
     #[arg(
         long,

@@ -7,9 +7,6 @@ use clap::Parser;
 use sluice::{AppState, Config};
 use tracing_subscriber::EnvFilter;
 
-/// How long open streams may run on after a shutdown signal.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-
 #[tokio::main]
 async fn main() -> ExitCode {
     // A missing .env is normal; a broken one is not.
@@ -44,9 +41,9 @@ async fn main() -> ExitCode {
             "no upstream configured (set OPENAI_API_KEY or OPENAI_BASE_URL): serving the built-in mock model"
         ),
     }
+    let bound = listener.local_addr().unwrap_or(config.addr);
     tracing::info!(
-        "sluice listening on http://{} (models: {})",
-        config.addr,
+        "sluice listening on http://{bound} (models: {})",
         state.routes.model_names().join(", ")
     );
 
@@ -57,10 +54,11 @@ async fn main() -> ExitCode {
         let _ = stop_tx.send(true);
     };
     let served = sluice::serve(listener, state, shutdown);
+    let grace_period = Duration::from_secs(config.shutdown_grace_s);
     let grace = async move {
         let mut stop_rx = stop_rx;
         let _ = stop_rx.wait_for(|stopped| *stopped).await;
-        tokio::time::sleep(SHUTDOWN_GRACE).await;
+        tokio::time::sleep(grace_period).await;
     };
     tokio::select! {
         result = served => {
