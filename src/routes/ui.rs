@@ -1,15 +1,67 @@
-//! `GET /`: the chat page from web/, embedded in the binary.
+//! `GET /` and `GET /ui/…`: the chat page from web/, embedded in the binary.
 
 use axum::Router;
-use axum::response::Html;
+use axum::extract::Path;
+use axum::http::header;
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 
+use crate::error::ApiError;
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/", get(index))
+    Router::new()
+        .route("/", get(index))
+        .route("/ui/{*path}", get(file))
 }
+
+/// The page's files: path under /ui/, content type, body.
+const FILES: &[(&str, &str, &str)] = &[
+    ("app.js", JS, include_str!("../../web/app.js")),
+    (
+        "app.css",
+        "text/css; charset=utf-8",
+        include_str!("../../web/app.css"),
+    ),
+    (
+        "vendor/marked/marked.esm.js",
+        JS,
+        include_str!("../../web/vendor/marked/marked.esm.js"),
+    ),
+    (
+        "vendor/dompurify/purify.es.mjs",
+        JS,
+        include_str!("../../web/vendor/dompurify/purify.es.mjs"),
+    ),
+    (
+        "vendor/eventsource-parser/stream.js",
+        JS,
+        include_str!("../../web/vendor/eventsource-parser/stream.js"),
+    ),
+    (
+        "vendor/eventsource-parser/parse.js",
+        JS,
+        include_str!("../../web/vendor/eventsource-parser/parse.js"),
+    ),
+    (
+        "vendor/eventsource-parser/errors.js",
+        JS,
+        include_str!("../../web/vendor/eventsource-parser/errors.js"),
+    ),
+];
+const JS: &str = "text/javascript; charset=utf-8";
 
 async fn index() -> Html<&'static str> {
     Html(include_str!("../../web/index.html"))
+}
+
+async fn file(Path(path): Path<String>) -> Response {
+    match FILES.iter().find(|(name, _, _)| *name == path) {
+        Some((_, kind, body)) => ([(header::CONTENT_TYPE, *kind)], *body).into_response(),
+        None => ApiError::RouteNotFound {
+            method: "GET".into(),
+            path: format!("/ui/{path}"),
+        }
+        .into_response(),
+    }
 }

@@ -122,7 +122,18 @@ async fn the_page_and_health_answer() {
     let app = TestApp::spawn().await;
     let page = app.http.get(app.url("/")).send().await.expect("answers");
     assert_eq!(page.status(), 200);
-    assert!(page.text().await.expect("html").contains("/api/chat"));
+    assert!(page.text().await.expect("html").contains("/ui/app.js"));
+    let script = app
+        .http
+        .get(app.url("/ui/app.js"))
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(
+        script.headers()["content-type"],
+        "text/javascript; charset=utf-8"
+    );
+    assert!(script.text().await.expect("js").contains("/api/chat"));
     assert_eq!(app.get_json("/healthz").await["status"], "ok");
     assert_eq!(app.get_json("/readyz").await["status"], "ready");
     let response = app

@@ -5,6 +5,7 @@
 #![allow(clippy::disallowed_methods)]
 
 mod admission;
+mod browser;
 mod cancel;
 mod chat;
 mod failures;

@@ -1,0 +1,263 @@
+//! The chat page in a real, headless Chromium (Debian's chromium and chromium-driver),
+//! driven over WebDriver: a reply grows on screen token by token, Stop cancels on the
+//! server, model output cannot run script, the conversation survives a reload, and the
+//! page fits a phone. Screenshots land in `target/tmp/screenshots/`.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fantoccini::key::Key;
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{Value, json};
+
+use crate::support::{DEADLINE, REPLY_DEADLINE, TestApp, fixtures, skip_without};
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// chromedriver on a free port, stopped (by its pid) when dropped.
+struct Driver {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_driver() -> Option<Driver> {
+    let found = std::path::Path::new(CHROMIUM).exists()
+        && Command::new("chromedriver")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if !found
+        && skip_without("Chromium and ChromeDriver (Debian packages chromium, chromium-driver)")
+    {
+        return None;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let child = Command::new("chromedriver")
+        .args([format!("--port={port}"), "--allowed-ips=127.0.0.1".into()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("chromedriver starts");
+    let driver = Driver {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+    };
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(started.elapsed() < DEADLINE, "chromedriver did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Some(driver)
+}
+
+async fn browser(driver: &Driver) -> Client {
+    let profile = std::env::temp_dir().join(format!("sluice-chromium-{}", std::process::id()));
+    let caps = json!({"goog:chromeOptions": {"binary": CHROMIUM, "args": [
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--no-first-run", "--window-size=1280,900",
+        format!("--user-data-dir={}", profile.display()),
+    ]}});
+    let Value::Object(caps) = caps else {
+        unreachable!()
+    };
+    ClientBuilder::rustls()
+        .expect("TLS")
+        .capabilities(caps)
+        .connect(&driver.url)
+        .await
+        .expect("a Chromium session")
+}
+
+async fn js(client: &Client, script: &str) -> Value {
+    client.execute(script, vec![]).await.expect("script runs")
+}
+
+async fn wait_for(client: &Client, script: &str, deadline: Duration) {
+    let started = Instant::now();
+    while js(client, script).await != json!(true) {
+        assert!(started.elapsed() < deadline, "never true: {script}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+const LAST_REPLY: &str = "document.querySelector('.turn.assistant:last-of-type .body')";
+
+async fn type_and_send(client: &Client, text: &str) {
+    let input = client.find(Locator::Id("prompt")).await.expect("the input");
+    input
+        .send_keys(&format!("{text}{}", char::from(Key::Enter)))
+        .await
+        .expect("typing");
+}
+
+fn screenshot(name: &str, png: &[u8]) {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("screenshots");
+    std::fs::create_dir_all(&dir).expect("screenshot folder");
+    std::fs::write(dir.join(name), png).expect("screenshot saved");
+}
+
+#[tokio::test]
+async fn the_chat_page_in_chromium() {
+    let Some(driver) = start_driver() else { return };
+    let script = "Here it is: <script>window.__pwned = 1</script><img src=x onerror=\"window.__pwned = 2\"> and **bold** text.\n\n```rust\nfn main() {}\n```";
+    let path = fixtures("(?i)show me html", script);
+    let app = TestApp::spawn_with(|c| {
+        c.mock_tokens_per_s = 25.0;
+        c.mock_fixtures = Some(path);
+    })
+    .await;
+    let client = browser(&driver).await;
+    client.goto(&app.url("/")).await.expect("the page loads");
+    wait_for(
+        &client,
+        "return document.body.dataset.ready === 'true'",
+        DEADLINE,
+    )
+    .await;
+
+    // A reply grows on screen: its length is seen at several moments before it is done.
+    type_and_send(&client, "Tell me about rivers").await;
+    let mut lengths = Vec::new();
+    let mut shot = false;
+    let started = Instant::now();
+    loop {
+        let seen = js(&client, &format!(
+            "const b = {LAST_REPLY}; return b ? [b.textContent.length, b.parentElement.classList.contains('streaming')] : [0, true]"
+        ))
+        .await;
+        let (length, streaming) = (seen[0].as_u64().unwrap_or(0), seen[1] == json!(true));
+        if length > 0 && lengths.last() != Some(&length) {
+            lengths.push(length);
+        }
+        if streaming && length > 120 && !shot {
+            shot = true;
+            let png = client.screenshot().await.expect("png");
+            screenshot("desktop-streaming.png", &png);
+        }
+        if !streaming {
+            break;
+        }
+        assert!(
+            started.elapsed() < REPLY_DEADLINE,
+            "the reply never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    assert!(
+        lengths.len() >= 4,
+        "the reply appeared at once: {lengths:?}"
+    );
+    assert!(shot, "a screenshot mid-stream");
+    let text = js(&client, &format!("return {LAST_REPLY}.textContent")).await;
+    assert!(
+        text.as_str()
+            .unwrap_or_default()
+            .starts_with("You said: Tell me about rivers"),
+        "{text}"
+    );
+    let meta = js(
+        &client,
+        "return document.querySelector('.turn.assistant:last-of-type .meta').textContent",
+    )
+    .await;
+    assert!(
+        meta.as_str().unwrap_or_default().contains("tokens/s"),
+        "{meta}"
+    );
+
+    // Stop cancels on the server, not just on screen.
+    type_and_send(&client, "Another long answer please").await;
+    wait_for(
+        &client,
+        &format!("const b = {LAST_REPLY}; return !!b && b.textContent.length > 20"),
+        REPLY_DEADLINE,
+    )
+    .await;
+    client
+        .find(Locator::Id("stop"))
+        .await
+        .expect("stop")
+        .click()
+        .await
+        .expect("click");
+    app.wait_metric("sluice_chat_requests_total{outcome=\"cancelled\"}", 1.0)
+        .await;
+    wait_for(
+        &client,
+        "return !document.getElementById('prompt').disabled",
+        DEADLINE,
+    )
+    .await;
+
+    // Shift+Enter is a new line, not a send.
+    let input = client.find(Locator::Id("prompt")).await.expect("input");
+    input
+        .send_keys(&format!(
+            "line one{}{}{}line two",
+            char::from(Key::Shift),
+            char::from(Key::Enter),
+            char::from(Key::Null) // releases Shift
+        ))
+        .await
+        .expect("typing");
+    let value = js(&client, "return document.getElementById('prompt').value").await;
+    assert_eq!(value, json!("line one\nline two"));
+    input.clear().await.expect("clear");
+
+    // Model output is rendered as markdown, and nothing in it runs.
+    type_and_send(&client, "Show me HTML").await;
+    wait_for(&client, &format!("const b = {LAST_REPLY}; return !!b && !b.parentElement.classList.contains('streaming') && b.textContent.includes('main')"), REPLY_DEADLINE).await;
+    let html = js(&client, &format!("return {LAST_REPLY}.innerHTML")).await;
+    let html = html.as_str().unwrap_or_default();
+    assert!(html.contains("<strong>bold</strong>"), "{html}");
+    assert!(
+        !html.contains("<script") && !html.contains("onerror"),
+        "{html}"
+    );
+    assert!(
+        html.contains("<pre>") && html.contains("Copy"),
+        "a code block with its copy button: {html}"
+    );
+    assert_eq!(
+        js(&client, "return window.__pwned === undefined").await,
+        json!(true)
+    );
+
+    // The conversation survives a reload.
+    client.refresh().await.expect("reload");
+    wait_for(
+        &client,
+        "return document.body.dataset.ready === 'true'",
+        DEADLINE,
+    )
+    .await;
+    assert_eq!(
+        js(&client, "return document.querySelectorAll('.turn').length").await,
+        json!(6)
+    );
+
+    // Phone width: nothing spills sideways.
+    client.set_window_size(390, 844).await.expect("resize");
+    wait_for(&client, "return window.innerWidth <= 390", DEADLINE).await;
+    assert_eq!(
+        js(
+            &client,
+            "return document.documentElement.scrollWidth <= window.innerWidth"
+        )
+        .await,
+        json!(true)
+    );
+    screenshot("phone.png", &client.screenshot().await.expect("png"));
+    client.close().await.expect("closes");
+}

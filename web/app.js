@@ -1,0 +1,205 @@
+// sluice's chat page: streams replies from POST /api/chat, renders markdown as it arrives
+// (sanitised: model output is untrusted), keeps the conversation across reloads.
+import { marked } from '/ui/vendor/marked/marked.esm.js';
+import DOMPurify from '/ui/vendor/dompurify/purify.es.mjs';
+import { EventSourceParserStream } from '/ui/vendor/eventsource-parser/stream.js';
+
+const $ = (id) => document.getElementById(id);
+const STORE = 'sluice.chat.v1';
+const saved = JSON.parse(localStorage.getItem(STORE) || '{}');
+const state = {
+  turns: saved.turns || [],            // {role, content, meta?, error?}
+  model: saved.model || '',
+  template: saved.template || '',
+  vars: saved.vars || {},
+  prompts: {},
+};
+let controller = null;
+// This sluice's API key, when it asks for one (kept in this browser only).
+const auth = () => {
+  const key = localStorage.getItem('sluice.key');
+  return key ? { authorization: `Bearer ${key}` } : {};
+};
+function needKey() { $('key-box').hidden = false; $('key').focus(); }
+
+function save() {
+  const { turns, model, template, vars } = state;
+  localStorage.setItem(STORE, JSON.stringify({ turns, model, template, vars }));
+}
+
+// Markdown → HTML with nothing executable left; code blocks get a copy button.
+function render(body, markdown) {
+  body.innerHTML = DOMPurify.sanitize(marked.parse(markdown), { USE_PROFILES: { html: true } });
+  for (const pre of body.querySelectorAll('pre')) {
+    const copy = document.createElement('button');
+    copy.type = 'button'; copy.className = 'copy'; copy.textContent = 'Copy';
+    copy.onclick = async () => {
+      await navigator.clipboard.writeText(pre.querySelector('code')?.textContent ?? pre.textContent);
+      copy.textContent = 'Copied';
+      setTimeout(() => { copy.textContent = 'Copy'; }, 1200);
+    };
+    pre.append(copy);
+  }
+}
+
+function addTurn(turn) {
+  $('empty').hidden = true;
+  const el = document.createElement('article');
+  el.className = `turn ${turn.role}`;
+  const body = document.createElement('div');
+  body.className = 'body';
+  el.append(body);
+  if (turn.role === 'user') body.textContent = turn.content;
+  else render(body, turn.content);
+  if (turn.meta) note(el, 'meta', turn.meta);
+  if (turn.error) note(el, 'error', turn.error);
+  $('conversation').append(el);
+  el.scrollIntoView({ block: 'end' });
+  return el;
+}
+
+function note(el, cls, text) {
+  const p = document.createElement('p');
+  p.className = cls; p.textContent = text; el.append(p);
+}
+
+function showAll() {
+  for (const el of document.querySelectorAll('.turn')) el.remove();
+  $('empty').hidden = state.turns.length > 0;
+  state.turns.forEach(addTurn);
+}
+
+function busy(on) {
+  $('prompt').disabled = on; $('send').disabled = on; $('stop').disabled = !on;
+  $('model').disabled = on; $('template').disabled = on; $('new-chat').disabled = on;
+  if (!on) $('prompt').focus();
+}
+
+// What went wrong, in words a person can act on.
+async function failure(response) {
+  let message = `HTTP ${response.status}`;
+  try { message = (await response.json()).error.message; } catch { /* not JSON */ }
+  if (response.status === 429) {
+    const wait = response.headers.get('retry-after');
+    return `Rate limited: try again in ${wait || 'a few'} s. (${message})`;
+  }
+  if (response.status === 401) { needKey(); return `This sluice needs an API key: enter it above. (${message})`; }
+  if (response.status >= 500) return `The model is unavailable: ${message}`;
+  return message;
+}
+
+async function send(prompt) {
+  const history = state.turns.filter((t) => !t.error).map(({ role, content }) => ({ role, content }));
+  const user = { role: 'user', content: prompt };
+  state.turns.push(user); addTurn(user);
+  const reply = { role: 'assistant', content: '' };
+  const el = addTurn(reply);
+  const body = el.querySelector('.body');
+  el.classList.add('streaming');
+  busy(true);
+  controller = new AbortController();
+  const started = performance.now();
+  let first = null, frame = 0;
+  const request = { prompt, model: state.model || undefined, history };
+  if (state.template) { request.template = state.template; request.vars = state.vars[state.template] || {}; }
+  try {
+    const response = await fetch('/api/chat', {
+      method: 'POST', signal: controller.signal,
+      headers: { 'content-type': 'application/json', ...auth() }, body: JSON.stringify(request),
+    });
+    if (!response.ok) throw new Error(await failure(response));
+    const events = response.body.pipeThrough(new TextDecoderStream()).pipeThrough(new EventSourceParserStream());
+    let ended = false;
+    for await (const { event, data } of events) {
+      const payload = JSON.parse(data);
+      if (event === 'token') {
+        first ??= performance.now();
+        reply.content += payload.text;
+        // Re-render at most once a frame, however fast tokens come.
+        frame ||= requestAnimationFrame(() => { frame = 0; render(body, reply.content); });
+      } else if (event === 'done') {
+        ended = true;
+        const tokens = payload.usage?.completion_tokens ?? 0;
+        const ttft = first ? Math.round(first - started) : null;
+        const seconds = first ? (performance.now() - first) / 1000 : 0;
+        const rate = seconds > 0 && tokens > 1 ? ` · ${((tokens - 1) / seconds).toFixed(1)} tokens/s` : '';
+        reply.meta = `${payload.usage ? tokens + ' tokens' : ''}${ttft !== null ? ` · first token after ${ttft} ms` : ''}${rate}`;
+      } else if (event === 'error') {
+        ended = true;
+        reply.error = `The stream failed: ${payload.error.message}`;
+      }
+    }
+    if (!ended) reply.error = 'The connection ended before the reply was complete.';
+  } catch (err) {
+    if (err.name === 'AbortError') reply.meta = 'Stopped.';
+    else if (err instanceof TypeError) reply.error = `Network lost: ${err.message}`;
+    else reply.error = err.message;
+  } finally {
+    cancelAnimationFrame(frame);
+    controller = null;
+    render(body, reply.content);
+    el.classList.remove('streaming');
+    if (reply.meta) note(el, 'meta', reply.meta);
+    if (reply.error) note(el, 'error', reply.error);
+    state.turns.push(reply); save();
+    busy(false);
+  }
+}
+
+function showVars() {
+  const box = $('vars');
+  box.replaceChildren();
+  const prompt = state.prompts[state.template];
+  box.hidden = !prompt || prompt.variables.length === 0;
+  if (!prompt) return;
+  const values = (state.vars[state.template] ||= {});
+  for (const name of prompt.variables) {
+    const label = document.createElement('label');
+    label.textContent = name;
+    const input = document.createElement('input');
+    input.value = values[name] ?? '';
+    input.oninput = () => { if (input.value) values[name] = input.value; else delete values[name]; save(); };
+    label.append(input); box.append(label);
+  }
+}
+
+async function load() {
+  showAll();
+  try {
+    const response = await fetch('/v1/models', { headers: auth() });
+    if (response.status === 401) needKey();
+    const models = await response.json();
+    for (const m of models.data) $('model').add(new Option(m.id, m.id));
+    if (!models.data.some((m) => m.id === state.model)) state.model = models.data[0]?.id || '';
+    $('model').value = state.model;
+  } catch { /* the chat still works on the default model */ }
+  try {
+    const prompts = await (await fetch('/api/prompts', { headers: auth() })).json();
+    for (const p of prompts.data) {
+      state.prompts[p.name] = p;
+      const option = new Option(p.name, p.name); option.title = p.description;
+      $('template').add(option);
+    }
+  } catch { /* no templates */ }
+  if (!state.prompts[state.template]) state.template = '';
+  $('template').value = state.template;
+  showVars();
+  document.body.dataset.ready = 'true';
+}
+
+$('key').onchange = () => { localStorage.setItem('sluice.key', $('key').value.trim()); location.reload(); };
+$('model').onchange = () => { state.model = $('model').value; save(); };
+$('template').onchange = () => { state.template = $('template').value; save(); showVars(); };
+$('new-chat').onclick = () => { state.turns = []; save(); showAll(); $('prompt').focus(); };
+$('stop').onclick = () => controller?.abort();
+$('prompt').addEventListener('keydown', (e) => {
+  if (e.key === 'Enter' && !e.shiftKey && !e.isComposing) { e.preventDefault(); $('composer').requestSubmit(); }
+});
+$('composer').onsubmit = (e) => {
+  e.preventDefault();
+  const prompt = $('prompt').value.trim();
+  if (!prompt || controller) return;
+  $('prompt').value = '';
+  send(prompt);
+};
+load();
