@@ -276,7 +276,13 @@ impl ChunkWriter {
     }
 
     fn text(&self, text: &str) -> String {
-        self.choice(&json!({"content": text}).to_string(), None)
+        // Per token: escape the text alone rather than build and serialise a JSON map.
+        let escaped = serde_json::to_string(text).unwrap_or_default();
+        let mut delta = String::with_capacity(escaped.len() + 12);
+        delta.push_str("{\"content\":");
+        delta.push_str(&escaped);
+        delta.push('}');
+        self.choice(&delta, None)
     }
 
     fn usage(&self, usage: Usage) -> String {

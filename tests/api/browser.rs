@@ -10,7 +10,9 @@ use fantoccini::key::Key;
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
 
-use crate::support::{DEADLINE, REPLY_DEADLINE, TestApp, fixtures, skip_without};
+use crate::support::{
+    DEADLINE, REPLY_DEADLINE, TestApp, fixtures, free_port, skip_without, wait_for_port,
+};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 
@@ -38,10 +40,7 @@ fn start_driver() -> Option<Driver> {
     {
         return None;
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    let port = free_port();
     let child = Command::new("chromedriver")
         .args([format!("--port={port}"), "--allowed-ips=127.0.0.1".into()])
         .stdout(Stdio::null())
@@ -52,11 +51,7 @@ fn start_driver() -> Option<Driver> {
         child,
         url: format!("http://127.0.0.1:{port}"),
     };
-    let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(started.elapsed() < DEADLINE, "chromedriver did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_port(port, "chromedriver");
     Some(driver)
 }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::support::{FakeUpstream, TestApp, all_events, events, fixtures, payloads};
+use crate::support::{FakeUpstream, TestApp, all_events, events, fixtures, free_port, payloads};
 use futures::StreamExt;
 
 fn chat(model: &str) -> Value {
@@ -78,10 +78,7 @@ async fn one_upstream_500_is_one_upstream_request() {
 #[tokio::test]
 async fn a_refused_connection_is_a_502() {
     // Bind and drop: nothing listens on this port now.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    let port = free_port();
     let app = TestApp::spawn_with(|c| {
         c.openai_base_url = Some(format!("http://127.0.0.1:{port}/v1"));
     })

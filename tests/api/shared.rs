@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{DEADLINE, TestApp, all_events, events, skip_without};
+use crate::support::{DEADLINE, TestApp, all_events, events, free_port, skip_without};
 
 /// A redis-server of this test's own, on a free port; stopped (by its pid) when dropped.
 struct Redis {
@@ -25,10 +25,7 @@ impl Redis {
         if !found && skip_without("redis-server (Debian package redis-server)") {
             return None;
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = free_port();
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -136,18 +133,7 @@ async fn two_instances_share_one_stream_cap() {
 
     // The client leaves instance a; instance b admits once the release has reached Redis.
     drop(open);
-    let started = Instant::now();
-    loop {
-        let response = b.post("/v1/chat/completions", &chat(2)).await;
-        if response.status() == 200 {
-            break;
-        }
-        assert!(
-            started.elapsed() < DEADLINE,
-            "the permit was never released"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    all_events(admitted_soon(&b, &chat(2)).await).await;
 }
 
 #[tokio::test]
@@ -178,18 +164,7 @@ async fn a_crashed_instance_cannot_hold_permits() {
         429,
         "the crashed instance's permit counts while it lasts"
     );
-    let started = Instant::now();
-    loop {
-        let response = app.post("/v1/chat/completions", &chat(2)).await;
-        if response.status() == 200 {
-            break;
-        }
-        assert!(
-            started.elapsed() < DEADLINE,
-            "the stale permit never lapsed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    all_events(admitted_soon(&app, &chat(2)).await).await;
 }
 
 #[tokio::test]
