@@ -69,8 +69,6 @@ pub enum ApiError {
         message: String,
         retry_after: Duration,
     },
-    #[error("internal error")]
-    Internal(String),
 }
 
 impl ApiError {
@@ -96,7 +94,6 @@ impl ApiError {
             ApiError::Overloaded { .. } | ApiError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::InvalidApiKey => StatusCode::UNAUTHORIZED,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -117,7 +114,6 @@ impl ApiError {
             ApiError::UpstreamAuth | ApiError::UpstreamFailed(_) => "upstream_error",
             ApiError::UpstreamTimeout(_) => "timeout_error",
             ApiError::Overloaded { .. } => "overloaded_error",
-            ApiError::Internal(_) => "server_error",
         }
     }
 
@@ -138,7 +134,6 @@ impl ApiError {
             ApiError::InvalidApiKey => "invalid_api_key",
             ApiError::RateLimited { .. } => "rate_limit_exceeded",
             ApiError::Busy { .. } => "server_busy",
-            ApiError::Internal(_) => "internal_error",
         };
         Some(code.to_owned())
     }

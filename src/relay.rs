@@ -261,28 +261,30 @@ impl ChunkWriter {
         ChunkWriter { head, tail }
     }
 
-    fn choice(&self, delta: &str, finish_reason: Option<&str>) -> String {
-        let finish = finish_reason.map_or_else(|| "null".to_owned(), |r| json!(r).to_string());
-        let mut out = String::with_capacity(self.head.len() + delta.len() + 80);
+    /// A chunk with one choice whose delta is `delta`, written as the concatenation of its
+    /// parts into one buffer.
+    fn write(&self, delta: &[&str], finish_reason: Option<&str>) -> String {
+        let finish = finish_reason.map(|r| json!(r).to_string());
+        let len: usize = delta.iter().map(|p| p.len()).sum();
+        let mut out = String::with_capacity(self.head.len() + len + 80);
         out.push_str(&self.head);
         out.push_str("[{\"index\":0,\"delta\":");
-        out.push_str(delta);
+        delta.iter().for_each(|part| out.push_str(part));
         out.push_str(",\"logprobs\":null,\"finish_reason\":");
-        out.push_str(&finish);
-        out.push('}');
-        out.push(']');
+        out.push_str(finish.as_deref().unwrap_or("null"));
+        out.push_str("}]");
         out.push_str(self.tail);
         out
     }
 
+    fn choice(&self, delta: &str, finish_reason: Option<&str>) -> String {
+        self.write(&[delta], finish_reason)
+    }
+
+    /// Per token: the text is escaped once and written straight into the chunk.
     fn text(&self, text: &str) -> String {
-        // Per token: escape the text alone rather than build and serialise a JSON map.
         let escaped = serde_json::to_string(text).unwrap_or_default();
-        let mut delta = String::with_capacity(escaped.len() + 12);
-        delta.push_str("{\"content\":");
-        delta.push_str(&escaped);
-        delta.push('}');
-        self.choice(&delta, None)
+        self.write(&["{\"content\":", &escaped, "}"], None)
     }
 
     fn usage(&self, usage: Usage) -> String {
@@ -355,7 +357,9 @@ pub fn chat_sse(
             match item {
                 Ok(Delta::Text(text)) => {
                     guard.delivered(&text);
-                    yield event("token", json!({"text": text}).to_string());
+                    // Per token: escape the text alone, no JSON map built and serialised.
+                    let escaped = serde_json::to_string(&text).unwrap_or_default();
+                    yield event("token", format!("{{\"text\":{escaped}}}"));
                 }
                 Ok(Delta::Fields(_)) => {}
                 Ok(Delta::Finish(reason)) => finish = Some(reason),
