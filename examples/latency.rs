@@ -93,7 +93,12 @@ async fn serve_sluice(upstream: &str) -> String {
         .expect("bind");
     let base = format!("http://{}/v1", listener.local_addr().expect("addr"));
     #[expect(clippy::disallowed_methods, reason = "sluice under measurement")]
-    tokio::spawn(sluice::serve(listener, state, std::future::pending()));
+    tokio::spawn(sluice::serve(
+        listener,
+        state,
+        std::future::pending(),
+        Duration::ZERO,
+    ));
     base
 }
 

@@ -67,7 +67,12 @@ async fn through_sluice() -> (Vec<Duration>, Vec<f64>) {
         listener.local_addr().expect("addr")
     );
     #[expect(clippy::disallowed_methods, reason = "sluice under measurement")]
-    tokio::spawn(sluice::serve(listener, state, std::future::pending()));
+    tokio::spawn(sluice::serve(
+        listener,
+        state,
+        std::future::pending(),
+        Duration::ZERO,
+    ));
     let http = reqwest::Client::new();
     // 40 prompt tokens after the chat template.
     let body = json!({"model": "smollm2", "stream": true, "temperature": 0, "max_tokens": 128,

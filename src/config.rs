@@ -116,6 +116,17 @@ pub struct Config {
           default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub idle_timeout_ms: u64,
 
+    /// Limit on a whole reply, from the upstream call to its last chunk, in milliseconds.
+    #[arg(long, env = "SLUICE_TOTAL_TIMEOUT_MS", value_name = "SLUICE_TOTAL_TIMEOUT_MS",
+          default_value_t = 600_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub total_timeout_ms: u64,
+
+    /// A client that takes nothing of its stream for this long, in milliseconds, is dropped
+    /// and its upstream request cancelled.
+    #[arg(long, env = "SLUICE_SLOW_CLIENT_TIMEOUT_MS", value_name = "SLUICE_SLOW_CLIENT_TIMEOUT_MS",
+          default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub slow_client_timeout_ms: u64,
+
     /// Seconds between keep-alive comments on a silent stream.
     #[arg(long, env = "SLUICE_KEEPALIVE_S", value_name = "SLUICE_KEEPALIVE_S",
           default_value_t = 15.0, value_parser = positive_seconds)]
@@ -218,6 +229,14 @@ impl Config {
 
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_millis(self.idle_timeout_ms)
+    }
+
+    pub fn total_timeout(&self) -> Duration {
+        Duration::from_millis(self.total_timeout_ms)
+    }
+
+    pub fn slow_client_timeout(&self) -> Duration {
+        Duration::from_millis(self.slow_client_timeout_ms)
     }
 
     /// The limits of a client with no limits of its own.
@@ -340,6 +359,10 @@ pub struct ModelRoute {
     pub api_key_env: Option<String>,
     /// The model's name at the upstream; the route's own name when absent.
     pub model: Option<String>,
+    /// Tried in order when this one fails before anything reached the client (cannot
+    /// connect, 5xx, 429, no first token in time). A fallback has no fallbacks of its own.
+    #[serde(default)]
+    pub fallbacks: Vec<ModelRoute>,
 }
 
 fn default_backend() -> String {
@@ -349,24 +372,37 @@ fn default_backend() -> String {
 impl FileConfig {
     fn validate(&self) -> anyhow::Result<()> {
         for (name, route) in &self.models {
-            match route.backend.as_str() {
-                "openai" => {}
-                "mock" => {
-                    let target = route.model.as_deref().unwrap_or("mock");
-                    if crate::backend::mock::Mode::from_model(target).is_none() {
-                        bail!("model {name:?}: the mock backend has no model {target:?}");
-                    }
+            route.validate(name)?;
+            for (i, fallback) in route.fallbacks.iter().enumerate() {
+                if !fallback.fallbacks.is_empty() {
+                    bail!("model {name:?}: fallback {i} has fallbacks of its own");
                 }
-                other => bail!("model {name:?}: unknown backend {other:?} (openai or mock)"),
+                fallback.validate(&format!("{name}.fallbacks[{i}]"))?;
             }
-            if let Some(url) = &route.base_url {
-                http_url(url).map_err(|e| anyhow::anyhow!("model {name:?}: base_url {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+impl ModelRoute {
+    fn validate(&self, name: &str) -> anyhow::Result<()> {
+        match self.backend.as_str() {
+            "openai" => {}
+            "mock" => {
+                let target = self.model.as_deref().unwrap_or("mock");
+                if crate::backend::mock::Mode::from_model(target).is_none() {
+                    bail!("model {name:?}: the mock backend has no model {target:?}");
+                }
             }
-            if let Some(var) = &route.api_key_env
-                && std::env::var(var).is_err()
-            {
-                bail!("model {name:?}: api_key_env names {var}, which is not set");
-            }
+            other => bail!("model {name:?}: unknown backend {other:?} (openai or mock)"),
+        }
+        if let Some(url) = &self.base_url {
+            http_url(url).map_err(|e| anyhow::anyhow!("model {name:?}: base_url {e}"))?;
+        }
+        if let Some(var) = &self.api_key_env
+            && std::env::var(var).is_err()
+        {
+            bail!("model {name:?}: api_key_env names {var}, which is not set");
         }
         Ok(())
     }

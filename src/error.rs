@@ -8,6 +8,7 @@ use serde_json::json;
 
 use crate::admission::RateHeaders;
 use crate::backend::BackendError;
+use crate::metrics::RateLimited;
 
 /// What went wrong, as the client is told. 5xx details are logged, not returned.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +70,9 @@ pub enum ApiError {
         message: String,
         retry_after: Duration,
     },
+    /// sluice is shutting down: the client should try again, on another instance.
+    #[error("the server is restarting; retry the request")]
+    Restarting,
 }
 
 impl ApiError {
@@ -91,7 +95,9 @@ impl ApiError {
             ApiError::UpstreamRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::UpstreamAuth | ApiError::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
             ApiError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            ApiError::Overloaded { .. } | ApiError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Overloaded { .. } | ApiError::Busy { .. } | ApiError::Restarting => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::InvalidApiKey => StatusCode::UNAUTHORIZED,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
@@ -114,6 +120,7 @@ impl ApiError {
             ApiError::UpstreamAuth | ApiError::UpstreamFailed(_) => "upstream_error",
             ApiError::UpstreamTimeout(_) => "timeout_error",
             ApiError::Overloaded { .. } => "overloaded_error",
+            ApiError::Restarting => "server_error",
         }
     }
 
@@ -134,6 +141,7 @@ impl ApiError {
             ApiError::InvalidApiKey => "invalid_api_key",
             ApiError::RateLimited { .. } => "rate_limit_exceeded",
             ApiError::Busy { .. } => "server_busy",
+            ApiError::Restarting => "server_restarting",
         };
         Some(code.to_owned())
     }
@@ -169,6 +177,7 @@ impl ApiError {
             | ApiError::Overloaded { retry_after: d, .. }
             | ApiError::RateLimited { retry_after: d, .. }
             | ApiError::Busy { retry_after: d, .. } => Some(*d),
+            ApiError::Restarting => Some(Duration::from_secs(1)),
             _ => None,
         }
     }
@@ -216,6 +225,7 @@ impl From<BackendError> for ApiError {
             BackendError::Timeout(which) => {
                 ApiError::UpstreamTimeout(format!("no {which} within the limit"))
             }
+            BackendError::ShuttingDown => ApiError::Restarting,
         }
     }
 }
@@ -242,6 +252,14 @@ impl IntoResponse for ApiError {
         } = &self
         {
             rate.apply(headers);
+        }
+        let limited = match self {
+            ApiError::RateLimited { .. } => Some("client"),
+            ApiError::Busy { .. } => Some("global"),
+            _ => None,
+        };
+        if let Some(limit) = limited {
+            response.extensions_mut().insert(RateLimited(limit));
         }
         response
     }

@@ -47,28 +47,12 @@ async fn main() -> ExitCode {
         state.routes.model_names().join(", ")
     );
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let shutdown = async move {
-        shutdown_signal().await;
-        tracing::info!("shutting down: no new connections, open streams may finish");
-        let _ = stop_tx.send(true);
-    };
-    let served = sluice::serve(listener, state, shutdown);
-    let grace_period = Duration::from_secs(config.shutdown_grace_s);
-    let grace = async move {
-        let mut stop_rx = stop_rx;
-        let _ = stop_rx.wait_for(|stopped| *stopped).await;
-        tokio::time::sleep(grace_period).await;
-    };
-    tokio::select! {
-        result = served => {
-            if let Err(e) = result {
-                eprintln!("sluice: {e}");
-                return ExitCode::FAILURE;
-            }
-        }
-        () = grace => tracing::warn!("streams still open after the grace period: closing them"),
+    let grace = Duration::from_secs(config.shutdown_grace_s);
+    if let Err(e) = sluice::serve(listener, state, shutdown_signal(), grace).await {
+        eprintln!("sluice: {e}");
+        return ExitCode::FAILURE;
     }
+    tracing::info!("stopped");
     ExitCode::SUCCESS
 }
 

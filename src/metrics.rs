@@ -1,36 +1,48 @@
-//! Prometheus metrics for one app. Each app owns its recorder (not the process-global one),
-//! so several apps in one process, as in the tests, count apart.
+//! What sluice tells its operators: Prometheus metrics, and one log line per request.
+//!
+//! Each app owns its recorder (not the process-global one), so several apps in one
+//! process, as in the tests, count apart. The series are listed in the README.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
 use metrics::{Counter, Gauge, Key, Label, Level, Metadata, Recorder};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
 
-use crate::backend::BackendError;
+use crate::backend::{BackendError, Usage};
 
 /// How a chat request ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Completed,
-    /// The client went away first.
+    /// The client went away first (or stopped reading for too long).
     Cancelled,
-    /// A limit ran out: connection, first token, between chunks.
+    /// A limit ran out: connection, first token, between chunks, total.
     TimedOut,
     /// The upstream refused, failed, broke off or sent garbage.
     UpstreamError,
+    /// sluice shut down before the reply was finished.
+    Shutdown,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 4] = [
+    pub const ALL: [Outcome; 5] = [
         Outcome::Completed,
         Outcome::Cancelled,
         Outcome::TimedOut,
         Outcome::UpstreamError,
+        Outcome::Shutdown,
     ];
 
     pub fn of(error: &BackendError) -> Outcome {
         match error {
             BackendError::Timeout(_) => Outcome::TimedOut,
+            BackendError::ShuttingDown => Outcome::Shutdown,
             _ => Outcome::UpstreamError,
         }
     }
@@ -41,78 +53,231 @@ impl Outcome {
             Outcome::Cancelled => "cancelled",
             Outcome::TimedOut => "timed_out",
             Outcome::UpstreamError => "upstream_error",
+            Outcome::Shutdown => "shutdown",
         }
     }
 }
 
+/// Buckets for latencies a person notices: first token, whole upstream requests.
+const HUMAN_SECONDS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+/// Buckets for time per output token and sluice's own overhead.
+const SMALL_SECONDS: [f64; 14] = [
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
+
+/// A sluice's metrics: fixed series as handles, labelled ones registered on use.
 #[derive(Clone)]
 pub struct Metrics(Arc<Inner>);
 
 struct Inner {
+    recorder: PrometheusRecorder,
     handle: PrometheusHandle,
     active: Gauge,
+    upstream_in_flight: Gauge,
     /// Indexed like [`Outcome::ALL`].
-    ended: [Counter; 4],
+    ended: [Counter; 5],
     mock_tokens: Counter,
     local_tokens: Counter,
     redis_errors: Counter,
+    slow_clients: Counter,
 }
+
+const META: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
 
 impl Metrics {
     pub fn new() -> Self {
-        let recorder = PrometheusBuilder::new().build_recorder();
-        let meta = Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
-        let counter = |name: &'static str, labels: Vec<Label>, help: &'static str| {
-            recorder.describe_counter(name.into(), None, help.into());
-            recorder.register_counter(&Key::from_parts(name, labels), &meta)
-        };
-        let ended = Outcome::ALL.map(|o| {
-            counter(
-                "sluice_chat_requests_total",
-                vec![Label::new("outcome", o.as_str())],
-                "Chat requests that reached a backend, by how they ended.",
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Suffix("time_to_first_token_seconds".into()),
+                &HUMAN_SECONDS,
             )
-        });
-        let mock_tokens = counter(
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full("sluice_upstream_request_duration_seconds".into()),
+                    &HUMAN_SECONDS,
+                )
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full("sluice_time_per_output_token_seconds".into()),
+                    &SMALL_SECONDS,
+                )
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full("sluice_overhead_seconds".into()),
+                    &SMALL_SECONDS,
+                )
+            });
+        let recorder = match builder {
+            Ok(builder) => builder.build_recorder(),
+            // Only an empty bucket list fails, and these are constants.
+            Err(_) => PrometheusBuilder::new().build_recorder(),
+        };
+        let describe = |name: &'static str, help: &'static str| {
+            recorder.describe_counter(name.into(), None, help.into());
+        };
+        describe(
+            "sluice_requests_total",
+            "HTTP requests by route, model and status.",
+        );
+        describe(
+            "sluice_chat_requests_total",
+            "Chat requests that reached a backend, by how they ended.",
+        );
+        describe(
+            "sluice_prompt_tokens_total",
+            "Prompt tokens of chat requests, by model.",
+        );
+        describe(
+            "sluice_completion_tokens_total",
+            "Completion tokens delivered, by model.",
+        );
+        describe(
+            "sluice_rate_limited_total",
+            "Requests refused by sluice's own limits: a client's (`client`) or sluice's (`global`).",
+        );
+        describe(
+            "sluice_upstream_fallbacks_total",
+            "Times a route moved on to its next upstream before the first byte, by model and reason.",
+        );
+        describe(
+            "sluice_slow_clients_dropped_total",
+            "Connections dropped because the client took nothing for SLUICE_SLOW_CLIENT_TIMEOUT_MS.",
+        );
+        describe(
             "sluice_mock_tokens_generated_total",
-            vec![],
             "Tokens the built-in mock model generated.",
         );
-        let local_tokens = counter(
+        describe(
             "sluice_local_tokens_generated_total",
-            vec![],
             "Tokens the in-process model computed.",
         );
-        let redis_errors = counter(
+        describe(
             "sluice_redis_errors_total",
-            vec![],
             "Admissions that could not reach Redis (then failed open or closed).",
+        );
+        let histogram = |name: &'static str, help: &'static str| {
+            recorder.describe_histogram(name.into(), Some(metrics::Unit::Seconds), help.into());
+        };
+        histogram(
+            "sluice_time_to_first_token_seconds",
+            "From the request's arrival to its first token leaving sluice, by model.",
+        );
+        histogram(
+            "sluice_time_per_output_token_seconds",
+            "Mean time between tokens after the first, per request, by model.",
+        );
+        histogram(
+            "sluice_upstream_request_duration_seconds",
+            "Upstream requests from sending to their last byte (or cancellation), by model.",
+        );
+        histogram(
+            "sluice_overhead_seconds",
+            "sluice's own share of the time to first byte: before the upstream call, and from the upstream's first chunk to its relay.",
         );
         recorder.describe_gauge(
             "sluice_active_streams".into(),
             None,
             "Chat requests in progress.".into(),
         );
-        let active = recorder.register_gauge(&Key::from_name("sluice_active_streams"), &meta);
-        active.set(0.0);
+        recorder.describe_gauge(
+            "sluice_upstream_requests_in_flight".into(),
+            None,
+            "Backend calls open (upstream connections in use, mock and local generations).".into(),
+        );
+        let counter = |name: &'static str, labels: Vec<Label>| {
+            recorder.register_counter(&Key::from_parts(name, labels), &META)
+        };
+        let ended = Outcome::ALL.map(|o| {
+            counter(
+                "sluice_chat_requests_total",
+                vec![Label::new("outcome", o.as_str())],
+            )
+        });
+        let gauge = |name: &'static str| {
+            let gauge = recorder.register_gauge(&Key::from_name(name), &META);
+            gauge.set(0.0);
+            gauge
+        };
         Metrics(Arc::new(Inner {
-            handle: recorder.handle(),
-            active,
+            active: gauge("sluice_active_streams"),
+            upstream_in_flight: gauge("sluice_upstream_requests_in_flight"),
             ended,
-            mock_tokens,
-            local_tokens,
-            redis_errors,
+            mock_tokens: counter("sluice_mock_tokens_generated_total", vec![]),
+            local_tokens: counter("sluice_local_tokens_generated_total", vec![]),
+            redis_errors: counter("sluice_redis_errors_total", vec![]),
+            slow_clients: counter("sluice_slow_clients_dropped_total", vec![]),
+            handle: recorder.handle(),
+            recorder,
         }))
+    }
+
+    fn counter(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Counter {
+        let labels = labels
+            .iter()
+            .map(|(k, v)| Label::new(*k, (*v).to_owned()))
+            .collect::<Vec<_>>();
+        self.0
+            .recorder
+            .register_counter(&Key::from_parts(name, labels), &META)
+    }
+
+    fn seconds(&self, name: &'static str, labels: &[(&'static str, &str)], value: Duration) {
+        let labels = labels
+            .iter()
+            .map(|(k, v)| Label::new(*k, (*v).to_owned()))
+            .collect::<Vec<_>>();
+        self.0
+            .recorder
+            .register_histogram(&Key::from_parts(name, labels), &META)
+            .record(value.as_secs_f64());
     }
 
     pub fn stream_started(&self) {
         self.0.active.increment(1.0);
     }
 
-    pub fn stream_ended(&self, outcome: Outcome) {
+    /// A chat request's end: its outcome, tokens and timings.
+    pub fn stream_ended(&self, outcome: Outcome, model: &str, usage: Usage, times: &TokenTimes) {
         self.0.active.decrement(1.0);
         let index = Outcome::ALL.iter().position(|o| *o == outcome).unwrap_or(0);
         self.0.ended[index].increment(1);
+        let model = [("model", model)];
+        self.counter("sluice_prompt_tokens_total", &model)
+            .increment(u64::from(usage.prompt_tokens));
+        self.counter("sluice_completion_tokens_total", &model)
+            .increment(u64::from(usage.completion_tokens));
+        if let Some(first) = times.first {
+            self.seconds("sluice_time_to_first_token_seconds", &model, first);
+        }
+        if let Some(per_token) = times.per_token() {
+            self.seconds("sluice_time_per_output_token_seconds", &model, per_token);
+        }
+    }
+
+    /// Counts a backend call open until the returned guard drops, then records its duration.
+    pub fn upstream_call(&self, model: &str) -> UpstreamCall {
+        self.0.upstream_in_flight.increment(1.0);
+        UpstreamCall {
+            metrics: self.clone(),
+            model: model.to_owned(),
+            started: Instant::now(),
+        }
+    }
+
+    pub fn fallback(&self, model: &str, reason: &str) {
+        self.counter(
+            "sluice_upstream_fallbacks_total",
+            &[("model", model), ("reason", reason)],
+        )
+        .increment(1);
+    }
+
+    pub fn overhead(&self, value: Duration) {
+        self.seconds("sluice_overhead_seconds", &[], value);
     }
 
     pub fn mock_tokens(&self) -> Counter {
@@ -127,6 +292,10 @@ impl Metrics {
         self.0.local_tokens.clone()
     }
 
+    pub fn slow_clients(&self) -> Counter {
+        self.0.slow_clients.clone()
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         self.0.handle.render()
@@ -137,4 +306,197 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// One open backend call; see [`Metrics::upstream_call`].
+pub struct UpstreamCall {
+    metrics: Metrics,
+    model: String,
+    started: Instant,
+}
+
+impl Drop for UpstreamCall {
+    fn drop(&mut self) {
+        let inner = &self.metrics.0;
+        inner.upstream_in_flight.decrement(1.0);
+        self.metrics.seconds(
+            "sluice_upstream_request_duration_seconds",
+            &[("model", &self.model)],
+            self.started.elapsed(),
+        );
+    }
+}
+
+/// When a reply's tokens left sluice, relative to the request's arrival.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TokenTimes {
+    pub first: Option<Duration>,
+    pub last: Option<Duration>,
+    pub count: u32,
+}
+
+impl TokenTimes {
+    pub fn token(&mut self, at: Duration) {
+        self.first.get_or_insert(at);
+        self.last = Some(at);
+        self.count += 1;
+    }
+
+    fn per_token(&self) -> Option<Duration> {
+        let (first, last) = (self.first?, self.last?);
+        (self.count > 1).then(|| (last - first) / (self.count - 1))
+    }
+}
+
+/// Marks a response refused by sluice's own limits: `client` or `global`.
+#[derive(Debug, Clone, Copy)]
+pub struct RateLimited(pub &'static str);
+
+/// One request as the log line at its end tells it. The middleware makes it, the handler
+/// and the stream fill it in, and the last of them to let go writes the line.
+#[derive(Clone)]
+pub struct Exchange(Arc<ExchangeInner>);
+
+struct ExchangeInner {
+    arrived: Instant,
+    request_id: String,
+    method: String,
+    path: String,
+    record: Mutex<Record>,
+}
+
+#[derive(Default)]
+struct Record {
+    route: Option<String>,
+    status: Option<u16>,
+    key: Option<Arc<str>>,
+    model: Option<String>,
+    outcome: Option<Outcome>,
+    ttft: Option<Duration>,
+    usage: Option<Usage>,
+    fallbacks: u32,
+    error: Option<String>,
+}
+
+impl Exchange {
+    pub fn arrived(&self) -> Instant {
+        self.0.arrived
+    }
+
+    pub fn request_id(&self) -> &str {
+        &self.0.request_id
+    }
+
+    fn record(&self) -> std::sync::MutexGuard<'_, Record> {
+        self.0.record.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The client's key name (or address), once identified.
+    pub fn set_key(&self, key: Arc<str>) {
+        self.record().key = Some(key);
+    }
+
+    /// The model asked for, once it is known to route somewhere.
+    pub fn set_model(&self, model: &str) {
+        self.record().model = Some(model.to_owned());
+    }
+
+    pub fn fell_back(&self, error: &BackendError) {
+        let mut record = self.record();
+        record.fallbacks += 1;
+        record.error = Some(error.to_string());
+    }
+
+    /// How the chat stream ended.
+    pub fn ended(&self, outcome: Outcome, ttft: Option<Duration>, usage: Usage) {
+        let mut record = self.record();
+        record.outcome = Some(outcome);
+        record.ttft = ttft;
+        record.usage = Some(usage);
+    }
+
+    pub fn failed(&self, error: &BackendError) {
+        self.record().error = Some(error.to_string());
+    }
+}
+
+impl Drop for ExchangeInner {
+    fn drop(&mut self) {
+        let r = self.record.get_mut().unwrap_or_else(|e| e.into_inner());
+        let quiet = matches!(self.path.as_str(), "/healthz" | "/readyz" | "/metrics");
+        let usage = r.usage.unwrap_or_default();
+        macro_rules! line {
+            ($level:expr) => {
+                tracing::event!(
+                    $level,
+                    request_id = %self.request_id,
+                    method = %self.method,
+                    path = %self.path,
+                    status = r.status,
+                    key = r.key.as_deref(),
+                    model = r.model.as_deref(),
+                    outcome = r.outcome.map(Outcome::as_str),
+                    ttft_ms = r.ttft.map(|d| d.as_secs_f64() * 1000.0),
+                    prompt_tokens = r.usage.map(|_| usage.prompt_tokens),
+                    completion_tokens = r.usage.map(|_| usage.completion_tokens),
+                    fallbacks = r.fallbacks,
+                    error = r.error.as_deref(),
+                    duration_ms = self.arrived.elapsed().as_secs_f64() * 1000.0,
+                    "request"
+                )
+            };
+        }
+        if quiet {
+            line!(tracing::Level::DEBUG);
+        } else {
+            line!(tracing::Level::INFO);
+        }
+    }
+}
+
+/// The outermost middleware after the request id: makes the request's [`Exchange`], counts
+/// `sluice_requests_total` and rate-limit refusals when the response head is ready.
+pub async fn observe(State(metrics): State<Metrics>, mut req: Request, next: Next) -> Response {
+    let exchange = Exchange(Arc::new(ExchangeInner {
+        arrived: Instant::now(),
+        request_id: crate::routes::request_id(req.headers()),
+        method: req.method().to_string(),
+        path: req.uri().path().to_owned(),
+        record: Mutex::new(Record::default()),
+    }));
+    req.extensions_mut().insert(exchange.clone());
+    let response = next.run(req).await;
+    let status = response.status().as_u16();
+    let (route, model) = {
+        let mut record = exchange.record();
+        record.status = Some(status);
+        (
+            record.route.clone().unwrap_or_else(|| "unmatched".into()),
+            record.model.clone().unwrap_or_default(),
+        )
+    };
+    metrics
+        .counter(
+            "sluice_requests_total",
+            &[
+                ("route", &route),
+                ("model", &model),
+                ("status", &status.to_string()),
+            ],
+        )
+        .increment(1);
+    if let Some(RateLimited(limit)) = response.extensions().get::<RateLimited>() {
+        metrics
+            .counter("sluice_rate_limited_total", &[("limit", limit)])
+            .increment(1);
+    }
+    response
+}
+
+/// Per route (after matching): names the route in the request's [`Exchange`].
+pub async fn name_route(matched: Option<MatchedPath>, req: Request, next: Next) -> Response {
+    if let (Some(matched), Some(exchange)) = (matched, req.extensions().get::<Exchange>()) {
+        exchange.record().route = Some(matched.as_str().to_owned());
+    }
+    next.run(req).await
 }

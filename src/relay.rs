@@ -16,62 +16,108 @@ use futures::{Stream, StreamExt};
 use serde_json::{Map, Value, json};
 
 use crate::admission::Permit;
-use crate::backend::{BackendError, Delta, DeltaStream, Usage};
+use crate::backend::{BackendError, ChatRequest, Delta, DeltaStream, Route, Usage};
 use crate::error::ApiError;
-use crate::metrics::{Metrics, Outcome};
+use crate::metrics::{Exchange, Metrics, Outcome, TokenTimes};
+use crate::state::AppState;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
     pub first_token: Duration,
     pub idle: Duration,
+    pub total: Duration,
 }
 
-/// Applies the first-token and between-chunks limits: past either, the stream ends with
-/// [`BackendError::Timeout`]. Time spent waiting on a slow client does not count.
+/// Calls the route's targets in order, each until one answers: a target that cannot be
+/// reached, answers 5xx or 429, or sends no first token in time is followed by the next,
+/// but only while nothing of a reply has been relayed. Then it applies the limits (first
+/// token, between chunks, total: past one, the stream ends with [`BackendError::Timeout`];
+/// time spent waiting on a slow client does not count) and ends the stream when sluice
+/// shuts down.
 ///
-/// It also makes sure a stream ends either with [`Delta::Finish`] (and perhaps usage) or
-/// with an error: one that just stops did not complete, whatever the backend thought.
-pub fn timed(inner: DeltaStream, limits: Timeouts) -> DeltaStream {
+/// A stream it returns ends either with [`Delta::Finish`] (and perhaps usage) or with an
+/// error: one that just stops did not complete, whatever the backend thought.
+pub fn upstream(
+    state: &AppState,
+    exchange: &Exchange,
+    route: Route,
+    request: ChatRequest,
+) -> DeltaStream {
+    let limits = state.timeouts;
+    let metrics = state.metrics.clone();
+    let closing = state.closing.clone().cancelled_owned();
+    let exchange = exchange.clone();
     Box::pin(async_stream::stream! {
-        let mut inner = inner;
-        let deadline = tokio::time::sleep(limits.first_token);
-        tokio::pin!(deadline);
-        let mut waiting_for = "first token";
-        let mut finished = false;
-        loop {
-            tokio::select! {
-                biased;
-                item = inner.next() => {
-                    let Some(item) = item else {
-                        if !finished {
-                            yield Err(BackendError::Interrupted(
-                                "the stream ended before the reply was finished".into(),
-                            ));
+        let total = tokio::time::sleep(limits.total);
+        tokio::pin!(total, closing);
+        let mut request = Some(request);
+        let count = route.targets.len();
+        for (i, target) in route.targets.iter().enumerate() {
+            let last = i + 1 == count;
+            let mut attempt = if last { request.take() } else { request.clone() }.unwrap_or_default();
+            attempt.model.clone_from(&target.model);
+            let _call = metrics.upstream_call(&target.model);
+            let started = Instant::now();
+            let mut inner = target.backend.stream(attempt);
+            let deadline = tokio::time::sleep(limits.first_token);
+            tokio::pin!(deadline);
+            let mut waiting_for = "first token";
+            let mut finished = false;
+            let mut relayed = false;
+            loop {
+                let item = tokio::select! {
+                    biased;
+                    () = &mut closing => Err(BackendError::ShuttingDown),
+                    item = inner.next() => match item {
+                        Some(item) => item,
+                        None if finished => return,
+                        None => Err(BackendError::Interrupted(
+                            "the stream ended before the reply was finished".into(),
+                        )),
+                    },
+                    () = &mut deadline => Err(BackendError::Timeout(waiting_for)),
+                    () = &mut total => Err(BackendError::Timeout("end of the reply")),
+                };
+                let delta = match item {
+                    Ok(delta) => delta,
+                    Err(e) => {
+                        if let Some(reason) = e.fallback_reason().filter(|_| !relayed && !last) {
+                            tracing::warn!(
+                                request_id = exchange.request_id(),
+                                model = %target.model,
+                                upstream = target.backend.upstream().unwrap_or("-"),
+                                error = %e,
+                                "trying the route's next upstream"
+                            );
+                            metrics.fallback(&target.model, reason);
+                            exchange.fell_back(&e);
+                            break;
                         }
-                        return;
-                    };
-                    let failed = item.is_err();
-                    match item {
-                        Ok(Delta::Text(_) | Delta::Fields(_)) => waiting_for = "chunk",
-                        Ok(Delta::Finish(_)) => finished = true,
-                        // Moving up the queue is progress: the wait for a first token
-                        // starts when the model takes the request.
-                        Ok(Delta::Queued(_)) => deadline
-                            .as_mut()
-                            .reset(tokio::time::Instant::now() + limits.first_token),
-                        _ => {}
-                    }
-                    yield item;
-                    if failed {
+                        yield Err(e);
                         return;
                     }
-                    if waiting_for == "chunk" {
-                        deadline.as_mut().reset(tokio::time::Instant::now() + limits.idle);
-                    }
+                };
+                let first = !relayed && !matches!(delta, Delta::Queued(_));
+                match delta {
+                    Delta::Text(_) | Delta::Fields(_) => waiting_for = "chunk",
+                    Delta::Finish(_) => finished = true,
+                    // Moving up the queue is progress: the wait for a first token starts
+                    // when the model takes the request.
+                    Delta::Queued(_) => deadline
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + limits.first_token),
+                    Delta::Usage(_) => {}
                 }
-                () = &mut deadline => {
-                    yield Err(BackendError::Timeout(waiting_for));
-                    return;
+                relayed |= first;
+                let received = Instant::now();
+                yield Ok(delta);
+                if first {
+                    // Resumed once the first chunk has been written: sluice's own share of
+                    // the time to first byte is what came before the call, and this.
+                    metrics.overhead(started.duration_since(exchange.arrived()) + received.elapsed());
+                }
+                if waiting_for == "chunk" {
+                    deadline.as_mut().reset(tokio::time::Instant::now() + limits.idle);
                 }
             }
         }
@@ -123,10 +169,9 @@ pub struct StreamGuard {
     metrics: Metrics,
     /// The client's hold on its limits: settled to the real usage when the stream ends.
     permit: Permit,
-    request_id: String,
+    exchange: Exchange,
     model: String,
-    started: Instant,
-    first_token: Option<Duration>,
+    times: TokenTimes,
     prompt_tokens: u32,
     delivered_tokens: u32,
     reported: Option<Usage>,
@@ -137,7 +182,7 @@ impl StreamGuard {
     pub fn new(
         metrics: Metrics,
         permit: Permit,
-        request_id: String,
+        exchange: Exchange,
         model: String,
         prompt_tokens: u32,
     ) -> Self {
@@ -145,10 +190,9 @@ impl StreamGuard {
         StreamGuard {
             metrics,
             permit,
-            request_id,
+            exchange,
             model,
-            started: Instant::now(),
-            first_token: None,
+            times: TokenTimes::default(),
             prompt_tokens,
             delivered_tokens: 0,
             reported: None,
@@ -157,8 +201,7 @@ impl StreamGuard {
     }
 
     fn delivered(&mut self, text: &str) {
-        self.first_token
-            .get_or_insert_with(|| self.started.elapsed());
+        self.times.token(self.exchange.arrived().elapsed());
         self.delivered_tokens += crate::tokens::text(text);
     }
 
@@ -173,6 +216,7 @@ impl StreamGuard {
     }
 
     fn failed(&mut self, error: &BackendError) {
+        self.exchange.failed(error);
         self.finish(Outcome::of(error));
     }
 }
@@ -183,19 +227,9 @@ impl Drop for StreamGuard {
         let usage = self.usage();
         // A cancelled stream is charged what it delivered; a failed one, what it used.
         self.permit.settle(usage.total_tokens);
-        tracing::info!(
-            request_id = %self.request_id,
-            client = %self.permit.client(),
-            model = %self.model,
-            outcome = outcome.as_str(),
-            delivered_tokens = self.delivered_tokens,
-            prompt_tokens = usage.prompt_tokens,
-            completion_tokens = usage.completion_tokens,
-            ttft_ms = self.first_token.map(|d| d.as_millis() as u64),
-            duration_ms = self.started.elapsed().as_millis() as u64,
-            "stream ended"
-        );
-        self.metrics.stream_ended(outcome);
+        self.exchange.ended(outcome, self.times.first, usage);
+        self.metrics
+            .stream_ended(outcome, &self.model, usage, &self.times);
     }
 }
 
@@ -312,7 +346,7 @@ pub fn openai_sse(
                     yield Ok(Event::default().data(writer.text(&text)));
                 }
                 Ok(Delta::Fields(fields)) => {
-                    guard.first_token.get_or_insert_with(|| guard.started.elapsed());
+                    guard.times.token(guard.exchange.arrived().elapsed());
                     yield Ok(Event::default().data(writer.choice(&Value::Object(fields).to_string(), None)));
                 }
                 Ok(Delta::Finish(reason)) => {
@@ -376,8 +410,8 @@ pub fn chat_sse(
         let done = json!({
             "finish_reason": finish,
             "usage": guard.usage(),
-            "ttft_ms": guard.first_token.map(|d| d.as_millis() as u64),
-            "duration_ms": guard.started.elapsed().as_millis() as u64,
+            "ttft_ms": guard.times.first.map(|d| d.as_millis() as u64),
+            "duration_ms": guard.exchange.arrived().elapsed().as_millis() as u64,
         });
         yield event("done", done.to_string());
     };

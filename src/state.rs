@@ -5,12 +5,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use tokio_util::sync::CancellationToken;
 
 use crate::admission::{Admission, ApiKey, SharedLimits};
 use crate::backend::mock::{self, MockBackend};
 use crate::backend::openai::OpenAiBackend;
-use crate::backend::{Backend, Route, Routes};
-use crate::config::{Config, DEFAULT_LOCAL_MODEL, DEFAULT_OPENAI_BASE_URL};
+use crate::backend::{Backend, Route, Routes, Target};
+use crate::config::{Config, DEFAULT_LOCAL_MODEL, DEFAULT_OPENAI_BASE_URL, ModelRoute};
 use crate::metrics::Metrics;
 use crate::prompts::Prompts;
 use crate::relay::Timeouts;
@@ -23,6 +24,10 @@ pub struct AppState {
     pub metrics: Metrics,
     pub timeouts: Timeouts,
     pub keep_alive: Duration,
+    /// A client that takes nothing of its stream for this long is dropped.
+    pub slow_client_timeout: Duration,
+    /// Cancelled when the shutdown grace period is over: open streams end, saying so.
+    pub closing: CancellationToken,
 }
 
 impl AppState {
@@ -84,37 +89,22 @@ impl AppState {
 
         let mut named = HashMap::new();
         for (name, route) in file.models {
-            let upstream_model = route.model.clone().unwrap_or_else(|| name.clone());
-            let backend = if route.backend == "mock" {
-                mock.clone()
-            } else {
-                let base = route
-                    .base_url
-                    .as_deref()
-                    .or(config.openai_base_url.as_deref())
-                    .unwrap_or(DEFAULT_OPENAI_BASE_URL);
-                let key = match &route.api_key_env {
-                    Some(var) => std::env::var(var).ok(),
-                    None => config.openai_api_key.clone(),
-                };
-                Arc::new(
-                    OpenAiBackend::new(base, key.as_deref(), config.connect_timeout())
-                        .with_context(|| format!("SLUICE_CONFIG: model {name:?}"))?,
-                ) as Arc<dyn Backend>
-            };
+            let mut targets = vec![target(config, &name, &route, &mock)?];
+            for fallback in &route.fallbacks {
+                targets.push(target(config, &name, fallback, &mock)?);
+            }
             named.insert(
                 name,
                 Route {
-                    backend,
-                    upstream_model,
+                    targets: targets.into(),
                 },
             );
         }
 
         let mut default_model = String::from("mock");
-        if let Some(route) = local_route(config, &metrics)? {
-            default_model = route.upstream_model.clone();
-            named.insert(route.upstream_model.clone(), route);
+        if let Some((name, route)) = local_route(config, &metrics)? {
+            default_model.clone_from(&name);
+            named.insert(name, route);
         }
 
         let prompts = if config.prompts.is_dir() {
@@ -138,15 +128,49 @@ impl AppState {
             timeouts: Timeouts {
                 first_token: config.first_token_timeout(),
                 idle: config.idle_timeout(),
+                total: config.total_timeout(),
             },
             keep_alive: config.keep_alive(),
+            slow_client_timeout: config.slow_client_timeout(),
+            closing: CancellationToken::new(),
         })
     }
 }
 
+/// One upstream of a configured route: the mock, or an OpenAI-compatible server.
+fn target(
+    config: &Config,
+    name: &str,
+    route: &ModelRoute,
+    mock: &Arc<dyn Backend>,
+) -> anyhow::Result<Target> {
+    let model = route.model.clone().unwrap_or_else(|| name.to_owned());
+    if route.backend == "mock" {
+        return Ok(Target {
+            backend: mock.clone(),
+            model,
+        });
+    }
+    let base = route
+        .base_url
+        .as_deref()
+        .or(config.openai_base_url.as_deref())
+        .unwrap_or(DEFAULT_OPENAI_BASE_URL);
+    let key = match &route.api_key_env {
+        Some(var) => std::env::var(var).ok(),
+        None => config.openai_api_key.clone(),
+    };
+    let backend = OpenAiBackend::new(base, key.as_deref(), config.connect_timeout())
+        .with_context(|| format!("SLUICE_CONFIG: model {name:?}"))?;
+    Ok(Target {
+        backend: Arc::new(backend),
+        model,
+    })
+}
+
 /// The in-process model's route, when its weights are there. A path that was set must
 /// exist; the default one may be missing, and then one log line says how to fetch it.
-fn local_route(config: &Config, metrics: &Metrics) -> anyhow::Result<Option<Route>> {
+fn local_route(config: &Config, metrics: &Metrics) -> anyhow::Result<Option<(String, Route)>> {
     let path = config
         .local_model
         .clone()
@@ -169,10 +193,10 @@ fn local_route(config: &Config, metrics: &Metrics) -> anyhow::Result<Option<Rout
         use crate::backend::local::{LocalBackend, MODEL_NAME};
         let backend =
             LocalBackend::start(&path, config.local_queue as usize, metrics.local_tokens())?;
-        Ok(Some(Route {
-            backend: Arc::new(backend),
-            upstream_model: MODEL_NAME.to_owned(),
-        }))
+        Ok(Some((
+            MODEL_NAME.to_owned(),
+            Route::to(Arc::new(backend), MODEL_NAME),
+        )))
     }
     #[cfg(not(feature = "local"))]
     {

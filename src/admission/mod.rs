@@ -4,7 +4,7 @@
 //! and every admitted response carries OpenAI's `x-ratelimit-*` headers.
 
 use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -663,9 +663,13 @@ impl FromRequestParts<AppState> for Principal {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let peer = parts
             .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0.ip());
-        state.admission.identify(&parts.headers, peer)
+            .get::<ConnectInfo<crate::serve::Peer>>()
+            .map(|c| c.0.0.ip());
+        let who = state.admission.identify(&parts.headers, peer)?;
+        if let Some(exchange) = parts.extensions.get::<crate::metrics::Exchange>() {
+            exchange.set_key(who.name.clone());
+        }
+        Ok(who)
     }
 }
 

@@ -37,6 +37,8 @@ pub struct ChatRequest {
     /// The client's request body, for backends that forward it (unknown fields, tools,
     /// structured content parts pass through unchanged).
     pub body: Map<String, Value>,
+    /// sluice's id for the request, sent upstream as `x-request-id`.
+    pub request_id: String,
 }
 
 impl ChatRequest {
@@ -118,6 +120,25 @@ pub enum BackendError {
         message: String,
         retry_after: Duration,
     },
+    /// sluice is shutting down and its grace period is over.
+    #[error("the server is restarting")]
+    ShuttingDown,
+}
+
+impl BackendError {
+    /// Why another upstream might do better, when one might: the upstream could not be
+    /// reached, failed (5xx), was at its limit (429, a full queue), or sent no first token.
+    pub fn fallback_reason(&self) -> Option<&'static str> {
+        match self {
+            BackendError::Unreachable(_) => Some("unreachable"),
+            BackendError::Timeout("connection") => Some("connect_timeout"),
+            BackendError::Timeout("first token") => Some("first_token_timeout"),
+            BackendError::Rejected { status, .. } if *status >= 500 => Some("server_error"),
+            BackendError::RateLimited { .. } => Some("rate_limited"),
+            BackendError::Overloaded { .. } => Some("overloaded"),
+            _ => None,
+        }
+    }
 }
 
 pub type DeltaStream = Pin<Box<dyn Stream<Item = Result<Delta, BackendError>> + Send>>;
@@ -125,13 +146,36 @@ pub type DeltaStream = Pin<Box<dyn Stream<Item = Result<Delta, BackendError>> + 
 pub trait Backend: Send + Sync {
     /// Starts generating. The stream is lazy: no work happens until it is first polled.
     fn stream(&self, request: ChatRequest) -> DeltaStream;
+
+    /// The base URL of the upstream this backend calls, if it calls one.
+    fn upstream(&self) -> Option<&str> {
+        None
+    }
 }
 
-/// Where a model name goes: a backend and the name that backend knows the model by.
+/// A backend and the name it knows the model by.
+#[derive(Clone)]
+pub struct Target {
+    pub backend: Arc<dyn Backend>,
+    pub model: String,
+}
+
+/// Where a model name goes: a first target, then its fallbacks, tried in order while
+/// nothing has been sent to the client.
 #[derive(Clone)]
 pub struct Route {
-    pub backend: Arc<dyn Backend>,
-    pub upstream_model: String,
+    pub targets: Arc<[Target]>,
+}
+
+impl Route {
+    pub fn to(backend: Arc<dyn Backend>, model: &str) -> Self {
+        Route {
+            targets: Arc::new([Target {
+                backend,
+                model: model.to_owned(),
+            }]),
+        }
+    }
 }
 
 /// The routing table: configured names first, then the built-in mock models, then anything
@@ -164,15 +208,11 @@ impl Routes {
             return Some(route.clone());
         }
         if mock::Mode::from_model(model).is_some() {
-            return Some(Route {
-                backend: self.mock.clone(),
-                upstream_model: model.to_owned(),
-            });
+            return Some(Route::to(self.mock.clone(), model));
         }
-        self.default_upstream.as_ref().map(|backend| Route {
-            backend: backend.clone(),
-            upstream_model: model.to_owned(),
-        })
+        self.default_upstream
+            .as_ref()
+            .map(|backend| Route::to(backend.clone(), model))
     }
 
     /// Every name sluice routes by itself, the default first, then sorted (the default
@@ -193,5 +233,18 @@ impl Routes {
 
     pub fn has_default_upstream(&self) -> bool {
         self.default_upstream.is_some()
+    }
+
+    /// Every upstream base URL sluice may call, each once, sorted.
+    pub fn upstreams(&self) -> Vec<String> {
+        let named = self.named.values().flat_map(|r| r.targets.iter());
+        let mut urls: Vec<String> = named
+            .map(|t| &t.backend)
+            .chain(self.default_upstream.iter())
+            .filter_map(|b| b.upstream().map(str::to_owned))
+            .collect();
+        urls.sort();
+        urls.dedup();
+        urls
     }
 }

@@ -1,104 +1,26 @@
-//! An OpenAI-compatible upstream (OpenAI, vLLM, Ollama, llama.cpp server...) through
-//! async-openai, with the client's request fields passed through.
+//! An OpenAI-compatible upstream (OpenAI, vLLM, Ollama, llama.cpp server...): the client's
+//! request fields passed through, the reply read as it arrives.
 //!
-//! async-openai's default executor retries 429, 5xx and connect errors by itself; a gateway
-//! must not retry behind its client's back, so sluice installs its own HTTP service: one
-//! request, and an error status turned into [`UpstreamStatus`] with its `Retry-After` kept.
+//! One HTTP request per call, never retried here (fallbacks are the relay's, and only
+//! before the first byte). The event stream is parsed by eventsource-stream straight off
+//! reqwest's body, pulled only as fast as the client reads: a slow client pauses the
+//! upstream through TCP instead of filling a buffer, and dropping the stream closes the
+//! upstream connection.
 
-use std::future::Future;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use async_openai::config::OpenAIConfig;
-use async_openai::error::OpenAIError;
-use async_openai::middleware::{HttpRequestFactory, ReqwestService};
+use eventsource_stream::{EventStreamError, Eventsource};
 use futures::StreamExt;
+use reqwest::header::{CONTENT_TYPE, HeaderValue};
 use serde_json::{Map, Value, json};
 
 use super::{Backend, BackendError, ChatRequest, Delta, DeltaStream, Usage};
 
-/// An upstream's error answer, as the HTTP layer saw it.
-#[derive(Debug, thiserror::Error)]
-#[error("upstream answered {status}: {message}")]
-struct UpstreamStatus {
-    status: u16,
-    retry_after: Option<Duration>,
-    message: String,
-    param: Option<String>,
-    code: Option<String>,
-}
-
-/// The HTTP service async-openai calls: plain reqwest, no retry, error answers kept whole.
-#[derive(Clone)]
-struct NoRetry(ReqwestService);
-
-impl tower::Service<HttpRequestFactory> for NoRetry {
-    type Response = reqwest::Response;
-    type Error = OpenAIError;
-    type Future = Pin<Box<dyn Future<Output = Result<reqwest::Response, OpenAIError>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), OpenAIError>> {
-        self.0.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: HttpRequestFactory) -> Self::Future {
-        let sent = self.0.call(request);
-        Box::pin(async move {
-            let response = sent.await?;
-            if response.status().is_success() {
-                return Ok(response);
-            }
-            Err(OpenAIError::Boxed(Box::new(read_error(response).await)))
-        })
-    }
-}
-
-async fn read_error(response: reqwest::Response) -> UpstreamStatus {
-    let status = response.status().as_u16();
-    let retry_after = retry_after(response.headers());
-    let body = response.bytes().await.unwrap_or_default();
-    let error = serde_json::from_slice::<Value>(&body)
-        .ok()
-        .and_then(|mut v| v.get_mut("error").map(Value::take));
-    let field = |name: &str| {
-        error
-            .as_ref()
-            .and_then(|e| e.get(name))
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-    };
-    let message = field("message").unwrap_or_else(|| {
-        let text = String::from_utf8_lossy(&body);
-        let text = text.trim();
-        if text.is_empty() {
-            format!("HTTP {status}")
-        } else {
-            text.chars().take(500).collect()
-        }
-    });
-    UpstreamStatus {
-        status,
-        retry_after,
-        message,
-        param: field("param"),
-        code: field("code"),
-    }
-}
-
-/// `retry-after-ms` (OpenAI's), else `Retry-After` in seconds.
-fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let number = |name: &str| headers.get(name)?.to_str().ok()?.trim().parse::<f64>().ok();
-    if let Some(ms) = number("retry-after-ms").filter(|ms| *ms >= 0.0) {
-        return Some(Duration::from_secs_f64(ms / 1000.0));
-    }
-    number("retry-after")
-        .filter(|s| *s >= 0.0)
-        .map(Duration::from_secs_f64)
-}
-
 pub struct OpenAiBackend {
-    client: async_openai::Client<OpenAIConfig>,
+    http: reqwest::Client,
+    base_url: String,
+    endpoint: String,
+    api_key: Option<HeaderValue>,
     /// Also send `max_tokens` when the client set only `max_completion_tokens`: servers
     /// such as llama-cpp-python ignore the newer name. OpenAI itself rejects the old one
     /// for some models, so not there.
@@ -114,14 +36,22 @@ impl OpenAiBackend {
         let http = reqwest::Client::builder()
             .connect_timeout(connect_timeout)
             .build()?;
-        let config = OpenAIConfig::new()
-            .with_api_base(base_url.trim_end_matches('/'))
-            .with_api_key(api_key.unwrap_or_default());
-        let client = async_openai::Client::build(http.clone(), config)
-            .with_http_service(NoRetry(ReqwestService::new(http)));
+        let base_url = base_url.trim_end_matches('/').to_owned();
+        let api_key = match api_key.filter(|k| !k.is_empty()) {
+            Some(key) => {
+                let mut value = HeaderValue::from_str(&format!("Bearer {key}"))
+                    .map_err(|_| anyhow::anyhow!("the API key holds characters a header cannot"))?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+            None => None,
+        };
         Ok(OpenAiBackend {
-            client,
+            http,
+            endpoint: format!("{base_url}/chat/completions"),
             copy_max_tokens: !base_url.contains("api.openai.com"),
+            base_url,
+            api_key,
         })
     }
 
@@ -148,29 +78,49 @@ impl OpenAiBackend {
 
 impl Backend for OpenAiBackend {
     fn stream(&self, request: ChatRequest) -> DeltaStream {
-        let client = self.client.clone();
-        let body = self.upstream_body(request);
+        let request_id = request.request_id.clone();
+        let body = Value::Object(self.upstream_body(request)).to_string();
+        let mut call = self
+            .http
+            .post(&self.endpoint)
+            .header(CONTENT_TYPE, "application/json")
+            .header("x-request-id", request_id)
+            .body(body);
+        if let Some(key) = &self.api_key {
+            call = call.header(reqwest::header::AUTHORIZATION, key.clone());
+        }
         Box::pin(async_stream::stream! {
-            let mut upstream = match client
-                .chat()
-                .create_stream_byot::<_, Value>(Value::Object(body))
-                .await
-            {
-                Ok(upstream) => upstream,
+            let response = match call.send().await {
+                Ok(response) => response,
                 Err(e) => {
-                    yield Err(request_error(e));
+                    yield Err(request_error(&e));
                     return;
                 }
             };
-            while let Some(item) = upstream.next().await {
-                let chunk = match item {
-                    Ok(chunk) => chunk,
+            if !response.status().is_success() {
+                yield Err(read_error(response).await);
+                return;
+            }
+            let mut events = response.bytes_stream().eventsource();
+            while let Some(event) = events.next().await {
+                let data = match event {
+                    Ok(event) => event.data,
+                    Err(EventStreamError::Transport(e)) => {
+                        yield Err(BackendError::Interrupted(format!("connection lost: {}", without_url(&e))));
+                        return;
+                    }
                     Err(e) => {
-                        yield Err(stream_error(e));
+                        yield Err(BackendError::Protocol(format!("not an event stream ({e})")));
                         return;
                     }
                 };
-                match deltas(chunk) {
+                if data == "[DONE]" {
+                    return;
+                }
+                let parsed = serde_json::from_str::<Value>(&data)
+                    .map_err(|e| BackendError::Protocol(format!("a chunk that is not JSON ({e})")))
+                    .and_then(deltas);
+                match parsed {
                     Ok(deltas) => {
                         for delta in deltas {
                             yield Ok(delta);
@@ -182,10 +132,63 @@ impl Backend for OpenAiBackend {
                     }
                 }
             }
-            // async-openai ends the same way on `[DONE]` and on a bare end of stream; the
-            // relay treats a reply without a finish_reason as broken off.
+            // A bare end of stream: the relay treats a reply without a finish_reason as
+            // broken off.
         })
     }
+
+    fn upstream(&self) -> Option<&str> {
+        Some(&self.base_url)
+    }
+}
+
+/// An upstream's error answer: its status, message and `Retry-After`.
+async fn read_error(response: reqwest::Response) -> BackendError {
+    let status = response.status().as_u16();
+    let retry_after = retry_after(response.headers());
+    let body = response.bytes().await.unwrap_or_default();
+    let error = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|mut v| v.get_mut("error").map(Value::take));
+    let field = |name: &str| {
+        error
+            .as_ref()
+            .and_then(|e| e.get(name))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    let message = field("message").unwrap_or_else(|| {
+        let text = String::from_utf8_lossy(&body);
+        let text = text.trim();
+        if text.is_empty() {
+            format!("HTTP {status}")
+        } else {
+            text.chars().take(500).collect()
+        }
+    });
+    if status == 429 {
+        return BackendError::RateLimited {
+            message,
+            retry_after,
+        };
+    }
+    BackendError::Rejected {
+        status,
+        message,
+        param: field("param"),
+        code: field("code"),
+    }
+}
+
+/// `retry-after-ms` (OpenAI's), else `Retry-After` in seconds.
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let number = |name: &str| headers.get(name)?.to_str().ok()?.trim().parse::<f64>().ok();
+    if let Some(ms) = number("retry-after-ms").filter(|ms| *ms >= 0.0) {
+        return Some(Duration::from_secs_f64(ms / 1000.0));
+    }
+    number("retry-after")
+        .filter(|s| *s >= 0.0)
+        .map(Duration::from_secs_f64)
 }
 
 /// The deltas of one upstream chunk, or the error it carries in band.
@@ -233,36 +236,12 @@ fn deltas(mut chunk: Value) -> Result<Vec<Delta>, BackendError> {
     Ok(out)
 }
 
-/// An error before the stream started: the upstream's answer, or why there was none.
-fn request_error(error: OpenAIError) -> BackendError {
-    match error {
-        OpenAIError::Boxed(boxed) => match boxed.downcast::<UpstreamStatus>() {
-            Ok(status) if status.status == 429 => BackendError::RateLimited {
-                message: status.message,
-                retry_after: status.retry_after,
-            },
-            Ok(status) => BackendError::Rejected {
-                status: status.status,
-                message: status.message,
-                param: status.param,
-                code: status.code,
-            },
-            Err(other) => BackendError::Unreachable(other.to_string()),
-        },
-        OpenAIError::Reqwest(e) if e.is_timeout() => BackendError::Timeout("connection"),
-        OpenAIError::Reqwest(e) => BackendError::Unreachable(without_url(&e)),
-        other => BackendError::Unreachable(other.to_string()),
-    }
-}
-
-/// An error once the stream runs.
-fn stream_error(error: OpenAIError) -> BackendError {
-    match error {
-        OpenAIError::JSONDeserialize(e, _) => {
-            BackendError::Protocol(format!("a chunk that is not JSON ({e})"))
-        }
-        OpenAIError::StreamError(e) => BackendError::Interrupted(format!("connection lost: {e}")),
-        other => BackendError::Interrupted(other.to_string()),
+/// Why no answer came: the connect limit, or no connection at all.
+fn request_error(e: &reqwest::Error) -> BackendError {
+    if e.is_timeout() {
+        BackendError::Timeout("connection")
+    } else {
+        BackendError::Unreachable(without_url(e))
     }
 }
 

@@ -1,18 +1,19 @@
 //! `POST /api/chat`: sluice's simple endpoint. A prompt, an optional template and history
 //! in; `meta`, `token`…, `done` or `error` SSE events out.
 
+use axum::Extension;
 use axum::Router;
 use axum::extract::State;
-use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::post;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::{JsonObject, request_id, typed, with_rate_headers};
+use super::{JsonObject, typed, with_rate_headers};
 use crate::admission::{DEFAULT_REPLY_TOKENS, Principal};
 use crate::backend::{ChatRequest, Message};
 use crate::error::ApiError;
+use crate::metrics::Exchange;
 use crate::relay::{self, Completion, StreamGuard};
 use crate::state::AppState;
 use crate::tokens;
@@ -45,7 +46,7 @@ struct Turn {
 async fn chat(
     State(state): State<AppState>,
     who: Principal,
-    headers: HeaderMap,
+    Extension(exchange): Extension<Exchange>,
     JsonObject(mut body): JsonObject,
 ) -> Result<Response, ApiError> {
     let req: ChatBody = typed(&mut body)?;
@@ -90,6 +91,7 @@ async fn chat(
         .routes
         .resolve(&model)
         .ok_or_else(|| ApiError::ModelNotFound(model.clone()))?;
+    exchange.set_model(&model);
 
     // The body an OpenAI-compatible upstream receives.
     let mut upstream_body = Map::new();
@@ -119,22 +121,23 @@ async fn chat(
     let rate = permit.headers().clone();
 
     let request = ChatRequest {
-        model: route.upstream_model,
+        model: String::new(),
         messages,
         max_tokens: req.max_tokens,
         temperature: req.temperature,
         top_p: None,
         seed: None,
         body: upstream_body,
+        request_id: exchange.request_id().to_owned(),
     };
     let mut guard = StreamGuard::new(
         state.metrics.clone(),
         permit,
-        request_id(&headers),
+        exchange.clone(),
         model.clone(),
         prompt_tokens,
     );
-    let stream = relay::timed(route.backend.stream(request), state.timeouts);
+    let stream = relay::upstream(&state, &exchange, route, request);
     let response = relay::open(stream, state.keep_alive, &mut guard)
         .await
         .map(|opened| relay::chat_sse(opened, Completion::new(&model), guard, state.keep_alive));

@@ -1,17 +1,18 @@
 //! `POST /v1/chat/completions`: OpenAI's chat completions, streamed or not, on any backend.
 
+use axum::Extension;
 use axum::extract::State;
-use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{JsonObject, request_id, typed, with_rate_headers};
+use super::{JsonObject, typed, with_rate_headers};
 use crate::admission::{DEFAULT_REPLY_TOKENS, Principal};
 use crate::backend::{ChatRequest, Message};
 use crate::error::ApiError;
+use crate::metrics::Exchange;
 use crate::relay::{self, Completion, StreamGuard};
 use crate::state::AppState;
 use crate::tokens;
@@ -104,7 +105,7 @@ fn messages(raw: Vec<MessageIn>) -> Result<Vec<Message>, ApiError> {
 async fn chat_completions(
     State(state): State<AppState>,
     who: Principal,
-    headers: HeaderMap,
+    Extension(exchange): Extension<Exchange>,
     JsonObject(mut body): JsonObject,
 ) -> Result<Response, ApiError> {
     // Parse and validate: a client's mistake is a 400 and nothing else happens.
@@ -119,6 +120,7 @@ async fn chat_completions(
         .routes
         .resolve(&fields.model)
         .ok_or_else(|| ApiError::ModelNotFound(fields.model.clone()))?;
+    exchange.set_model(&fields.model);
 
     // Admission: this client's request, token and stream limits.
     let max_tokens = fields.max_completion_tokens.or(fields.max_tokens);
@@ -134,22 +136,23 @@ async fn chat_completions(
     let rate = permit.headers().clone();
 
     let request = ChatRequest {
-        model: route.upstream_model,
+        model: String::new(),
         messages,
         max_tokens,
         temperature: fields.temperature,
         top_p: fields.top_p,
         seed: fields.seed,
         body,
+        request_id: exchange.request_id().to_owned(),
     };
     let mut guard = StreamGuard::new(
         state.metrics.clone(),
         permit,
-        request_id(&headers),
+        exchange.clone(),
         fields.model.clone(),
         prompt_tokens,
     );
-    let stream = relay::timed(route.backend.stream(request), state.timeouts);
+    let stream = relay::upstream(&state, &exchange, route, request);
     let completion = Completion::new(&fields.model);
 
     let response = if !fields.stream {

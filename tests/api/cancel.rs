@@ -34,6 +34,8 @@ async fn assert_cancelled(app: &TestApp, upstream: &FakeUpstream, dropped: Insta
     app.wait_metric("sluice_chat_requests_total{outcome=\"cancelled\"}", 1.0)
         .await;
     app.wait_metric("sluice_active_streams", 0.0).await;
+    app.wait_metric("sluice_upstream_requests_in_flight", 0.0)
+        .await;
 }
 
 #[tokio::test]

@@ -9,6 +9,7 @@ mod browser;
 mod cancel;
 mod chat;
 mod failures;
+mod faults;
 mod input;
 #[cfg(feature = "local")]
 mod local;

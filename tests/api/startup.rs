@@ -77,3 +77,203 @@ fn with_nothing_configured_it_serves_the_mock_model_and_says_so() {
     let _ = child.wait();
     assert!(said, "no start-up line about the mock model");
 }
+
+/// A sluice binary running on a free port, and its log lines as they come.
+struct Running {
+    child: std::process::Child,
+    addr: String,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Running {
+    fn start(vars: &[(&str, &str)]) -> Running {
+        let mut vars = vars.to_vec();
+        vars.extend([
+            ("SLUICE_ADDR", "127.0.0.1:0"),
+            ("SLUICE_LOCAL_MODEL", "off"),
+        ]);
+        let mut child = sluice(&vars)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Ok(line) = lines.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            if let Some(at) = line.find("listening on http://") {
+                let rest = &line[at + "listening on http://".len()..];
+                let addr = rest
+                    .split(|c: char| c.is_whitespace() || c == '"')
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
+                return Running { child, addr, lines };
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("sluice did not say where it listens");
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// The first log line `matches` accepts, within a deadline.
+    fn line(&self, matches: impl Fn(&str) -> bool) -> Option<String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Ok(line) = self
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            if matches(&line) {
+                return Some(line);
+            }
+        }
+        None
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn mock_chat(max_tokens: u32) -> serde_json::Value {
+    serde_json::json!({"model": "mock", "stream": true, "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": "Tell me a story"}]})
+}
+
+#[tokio::test]
+async fn sigterm_lets_streams_finish_within_the_grace_period_and_ends_the_rest_saying_so() {
+    let mut sluice = Running::start(&[
+        ("SLUICE_SHUTDOWN_GRACE_S", "1"),
+        ("SLUICE_MOCK_TOKENS_PER_S", "10"),
+    ]);
+    let http = reqwest::Client::new();
+    let url = sluice.url("/v1/chat/completions");
+    // 40 tokens at 10 a second outlast the grace period; 4 do not.
+    let long = http
+        .post(&url)
+        .json(&mock_chat(40))
+        .send()
+        .await
+        .expect("answers");
+    let short = http
+        .post(&url)
+        .json(&mock_chat(4))
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(
+        (long.status().as_u16(), short.status().as_u16()),
+        (200, 200)
+    );
+
+    let signalled = Instant::now();
+    let killed = Command::new("kill")
+        .args(["-TERM", &sluice.child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(killed.success());
+
+    let short = crate::support::payloads(&crate::support::all_events(short).await);
+    assert_eq!(
+        short.last(),
+        Some(&serde_json::json!("[DONE]")),
+        "{short:?}"
+    );
+    let long = crate::support::payloads(&crate::support::all_events(long).await);
+    let last = long.last().expect("events");
+    assert_eq!(last["error"]["code"], "server_restarting", "{last}");
+    let cut = signalled.elapsed();
+    assert!(
+        cut >= Duration::from_millis(900),
+        "ended after {cut:?}, before the grace period"
+    );
+
+    // No new connections once shutting down.
+    assert!(
+        std::net::TcpStream::connect(&sluice.addr).is_err(),
+        "still accepting connections"
+    );
+    // Exit 0, within the grace period and a second (and some slack for a busy machine).
+    let deadline = signalled + Duration::from_secs(4);
+    let status = loop {
+        if let Some(status) = sluice.child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running {:?} after SIGTERM",
+            signalled.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    eprintln!("exited {:?} after SIGTERM", signalled.elapsed());
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
+async fn with_sluice_log_json_each_request_ends_in_one_json_line() {
+    let sluice = Running::start(&[
+        ("SLUICE_LOG", "json"),
+        ("SLUICE_API_KEYS", "sk-first"),
+        ("SLUICE_MOCK_TOKENS_PER_S", "0"),
+    ]);
+    let http = reqwest::Client::new();
+    let url = sluice.url("/v1/chat/completions");
+    let response = http
+        .post(&url)
+        .bearer_auth("sk-first")
+        .header("x-request-id", "log-line-1")
+        .json(&mock_chat(3))
+        .send()
+        .await
+        .expect("answers");
+    crate::support::all_events(response).await;
+    let refused = http
+        .post(&url)
+        .header("x-request-id", "log-line-2")
+        .json(&mock_chat(3))
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(refused.status(), 401);
+
+    let request_line = |id: &'static str| {
+        move |line: &str| {
+            serde_json::from_str::<serde_json::Value>(line).is_ok_and(|v| {
+                v["fields"]["message"] == "request" && v["fields"]["request_id"] == id
+            })
+        }
+    };
+    let line = sluice
+        .line(request_line("log-line-1"))
+        .expect("a line for the request");
+    let line: serde_json::Value = serde_json::from_str(&line).expect("JSON");
+    let fields = &line["fields"];
+    assert_eq!(fields["status"], 200, "{line}");
+    assert_eq!(fields["key"], "key-1", "{line}");
+    assert_eq!(fields["model"], "mock", "{line}");
+    assert_eq!(fields["outcome"], "completed", "{line}");
+    assert_eq!(fields["completion_tokens"], 3, "{line}");
+    assert!(fields["ttft_ms"].is_number(), "{line}");
+    let line = sluice
+        .line(request_line("log-line-2"))
+        .expect("a line for the refusal");
+    assert!(line.contains("\"status\":401"), "{line}");
+    // One line each: nothing else about them before the next request's.
+    assert!(sluice.line(request_line("log-line-1")).is_none());
+}

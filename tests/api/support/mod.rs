@@ -53,14 +53,23 @@ impl TestApp {
         config.connect_timeout_ms = 10_000;
         config.first_token_timeout_ms = 60_000;
         config.idle_timeout_ms = 30_000;
+        config.total_timeout_ms = 600_000;
+        config.slow_client_timeout_ms = 30_000;
         config.keepalive_s = 15.0;
+        config.shutdown_grace_s = 10;
         adjust(&mut config);
         let state = AppState::build(&config).expect("the test configuration is valid");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind port 0");
         let addr = listener.local_addr().expect("local addr");
-        tokio::spawn(sluice::serve(listener, state, std::future::pending()));
+        let grace = Duration::from_secs(config.shutdown_grace_s);
+        tokio::spawn(sluice::serve(
+            listener,
+            state,
+            std::future::pending(),
+            grace,
+        ));
         TestApp {
             addr,
             http: reqwest::Client::new(),

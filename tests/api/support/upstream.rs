@@ -24,6 +24,7 @@ pub struct Seen {
     pub connection: u64,
     pub body: Value,
     pub authorization: Option<String>,
+    pub request_id: Option<String>,
 }
 
 #[derive(Default)]
@@ -37,6 +38,8 @@ pub struct FakeUpstream {
     addr: std::net::SocketAddr,
     record: Arc<Mutex<Record>>,
     changed: Arc<Notify>,
+    /// Bytes of response bodies that went out (handed to the connection), all requests.
+    sent: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 type Body = UnsyncBoxBody<Bytes, std::io::Error>;
@@ -50,6 +53,7 @@ impl FakeUpstream {
             addr: listener.local_addr().expect("addr"),
             record: Arc::default(),
             changed: Arc::default(),
+            sent: Arc::default(),
         };
         let server = upstream.clone();
         tokio::spawn(async move {
@@ -98,6 +102,11 @@ impl FakeUpstream {
         self.wait(|r| r.closed.get(&connection).copied()).await
     }
 
+    /// Bytes of response bodies sent so far.
+    pub fn sent_bytes(&self) -> usize {
+        self.sent.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Whether the connection of the `n`th request is still open.
     pub fn is_open(&self, n: usize) -> bool {
         let record = self.lock();
@@ -119,11 +128,14 @@ impl FakeUpstream {
     }
 
     async fn answer(&self, connection: u64, req: Request<Incoming>) -> Response<Body> {
-        let authorization = req
-            .headers()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let authorization = header("authorization");
+        let request_id = header("x-request-id");
         let bytes = req
             .into_body()
             .collect()
@@ -135,9 +147,10 @@ impl FakeUpstream {
             connection,
             body: body.clone(),
             authorization,
+            request_id,
         });
         self.changed.notify_waiters();
-        behave(&body).await
+        behave(&body, self.sent.clone()).await
     }
 }
 
@@ -163,7 +176,7 @@ enum Step {
 }
 
 /// The behaviour the request's model name selects.
-async fn behave(body: &Value) -> Response<Body> {
+async fn behave(body: &Value, sent: Arc<std::sync::atomic::AtomicUsize>) -> Response<Body> {
     let model = body["model"].as_str().unwrap_or("");
     // "no-usage" is an upstream that never reports usage, asked or not.
     let usage = body["stream_options"]["include_usage"] == json!(true) && model != "no-usage";
@@ -205,6 +218,11 @@ async fn behave(body: &Value) -> Response<Body> {
         "abort" => steps.extend([Step::Send(text("Hello")), Step::Wait(Duration::from_millis(20)), Step::Abort]),
         "garbage" => steps.extend([Step::Send(text("Hello")), Step::Send("data: not json\n\n".into())]),
         "no-finish" => steps.extend([Step::Send(text("Hello")), Step::Send(done.clone())]),
+        // As fast as the connection takes it: 64 MiB in chunks of 1 KiB.
+        "flood" => {
+            let kib = text(&"x".repeat(1024));
+            steps.extend((0..65_536).map(|_| Step::Send(kib.clone())));
+        }
         "tools" => steps.extend([
             Step::Send(chunk(json!({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
                 "function": {"name": "get_weather", "arguments": ""}}]}), None)),
@@ -227,7 +245,10 @@ async fn behave(body: &Value) -> Response<Body> {
     let frames = async_stream::stream! {
         for step in steps {
             match step {
-                Step::Send(data) => yield Ok(Frame::data(Bytes::from(data))),
+                Step::Send(data) => {
+                    sent.fetch_add(data.len(), std::sync::atomic::Ordering::SeqCst);
+                    yield Ok(Frame::data(Bytes::from(data)));
+                }
                 Step::Wait(d) => tokio::time::sleep(d).await,
                 Step::Hang => futures::future::pending::<()>().await,
                 Step::Abort => {
