@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
-use metrics::{Counter, Gauge, Key, Label, Level, Metadata, Recorder};
+use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
@@ -82,6 +82,17 @@ struct Inner {
     local_tokens: Counter,
     redis_errors: Counter,
     slow_clients: Counter,
+    /// Each model's series, registered once: a stream's end takes one lookup, not four.
+    per_model: Mutex<std::collections::HashMap<String, Arc<ModelSeries>>>,
+    overhead: Histogram,
+}
+
+struct ModelSeries {
+    prompt_tokens: Counter,
+    completion_tokens: Counter,
+    ttft: Histogram,
+    per_token: Histogram,
+    upstream_duration: Histogram,
 }
 
 const META: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
@@ -210,6 +221,9 @@ impl Metrics {
             local_tokens: counter("sluice_local_tokens_generated_total", vec![]),
             redis_errors: counter("sluice_redis_errors_total", vec![]),
             slow_clients: counter("sluice_slow_clients_dropped_total", vec![]),
+            per_model: Mutex::default(),
+            overhead: recorder
+                .register_histogram(&Key::from_name("sluice_overhead_seconds"), &META),
             handle: recorder.handle(),
             recorder,
         }))
@@ -225,7 +239,7 @@ impl Metrics {
             .register_counter(&Key::from_parts(name, labels), &META)
     }
 
-    fn seconds(&self, name: &'static str, labels: &[(&'static str, &str)], value: Duration) {
+    fn histogram(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Histogram {
         let labels = labels
             .iter()
             .map(|(k, v)| Label::new(*k, (*v).to_owned()))
@@ -233,7 +247,23 @@ impl Metrics {
         self.0
             .recorder
             .register_histogram(&Key::from_parts(name, labels), &META)
-            .record(value.as_secs_f64());
+    }
+
+    fn model(&self, model: &str) -> Arc<ModelSeries> {
+        let mut known = self.0.per_model.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(series) = known.get(model) {
+            return series.clone();
+        }
+        let label = [("model", model)];
+        let series = Arc::new(ModelSeries {
+            prompt_tokens: self.counter("sluice_prompt_tokens_total", &label),
+            completion_tokens: self.counter("sluice_completion_tokens_total", &label),
+            ttft: self.histogram("sluice_time_to_first_token_seconds", &label),
+            per_token: self.histogram("sluice_time_per_output_token_seconds", &label),
+            upstream_duration: self.histogram("sluice_upstream_request_duration_seconds", &label),
+        });
+        known.insert(model.to_owned(), series.clone());
+        series
     }
 
     pub fn stream_started(&self) {
@@ -245,16 +275,18 @@ impl Metrics {
         self.0.active.decrement(1.0);
         let index = Outcome::ALL.iter().position(|o| *o == outcome).unwrap_or(0);
         self.0.ended[index].increment(1);
-        let model = [("model", model)];
-        self.counter("sluice_prompt_tokens_total", &model)
+        let series = self.model(model);
+        series
+            .prompt_tokens
             .increment(u64::from(usage.prompt_tokens));
-        self.counter("sluice_completion_tokens_total", &model)
+        series
+            .completion_tokens
             .increment(u64::from(usage.completion_tokens));
         if let Some(first) = times.first {
-            self.seconds("sluice_time_to_first_token_seconds", &model, first);
+            series.ttft.record(first.as_secs_f64());
         }
         if let Some(per_token) = times.per_token() {
-            self.seconds("sluice_time_per_output_token_seconds", &model, per_token);
+            series.per_token.record(per_token.as_secs_f64());
         }
     }
 
@@ -262,8 +294,8 @@ impl Metrics {
     pub fn upstream_call(&self, model: &str) -> UpstreamCall {
         self.0.upstream_in_flight.increment(1.0);
         UpstreamCall {
-            metrics: self.clone(),
-            model: model.to_owned(),
+            in_flight: self.0.upstream_in_flight.clone(),
+            duration: self.model(model).upstream_duration.clone(),
             started: Instant::now(),
         }
     }
@@ -277,7 +309,7 @@ impl Metrics {
     }
 
     pub fn overhead(&self, value: Duration) {
-        self.seconds("sluice_overhead_seconds", &[], value);
+        self.0.overhead.record(value.as_secs_f64());
     }
 
     pub fn mock_tokens(&self) -> Counter {
@@ -310,20 +342,15 @@ impl Default for Metrics {
 
 /// One open backend call; see [`Metrics::upstream_call`].
 pub struct UpstreamCall {
-    metrics: Metrics,
-    model: String,
+    in_flight: Gauge,
+    duration: Histogram,
     started: Instant,
 }
 
 impl Drop for UpstreamCall {
     fn drop(&mut self) {
-        let inner = &self.metrics.0;
-        inner.upstream_in_flight.decrement(1.0);
-        self.metrics.seconds(
-            "sluice_upstream_request_duration_seconds",
-            &[("model", &self.model)],
-            self.started.elapsed(),
-        );
+        self.in_flight.decrement(1.0);
+        self.duration.record(self.started.elapsed().as_secs_f64());
     }
 }
 

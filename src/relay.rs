@@ -200,9 +200,12 @@ impl StreamGuard {
         }
     }
 
-    fn delivered(&mut self, text: &str) {
+    /// A token (one chunk of text) went to the client. Chunks are counted, not re-tokenised:
+    /// the mock and local models send one token a chunk, OpenAI-compatible servers almost
+    /// always do too, and their own usage replaces this count whenever they report it.
+    fn delivered(&mut self) {
         self.times.token(self.exchange.arrived().elapsed());
-        self.delivered_tokens += crate::tokens::text(text);
+        self.delivered_tokens += 1;
     }
 
     /// The backend's own counts when it sent them, else sluice's count of what it delivered.
@@ -342,7 +345,7 @@ pub fn openai_sse(
         while let Some(item) = stream.next().await {
             match item {
                 Ok(Delta::Text(text)) => {
-                    guard.delivered(&text);
+                    guard.delivered();
                     yield Ok(Event::default().data(writer.text(&text)));
                 }
                 Ok(Delta::Fields(fields)) => {
@@ -390,7 +393,7 @@ pub fn chat_sse(
         while let Some(item) = stream.next().await {
             match item {
                 Ok(Delta::Text(text)) => {
-                    guard.delivered(&text);
+                    guard.delivered();
                     // Per token: escape the text alone, no JSON map built and serialised.
                     let escaped = serde_json::to_string(&text).unwrap_or_default();
                     yield event("token", format!("{{\"text\":{escaped}}}"));
@@ -432,7 +435,7 @@ pub async fn collect(
     while let Some(item) = stream.next().await {
         match item {
             Ok(Delta::Text(text)) => {
-                guard.delivered(&text);
+                guard.delivered();
                 content.push_str(&text);
             }
             Ok(Delta::Fields(delta)) => merge_fields(&mut fields, delta),

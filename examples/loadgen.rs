@@ -1,0 +1,777 @@
+//! The streaming load benchmark: what sluice adds to the first token and to every chunk,
+//! at 1 to 10,000 concurrent streams, measured side by side with the upstream called
+//! directly; cancellation of 1,000 streams at once; and a soak.
+//!
+//!     cargo run --release --example loadgen                 # levels + cancellation
+//!     cargo run --release --example loadgen -- soak 10      # minutes at 1,000 streams
+//!
+//! Three processes, so each one's CPU is its own: this driver (the clients), a fast fake
+//! OpenAI upstream and sluice (both this same binary, started with `upstream` / `sluice`).
+//! Every chunk's content is the time the upstream sent it (ns since the epoch, one clock
+//! for all three), so a client knows each chunk's latency; sluice's share is the latency
+//! through sluice minus the latency direct. The driver raises RLIMIT_NOFILE to 65,536
+//! (root, or a hard limit that high) for itself and its children. Results go to
+//! target/loadgen/*.json and docs/loadgen.svg.
+
+// The benchmark's clients and its upstream are tasks of their own; the rule against
+// spawning is for sluice's request path.
+#![allow(clippy::disallowed_methods)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let runtime = tokio::runtime::Runtime::new()?;
+    match args.first().map(String::as_str) {
+        Some("upstream") => runtime.block_on(upstream()),
+        Some("sluice") => runtime.block_on(sluice(&args[1])),
+        Some("soak") => {
+            let minutes: f64 = args.get(1).map_or(Ok(10.0), |m| m.parse())?;
+            runtime.block_on(soak(minutes))
+        }
+        // A number runs only that level of the plan (for profiling).
+        only => {
+            let only = only.and_then(|n| n.parse().ok());
+            runtime.block_on(levels(only))
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The fake upstream: `load-{tokens}-{interval_ms}` streams that many chunks at that pace.
+
+async fn upstream() -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    println!("listening {}", listener.local_addr()?);
+    let closes: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    loop {
+        let (tcp, _) = listener.accept().await?;
+        let _ = tcp.set_nodelay(true);
+        let closes = closes.clone();
+        let id: Arc<Mutex<Option<String>>> = Arc::default();
+        tokio::spawn(async move {
+            let seen = id.clone();
+            let record = closes.clone();
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let seen = seen.clone();
+                let closes = record.clone();
+                async move { Ok::<_, Infallible>(answer(req, &seen, &closes).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+            let id = id.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(id) = id {
+                closes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id, now_ns());
+            }
+        });
+    }
+}
+
+type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
+
+async fn answer(
+    req: Request<Incoming>,
+    seen: &Mutex<Option<String>>,
+    closes: &Mutex<HashMap<String, u64>>,
+) -> Response<Body> {
+    if req.uri().path() == "/closes" {
+        let all = std::mem::take(&mut *closes.lock().unwrap_or_else(|e| e.into_inner()));
+        let body = serde_json::to_vec(&all).unwrap_or_default();
+        return Response::new(Full::new(Bytes::from(body)).boxed_unsync());
+    }
+    if let Some(id) = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+    {
+        *seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(id.to_owned());
+    }
+    let body = req.into_body().collect().await.map(|b| b.to_bytes());
+    let body: Value = body
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let model = body["model"].as_str().unwrap_or("load-10-50");
+    let mut parts = model
+        .split('-')
+        .skip(1)
+        .map(|n| n.parse::<u64>().unwrap_or(10));
+    let (tokens, interval) = (parts.next().unwrap_or(10), parts.next().unwrap_or(50));
+    let frames = async_stream::stream! {
+        let mut tick = tokio::time::interval(Duration::from_millis(interval));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        for _ in 0..tokens {
+            tick.tick().await;
+            let chunk = format!(
+                "data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":\"m\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{}\"}},\"finish_reason\":null}}]}}\n\n",
+                now_ns()
+            );
+            yield Ok::<_, Infallible>(Frame::data(Bytes::from(chunk)));
+        }
+        let end = format!(
+            "data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":\"m\",\"choices\":[{{\"index\":0,\"delta\":{{}},\"finish_reason\":\"stop\"}}]}}\n\ndata: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":\"m\",\"choices\":[],\"usage\":{{\"prompt_tokens\":5,\"completion_tokens\":{tokens},\"total_tokens\":{}}}}}\n\ndata: [DONE]\n\n",
+            tokens + 5
+        );
+        yield Ok(Frame::data(Bytes::from(end)));
+    };
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(StreamBody::new(Box::pin(frames)).boxed_unsync())
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed_unsync()))
+}
+
+// ---------------------------------------------------------------------------------------
+// sluice, in front of the upstream, with limits out of the way.
+
+async fn sluice(upstream: &str) -> anyhow::Result<()> {
+    let mut config = sluice::Config::defaults();
+    config.openai_base_url = Some(format!("http://{upstream}/v1"));
+    config.local_model = Some("off".into());
+    config.rpm = 10_000_000;
+    config.max_streams = 1_000_000;
+    config.global_max_streams = 1_000_000;
+    config.keepalive_s = 60.0;
+    let state = sluice::AppState::build(&config)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    println!("listening {}", listener.local_addr()?);
+    sluice::serve(listener, state, std::future::pending(), Duration::ZERO).await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// The driver.
+
+struct Proc {
+    child: Child,
+    addr: String,
+}
+
+impl Proc {
+    fn start(args: &[&str]) -> anyhow::Result<Proc> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .args(args)
+            .env("SLUICE_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let addr = line
+            .trim()
+            .strip_prefix("listening ")
+            .ok_or_else(|| anyhow::anyhow!("{args:?} said {line:?}"))?
+            .to_owned();
+        Ok(Proc { child, addr })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// CPU seconds a process has used (user + system).
+fn cpu_s(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // After the command name: state is field 0, utime 11, stime 12; 100 ticks a second.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn rss_kib(pid: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn open_fds(pid: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// A connection's task, ended when its stream is dropped: the socket closes with it.
+struct Abort(tokio::task::JoinHandle<Result<(), hyper::Error>>);
+
+impl Abort {
+    fn abort(&self) {
+        self.0.abort();
+    }
+}
+
+impl Drop for Abort {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// What one stream saw.
+#[derive(Default)]
+struct Seen {
+    ttft_us: Option<u64>,
+    /// Upstream send → client receive, per chunk, in µs.
+    chunk_us: Vec<u32>,
+    ok: bool,
+}
+
+/// One streaming request to `addr`, read to the end (or until `cancel` fires: then the
+/// connection is closed at once and the close time returned).
+async fn stream(
+    addr: &str,
+    path: &str,
+    id: &str,
+    model: &str,
+    opened: &AtomicUsize,
+    cancel: Option<tokio::sync::watch::Receiver<bool>>,
+) -> (Seen, Option<u64>) {
+    let mut seen = Seen::default();
+    let started = Instant::now();
+    let Ok(tcp) = tokio::net::TcpStream::connect(addr).await else {
+        return (seen, None);
+    };
+    let _ = tcp.set_nodelay(true);
+    let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await
+    else {
+        return (seen, None);
+    };
+    let driver = Abort(tokio::spawn(conn));
+    let body = json!({"model": model, "stream": true,
+        "messages": [{"role": "user", "content": "Count."}]})
+    .to_string();
+    let request = Request::post(path)
+        .header("host", addr)
+        .header("content-type", "application/json")
+        .header("x-request-id", id)
+        .body(Full::new(Bytes::from(body)));
+    let Ok(request) = request else {
+        return (seen, None);
+    };
+    let Ok(response) = sender.send_request(request).await else {
+        driver.abort();
+        return (seen, None);
+    };
+    if response.status() != 200 {
+        driver.abort();
+        return (seen, None);
+    }
+    let mut body = response.into_body();
+    let mut cancel = cancel;
+    let mut counted = false;
+    loop {
+        let frame = match &mut cancel {
+            Some(cancel) => tokio::select! {
+                frame = body.frame() => frame,
+                _ = cancel.wait_for(|c| *c) => {
+                    let closed = now_ns();
+                    driver.abort();
+                    return (seen, Some(closed));
+                }
+            },
+            None => body.frame().await,
+        };
+        let Some(Ok(frame)) = frame else { break };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        let received = now_ns();
+        let text = String::from_utf8_lossy(&data);
+        for part in text.split("\"content\":\"").skip(1) {
+            let digits: &str = part.split('"').next().unwrap_or("");
+            if let Ok(sent) = digits.parse::<u64>() {
+                if seen.ttft_us.is_none() {
+                    seen.ttft_us = Some(started.elapsed().as_micros() as u64);
+                    if !counted {
+                        opened.fetch_add(1, Ordering::SeqCst);
+                        counted = true;
+                    }
+                }
+                seen.chunk_us
+                    .push((received.saturating_sub(sent) / 1000).min(u32::MAX as u64) as u32);
+            }
+        }
+        if text.contains("[DONE]") {
+            seen.ok = true;
+        }
+        if text.contains("\"error\"") {
+            seen.ok = false;
+            break;
+        }
+    }
+    driver.abort();
+    (seen, None)
+}
+
+fn quantile(sorted: &[u32], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
+    f64::from(sorted[i]) / 1000.0
+}
+
+/// One phase: `c` streams to `target`, started in batches; the measurements.
+struct Phase {
+    ttft: Vec<u32>,
+    chunks: Vec<u32>,
+    errors: usize,
+    wall_s: f64,
+    rss_open_kib: u64,
+}
+
+async fn phase(target: &str, path: &str, c: usize, model: &str, watch_pid: &str) -> Phase {
+    let opened = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(c);
+    for i in 0..c {
+        let (target, path, model, opened) = (
+            target.to_owned(),
+            path.to_owned(),
+            model.to_owned(),
+            opened.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            stream(&target, &path, &format!("s{i}"), &model, &opened, None)
+                .await
+                .0
+        }));
+        // Starts spread evenly over a second (three above 1,000 streams): streams tick
+        // at every phase of their interval, and no SYN storm hits the 1,024-deep backlog.
+        let batch = (c / 100).max(1);
+        if i % batch == batch - 1 {
+            let spread = if c > 1_000 { 3_000 } else { 1_000 };
+            tokio::time::sleep(Duration::from_millis(spread / 100)).await;
+        }
+    }
+    // RSS once every stream is open and streaming.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while opened.load(Ordering::SeqCst) < c && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let rss_open_kib = rss_kib(watch_pid);
+    let mut ttft = Vec::with_capacity(c);
+    let mut chunks = Vec::new();
+    let mut errors = 0;
+    for task in tasks {
+        match task.await {
+            Ok(seen) if seen.ok => {
+                ttft.extend(seen.ttft_us.map(|t| t.min(u32::MAX as u64) as u32));
+                chunks.extend(seen.chunk_us);
+            }
+            _ => errors += 1,
+        }
+    }
+    ttft.sort_unstable();
+    chunks.sort_unstable();
+    Phase {
+        ttft,
+        chunks,
+        errors,
+        wall_s: started.elapsed().as_secs_f64(),
+        rss_open_kib,
+    }
+}
+
+/// Raises RLIMIT_NOFILE as far as allowed; returns it. sluice holds two descriptors a
+/// stream (its client's and its upstream's).
+fn raise_fd_limit() -> u64 {
+    let want = 65_536;
+    if rlimit::Resource::NOFILE.set(want, want).is_err() {
+        let _ = rlimit::increase_nofile_limit(want);
+    }
+    let (soft, _) = rlimit::Resource::NOFILE.get().unwrap_or((0, 0));
+    eprintln!("RLIMIT_NOFILE: {soft}");
+    soft
+}
+
+async fn levels(only: Option<usize>) -> anyhow::Result<()> {
+    let fd_limit = raise_fd_limit();
+    let upstream = Proc::start(&["upstream"])?;
+    let gateway = Proc::start(&["sluice", &upstream.addr])?;
+    let (up_pid, gw_pid) = (upstream.pid().to_string(), gateway.pid().to_string());
+    let me = std::process::id().to_string();
+    let idle_rss = rss_kib(&gw_pid);
+    eprintln!("pids: sluice {gw_pid}, upstream {up_pid}, client {me}");
+    // (streams, tokens a stream, ms between tokens)
+    let plan: [(usize, u64, u64); 5] = [
+        (1, 40, 50),
+        (100, 40, 50),
+        (1_000, 40, 50),
+        (5_000, 30, 250),
+        (10_000, 20, 500),
+    ];
+    let mut rows = Vec::new();
+    println!(
+        "| streams | tokens/s each | added TTFT p50 / p99 (ms) | added per chunk p50 / p99 / p99.9 (ms) | chunks/s | errors | sluice CPU s / 1k chunks | sluice RSS / stream | CPU s: sluice / upstream / client |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (c, tokens, interval) in plan {
+        if only.is_some_and(|only| only != c) {
+            continue;
+        }
+        let most = (fd_limit.saturating_sub(100) / 2) as usize;
+        let c = if c > most {
+            eprintln!(
+                "{c} streams need {} descriptors in sluice; the limit is {fd_limit}: running {most}",
+                2 * c + 100
+            );
+            most
+        } else {
+            c
+        };
+        let model = format!("load-{tokens}-{interval}");
+        let direct = phase(&upstream.addr, "/v1/chat/completions", c, &model, &up_pid).await;
+        let cpu = |pid: &str| cpu_s(pid);
+        let (g0, u0, m0) = (cpu(&gw_pid), cpu(&up_pid), cpu(&me));
+        let through = phase(&gateway.addr, "/v1/chat/completions", c, &model, &gw_pid).await;
+        let (g1, u1, m1) = (cpu(&gw_pid), cpu(&up_pid), cpu(&me));
+        let n = through.chunks.len().max(1) as f64;
+        let added = |a: &[u32], b: &[u32], q: f64| quantile(a, q) - quantile(b, q);
+        let row = json!({
+            "streams": c,
+            "tokens_per_s": 1000.0 / interval as f64,
+            "tokens_per_stream": tokens,
+            "ttft_ms": {"direct_p50": quantile(&direct.ttft, 0.5), "direct_p99": quantile(&direct.ttft, 0.99),
+                "sluice_p50": quantile(&through.ttft, 0.5), "sluice_p99": quantile(&through.ttft, 0.99),
+                "added_p50": added(&through.ttft, &direct.ttft, 0.5), "added_p99": added(&through.ttft, &direct.ttft, 0.99)},
+            "chunk_ms": {"direct_p50": quantile(&direct.chunks, 0.5), "direct_p99": quantile(&direct.chunks, 0.99),
+                "direct_p999": quantile(&direct.chunks, 0.999),
+                "sluice_p50": quantile(&through.chunks, 0.5), "sluice_p99": quantile(&through.chunks, 0.99),
+                "sluice_p999": quantile(&through.chunks, 0.999),
+                "added_p50": added(&through.chunks, &direct.chunks, 0.5),
+                "added_p99": added(&through.chunks, &direct.chunks, 0.99),
+                "added_p999": added(&through.chunks, &direct.chunks, 0.999)},
+            "chunks": through.chunks.len(),
+            "chunks_per_s": n / through.wall_s,
+            "errors": {"direct": direct.errors, "sluice": through.errors},
+            "sluice_cpu_s_per_1k_chunks": (g1 - g0) / n * 1000.0,
+            "cpu_s": {"sluice": g1 - g0, "upstream": u1 - u0, "client": m1 - m0},
+            "sluice_rss_kib": {"idle": idle_rss, "open": through.rss_open_kib,
+                "per_stream": (through.rss_open_kib.saturating_sub(idle_rss)) as f64 / c as f64},
+        });
+        println!(
+            "| {c} | {:.0} | {:.3} / {:.3} | {:.3} / {:.3} / {:.3} | {:.0} | {} | {:.3} | {:.1} KiB | {:.1} / {:.1} / {:.1} |",
+            row["tokens_per_s"].as_f64().unwrap_or(0.0),
+            row["ttft_ms"]["added_p50"].as_f64().unwrap_or(0.0),
+            row["ttft_ms"]["added_p99"].as_f64().unwrap_or(0.0),
+            row["chunk_ms"]["added_p50"].as_f64().unwrap_or(0.0),
+            row["chunk_ms"]["added_p99"].as_f64().unwrap_or(0.0),
+            row["chunk_ms"]["added_p999"].as_f64().unwrap_or(0.0),
+            row["chunks_per_s"].as_f64().unwrap_or(0.0),
+            direct.errors + through.errors,
+            row["sluice_cpu_s_per_1k_chunks"].as_f64().unwrap_or(0.0),
+            row["sluice_rss_kib"]["per_stream"].as_f64().unwrap_or(0.0),
+            g1 - g0,
+            u1 - u0,
+            m1 - m0,
+        );
+        rows.push(row);
+    }
+    if only.is_some() {
+        return Ok(());
+    }
+    let cancel = cancellation(&gateway.addr, &upstream.addr, 1_000).await;
+    println!(
+        "\ncancellation, 1,000 clients closing at once: upstream closed after p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms ({} of {} seen closed)",
+        cancel["p50_ms"].as_f64().unwrap_or(f64::NAN),
+        cancel["p99_ms"].as_f64().unwrap_or(f64::NAN),
+        cancel["max_ms"].as_f64().unwrap_or(f64::NAN),
+        cancel["closed"],
+        cancel["streams"],
+    );
+    let results = json!({"levels": rows, "cancellation": cancel,
+        "machine": {"cores": std::thread::available_parallelism().map_or(0, |n| n.get())}});
+    std::fs::create_dir_all("target/loadgen")?;
+    std::fs::write(
+        "target/loadgen/levels.json",
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    chart(&rows)?;
+    println!("\nwrote target/loadgen/levels.json and docs/loadgen.svg");
+    Ok(())
+}
+
+/// `n` long streams through sluice; once all stream, every client closes at once. How long
+/// until the upstream saw each of its connections close?
+async fn cancellation(gateway: &str, upstream: &str, n: usize) -> Value {
+    let opened = Arc::new(AtomicUsize::new(0));
+    let (fire, cancel) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let (gateway, opened, cancel) = (gateway.to_owned(), opened.clone(), cancel.clone());
+        tasks.push(tokio::spawn(async move {
+            let id = format!("cancel-{i}");
+            let (_, closed) = stream(
+                &gateway,
+                "/v1/chat/completions",
+                &id,
+                "load-100000-50",
+                &opened,
+                Some(cancel),
+            )
+            .await;
+            (id, closed)
+        }));
+        if i % 250 == 249 {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while opened.load(Ordering::SeqCst) < n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = fire.send(true);
+    let mut closed_at = HashMap::new();
+    for task in tasks {
+        if let Ok((id, Some(at))) = task.await {
+            closed_at.insert(id, at);
+        }
+    }
+    // Let the upstream see the closes, then ask it when.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let seen = fetch_closes(upstream).await;
+    let mut delays: Vec<u32> = closed_at
+        .iter()
+        .filter_map(|(id, client)| {
+            let upstream = seen.get(id)?;
+            Some((upstream.saturating_sub(*client) / 1000).min(u32::MAX as u64) as u32)
+        })
+        .collect();
+    delays.sort_unstable();
+    json!({"streams": n, "closed": delays.len(), "p50_ms": quantile(&delays, 0.5),
+        "p99_ms": quantile(&delays, 0.99), "max_ms": quantile(&delays, 1.0)})
+}
+
+async fn fetch_closes(upstream: &str) -> HashMap<String, u64> {
+    let Ok(tcp) = tokio::net::TcpStream::connect(upstream).await else {
+        return HashMap::new();
+    };
+    let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await
+    else {
+        return HashMap::new();
+    };
+    let driver = tokio::spawn(conn);
+    let request = Request::get("/closes")
+        .header("host", upstream)
+        .body(Full::new(Bytes::new()));
+    let mut out = HashMap::new();
+    if let Ok(request) = request
+        && let Ok(response) = sender.send_request(request).await
+        && let Ok(body) = response.into_body().collect().await
+    {
+        out = serde_json::from_slice(&body.to_bytes()).unwrap_or_default();
+    }
+    driver.abort();
+    out
+}
+
+/// docs/loadgen.svg: added latency per level (ms), TTFT and per chunk, p50 and p99.
+fn chart(rows: &[Value]) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let series = [
+        ("added TTFT p50", "ttft_ms", "added_p50", BLUE),
+        ("added TTFT p99", "ttft_ms", "added_p99", CYAN),
+        ("added per chunk p50", "chunk_ms", "added_p50", RED),
+        ("added per chunk p99", "chunk_ms", "added_p99", MAGENTA),
+        ("added per chunk p99.9", "chunk_ms", "added_p999", BLACK),
+    ];
+    let points = |group: &str, key: &str| -> Vec<(f64, f64)> {
+        rows.iter()
+            .map(|r| {
+                (
+                    (r["streams"].as_f64().unwrap_or(1.0)).log10(),
+                    r[group][key].as_f64().unwrap_or(0.0),
+                )
+            })
+            .collect()
+    };
+    let top = series
+        .iter()
+        .flat_map(|(_, g, k, _)| points(g, k))
+        .map(|(_, y)| y)
+        .fold(1.0_f64, f64::max)
+        * 1.1;
+    let bottom = series
+        .iter()
+        .flat_map(|(_, g, k, _)| points(g, k))
+        .map(|(_, y)| y)
+        .fold(0.0_f64, f64::min)
+        * 1.1;
+    std::fs::create_dir_all("docs")?;
+    let root = SVGBackend::new("docs/loadgen.svg", (760, 420)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "What sluice adds, by concurrent streams (2 cores, loopback)",
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(52)
+        .build_cartesian_2d(-0.2f64..4.2f64, bottom..top)?;
+    chart
+        .configure_mesh()
+        .x_desc("concurrent streams")
+        .y_desc("ms added vs direct")
+        .x_label_formatter(&|x| format!("{:.0}", 10f64.powf(*x)))
+        .x_labels(5)
+        .draw()?;
+    for (name, group, key, color) in series {
+        chart
+            .draw_series(LineSeries::new(points(group, key), color.stroke_width(2)))?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.9))
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// The soak: 1,000 streams at all times for `minutes`, a third of the clients leaving at a
+// random moment; sluice's RSS and open descriptors sampled every 10 s.
+
+async fn soak(minutes: f64) -> anyhow::Result<()> {
+    raise_fd_limit();
+    let upstream = Proc::start(&["upstream"])?;
+    let gateway = Proc::start(&["sluice", &upstream.addr])?;
+    let gw_pid = gateway.pid().to_string();
+    let end = Instant::now() + Duration::from_secs_f64(minutes * 60.0);
+    let started = Instant::now();
+    let done = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for w in 0..1_000u64 {
+        let (addr, done, failed) = (gateway.addr.clone(), done.clone(), failed.clone());
+        workers.push(tokio::spawn(async move {
+            let mut seed = w.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            let mut next = move || {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed
+            };
+            let opened = AtomicUsize::new(0);
+            let mut n = 0u64;
+            while Instant::now() < end {
+                n += 1;
+                let tokens = 20 + next() % 180;
+                let model = format!("load-{tokens}-100");
+                let id = format!("soak-{w}-{n}");
+                let request = stream(&addr, "/v1/chat/completions", &id, &model, &opened, None);
+                // A third of the clients leave at a random point of their stream.
+                let result = if next() % 3 == 0 {
+                    let leave = Duration::from_millis(next() % (tokens * 100));
+                    tokio::time::timeout(leave, request).await.ok()
+                } else {
+                    Some(request.await)
+                };
+                match result {
+                    Some((seen, _)) if !seen.ok => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+        if w % 100 == 99 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let mut samples = Vec::new();
+    println!("| minute | sluice RSS (MiB) | open fds | streams ended | failed |");
+    println!("|---|---|---|---|---|");
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let minute = started.elapsed().as_secs_f64() / 60.0;
+        let (rss, fds) = (rss_kib(&gw_pid), open_fds(&gw_pid));
+        println!(
+            "| {minute:.2} | {:.1} | {fds} | {} | {} |",
+            rss as f64 / 1024.0,
+            done.load(Ordering::Relaxed),
+            failed.load(Ordering::Relaxed)
+        );
+        samples.push(json!({"minute": minute, "rss_kib": rss, "fds": fds,
+            "ended": done.load(Ordering::Relaxed), "failed": failed.load(Ordering::Relaxed)}));
+    }
+    for worker in workers {
+        let _ = worker.await;
+    }
+    let after_two: Vec<&Value> = samples
+        .iter()
+        .filter(|s| s["minute"].as_f64().unwrap_or(0.0) >= 2.0)
+        .collect();
+    let range = |key: &str| {
+        let values: Vec<u64> = after_two.iter().filter_map(|s| s[key].as_u64()).collect();
+        (
+            values.iter().copied().min().unwrap_or(0),
+            values.iter().copied().max().unwrap_or(0),
+        )
+    };
+    let (rss_min, rss_max) = range("rss_kib");
+    let (fd_min, fd_max) = range("fds");
+    println!(
+        "\nfrom minute 2 to the end: RSS {:.1}-{:.1} MiB, open fds {fd_min}-{fd_max}; {} streams ended, {} failed",
+        rss_min as f64 / 1024.0,
+        rss_max as f64 / 1024.0,
+        done.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed)
+    );
+    std::fs::create_dir_all("target/loadgen")?;
+    std::fs::write(
+        "target/loadgen/soak.json",
+        serde_json::to_string_pretty(
+            &json!({"minutes": minutes, "streams": 1000, "samples": samples}),
+        )?,
+    )?;
+    Ok(())
+}
