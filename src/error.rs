@@ -240,10 +240,9 @@ impl IntoResponse for ApiError {
         let mut response = (status, axum::Json(self.body())).into_response();
         let headers = response.headers_mut();
         if let Some(wait) = retry_after {
-            // Seconds rounded up and never 0: a client that waits that long gets in.
-            let secs = wait.as_millis().div_ceil(1000).max(1) as u64;
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
-            let ms = wait.as_millis().max(1) as u64;
+            // Rounded up and never 0: a client that waits that long gets in.
+            let ms = wait.as_nanos().div_ceil(1_000_000).max(1) as u64;
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(ms.div_ceil(1000)));
             headers.insert("retry-after-ms", HeaderValue::from(ms));
         }
         if let ApiError::RateLimited {

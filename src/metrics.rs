@@ -332,6 +332,18 @@ impl Metrics {
     pub fn render(&self) -> String {
         self.0.handle.render()
     }
+
+    /// Folds the histograms' recent samples into their buckets every few seconds, as a
+    /// scrape would: without it they pile up in memory until someone scrapes.
+    pub async fn maintain(self, stop: tokio_util::sync::CancellationToken) {
+        let mut every = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = every.tick() => self.0.handle.run_upkeep(),
+            }
+        }
+    }
 }
 
 impl Default for Metrics {

@@ -28,11 +28,13 @@ pub async fn serve(
     grace: Duration,
 ) -> io::Result<()> {
     let upkeep = tokio_util::sync::CancellationToken::new();
+    let admission = state.admission.clone().maintain(upkeep.clone());
+    let metrics = state.metrics.clone().maintain(upkeep.clone());
     #[expect(
         clippy::disallowed_methods,
-        reason = "the one background task: admission's upkeep, ends with serve"
+        reason = "the one background task: admission's and metrics' upkeep, ends with serve"
     )]
-    tokio::spawn(state.admission.clone().maintain(upkeep.clone()));
+    tokio::spawn(async move { tokio::join!(admission, metrics) });
     let _upkeep = upkeep.drop_guard();
 
     let listener = Listener {
