@@ -229,24 +229,21 @@ impl Metrics {
         }))
     }
 
+    fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
+        let labels = labels.iter().map(|(k, v)| Label::new(*k, (*v).to_owned()));
+        Key::from_parts(name, labels.collect::<Vec<_>>())
+    }
+
     fn counter(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Counter {
-        let labels = labels
-            .iter()
-            .map(|(k, v)| Label::new(*k, (*v).to_owned()))
-            .collect::<Vec<_>>();
         self.0
             .recorder
-            .register_counter(&Key::from_parts(name, labels), &META)
+            .register_counter(&Self::key(name, labels), &META)
     }
 
     fn histogram(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Histogram {
-        let labels = labels
-            .iter()
-            .map(|(k, v)| Label::new(*k, (*v).to_owned()))
-            .collect::<Vec<_>>();
         self.0
             .recorder
-            .register_histogram(&Key::from_parts(name, labels), &META)
+            .register_histogram(&Self::key(name, labels), &META)
     }
 
     fn model(&self, model: &str) -> Arc<ModelSeries> {

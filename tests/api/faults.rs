@@ -407,15 +407,7 @@ async fn metrics_show_every_documented_series() {
     let (status, _) = outcome(&app, "gpt-test", true).await;
     assert_eq!(status, 429);
     settled(&app).await;
-    let text = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .expect("answers")
-        .text()
-        .await
-        .expect("text");
+    let text = app.metrics().await;
     for series in [
         "sluice_requests_total{route=\"/v1/chat/completions\",model=\"gpt-test\",status=\"200\"} 1",
         "sluice_requests_total{route=\"/v1/chat/completions\",model=\"status-500\",status=\"502\"} 1",

@@ -51,37 +51,23 @@ fn a_broken_template_stops_start_up_naming_the_file() {
 
 #[test]
 fn with_nothing_configured_it_serves_the_mock_model_and_says_so() {
-    let mut child = sluice(&[("SLUICE_ADDR", "127.0.0.1:0")])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut said = false;
-    while let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-        if line.contains("serving the built-in mock model") {
-            said = true;
-            break;
-        }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    assert!(said, "no start-up line about the mock model");
+    let sluice = Running::start(&[]);
+    assert!(
+        sluice
+            .early
+            .iter()
+            .any(|line| line.contains("serving the built-in mock model")),
+        "no start-up line about the mock model: {:?}",
+        sluice.early
+    );
 }
 
 /// A sluice binary running on a free port, and its log lines as they come.
 struct Running {
     child: std::process::Child,
     addr: String,
+    /// What it logged before saying where it listens.
+    early: Vec<String>,
     lines: std::sync::mpsc::Receiver<String>,
 }
 
@@ -106,7 +92,8 @@ impl Running {
                 }
             }
         });
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut early = Vec::new();
         while let Ok(line) = lines.recv_timeout(deadline.saturating_duration_since(Instant::now()))
         {
             if let Some(at) = line.find("listening on http://") {
@@ -116,8 +103,14 @@ impl Running {
                     .next()
                     .unwrap_or_default()
                     .to_owned();
-                return Running { child, addr, lines };
+                return Running {
+                    child,
+                    addr,
+                    early,
+                    lines,
+                };
             }
+            early.push(line);
         }
         let _ = child.kill();
         let _ = child.wait();
@@ -160,6 +153,7 @@ async fn sigterm_lets_streams_finish_within_the_grace_period_and_ends_the_rest_s
     let mut sluice = Running::start(&[
         ("SLUICE_SHUTDOWN_GRACE_S", "1"),
         ("SLUICE_MOCK_TOKENS_PER_S", "10"),
+        ("SLUICE_LOCAL_MODEL", "off"),
     ]);
     let http = reqwest::Client::new();
     let url = sluice.url("/v1/chat/completions");
@@ -231,6 +225,7 @@ async fn with_sluice_log_json_each_request_ends_in_one_json_line() {
         ("SLUICE_LOG", "json"),
         ("SLUICE_API_KEYS", "sk-first"),
         ("SLUICE_MOCK_TOKENS_PER_S", "0"),
+        ("SLUICE_LOCAL_MODEL", "off"),
     ]);
     let http = reqwest::Client::new();
     let url = sluice.url("/v1/chat/completions");

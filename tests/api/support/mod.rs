@@ -113,18 +113,23 @@ impl TestApp {
         response.json().await.expect("JSON")
     }
 
-    /// The value of one series in `/metrics`, 0 when absent.
-    pub async fn metric(&self, series: &str) -> f64 {
-        let text = self
-            .http
+    /// `/metrics` as text.
+    pub async fn metrics(&self) -> String {
+        self.http
             .get(self.url("/metrics"))
             .send()
             .await
             .expect("metrics")
             .text()
             .await
-            .expect("text");
-        text.lines()
+            .expect("text")
+    }
+
+    /// The value of one series in `/metrics`, 0 when absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        self.metrics()
+            .await
+            .lines()
             .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
             .unwrap_or(0.0)
     }
