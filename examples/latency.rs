@@ -87,6 +87,8 @@ async fn serve_upstream() -> (String, Upstream) {
 async fn serve_sluice(upstream: &str) -> String {
     let mut config = sluice::Config::defaults();
     config.openai_base_url = Some(upstream.to_owned());
+    // Over 600 requests in a minute: the default request rate would refuse some.
+    config.rpm = 1_000_000;
     let state = sluice::AppState::build(&config).expect("config");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -119,7 +121,7 @@ async fn first_content(http: &reqwest::Client, base: &str, model: &str) -> Durat
             return start.elapsed();
         }
     }
-    panic!("no content arrived");
+    panic!("no content arrived: {}", String::from_utf8_lossy(&seen));
 }
 
 /// Opens a stream through sluice, reads the first content, drops it; how long until the

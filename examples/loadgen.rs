@@ -48,6 +48,7 @@ fn main() -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("upstream") => runtime.block_on(upstream()),
         Some("sluice") => runtime.block_on(sluice(&args[1])),
+        Some("cancel") => runtime.block_on(cancel_only()),
         Some("soak") => {
             let minutes: f64 = args.get(1).map_or(Ok(10.0), |m| m.parse())?;
             runtime.block_on(soak(minutes))
@@ -237,21 +238,6 @@ fn open_fds(pid: &str) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
-/// A connection's task, ended when its stream is dropped: the socket closes with it.
-struct Abort(tokio::task::JoinHandle<Result<(), hyper::Error>>);
-
-impl Abort {
-    fn abort(&self) {
-        self.0.abort();
-    }
-}
-
-impl Drop for Abort {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// What one stream saw.
 #[derive(Default)]
 struct Seen {
@@ -281,7 +267,10 @@ async fn stream(
     else {
         return (seen, None);
     };
-    let driver = Abort(tokio::spawn(conn));
+    // The connection is driven in this task, not a spawned one: dropping it closes the
+    // socket there and then, so a close's time is known exactly.
+    let mut conn = Box::pin(conn);
+    let mut conn_done = false;
     let body = json!({"model": model, "stream": true,
         "messages": [{"role": "user", "content": "Count."}]})
     .to_string();
@@ -293,28 +282,39 @@ async fn stream(
     let Ok(request) = request else {
         return (seen, None);
     };
-    let Ok(response) = sender.send_request(request).await else {
-        driver.abort();
+    let response = tokio::select! {
+        response = sender.send_request(request) => response,
+        _ = &mut conn => return (seen, None),
+    };
+    let Ok(response) = response else {
         return (seen, None);
     };
     if response.status() != 200 {
-        driver.abort();
         return (seen, None);
     }
     let mut body = response.into_body();
     let mut cancel = cancel;
     let mut counted = false;
     loop {
-        let frame = match &mut cancel {
-            Some(cancel) => tokio::select! {
-                frame = body.frame() => frame,
-                _ = cancel.wait_for(|c| *c) => {
-                    let closed = now_ns();
-                    driver.abort();
-                    return (seen, Some(closed));
+        let cancelled = async {
+            match &mut cancel {
+                Some(cancel) => {
+                    let _ = cancel.wait_for(|c| *c).await;
                 }
-            },
-            None => body.frame().await,
+                None => std::future::pending().await,
+            }
+        };
+        let frame = tokio::select! {
+            frame = body.frame() => frame,
+            _ = &mut conn, if !conn_done => {
+                conn_done = true;
+                continue;
+            }
+            () = cancelled => {
+                drop(body);
+                drop(conn);
+                return (seen, Some(now_ns()));
+            }
         };
         let Some(Ok(frame)) = frame else { break };
         let Ok(data) = frame.into_data() else {
@@ -344,7 +344,6 @@ async fn stream(
             break;
         }
     }
-    driver.abort();
     (seen, None)
 }
 
@@ -356,13 +355,32 @@ fn quantile(sorted: &[u32], q: f64) -> f64 {
     f64::from(sorted[i]) / 1000.0
 }
 
+/// How many times each level runs each path.
+const REPEATS: usize = 3;
+
 /// One phase: `c` streams to `target`, started in batches; the measurements.
+#[derive(Default)]
 struct Phase {
     ttft: Vec<u32>,
     chunks: Vec<u32>,
     errors: usize,
     wall_s: f64,
     rss_open_kib: u64,
+}
+
+impl Phase {
+    fn add(&mut self, other: Phase) {
+        self.ttft.extend(other.ttft);
+        self.chunks.extend(other.chunks);
+        self.errors += other.errors;
+        self.wall_s += other.wall_s;
+        self.rss_open_kib = other.rss_open_kib;
+    }
+
+    fn sort(&mut self) {
+        self.ttft.sort_unstable();
+        self.chunks.sort_unstable();
+    }
 }
 
 async fn phase(target: &str, path: &str, c: usize, model: &str, watch_pid: &str) -> Phase {
@@ -466,11 +484,26 @@ async fn levels(only: Option<usize>) -> anyhow::Result<()> {
             c
         };
         let model = format!("load-{tokens}-{interval}");
-        let direct = phase(&upstream.addr, "/v1/chat/completions", c, &model, &up_pid).await;
-        let cpu = |pid: &str| cpu_s(pid);
-        let (g0, u0, m0) = (cpu(&gw_pid), cpu(&up_pid), cpu(&me));
-        let through = phase(&gateway.addr, "/v1/chat/completions", c, &model, &gw_pid).await;
-        let (g1, u1, m1) = (cpu(&gw_pid), cpu(&up_pid), cpu(&me));
+        // Direct, then through sluice, three times over, each path's samples pooled: one
+        // pass alone is at the mercy of what else the two cores were doing.
+        let mut direct = Phase::default();
+        let mut through = Phase::default();
+        let (mut g, mut u, mut m) = (0.0, 0.0, 0.0);
+        let mut rss_open = Vec::new();
+        for _ in 0..REPEATS {
+            direct.add(phase(&upstream.addr, "/v1/chat/completions", c, &model, &up_pid).await);
+            let (g0, u0, m0) = (cpu_s(&gw_pid), cpu_s(&up_pid), cpu_s(&me));
+            let pass = phase(&gateway.addr, "/v1/chat/completions", c, &model, &gw_pid).await;
+            g += cpu_s(&gw_pid) - g0;
+            u += cpu_s(&up_pid) - u0;
+            m += cpu_s(&me) - m0;
+            rss_open.push(pass.rss_open_kib);
+            through.add(pass);
+        }
+        direct.sort();
+        through.sort();
+        rss_open.sort_unstable();
+        through.rss_open_kib = rss_open[rss_open.len() / 2];
         let n = through.chunks.len().max(1) as f64;
         let added = |a: &[u32], b: &[u32], q: f64| quantile(a, q) - quantile(b, q);
         let row = json!({
@@ -490,8 +523,8 @@ async fn levels(only: Option<usize>) -> anyhow::Result<()> {
             "chunks": through.chunks.len(),
             "chunks_per_s": n / through.wall_s,
             "errors": {"direct": direct.errors, "sluice": through.errors},
-            "sluice_cpu_s_per_1k_chunks": (g1 - g0) / n * 1000.0,
-            "cpu_s": {"sluice": g1 - g0, "upstream": u1 - u0, "client": m1 - m0},
+            "sluice_cpu_s_per_1k_chunks": (g) / n * 1000.0,
+            "cpu_s": {"sluice": g, "upstream": u, "client": m},
             "sluice_rss_kib": {"idle": idle_rss, "open": through.rss_open_kib,
                 "per_stream": (through.rss_open_kib.saturating_sub(idle_rss)) as f64 / c as f64},
         });
@@ -507,9 +540,9 @@ async fn levels(only: Option<usize>) -> anyhow::Result<()> {
             direct.errors + through.errors,
             row["sluice_cpu_s_per_1k_chunks"].as_f64().unwrap_or(0.0),
             row["sluice_rss_kib"]["per_stream"].as_f64().unwrap_or(0.0),
-            g1 - g0,
-            u1 - u0,
-            m1 - m0,
+            g,
+            u,
+            m,
         );
         rows.push(row);
     }
@@ -534,6 +567,20 @@ async fn levels(only: Option<usize>) -> anyhow::Result<()> {
     )?;
     chart(&rows)?;
     println!("\nwrote target/loadgen/levels.json and docs/loadgen.svg");
+    Ok(())
+}
+
+async fn cancel_only() -> anyhow::Result<()> {
+    raise_fd_limit();
+    let upstream = Proc::start(&["upstream"])?;
+    let gateway = Proc::start(&["sluice", &upstream.addr])?;
+    eprintln!(
+        "pids: sluice {}, upstream {}",
+        gateway.pid(),
+        upstream.pid()
+    );
+    let cancel = cancellation(&gateway.addr, &upstream.addr, 1_000).await;
+    println!("{cancel}");
     Ok(())
 }
 
@@ -734,8 +781,12 @@ async fn soak(minutes: f64) -> anyhow::Result<()> {
     let mut samples = Vec::new();
     println!("| minute | sluice RSS (MiB) | open fds | streams ended | failed |");
     println!("|---|---|---|---|---|");
-    while Instant::now() < end {
+    loop {
         tokio::time::sleep(Duration::from_secs(10)).await;
+        // Not once the clients have begun to stop.
+        if Instant::now() >= end {
+            break;
+        }
         let minute = started.elapsed().as_secs_f64() / 60.0;
         let (rss, fds) = (rss_kib(&gw_pid), open_fds(&gw_pid));
         println!(

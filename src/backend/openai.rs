@@ -16,6 +16,9 @@ use serde_json::{Map, Value, json};
 
 use super::{Backend, BackendError, ChatRequest, Delta, DeltaStream, Usage};
 
+/// How long sluice waits, after `[DONE]`, for the response body to end.
+const BODY_END: Duration = Duration::from_millis(100);
+
 pub struct OpenAiBackend {
     http: reqwest::Client,
     base_url: String,
@@ -115,6 +118,9 @@ impl Backend for OpenAiBackend {
                     }
                 };
                 if data == "[DONE]" {
+                    // Read on to the body's end, which is right behind: a response read to
+                    // its end gives its connection back to the pool for the next request.
+                    let _ = tokio::time::timeout(BODY_END, events.next()).await;
                     return;
                 }
                 let parsed = serde_json::from_str::<Value>(&data)
