@@ -430,3 +430,21 @@ async fn metrics_show_every_documented_series() {
         assert!(text.contains(series), "no `{series}` in\n{text}");
     }
 }
+
+#[tokio::test]
+async fn requests_in_a_row_reuse_one_upstream_connection() {
+    let upstream = FakeUpstream::spawn().await;
+    let app = TestApp::in_front_of(&upstream).await;
+    // The body ends 20 ms after `[DONE]`: sluice reads on to its end, or the connection
+    // could not serve another request.
+    for stream in [true, true, false] {
+        let (status, error) = outcome(&app, "late-end", stream).await;
+        assert_eq!((status, error), (200, None));
+    }
+    let connections: Vec<u64> = upstream.requests().iter().map(|s| s.connection).collect();
+    assert_eq!(
+        connections,
+        [1, 1, 1],
+        "each reply read to its end frees its connection"
+    );
+}

@@ -231,6 +231,15 @@ async fn behave(body: &Value, sent: Arc<std::sync::atomic::AtomicUsize>) -> Resp
             Step::Send(chunk(json!({}), Some("tool_calls"))),
             Step::Send(done.clone()),
         ]),
+        // A reply whose body ends a moment after its `[DONE]`.
+        "late-end" => {
+            steps.extend(tokens.iter().map(|t| Step::Send(text(t))));
+            steps.extend([
+                Step::Send(finish),
+                Step::Send(done),
+                Step::Wait(Duration::from_millis(20)),
+            ]);
+        }
         _ => {
             for t in tokens {
                 steps.push(Step::Send(text(t)));
