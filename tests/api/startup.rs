@@ -174,6 +174,28 @@ async fn sigterm_lets_streams_finish_within_the_grace_period_and_ends_the_rest_s
         (long.status().as_u16(), short.status().as_u16()),
         (200, 200)
     );
+    // A request still waiting for its first token when the grace period ends: no answer
+    // yet, so it gets a status.
+    let mut waiting = serde_json::json!({"model": "mock-hang", "stream": true,
+        "messages": [{"role": "user", "content": "Hi"}]});
+    waiting["max_tokens"] = 4.into();
+    let waiting = tokio::spawn(http.post(&url).json(&waiting).send());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = http
+            .get(sluice.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        if metrics.lines().any(|l| l == "sluice_active_streams 3") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the third stream never opened");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 
     let signalled = Instant::now();
     let killed = Command::new("kill")
@@ -191,6 +213,11 @@ async fn sigterm_lets_streams_finish_within_the_grace_period_and_ends_the_rest_s
     let long = crate::support::payloads(&crate::support::all_events(long).await);
     let last = long.last().expect("events");
     assert_eq!(last["error"]["code"], "server_restarting", "{last}");
+    let waiting = waiting.await.expect("the task ran").expect("an answer");
+    assert_eq!(waiting.status(), 503);
+    assert_eq!(waiting.headers()["retry-after"], "1");
+    let body: serde_json::Value = waiting.json().await.expect("JSON");
+    assert_eq!(body["error"]["code"], "server_restarting", "{body}");
     let cut = signalled.elapsed();
     assert!(
         cut >= Duration::from_millis(900),
