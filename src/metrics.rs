@@ -67,6 +67,30 @@ const SMALL_SECONDS: [f64; 14] = [
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 ];
 
+/// Every histogram: its name, its buckets and what it measures.
+const HISTOGRAMS: [(&str, &[f64], &str); 4] = [
+    (
+        "sluice_time_to_first_token_seconds",
+        &HUMAN_SECONDS,
+        "From the request's arrival to its first token leaving sluice, by model.",
+    ),
+    (
+        "sluice_time_per_output_token_seconds",
+        &SMALL_SECONDS,
+        "Mean time between tokens after the first, per request, by model.",
+    ),
+    (
+        "sluice_upstream_request_duration_seconds",
+        &HUMAN_SECONDS,
+        "Upstream requests from sending to their last byte (or cancellation), by model.",
+    ),
+    (
+        "sluice_overhead_seconds",
+        &SMALL_SECONDS,
+        "sluice's own share of the time to first byte: before the upstream call, and from the upstream's first chunk to its relay.",
+    ),
+];
+
 /// A sluice's metrics: fixed series as handles, labelled ones registered on use.
 #[derive(Clone)]
 pub struct Metrics(Arc<Inner>);
@@ -99,34 +123,20 @@ const META: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, Some(
 
 impl Metrics {
     pub fn new() -> Self {
-        let builder = PrometheusBuilder::new()
-            .set_buckets_for_metric(
-                Matcher::Suffix("time_to_first_token_seconds".into()),
-                &HUMAN_SECONDS,
-            )
-            .and_then(|b| {
-                b.set_buckets_for_metric(
-                    Matcher::Full("sluice_upstream_request_duration_seconds".into()),
-                    &HUMAN_SECONDS,
-                )
-            })
-            .and_then(|b| {
-                b.set_buckets_for_metric(
-                    Matcher::Full("sluice_time_per_output_token_seconds".into()),
-                    &SMALL_SECONDS,
-                )
-            })
-            .and_then(|b| {
-                b.set_buckets_for_metric(
-                    Matcher::Full("sluice_overhead_seconds".into()),
-                    &SMALL_SECONDS,
-                )
-            });
+        let builder =
+            HISTOGRAMS
+                .iter()
+                .try_fold(PrometheusBuilder::new(), |builder, (name, buckets, _)| {
+                    builder.set_buckets_for_metric(Matcher::Full((*name).into()), buckets)
+                });
         let recorder = match builder {
             Ok(builder) => builder.build_recorder(),
             // Only an empty bucket list fails, and these are constants.
             Err(_) => PrometheusBuilder::new().build_recorder(),
         };
+        for (name, _, help) in HISTOGRAMS {
+            recorder.describe_histogram(name.into(), Some(metrics::Unit::Seconds), help.into());
+        }
         let describe = |name: &'static str, help: &'static str| {
             recorder.describe_counter(name.into(), None, help.into());
         };
@@ -169,25 +179,6 @@ impl Metrics {
         describe(
             "sluice_redis_errors_total",
             "Admissions that could not reach Redis (then failed open or closed).",
-        );
-        let histogram = |name: &'static str, help: &'static str| {
-            recorder.describe_histogram(name.into(), Some(metrics::Unit::Seconds), help.into());
-        };
-        histogram(
-            "sluice_time_to_first_token_seconds",
-            "From the request's arrival to its first token leaving sluice, by model.",
-        );
-        histogram(
-            "sluice_time_per_output_token_seconds",
-            "Mean time between tokens after the first, per request, by model.",
-        );
-        histogram(
-            "sluice_upstream_request_duration_seconds",
-            "Upstream requests from sending to their last byte (or cancellation), by model.",
-        );
-        histogram(
-            "sluice_overhead_seconds",
-            "sluice's own share of the time to first byte: before the upstream call, and from the upstream's first chunk to its relay.",
         );
         recorder.describe_gauge(
             "sluice_active_streams".into(),

@@ -109,9 +109,9 @@ pub fn upstream(
                     Delta::Usage(_) => {}
                 }
                 relayed |= first;
-                let received = Instant::now();
+                let received = first.then(Instant::now);
                 yield Ok(delta);
-                if first {
+                if let Some(received) = received {
                     // Resumed once the first chunk has been written: sluice's own share of
                     // the time to first byte is what came before the call, and this.
                     metrics.overhead(started.duration_since(exchange.arrived()) + received.elapsed());

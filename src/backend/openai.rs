@@ -105,6 +105,8 @@ impl Backend for OpenAiBackend {
                 return;
             }
             let mut events = response.bytes_stream().eventsource();
+            // A chunk's deltas, in one buffer kept for the whole stream.
+            let mut ready = Vec::with_capacity(4);
             while let Some(event) = events.next().await {
                 let data = match event {
                     Ok(event) => event.data,
@@ -125,17 +127,13 @@ impl Backend for OpenAiBackend {
                 }
                 let parsed = serde_json::from_str::<Value>(&data)
                     .map_err(|e| BackendError::Protocol(format!("a chunk that is not JSON ({e})")))
-                    .and_then(deltas);
-                match parsed {
-                    Ok(deltas) => {
-                        for delta in deltas {
-                            yield Ok(delta);
-                        }
-                    }
-                    Err(e) => {
-                        yield Err(e);
-                        return;
-                    }
+                    .and_then(|chunk| deltas(chunk, &mut ready));
+                if let Err(e) = parsed {
+                    yield Err(e);
+                    return;
+                }
+                for delta in ready.drain(..) {
+                    yield Ok(delta);
                 }
             }
             // A bare end of stream: the relay treats a reply without a finish_reason as
@@ -197,8 +195,8 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
         .map(Duration::from_secs_f64)
 }
 
-/// The deltas of one upstream chunk, or the error it carries in band.
-fn deltas(mut chunk: Value) -> Result<Vec<Delta>, BackendError> {
+/// Appends the deltas of one upstream chunk to `out`, or returns the error it carries in band.
+fn deltas(mut chunk: Value, out: &mut Vec<Delta>) -> Result<(), BackendError> {
     if let Some(error) = chunk.get("error") {
         let message = error
             .get("message")
@@ -206,7 +204,6 @@ fn deltas(mut chunk: Value) -> Result<Vec<Delta>, BackendError> {
             .unwrap_or("the upstream reported an error mid-stream");
         return Err(BackendError::Interrupted(message.to_owned()));
     }
-    let mut out = Vec::with_capacity(1);
     let choice = chunk
         .get_mut("choices")
         .and_then(Value::as_array_mut)
@@ -239,7 +236,7 @@ fn deltas(mut chunk: Value) -> Result<Vec<Delta>, BackendError> {
             count("completion_tokens"),
         )));
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Why no answer came: the connect limit, or no connection at all.
@@ -273,7 +270,8 @@ mod tests {
         let chunk = json!({"choices":[{"index":0,"delta":{"role":"assistant","content":"Hi",
             "tool_calls":[{"index":0,"id":"c1"}],"refusal":null},"finish_reason":"stop"}],
             "usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}});
-        let out = deltas(chunk).expect("a valid chunk");
+        let mut out = Vec::new();
+        deltas(chunk, &mut out).expect("a valid chunk");
         assert_eq!(out[0], Delta::Text("Hi".into()));
         assert!(
             matches!(&out[1], Delta::Fields(f) if f.contains_key("tool_calls") && f.len() == 1)
@@ -285,6 +283,7 @@ mod tests {
     #[test]
     fn an_error_object_in_band_is_an_error() {
         let chunk = json!({"error":{"message":"overloaded"}});
-        assert!(matches!(deltas(chunk), Err(BackendError::Interrupted(m)) if m == "overloaded"));
+        let result = deltas(chunk, &mut Vec::new());
+        assert!(matches!(result, Err(BackendError::Interrupted(m)) if m == "overloaded"));
     }
 }

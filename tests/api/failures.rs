@@ -90,9 +90,7 @@ async fn a_refused_connection_is_a_502() {
 #[tokio::test]
 async fn no_first_token_in_time_is_a_504() {
     let upstream = FakeUpstream::spawn().await;
-    let base = upstream.base_url();
-    let app = TestApp::spawn_with(|c| {
-        c.openai_base_url = Some(base);
+    let app = TestApp::in_front_of_with(&upstream, |c| {
         c.first_token_timeout_ms = 300;
     })
     .await;
@@ -156,9 +154,7 @@ async fn failures_after_the_first_token_end_with_an_error_not_done() {
 #[tokio::test]
 async fn a_stream_that_stalls_after_its_first_token_ends_within_the_idle_limit() {
     let upstream = FakeUpstream::spawn().await;
-    let base = upstream.base_url();
-    let app = TestApp::spawn_with(|c| {
-        c.openai_base_url = Some(base);
+    let app = TestApp::in_front_of_with(&upstream, |c| {
         c.idle_timeout_ms = 300;
     })
     .await;

@@ -59,9 +59,7 @@ fn config_file(toml: &str) -> std::path::PathBuf {
 #[tokio::test]
 async fn every_upstream_fault_fails_readably_and_leaves_nothing_open() {
     let upstream = FakeUpstream::spawn().await;
-    let base = upstream.base_url();
-    let app = TestApp::spawn_with(|c| {
-        c.openai_base_url = Some(base);
+    let app = TestApp::in_front_of_with(&upstream, |c| {
         c.first_token_timeout_ms = 300;
         c.idle_timeout_ms = 300;
     })
@@ -173,9 +171,7 @@ async fn a_connection_that_is_never_accepted_hits_the_connect_limit() {
 #[tokio::test]
 async fn a_reply_longer_than_the_total_limit_ends_with_a_timeout_event() {
     let upstream = FakeUpstream::spawn().await;
-    let base = upstream.base_url();
-    let app = TestApp::spawn_with(|c| {
-        c.openai_base_url = Some(base);
+    let app = TestApp::in_front_of_with(&upstream, |c| {
         c.total_timeout_ms = 400;
     })
     .await;
@@ -315,9 +311,7 @@ fallbacks = [{{ base_url = "{base}", model = "gpt-test" }}]
 #[tokio::test]
 async fn a_client_that_stops_reading_is_dropped_and_the_upstream_paused_then_cancelled() {
     let upstream = FakeUpstream::spawn().await;
-    let base = upstream.base_url();
-    let app = TestApp::spawn_with(|c| {
-        c.openai_base_url = Some(base);
+    let app = TestApp::in_front_of_with(&upstream, |c| {
         c.slow_client_timeout_ms = 1_000;
     })
     .await;
@@ -394,9 +388,7 @@ async fn readyz_reports_each_upstream_and_stays_ready_when_one_is_down() {
 #[tokio::test]
 async fn metrics_show_every_documented_series() {
     let upstream = FakeUpstream::spawn().await;
-    let base = upstream.base_url();
-    let app = TestApp::spawn_with(|c| {
-        c.openai_base_url = Some(base);
+    let app = TestApp::in_front_of_with(&upstream, |c| {
         c.rpm = 2;
     })
     .await;

@@ -78,10 +78,19 @@ impl TestApp {
 
     /// sluice in front of `upstream` as its default upstream.
     pub async fn in_front_of(upstream: &FakeUpstream) -> TestApp {
+        Self::in_front_of_with(upstream, |_| {}).await
+    }
+
+    /// sluice in front of `upstream`, with `adjust` applied to the rest of its settings.
+    pub async fn in_front_of_with(
+        upstream: &FakeUpstream,
+        adjust: impl FnOnce(&mut Config),
+    ) -> TestApp {
         let base = upstream.base_url();
         Self::spawn_with(|c| {
             c.openai_base_url = Some(base);
             c.openai_api_key = Some("sk-test-secret-key".into());
+            adjust(c);
         })
         .await
     }
