@@ -36,7 +36,8 @@ fn bench(
         .expect("open");
     c.bench_function(name, |b| {
         b.to_async(runtime).iter(|| async {
-            let mut permit = admission.admit(&who, "mock", 100).await.expect("admitted");
+            let mut permit = admission.admit(&who, "mock").await.expect("admitted");
+            permit.reserve(100).await.expect("reserved");
             permit.settle(60);
         })
     });

@@ -155,14 +155,50 @@ pub struct Config {
           default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
     pub local_queue: u32,
 
-    /// Folder of prompt templates.
+    /// Folder of prompt templates [default: `prompts` when that folder exists, else the
+    /// templates built into the binary].
+    #[arg(long, env = "SLUICE_PROMPTS", value_name = "SLUICE_PROMPTS")]
+    pub prompts: Option<PathBuf>,
+
+    /// Limit on reading a request's headers (and an idle connection's wait for its next
+    /// request), and then on reading its body, in milliseconds.
+    #[arg(long, env = "SLUICE_HEADER_TIMEOUT_MS", value_name = "SLUICE_HEADER_TIMEOUT_MS",
+          default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_timeout_ms: u64,
+
+    /// Open client connections at most [default: from the descriptor limit, leaving room
+    /// for upstream sockets]; more wait to be accepted.
+    #[arg(long, env = "SLUICE_MAX_CONNECTIONS", value_name = "SLUICE_MAX_CONNECTIONS",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: Option<u32>,
+
+    /// PEM certificate chain: with SLUICE_TLS_KEY, serve HTTPS (HTTP/2 and 1.1 by ALPN).
+    #[arg(long, env = "SLUICE_TLS_CERT", value_name = "SLUICE_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of SLUICE_TLS_CERT.
+    #[arg(long, env = "SLUICE_TLS_KEY", value_name = "SLUICE_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Origins allowed to call the API from a browser, comma-separated
+    /// (`https://app.example`); unset: same origin only.
+    #[arg(long, env = "SLUICE_CORS_ORIGINS", value_name = "SLUICE_CORS_ORIGINS",
+          value_delimiter = ',', value_parser = origin)]
+    pub cors_origins: Vec<String>,
+
+    /// Bearer token that `/metrics` and `/readyz` require; unset: open.
     #[arg(
         long,
-        env = "SLUICE_PROMPTS",
-        value_name = "SLUICE_PROMPTS",
-        default_value = "prompts"
+        env = "SLUICE_METRICS_TOKEN",
+        value_name = "SLUICE_METRICS_TOKEN",
+        hide_env_values = true
     )]
-    pub prompts: PathBuf,
+    pub metrics_token: Option<String>,
+
+    /// Cap on a non-streamed reply assembled from an upstream, in bytes.
+    #[arg(long, env = "SLUICE_MAX_REPLY_BYTES", value_name = "SLUICE_MAX_REPLY_BYTES",
+          default_value_t = 16 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_reply_bytes: u64,
 
     /// Seconds open streams may run on after SIGTERM or Ctrl-C.
     #[arg(
@@ -189,6 +225,17 @@ fn http_url(value: &str) -> Result<String, String> {
         return Err("must be an http:// or https:// URL".into());
     }
     Ok(value.trim_end_matches('/').to_owned())
+}
+
+fn origin(value: &str) -> Result<String, String> {
+    let value = value.trim().trim_end_matches('/');
+    let url = reqwest::Url::parse(value).map_err(|e| format!("{value:?} is not an origin: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.path() != "/" || url.host().is_none() {
+        return Err(format!(
+            "{value:?} is not an origin (scheme://host[:port], e.g. https://app.example)"
+        ));
+    }
+    Ok(value.to_owned())
 }
 
 fn ip_net(value: &str) -> Result<ipnet::IpNet, String> {
@@ -233,6 +280,10 @@ impl Config {
 
     pub fn total_timeout(&self) -> Duration {
         Duration::from_millis(self.total_timeout_ms)
+    }
+
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_timeout_ms)
     }
 
     pub fn slow_client_timeout(&self) -> Duration {

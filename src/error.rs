@@ -57,6 +57,10 @@ pub enum ApiError {
         "Incorrect API key provided. Send one of sluice's keys as `Authorization: Bearer <key>`."
     )]
     InvalidApiKey,
+    #[error(
+        "`/metrics` and `/readyz` want SLUICE_METRICS_TOKEN as `Authorization: Bearer <token>`."
+    )]
+    InvalidMetricsToken,
     /// The client is over one of its limits.
     #[error("{message}")]
     RateLimited {
@@ -73,6 +77,12 @@ pub enum ApiError {
     /// sluice is shutting down: the client should try again, on another instance.
     #[error("the server is restarting; retry the request")]
     Restarting,
+    /// The request's body did not arrive within the limit.
+    #[error("the request body did not arrive within {0} ms")]
+    BodyTimeout(u64),
+    /// A bug in sluice (a panic was caught): the details are in the log.
+    #[error("the server had an error while processing the request")]
+    Internal,
 }
 
 impl ApiError {
@@ -98,8 +108,10 @@ impl ApiError {
             ApiError::Overloaded { .. } | ApiError::Busy { .. } | ApiError::Restarting => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            ApiError::InvalidApiKey => StatusCode::UNAUTHORIZED,
+            ApiError::InvalidApiKey | ApiError::InvalidMetricsToken => StatusCode::UNAUTHORIZED,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -111,16 +123,17 @@ impl ApiError {
             | ApiError::ModelNotFound(_)
             | ApiError::RouteNotFound { .. }
             | ApiError::MethodNotAllowed { .. }
+            | ApiError::BodyTimeout(_)
             | ApiError::UpstreamRejected { .. } => "invalid_request_error",
             ApiError::UpstreamRateLimited { .. } | ApiError::RateLimited { .. } => {
                 "rate_limit_error"
             }
-            ApiError::InvalidApiKey => "invalid_request_error",
+            ApiError::InvalidApiKey | ApiError::InvalidMetricsToken => "invalid_request_error",
             ApiError::Busy { .. } => "overloaded_error",
             ApiError::UpstreamAuth | ApiError::UpstreamFailed(_) => "upstream_error",
             ApiError::UpstreamTimeout(_) => "timeout_error",
             ApiError::Overloaded { .. } => "overloaded_error",
-            ApiError::Restarting => "server_error",
+            ApiError::Restarting | ApiError::Internal => "server_error",
         }
     }
 
@@ -138,10 +151,12 @@ impl ApiError {
             ApiError::UpstreamFailed(_) => "upstream_failed",
             ApiError::UpstreamTimeout(_) => "upstream_timeout",
             ApiError::Overloaded { .. } => "model_overloaded",
-            ApiError::InvalidApiKey => "invalid_api_key",
+            ApiError::InvalidApiKey | ApiError::InvalidMetricsToken => "invalid_api_key",
             ApiError::RateLimited { .. } => "rate_limit_exceeded",
             ApiError::Busy { .. } => "server_busy",
             ApiError::Restarting => "server_restarting",
+            ApiError::BodyTimeout(_) => "request_timeout",
+            ApiError::Internal => "internal_error",
         };
         Some(code.to_owned())
     }
@@ -203,7 +218,12 @@ impl From<BackendError> for ApiError {
                     param,
                     code,
                 },
-                _ => ApiError::UpstreamFailed(format!("status {status}: {message}")),
+                // The upstream's own words for a redirect or a 5xx (tracebacks, host names)
+                // are in sluice's log, not in the client's answer.
+                300..=399 => ApiError::UpstreamFailed(format!(
+                    "the upstream answered {status}, a redirect; sluice follows none"
+                )),
+                _ => ApiError::UpstreamFailed(format!("the upstream answered {status}")),
             },
             BackendError::RateLimited {
                 message,
@@ -212,6 +232,7 @@ impl From<BackendError> for ApiError {
                 message,
                 retry_after,
             },
+            BackendError::TooLarge(_) => ApiError::UpstreamFailed(e.to_string()),
             BackendError::Unreachable(m)
             | BackendError::Interrupted(m)
             | BackendError::Protocol(m) => ApiError::UpstreamFailed(m),

@@ -10,6 +10,7 @@ pub mod backend;
 pub mod config;
 pub mod error;
 pub mod metrics;
+pub mod pipeline;
 pub mod prompts;
 pub mod relay;
 pub mod routes;

@@ -106,6 +106,8 @@ struct Inner {
     local_tokens: Counter,
     redis_errors: Counter,
     slow_clients: Counter,
+    accept_errors: Counter,
+    idle_closed: Counter,
     /// Each model's series, registered once: a stream's end takes one lookup, not four.
     per_model: Mutex<std::collections::HashMap<String, Arc<ModelSeries>>>,
     overhead: Histogram,
@@ -169,6 +171,14 @@ impl Metrics {
             "Connections dropped because the client took nothing for SLUICE_SLOW_CLIENT_TIMEOUT_MS.",
         );
         describe(
+            "sluice_accept_errors_total",
+            "Failed accepts of client connections (out of descriptors, mostly), each followed by a back-off.",
+        );
+        describe(
+            "sluice_idle_connections_closed_total",
+            "Client connections closed for sending no request within SLUICE_HEADER_TIMEOUT_MS.",
+        );
+        describe(
             "sluice_mock_tokens_generated_total",
             "Tokens the built-in mock model generated.",
         );
@@ -212,6 +222,8 @@ impl Metrics {
             local_tokens: counter("sluice_local_tokens_generated_total", vec![]),
             redis_errors: counter("sluice_redis_errors_total", vec![]),
             slow_clients: counter("sluice_slow_clients_dropped_total", vec![]),
+            accept_errors: counter("sluice_accept_errors_total", vec![]),
+            idle_closed: counter("sluice_idle_connections_closed_total", vec![]),
             per_model: Mutex::default(),
             overhead: recorder
                 .register_histogram(&Key::from_name("sluice_overhead_seconds"), &META),
@@ -316,6 +328,14 @@ impl Metrics {
         self.0.slow_clients.clone()
     }
 
+    pub fn accept_errors(&self) -> Counter {
+        self.0.accept_errors.clone()
+    }
+
+    pub fn idle_connections_closed(&self) -> Counter {
+        self.0.idle_closed.clone()
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         self.0.handle.render()
@@ -366,7 +386,7 @@ impl TokenTimes {
     pub fn token(&mut self, at: Duration) {
         self.first.get_or_insert(at);
         self.last = Some(at);
-        self.count += 1;
+        self.count = self.count.saturating_add(1);
     }
 
     fn per_token(&self) -> Option<Duration> {
@@ -398,6 +418,8 @@ struct Record {
     status: Option<u16>,
     key: Option<Arc<str>>,
     model: Option<String>,
+    /// The model's metric label, once admitted.
+    label: Option<String>,
     outcome: Option<Outcome>,
     ttft: Option<Duration>,
     usage: Option<Usage>,
@@ -426,6 +448,11 @@ impl Exchange {
     /// The model asked for, once it is known to route somewhere.
     pub fn set_model(&self, model: &str) {
         self.record().model = Some(model.to_owned());
+    }
+
+    /// The model's metric label: set once the request is admitted.
+    pub fn set_label(&self, label: String) {
+        self.record().label = Some(label);
     }
 
     pub fn fell_back(&self, error: &BackendError) {
@@ -499,7 +526,7 @@ pub async fn observe(State(metrics): State<Metrics>, mut req: Request, next: Nex
         record.status = Some(status);
         (
             record.route.clone().unwrap_or_else(|| "unmatched".into()),
-            record.model.clone().unwrap_or_default(),
+            record.label.clone().unwrap_or_default(),
         )
     };
     metrics

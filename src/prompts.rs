@@ -13,6 +13,14 @@ use minijinja::{Environment, UndefinedBehavior};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+/// The shipped templates, as `prompts/` holds them.
+const BUILT_IN: [(&str, &str); 4] = [
+    ("assistant", include_str!("../prompts/assistant.j2")),
+    ("code_review", include_str!("../prompts/code_review.j2")),
+    ("summarize", include_str!("../prompts/summarize.j2")),
+    ("translate", include_str!("../prompts/translate.j2")),
+];
+
 #[derive(Debug, Clone, Serialize)]
 pub struct PromptInfo {
     pub name: String,
@@ -46,9 +54,6 @@ impl Prompts {
     /// Loads every `*.j2` in `dir`. A template that does not parse stops start-up with its
     /// file name.
     pub fn load(dir: &Path) -> anyhow::Result<Self> {
-        let mut env = Environment::new();
-        env.set_undefined_behavior(UndefinedBehavior::Strict);
-        let mut info = BTreeMap::new();
         let entries = std::fs::read_dir(dir)
             .with_context(|| format!("cannot read the prompts folder {}", dir.display()))?;
         let mut paths: Vec<_> = entries
@@ -56,6 +61,7 @@ impl Prompts {
             .filter(|p| p.extension().is_some_and(|x| x == "j2"))
             .collect();
         paths.sort();
+        let mut sources = Vec::with_capacity(paths.len());
         for path in paths {
             let name = path
                 .file_stem()
@@ -64,14 +70,38 @@ impl Prompts {
                 .to_owned();
             let source = std::fs::read_to_string(&path)
                 .with_context(|| format!("cannot read prompt template {}", path.display()))?;
+            sources.push((name, path.display().to_string(), source));
+        }
+        Self::from_sources(sources)
+    }
+
+    /// The templates shipped in `prompts/`, built into the binary: `/api/chat` templates
+    /// work from any working directory.
+    pub fn built_in() -> anyhow::Result<Self> {
+        let sources = BUILT_IN
+            .iter()
+            .map(|(name, source)| {
+                (
+                    (*name).to_owned(),
+                    format!("built-in {name}.j2"),
+                    (*source).to_owned(),
+                )
+            })
+            .collect();
+        Self::from_sources(sources)
+    }
+
+    /// Templates from `(name, where it came from, source)`.
+    fn from_sources(sources: Vec<(String, String, String)>) -> anyhow::Result<Self> {
+        let mut env = Environment::new();
+        env.set_undefined_behavior(UndefinedBehavior::Strict);
+        let mut info = BTreeMap::new();
+        for (name, origin, source) in sources {
             let Some(description) = description(&source) else {
-                bail!(
-                    "prompt template {} must start with a {{# description #}} comment",
-                    path.display()
-                );
+                bail!("prompt template {origin} must start with a {{# description #}} comment");
             };
             env.add_template_owned(name.clone(), source)
-                .with_context(|| format!("prompt template {} does not parse", path.display()))?;
+                .with_context(|| format!("prompt template {origin} does not parse"))?;
             let template = env.get_template(&name)?;
             let mut variables: Vec<String> =
                 template.undeclared_variables(false).into_iter().collect();
@@ -89,13 +119,6 @@ impl Prompts {
             env: Arc::new(env),
             info: Arc::new(info),
         })
-    }
-
-    pub fn empty() -> Self {
-        Prompts {
-            env: Arc::new(Environment::new()),
-            info: Arc::new(BTreeMap::new()),
-        }
     }
 
     pub fn list(&self) -> impl Iterator<Item = &PromptInfo> {
@@ -166,6 +189,15 @@ mod tests {
         vars.insert("sentences".into(), Value::from(2));
         let text = prompts.render("summarize", &vars).expect("renders");
         assert!(text.contains('2'), "{text}");
+    }
+
+    #[test]
+    fn the_built_in_templates_are_the_shipped_folder() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("prompts");
+        let folder = Prompts::load(&dir).expect("prompts/ loads");
+        let built_in = Prompts::built_in().expect("built-in templates load");
+        let names = |p: &Prompts| p.list().map(|i| i.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&folder), names(&built_in));
     }
 
     #[test]

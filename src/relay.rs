@@ -41,8 +41,10 @@ pub fn upstream(
     state: &AppState,
     exchange: &Exchange,
     route: Route,
+    label: &str,
     request: ChatRequest,
 ) -> DeltaStream {
+    let label = label.to_owned();
     let limits = state.timeouts;
     let metrics = state.metrics.clone();
     let closing = state.closing.clone().cancelled_owned();
@@ -56,7 +58,8 @@ pub fn upstream(
             let last = i + 1 == count;
             let mut attempt = if last { request.take() } else { request.clone() }.unwrap_or_default();
             attempt.model.clone_from(&target.model);
-            let _call = metrics.upstream_call(&target.model);
+            let target_label = if target.configured { &target.model } else { &label };
+            let _call = metrics.upstream_call(target_label);
             let started = Instant::now();
             let mut inner = target.backend.stream(attempt);
             let deadline = tokio::time::sleep(limits.first_token);
@@ -89,7 +92,7 @@ pub fn upstream(
                                 error = %e,
                                 "trying the route's next upstream"
                             );
-                            metrics.fallback(&target.model, reason);
+                            metrics.fallback(target_label, reason);
                             exchange.fell_back(&e);
                             break;
                         }
@@ -205,7 +208,7 @@ impl StreamGuard {
     /// always do too, and their own usage replaces this count whenever they report it.
     fn delivered(&mut self) {
         self.times.token(self.exchange.arrived().elapsed());
-        self.delivered_tokens += 1;
+        self.delivered_tokens = self.delivered_tokens.saturating_add(1);
     }
 
     /// The backend's own counts when it sent them, else sluice's count of what it delivered.
@@ -427,12 +430,27 @@ pub async fn collect(
     stream: DeltaStream,
     completion: Completion,
     mut guard: StreamGuard,
+    max_bytes: usize,
 ) -> Result<Value, ApiError> {
     let mut stream: Pin<Box<dyn Stream<Item = _> + Send>> = stream;
     let mut content = String::new();
     let mut fields = Map::new();
     let mut finish = None;
+    // What the reply holds so far, in bytes (fields counted as the upstream sent them).
+    let mut size = 0usize;
     while let Some(item) = stream.next().await {
+        match &item {
+            Ok(Delta::Text(text)) => size = size.saturating_add(text.len()),
+            Ok(Delta::Fields(delta)) => {
+                size = size.saturating_add(delta.values().map(value_size).sum());
+            }
+            _ => {}
+        }
+        if size > max_bytes {
+            let e = BackendError::TooLarge(max_bytes);
+            guard.failed(&e);
+            return Err(e.into());
+        }
         match item {
             Ok(Delta::Text(text)) => {
                 guard.delivered();
@@ -470,6 +488,21 @@ pub async fn collect(
         "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish}],
         "usage": guard.usage(),
     }))
+}
+
+/// Roughly the bytes a JSON value takes: its strings' lengths plus a little per item.
+fn value_size(value: &Value) -> usize {
+    match value {
+        Value::String(s) => s.len() + 2,
+        Value::Array(items) => items.iter().map(value_size).sum::<usize>() + 2,
+        Value::Object(map) => {
+            map.iter()
+                .map(|(k, v)| k.len() + 3 + value_size(v))
+                .sum::<usize>()
+                + 2
+        }
+        _ => 8,
+    }
 }
 
 /// Folds one streamed delta into the message so far, the way OpenAI's SDKs do: strings

@@ -1,6 +1,7 @@
 //! `AppState`: everything a request needs, built once at start-up from the configuration.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use crate::config::{Config, DEFAULT_LOCAL_MODEL, DEFAULT_OPENAI_BASE_URL, ModelR
 use crate::metrics::Metrics;
 use crate::prompts::Prompts;
 use crate::relay::Timeouts;
+use crate::serve::{ServerSettings, default_max_connections};
 
 #[derive(Clone)]
 pub struct AppState {
@@ -24,8 +26,18 @@ pub struct AppState {
     pub metrics: Metrics,
     pub timeouts: Timeouts,
     pub keep_alive: Duration,
-    /// A client that takes nothing of its stream for this long is dropped.
-    pub slow_client_timeout: Duration,
+    /// How connections are served: limits, TLS.
+    pub server: ServerSettings,
+    /// Limit on reading a request's body once its headers are in.
+    pub body_timeout: Duration,
+    /// Cap on a non-streamed reply.
+    pub max_reply_bytes: usize,
+    /// Origins whose browsers may call the API; none: same origin only.
+    pub cors_origins: Arc<[String]>,
+    /// Bearer token `/metrics` and `/readyz` require, when set.
+    pub metrics_token: Option<Arc<str>>,
+    /// Counts prompts' tokens without letting a large one hold an async worker.
+    pub tokens: crate::tokens::Counter,
     /// Cancelled when the shutdown grace period is over: open streams end, saying so.
     pub closing: CancellationToken,
 }
@@ -107,14 +119,28 @@ impl AppState {
             named.insert(name, route);
         }
 
-        let prompts = if config.prompts.is_dir() {
-            Prompts::load(&config.prompts).context("SLUICE_PROMPTS")?
-        } else {
-            tracing::warn!(
-                folder = %config.prompts.display(),
-                "no prompts folder: /api/prompts is empty (set SLUICE_PROMPTS)"
-            );
-            Prompts::empty()
+        let prompts = match &config.prompts {
+            Some(dir) => Prompts::load(dir).context("SLUICE_PROMPTS")?,
+            None if Path::new("prompts").is_dir() => {
+                Prompts::load(Path::new("prompts")).context("SLUICE_PROMPTS")?
+            }
+            None => Prompts::built_in()?,
+        };
+
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)?),
+            (None, None) => None,
+            _ => {
+                anyhow::bail!("SLUICE_TLS_CERT and SLUICE_TLS_KEY go together: set both or neither")
+            }
+        };
+        let server = ServerSettings {
+            header_timeout: config.header_timeout(),
+            slow_client_timeout: config.slow_client_timeout(),
+            max_connections: config
+                .max_connections
+                .map_or_else(default_max_connections, |n| n as usize),
+            tls,
         };
 
         // The tokenizer's tables take a moment to build: pay it now, not on a first request.
@@ -131,7 +157,12 @@ impl AppState {
                 total: config.total_timeout(),
             },
             keep_alive: config.keep_alive(),
-            slow_client_timeout: config.slow_client_timeout(),
+            server,
+            body_timeout: config.header_timeout(),
+            max_reply_bytes: usize::try_from(config.max_reply_bytes).unwrap_or(usize::MAX),
+            cors_origins: config.cors_origins.clone().into(),
+            metrics_token: config.metrics_token.as_deref().map(Arc::from),
+            tokens: crate::tokens::Counter::default(),
             closing: CancellationToken::new(),
         })
     }
@@ -149,6 +180,7 @@ fn target(
         return Ok(Target {
             backend: mock.clone(),
             model,
+            configured: true,
         });
     }
     let base = route
@@ -165,6 +197,7 @@ fn target(
     Ok(Target {
         backend: Arc::new(backend),
         model,
+        configured: true,
     })
 }
 
@@ -207,4 +240,32 @@ fn local_route(config: &Config, metrics: &Metrics) -> anyhow::Result<Option<(Str
         );
         Ok(None)
     }
+}
+
+/// A TLS acceptor offering HTTP/2 and HTTP/1.1 by ALPN, from PEM files.
+fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .with_context(|| format!("SLUICE_TLS_CERT: cannot read {}", cert.display()))?;
+    if certs.is_empty() {
+        anyhow::bail!("SLUICE_TLS_CERT: {} holds no certificate", cert.display());
+    }
+    let key = PrivateKeyDer::from_pem_file(key).with_context(|| {
+        format!(
+            "SLUICE_TLS_KEY: cannot read a private key from {}",
+            key.display()
+        )
+    })?;
+    use tokio_rustls::rustls;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS")?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("SLUICE_TLS_KEY: the key does not fit the certificate")?;
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(tls)))
 }

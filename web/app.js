@@ -27,9 +27,31 @@ function save() {
   localStorage.setItem(STORE, JSON.stringify({ turns, model, template, vars }));
 }
 
+// Model output is untrusted. Only what markdown produces survives: no style, form, input
+// or frame, and no image that loads by itself (an image is a link the user may click, so
+// nothing leaves the page unasked). Links open in a new tab and send no referrer.
+const escapeHtml = (s) => String(s).replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+marked.use({ renderer: {
+  image({ href, text }) { return `<a href="${escapeHtml(href)}">[image: ${escapeHtml(text || href)}]</a>`; },
+} });
+const SANITIZE = {
+  ALLOWED_TAGS: ['p', 'br', 'hr', 'h1', 'h2', 'h3', 'h4', 'h5', 'h6', 'em', 'strong', 'del', 's',
+    'code', 'pre', 'blockquote', 'ul', 'ol', 'li', 'a', 'table', 'thead', 'tbody', 'tr', 'th', 'td'],
+  ALLOWED_ATTR: ['href', 'title', 'start', 'align', 'class'],
+};
+DOMPurify.addHook('uponSanitizeAttribute', (node, data) => {
+  // Classes only as marked writes them (a code block's language), never the page's own.
+  if (data.attrName === 'class' && !(node.nodeName === 'CODE' && /^language-[\w+#.-]+$/.test(data.attrValue))) {
+    data.keepAttr = false;
+  }
+});
+DOMPurify.addHook('afterSanitizeAttributes', (node) => {
+  if (node.nodeName === 'A') { node.setAttribute('target', '_blank'); node.setAttribute('rel', 'noopener noreferrer'); }
+});
+
 // Markdown → HTML with nothing executable left; code blocks get a copy button.
 function render(body, markdown) {
-  body.innerHTML = DOMPurify.sanitize(marked.parse(markdown), { USE_PROFILES: { html: true } });
+  body.innerHTML = DOMPurify.sanitize(marked.parse(markdown), SANITIZE);
   for (const pre of body.querySelectorAll('pre')) {
     const copy = document.createElement('button');
     copy.type = 'button'; copy.className = 'copy'; copy.textContent = 'Copy';

@@ -25,7 +25,7 @@ use crate::error::ApiError;
 use crate::state::AppState;
 
 mod shared;
-use shared::{Decision, Release, Shared};
+use shared::{Decision, Release, Shared, TokenDecision};
 
 /// Reserved for the reply when a request sets no `max_tokens`.
 pub const DEFAULT_REPLY_TOKENS: u32 = 512;
@@ -163,15 +163,17 @@ impl Admission {
         if self.keys.is_empty() {
             let ip = self.client_ip(headers, peer);
             return Ok(Principal {
-                name: ip.map_or_else(|| "unknown".into(), |ip| ip.to_string().into()),
+                name: ip.map_or_else(|| "unknown".into(), |ip| client_name(ip).into()),
                 policy: self.default_policy.clone(),
             });
         }
+        // The scheme is case-insensitive (RFC 9110).
         let presented = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
+            .and_then(|v| v.trim().split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, key)| key.trim())
             .ok_or(ApiError::InvalidApiKey)?;
         let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
         // Compare with every key, each in constant time, so timing tells nothing.
@@ -212,41 +214,38 @@ impl Admission {
         )
     }
 
-    /// Decides whether `who` may start a request for `model` that may use `tokens` tokens.
-    /// On yes, the permit holds a stream slot and the token reservation until it is dropped.
+    /// Decides whether `who` may start a request for `model` now: the model is theirs to
+    /// use, sluice has room, and they are within their request rate and stream count. The
+    /// checks that cost nothing come first; tokens are counted and reserved afterwards
+    /// ([`Permit::reserve`]). On yes, the permit holds a stream slot until it is dropped.
     /// With Redis, the limits are every instance's together.
-    pub async fn admit(
-        self: &Arc<Self>,
-        who: &Principal,
-        model: &str,
-        tokens: u32,
-    ) -> Result<Permit, ApiError> {
+    pub async fn admit(self: &Arc<Self>, who: &Principal, model: &str) -> Result<Permit, ApiError> {
         let limits = &who.policy.limits;
         if limits.models.as_ref().is_some_and(|m| !m.contains(model)) {
             return Err(ApiError::ModelNotFound(model.to_owned()));
         }
         if let Some(shared) = &self.shared {
             let id = uuid::Uuid::new_v4().simple().to_string();
-            match shared
-                .admit(&who.name, limits, tokens, self.global_max, &id)
-                .await
-            {
-                Ok(decision) => return self.decided(who, decision, tokens, id),
-                Err(e) => {
-                    self.redis_errors.increment(1);
-                    if self.fail_closed {
-                        tracing::warn!(error = %e, "Redis is unreachable: refusing requests");
-                        return Err(ApiError::Busy {
-                            message: "rate limits cannot be checked right now; try again shortly"
-                                .into(),
-                            retry_after: Duration::from_secs(1),
-                        });
-                    }
-                    tracing::warn!(error = %e, "Redis is unreachable: this instance's own limits apply");
-                }
+            match shared.admit(&who.name, limits, self.global_max, &id).await {
+                Ok(decision) => return self.decided(who, decision, id),
+                Err(e) => self.redis_failed(&e)?,
             }
         }
-        self.admit_locally(who, tokens)
+        self.admit_locally(who)
+    }
+
+    /// Counts a Redis failure; fails closed (503) or lets this instance's own limits apply.
+    fn redis_failed(&self, e: &redis::RedisError) -> Result<(), ApiError> {
+        self.redis_errors.increment(1);
+        if self.fail_closed {
+            tracing::warn!(error = %e, "Redis is unreachable: refusing requests");
+            return Err(ApiError::Busy {
+                message: "rate limits cannot be checked right now; try again shortly".into(),
+                retry_after: Duration::from_secs(1),
+            });
+        }
+        tracing::warn!(error = %e, "Redis is unreachable: this instance's own limits apply");
+        Ok(())
     }
 
     /// Redis's decision, as a permit or the same refusals as [`Self::admit_locally`]'s.
@@ -254,7 +253,6 @@ impl Admission {
         self: &Arc<Self>,
         who: &Principal,
         decision: Decision,
-        tokens: u32,
         id: String,
     ) -> Result<Permit, ApiError> {
         let limits = &who.policy.limits;
@@ -262,35 +260,28 @@ impl Admission {
             Decision::Admitted {
                 remaining_requests,
                 reset_requests,
-                tokens: left,
-            } => {
-                let mut headers = RateHeaders::requests(limits, remaining_requests, reset_requests);
-                if let (Some(tpm), Some((left, reset))) = (limits.tpm, left) {
-                    headers.tokens(tpm, left, reset);
-                }
-                Ok(Permit {
-                    admission: self.clone(),
-                    client: who.name.clone(),
-                    reserved: if limits.tpm.is_some() { tokens } else { 0 },
-                    hold: Hold::Shared { id, give_back: 0 },
-                    headers,
-                })
-            }
-            Decision::TooManyStreams => Err(too_many_streams(limits)),
+            } => Ok(Permit {
+                admission: self.clone(),
+                client: who.name.clone(),
+                tpm: limits.tpm,
+                reserved: 0,
+                hold: Hold::Shared { id, give_back: 0 },
+                headers: RateHeaders::requests(limits, remaining_requests, reset_requests),
+            }),
+            Decision::TooManyStreams {
+                remaining_requests,
+                reset_requests,
+            } => Err(too_many_streams(
+                limits,
+                RateHeaders::requests(limits, remaining_requests, reset_requests),
+            )),
             Decision::GlobalFull => Err(global_full(self.global_max)),
             Decision::Requests { wait, reset } => Err(over_requests(limits, wait, reset)),
-            Decision::TokensNeverFit => Err(never_fits(tokens, limits.tpm.unwrap_or(0))),
-            Decision::Tokens { wait, left, reset } => {
-                let tpm = limits.tpm.unwrap_or(0);
-                let mut headers = RateHeaders::requests(limits, 0, Duration::ZERO);
-                headers.tokens(tpm, left, reset);
-                Err(over_tokens(tpm, wait, headers))
-            }
         }
     }
 
     /// This instance's own limits: without Redis, or when Redis fails open.
-    fn admit_locally(self: &Arc<Self>, who: &Principal, tokens: u32) -> Result<Permit, ApiError> {
+    fn admit_locally(self: &Arc<Self>, who: &Principal) -> Result<Permit, ApiError> {
         let limits = &who.policy.limits;
         // Stream slots: checked before anything is spent.
         let reserved_global = self
@@ -305,21 +296,13 @@ impl Admission {
         let mut permit = Permit {
             admission: self.clone(),
             client: who.name.clone(),
+            tpm: limits.tpm,
             reserved: 0,
             hold: Hold::Local { stream: false },
             headers: RateHeaders::default(),
         };
-        {
-            let mut streams = lock(&self.streams);
-            let open = streams.entry(who.name.clone()).or_insert(0);
-            if *open >= limits.max_streams {
-                return Err(too_many_streams(limits));
-            }
-            *open += 1;
-            permit.hold = Hold::Local { stream: true };
-        }
 
-        // Requests per minute.
+        // Requests per minute: every answer from here on counts as a request.
         let period = Duration::from_secs(60) / limits.rpm.max(1);
         let requests = match who.policy.requests.check_key(&who.name) {
             Ok(snapshot) => snapshot.remaining_burst_capacity(),
@@ -331,26 +314,15 @@ impl Admission {
         let reset = period * (limits.burst.saturating_sub(requests));
         permit.headers = RateHeaders::requests(limits, requests, reset);
 
-        // Tokens per minute: reserve now, settle when the stream ends.
-        if let Some(tpm) = limits.tpm {
-            let mut buckets = lock(&self.tokens);
-            let bucket = buckets
-                .entry(who.name.clone())
-                .or_insert_with(|| Bucket::full(tpm));
-            match bucket.reserve(tpm, tokens) {
-                Ok(()) => permit.reserved = tokens,
-                Err(None) => return Err(never_fits(tokens, tpm)),
-                Err(Some(wait)) => {
-                    permit
-                        .headers
-                        .tokens(tpm, bucket.available(tpm), bucket.until_full(tpm));
-                    return Err(over_tokens(tpm, wait, permit.headers.clone()));
-                }
-            }
-            permit
-                .headers
-                .tokens(tpm, bucket.available(tpm), bucket.until_full(tpm));
+        // This client's streams.
+        let mut streams = lock(&self.streams);
+        let open = streams.entry(who.name.clone()).or_insert(0);
+        if *open >= limits.max_streams {
+            return Err(too_many_streams(limits, permit.headers.clone()));
         }
+        *open += 1;
+        drop(streams);
+        permit.hold = Hold::Local { stream: true };
         Ok(permit)
     }
 
@@ -423,14 +395,29 @@ impl Admission {
     }
 }
 
-fn too_many_streams(limits: &Limits) -> ApiError {
+/// The name a client without a key is limited by: its IPv4 address, or its IPv6 /64 (one
+/// host usually holds a whole /64, so per address would let it multiply its limits).
+fn client_name(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let net = ipnet::Ipv6Net::new(v6, 64).map(|n| n.trunc());
+                net.map_or_else(|_| v6.to_string(), |n| n.to_string())
+            }
+        },
+    }
+}
+
+fn too_many_streams(limits: &Limits, headers: RateHeaders) -> ApiError {
     ApiError::RateLimited {
         message: format!(
             "you have {} streams open, the limit; one must end before another starts",
             limits.max_streams
         ),
         retry_after: Duration::from_secs(1),
-        headers: None,
+        headers: Some(headers),
     }
 }
 
@@ -538,6 +525,8 @@ impl Bucket {
 pub struct Permit {
     admission: Arc<Admission>,
     client: Arc<str>,
+    /// The client's tokens per minute, when limited.
+    tpm: Option<u32>,
     reserved: u32,
     hold: Hold,
     headers: RateHeaders,
@@ -560,10 +549,53 @@ impl Permit {
         &self.client
     }
 
+    /// Reserves `tokens` (prompt and the most the reply may use) of the client's tokens per
+    /// minute, when they are limited; settled to the real usage by [`Permit::settle`].
+    /// Refused: 429 when they fit later, 400 naming `max_tokens` when they never can.
+    pub async fn reserve(&mut self, tokens: u32) -> Result<(), ApiError> {
+        let Some(tpm) = self.tpm else {
+            return Ok(());
+        };
+        if let (Hold::Shared { .. }, Some(shared)) = (&self.hold, &self.admission.shared) {
+            match shared.reserve(&self.client, tpm, tokens).await {
+                Ok(TokenDecision::Reserved { left, reset }) => {
+                    self.reserved = tokens;
+                    self.headers.tokens(tpm, left, reset);
+                    return Ok(());
+                }
+                Ok(TokenDecision::NeverFits) => return Err(never_fits(tokens, tpm)),
+                Ok(TokenDecision::Wait { wait, left, reset }) => {
+                    self.headers.tokens(tpm, left, reset);
+                    return Err(over_tokens(tpm, wait, self.headers.clone()));
+                }
+                Err(e) => {
+                    // Failing open: this request's tokens go uncounted.
+                    self.admission.redis_failed(&e)?;
+                    return Ok(());
+                }
+            }
+        }
+        let mut buckets = lock(&self.admission.tokens);
+        let bucket = buckets
+            .entry(self.client.clone())
+            .or_insert_with(|| Bucket::full(tpm));
+        let reserved = bucket.reserve(tpm, tokens);
+        self.headers
+            .tokens(tpm, bucket.available(tpm), bucket.until_full(tpm));
+        match reserved {
+            Ok(()) => {
+                self.reserved = tokens;
+                Ok(())
+            }
+            Err(None) => Err(never_fits(tokens, tpm)),
+            Err(Some(wait)) => Err(over_tokens(tpm, wait, self.headers.clone())),
+        }
+    }
+
     /// Charges `used` tokens in place of the reservation: the rest comes back.
     pub fn settle(&mut self, used: u32) {
         let reserved = std::mem::take(&mut self.reserved);
-        let Some(tpm) = self.admission.policy_of(&self.client).limits.tpm else {
+        let Some(tpm) = self.tpm else {
             return;
         };
         let give_back = i64::from(reserved) - i64::from(used);
@@ -597,12 +629,7 @@ impl Drop for Permit {
                     shared.release(Release {
                         client: self.client.clone(),
                         id: std::mem::take(id),
-                        tpm: self
-                            .admission
-                            .policy_of(&self.client)
-                            .limits
-                            .tpm
-                            .unwrap_or(0),
+                        tpm: self.tpm.unwrap_or(0),
                         give_back: *give_back,
                     });
                 }
@@ -684,6 +711,22 @@ mod tests {
         assert_eq!(duration(Duration::from_millis(1200)), "2s");
         assert_eq!(duration(Duration::from_secs(360)), "6m0s");
         assert_eq!(duration(Duration::from_secs(3723)), "1h2m3s");
+    }
+
+    #[test]
+    fn ipv6_clients_are_limited_per_64() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("an address");
+        assert_eq!(client_name(ip("2001:db8:1:2:aaaa::1")), "2001:db8:1:2::/64");
+        assert_eq!(
+            client_name(ip("2001:db8:1:2:bbbb::9")),
+            client_name(ip("2001:db8:1:2:aaaa::1"))
+        );
+        assert_ne!(
+            client_name(ip("2001:db8:1:3::1")),
+            client_name(ip("2001:db8:1:2::1"))
+        );
+        assert_eq!(client_name(ip("::ffff:10.0.0.1")), "10.0.0.1");
+        assert_eq!(client_name(ip("10.0.0.1")), "10.0.0.1");
     }
 
     #[test]

@@ -27,40 +27,44 @@ const ADMIT: &str = r"
 local time = redis.call('TIME')
 local now = time[1] * 1000 + math.floor(time[2] / 1000)
 local period, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
-local tpm, n = tonumber(ARGV[3]), tonumber(ARGV[4])
-local max_streams, global_max = tonumber(ARGV[5]), tonumber(ARGV[6])
-local id, ttl = ARGV[7], tonumber(ARGV[8])
+local max_streams, global_max = tonumber(ARGV[3]), tonumber(ARGV[4])
+local id, ttl = ARGV[5], tonumber(ARGV[6])
 -- Stream permits: expired ones first.
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
-if redis.call('ZCARD', KEYS[4]) >= global_max then return {3, 1000, 0, 0, 0, 0} end
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-if redis.call('ZCARD', KEYS[3]) >= max_streams then return {2, 1000, 0, 0, 0, 0} end
+if redis.call('ZCARD', KEYS[4]) >= global_max then return {3, 1000, 0, 0} end
 -- Requests: GCRA on the theoretical arrival time.
 local tat = tonumber(redis.call('GET', KEYS[1]) or now)
 if tat < now then tat = now end
 local new_tat = tat + period
 local allow_at = new_tat - burst * period
-if now < allow_at then return {4, math.ceil(allow_at - now), 0, math.ceil(tat - now), 0, 0} end
--- Tokens: a bucket refilled at tpm per minute.
-local left, tokens_reset = -1, 0
-if tpm > 0 then
-  if n > tpm then return {5, 0, 0, 0, 0, 0} end
-  local rate = tpm / 60000
-  local b = redis.call('HMGET', KEYS[2], 't', 'ts')
-  local t, ts = tonumber(b[1]) or tpm, tonumber(b[2]) or now
-  t = math.min(tpm, t + (now - ts) * rate)
-  if t < n then return {6, math.ceil((n - t) / rate), 0, 0, math.floor(t), math.ceil((tpm - t) / rate)} end
-  t = t - n
-  redis.call('HSET', KEYS[2], 't', t, 'ts', now)
-  redis.call('PEXPIRE', KEYS[2], math.ceil((tpm - t) / rate) + 1000)
-  left, tokens_reset = math.floor(t), math.ceil((tpm - t) / rate)
-end
+if now < allow_at then return {4, math.ceil(allow_at - now), 0, math.ceil(tat - now)} end
 redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil(new_tat - now) + 1000)
+local remaining, reset = math.floor((now - allow_at) / period), math.ceil(new_tat - now)
+-- This client's streams: a refusal counts as a request, as any other answer does.
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+if redis.call('ZCARD', KEYS[3]) >= max_streams then return {2, 1000, remaining, reset} end
 redis.call('ZADD', KEYS[3], now + ttl, id)
 redis.call('PEXPIRE', KEYS[3], ttl * 2)
 redis.call('ZADD', KEYS[4], now + ttl, id)
 redis.call('PEXPIRE', KEYS[4], ttl * 2)
-return {0, 0, math.floor((now - allow_at) / period), math.ceil(new_tat - now), left, tokens_reset}
+return {0, 0, remaining, reset}
+";
+
+/// Reserves n tokens from a bucket refilled at tpm per minute: KEYS[2] as in ADMIT.
+const TOKENS: &str = r"
+local time = redis.call('TIME')
+local now = time[1] * 1000 + math.floor(time[2] / 1000)
+local tpm, n = tonumber(ARGV[1]), tonumber(ARGV[2])
+if n > tpm then return {5, 0, 0, 0} end
+local rate = tpm / 60000
+local b = redis.call('HMGET', KEYS[2], 't', 'ts')
+local t, ts = tonumber(b[1]) or tpm, tonumber(b[2]) or now
+t = math.min(tpm, t + (now - ts) * rate)
+if t < n then return {6, math.ceil((n - t) / rate), math.floor(t), math.ceil((tpm - t) / rate)} end
+t = t - n
+redis.call('HSET', KEYS[2], 't', t, 'ts', now)
+redis.call('PEXPIRE', KEYS[2], math.ceil((tpm - t) / rate) + 1000)
+return {0, 0, math.floor(t), math.ceil((tpm - t) / rate)}
 ";
 
 /// Gives back unused tokens (a negative amount takes more) and releases a permit.
@@ -95,22 +99,32 @@ redis.call('PEXPIRE', KEYS[1], ttl * 2)
 return 0
 ";
 
-/// What Redis decided.
+/// What Redis decided of a request.
 pub enum Decision {
     Admitted {
         remaining_requests: u32,
         reset_requests: Duration,
-        /// Tokens left and time to full, when tokens are limited.
-        tokens: Option<(u32, Duration)>,
     },
-    TooManyStreams,
+    TooManyStreams {
+        remaining_requests: u32,
+        reset_requests: Duration,
+    },
     GlobalFull,
     Requests {
         wait: Duration,
         reset: Duration,
     },
-    TokensNeverFit,
-    Tokens {
+}
+
+/// What Redis decided of a token reservation.
+pub enum TokenDecision {
+    /// Reserved: tokens left, and time until the bucket is full.
+    Reserved {
+        left: u32,
+        reset: Duration,
+    },
+    NeverFits,
+    Wait {
         wait: Duration,
         left: u32,
         reset: Duration,
@@ -132,6 +146,7 @@ pub struct Shared {
     down_until: AtomicU64,
     epoch: Instant,
     admit: Script,
+    tokens: Script,
     release: Script,
     refresh: Script,
     /// Live permits this instance holds: id → client.
@@ -150,6 +165,7 @@ impl Shared {
                 down_until: AtomicU64::new(0),
                 epoch: Instant::now(),
                 admit: Script::new(ADMIT),
+                tokens: Script::new(TOKENS),
                 release: Script::new(RELEASE),
                 refresh: Script::new(REFRESH),
                 live: Mutex::default(),
@@ -204,11 +220,9 @@ impl Shared {
         &self,
         client: &Arc<str>,
         limits: &Limits,
-        tokens: u32,
         global_max: usize,
         id: &str,
     ) -> Result<Decision, redis::RedisError> {
-        let mut connection = self.connection().await?;
         let period_ms = 60_000.0 / f64::from(limits.rpm.max(1));
         let mut invocation = self.admit.prepare_invoke();
         for key in Self::keys(client) {
@@ -217,19 +231,11 @@ impl Shared {
         invocation
             .arg(period_ms)
             .arg(limits.burst)
-            .arg(limits.tpm.unwrap_or(0))
-            .arg(tokens)
             .arg(limits.max_streams)
             .arg(global_max)
             .arg(id)
             .arg(PERMIT_TTL.as_millis() as u64);
-        let reply: Vec<i64> = match invocation.invoke_async(&mut connection).await {
-            Ok(reply) => reply,
-            Err(e) => {
-                self.failed();
-                return Err(e);
-            }
-        };
+        let reply = self.invoke(&invocation).await?;
         let at = |i: usize| reply.get(i).copied().unwrap_or(0).max(0) as u64;
         let ms = |i: usize| Duration::from_millis(at(i));
         Ok(match at(0) {
@@ -241,22 +247,61 @@ impl Shared {
                 Decision::Admitted {
                     remaining_requests: at(2) as u32,
                     reset_requests: ms(3),
-                    tokens: limits.tpm.map(|_| (at(4) as u32, ms(5))),
                 }
             }
-            2 => Decision::TooManyStreams,
+            2 => Decision::TooManyStreams {
+                remaining_requests: at(2) as u32,
+                reset_requests: ms(3),
+            },
             3 => Decision::GlobalFull,
-            4 => Decision::Requests {
+            _ => Decision::Requests {
                 wait: ms(1),
                 reset: ms(3),
             },
-            5 => Decision::TokensNeverFit,
-            _ => Decision::Tokens {
+        })
+    }
+
+    /// Reserves `tokens` of `client`'s `tpm`.
+    pub async fn reserve(
+        &self,
+        client: &str,
+        tpm: u32,
+        tokens: u32,
+    ) -> Result<TokenDecision, redis::RedisError> {
+        let mut invocation = self.tokens.prepare_invoke();
+        for key in Self::keys(client) {
+            invocation.key(key);
+        }
+        invocation.arg(tpm).arg(tokens);
+        let reply = self.invoke(&invocation).await?;
+        let at = |i: usize| reply.get(i).copied().unwrap_or(0).max(0) as u64;
+        let ms = |i: usize| Duration::from_millis(at(i));
+        Ok(match at(0) {
+            0 => TokenDecision::Reserved {
+                left: at(2) as u32,
+                reset: ms(3),
+            },
+            5 => TokenDecision::NeverFits,
+            _ => TokenDecision::Wait {
                 wait: ms(1),
-                left: at(4) as u32,
-                reset: ms(5),
+                left: at(2) as u32,
+                reset: ms(3),
             },
         })
+    }
+
+    async fn invoke(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<Vec<i64>, redis::RedisError> {
+        let mut connection = self.connection().await?;
+        match invocation.invoke_async(&mut connection).await {
+            Ok(reply) => Ok(reply),
+            Err(e) => {
+                self.failed();
+                Err(e)
+            }
+        }
     }
 
     /// Queues a permit's release for the maintenance task.

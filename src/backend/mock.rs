@@ -188,7 +188,7 @@ impl Backend for MockBackend {
         } else {
             "stop"
         };
-        let prompt_tokens = crate::tokens::prompt(&request.messages);
+        let prompt_tokens = request.prompt_tokens;
         let interval = self.interval;
         let generated = self.generated.clone();
         Box::pin(async_stream::stream! {

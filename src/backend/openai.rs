@@ -2,26 +2,36 @@
 //! request fields passed through, the reply read as it arrives.
 //!
 //! One HTTP request per call, never retried here (fallbacks are the relay's, and only
-//! before the first byte). The event stream is parsed by eventsource-stream straight off
-//! reqwest's body, pulled only as fast as the client reads: a slow client pauses the
-//! upstream through TCP instead of filling a buffer, and dropping the stream closes the
-//! upstream connection.
+//! before the first byte), no redirect followed (it would carry the prompt, and the key,
+//! elsewhere). The event stream is parsed straight off reqwest's body, pulled only as fast
+//! as the client reads: a slow client pauses the upstream through TCP instead of filling a
+//! buffer, and dropping the stream closes the upstream connection. What an upstream sends
+//! is read within caps: an error body, a line, an event.
 
 use std::time::Duration;
 
-use eventsource_stream::{EventStreamError, Eventsource};
 use futures::StreamExt;
 use reqwest::header::{CONTENT_TYPE, HeaderValue};
 use serde_json::{Map, Value, json};
 
+use super::sse::{self, StreamError};
 use super::{Backend, BackendError, ChatRequest, Delta, DeltaStream, Usage};
 
 /// How long sluice waits, after `[DONE]`, for the response body to end.
 const BODY_END: Duration = Duration::from_millis(100);
+/// How long a readiness probe waits for an answer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How much of an error answer's body sluice reads.
+const ERROR_BODY_BYTES: usize = 64 * 1024;
+/// How much of a model list sluice reads, and how many names it keeps.
+const CATALOGUE_BYTES: usize = 4 * 1024 * 1024;
+const CATALOGUE_MODELS: usize = 10_000;
 
 pub struct OpenAiBackend {
     http: reqwest::Client,
     base_url: String,
+    /// `base_url` with any credentials in it masked: for logs and `/readyz`.
+    shown_url: String,
     endpoint: String,
     api_key: Option<HeaderValue>,
     /// Also send `max_tokens` when the client set only `max_completion_tokens`: servers
@@ -38,6 +48,7 @@ impl OpenAiBackend {
     ) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
             .connect_timeout(connect_timeout)
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
         let base_url = base_url.trim_end_matches('/').to_owned();
         let api_key = match api_key.filter(|k| !k.is_empty()) {
@@ -53,6 +64,7 @@ impl OpenAiBackend {
             http,
             endpoint: format!("{base_url}/chat/completions"),
             copy_max_tokens: !base_url.contains("api.openai.com"),
+            shown_url: masked_url(&base_url),
             base_url,
             api_key,
         })
@@ -104,18 +116,18 @@ impl Backend for OpenAiBackend {
                 yield Err(read_error(response).await);
                 return;
             }
-            let mut events = response.bytes_stream().eventsource();
+            let mut events = std::pin::pin!(sse::data(response.bytes_stream()));
             // A chunk's deltas, in one buffer kept for the whole stream.
             let mut ready = Vec::with_capacity(4);
             while let Some(event) = events.next().await {
                 let data = match event {
-                    Ok(event) => event.data,
-                    Err(EventStreamError::Transport(e)) => {
+                    Ok(data) => data,
+                    Err(StreamError::Transport(e)) => {
                         yield Err(BackendError::Interrupted(format!("connection lost: {}", without_url(&e))));
                         return;
                     }
-                    Err(e) => {
-                        yield Err(BackendError::Protocol(format!("not an event stream ({e})")));
+                    Err(StreamError::Parse(e)) => {
+                        yield Err(BackendError::Protocol(format!("not a usable event stream ({e})")));
                         return;
                     }
                 };
@@ -142,7 +154,107 @@ impl Backend for OpenAiBackend {
     }
 
     fn upstream(&self) -> Option<&str> {
-        Some(&self.base_url)
+        Some(&self.shown_url)
+    }
+
+    fn models(&self) -> Option<futures::future::BoxFuture<'_, Result<Vec<String>, String>>> {
+        Some(Box::pin(self.list_models()))
+    }
+
+    fn probe(&self) -> Option<futures::future::BoxFuture<'static, super::Probe>> {
+        let call = self
+            .http
+            .get(format!("{}/models", self.base_url))
+            .timeout(PROBE_TIMEOUT);
+        let url = self.shown_url.clone();
+        Some(Box::pin(async move {
+            let started = std::time::Instant::now();
+            // Any HTTP answer, even 401, means the upstream is there.
+            match call.send().await {
+                Ok(response) => super::Probe {
+                    url,
+                    reachable: true,
+                    status: Some(response.status().as_u16()),
+                    latency_ms: Some(started.elapsed().as_millis() as u64),
+                    error: None,
+                },
+                Err(e) => super::Probe {
+                    url,
+                    reachable: false,
+                    status: None,
+                    latency_ms: None,
+                    error: Some(if e.is_timeout() {
+                        format!("no answer within {} s", PROBE_TIMEOUT.as_secs())
+                    } else {
+                        "cannot connect".to_owned()
+                    }),
+                },
+            }
+        }))
+    }
+}
+
+impl OpenAiBackend {
+    /// The upstream's model list (`GET {base}/models`), read within a cap.
+    async fn list_models(&self) -> Result<Vec<String>, String> {
+        let mut call = self
+            .http
+            .get(format!("{}/models", self.base_url))
+            .timeout(Duration::from_secs(5));
+        if let Some(key) = &self.api_key {
+            call = call.header(reqwest::header::AUTHORIZATION, key.clone());
+        }
+        let response = call.send().await.map_err(|e| without_url(&e))?;
+        if !response.status().is_success() {
+            return Err(format!(
+                "the upstream answered {}",
+                response.status().as_u16()
+            ));
+        }
+        let body = read_capped(response, CATALOGUE_BYTES).await;
+        let list: Value =
+            serde_json::from_slice(&body).map_err(|e| format!("not a model list: {e}"))?;
+        let names = list["data"]
+            .as_array()
+            .ok_or("not a model list: no `data`")?
+            .iter()
+            .filter_map(|m| m["id"].as_str())
+            .filter(|id| !id.is_empty() && id.len() <= crate::backend::MAX_MODEL_NAME)
+            .take(CATALOGUE_MODELS)
+            .map(str::to_owned)
+            .collect();
+        Ok(names)
+    }
+}
+
+/// At most `cap` bytes of a response's body; the rest is left unread (the connection goes).
+async fn read_capped(response: reqwest::Response, cap: usize) -> Vec<u8> {
+    let mut body = Vec::new();
+    let mut chunks = response.bytes_stream();
+    while let Some(Ok(chunk)) = chunks.next().await {
+        let room = cap - body.len();
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if body.len() >= cap {
+            break;
+        }
+    }
+    body
+}
+
+/// A URL with its user and password, and its query, masked: for logs and `/readyz`.
+pub fn masked_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) => {
+            if !parsed.username().is_empty() || parsed.password().is_some() {
+                let _ = parsed.set_username("***");
+                let _ = parsed.set_password(None);
+            }
+            if parsed.query().is_some() {
+                parsed.set_query(Some("***"));
+            }
+            parsed.to_string().trim_end_matches('/').to_owned()
+        }
+        Err(_) => "(an unparsable URL)".to_owned(),
     }
 }
 
@@ -150,7 +262,12 @@ impl Backend for OpenAiBackend {
 async fn read_error(response: reqwest::Response) -> BackendError {
     let status = response.status().as_u16();
     let retry_after = retry_after(response.headers());
-    let body = response.bytes().await.unwrap_or_default();
+    let body = read_capped(response, ERROR_BODY_BYTES).await;
+    if status >= 300 && !(400..500).contains(&status) {
+        // Only sluice's log sees what a failing upstream said: tracebacks, host names.
+        let text = String::from_utf8_lossy(&body);
+        tracing::warn!(status, body = %text.chars().take(2000).collect::<String>(), "upstream failure");
+    }
     let error = serde_json::from_slice::<Value>(&body)
         .ok()
         .and_then(|mut v| v.get_mut("error").map(Value::take));
@@ -230,7 +347,10 @@ fn deltas(mut chunk: Value, out: &mut Vec<Delta>) -> Result<(), BackendError> {
         ));
     }
     if let Some(usage) = chunk.get("usage").filter(|u| !u.is_null()) {
-        let count = |name| usage.get(name).and_then(Value::as_u64).unwrap_or(0) as u32;
+        let count = |name| {
+            let n = usage.get(name).and_then(Value::as_u64).unwrap_or(0);
+            u32::try_from(n).unwrap_or(u32::MAX)
+        };
         out.push(Delta::Usage(Usage::new(
             count("prompt_tokens"),
             count("completion_tokens"),
@@ -285,5 +405,23 @@ mod tests {
         let chunk = json!({"error":{"message":"overloaded"}});
         let result = deltas(chunk, &mut Vec::new());
         assert!(matches!(result, Err(BackendError::Interrupted(m)) if m == "overloaded"));
+    }
+}
+
+#[cfg(test)]
+mod masking {
+    use super::masked_url;
+
+    #[test]
+    fn credentials_in_a_url_are_masked() {
+        assert_eq!(
+            masked_url("http://user:password@host:8000/v1"),
+            "http://***@host:8000/v1"
+        );
+        assert_eq!(
+            masked_url("https://host/v1?api-key=secret"),
+            "https://host/v1?***"
+        );
+        assert_eq!(masked_url("http://127.0.0.1:9/v1"), "http://127.0.0.1:9/v1");
     }
 }

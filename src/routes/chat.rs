@@ -10,13 +10,14 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::{JsonObject, typed, with_rate_headers};
-use crate::admission::{DEFAULT_REPLY_TOKENS, Principal};
-use crate::backend::{ChatRequest, Message};
+use crate::admission::Principal;
+use crate::backend::Message;
 use crate::error::ApiError;
 use crate::metrics::Exchange;
-use crate::relay::{self, Completion, StreamGuard};
+use crate::pipeline;
+use crate::prompts::RenderError;
+use crate::relay::{self, Completion};
 use crate::state::AppState;
-use crate::tokens;
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/api/chat", post(chat))
@@ -58,10 +59,13 @@ async fn chat(
     }
     let mut messages = Vec::with_capacity(req.history.len() + 2);
     if let Some(name) = &req.template {
-        let system = state
-            .prompts
-            .render(name, &req.vars)
-            .map_err(|e| ApiError::invalid(e.to_string(), Some("vars")))?;
+        let system = state.prompts.render(name, &req.vars).map_err(|e| {
+            let param = match e {
+                RenderError::Unknown(_) => "template",
+                _ => "vars",
+            };
+            ApiError::invalid(e.to_string(), Some(param))
+        })?;
         messages.push(Message {
             role: "system".into(),
             content: system,
@@ -87,11 +91,6 @@ async fn chat(
     let model = req
         .model
         .unwrap_or_else(|| state.routes.default_model().to_owned());
-    let route = state
-        .routes
-        .resolve(&model)
-        .ok_or_else(|| ApiError::ModelNotFound(model.clone()))?;
-    exchange.set_model(&model);
 
     // The body an OpenAI-compatible upstream receives.
     let mut upstream_body = Map::new();
@@ -108,38 +107,21 @@ async fn chat(
     if let Some(t) = req.temperature {
         upstream_body.insert("temperature".into(), t.into());
     }
-    // Admission: this client's request, token and stream limits.
-    let prompt_tokens = tokens::prompt(&messages);
-    let permit = state
-        .admission
-        .admit(
-            &who,
-            &model,
-            prompt_tokens + req.max_tokens.unwrap_or(DEFAULT_REPLY_TOKENS),
-        )
-        .await?;
-    let rate = permit.headers().clone();
-
-    let request = ChatRequest {
-        model: String::new(),
+    let chat = pipeline::Chat {
+        model,
         messages,
         max_tokens: req.max_tokens,
+        max_tokens_param: "max_tokens",
         temperature: req.temperature,
         top_p: None,
         seed: None,
         body: upstream_body,
-        request_id: exchange.request_id().to_owned(),
     };
-    let mut guard = StreamGuard::new(
-        state.metrics.clone(),
-        permit,
-        exchange.clone(),
-        model.clone(),
-        prompt_tokens,
-    );
-    let stream = relay::upstream(&state, &exchange, route, request);
-    let response = relay::open(stream, state.keep_alive, &mut guard)
+    let started = pipeline::start(&state, &who, &exchange, chat).await?;
+    let mut guard = started.guard;
+    let completion = Completion::new(&started.model);
+    let response = relay::open(started.stream, state.keep_alive, &mut guard)
         .await
-        .map(|opened| relay::chat_sse(opened, Completion::new(&model), guard, state.keep_alive));
-    Ok(with_rate_headers(response, &rate))
+        .map(|opened| relay::chat_sse(opened, completion, guard, state.keep_alive));
+    Ok(with_rate_headers(response, &started.rate))
 }

@@ -1,14 +1,15 @@
 //! `GET /healthz` (the process answers), `/readyz` (configured and serving), `/metrics`.
-
-use std::time::Duration;
+//! With `SLUICE_METRICS_TOKEN` set, `/readyz` and `/metrics` want it as a bearer token.
 
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{HeaderMap, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{Value, json};
+use subtle::ConstantTimeEq;
 
+use crate::error::ApiError;
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -24,40 +25,47 @@ async fn healthz() -> Json<Value> {
 
 /// The configuration loaded at start-up, so a running sluice is ready (200) whatever its
 /// upstreams do; each upstream is reported reachable or not, with why, so one that is down
-/// shows here without taking sluice out of a load balancer.
-async fn readyz(State(state): State<AppState>) -> Json<Value> {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
-        .build()
-        .unwrap_or_default();
-    let probes = state.routes.upstreams().into_iter().map(|url| {
-        let http = http.clone();
-        async move {
-            let started = std::time::Instant::now();
-            let answer = http.get(format!("{url}/models")).send().await;
-            // Any HTTP answer, even 401, means the upstream is there.
-            match answer {
-                Ok(response) => json!({"url": url, "reachable": true,
-                "status": response.status().as_u16(),
-                "latency_ms": started.elapsed().as_millis() as u64}),
-                Err(e) => json!({"url": url, "reachable": false,
-                "error": if e.is_timeout() { "no answer within 2 s".to_owned() }
-                         else { "cannot connect".to_owned() }}),
-            }
-        }
-    });
-    let upstreams = futures::future::join_all(probes).await;
-    Json(json!({
+/// shows here without taking sluice out of a load balancer. Probes are shared and reused
+/// for a few seconds: asking often costs the upstreams nothing more.
+async fn readyz(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    operator(&state, &headers)?;
+    let upstreams = state.routes.probe().await;
+    Ok(Json(json!({
         "status": "ready",
         "default_upstream": state.routes.has_default_upstream(),
         "models": state.routes.model_names(),
-        "upstreams": upstreams,
-    }))
+        "upstreams": *upstreams,
+    })))
 }
 
-async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    (
+async fn metrics(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, ApiError> {
+    operator(&state, &headers)?;
+    Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
-    )
+    ))
+}
+
+/// With `SLUICE_METRICS_TOKEN` set, the request must carry it as `Authorization: Bearer`.
+fn operator(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(token) = &state.metrics_token else {
+        return Ok(());
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, t)| t.trim());
+    if bool::from(presented.as_bytes().ct_eq(token.as_bytes())) {
+        Ok(())
+    } else {
+        Err(ApiError::InvalidMetricsToken)
+    }
 }

@@ -15,18 +15,19 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 use crate::error::ApiError;
+use crate::state::AppState;
 
 /// The largest request body sluice reads.
 pub const BODY_LIMIT: usize = 1024 * 1024;
 
-/// A JSON object body. Wrong content type → 415, too large → 413, not JSON or not an
-/// object → 400; all with OpenAI's error body.
+/// A JSON object body. Wrong content type → 415, too large → 413, not there within the body
+/// limit → 408, not JSON or not an object → 400; all with OpenAI's error body.
 pub struct JsonObject(pub Map<String, Value>);
 
-impl<S: Send + Sync> FromRequest<S> for JsonObject {
+impl FromRequest<AppState> for JsonObject {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
         let is_json = req
             .headers()
             .get(header::CONTENT_TYPE)
@@ -39,13 +40,17 @@ impl<S: Send + Sync> FromRequest<S> for JsonObject {
         if !is_json {
             return Err(ApiError::UnsupportedMediaType);
         }
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge { limit: BODY_LIMIT }
-            } else {
-                ApiError::invalid(format!("could not read the request body: {e}"), None)
-            }
-        })?;
+        let limit = state.body_timeout;
+        let bytes = tokio::time::timeout(limit, Bytes::from_request(req, state))
+            .await
+            .map_err(|_| ApiError::BodyTimeout(limit.as_millis() as u64))?
+            .map_err(|e| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::PayloadTooLarge { limit: BODY_LIMIT }
+                } else {
+                    ApiError::invalid(format!("could not read the request body: {e}"), None)
+                }
+            })?;
         match serde_json::from_slice::<Value>(&bytes) {
             Ok(Value::Object(map)) => Ok(JsonObject(map)),
             Ok(_) => Err(ApiError::invalid(

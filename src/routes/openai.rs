@@ -9,13 +9,13 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{JsonObject, typed, with_rate_headers};
-use crate::admission::{DEFAULT_REPLY_TOKENS, Principal};
-use crate::backend::{ChatRequest, Message};
+use crate::admission::Principal;
+use crate::backend::Message;
 use crate::error::ApiError;
 use crate::metrics::Exchange;
-use crate::relay::{self, Completion, StreamGuard};
+use crate::pipeline;
+use crate::relay::{self, Completion};
 use crate::state::AppState;
-use crate::tokens;
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/v1/chat/completions", post(chat_completions))
@@ -114,55 +114,32 @@ async fn chat_completions(
         return Err(ApiError::invalid("sluice supports only n = 1", Some("n")));
     }
     let messages = messages(fields.messages)?;
-
-    // Route: model name → backend and the name the backend knows.
-    let route = state
-        .routes
-        .resolve(&fields.model)
-        .ok_or_else(|| ApiError::ModelNotFound(fields.model.clone()))?;
-    exchange.set_model(&fields.model);
-
-    // Admission: this client's request, token and stream limits.
-    let max_tokens = fields.max_completion_tokens.or(fields.max_tokens);
-    let prompt_tokens = tokens::prompt(&messages);
-    let permit = state
-        .admission
-        .admit(
-            &who,
-            &fields.model,
-            prompt_tokens + max_tokens.unwrap_or(DEFAULT_REPLY_TOKENS),
-        )
-        .await?;
-    let rate = permit.headers().clone();
-
-    let request = ChatRequest {
-        model: String::new(),
+    let (max_tokens, max_tokens_param) = match (fields.max_completion_tokens, fields.max_tokens) {
+        (Some(n), _) => (Some(n), "max_completion_tokens"),
+        (None, n) => (n, "max_tokens"),
+    };
+    let chat = pipeline::Chat {
+        model: fields.model,
         messages,
         max_tokens,
+        max_tokens_param,
         temperature: fields.temperature,
         top_p: fields.top_p,
         seed: fields.seed,
         body,
-        request_id: exchange.request_id().to_owned(),
     };
-    let mut guard = StreamGuard::new(
-        state.metrics.clone(),
-        permit,
-        exchange.clone(),
-        fields.model.clone(),
-        prompt_tokens,
-    );
-    let stream = relay::upstream(&state, &exchange, route, request);
-    let completion = Completion::new(&fields.model);
-
+    let started = pipeline::start(&state, &who, &exchange, chat).await?;
+    let rate = started.rate;
+    let completion = Completion::new(&started.model);
+    let mut guard = started.guard;
     let response = if !fields.stream {
-        relay::collect(stream, completion, guard)
+        relay::collect(started.stream, completion, guard, state.max_reply_bytes)
             .await
             .map(|reply| Json::<Value>(reply).into_response())
     } else {
         // Peek before committing, so a failure before the first token is a real status.
         let include_usage = fields.stream_options.is_some_and(|o| o.include_usage);
-        relay::open(stream, state.keep_alive, &mut guard)
+        relay::open(started.stream, state.keep_alive, &mut guard)
             .await
             .map(|opened| {
                 relay::openai_sse(opened, completion, include_usage, guard, state.keep_alive)

@@ -51,13 +51,29 @@ const FILES: &[(&str, &str, &str)] = &[
 ];
 const JS: &str = "text/javascript; charset=utf-8";
 
-async fn index() -> Html<&'static str> {
-    Html(include_str!("../../web/index.html"))
+/// The page shows model output, which is untrusted: it may load and run only its own files,
+/// send nothing to other hosts, and be framed by no one.
+const PAGE_HEADERS: [(header::HeaderName, &str); 4] = [
+    (
+        header::CONTENT_SECURITY_POLICY,
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+         connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; \
+         form-action 'self'; frame-ancestors 'none'",
+    ),
+    (header::X_FRAME_OPTIONS, "DENY"),
+    (header::REFERRER_POLICY, "no-referrer"),
+    (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+];
+
+async fn index() -> Response {
+    (PAGE_HEADERS, Html(include_str!("../../web/index.html"))).into_response()
 }
 
 async fn file(Path(path): Path<String>) -> Response {
     match FILES.iter().find(|(name, _, _)| *name == path) {
-        Some((_, kind, body)) => ([(header::CONTENT_TYPE, *kind)], *body).into_response(),
+        Some((_, kind, body)) => {
+            (PAGE_HEADERS, [(header::CONTENT_TYPE, *kind)], *body).into_response()
+        }
         None => ApiError::RouteNotFound {
             method: "GET".into(),
             path: format!("/ui/{path}"),

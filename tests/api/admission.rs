@@ -279,7 +279,8 @@ async fn memory_stays_bounded_with_100_000_clients() {
         let who = admission
             .identify(&HeaderMap::new(), Some(ip))
             .expect("open");
-        let permit = admission.admit(&who, "mock", 50).await.expect("admitted");
+        let mut permit = admission.admit(&who, "mock").await.expect("admitted");
+        permit.reserve(50).await.expect("reserved");
         drop(permit);
     }
     assert_eq!(admission.tracked(), (100_000, 100_000, 100_000));

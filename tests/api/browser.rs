@@ -17,7 +17,7 @@ use crate::support::{
 const CHROMIUM: &str = "/usr/bin/chromium";
 
 /// chromedriver on a free port, stopped (by its pid) when dropped.
-struct Driver {
+pub(crate) struct Driver {
     child: Child,
     url: String,
 }
@@ -29,7 +29,7 @@ impl Drop for Driver {
     }
 }
 
-fn start_driver() -> Option<Driver> {
+pub(crate) fn start_driver() -> Option<Driver> {
     let found = std::path::Path::new(CHROMIUM).exists()
         && Command::new("chromedriver")
             .arg("--version")
@@ -55,7 +55,7 @@ fn start_driver() -> Option<Driver> {
     Some(driver)
 }
 
-async fn browser(driver: &Driver) -> Client {
+pub(crate) async fn browser(driver: &Driver) -> Client {
     let profile = std::env::temp_dir().join(format!("sluice-chromium-{}", std::process::id()));
     let caps = json!({"goog:chromeOptions": {"binary": CHROMIUM, "args": [
         "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -74,11 +74,11 @@ async fn browser(driver: &Driver) -> Client {
         .expect("a Chromium session")
 }
 
-async fn js(client: &Client, script: &str) -> Value {
+pub(crate) async fn js(client: &Client, script: &str) -> Value {
     client.execute(script, vec![]).await.expect("script runs")
 }
 
-async fn wait_for(client: &Client, script: &str, deadline: Duration) {
+pub(crate) async fn wait_for(client: &Client, script: &str, deadline: Duration) {
     let started = Instant::now();
     while js(client, script).await != json!(true) {
         assert!(started.elapsed() < deadline, "never true: {script}");
@@ -86,9 +86,9 @@ async fn wait_for(client: &Client, script: &str, deadline: Duration) {
     }
 }
 
-const LAST_REPLY: &str = "document.querySelector('.turn.assistant:last-of-type .body')";
+pub(crate) const LAST_REPLY: &str = "document.querySelector('.turn.assistant:last-of-type .body')";
 
-async fn type_and_send(client: &Client, text: &str) {
+pub(crate) async fn type_and_send(client: &Client, text: &str) {
     let input = client.find(Locator::Id("prompt")).await.expect("the input");
     input
         .send_keys(&format!("{text}{}", char::from(Key::Enter)))

@@ -403,7 +403,8 @@ async fn metrics_show_every_documented_series() {
     for series in [
         "sluice_requests_total{route=\"/v1/chat/completions\",model=\"gpt-test\",status=\"200\"} 1",
         "sluice_requests_total{route=\"/v1/chat/completions\",model=\"status-500\",status=\"502\"} 1",
-        "sluice_requests_total{route=\"/v1/chat/completions\",model=\"gpt-test\",status=\"429\"} 1",
+        // Refused before admission: no model label (any name could be sent).
+        "sluice_requests_total{route=\"/v1/chat/completions\",model=\"\",status=\"429\"} 1",
         "sluice_rate_limited_total{limit=\"client\"} 1",
         "sluice_active_streams 0",
         "sluice_upstream_requests_in_flight 0",

@@ -165,9 +165,10 @@ async fn api_chat_validates_its_fields() {
             "history[0].role",
         ),
         (json!({"prompt": "Hi", "template": "translate"}), "vars"),
+        // The template itself is what is wrong, not its variables.
         (
             json!({"prompt": "Hi", "template": "no-such-template"}),
-            "vars",
+            "template",
         ),
         (json!({"prompt": "Hi", "colour": "blue"}), "colour"),
     ] {

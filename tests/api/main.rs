@@ -10,6 +10,7 @@ mod cancel;
 mod chat;
 mod failures;
 mod faults;
+mod hostile;
 mod input;
 #[cfg(feature = "local")]
 mod local;

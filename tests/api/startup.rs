@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn sluice(vars: &[(&str, &str)]) -> Command {
+pub(crate) fn sluice(vars: &[(&str, &str)]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_sluice"));
     command.env_clear().current_dir(env!("CARGO_MANIFEST_DIR"));
     for (name, value) in vars {
@@ -63,27 +63,33 @@ fn with_nothing_configured_it_serves_the_mock_model_and_says_so() {
 }
 
 /// A sluice binary running on a free port, and its log lines as they come.
-struct Running {
-    child: std::process::Child,
-    addr: String,
+pub(crate) struct Running {
+    pub(crate) child: std::process::Child,
+    pub(crate) addr: String,
     /// What it logged before saying where it listens.
-    early: Vec<String>,
+    pub(crate) early: Vec<String>,
     lines: std::sync::mpsc::Receiver<String>,
 }
 
 impl Running {
-    fn start(vars: &[(&str, &str)]) -> Running {
+    pub(crate) fn start(vars: &[(&str, &str)]) -> Running {
         let mut vars = vars.to_vec();
         vars.extend([
             ("SLUICE_ADDR", "127.0.0.1:0"),
             ("SLUICE_LOCAL_MODEL", "off"),
         ]);
-        let mut child = sluice(&vars)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+        Self::start_command(sluice(&vars))
+    }
+
+    /// Runs `command` (the binary, perhaps behind a wrapper) until it says where it listens.
+    pub(crate) fn start_command(mut command: Command) -> Running {
+        let mut child = command
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("starts");
-        let stdout = child.stdout.take().expect("stdout");
+        // sluice logs to stderr.
+        let stdout = child.stderr.take().expect("stderr");
         let (tx, lines) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -117,12 +123,12 @@ impl Running {
         panic!("sluice did not say where it listens");
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
 
     /// The first log line `matches` accepts, within a deadline.
-    fn line(&self, matches: impl Fn(&str) -> bool) -> Option<String> {
+    pub(crate) fn line(&self, matches: impl Fn(&str) -> bool) -> Option<String> {
         let deadline = Instant::now() + Duration::from_secs(10);
         while let Ok(line) = self
             .lines

@@ -37,7 +37,7 @@ impl TestApp {
         config.openai_api_key = None;
         config.openai_base_url = None;
         config.config = Some(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/api/empty.toml").into());
-        config.prompts = concat!(env!("CARGO_MANIFEST_DIR"), "/prompts").into();
+        config.prompts = Some(concat!(env!("CARGO_MANIFEST_DIR"), "/prompts").into());
         config.mock_fixtures = None;
         config.local_model = Some("off".into());
         config.api_keys = Vec::new();
@@ -57,6 +57,13 @@ impl TestApp {
         config.slow_client_timeout_ms = 30_000;
         config.keepalive_s = 15.0;
         config.shutdown_grace_s = 10;
+        config.header_timeout_ms = 10_000;
+        config.max_connections = Some(4_000);
+        config.tls_cert = None;
+        config.tls_key = None;
+        config.cors_origins = Vec::new();
+        config.metrics_token = None;
+        config.max_reply_bytes = 16 * 1024 * 1024;
         adjust(&mut config);
         let state = AppState::build(&config).expect("the test configuration is valid");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -154,6 +161,24 @@ impl TestApp {
             assert!(
                 start.elapsed() < DEADLINE,
                 "{series} is {now}, expected {value}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+impl TestApp {
+    /// Waits until `series` reaches at least `value`.
+    pub async fn wait_metric_at_least(&self, series: &str, value: f64) {
+        let start = Instant::now();
+        loop {
+            let now = self.metric(series).await;
+            if now >= value {
+                return;
+            }
+            assert!(
+                start.elapsed() < REPLY_DEADLINE,
+                "{series} is {now}, expected at least {value}"
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }

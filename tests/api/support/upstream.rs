@@ -31,7 +31,12 @@ pub struct Seen {
 struct Record {
     requests: Vec<Seen>,
     closed: HashMap<u64, Instant>,
+    /// `GET /models` requests (model lists and readiness probes), kept apart.
+    model_lists: usize,
 }
+
+/// The models the fake upstream lists at `GET /models`.
+pub const LISTED: [&str; 3] = ["gpt-test", "status-500", "slow"];
 
 #[derive(Clone)]
 pub struct FakeUpstream {
@@ -102,6 +107,11 @@ impl FakeUpstream {
         self.wait(|r| r.closed.get(&connection).copied()).await
     }
 
+    /// How many times `GET /models` was asked.
+    pub fn model_lists(&self) -> usize {
+        self.lock().model_lists
+    }
+
     /// Bytes of response bodies sent so far.
     pub fn sent_bytes(&self) -> usize {
         self.sent.load(std::sync::atomic::Ordering::SeqCst)
@@ -134,6 +144,14 @@ impl FakeUpstream {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned)
         };
+        if req.method() == hyper::Method::GET && req.uri().path().ends_with("/models") {
+            self.lock().model_lists += 1;
+            let data: Vec<Value> = LISTED
+                .iter()
+                .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "fake"}))
+                .collect();
+            return full(200, &json!({"object": "list", "data": data}).to_string());
+        }
         let authorization = header("authorization");
         let request_id = header("x-request-id");
         let bytes = req
@@ -190,7 +208,59 @@ async fn behave(body: &Value, sent: Arc<std::sync::atomic::AtomicUsize>) -> Resp
     );
     let done = "data: [DONE]\n\n".to_owned();
     let mut steps = vec![Step::Send(role)];
+    if let Some(port) = model.strip_prefix("redirect-") {
+        return Response::builder()
+            .status(307)
+            .header(
+                "location",
+                format!("http://127.0.0.1:{port}/v1/chat/completions"),
+            )
+            .body(BodyExt::boxed_unsync(
+                Full::new(Bytes::new()).map_err(|never: Infallible| match never {}),
+            ))
+            .unwrap_or_else(|_| unreachable!());
+    }
+    if let Some(size) = model.strip_prefix("long-line-") {
+        // One chunk whose `data:` line is `size` bytes and more, then a normal reply.
+        let size: usize = size.parse().unwrap_or(0);
+        let line = text(&"x".repeat(size));
+        steps.push(Step::Send(line));
+        steps.extend(tokens.iter().map(|t| Step::Send(text(t))));
+        steps.extend([Step::Send(finish), Step::Send(done)]);
+        return stream_steps(steps, sent);
+    }
     match model {
+        "status-500-traceback" => {
+            return error(
+                500,
+                None,
+                "Traceback (most recent call last): File \"/srv/internal-host-7.corp/app.py\"",
+            );
+        }
+        // A 500 whose body would be 400 MiB, sent as fast as it is read.
+        "status-500-huge" => {
+            let mib = Bytes::from(vec![b'e'; 1024 * 1024]);
+            let frames = futures::stream::iter((0..400).map(move |_| {
+                sent.fetch_add(mib.len(), std::sync::atomic::Ordering::SeqCst);
+                Ok::<_, std::io::Error>(Frame::data(mib.clone()))
+            }));
+            return Response::builder()
+                .status(500)
+                .body(BodyExt::boxed_unsync(StreamBody::new(frames)))
+                .unwrap_or_else(|_| unreachable!());
+        }
+        "huge-usage" => {
+            steps.extend(tokens.iter().map(|t| Step::Send(text(t))));
+            steps.push(Step::Send(finish));
+            steps.push(Step::Send(format!(
+                "data: {}\n\n",
+                json!({"id": "chatcmpl-up", "object": "chat.completion.chunk", "created": 1,
+                    "model": "up", "choices": [], "usage": {"prompt_tokens": 4_294_967_295_u64,
+                    "completion_tokens": 10, "total_tokens": 4_294_967_305_u64}})
+            )));
+            steps.push(Step::Send(done));
+            return stream_steps(steps, sent);
+        }
         "status-401" => return error(401, None, "Incorrect API key provided: sk-test-***"),
         "status-400" => return error(400, None, "temperature must be at most 2"),
         "status-404" => return error(404, None, "The model `nope` does not exist"),
@@ -251,6 +321,10 @@ async fn behave(body: &Value, sent: Arc<std::sync::atomic::AtomicUsize>) -> Resp
             steps.push(Step::Send(done));
         }
     }
+    stream_steps(steps, sent)
+}
+
+fn stream_steps(steps: Vec<Step>, sent: Arc<std::sync::atomic::AtomicUsize>) -> Response<Body> {
     let frames = async_stream::stream! {
         for step in steps {
             match step {
@@ -270,6 +344,16 @@ async fn behave(body: &Value, sent: Arc<std::sync::atomic::AtomicUsize>) -> Resp
     Response::builder()
         .header("content-type", "text/event-stream")
         .body(BodyExt::boxed_unsync(StreamBody::new(frames.boxed())))
+        .unwrap_or_else(|_| unreachable!())
+}
+
+fn full(status: u16, body: &str) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(BodyExt::boxed_unsync(
+            Full::new(Bytes::from(body.to_owned())).map_err(|never: Infallible| match never {}),
+        ))
         .unwrap_or_else(|_| unreachable!())
 }
 
