@@ -9,7 +9,6 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::http::HeaderMap;
 use criterion::{Criterion, criterion_group, criterion_main};
 use sluice::admission::{Admission, Limits, SharedLimits};
 
@@ -32,7 +31,11 @@ fn bench(
     let stop = tokio_util::sync::CancellationToken::new();
     runtime.spawn(admission.clone().maintain(stop.clone()));
     let who = admission
-        .identify(&HeaderMap::new(), Some(IpAddr::V4(Ipv4Addr::LOCALHOST)))
+        .identify(
+            None,
+            std::iter::empty(),
+            Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        )
         .expect("open");
     c.bench_function(name, |b| {
         b.to_async(runtime).iter(|| async {

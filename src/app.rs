@@ -15,8 +15,8 @@ use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::error::ApiError;
-use crate::metrics;
-use crate::routes::{self, BODY_LIMIT};
+use crate::http::{self, BODY_LIMIT};
+use crate::routes;
 use crate::state::AppState;
 
 /// sluice's HTTP app. A request passes, in order:
@@ -24,7 +24,7 @@ use crate::state::AppState;
 ///    made anew; returned on the response and sent upstream;
 /// 2. trace: a span per request carrying that id;
 /// 3. panic guard: a panic becomes a 500 with OpenAI's error body, logged;
-/// 4. observe: the request's [`Exchange`](crate::metrics::Exchange), which writes its log
+/// 4. observe: the request's [`Exchange`](crate::telemetry::Exchange), which writes its log
 ///    line at the end, and `sluice_requests_total` by route, model and status;
 /// 5. `X-Content-Type-Options: nosniff` on every answer;
 /// 6. CORS, only for the origins in `SLUICE_CORS_ORIGINS` (none: same origin only);
@@ -49,7 +49,7 @@ pub fn app(state: AppState) -> Router {
         .layer(CatchPanicLayer::custom(panicked))
         .layer(middleware::from_fn_with_state(
             state.metrics.clone(),
-            metrics::observe,
+            http::observe,
         ))
         .layer(SetResponseHeaderLayer::if_not_present(
             header::X_CONTENT_TYPE_OPTIONS,
@@ -66,7 +66,7 @@ pub fn app(state: AppState) -> Router {
         .merge(routes::prompts::router())
         .merge(routes::health::router())
         .merge(routes::ui::router())
-        .route_layer(middleware::from_fn(metrics::name_route))
+        .route_layer(middleware::from_fn(http::name_route))
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(layers)

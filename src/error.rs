@@ -2,13 +2,16 @@
 
 use std::time::Duration;
 
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use crate::admission::RateHeaders;
+use crate::admission::{Quota, Refusal, Window};
 use crate::backend::BackendError;
-use crate::metrics::RateLimited;
+
+/// Marks a response refused by sluice's own limits: `client` or `global`.
+#[derive(Debug, Clone, Copy)]
+pub struct RateLimited(pub &'static str);
 
 /// What went wrong, as the client is told. 5xx details are logged, not returned.
 #[derive(Debug, thiserror::Error)]
@@ -66,7 +69,7 @@ pub enum ApiError {
     RateLimited {
         message: String,
         retry_after: Duration,
-        headers: Option<RateHeaders>,
+        quota: Option<Quota>,
     },
     /// sluice as a whole is at its limit.
     #[error("{message}")]
@@ -243,11 +246,98 @@ impl From<BackendError> for ApiError {
                 message,
                 retry_after,
             },
-            BackendError::Timeout(which) => {
-                ApiError::UpstreamTimeout(format!("no {which} within the limit"))
+            BackendError::Timeout(wait) => {
+                ApiError::UpstreamTimeout(format!("no {wait} within the limit"))
             }
             BackendError::ShuttingDown => ApiError::Restarting,
         }
+    }
+}
+
+impl From<Refusal> for ApiError {
+    fn from(refusal: Refusal) -> Self {
+        let again = Duration::from_secs(1);
+        match refusal {
+            Refusal::InvalidKey => ApiError::InvalidApiKey,
+            Refusal::ModelNotAllowed(model) => ApiError::ModelNotFound(model),
+            Refusal::Full { max_streams } => ApiError::Busy {
+                message: format!("sluice is at its limit of {max_streams} streams"),
+                retry_after: again,
+            },
+            Refusal::LimitsUnavailable => ApiError::Busy {
+                message: "rate limits cannot be checked right now; try again shortly".into(),
+                retry_after: again,
+            },
+            Refusal::TooManyStreams { max_streams, quota } => ApiError::RateLimited {
+                message: format!(
+                    "you have {max_streams} streams open, the limit; one must end before another starts"
+                ),
+                retry_after: again,
+                quota: Some(quota),
+            },
+            Refusal::Requests { rpm, wait, quota } => ApiError::RateLimited {
+                message: format!(
+                    "rate limit of {rpm} requests per minute reached; try again in {}",
+                    duration(wait)
+                ),
+                retry_after: wait,
+                quota: Some(quota),
+            },
+            Refusal::NeverFits { tokens, tpm } => ApiError::invalid(
+                format!(
+                    "this request may use {tokens} tokens (prompt and max_tokens), more than the limit of {tpm} tokens per minute; lower max_tokens"
+                ),
+                Some("max_tokens"),
+            ),
+            Refusal::Tokens { tpm, wait, quota } => ApiError::RateLimited {
+                message: format!(
+                    "rate limit of {tpm} tokens per minute reached; try again in {}",
+                    duration(wait)
+                ),
+                retry_after: wait,
+                quota: Some(quota),
+            },
+        }
+    }
+}
+
+/// OpenAI's `x-ratelimit-*` headers for a client's quota.
+pub fn rate_headers(quota: &Quota, headers: &mut HeaderMap) {
+    let windows = [("requests", quota.requests), ("tokens", quota.tokens)];
+    for (what, window) in windows {
+        let Some(Window {
+            limit,
+            remaining,
+            reset,
+        }) = window
+        else {
+            continue;
+        };
+        for (name, value) in [
+            ("limit", limit.to_string()),
+            ("remaining", remaining.to_string()),
+            ("reset", duration(reset)),
+        ] {
+            let name = HeaderName::try_from(format!("x-ratelimit-{name}-{what}"));
+            if let (Ok(name), Ok(value)) = (name, HeaderValue::from_str(&value)) {
+                headers.insert(name, value);
+            }
+        }
+    }
+}
+
+/// A duration as OpenAI writes it: `120ms`, `1s`, `6m0s`, `1h2m3s`.
+pub fn duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let secs = d.as_secs_f64().ceil() as u64;
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    match (h, m) {
+        (0, 0) => format!("{s}s"),
+        (0, _) => format!("{m}m{s}s"),
+        _ => format!("{h}h{m}m{s}s"),
     }
 }
 
@@ -267,11 +357,10 @@ impl IntoResponse for ApiError {
             headers.insert("retry-after-ms", HeaderValue::from(ms));
         }
         if let ApiError::RateLimited {
-            headers: Some(rate),
-            ..
+            quota: Some(quota), ..
         } = &self
         {
-            rate.apply(headers);
+            rate_headers(quota, headers);
         }
         let limited = match self {
             ApiError::RateLimited { .. } => Some("client"),
@@ -282,5 +371,19 @@ impl IntoResponse for ApiError {
             response.extensions_mut().insert(RateLimited(limit));
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_like_openai() {
+        assert_eq!(duration(Duration::from_millis(120)), "120ms");
+        assert_eq!(duration(Duration::from_millis(1000)), "1s");
+        assert_eq!(duration(Duration::from_millis(1200)), "2s");
+        assert_eq!(duration(Duration::from_secs(360)), "6m0s");
+        assert_eq!(duration(Duration::from_secs(3723)), "1h2m3s");
     }
 }

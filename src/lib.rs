@@ -1,24 +1,38 @@
-//! sluice: an LLM token-streaming gateway. A request goes
-//! route (`routes/`) → admission → backend (`backend/`: an OpenAI-compatible upstream or the
-//! mock model) → relay (`relay.rs`: deltas to SSE), and back to the client chunk by chunk.
+//! sluice: an LLM token-streaming gateway.
+//!
+//! The request path, one direction, each stage a module that knows only those below it:
+//! `server` (connections: HTTP/1.1 and HTTP/2, limits, shutdown) → `app` (the layers, in
+//! order) → `routes/` (one file per wire format: parse into the canonical chat request) →
+//! `pipeline` (the one chat path: resolve, admit, count, reserve, start) → `dispatch/` (model
+//! table, failover with typed deadlines) → `backend/` (an OpenAI-compatible upstream, the
+//! mock, or the local model on its own thread: canonical events, [`backend::Delta`]) →
+//! `relay/` (first-event peek, metering, one encoder per wire format) → SSE to the client.
 //! When the client leaves, the response body is dropped, and with it the whole chain down
-//! to the upstream's connection.
+//! to the upstream's connection (or the local model's channel).
+//!
+//! Below them: `config`, `tokens`, `prompts` (plain data and helpers), `telemetry` (metrics,
+//! the per-request log record), `admission` (identity and limits, no HTTP), `error` (what a
+//! client is told), `http` (extractors, rate headers, the observing middleware); `state` is
+//! what a request carries, and `startup` the one place that builds it from `Config`.
 
 pub mod admission;
 pub mod app;
 pub mod backend;
 pub mod config;
+pub mod dispatch;
 pub mod error;
-pub mod metrics;
+pub mod http;
 pub mod pipeline;
 pub mod prompts;
 pub mod relay;
 pub mod routes;
-pub mod serve;
+pub mod server;
+pub mod startup;
 pub mod state;
+pub mod telemetry;
 pub mod tokens;
 
 pub use app::app;
 pub use config::Config;
-pub use serve::serve;
+pub use server::serve;
 pub use state::AppState;

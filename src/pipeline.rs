@@ -4,12 +4,13 @@
 
 use serde_json::{Map, Value};
 
-use crate::admission::{DEFAULT_REPLY_TOKENS, Principal, RateHeaders};
+use crate::admission::{DEFAULT_REPLY_TOKENS, Principal, Quota};
 use crate::backend::{ChatRequest, DeltaStream, MAX_MODEL_NAME, Message};
+use crate::dispatch;
 use crate::error::ApiError;
-use crate::metrics::Exchange;
-use crate::relay::{self, StreamGuard};
+use crate::relay::StreamGuard;
 use crate::state::AppState;
+use crate::telemetry::Exchange;
 
 /// The most tokens a request may ask for: far beyond any model's context, well within
 /// sluice's arithmetic.
@@ -35,7 +36,7 @@ pub struct Started {
     pub stream: DeltaStream,
     pub guard: StreamGuard,
     /// `x-ratelimit-*` for the answer.
-    pub rate: RateHeaders,
+    pub rate: Quota,
     pub model: String,
 }
 
@@ -69,13 +70,14 @@ pub async fn start(
     permit
         .reserve(prompt_tokens.saturating_add(reply_tokens))
         .await?;
-    let rate = permit.headers().clone();
+    let rate = permit.quota().clone();
     // Metric labels only for admitted requests, and only from a bounded set of names.
     let label = state.routes.label(&chat.model);
     exchange.set_label(label.clone());
 
     let request = ChatRequest {
-        model: String::new(),
+        // Each target of the route has its own name for the model: dispatch sets it.
+        model: chat.model.clone(),
         messages,
         prompt_tokens,
         max_tokens: chat.max_tokens,
@@ -92,7 +94,7 @@ pub async fn start(
         label.clone(),
         prompt_tokens,
     );
-    let stream = relay::upstream(state, exchange, route, &label, request);
+    let stream = dispatch::upstream(&state.dispatcher, exchange, route, &label, request);
     Ok(Started {
         stream,
         guard,

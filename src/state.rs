@@ -1,33 +1,31 @@
-//! `AppState`: everything a request needs, built once at start-up from the configuration.
+//! `AppState`: everything a request needs, built once at start-up (`startup.rs`) and
+//! cloned per request: `Arc`s and `Copy` values only.
 
-use std::collections::HashMap;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
+use axum::extract::FromRef;
 use tokio_util::sync::CancellationToken;
 
-use crate::admission::{Admission, ApiKey, SharedLimits};
-use crate::backend::mock::{self, MockBackend};
-use crate::backend::openai::OpenAiBackend;
-use crate::backend::{Backend, Route, Routes, Target};
-use crate::config::{Config, DEFAULT_LOCAL_MODEL, DEFAULT_OPENAI_BASE_URL, ModelRoute};
-use crate::metrics::Metrics;
+use crate::admission::Admission;
+use crate::dispatch::{Dispatcher, Routes};
+use crate::http::BodyTimeout;
 use crate::prompts::Prompts;
-use crate::relay::Timeouts;
-use crate::serve::{ServerSettings, default_max_connections};
+use crate::telemetry::Metrics;
 
 #[derive(Clone)]
 pub struct AppState {
     pub admission: Arc<Admission>,
+    /// Model name → backends.
     pub routes: Routes,
+    /// Failover and its limits.
+    pub dispatcher: Dispatcher,
     pub prompts: Prompts,
     pub metrics: Metrics,
-    pub timeouts: Timeouts,
+    /// Counts prompts' tokens without letting a large one hold an async worker.
+    pub tokens: crate::tokens::Counter,
+    /// Between keep-alive comments, and how long the first event is waited for before 200.
     pub keep_alive: Duration,
-    /// How connections are served: limits, TLS.
-    pub server: ServerSettings,
     /// Limit on reading a request's body once its headers are in.
     pub body_timeout: Duration,
     /// Cap on a non-streamed reply.
@@ -36,236 +34,33 @@ pub struct AppState {
     pub cors_origins: Arc<[String]>,
     /// Bearer token `/metrics` and `/readyz` require, when set.
     pub metrics_token: Option<Arc<str>>,
-    /// Counts prompts' tokens without letting a large one hold an async worker.
-    pub tokens: crate::tokens::Counter,
+    /// How connections are served: limits, TLS.
+    pub server: ServerSettings,
     /// Cancelled when the shutdown grace period is over: open streams end, saying so.
     pub closing: CancellationToken,
 }
 
-impl AppState {
-    /// Builds the state, or says what in the configuration is wrong.
-    pub fn build(config: &Config) -> anyhow::Result<Self> {
-        let metrics = Metrics::new();
-        let fixtures = match &config.mock_fixtures {
-            Some(path) => mock::load_fixtures(path).context("SLUICE_MOCK_FIXTURES")?,
-            None => Vec::new(),
-        };
-        let mock: Arc<dyn Backend> = Arc::new(MockBackend::new(
-            config.mock_tokens_per_s,
-            fixtures,
-            metrics.mock_tokens(),
-        ));
-        let default_upstream = match config.default_upstream() {
-            Some((base, key)) => Some(Arc::new(
-                OpenAiBackend::new(base, key, config.connect_timeout())
-                    .context("OPENAI_BASE_URL")?,
-            ) as Arc<dyn Backend>),
-            None => None,
-        };
+/// How connections are served, from the configuration.
+#[derive(Clone)]
+pub struct ServerSettings {
+    /// Limit on a request's head, and on an idle connection between requests.
+    pub header_timeout: Duration,
+    /// A client that takes nothing of its stream for this long is dropped.
+    pub slow_client_timeout: Duration,
+    /// Open client connections at most.
+    pub max_connections: usize,
+    /// HTTPS with ALPN (`h2`, `http/1.1`) when set.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+}
 
-        let file = config.file()?;
-        let defaults = config.default_limits();
-        let mut keys: Vec<ApiKey> = config
-            .api_keys
-            .iter()
-            .map(|k| k.trim())
-            .filter(|k| !k.is_empty())
-            .enumerate()
-            .map(|(i, secret)| ApiKey {
-                name: format!("key-{}", i + 1),
-                secret: secret.to_owned(),
-                limits: None,
-            })
-            .collect();
-        for (name, key) in &file.keys {
-            let (secret, limits) = key.resolve(name, &defaults).context("SLUICE_CONFIG")?;
-            keys.push(ApiKey {
-                name: name.clone(),
-                secret,
-                limits: Some(limits),
-            });
-        }
-        let shared = config.redis_url.as_ref().map(|url| SharedLimits {
-            redis_url: url.clone(),
-            fail_closed: config.redis_failure == "closed",
-            errors: metrics.redis_errors(),
-        });
-        let admission = Admission::new(
-            keys,
-            defaults,
-            config.trusted_proxies.clone(),
-            config.global_max_streams as usize,
-            shared,
-        )
-        .context("SLUICE_REDIS_URL")?;
-
-        let mut named = HashMap::new();
-        for (name, route) in file.models {
-            let mut targets = vec![target(config, &name, &route, &mock)?];
-            for fallback in &route.fallbacks {
-                targets.push(target(config, &name, fallback, &mock)?);
-            }
-            named.insert(
-                name,
-                Route {
-                    targets: targets.into(),
-                },
-            );
-        }
-
-        let mut default_model = String::from("mock");
-        if let Some((name, route)) = local_route(config, &metrics)? {
-            default_model.clone_from(&name);
-            named.insert(name, route);
-        }
-
-        let prompts = match &config.prompts {
-            Some(dir) => Prompts::load(dir).context("SLUICE_PROMPTS")?,
-            None if Path::new("prompts").is_dir() => {
-                Prompts::load(Path::new("prompts")).context("SLUICE_PROMPTS")?
-            }
-            None => Prompts::built_in()?,
-        };
-
-        let tls = match (&config.tls_cert, &config.tls_key) {
-            (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)?),
-            (None, None) => None,
-            _ => {
-                anyhow::bail!("SLUICE_TLS_CERT and SLUICE_TLS_KEY go together: set both or neither")
-            }
-        };
-        let server = ServerSettings {
-            header_timeout: config.header_timeout(),
-            slow_client_timeout: config.slow_client_timeout(),
-            max_connections: config
-                .max_connections
-                .map_or_else(default_max_connections, |n| n as usize),
-            tls,
-        };
-
-        // The tokenizer's tables take a moment to build: pay it now, not on a first request.
-        crate::tokens::text("warm up");
-
-        Ok(AppState {
-            admission,
-            routes: Routes::new(named, mock, default_upstream, default_model),
-            prompts,
-            metrics,
-            timeouts: Timeouts {
-                first_token: config.first_token_timeout(),
-                idle: config.idle_timeout(),
-                total: config.total_timeout(),
-            },
-            keep_alive: config.keep_alive(),
-            server,
-            body_timeout: config.header_timeout(),
-            max_reply_bytes: usize::try_from(config.max_reply_bytes).unwrap_or(usize::MAX),
-            cors_origins: config.cors_origins.clone().into(),
-            metrics_token: config.metrics_token.as_deref().map(Arc::from),
-            tokens: crate::tokens::Counter::default(),
-            closing: CancellationToken::new(),
-        })
+impl FromRef<AppState> for Arc<Admission> {
+    fn from_ref(state: &AppState) -> Self {
+        state.admission.clone()
     }
 }
 
-/// One upstream of a configured route: the mock, or an OpenAI-compatible server.
-fn target(
-    config: &Config,
-    name: &str,
-    route: &ModelRoute,
-    mock: &Arc<dyn Backend>,
-) -> anyhow::Result<Target> {
-    let model = route.model.clone().unwrap_or_else(|| name.to_owned());
-    if route.backend == "mock" {
-        return Ok(Target {
-            backend: mock.clone(),
-            model,
-            configured: true,
-        });
+impl FromRef<AppState> for BodyTimeout {
+    fn from_ref(state: &AppState) -> Self {
+        BodyTimeout(state.body_timeout)
     }
-    let base = route
-        .base_url
-        .as_deref()
-        .or(config.openai_base_url.as_deref())
-        .unwrap_or(DEFAULT_OPENAI_BASE_URL);
-    let key = match &route.api_key_env {
-        Some(var) => std::env::var(var).ok(),
-        None => config.openai_api_key.clone(),
-    };
-    let backend = OpenAiBackend::new(base, key.as_deref(), config.connect_timeout())
-        .with_context(|| format!("SLUICE_CONFIG: model {name:?}"))?;
-    Ok(Target {
-        backend: Arc::new(backend),
-        model,
-        configured: true,
-    })
-}
-
-/// The in-process model's route, when its weights are there. A path that was set must
-/// exist; the default one may be missing, and then one log line says how to fetch it.
-fn local_route(config: &Config, metrics: &Metrics) -> anyhow::Result<Option<(String, Route)>> {
-    let path = config
-        .local_model
-        .clone()
-        .unwrap_or_else(|| DEFAULT_LOCAL_MODEL.into());
-    if path.as_os_str() == "off" {
-        return Ok(None);
-    }
-    if !path.exists() {
-        if config.local_model.is_some() {
-            anyhow::bail!("SLUICE_LOCAL_MODEL: {} does not exist", path.display());
-        }
-        tracing::info!(
-            "no local model at {}: run scripts/fetch-model.sh to fetch SmolLM2-135M-Instruct (93 MB); serving the mock model",
-            path.display()
-        );
-        return Ok(None);
-    }
-    #[cfg(feature = "local")]
-    {
-        use crate::backend::local::{LocalBackend, MODEL_NAME};
-        let backend =
-            LocalBackend::start(&path, config.local_queue as usize, metrics.local_tokens())?;
-        Ok(Some((
-            MODEL_NAME.to_owned(),
-            Route::to(Arc::new(backend), MODEL_NAME),
-        )))
-    }
-    #[cfg(not(feature = "local"))]
-    {
-        let _ = metrics;
-        tracing::warn!(
-            "sluice was built without the `local` feature: {} is not used",
-            path.display()
-        );
-        Ok(None)
-    }
-}
-
-/// A TLS acceptor offering HTTP/2 and HTTP/1.1 by ALPN, from PEM files.
-fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
-    use rustls_pki_types::pem::PemObject as _;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let certs = CertificateDer::pem_file_iter(cert)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .with_context(|| format!("SLUICE_TLS_CERT: cannot read {}", cert.display()))?;
-    if certs.is_empty() {
-        anyhow::bail!("SLUICE_TLS_CERT: {} holds no certificate", cert.display());
-    }
-    let key = PrivateKeyDer::from_pem_file(key).with_context(|| {
-        format!(
-            "SLUICE_TLS_KEY: cannot read a private key from {}",
-            key.display()
-        )
-    })?;
-    use tokio_rustls::rustls;
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .context("TLS")?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .context("SLUICE_TLS_KEY: the key does not fit the certificate")?;
-    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(tls)))
 }

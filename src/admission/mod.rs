@@ -1,28 +1,23 @@
 //! Admission: who the client is (an API key's name, or its IP), and whether it may start a
-//! chat request now — requests per minute, tokens per minute, concurrent streams. Refusals
-//! are answered the way OpenAI does (429 + `Retry-After`; 503 when sluice itself is full),
-//! and every admitted response carries OpenAI's `x-ratelimit-*` headers.
+//! chat request now — requests per minute, tokens per minute, concurrent streams — in this
+//! instance or, through Redis, across all of them. It knows no HTTP: it is given the
+//! request's credentials as text and answers with a [`Permit`] and its [`Quota`], or a
+//! [`Refusal`]; the HTTP layer renders those as statuses and `x-ratelimit-*` headers.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::{ConnectInfo, FromRequestParts};
-use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
+use governor::RateLimiter;
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
 use governor::state::keyed::DefaultKeyedStateStore;
-use governor::{Quota, RateLimiter};
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-
-use crate::error::ApiError;
-use crate::state::AppState;
 
 mod shared;
 use shared::{Decision, Release, Shared, TokenDecision};
@@ -30,16 +25,7 @@ use shared::{Decision, Release, Shared, TokenDecision};
 /// Reserved for the reply when a request sets no `max_tokens`.
 pub const DEFAULT_REPLY_TOKENS: u32 = 512;
 
-/// One client's limits.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Limits {
-    pub rpm: u32,
-    pub burst: u32,
-    pub tpm: Option<u32>,
-    pub max_streams: u32,
-    /// Models this client may use; all when `None`.
-    pub models: Option<HashSet<String>>,
-}
+pub use crate::config::Limits;
 
 type RequestLimiter = RateLimiter<
     Arc<str>,
@@ -58,7 +44,7 @@ impl Policy {
     fn new(limits: Limits) -> Arc<Self> {
         let rpm = NonZeroU32::new(limits.rpm.max(1)).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(limits.burst.max(1)).unwrap_or(NonZeroU32::MIN);
-        let quota = Quota::per_minute(rpm).allow_burst(burst);
+        let quota = governor::Quota::per_minute(rpm).allow_burst(burst);
         Arc::new(Policy {
             limits,
             requests: RateLimiter::keyed(quota).with_middleware::<StateInformationMiddleware>(),
@@ -155,26 +141,27 @@ impl Admission {
     }
 
     /// The principal of a request: its key when keys are configured, else its IP.
-    pub fn identify(
+    /// `authorization` is the request's header as sent; `forwarded_for`, the addresses its
+    /// `X-Forwarded-For` headers list, in order.
+    pub fn identify<'a>(
         &self,
-        headers: &HeaderMap,
+        authorization: Option<&str>,
+        forwarded_for: impl Iterator<Item = &'a str>,
         peer: Option<IpAddr>,
-    ) -> Result<Principal, ApiError> {
+    ) -> Result<Principal, Refusal> {
         if self.keys.is_empty() {
-            let ip = self.client_ip(headers, peer);
+            let ip = self.client_ip(forwarded_for, peer);
             return Ok(Principal {
                 name: ip.map_or_else(|| "unknown".into(), |ip| client_name(ip).into()),
                 policy: self.default_policy.clone(),
             });
         }
         // The scheme is case-insensitive (RFC 9110).
-        let presented = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
+        let presented = authorization
             .and_then(|v| v.trim().split_once(' '))
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map(|(_, key)| key.trim())
-            .ok_or(ApiError::InvalidApiKey)?;
+            .ok_or(Refusal::InvalidKey)?;
         let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
         // Compare with every key, each in constant time, so timing tells nothing.
         let mut found = None;
@@ -183,7 +170,7 @@ impl Admission {
                 found = Some(key);
             }
         }
-        let key = found.ok_or(ApiError::InvalidApiKey)?;
+        let key = found.ok_or(Refusal::InvalidKey)?;
         Ok(Principal {
             name: key.name.clone(),
             policy: key.policy.clone(),
@@ -192,16 +179,17 @@ impl Admission {
 
     /// The peer's address, or the client `X-Forwarded-For` names when the peer is a trusted
     /// proxy: the right-most address no trusted proxy added.
-    fn client_ip(&self, headers: &HeaderMap, peer: Option<IpAddr>) -> Option<IpAddr> {
+    fn client_ip<'a>(
+        &self,
+        forwarded_for: impl Iterator<Item = &'a str>,
+        peer: Option<IpAddr>,
+    ) -> Option<IpAddr> {
         let trusted = |ip: &IpAddr| self.trusted_proxies.iter().any(|net| net.contains(ip));
         let peer = peer?;
         if !trusted(&peer) {
             return Some(peer);
         }
-        let forwarded = headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
+        let forwarded = forwarded_for
             .flat_map(|v| v.split(','))
             .filter_map(|s| s.trim().parse::<IpAddr>().ok())
             .collect::<Vec<_>>();
@@ -219,10 +207,10 @@ impl Admission {
     /// checks that cost nothing come first; tokens are counted and reserved afterwards
     /// ([`Permit::reserve`]). On yes, the permit holds a stream slot until it is dropped.
     /// With Redis, the limits are every instance's together.
-    pub async fn admit(self: &Arc<Self>, who: &Principal, model: &str) -> Result<Permit, ApiError> {
+    pub async fn admit(self: &Arc<Self>, who: &Principal, model: &str) -> Result<Permit, Refusal> {
         let limits = &who.policy.limits;
         if limits.models.as_ref().is_some_and(|m| !m.contains(model)) {
-            return Err(ApiError::ModelNotFound(model.to_owned()));
+            return Err(Refusal::ModelNotAllowed(model.to_owned()));
         }
         if let Some(shared) = &self.shared {
             let id = uuid::Uuid::new_v4().simple().to_string();
@@ -235,14 +223,11 @@ impl Admission {
     }
 
     /// Counts a Redis failure; fails closed (503) or lets this instance's own limits apply.
-    fn redis_failed(&self, e: &redis::RedisError) -> Result<(), ApiError> {
+    fn redis_failed(&self, e: &redis::RedisError) -> Result<(), Refusal> {
         self.redis_errors.increment(1);
         if self.fail_closed {
             tracing::warn!(error = %e, "Redis is unreachable: refusing requests");
-            return Err(ApiError::Busy {
-                message: "rate limits cannot be checked right now; try again shortly".into(),
-                retry_after: Duration::from_secs(1),
-            });
+            return Err(Refusal::LimitsUnavailable);
         }
         tracing::warn!(error = %e, "Redis is unreachable: this instance's own limits apply");
         Ok(())
@@ -254,7 +239,7 @@ impl Admission {
         who: &Principal,
         decision: Decision,
         id: String,
-    ) -> Result<Permit, ApiError> {
+    ) -> Result<Permit, Refusal> {
         let limits = &who.policy.limits;
         match decision {
             Decision::Admitted {
@@ -266,22 +251,28 @@ impl Admission {
                 tpm: limits.tpm,
                 reserved: 0,
                 hold: Hold::Shared { id, give_back: 0 },
-                headers: RateHeaders::requests(limits, remaining_requests, reset_requests),
+                quota: Quota::requests(limits, remaining_requests, reset_requests),
             }),
             Decision::TooManyStreams {
                 remaining_requests,
                 reset_requests,
-            } => Err(too_many_streams(
-                limits,
-                RateHeaders::requests(limits, remaining_requests, reset_requests),
-            )),
-            Decision::GlobalFull => Err(global_full(self.global_max)),
-            Decision::Requests { wait, reset } => Err(over_requests(limits, wait, reset)),
+            } => Err(Refusal::TooManyStreams {
+                max_streams: limits.max_streams,
+                quota: Quota::requests(limits, remaining_requests, reset_requests),
+            }),
+            Decision::GlobalFull => Err(Refusal::Full {
+                max_streams: self.global_max,
+            }),
+            Decision::Requests { wait, reset } => Err(Refusal::Requests {
+                rpm: limits.rpm,
+                wait,
+                quota: Quota::requests(limits, 0, reset),
+            }),
         }
     }
 
     /// This instance's own limits: without Redis, or when Redis fails open.
-    fn admit_locally(self: &Arc<Self>, who: &Principal) -> Result<Permit, ApiError> {
+    fn admit_locally(self: &Arc<Self>, who: &Principal) -> Result<Permit, Refusal> {
         let limits = &who.policy.limits;
         // Stream slots: checked before anything is spent.
         let reserved_global = self
@@ -291,7 +282,9 @@ impl Admission {
             })
             .is_ok();
         if !reserved_global {
-            return Err(global_full(self.global_max));
+            return Err(Refusal::Full {
+                max_streams: self.global_max,
+            });
         }
         let mut permit = Permit {
             admission: self.clone(),
@@ -299,7 +292,7 @@ impl Admission {
             tpm: limits.tpm,
             reserved: 0,
             hold: Hold::Local { stream: false },
-            headers: RateHeaders::default(),
+            quota: Quota::default(),
         };
 
         // Requests per minute: every answer from here on counts as a request.
@@ -308,17 +301,24 @@ impl Admission {
             Ok(snapshot) => snapshot.remaining_burst_capacity(),
             Err(not_until) => {
                 let wait = not_until.wait_time_from(DefaultClock::default().now());
-                return Err(over_requests(limits, wait, period * limits.burst));
+                return Err(Refusal::Requests {
+                    rpm: limits.rpm,
+                    wait,
+                    quota: Quota::requests(limits, 0, period * limits.burst),
+                });
             }
         };
         let reset = period * (limits.burst.saturating_sub(requests));
-        permit.headers = RateHeaders::requests(limits, requests, reset);
+        permit.quota = Quota::requests(limits, requests, reset);
 
         // This client's streams.
         let mut streams = lock(&self.streams);
         let open = streams.entry(who.name.clone()).or_insert(0);
         if *open >= limits.max_streams {
-            return Err(too_many_streams(limits, permit.headers.clone()));
+            return Err(Refusal::TooManyStreams {
+                max_streams: limits.max_streams,
+                quota: permit.quota.clone(),
+            });
         }
         *open += 1;
         drop(streams);
@@ -410,56 +410,6 @@ fn client_name(ip: IpAddr) -> String {
     }
 }
 
-fn too_many_streams(limits: &Limits, headers: RateHeaders) -> ApiError {
-    ApiError::RateLimited {
-        message: format!(
-            "you have {} streams open, the limit; one must end before another starts",
-            limits.max_streams
-        ),
-        retry_after: Duration::from_secs(1),
-        headers: Some(headers),
-    }
-}
-
-fn global_full(max: usize) -> ApiError {
-    ApiError::Busy {
-        message: format!("sluice is at its limit of {max} streams"),
-        retry_after: Duration::from_secs(1),
-    }
-}
-
-fn over_requests(limits: &Limits, wait: Duration, reset: Duration) -> ApiError {
-    ApiError::RateLimited {
-        message: format!(
-            "rate limit of {} requests per minute reached; try again in {}",
-            limits.rpm,
-            duration(wait)
-        ),
-        retry_after: wait,
-        headers: Some(RateHeaders::requests(limits, 0, reset)),
-    }
-}
-
-fn never_fits(tokens: u32, tpm: u32) -> ApiError {
-    ApiError::invalid(
-        format!(
-            "this request may use {tokens} tokens (prompt and max_tokens), more than the limit of {tpm} tokens per minute; lower max_tokens"
-        ),
-        Some("max_tokens"),
-    )
-}
-
-fn over_tokens(tpm: u32, wait: Duration, headers: RateHeaders) -> ApiError {
-    ApiError::RateLimited {
-        message: format!(
-            "rate limit of {tpm} tokens per minute reached; try again in {}",
-            duration(wait)
-        ),
-        retry_after: wait,
-        headers: Some(headers),
-    }
-}
-
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -529,7 +479,7 @@ pub struct Permit {
     tpm: Option<u32>,
     reserved: u32,
     hold: Hold,
-    headers: RateHeaders,
+    quota: Quota,
 }
 
 /// Where the permit's stream slot is held.
@@ -541,8 +491,9 @@ enum Hold {
 }
 
 impl Permit {
-    pub fn headers(&self) -> &RateHeaders {
-        &self.headers
+    /// The client's standing after this request: for `x-ratelimit-*`.
+    pub fn quota(&self) -> &Quota {
+        &self.quota
     }
 
     pub fn client(&self) -> &str {
@@ -552,21 +503,26 @@ impl Permit {
     /// Reserves `tokens` (prompt and the most the reply may use) of the client's tokens per
     /// minute, when they are limited; settled to the real usage by [`Permit::settle`].
     /// Refused: 429 when they fit later, 400 naming `max_tokens` when they never can.
-    pub async fn reserve(&mut self, tokens: u32) -> Result<(), ApiError> {
+    pub async fn reserve(&mut self, tokens: u32) -> Result<(), Refusal> {
         let Some(tpm) = self.tpm else {
             return Ok(());
+        };
+        let refused = |wait, quota: &Quota| Refusal::Tokens {
+            tpm,
+            wait,
+            quota: quota.clone(),
         };
         if let (Hold::Shared { .. }, Some(shared)) = (&self.hold, &self.admission.shared) {
             match shared.reserve(&self.client, tpm, tokens).await {
                 Ok(TokenDecision::Reserved { left, reset }) => {
                     self.reserved = tokens;
-                    self.headers.tokens(tpm, left, reset);
+                    self.quota.tokens(tpm, left, reset);
                     return Ok(());
                 }
-                Ok(TokenDecision::NeverFits) => return Err(never_fits(tokens, tpm)),
+                Ok(TokenDecision::NeverFits) => return Err(Refusal::NeverFits { tokens, tpm }),
                 Ok(TokenDecision::Wait { wait, left, reset }) => {
-                    self.headers.tokens(tpm, left, reset);
-                    return Err(over_tokens(tpm, wait, self.headers.clone()));
+                    self.quota.tokens(tpm, left, reset);
+                    return Err(refused(wait, &self.quota));
                 }
                 Err(e) => {
                     // Failing open: this request's tokens go uncounted.
@@ -580,15 +536,15 @@ impl Permit {
             .entry(self.client.clone())
             .or_insert_with(|| Bucket::full(tpm));
         let reserved = bucket.reserve(tpm, tokens);
-        self.headers
+        self.quota
             .tokens(tpm, bucket.available(tpm), bucket.until_full(tpm));
         match reserved {
             Ok(()) => {
                 self.reserved = tokens;
                 Ok(())
             }
-            Err(None) => Err(never_fits(tokens, tpm)),
-            Err(Some(wait)) => Err(over_tokens(tpm, wait, self.headers.clone())),
+            Err(None) => Err(Refusal::NeverFits { tokens, tpm }),
+            Err(Some(wait)) => Err(refused(wait, &self.quota)),
         }
     }
 
@@ -638,80 +594,74 @@ impl Drop for Permit {
     }
 }
 
-/// OpenAI's `x-ratelimit-*` headers.
-#[derive(Debug, Clone, Default)]
-pub struct RateHeaders(Vec<(&'static str, String)>);
+/// Why a request was not admitted, with what the client may be told.
+#[derive(Debug, Clone)]
+pub enum Refusal {
+    /// No key, or a key sluice does not know.
+    InvalidKey,
+    /// The key may not use this model.
+    ModelNotAllowed(String),
+    /// sluice as a whole has `max_streams` open.
+    Full { max_streams: usize },
+    /// Limits are kept in Redis, which cannot be reached, and sluice fails closed.
+    LimitsUnavailable,
+    /// The client has `max_streams` open.
+    TooManyStreams { max_streams: u32, quota: Quota },
+    /// Over the requests per minute.
+    Requests {
+        rpm: u32,
+        wait: Duration,
+        quota: Quota,
+    },
+    /// More tokens than the per-minute limit could ever hold.
+    NeverFits { tokens: u32, tpm: u32 },
+    /// Over the tokens per minute for now.
+    Tokens {
+        tpm: u32,
+        wait: Duration,
+        quota: Quota,
+    },
+}
 
-impl RateHeaders {
+/// A client's standing against its limits, as OpenAI's `x-ratelimit-*` headers tell it.
+#[derive(Debug, Clone, Default)]
+pub struct Quota {
+    pub requests: Option<Window>,
+    pub tokens: Option<Window>,
+}
+
+/// One limit: its size, what is left, and when it is whole again.
+#[derive(Debug, Clone, Copy)]
+pub struct Window {
+    pub limit: u32,
+    pub remaining: u32,
+    pub reset: Duration,
+}
+
+impl Quota {
     fn requests(limits: &Limits, remaining: u32, reset: Duration) -> Self {
-        RateHeaders(vec![
-            ("x-ratelimit-limit-requests", limits.rpm.to_string()),
-            ("x-ratelimit-remaining-requests", remaining.to_string()),
-            ("x-ratelimit-reset-requests", duration(reset)),
-        ])
+        Quota {
+            requests: Some(Window {
+                limit: limits.rpm,
+                remaining,
+                reset,
+            }),
+            tokens: None,
+        }
     }
 
     fn tokens(&mut self, limit: u32, remaining: u32, reset: Duration) {
-        self.0.retain(|(name, _)| !name.ends_with("-tokens"));
-        self.0.extend([
-            ("x-ratelimit-limit-tokens", limit.to_string()),
-            ("x-ratelimit-remaining-tokens", remaining.to_string()),
-            ("x-ratelimit-reset-tokens", duration(reset)),
-        ]);
-    }
-
-    pub fn apply(&self, headers: &mut HeaderMap) {
-        for (name, value) in &self.0 {
-            if let Ok(value) = HeaderValue::from_str(value) {
-                headers.insert(HeaderName::from_static(name), value);
-            }
-        }
-    }
-}
-
-/// A duration as OpenAI writes it: `120ms`, `1s`, `6m0s`, `1h2m3s`.
-pub fn duration(d: Duration) -> String {
-    let ms = d.as_millis();
-    if ms < 1000 {
-        return format!("{ms}ms");
-    }
-    let secs = d.as_secs_f64().ceil() as u64;
-    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
-    match (h, m) {
-        (0, 0) => format!("{s}s"),
-        (0, _) => format!("{m}m{s}s"),
-        _ => format!("{h}h{m}m{s}s"),
-    }
-}
-
-impl FromRequestParts<AppState> for Principal {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let peer = parts
-            .extensions
-            .get::<ConnectInfo<crate::serve::Peer>>()
-            .map(|c| c.0.0.ip());
-        let who = state.admission.identify(&parts.headers, peer)?;
-        if let Some(exchange) = parts.extensions.get::<crate::metrics::Exchange>() {
-            exchange.set_key(who.name.clone());
-        }
-        Ok(who)
+        self.tokens = Some(Window {
+            limit,
+            remaining,
+            reset,
+        });
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_read_like_openai() {
-        assert_eq!(duration(Duration::from_millis(120)), "120ms");
-        assert_eq!(duration(Duration::from_millis(1000)), "1s");
-        assert_eq!(duration(Duration::from_millis(1200)), "2s");
-        assert_eq!(duration(Duration::from_secs(360)), "6m0s");
-        assert_eq!(duration(Duration::from_secs(3723)), "1h2m3s");
-    }
 
     #[test]
     fn ipv6_clients_are_limited_per_64() {

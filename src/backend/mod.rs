@@ -1,4 +1,6 @@
-//! Backends behind one trait, and the routing table from model name to backend.
+//! Backends behind one trait: what a backend is asked ([`ChatRequest`]), what it answers
+//! (a stream of [`Delta`]s, the canonical events of a reply), and how it fails
+//! ([`BackendError`], with typed waits and fallback reasons).
 //!
 //! A backend turns a [`ChatRequest`] into a stream of [`Delta`]s. It knows nothing of HTTP
 //! or SSE; dropping its stream must stop its work (an upstream request closes its
@@ -10,10 +12,8 @@ pub mod mock;
 pub mod openai;
 pub mod sse;
 
-use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::Stream;
 use serde::Serialize;
@@ -117,9 +117,9 @@ pub enum BackendError {
     /// The upstream sent something that is not a chat completion chunk.
     #[error("upstream sent malformed data: {0}")]
     Protocol(String),
-    /// Nothing came within a limit: "first token", "chunk".
+    /// Nothing came within a limit.
     #[error("no {0} within the limit")]
-    Timeout(&'static str),
+    Timeout(Wait),
     /// The backend's queue is full.
     #[error("the model is busy: {message}")]
     Overloaded {
@@ -136,17 +136,67 @@ pub enum BackendError {
     ShuttingDown,
 }
 
+/// What a stream was waiting for when a limit ran out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// A connection to the upstream.
+    Connect,
+    /// The reply's first token.
+    FirstToken,
+    /// The next chunk, after the first.
+    Chunk,
+    /// The end of the whole reply.
+    End,
+}
+
+impl std::fmt::Display for Wait {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Wait::Connect => "connection",
+            Wait::FirstToken => "first token",
+            Wait::Chunk => "chunk",
+            Wait::End => "end of the reply",
+        })
+    }
+}
+
+/// Why a route moved on to its next upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FallbackReason {
+    Unreachable,
+    ConnectTimeout,
+    FirstTokenTimeout,
+    ServerError,
+    RateLimited,
+    Overloaded,
+}
+
+impl FallbackReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FallbackReason::Unreachable => "unreachable",
+            FallbackReason::ConnectTimeout => "connect_timeout",
+            FallbackReason::FirstTokenTimeout => "first_token_timeout",
+            FallbackReason::ServerError => "server_error",
+            FallbackReason::RateLimited => "rate_limited",
+            FallbackReason::Overloaded => "overloaded",
+        }
+    }
+}
+
 impl BackendError {
     /// Why another upstream might do better, when one might: the upstream could not be
     /// reached, failed (5xx), was at its limit (429, a full queue), or sent no first token.
-    pub fn fallback_reason(&self) -> Option<&'static str> {
+    pub fn fallback_reason(&self) -> Option<FallbackReason> {
         match self {
-            BackendError::Unreachable(_) => Some("unreachable"),
-            BackendError::Timeout("connection") => Some("connect_timeout"),
-            BackendError::Timeout("first token") => Some("first_token_timeout"),
-            BackendError::Rejected { status, .. } if *status >= 500 => Some("server_error"),
-            BackendError::RateLimited { .. } => Some("rate_limited"),
-            BackendError::Overloaded { .. } => Some("overloaded"),
+            BackendError::Unreachable(_) => Some(FallbackReason::Unreachable),
+            BackendError::Timeout(Wait::Connect) => Some(FallbackReason::ConnectTimeout),
+            BackendError::Timeout(Wait::FirstToken) => Some(FallbackReason::FirstTokenTimeout),
+            BackendError::Rejected { status, .. } if *status >= 500 => {
+                Some(FallbackReason::ServerError)
+            }
+            BackendError::RateLimited { .. } => Some(FallbackReason::RateLimited),
+            BackendError::Overloaded { .. } => Some(FallbackReason::Overloaded),
             _ => None,
         }
     }
@@ -186,197 +236,5 @@ pub trait Backend: Send + Sync {
     /// The upstream's own model list, for a backend that has one to ask.
     fn models(&self) -> Option<futures::future::BoxFuture<'_, Result<Vec<String>, String>>> {
         None
-    }
-}
-
-/// A backend and the name it knows the model by.
-#[derive(Clone)]
-pub struct Target {
-    pub backend: Arc<dyn Backend>,
-    pub model: String,
-    /// From the configuration: its model name is a fit metric label. Otherwise the name is
-    /// the client's, and the route's label stands for it.
-    pub configured: bool,
-}
-
-/// Where a model name goes: a first target, then its fallbacks, tried in order while
-/// nothing has been sent to the client.
-#[derive(Clone)]
-pub struct Route {
-    pub targets: Arc<[Target]>,
-}
-
-impl Route {
-    pub fn to(backend: Arc<dyn Backend>, model: &str) -> Self {
-        Route {
-            targets: Arc::new([Target {
-                backend,
-                model: model.to_owned(),
-                configured: false,
-            }]),
-        }
-    }
-}
-
-/// How often the default upstream's model list is fetched again.
-const CATALOGUE_EVERY: Duration = Duration::from_secs(300);
-
-/// The routing table: configured names first, then the built-in mock models, then anything
-/// else to the default upstream when one is configured.
-#[derive(Clone)]
-pub struct Routes {
-    named: Arc<HashMap<String, Route>>,
-    mock: Arc<dyn Backend>,
-    default_upstream: Option<Arc<dyn Backend>>,
-    default_model: Arc<str>,
-    /// The default upstream's own model list, as last fetched.
-    catalogue: Arc<RwLock<Arc<HashSet<String>>>>,
-    /// The last readiness probe of every upstream: one probe at a time, shared by every
-    /// caller, reused for a few seconds.
-    probes: Arc<Mutex<Option<(Instant, SharedProbes)>>>,
-}
-
-type SharedProbes = futures::future::Shared<futures::future::BoxFuture<'static, Arc<Vec<Probe>>>>;
-
-/// How long one readiness probe of the upstreams serves.
-const PROBES_SERVE: Duration = Duration::from_secs(5);
-
-impl Routes {
-    pub fn new(
-        named: HashMap<String, Route>,
-        mock: Arc<dyn Backend>,
-        default_upstream: Option<Arc<dyn Backend>>,
-        default_model: String,
-    ) -> Self {
-        Routes {
-            named: Arc::new(named),
-            mock,
-            default_upstream,
-            default_model: default_model.into(),
-            catalogue: Arc::default(),
-            probes: Arc::default(),
-        }
-    }
-
-    /// Every upstream's readiness, probed at most once every few seconds however often
-    /// it is asked for.
-    pub async fn probe(&self) -> Arc<Vec<Probe>> {
-        let shared = {
-            let mut cached = self.probes.lock().unwrap_or_else(|e| e.into_inner());
-            match &*cached {
-                Some((at, probes)) if at.elapsed() < PROBES_SERVE => probes.clone(),
-                _ => {
-                    let mut seen = HashSet::new();
-                    let probes: Vec<_> = self
-                        .backends()
-                        .filter(|b| b.upstream().is_some_and(|url| seen.insert(url.to_owned())))
-                        .filter_map(|b| b.probe())
-                        .collect();
-                    let all: futures::future::BoxFuture<'static, Arc<Vec<Probe>>> =
-                        Box::pin(async move { Arc::new(futures::future::join_all(probes).await) });
-                    let shared = futures::FutureExt::shared(all);
-                    *cached = Some((Instant::now(), shared.clone()));
-                    shared
-                }
-            }
-        };
-        shared.await
-    }
-
-    fn backends(&self) -> impl Iterator<Item = &Arc<dyn Backend>> {
-        self.named
-            .values()
-            .flat_map(|r| r.targets.iter().map(|t| &t.backend))
-            .chain(self.default_upstream.iter())
-    }
-
-    /// Fetches the default upstream's model list; a failure keeps the last good one.
-    pub async fn refresh_catalogue(&self) {
-        let Some(fetch) = self.default_upstream.as_ref().and_then(|b| b.models()) else {
-            return;
-        };
-        match fetch.await {
-            Ok(names) => {
-                let names: HashSet<String> = names.into_iter().collect();
-                tracing::debug!(models = names.len(), "the default upstream's model list");
-                *self.catalogue.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(names);
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot list the default upstream's models; keeping the last list")
-            }
-        }
-    }
-
-    /// The default upstream's models, as last fetched.
-    pub fn catalogue(&self) -> Arc<HashSet<String>> {
-        self.catalogue
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    /// Keeps the catalogue fresh until `stop`.
-    pub async fn maintain(self, stop: tokio_util::sync::CancellationToken) {
-        let mut every = tokio::time::interval(CATALOGUE_EVERY);
-        every.tick().await;
-        loop {
-            tokio::select! {
-                () = stop.cancelled() => return,
-                _ = every.tick() => self.refresh_catalogue().await,
-            }
-        }
-    }
-
-    pub fn resolve(&self, model: &str) -> Option<Route> {
-        if let Some(route) = self.named.get(model) {
-            return Some(route.clone());
-        }
-        if mock::Mode::from_model(model).is_some() {
-            return Some(Route::to(self.mock.clone(), model));
-        }
-        self.default_upstream
-            .as_ref()
-            .map(|backend| Route::to(backend.clone(), model))
-    }
-
-    /// Every name sluice routes by itself, the default first, then sorted (the default
-    /// upstream takes any other name).
-    pub fn model_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.named.keys().cloned().collect();
-        names.extend(mock::Mode::MODEL_NAMES.iter().map(|s| (*s).to_owned()));
-        names.sort();
-        names.dedup();
-        names.sort_by_key(|name| **name != *self.default_model);
-        names
-    }
-
-    /// The model of a request that names none: the local model when it is loaded.
-    pub fn default_model(&self) -> &str {
-        &self.default_model
-    }
-
-    pub fn has_default_upstream(&self) -> bool {
-        self.default_upstream.is_some()
-    }
-
-    /// The name a model's metrics are labelled with: its own when sluice routes it by
-    /// itself, else `other` (the default upstream takes any name; labels must stay few).
-    pub fn label(&self, model: &str) -> String {
-        let known = self.named.contains_key(model)
-            || mock::Mode::from_model(model).is_some()
-            || model == &*self.default_model
-            || self.catalogue().contains(model);
-        if known { model } else { "other" }.to_owned()
-    }
-
-    /// Every upstream base URL sluice may call (credentials masked), each once, sorted.
-    pub fn upstreams(&self) -> Vec<String> {
-        let mut urls: Vec<String> = self
-            .backends()
-            .filter_map(|b| b.upstream().map(str::to_owned))
-            .collect();
-        urls.sort();
-        urls.dedup();
-        urls
     }
 }

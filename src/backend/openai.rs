@@ -71,8 +71,32 @@ impl OpenAiBackend {
     }
 
     /// The client's body with the upstream's model name, always streamed, always with usage.
+    /// A client that spoke OpenAI's format sent its messages and options as they go
+    /// upstream (content parts, tools, unknown fields pass through); for any other, they
+    /// are written from the canonical request.
     fn upstream_body(&self, request: ChatRequest) -> Map<String, Value> {
         let mut body = request.body;
+        if !body.contains_key("messages") {
+            let messages = request
+                .messages
+                .iter()
+                .map(|m| json!({"role": m.role, "content": m.content}))
+                .collect();
+            body.insert("messages".into(), Value::Array(messages));
+            // An f32 such as 0.7 is 0.699999988 as an f64: sent as the decimal it was.
+            let decimal = |v: f32| Value::from((f64::from(v) * 1e6).round() / 1e6);
+            let options = [
+                ("max_tokens", request.max_tokens.map(Value::from)),
+                ("temperature", request.temperature.map(decimal)),
+                ("top_p", request.top_p.map(decimal)),
+                ("seed", request.seed.map(Value::from)),
+            ];
+            for (name, value) in options {
+                if let Some(value) = value {
+                    body.entry(name).or_insert(value);
+                }
+            }
+        }
         body.insert("model".into(), Value::String(request.model));
         body.insert("stream".into(), Value::Bool(true));
         let options = body.entry("stream_options").or_insert_with(|| json!({}));
@@ -362,7 +386,7 @@ fn deltas(mut chunk: Value, out: &mut Vec<Delta>) -> Result<(), BackendError> {
 /// Why no answer came: the connect limit, or no connection at all.
 fn request_error(e: &reqwest::Error) -> BackendError {
     if e.is_timeout() {
-        BackendError::Timeout("connection")
+        BackendError::Timeout(super::Wait::Connect)
     } else {
         BackendError::Unreachable(without_url(e))
     }

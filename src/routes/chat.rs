@@ -7,17 +7,17 @@ use axum::extract::State;
 use axum::response::Response;
 use axum::routing::post;
 use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
-use super::{JsonObject, typed, with_rate_headers};
 use crate::admission::Principal;
 use crate::backend::Message;
 use crate::error::ApiError;
-use crate::metrics::Exchange;
+use crate::http::{JsonObject, typed, with_rate_headers};
 use crate::pipeline;
 use crate::prompts::RenderError;
 use crate::relay::{self, Completion};
 use crate::state::AppState;
+use crate::telemetry::Exchange;
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/api/chat", post(chat))
@@ -92,21 +92,6 @@ async fn chat(
         .model
         .unwrap_or_else(|| state.routes.default_model().to_owned());
 
-    // The body an OpenAI-compatible upstream receives.
-    let mut upstream_body = Map::new();
-    upstream_body.insert(
-        "messages".into(),
-        messages
-            .iter()
-            .map(|m| json!({"role": m.role, "content": m.content}))
-            .collect(),
-    );
-    if let Some(n) = req.max_tokens {
-        upstream_body.insert("max_tokens".into(), n.into());
-    }
-    if let Some(t) = req.temperature {
-        upstream_body.insert("temperature".into(), t.into());
-    }
     let chat = pipeline::Chat {
         model,
         messages,
@@ -115,13 +100,15 @@ async fn chat(
         temperature: req.temperature,
         top_p: None,
         seed: None,
-        body: upstream_body,
+        // Nothing beyond the chat itself: an upstream's body is built from it.
+        body: Map::new(),
     };
     let started = pipeline::start(&state, &who, &exchange, chat).await?;
     let mut guard = started.guard;
     let completion = Completion::new(&started.model);
     let response = relay::open(started.stream, state.keep_alive, &mut guard)
         .await
-        .map(|opened| relay::chat_sse(opened, completion, guard, state.keep_alive));
+        .map(|opened| relay::chat_sse(opened, completion, guard, state.keep_alive))
+        .map_err(ApiError::from);
     Ok(with_rate_headers(response, &started.rate))
 }

@@ -8,14 +8,14 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{JsonObject, typed, with_rate_headers};
 use crate::admission::Principal;
 use crate::backend::Message;
 use crate::error::ApiError;
-use crate::metrics::Exchange;
+use crate::http::{JsonObject, typed, with_rate_headers};
 use crate::pipeline;
 use crate::relay::{self, Completion};
 use crate::state::AppState;
+use crate::telemetry::Exchange;
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/v1/chat/completions", post(chat_completions))
@@ -144,6 +144,7 @@ async fn chat_completions(
             .map(|opened| {
                 relay::openai_sse(opened, completion, include_usage, guard, state.keep_alive)
             })
+            .map_err(ApiError::from)
     };
     Ok(with_rate_headers(response, &rate))
 }

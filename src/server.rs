@@ -27,7 +27,8 @@ use tokio::sync::Semaphore;
 use tokio_io_timeout::TimeoutStream;
 use tower::ServiceExt as _;
 
-use crate::state::AppState;
+use crate::http::Peer;
+use crate::state::{AppState, ServerSettings};
 
 /// The largest request head (line and headers) sluice reads over HTTP/1.1; a larger one is
 /// refused with 431. HTTP/2 has the same limit on its header list.
@@ -40,28 +41,6 @@ const H2_STREAM_WINDOW: u32 = 1024 * 1024;
 const H2_CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 /// How long start-up waits for the default upstream's model list.
 const CATALOGUE_AT_START: Duration = Duration::from_secs(2);
-/// Descriptors kept back from client connections: the listener, logs, Redis, the model.
-const RESERVED_FDS: u64 = 64;
-
-/// How connections are served, from the configuration.
-#[derive(Clone)]
-pub struct ServerSettings {
-    /// Limit on a request's head, and on an idle connection between requests.
-    pub header_timeout: Duration,
-    /// A client that takes nothing of its stream for this long is dropped.
-    pub slow_client_timeout: Duration,
-    /// Open client connections at most.
-    pub max_connections: usize,
-    /// HTTPS with ALPN (`h2`, `http/1.1`) when set.
-    pub tls: Option<tokio_rustls::TlsAcceptor>,
-}
-
-/// Client connections at most by default: half of what the descriptor limit leaves after a
-/// reserve, since every streamed reply holds an upstream socket besides its client's.
-pub fn default_max_connections() -> usize {
-    let (soft, _) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap_or((1024, 1024));
-    (soft.saturating_sub(RESERVED_FDS) / 2).clamp(8, 1 << 20) as usize
-}
 
 /// Serves `app(state)` on `listener` until `shutdown` completes. Then no connection is
 /// accepted; open streams may finish for `grace`, after which they end with an error event
@@ -212,10 +191,6 @@ impl Backoff {
         self.0 = None;
     }
 }
-
-/// The client's address, as handlers see it through `ConnectInfo<Peer>`.
-#[derive(Debug, Clone, Copy)]
-pub struct Peer(pub SocketAddr);
 
 /// One accepted client connection and what serving it needs.
 struct Connection {

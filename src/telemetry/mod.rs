@@ -1,14 +1,15 @@
-//! What sluice tells its operators: Prometheus metrics, and one log line per request.
+//! What sluice tells its operators: Prometheus series here, and the per-request log record
+//! ([`Exchange`]) in `exchange.rs`.
 //!
 //! Each app owns its recorder (not the process-global one), so several apps in one
 //! process, as in the tests, count apart. The series are listed in the README.
 
+mod exchange;
+pub use exchange::Exchange;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::{MatchedPath, Request, State};
-use axum::middleware::Next;
-use axum::response::Response;
 use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
@@ -237,7 +238,7 @@ impl Metrics {
         Key::from_parts(name, labels.collect::<Vec<_>>())
     }
 
-    fn counter(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Counter {
+    pub fn counter(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Counter {
         self.0
             .recorder
             .register_counter(&Self::key(name, labels), &META)
@@ -393,164 +394,4 @@ impl TokenTimes {
         let (first, last) = (self.first?, self.last?);
         (self.count > 1).then(|| (last - first) / (self.count - 1))
     }
-}
-
-/// Marks a response refused by sluice's own limits: `client` or `global`.
-#[derive(Debug, Clone, Copy)]
-pub struct RateLimited(pub &'static str);
-
-/// One request as the log line at its end tells it. The middleware makes it, the handler
-/// and the stream fill it in, and the last of them to let go writes the line.
-#[derive(Clone)]
-pub struct Exchange(Arc<ExchangeInner>);
-
-struct ExchangeInner {
-    arrived: Instant,
-    request_id: String,
-    method: String,
-    path: String,
-    record: Mutex<Record>,
-}
-
-#[derive(Default)]
-struct Record {
-    route: Option<String>,
-    status: Option<u16>,
-    key: Option<Arc<str>>,
-    model: Option<String>,
-    /// The model's metric label, once admitted.
-    label: Option<String>,
-    outcome: Option<Outcome>,
-    ttft: Option<Duration>,
-    usage: Option<Usage>,
-    fallbacks: u32,
-    error: Option<String>,
-}
-
-impl Exchange {
-    pub fn arrived(&self) -> Instant {
-        self.0.arrived
-    }
-
-    pub fn request_id(&self) -> &str {
-        &self.0.request_id
-    }
-
-    fn record(&self) -> std::sync::MutexGuard<'_, Record> {
-        self.0.record.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The client's key name (or address), once identified.
-    pub fn set_key(&self, key: Arc<str>) {
-        self.record().key = Some(key);
-    }
-
-    /// The model asked for, once it is known to route somewhere.
-    pub fn set_model(&self, model: &str) {
-        self.record().model = Some(model.to_owned());
-    }
-
-    /// The model's metric label: set once the request is admitted.
-    pub fn set_label(&self, label: String) {
-        self.record().label = Some(label);
-    }
-
-    pub fn fell_back(&self, error: &BackendError) {
-        let mut record = self.record();
-        record.fallbacks += 1;
-        record.error = Some(error.to_string());
-    }
-
-    /// How the chat stream ended.
-    pub fn ended(&self, outcome: Outcome, ttft: Option<Duration>, usage: Usage) {
-        let mut record = self.record();
-        record.outcome = Some(outcome);
-        record.ttft = ttft;
-        record.usage = Some(usage);
-    }
-
-    pub fn failed(&self, error: &BackendError) {
-        self.record().error = Some(error.to_string());
-    }
-}
-
-impl Drop for ExchangeInner {
-    fn drop(&mut self) {
-        let r = self.record.get_mut().unwrap_or_else(|e| e.into_inner());
-        let quiet = matches!(self.path.as_str(), "/healthz" | "/readyz" | "/metrics");
-        let usage = r.usage.unwrap_or_default();
-        macro_rules! line {
-            ($level:expr) => {
-                tracing::event!(
-                    $level,
-                    request_id = %self.request_id,
-                    method = %self.method,
-                    path = %self.path,
-                    status = r.status,
-                    key = r.key.as_deref(),
-                    model = r.model.as_deref(),
-                    outcome = r.outcome.map(Outcome::as_str),
-                    ttft_ms = r.ttft.map(|d| d.as_secs_f64() * 1000.0),
-                    prompt_tokens = r.usage.map(|_| usage.prompt_tokens),
-                    completion_tokens = r.usage.map(|_| usage.completion_tokens),
-                    fallbacks = r.fallbacks,
-                    error = r.error.as_deref(),
-                    duration_ms = self.arrived.elapsed().as_secs_f64() * 1000.0,
-                    "request"
-                )
-            };
-        }
-        if quiet {
-            line!(tracing::Level::DEBUG);
-        } else {
-            line!(tracing::Level::INFO);
-        }
-    }
-}
-
-/// The outermost middleware after the request id: makes the request's [`Exchange`], counts
-/// `sluice_requests_total` and rate-limit refusals when the response head is ready.
-pub async fn observe(State(metrics): State<Metrics>, mut req: Request, next: Next) -> Response {
-    let exchange = Exchange(Arc::new(ExchangeInner {
-        arrived: Instant::now(),
-        request_id: crate::routes::request_id(req.headers()),
-        method: req.method().to_string(),
-        path: req.uri().path().to_owned(),
-        record: Mutex::new(Record::default()),
-    }));
-    req.extensions_mut().insert(exchange.clone());
-    let response = next.run(req).await;
-    let status = response.status().as_u16();
-    let (route, model) = {
-        let mut record = exchange.record();
-        record.status = Some(status);
-        (
-            record.route.clone().unwrap_or_else(|| "unmatched".into()),
-            record.label.clone().unwrap_or_default(),
-        )
-    };
-    metrics
-        .counter(
-            "sluice_requests_total",
-            &[
-                ("route", &route),
-                ("model", &model),
-                ("status", &status.to_string()),
-            ],
-        )
-        .increment(1);
-    if let Some(RateLimited(limit)) = response.extensions().get::<RateLimited>() {
-        metrics
-            .counter("sluice_rate_limited_total", &[("limit", limit)])
-            .increment(1);
-    }
-    response
-}
-
-/// Per route (after matching): names the route in the request's [`Exchange`].
-pub async fn name_route(matched: Option<MatchedPath>, req: Request, next: Next) -> Response {
-    if let (Some(matched), Some(exchange)) = (matched, req.extensions().get::<Exchange>()) {
-        exchange.record().route = Some(matched.as_str().to_owned());
-    }
-    next.run(req).await
 }

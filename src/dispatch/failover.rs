@@ -1,0 +1,127 @@
+//! Failover with typed deadlines: a route's targets tried in order while nothing of a reply
+//! has gone out, then the limits on the chosen one (first token, between chunks, the whole
+//! reply), and the end of every stream when sluice shuts down.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use super::Route;
+use crate::backend::{BackendError, ChatRequest, Delta, DeltaStream, Wait};
+use crate::telemetry::{Exchange, Metrics};
+
+/// What failover needs besides the route: its limits, where it counts, and the token that
+/// ends every stream at shutdown.
+#[derive(Clone)]
+pub struct Dispatcher {
+    pub timeouts: Timeouts,
+    pub metrics: Metrics,
+    pub closing: CancellationToken,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub first_token: Duration,
+    pub idle: Duration,
+    pub total: Duration,
+}
+
+/// Calls the route's targets in order, each until one answers: a target that cannot be
+/// reached, answers 5xx or 429, or sends no first token in time is followed by the next,
+/// but only while nothing of a reply has been relayed. Then it applies the limits (first
+/// token, between chunks, total: past one, the stream ends with [`BackendError::Timeout`];
+/// time spent waiting on a slow client does not count) and ends the stream when sluice
+/// shuts down.
+///
+/// A stream it returns ends either with [`Delta::Finish`] (and perhaps usage) or with an
+/// error: one that just stops did not complete, whatever the backend thought.
+pub fn upstream(
+    dispatcher: &Dispatcher,
+    exchange: &Exchange,
+    route: Route,
+    label: &str,
+    request: ChatRequest,
+) -> DeltaStream {
+    let label = label.to_owned();
+    let limits = dispatcher.timeouts;
+    let metrics = dispatcher.metrics.clone();
+    let closing = dispatcher.closing.clone().cancelled_owned();
+    let exchange = exchange.clone();
+    Box::pin(async_stream::stream! {
+        let total = tokio::time::sleep(limits.total);
+        tokio::pin!(total, closing);
+        let mut request = Some(request);
+        let count = route.targets.len();
+        for (i, target) in route.targets.iter().enumerate() {
+            let last = i + 1 == count;
+            let mut attempt = if last { request.take() } else { request.clone() }.unwrap_or_default();
+            attempt.model.clone_from(&target.model);
+            let target_label = if target.configured { &target.model } else { &label };
+            let _call = metrics.upstream_call(target_label);
+            let started = Instant::now();
+            let mut inner = target.backend.stream(attempt);
+            let deadline = tokio::time::sleep(limits.first_token);
+            tokio::pin!(deadline);
+            let mut waiting_for = Wait::FirstToken;
+            let mut finished = false;
+            let mut relayed = false;
+            loop {
+                let item = tokio::select! {
+                    biased;
+                    () = &mut closing => Err(BackendError::ShuttingDown),
+                    item = inner.next() => match item {
+                        Some(item) => item,
+                        None if finished => return,
+                        None => Err(BackendError::Interrupted(
+                            "the stream ended before the reply was finished".into(),
+                        )),
+                    },
+                    () = &mut deadline => Err(BackendError::Timeout(waiting_for)),
+                    () = &mut total => Err(BackendError::Timeout(Wait::End)),
+                };
+                let delta = match item {
+                    Ok(delta) => delta,
+                    Err(e) => {
+                        if let Some(reason) = e.fallback_reason().filter(|_| !relayed && !last) {
+                            tracing::warn!(
+                                request_id = exchange.request_id(),
+                                model = %target.model,
+                                upstream = target.backend.upstream().unwrap_or("-"),
+                                error = %e,
+                                "trying the route's next upstream"
+                            );
+                            metrics.fallback(target_label, reason.as_str());
+                            exchange.fell_back(&e);
+                            break;
+                        }
+                        yield Err(e);
+                        return;
+                    }
+                };
+                let first = !relayed && !matches!(delta, Delta::Queued(_));
+                match delta {
+                    Delta::Text(_) | Delta::Fields(_) => waiting_for = Wait::Chunk,
+                    Delta::Finish(_) => finished = true,
+                    // Moving up the queue is progress: the wait for a first token starts
+                    // when the model takes the request.
+                    Delta::Queued(_) => deadline
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + limits.first_token),
+                    Delta::Usage(_) => {}
+                }
+                relayed |= first;
+                let received = first.then(Instant::now);
+                yield Ok(delta);
+                if let Some(received) = received {
+                    // Resumed once the first chunk has been written: sluice's own share of
+                    // the time to first byte is what came before the call, and this.
+                    metrics.overhead(started.duration_since(exchange.arrived()) + received.elapsed());
+                }
+                if waiting_for == Wait::Chunk {
+                    deadline.as_mut().reset(tokio::time::Instant::now() + limits.idle);
+                }
+            }
+        }
+    })
+}

@@ -1,0 +1,47 @@
+//! The middleware that observes every request: its [`Exchange`] (the log line at its end)
+//! and `sluice_requests_total`, and the route's name once matched.
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+
+use crate::error::RateLimited;
+use crate::telemetry::{Exchange, Metrics};
+
+/// The outermost middleware after the request id: makes the request's [`Exchange`], counts
+/// `sluice_requests_total` and rate-limit refusals when the response head is ready.
+pub async fn observe(State(metrics): State<Metrics>, mut req: Request, next: Next) -> Response {
+    let exchange = Exchange::new(
+        super::request_id(req.headers()),
+        req.method().to_string(),
+        req.uri().path().to_owned(),
+    );
+    req.extensions_mut().insert(exchange.clone());
+    let response = next.run(req).await;
+    let status = response.status().as_u16();
+    let (route, model) = exchange.responded(status);
+    metrics
+        .counter(
+            "sluice_requests_total",
+            &[
+                ("route", &route),
+                ("model", &model),
+                ("status", &status.to_string()),
+            ],
+        )
+        .increment(1);
+    if let Some(RateLimited(limit)) = response.extensions().get::<RateLimited>() {
+        metrics
+            .counter("sluice_rate_limited_total", &[("limit", limit)])
+            .increment(1);
+    }
+    response
+}
+
+/// Per route (after matching): names the route in the request's [`Exchange`].
+pub async fn name_route(matched: Option<MatchedPath>, req: Request, next: Next) -> Response {
+    if let (Some(matched), Some(exchange)) = (matched, req.extensions().get::<Exchange>()) {
+        exchange.set_route(matched.as_str());
+    }
+    next.run(req).await
+}

@@ -1,0 +1,80 @@
+//! The meter of one stream: what it delivered, its usage, and how it ended. Dropping it
+//! records the outcome (a stream dropped before it finished was cancelled) and settles the
+//! client's token reservation to what was really used.
+
+use crate::admission::Permit;
+use crate::backend::{BackendError, Usage};
+use crate::telemetry::{Exchange, Metrics, Outcome, TokenTimes};
+
+/// Which stream this is, for logs and metrics, and the running count of what it delivered.
+/// Dropping it records the outcome: a stream dropped before it finished was cancelled.
+pub struct StreamGuard {
+    metrics: Metrics,
+    /// The client's hold on its limits: settled to the real usage when the stream ends.
+    permit: Permit,
+    pub(super) exchange: Exchange,
+    model: String,
+    pub(super) times: TokenTimes,
+    prompt_tokens: u32,
+    delivered_tokens: u32,
+    pub(super) reported: Option<Usage>,
+    outcome: Option<Outcome>,
+}
+
+impl StreamGuard {
+    pub fn new(
+        metrics: Metrics,
+        permit: Permit,
+        exchange: Exchange,
+        model: String,
+        prompt_tokens: u32,
+    ) -> Self {
+        metrics.stream_started();
+        StreamGuard {
+            metrics,
+            permit,
+            exchange,
+            model,
+            times: TokenTimes::default(),
+            prompt_tokens,
+            delivered_tokens: 0,
+            reported: None,
+            outcome: None,
+        }
+    }
+
+    /// A token (one chunk of text) went to the client. Chunks are counted, not re-tokenised:
+    /// the mock and local models send one token a chunk, OpenAI-compatible servers almost
+    /// always do too, and their own usage replaces this count whenever they report it.
+    pub(super) fn delivered(&mut self) {
+        self.times.token(self.exchange.arrived().elapsed());
+        self.delivered_tokens = self.delivered_tokens.saturating_add(1);
+    }
+
+    /// The backend's own counts when it sent them, else sluice's count of what it delivered.
+    pub fn usage(&self) -> Usage {
+        self.reported
+            .unwrap_or_else(|| Usage::new(self.prompt_tokens, self.delivered_tokens))
+    }
+
+    pub fn finish(&mut self, outcome: Outcome) {
+        self.outcome.get_or_insert(outcome);
+    }
+
+    pub(super) fn failed(&mut self, error: &BackendError) {
+        self.exchange.failed(error);
+        self.finish(Outcome::of(error));
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let outcome = self.outcome.unwrap_or(Outcome::Cancelled);
+        let usage = self.usage();
+        // A cancelled stream is charged what it delivered; a failed one, what it used.
+        self.permit.settle(usage.total_tokens);
+        self.exchange.ended(outcome, self.times.first, usage);
+        self.metrics
+            .stream_ended(outcome, &self.model, usage, &self.times);
+    }
+}
