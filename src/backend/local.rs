@@ -20,7 +20,7 @@ use candle_transformers::models::quantized_llama::{MAX_SEQ_LEN, ModelWeights};
 use tokenizers::Tokenizer;
 use tokio::sync::{mpsc, watch};
 
-use super::{Backend, BackendError, ChatRequest, Delta, DeltaStream, Message, Usage};
+use super::{Backend, BackendError, ChatRequest, Delta, DeltaStream, Message, Text, Usage};
 
 /// The name clients ask for.
 pub const MODEL_NAME: &str = "smollm2";
@@ -307,7 +307,9 @@ impl Model {
             }
             tokens.push(next);
             if let Some(piece) = text.push(&self.tokenizer, &tokens)
-                && reply.blocking_send(Ok(Delta::Text(piece))).is_err()
+                && reply
+                    .blocking_send(Ok(Delta::Text(Text::plain(&piece))))
+                    .is_err()
             {
                 return Ok(());
             }
@@ -324,7 +326,7 @@ impl Model {
                 .map_err(failed)?;
         };
         if let Some(rest) = text.finish(&self.tokenizer, &tokens) {
-            let _ = reply.blocking_send(Ok(Delta::Text(rest)));
+            let _ = reply.blocking_send(Ok(Delta::Text(Text::plain(&rest))));
         }
         let _ = reply.blocking_send(Ok(Delta::Finish(finish.into())));
         let _ = reply.blocking_send(Ok(Delta::Usage(Usage::new(

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use regex::Regex;
 use serde::Deserialize;
 
-use super::{Backend, BackendError, ChatRequest, Delta, DeltaStream, Usage};
+use super::{Backend, BackendError, ChatRequest, Delta, DeltaStream, Text, Usage};
 
 /// How the mock behaves, chosen by the model name a client asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -220,7 +220,7 @@ impl Backend for MockBackend {
                     ticks.tick().await;
                 }
                 generated.increment(1);
-                yield Ok(Delta::Text(token));
+                yield Ok(Delta::Text(Text::plain(&token)));
             }
             yield Ok(Delta::Finish(finish.to_owned()));
             yield Ok(Delta::Usage(Usage::new(prompt_tokens, count)));

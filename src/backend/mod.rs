@@ -6,6 +6,7 @@
 //! or SSE; dropping its stream must stop its work (an upstream request closes its
 //! connection, a generator stops at its next token).
 
+mod chunk;
 #[cfg(feature = "local")]
 pub mod local;
 pub mod mock;
@@ -75,14 +76,72 @@ impl Usage {
     }
 }
 
-/// One step of a generated reply.
+/// Generated text, kept as the JSON string literal it is written as (quotes included): an
+/// upstream's arrives that way and goes to the client without being unescaped and escaped
+/// again; a model sluice runs escapes its text once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Text(Box<str>);
+
+impl Text {
+    /// Plain text, escaped once.
+    pub fn plain(text: &str) -> Self {
+        Text(serde_json::to_string(text).unwrap_or_default().into())
+    }
+
+    /// A JSON string literal as it came, quotes included.
+    fn literal(raw: &str) -> Self {
+        Text(raw.into())
+    }
+
+    /// The JSON string literal.
+    pub fn json(&self) -> &str {
+        &self.0
+    }
+
+    /// Appends the text itself to `out`.
+    pub fn push_to(&self, out: &mut String) {
+        let inner = &self.0[1..self.0.len().saturating_sub(1).max(1)];
+        if inner.contains('\\') {
+            out.push_str(&serde_json::from_str::<String>(&self.0).unwrap_or_default());
+        } else {
+            out.push_str(inner);
+        }
+    }
+
+    /// The text's size as written, in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.len() <= 2
+    }
+}
+
+/// Delta fields as the JSON object the upstream wrote them in.
+#[derive(Debug, Clone)]
+pub struct Fields(pub Box<serde_json::value::RawValue>);
+
+impl Fields {
+    pub fn json(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl PartialEq for Fields {
+    fn eq(&self, other: &Self) -> bool {
+        self.json() == other.json()
+    }
+}
+
+/// One step of a generated reply: the canonical events every encoder writes from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Delta {
     /// Generated text.
-    Text(String),
-    /// Delta fields other than `role` and `content` (`tool_calls`, `refusal`, reasoning),
-    /// relayed to OpenAI clients unchanged.
-    Fields(Map<String, Value>),
+    Text(Text),
+    /// Delta fields other than `role` and `content` (`tool_calls`, `refusal`,
+    /// `reasoning_content`, any other), relayed to OpenAI clients unchanged.
+    Fields(Fields),
     /// The reply is complete: `stop`, `length`, `tool_calls`, `content_filter`.
     Finish(String),
     /// Token counts as the backend reports them.

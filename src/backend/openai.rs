@@ -14,8 +14,9 @@ use futures::StreamExt;
 use reqwest::header::{CONTENT_TYPE, HeaderValue};
 use serde_json::{Map, Value, json};
 
+use super::chunk;
 use super::sse::{self, StreamError};
-use super::{Backend, BackendError, ChatRequest, Delta, DeltaStream, Usage};
+use super::{Backend, BackendError, ChatRequest, DeltaStream};
 
 /// How long sluice waits, after `[DONE]`, for the response body to end.
 const BODY_END: Duration = Duration::from_millis(100);
@@ -161,10 +162,7 @@ impl Backend for OpenAiBackend {
                     let _ = tokio::time::timeout(BODY_END, events.next()).await;
                     return;
                 }
-                let parsed = serde_json::from_str::<Value>(&data)
-                    .map_err(|e| BackendError::Protocol(format!("a chunk that is not JSON ({e})")))
-                    .and_then(|chunk| deltas(chunk, &mut ready));
-                if let Err(e) = parsed {
+                if let Err(e) = chunk::deltas(&data, &mut ready) {
                     yield Err(e);
                     return;
                 }
@@ -336,53 +334,6 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
         .map(Duration::from_secs_f64)
 }
 
-/// Appends the deltas of one upstream chunk to `out`, or returns the error it carries in band.
-fn deltas(mut chunk: Value, out: &mut Vec<Delta>) -> Result<(), BackendError> {
-    if let Some(error) = chunk.get("error") {
-        let message = error
-            .get("message")
-            .and_then(Value::as_str)
-            .unwrap_or("the upstream reported an error mid-stream");
-        return Err(BackendError::Interrupted(message.to_owned()));
-    }
-    let choice = chunk
-        .get_mut("choices")
-        .and_then(Value::as_array_mut)
-        .and_then(|choices| choices.first_mut());
-    if let Some(choice) = choice {
-        if let Some(Value::Object(mut delta)) = choice.get_mut("delta").map(Value::take) {
-            delta.remove("role");
-            if let Some(Value::String(text)) = delta.remove("content")
-                && !text.is_empty()
-            {
-                out.push(Delta::Text(text));
-            }
-            delta.retain(|_, v| !v.is_null());
-            if !delta.is_empty() {
-                out.push(Delta::Fields(delta));
-            }
-        }
-        if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
-            out.push(Delta::Finish(reason.to_owned()));
-        }
-    } else if chunk.get("choices").is_none() && chunk.get("usage").is_none() {
-        return Err(BackendError::Protocol(
-            "a chunk with neither choices nor usage".into(),
-        ));
-    }
-    if let Some(usage) = chunk.get("usage").filter(|u| !u.is_null()) {
-        let count = |name| {
-            let n = usage.get(name).and_then(Value::as_u64).unwrap_or(0);
-            u32::try_from(n).unwrap_or(u32::MAX)
-        };
-        out.push(Delta::Usage(Usage::new(
-            count("prompt_tokens"),
-            count("completion_tokens"),
-        )));
-    }
-    Ok(())
-}
-
 /// Why no answer came: the connect limit, or no connection at all.
 fn request_error(e: &reqwest::Error) -> BackendError {
     if e.is_timeout() {
@@ -402,33 +353,6 @@ fn without_url(e: &reqwest::Error) -> String {
     match std::error::Error::source(e) {
         Some(source) => format!("{kind}: {source}"),
         None => kind.to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_chunk_yields_text_fields_finish_and_usage() {
-        let chunk = json!({"choices":[{"index":0,"delta":{"role":"assistant","content":"Hi",
-            "tool_calls":[{"index":0,"id":"c1"}],"refusal":null},"finish_reason":"stop"}],
-            "usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}});
-        let mut out = Vec::new();
-        deltas(chunk, &mut out).expect("a valid chunk");
-        assert_eq!(out[0], Delta::Text("Hi".into()));
-        assert!(
-            matches!(&out[1], Delta::Fields(f) if f.contains_key("tool_calls") && f.len() == 1)
-        );
-        assert_eq!(out[2], Delta::Finish("stop".into()));
-        assert_eq!(out[3], Delta::Usage(Usage::new(3, 1)));
-    }
-
-    #[test]
-    fn an_error_object_in_band_is_an_error() {
-        let chunk = json!({"error":{"message":"overloaded"}});
-        let result = deltas(chunk, &mut Vec::new());
-        assert!(matches!(result, Err(BackendError::Interrupted(m)) if m == "overloaded"));
     }
 }
 

@@ -17,11 +17,13 @@ pub use meter::StreamGuard;
 pub use openai::{collect, openai_sse};
 
 use std::convert::Infallible;
+use std::fmt::Write as _;
 use std::time::Duration;
 
-use axum::http::{HeaderName, HeaderValue};
-use axum::response::sse::{Event, KeepAlive, Sse};
-use axum::response::{IntoResponse, Response};
+use axum::body::Body;
+use axum::http::{HeaderValue, header};
+use axum::response::Response;
+use bytes::{BufMut, Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 
 use crate::backend::{BackendError, Delta, DeltaStream};
@@ -57,32 +59,130 @@ pub async fn open(
 }
 
 impl Opened {
-    pub(crate) fn into_stream(self) -> DeltaStream {
-        match self.first {
-            Some(first) => Box::pin(futures::stream::once(async { Ok(first) }).chain(self.rest)),
-            None => self.rest,
+    /// A stream not peeked at: for a reply that is answered only once it is whole.
+    pub fn unpeeked(stream: DeltaStream) -> Self {
+        Opened {
+            first: None,
+            rest: stream,
+        }
+    }
+
+    /// The next item: the one seen first, then the rest of the stream.
+    pub(crate) async fn next(&mut self) -> Option<Result<Delta, BackendError>> {
+        match self.first.take() {
+            Some(first) => Some(Ok(first)),
+            None => self.rest.next().await,
         }
     }
 }
 
-/// The SSE response around an event stream: no buffering by proxies, keep-alive comments.
+/// Writes a stream's SSE events into one buffer kept for the whole stream: each event
+/// leaves as the bytes written since the last, and the buffer's memory is reused once
+/// hyper has sent them. Payloads are written straight in, not built and copied.
+pub(crate) struct SseWriter {
+    buf: BytesMut,
+    /// Number events `id: 1`, `id: 2`…, for clients that resume.
+    numbered: bool,
+    last_id: u64,
+}
+
+impl SseWriter {
+    pub(crate) fn new(numbered: bool) -> Self {
+        SseWriter {
+            buf: BytesMut::with_capacity(1024),
+            numbered,
+            last_id: 0,
+        }
+    }
+
+    /// One event: its `id:` when numbered, `event:` when named, and one `data:` line with
+    /// what `data` writes (JSON has no raw line break; should a payload hold one, it is
+    /// split into `data:` lines as SSE wants).
+    pub(crate) fn event(&mut self, name: Option<&str>, data: impl FnOnce(&mut BytesMut)) -> Bytes {
+        if self.numbered {
+            self.last_id += 1;
+            let _ = writeln!(self.buf, "id: {}", self.last_id);
+        }
+        if let Some(name) = name {
+            self.buf.put_slice(b"event: ");
+            self.buf.put_slice(name.as_bytes());
+            self.buf.put_u8(b'\n');
+        }
+        self.buf.put_slice(b"data: ");
+        let start = self.buf.len();
+        data(&mut self.buf);
+        if self.buf[start..].contains(&b'\n') {
+            let payload = self.buf.split_off(start);
+            for (i, line) in payload[..].split(|&b| b == b'\n').enumerate() {
+                if i > 0 {
+                    self.buf.put_slice(b"\ndata: ");
+                }
+                self.buf.put_slice(line);
+            }
+        }
+        self.buf.put_slice(b"\n\n");
+        self.buf.split().freeze()
+    }
+
+    /// A comment line, which every client ignores.
+    pub(crate) fn comment(&mut self, text: &str) -> Bytes {
+        self.buf.put_slice(b": ");
+        self.buf.put_slice(text.as_bytes());
+        self.buf.put_slice(b"\n\n");
+        self.buf.split().freeze()
+    }
+}
+
+/// Writes `s` into a payload.
+pub(crate) fn put(buf: &mut BytesMut, s: &str) {
+    buf.put_slice(s.as_bytes());
+}
+
+/// The SSE response around a stream of events: no buffering by proxies, and a `:
+/// keep-alive` comment whenever `keep_alive` passes without an event (a tick checks, so
+/// events cost no timer work).
 pub(crate) fn sse(
-    events: impl Stream<Item = Result<Event, Infallible>> + Send + 'static,
+    events: impl Stream<Item = Bytes> + Send + 'static,
     keep_alive: Duration,
 ) -> Response {
-    let mut response = Sse::new(events)
-        .keep_alive(KeepAlive::new().interval(keep_alive).text("keep-alive"))
-        .into_response();
-    response.headers_mut().insert(
-        HeaderName::from_static("x-accel-buffering"),
-        HeaderValue::from_static("no"),
+    let body = async_stream::stream! {
+        let mut events = std::pin::pin!(events);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + keep_alive, keep_alive);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut quiet = true;
+        loop {
+            tokio::select! {
+                biased;
+                event = events.next() => match event {
+                    Some(event) => {
+                        quiet = false;
+                        yield Ok::<_, Infallible>(event);
+                    }
+                    None => return,
+                },
+                _ = tick.tick() => {
+                    if quiet {
+                        yield Ok(Bytes::from_static(b": keep-alive\n\n"));
+                    }
+                    quiet = true;
+                }
+            }
+        }
+    };
+    let mut response = Response::new(Body::from_stream(body));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
     );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     response
 }
 
 /// A keep-alive comment that says where the request waits; every client ignores it.
-pub(crate) fn queued(ahead: usize) -> Event {
-    Event::default().comment(format!("queued: {ahead} ahead"))
+pub(crate) fn queued(writer: &mut SseWriter, ahead: usize) -> Bytes {
+    writer.comment(&format!("queued: {ahead} ahead"))
 }
 
 /// The identity every chunk of one OpenAI completion shares.

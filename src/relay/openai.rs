@@ -1,16 +1,14 @@
 //! The OpenAI chat completions encoder: `chat.completion.chunk` events for a stream, and
 //! the assembled `chat.completion` for `stream: false`.
 
-use std::pin::Pin;
 use std::time::Duration;
 
 use axum::response::Response;
-use axum::response::sse::Event;
-use futures::{Stream, StreamExt};
+use bytes::BytesMut;
 use serde_json::{Map, Value, json};
 
-use super::{Completion, Opened, StreamGuard, queued, sse};
-use crate::backend::{BackendError, Delta, DeltaStream, Usage};
+use super::{Completion, Opened, SseWriter, StreamGuard, put, queued, sse};
+use crate::backend::{BackendError, Delta, Usage};
 use crate::error::ApiError;
 use crate::telemetry::Outcome;
 
@@ -37,77 +35,71 @@ impl ChunkWriter {
         ChunkWriter { head, tail }
     }
 
-    /// A chunk with one choice whose delta is `delta`, written as the concatenation of its
-    /// parts into one buffer.
-    fn write(&self, delta: &[&str], finish_reason: Option<&str>) -> String {
-        let finish = finish_reason.map(|r| json!(r).to_string());
-        let len: usize = delta.iter().map(|p| p.len()).sum();
-        let mut out = String::with_capacity(self.head.len() + len + 80);
-        out.push_str(&self.head);
-        out.push_str("[{\"index\":0,\"delta\":");
-        delta.iter().for_each(|part| out.push_str(part));
-        out.push_str(",\"logprobs\":null,\"finish_reason\":");
-        out.push_str(finish.as_deref().unwrap_or("null"));
-        out.push_str("}]");
-        out.push_str(self.tail);
-        out
+    /// A chunk with one choice whose delta is the concatenation of `delta`'s parts.
+    fn choice(&self, buf: &mut BytesMut, delta: &[&str], finish_reason: Option<&str>) {
+        put(buf, &self.head);
+        put(buf, "[{\"index\":0,\"delta\":");
+        delta.iter().for_each(|part| put(buf, part));
+        put(buf, ",\"logprobs\":null,\"finish_reason\":");
+        match finish_reason {
+            Some(reason) => put(buf, &serde_json::to_string(reason).unwrap_or_default()),
+            None => put(buf, "null"),
+        }
+        put(buf, "}]");
+        put(buf, self.tail);
     }
 
-    fn choice(&self, delta: &str, finish_reason: Option<&str>) -> String {
-        self.write(&[delta], finish_reason)
-    }
-
-    /// Per token: the text is escaped once and written straight into the chunk.
-    fn text(&self, text: &str) -> String {
-        let escaped = serde_json::to_string(text).unwrap_or_default();
-        self.write(&["{\"content\":", &escaped, "}"], None)
-    }
-
-    fn usage(&self, usage: Usage) -> String {
-        format!("{}[],\"usage\":{}}}", self.head, json!(usage))
+    fn usage(&self, buf: &mut BytesMut, usage: Usage) {
+        put(buf, &self.head);
+        put(buf, "[],\"usage\":");
+        put(buf, &json!(usage).to_string());
+        put(buf, "}");
     }
 }
 
 /// `POST /v1/chat/completions` with `stream: true`: OpenAI's chunks, then `[DONE]`; a failure
 /// after the first byte is a `data: {"error":…}` event and the stream ends without `[DONE]`.
 pub fn openai_sse(
-    opened: Opened,
+    mut opened: Opened,
     completion: Completion,
     include_usage: bool,
     mut guard: StreamGuard,
     keep_alive: Duration,
 ) -> Response {
     let writer = ChunkWriter::new(&completion, include_usage);
-    let mut stream = opened.into_stream();
     let events = async_stream::stream! {
-        yield Ok(Event::default().data(writer.choice(r#"{"role":"assistant","content":""}"#, None)));
-        while let Some(item) = stream.next().await {
+        let mut out = SseWriter::new(false);
+        yield out.event(None, |b| writer.choice(b, &[r#"{"role":"assistant","content":""}"#], None));
+        while let Some(item) = opened.next().await {
             match item {
                 Ok(Delta::Text(text)) => {
                     guard.delivered();
-                    yield Ok(Event::default().data(writer.text(&text)));
+                    // Per token: the text's JSON literal, as it came, into the one buffer.
+                    yield out.event(None, |b| writer.choice(b, &["{\"content\":", text.json(), "}"], None));
                 }
                 Ok(Delta::Fields(fields)) => {
                     guard.times.token(guard.exchange.arrived().elapsed());
-                    yield Ok(Event::default().data(writer.choice(&Value::Object(fields).to_string(), None)));
+                    yield out.event(None, |b| writer.choice(b, &[fields.json()], None));
                 }
                 Ok(Delta::Finish(reason)) => {
-                    yield Ok(Event::default().data(writer.choice("{}", Some(&reason))));
+                    yield out.event(None, |b| writer.choice(b, &["{}"], Some(&reason)));
                 }
                 Ok(Delta::Usage(usage)) => guard.reported = Some(usage),
-                Ok(Delta::Queued(ahead)) => yield Ok(queued(ahead)),
+                Ok(Delta::Queued(ahead)) => yield queued(&mut out, ahead),
                 Err(e) => {
                     guard.failed(&e);
-                    yield Ok(Event::default().data(ApiError::from(e).body().to_string()));
+                    let body = ApiError::from(e).body().to_string();
+                    yield out.event(None, |b| put(b, &body));
                     return;
                 }
             }
         }
         if include_usage {
-            yield Ok(Event::default().data(writer.usage(guard.usage())));
+            let usage = guard.usage();
+            yield out.event(None, |b| writer.usage(b, usage));
         }
         guard.finish(Outcome::Completed);
-        yield Ok(Event::default().data("[DONE]"));
+        yield out.event(None, |b| put(b, "[DONE]"));
     };
     sse(events, keep_alive)
 }
@@ -115,23 +107,20 @@ pub fn openai_sse(
 /// `stream: false`: the whole reply as one `chat.completion` object. Dropping this future
 /// (the client left) drops the backend stream like a streamed request would.
 pub async fn collect(
-    stream: DeltaStream,
+    mut opened: Opened,
     completion: Completion,
     mut guard: StreamGuard,
     max_bytes: usize,
 ) -> Result<Value, ApiError> {
-    let mut stream: Pin<Box<dyn Stream<Item = _> + Send>> = stream;
     let mut content = String::new();
     let mut fields = Map::new();
     let mut finish = None;
-    // What the reply holds so far, in bytes (fields counted as the upstream sent them).
+    // What the reply holds so far, in bytes as written.
     let mut size = 0usize;
-    while let Some(item) = stream.next().await {
+    while let Some(item) = opened.next().await {
         match &item {
             Ok(Delta::Text(text)) => size = size.saturating_add(text.len()),
-            Ok(Delta::Fields(delta)) => {
-                size = size.saturating_add(delta.values().map(value_size).sum());
-            }
+            Ok(Delta::Fields(delta)) => size = size.saturating_add(delta.json().len()),
             _ => {}
         }
         if size > max_bytes {
@@ -142,9 +131,13 @@ pub async fn collect(
         match item {
             Ok(Delta::Text(text)) => {
                 guard.delivered();
-                content.push_str(&text);
+                text.push_to(&mut content);
             }
-            Ok(Delta::Fields(delta)) => merge_fields(&mut fields, delta),
+            Ok(Delta::Fields(delta)) => {
+                if let Ok(Value::Object(delta)) = serde_json::from_str(delta.json()) {
+                    merge_fields(&mut fields, delta);
+                }
+            }
             Ok(Delta::Finish(reason)) => finish = Some(reason),
             Ok(Delta::Usage(usage)) => guard.reported = Some(usage),
             Ok(Delta::Queued(_)) => {}
@@ -176,21 +169,6 @@ pub async fn collect(
         "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish}],
         "usage": guard.usage(),
     }))
-}
-
-/// Roughly the bytes a JSON value takes: its strings' lengths plus a little per item.
-fn value_size(value: &Value) -> usize {
-    match value {
-        Value::String(s) => s.len() + 2,
-        Value::Array(items) => items.iter().map(value_size).sum::<usize>() + 2,
-        Value::Object(map) => {
-            map.iter()
-                .map(|(k, v)| k.len() + 3 + value_size(v))
-                .sum::<usize>()
-                + 2
-        }
-        _ => 8,
-    }
 }
 
 /// Folds one streamed delta into the message so far, the way OpenAI's SDKs do: strings
@@ -254,11 +232,15 @@ mod tests {
     fn chunks_are_valid_json_with_the_shared_identity() {
         let c = Completion::new("m\"odel");
         let writer = ChunkWriter::new(&c, true);
-        let chunk: Value = serde_json::from_str(&writer.text("a\n\"b")).expect("valid JSON");
+        let text = crate::backend::Text::plain("a\n\"b");
+        let mut buf = BytesMut::new();
+        writer.choice(&mut buf, &["{\"content\":", text.json(), "}"], None);
+        let chunk: Value = serde_json::from_slice(&buf.split()).expect("valid JSON");
         assert_eq!(chunk["model"], "m\"odel");
         assert_eq!(chunk["choices"][0]["delta"]["content"], "a\n\"b");
         assert!(chunk["usage"].is_null() && chunk.get("usage").is_some());
-        let usage: Value = serde_json::from_str(&writer.usage(Usage::new(2, 3))).expect("JSON");
+        writer.usage(&mut buf, Usage::new(2, 3));
+        let usage: Value = serde_json::from_slice(&buf).expect("JSON");
         assert_eq!(usage["choices"], json!([]));
         assert_eq!(usage["usage"]["total_tokens"], 5);
     }

@@ -133,9 +133,14 @@ async fn chat_completions(
     let completion = Completion::new(&started.model);
     let mut guard = started.guard;
     let response = if !fields.stream {
-        relay::collect(started.stream, completion, guard, state.max_reply_bytes)
-            .await
-            .map(|reply| Json::<Value>(reply).into_response())
+        relay::collect(
+            relay::Opened::unpeeked(started.stream),
+            completion,
+            guard,
+            state.max_reply_bytes,
+        )
+        .await
+        .map(|reply| Json::<Value>(reply).into_response())
     } else {
         // Peek before committing, so a failure before the first token is a real status.
         let include_usage = fields.stream_options.is_some_and(|o| o.include_usage);

@@ -1,0 +1,221 @@
+//! One upstream `chat.completion.chunk`, read in place: a typed view that borrows from the
+//! event's text, so a token costs one small copy (its JSON string literal) and no
+//! `serde_json::Value`. Fields sluice does not interpret pass through as the upstream wrote
+//! them.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::marker::PhantomData;
+
+use serde::Deserialize;
+use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
+
+use super::{BackendError, Delta, Fields, Text, Usage};
+
+#[derive(Deserialize)]
+struct Chunk<'a> {
+    #[serde(default, borrow)]
+    choices: Option<First<Choice<'a>>>,
+    #[serde(default, borrow)]
+    usage: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    error: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct Choice<'a> {
+    #[serde(default, borrow)]
+    delta: Option<DeltaParts<'a>>,
+    #[serde(default, borrow)]
+    finish_reason: Option<Cow<'a, str>>,
+}
+
+/// A delta split into its text (the literal as sent) and every other field that is set.
+struct DeltaParts<'a> {
+    content: Option<&'a str>,
+    /// `{"tool_calls":…,"refusal":…}`: the rest, as written, or empty.
+    rest: String,
+}
+
+#[derive(Deserialize)]
+struct Counts {
+    prompt_tokens: Option<serde_json::Number>,
+    completion_tokens: Option<serde_json::Number>,
+}
+
+#[derive(Deserialize)]
+struct InBand<'a> {
+    #[serde(default, borrow)]
+    message: Option<Cow<'a, str>>,
+}
+
+/// Appends the deltas of one upstream chunk (the `data` of its event) to `out`, or returns
+/// the error it carries in band.
+pub fn deltas(data: &str, out: &mut Vec<Delta>) -> Result<(), BackendError> {
+    let chunk: Chunk = serde_json::from_str(data)
+        .map_err(|e| BackendError::Protocol(format!("a chunk that is not JSON ({e})")))?;
+    if let Some(error) = chunk.error {
+        let message = serde_json::from_str::<InBand>(error.get())
+            .ok()
+            .and_then(|e| e.message)
+            .unwrap_or(Cow::Borrowed("the upstream reported an error mid-stream"));
+        return Err(BackendError::Interrupted(message.into_owned()));
+    }
+    match chunk.choices {
+        Some(First(Some(choice))) => {
+            if let Some(delta) = choice.delta {
+                if let Some(text) = delta.content {
+                    out.push(Delta::Text(Text::literal(text)));
+                }
+                if !delta.rest.is_empty() {
+                    let fields = RawValue::from_string(delta.rest).map_err(|e| {
+                        BackendError::Protocol(format!("a delta that is not JSON ({e})"))
+                    })?;
+                    out.push(Delta::Fields(Fields(fields)));
+                }
+            }
+            if let Some(reason) = choice.finish_reason {
+                out.push(Delta::Finish(reason.into_owned()));
+            }
+        }
+        Some(First(None)) => {}
+        None if chunk.usage.is_none() => {
+            return Err(BackendError::Protocol(
+                "a chunk with neither choices nor usage".into(),
+            ));
+        }
+        None => {}
+    }
+    if let Some(usage) = chunk.usage {
+        let counts: Counts = serde_json::from_str(usage.get())
+            .map_err(|e| BackendError::Protocol(format!("usage that is not counts ({e})")))?;
+        let count = |n: Option<serde_json::Number>| {
+            let n = n.and_then(|n| n.as_u64()).unwrap_or(0);
+            u32::try_from(n).unwrap_or(u32::MAX)
+        };
+        out.push(Delta::Usage(Usage::new(
+            count(counts.prompt_tokens),
+            count(counts.completion_tokens),
+        )));
+    }
+    Ok(())
+}
+
+/// The first item of a list, the rest skipped.
+struct First<T>(Option<T>);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for First<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Items<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for Items<T> {
+            type Value = First<T>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a list")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<First<T>, A::Error> {
+                let first = seq.next_element()?;
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(First(first))
+            }
+        }
+        deserializer.deserialize_seq(Items(PhantomData))
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for DeltaParts<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Fields<'a>(PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for Fields<'a> {
+            type Value = DeltaParts<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a delta object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<DeltaParts<'a>, A::Error> {
+                let mut parts = DeltaParts {
+                    content: None,
+                    rest: String::new(),
+                };
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    let value: &'de RawValue = map.next_value()?;
+                    let raw = value.get();
+                    match &*key {
+                        "role" => {}
+                        // Only text is text; an empty string or null is nothing.
+                        "content" => {
+                            if raw.starts_with('"') && raw != "\"\"" {
+                                parts.content = Some(raw);
+                            }
+                        }
+                        _ if raw == "null" => {}
+                        _ => {
+                            parts
+                                .rest
+                                .push(if parts.rest.is_empty() { '{' } else { ',' });
+                            parts
+                                .rest
+                                .push_str(&serde_json::to_string(&*key).unwrap_or_default());
+                            parts.rest.push(':');
+                            parts.rest.push_str(raw);
+                        }
+                    }
+                }
+                if !parts.rest.is_empty() {
+                    parts.rest.push('}');
+                }
+                Ok(parts)
+            }
+        }
+        deserializer.deserialize_map(Fields(PhantomData))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chunk_yields_text_fields_finish_and_usage() {
+        let chunk = r#"{"id":"x","choices":[{"index":0,"delta":{"role":"assistant","content":"Hi \"you\"",
+            "tool_calls":[{"index":0,"id":"c1"}],"refusal":null,"reasoning_content":"hm"},"finish_reason":"stop"}],
+            "usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
+        let mut out = Vec::new();
+        deltas(chunk, &mut out).expect("a valid chunk");
+        assert_eq!(out[0], Delta::Text(Text::plain("Hi \"you\"")));
+        let Delta::Fields(fields) = &out[1] else {
+            panic!("{:?}", out[1])
+        };
+        assert_eq!(
+            fields.json(),
+            r#"{"tool_calls":[{"index":0,"id":"c1"}],"reasoning_content":"hm"}"#
+        );
+        assert_eq!(out[2], Delta::Finish("stop".into()));
+        assert_eq!(out[3], Delta::Usage(Usage::new(3, 1)));
+    }
+
+    #[test]
+    fn an_error_object_in_band_is_an_error() {
+        let result = deltas(r#"{"error":{"message":"overloaded"}}"#, &mut Vec::new());
+        assert!(matches!(result, Err(BackendError::Interrupted(m)) if m == "overloaded"));
+    }
+
+    #[test]
+    fn odd_chunks_are_read_or_refused_never_misread() {
+        let mut out = Vec::new();
+        deltas(
+            r#"{"choices":[],"usage":{"prompt_tokens":1.5,"completion_tokens":-2}}"#,
+            &mut out,
+        )
+        .expect("usage alone");
+        assert_eq!(out, [Delta::Usage(Usage::new(0, 0))]);
+        assert!(deltas(r#"{"id":"x"}"#, &mut Vec::new()).is_err());
+        assert!(deltas("not json", &mut Vec::new()).is_err());
+        let mut out = Vec::new();
+        deltas(
+            r#"{"choices":[{"delta":{"content":""}},{"delta":{"content":"b"}}]}"#,
+            &mut out,
+        )
+        .expect("an empty delta");
+        assert!(out.is_empty());
+    }
+}
