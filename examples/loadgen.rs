@@ -4,6 +4,8 @@
 //!
 //!     cargo run --release --example loadgen                 # levels + cancellation
 //!     cargo run --release --example loadgen -- soak 10      # minutes at 1,000 streams
+//!     cargo run --release --example loadgen -- 2000         # one level of the plan
+//!     cargo run --release --example loadgen -- pinned       # pauses: sluice on one core
 //!
 //! Three processes, so each one's CPU is its own: this driver (the clients), a fast fake
 //! OpenAI upstream and sluice (both this same binary, started with `upstream` / `sluice`).
@@ -49,6 +51,7 @@ fn main() -> anyhow::Result<()> {
         Some("upstream") => runtime.block_on(upstream()),
         Some("sluice") => runtime.block_on(sluice(&args[1])),
         Some("cancel") => runtime.block_on(cancel_only()),
+        Some("pinned") => runtime.block_on(pinned()),
         Some("soak") => {
             let minutes: f64 = args.get(1).map_or(Ok(10.0), |m| m.parse())?;
             runtime.block_on(soak(minutes))
@@ -176,8 +179,24 @@ struct Proc {
 
 impl Proc {
     fn start(args: &[&str]) -> anyhow::Result<Proc> {
-        let mut child = Command::new(std::env::current_exe()?)
+        Self::start_on(args, None)
+    }
+
+    /// Starts this binary with `args`, on the given CPUs (`taskset -c`) when set. Memory
+    /// settles as in sluice's own binary (see src/main.rs).
+    fn start_on(args: &[&str], cpus: Option<&str>) -> anyhow::Result<Proc> {
+        let exe = std::env::current_exe()?;
+        let mut command = match cpus {
+            Some(cpus) => {
+                let mut taskset = Command::new("taskset");
+                taskset.arg("-c").arg(cpus).arg(exe);
+                taskset
+            }
+            None => Command::new(exe),
+        };
+        let mut child = command
             .args(args)
+            .env("MIMALLOC_PURGE_DELAY", "0")
             .env("SLUICE_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -448,6 +467,51 @@ fn raise_fd_limit() -> u64 {
     soft
 }
 
+/// Pauses: 128 streams at 50 tokens a second with sluice pinned to one core (the upstream
+/// and this driver on the other). Any stall in sluice's runtime shows in the tail and the
+/// maximum of the per-chunk latency, direct against through sluice.
+async fn pinned() -> anyhow::Result<()> {
+    raise_fd_limit();
+    let upstream = Proc::start_on(&["upstream"], Some("0"))?;
+    let gateway = Proc::start_on(&["sluice", &upstream.addr], Some("1"))?;
+    let gw_pid = gateway.pid().to_string();
+    let (c, model) = (128, "load-100-20");
+    let mut direct = Phase::default();
+    let mut through = Phase::default();
+    let mut cpu = 0.0;
+    let mut wall = 0.0;
+    for _ in 0..REPEATS {
+        direct.add(phase(&upstream.addr, "/v1/chat/completions", c, model, "0").await);
+        let (g0, t0) = (cpu_s(&gw_pid), Instant::now());
+        through.add(phase(&gateway.addr, "/v1/chat/completions", c, model, &gw_pid).await);
+        cpu += cpu_s(&gw_pid) - g0;
+        wall += t0.elapsed().as_secs_f64();
+    }
+    direct.sort();
+    through.sort();
+    let row = |name: &str, p: &Phase| {
+        println!(
+            "| {name} | {:.3} | {:.3} | {:.3} | {:.3} | {} |",
+            quantile(&p.chunks, 0.5),
+            quantile(&p.chunks, 0.99),
+            quantile(&p.chunks, 0.999),
+            quantile(&p.chunks, 1.0),
+            p.errors
+        );
+    };
+    println!("128 streams x 50 tokens/s, sluice on one core: chunk latency (ms)\n");
+    println!("| path | p50 | p99 | p99.9 | max | errors |\n|---|---|---|---|---|---|");
+    row("direct", &direct);
+    row("through sluice", &through);
+    println!(
+        "\nadded: p99.9 {:.3} ms, max {:.3} ms; sluice used {:.0}% of its core",
+        quantile(&through.chunks, 0.999) - quantile(&direct.chunks, 0.999),
+        quantile(&through.chunks, 1.0) - quantile(&direct.chunks, 1.0),
+        cpu / wall * 100.0
+    );
+    Ok(())
+}
+
 async fn levels(only: Option<usize>) -> anyhow::Result<()> {
     let fd_limit = raise_fd_limit();
     let upstream = Proc::start(&["upstream"])?;
@@ -457,10 +521,11 @@ async fn levels(only: Option<usize>) -> anyhow::Result<()> {
     let idle_rss = rss_kib(&gw_pid);
     eprintln!("pids: sluice {gw_pid}, upstream {up_pid}, client {me}");
     // (streams, tokens a stream, ms between tokens)
-    let plan: [(usize, u64, u64); 5] = [
+    let plan: [(usize, u64, u64); 6] = [
         (1, 40, 50),
         (100, 40, 50),
         (1_000, 40, 50),
+        (2_000, 40, 50),
         (5_000, 30, 250),
         (10_000, 20, 500),
     ];

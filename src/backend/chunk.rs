@@ -18,6 +18,10 @@ struct Chunk<'a> {
     #[serde(default, borrow)]
     choices: Option<First<Choice<'a>>>,
     #[serde(default, borrow)]
+    system_fingerprint: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    service_tier: Option<&'a RawValue>,
+    #[serde(default, borrow)]
     usage: Option<&'a RawValue>,
     #[serde(default, borrow)]
     error: Option<&'a RawValue>,
@@ -29,19 +33,25 @@ struct Choice<'a> {
     delta: Option<DeltaParts<'a>>,
     #[serde(default, borrow)]
     finish_reason: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    logprobs: Option<&'a RawValue>,
 }
 
 /// A delta split into its text (the literal as sent) and every other field that is set.
+#[derive(Default)]
 struct DeltaParts<'a> {
     content: Option<&'a str>,
     /// `{"tool_calls":…,"refusal":…}`: the rest, as written, or empty.
     rest: String,
 }
 
-#[derive(Deserialize)]
-struct Counts {
-    prompt_tokens: Option<serde_json::Number>,
-    completion_tokens: Option<serde_json::Number>,
+/// What one stream's chunks have said of themselves so far.
+#[derive(Default)]
+pub struct Seen {
+    /// `"system_fingerprint":…,"service_tier":…` of the last chunk that had them.
+    identity: String,
+    /// Changed since it was last sent on.
+    unsent: bool,
 }
 
 #[derive(Deserialize)]
@@ -51,8 +61,8 @@ struct InBand<'a> {
 }
 
 /// Appends the deltas of one upstream chunk (the `data` of its event) to `out`, or returns
-/// the error it carries in band.
-pub fn deltas(data: &str, out: &mut Vec<Delta>) -> Result<(), BackendError> {
+/// the error it carries in band. `seen` carries what earlier chunks of the stream said.
+pub fn deltas(data: &str, out: &mut Vec<Delta>, seen: &mut Seen) -> Result<(), BackendError> {
     let chunk: Chunk = serde_json::from_str(data)
         .map_err(|e| BackendError::Protocol(format!("a chunk that is not JSON ({e})")))?;
     if let Some(error) = chunk.error {
@@ -62,18 +72,40 @@ pub fn deltas(data: &str, out: &mut Vec<Delta>) -> Result<(), BackendError> {
             .unwrap_or(Cow::Borrowed("the upstream reported an error mid-stream"));
         return Err(BackendError::Interrupted(message.into_owned()));
     }
+    if chunk.system_fingerprint.is_some() || chunk.service_tier.is_some() {
+        let mut identity = String::new();
+        for (name, value) in [
+            ("system_fingerprint", chunk.system_fingerprint),
+            ("service_tier", chunk.service_tier),
+        ] {
+            if let Some(value) = value.filter(|v| v.get() != "null") {
+                let comma = if identity.is_empty() { "" } else { "," };
+                identity.push_str(&format!("{comma}\"{name}\":{}", value.get()));
+            }
+        }
+        if identity != seen.identity {
+            seen.identity = identity;
+            seen.unsent = !seen.identity.is_empty();
+        }
+    }
     match chunk.choices {
         Some(First(Some(choice))) => {
-            if let Some(delta) = choice.delta {
-                if let Some(text) = delta.content {
-                    out.push(Delta::Text(Text::literal(text)));
-                }
-                if !delta.rest.is_empty() {
-                    let fields = RawValue::from_string(delta.rest).map_err(|e| {
-                        BackendError::Protocol(format!("a delta that is not JSON ({e})"))
-                    })?;
-                    out.push(Delta::Fields(Fields(fields)));
-                }
+            let delta = choice.delta.unwrap_or_default();
+            let carries = delta.content.is_some() || !delta.rest.is_empty();
+            if carries || choice.finish_reason.is_some() {
+                seen.send(out);
+            }
+            if carries && let Some(logprobs) = choice.logprobs.filter(|l| l.get() != "null") {
+                out.push(Delta::Logprobs(Fields(logprobs.to_owned())));
+            }
+            if let Some(text) = delta.content {
+                out.push(Delta::Text(Text::literal(text)));
+            }
+            if !delta.rest.is_empty() {
+                let fields = RawValue::from_string(delta.rest).map_err(|e| {
+                    BackendError::Protocol(format!("a delta that is not JSON ({e})"))
+                })?;
+                out.push(Delta::Fields(Fields(fields)));
             }
             if let Some(reason) = choice.finish_reason {
                 out.push(Delta::Finish(reason.into_owned()));
@@ -87,19 +119,75 @@ pub fn deltas(data: &str, out: &mut Vec<Delta>) -> Result<(), BackendError> {
         }
         None => {}
     }
-    if let Some(usage) = chunk.usage {
-        let counts: Counts = serde_json::from_str(usage.get())
-            .map_err(|e| BackendError::Protocol(format!("usage that is not counts ({e})")))?;
-        let count = |n: Option<serde_json::Number>| {
-            let n = n.and_then(|n| n.as_u64()).unwrap_or(0);
-            u32::try_from(n).unwrap_or(u32::MAX)
-        };
-        out.push(Delta::Usage(Usage::new(
-            count(counts.prompt_tokens),
-            count(counts.completion_tokens),
-        )));
+    if let Some(usage) = chunk.usage.filter(|u| u.get() != "null") {
+        let usage: UsageParts = serde_json::from_str(usage.get())
+            .map_err(|e| BackendError::Protocol(format!("usage that is not an object ({e})")))?;
+        if !usage.details.is_empty() {
+            out.push(Delta::UsageDetails(usage.details.into()));
+        }
+        out.push(Delta::Usage(Usage::new(usage.prompt, usage.completion)));
     }
     Ok(())
+}
+
+impl Seen {
+    /// Sends the chunk's own fields on, ahead of what they came with, when they changed.
+    fn send(&mut self, out: &mut Vec<Delta>) {
+        if self.unsent {
+            self.unsent = false;
+            out.push(Delta::Identity(self.identity.as_str().into()));
+        }
+    }
+}
+
+/// A usage object: the two counts sluice reads, and every other field as written.
+#[derive(Default)]
+struct UsageParts {
+    prompt: u32,
+    completion: u32,
+    /// `"prompt_tokens_details":{…},…`, without `total_tokens` (sluice's own sum).
+    details: String,
+}
+
+impl<'de> Deserialize<'de> for UsageParts {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Object;
+        impl<'de> Visitor<'de> for Object {
+            type Value = UsageParts;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a usage object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<UsageParts, A::Error> {
+                let mut usage = UsageParts::default();
+                // Counts that are not whole numbers in range count as 0 or the most.
+                let count = |raw: &str| {
+                    raw.parse::<u64>()
+                        .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX))
+                };
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    let value: &RawValue = map.next_value()?;
+                    match &*key {
+                        "prompt_tokens" => usage.prompt = count(value.get()),
+                        "completion_tokens" => usage.completion = count(value.get()),
+                        "total_tokens" => {}
+                        _ => push_field(&mut usage.details, &key, value.get()),
+                    }
+                }
+                Ok(usage)
+            }
+        }
+        deserializer.deserialize_map(Object)
+    }
+}
+
+/// Appends `"key":raw` to a list of fields written as JSON.
+fn push_field(fields: &mut String, key: &str, raw: &str) {
+    if !fields.is_empty() {
+        fields.push(',');
+    }
+    fields.push_str(&serde_json::to_string(key).unwrap_or_default());
+    fields.push(':');
+    fields.push_str(raw);
 }
 
 /// The first item of a list, the rest skipped.
@@ -180,7 +268,7 @@ mod tests {
             "tool_calls":[{"index":0,"id":"c1"}],"refusal":null,"reasoning_content":"hm"},"finish_reason":"stop"}],
             "usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
         let mut out = Vec::new();
-        deltas(chunk, &mut out).expect("a valid chunk");
+        deltas(chunk, &mut out, &mut Seen::default()).expect("a valid chunk");
         assert_eq!(out[0], Delta::Text(Text::plain("Hi \"you\"")));
         let Delta::Fields(fields) = &out[1] else {
             panic!("{:?}", out[1])
@@ -195,27 +283,63 @@ mod tests {
 
     #[test]
     fn an_error_object_in_band_is_an_error() {
-        let result = deltas(r#"{"error":{"message":"overloaded"}}"#, &mut Vec::new());
+        let result = deltas(
+            r#"{"error":{"message":"overloaded"}}"#,
+            &mut Vec::new(),
+            &mut Seen::default(),
+        );
         assert!(matches!(result, Err(BackendError::Interrupted(m)) if m == "overloaded"));
     }
 
     #[test]
     fn odd_chunks_are_read_or_refused_never_misread() {
+        let seen = &mut Seen::default();
         let mut out = Vec::new();
         deltas(
             r#"{"choices":[],"usage":{"prompt_tokens":1.5,"completion_tokens":-2}}"#,
             &mut out,
+            seen,
         )
         .expect("usage alone");
         assert_eq!(out, [Delta::Usage(Usage::new(0, 0))]);
-        assert!(deltas(r#"{"id":"x"}"#, &mut Vec::new()).is_err());
-        assert!(deltas("not json", &mut Vec::new()).is_err());
+        assert!(deltas(r#"{"id":"x"}"#, &mut Vec::new(), seen).is_err());
+        assert!(deltas("not json", &mut Vec::new(), seen).is_err());
         let mut out = Vec::new();
         deltas(
             r#"{"choices":[{"delta":{"content":""}},{"delta":{"content":"b"}}]}"#,
             &mut out,
+            seen,
         )
         .expect("an empty delta");
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn what_sluice_does_not_read_passes_through() {
+        let seen = &mut Seen::default();
+        let mut out = Vec::new();
+        let role = r#"{"system_fingerprint":"fp_1","service_tier":"default","choices":[{"delta":{"role":"assistant","content":""}}]}"#;
+        deltas(role, &mut out, seen).expect("the role chunk");
+        assert!(out.is_empty(), "nothing to send yet: {out:?}");
+        let text = r#"{"system_fingerprint":"fp_1","service_tier":"default","choices":[{"delta":{"content":"a"},"logprobs":{"content":[]}}]}"#;
+        deltas(text, &mut out, seen).expect("a text chunk");
+        deltas(text, &mut out, seen).expect("the same again");
+        assert_eq!(
+            out[0],
+            Delta::Identity(r#""system_fingerprint":"fp_1","service_tier":"default""#.into())
+        );
+        assert!(matches!(&out[1], Delta::Logprobs(l) if l.json() == r#"{"content":[]}"#));
+        assert_eq!(out[2], Delta::Text(Text::plain("a")));
+        assert_eq!(out.len(), 5, "the identity is sent once: {out:?}");
+        let mut out = Vec::new();
+        let usage = r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4,"prompt_tokens_details":{"cached_tokens":2}}}"#;
+        deltas(usage, &mut out, seen).expect("usage");
+        assert_eq!(
+            out,
+            [
+                Delta::UsageDetails(r#""prompt_tokens_details":{"cached_tokens":2}"#.into()),
+                Delta::Usage(Usage::new(3, 1))
+            ]
+        );
     }
 }

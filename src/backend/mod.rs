@@ -142,6 +142,14 @@ pub enum Delta {
     /// Delta fields other than `role` and `content` (`tool_calls`, `refusal`,
     /// `reasoning_content`, any other), relayed to OpenAI clients unchanged.
     Fields(Fields),
+    /// Fields of the upstream's chunks themselves, `"system_fingerprint":…,"service_tier":…`
+    /// as written: sent before the first event they came with, and again when they change.
+    Identity(Box<str>),
+    /// The `logprobs` of the choice whose text or fields follow.
+    Logprobs(Fields),
+    /// Usage fields beyond the three counts (`prompt_tokens_details`…), `"k":v,…` as
+    /// written: sent just before the [`Delta::Usage`] they belong to.
+    UsageDetails(Box<str>),
     /// The reply is complete: `stop`, `length`, `tool_calls`, `content_filter`.
     Finish(String),
     /// Token counts as the backend reports them.

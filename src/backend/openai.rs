@@ -144,6 +144,7 @@ impl Backend for OpenAiBackend {
             let mut events = std::pin::pin!(sse::data(response.bytes_stream()));
             // A chunk's deltas, in one buffer kept for the whole stream.
             let mut ready = Vec::with_capacity(4);
+            let mut seen = chunk::Seen::default();
             while let Some(event) = events.next().await {
                 let data = match event {
                     Ok(data) => data,
@@ -162,7 +163,7 @@ impl Backend for OpenAiBackend {
                     let _ = tokio::time::timeout(BODY_END, events.next()).await;
                     return;
                 }
-                if let Err(e) = chunk::deltas(&data, &mut ready) {
+                if let Err(e) = chunk::deltas(&data, &mut ready, &mut seen) {
                     yield Err(e);
                     return;
                 }

@@ -108,7 +108,11 @@ pub fn upstream(
                     Delta::Queued(_) => deadline
                         .as_mut()
                         .reset(tokio::time::Instant::now() + limits.first_token),
-                    Delta::Usage(_) => {}
+                    // Each comes just before the content or usage it belongs to.
+                    Delta::Usage(_)
+                    | Delta::UsageDetails(_)
+                    | Delta::Identity(_)
+                    | Delta::Logprobs(_) => {}
                 }
                 relayed |= first;
                 let received = first.then(Instant::now);

@@ -35,7 +35,7 @@ pub fn chat_sse(
                         put(b, "}");
                     });
                 }
-                Ok(Delta::Fields(_)) => {}
+                Ok(Delta::Fields(_) | Delta::Identity(_) | Delta::Logprobs(_) | Delta::UsageDetails(_)) => {}
                 Ok(Delta::Finish(reason)) => finish = Some(reason),
                 Ok(Delta::Usage(usage)) => guard.reported = Some(usage),
                 Ok(Delta::Queued(ahead)) => yield queued(&mut out, ahead),

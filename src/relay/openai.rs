@@ -8,39 +8,66 @@ use bytes::BytesMut;
 use serde_json::{Map, Value, json};
 
 use super::{Completion, Opened, SseWriter, StreamGuard, put, queued, sse};
-use crate::backend::{BackendError, Delta, Usage};
+use crate::backend::{BackendError, Delta, Fields, Usage};
 use crate::error::ApiError;
 use crate::telemetry::Outcome;
 
-/// Writes `chat.completion.chunk` JSON around a prefix built once per stream.
+/// Writes `chat.completion.chunk` JSON around a prefix built once per stream (again only
+/// when the upstream's own chunk fields change).
 struct ChunkWriter {
-    /// `{"id":…,"object":…,"created":…,"model":…,"system_fingerprint":null,"choices":`
+    /// `{"id":…,"object":…,"created":…,"model":…,"system_fingerprint":…,"choices":`
     head: String,
     /// `}` or `,"usage":null}`: what closes a chunk that carries a choice.
     tail: &'static str,
+    /// The upstream's `logprobs` for the next choice written.
+    logprobs: Option<Fields>,
+    /// The upstream's usage fields beyond the counts.
+    usage_details: Option<Box<str>>,
 }
 
 impl ChunkWriter {
     fn new(c: &Completion, include_usage: bool) -> Self {
-        let head = json!({"id": c.id, "object": "chat.completion.chunk", "created": c.created,
-            "model": c.model, "system_fingerprint": null})
-        .to_string();
-        // Reopen the object to append the choices.
-        let head = format!("{},\"choices\":", head.trim_end_matches('}'));
         let tail = if include_usage {
             ",\"usage\":null}"
         } else {
             "}"
         };
-        ChunkWriter { head, tail }
+        ChunkWriter {
+            head: Self::head(c, "\"system_fingerprint\":null"),
+            tail,
+            logprobs: None,
+            usage_details: None,
+        }
+    }
+
+    /// The chunk's own fields: sluice's identity, then the upstream's (`identity`).
+    fn head(c: &Completion, identity: &str) -> String {
+        let head = json!({"id": c.id, "object": "chat.completion.chunk", "created": c.created,
+            "model": c.model})
+        .to_string();
+        // Reopen the object to append the rest.
+        let fingerprint = if identity.contains("\"system_fingerprint\"") {
+            ""
+        } else {
+            "\"system_fingerprint\":null,"
+        };
+        format!(
+            "{},{fingerprint}{identity},\"choices\":",
+            head.trim_end_matches('}')
+        )
     }
 
     /// A chunk with one choice whose delta is the concatenation of `delta`'s parts.
-    fn choice(&self, buf: &mut BytesMut, delta: &[&str], finish_reason: Option<&str>) {
+    fn choice(&mut self, buf: &mut BytesMut, delta: &[&str], finish_reason: Option<&str>) {
         put(buf, &self.head);
         put(buf, "[{\"index\":0,\"delta\":");
         delta.iter().for_each(|part| put(buf, part));
-        put(buf, ",\"logprobs\":null,\"finish_reason\":");
+        put(buf, ",\"logprobs\":");
+        match self.logprobs.take() {
+            Some(logprobs) => put(buf, logprobs.json()),
+            None => put(buf, "null"),
+        }
+        put(buf, ",\"finish_reason\":");
         match finish_reason {
             Some(reason) => put(buf, &serde_json::to_string(reason).unwrap_or_default()),
             None => put(buf, "null"),
@@ -52,7 +79,16 @@ impl ChunkWriter {
     fn usage(&self, buf: &mut BytesMut, usage: Usage) {
         put(buf, &self.head);
         put(buf, "[],\"usage\":");
-        put(buf, &json!(usage).to_string());
+        let counts = json!(usage).to_string();
+        match &self.usage_details {
+            Some(details) => {
+                put(buf, counts.trim_end_matches('}'));
+                put(buf, ",");
+                put(buf, details);
+                put(buf, "}");
+            }
+            None => put(buf, &counts),
+        }
         put(buf, "}");
     }
 }
@@ -66,11 +102,16 @@ pub fn openai_sse(
     mut guard: StreamGuard,
     keep_alive: Duration,
 ) -> Response {
-    let writer = ChunkWriter::new(&completion, include_usage);
+    let mut writer = ChunkWriter::new(&completion, include_usage);
     let events = async_stream::stream! {
         let mut out = SseWriter::new(false);
-        yield out.event(None, |b| writer.choice(b, &[r#"{"role":"assistant","content":""}"#], None));
+        let mut role_sent = false;
         while let Some(item) = opened.next().await {
+            // The role chunk goes first, with the upstream's identity when it came first.
+            if !role_sent && !matches!(item, Ok(Delta::Identity(_))) {
+                role_sent = true;
+                yield out.event(None, |b| writer.choice(b, &[r#"{"role":"assistant","content":""}"#], None));
+            }
             match item {
                 Ok(Delta::Text(text)) => {
                     guard.delivered();
@@ -84,6 +125,9 @@ pub fn openai_sse(
                 Ok(Delta::Finish(reason)) => {
                     yield out.event(None, |b| writer.choice(b, &["{}"], Some(&reason)));
                 }
+                Ok(Delta::Identity(identity)) => writer.head = ChunkWriter::head(&completion, &identity),
+                Ok(Delta::Logprobs(logprobs)) => writer.logprobs = Some(logprobs),
+                Ok(Delta::UsageDetails(details)) => writer.usage_details = Some(details),
                 Ok(Delta::Usage(usage)) => guard.reported = Some(usage),
                 Ok(Delta::Queued(ahead)) => yield queued(&mut out, ahead),
                 Err(e) => {
@@ -115,6 +159,8 @@ pub async fn collect(
     let mut content = String::new();
     let mut fields = Map::new();
     let mut finish = None;
+    let mut identity = None;
+    let mut usage_details = None;
     // What the reply holds so far, in bytes as written.
     let mut size = 0usize;
     while let Some(item) = opened.next().await {
@@ -139,6 +185,10 @@ pub async fn collect(
                 }
             }
             Ok(Delta::Finish(reason)) => finish = Some(reason),
+            Ok(Delta::Identity(fields)) => identity = Some(fields),
+            Ok(Delta::UsageDetails(details)) => usage_details = Some(details),
+            // Per-token log probabilities are not assembled into the reply.
+            Ok(Delta::Logprobs(_)) => {}
             Ok(Delta::Usage(usage)) => guard.reported = Some(usage),
             Ok(Delta::Queued(_)) => {}
             Err(e) => {
@@ -160,15 +210,27 @@ pub async fn collect(
         },
     );
     message.extend(fields);
-    Ok(json!({
+    let mut usage = json!(guard.usage());
+    if let (Some(details), Value::Object(usage)) = (usage_details, &mut usage)
+        && let Ok(Value::Object(details)) = serde_json::from_str(&format!("{{{details}}}"))
+    {
+        usage.extend(details);
+    }
+    let mut reply = json!({
         "id": completion.id,
         "object": "chat.completion",
         "created": completion.created,
         "model": completion.model,
         "system_fingerprint": null,
         "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish}],
-        "usage": guard.usage(),
-    }))
+        "usage": usage,
+    });
+    if let (Some(identity), Value::Object(reply)) = (identity, &mut reply)
+        && let Ok(Value::Object(fields)) = serde_json::from_str(&format!("{{{identity}}}"))
+    {
+        reply.extend(fields);
+    }
+    Ok(reply)
 }
 
 /// Folds one streamed delta into the message so far, the way OpenAI's SDKs do: strings
@@ -231,7 +293,7 @@ mod tests {
     #[test]
     fn chunks_are_valid_json_with_the_shared_identity() {
         let c = Completion::new("m\"odel");
-        let writer = ChunkWriter::new(&c, true);
+        let mut writer = ChunkWriter::new(&c, true);
         let text = crate::backend::Text::plain("a\n\"b");
         let mut buf = BytesMut::new();
         writer.choice(&mut buf, &["{\"content\":", text.json(), "}"], None);

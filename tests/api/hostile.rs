@@ -678,17 +678,21 @@ async fn memory_goes_back_after_a_burst_of_large_replies() {
         assert_eq!(response.expect("answers").status(), 502);
     }
     let peak = rss_kib(pid);
+    // The burst held 64 MiB of replies at once. What stays is allocator bookkeeping and
+    // pages shared with live objects (measured: 10-22 MiB); without giving memory back
+    // (mimalloc's default delay), all of it stayed (RSS 80 -> 163 MiB for good).
+    const SLACK_KIB: u64 = 32 * 1024;
     let deadline = Instant::now() + Duration::from_secs(20);
     let after = loop {
         let now = rss_kib(pid);
-        if now <= before + 16 * 1024 || Instant::now() > deadline {
+        if now <= before + SLACK_KIB || Instant::now() > deadline {
             break now;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     eprintln!("RSS: before {before} KiB, after the burst {peak} KiB, settled {after} KiB");
     assert!(
-        after <= before + 16 * 1024,
+        after <= before + SLACK_KIB,
         "RSS stayed at {after} KiB (before: {before} KiB)"
     );
 }

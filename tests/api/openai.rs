@@ -258,3 +258,57 @@ async fn models_lists_every_routable_model() {
     }
     assert_eq!(list["data"][0]["object"], "model");
 }
+
+#[tokio::test]
+async fn the_relay_carries_what_the_upstream_sent() {
+    let upstream = FakeUpstream::spawn().await;
+    let app = TestApp::in_front_of(&upstream).await;
+    let body = json!({"model": "rich", "stream": true, "stream_options": {"include_usage": true},
+        "messages": [{"role": "user", "content": "Hi"}]});
+    let response = app.post("/v1/chat/completions", &body).await;
+    let chunks = payloads(&all_events(response).await);
+    let objects: Vec<&serde_json::Value> = chunks.iter().filter(|c| c.is_object()).collect();
+    for chunk in &objects {
+        assert_eq!(chunk["system_fingerprint"], "fp_up", "{chunk}");
+        assert_eq!(chunk["service_tier"], "default", "{chunk}");
+        assert_eq!(chunk["model"], "rich", "{chunk}");
+    }
+    assert!(
+        objects
+            .iter()
+            .any(|c| c["choices"][0]["delta"]["reasoning_content"] == "thinking"),
+        "{chunks:?}"
+    );
+    let text = objects
+        .iter()
+        .find(|c| c["choices"][0]["delta"]["content"] == "Hi")
+        .expect("the text chunk");
+    assert_eq!(
+        text["choices"][0]["logprobs"]["content"][0]["token"], "Hi",
+        "{text}"
+    );
+    let usage = &objects.last().expect("a usage chunk")["usage"];
+    assert_eq!(
+        usage["prompt_tokens_details"]["cached_tokens"], 8,
+        "{usage}"
+    );
+    assert_eq!(
+        usage["completion_tokens_details"]["reasoning_tokens"], 4,
+        "{usage}"
+    );
+    assert_eq!(usage["total_tokens"], 10, "{usage}");
+
+    let mut body = body;
+    body["stream"] = json!(false);
+    let reply = app.post_json("/v1/chat/completions", &body).await;
+    assert_eq!(reply["system_fingerprint"], "fp_up", "{reply}");
+    assert_eq!(reply["service_tier"], "default", "{reply}");
+    assert_eq!(
+        reply["choices"][0]["message"]["reasoning_content"], "thinking",
+        "{reply}"
+    );
+    assert_eq!(
+        reply["usage"]["prompt_tokens_details"]["cached_tokens"], 8,
+        "{reply}"
+    );
+}

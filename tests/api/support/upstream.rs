@@ -249,6 +249,26 @@ async fn behave(body: &Value, sent: Arc<std::sync::atomic::AtomicUsize>) -> Resp
                 .body(BodyExt::boxed_unsync(StreamBody::new(frames)))
                 .unwrap_or_else(|_| unreachable!());
         }
+        // Everything a faithful relay carries through: the chunk's own fields, logprobs,
+        // reasoning and refusal deltas, usage details.
+        "rich" => {
+            let rich = |choice: Value, usage: Value| {
+                format!("data: {}\n\n", json!({"id": "chatcmpl-up", "object": "chat.completion.chunk",
+                    "created": 1, "model": "up", "system_fingerprint": "fp_up", "service_tier": "default",
+                    "choices": choice, "usage": usage}))
+            };
+            let lp = json!({"content": [{"token": "Hi", "logprob": -0.1, "bytes": [72, 105], "top_logprobs": []}]});
+            steps = vec![
+                Step::Send(rich(json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]), Value::Null)),
+                Step::Send(rich(json!([{"index": 0, "delta": {"reasoning_content": "thinking"}, "logprobs": null, "finish_reason": null}]), Value::Null)),
+                Step::Send(rich(json!([{"index": 0, "delta": {"content": "Hi"}, "logprobs": lp, "finish_reason": null}]), Value::Null)),
+                Step::Send(rich(json!([{"index": 0, "delta": {}, "logprobs": null, "finish_reason": "stop"}]), Value::Null)),
+                Step::Send(rich(json!([]), json!({"prompt_tokens": 9, "completion_tokens": 1, "total_tokens": 10,
+                    "prompt_tokens_details": {"cached_tokens": 8}, "completion_tokens_details": {"reasoning_tokens": 4}}))),
+                Step::Send(done),
+            ];
+            return stream_steps(steps, sent);
+        }
         "huge-usage" => {
             steps.extend(tokens.iter().map(|t| Step::Send(text(t))));
             steps.push(Step::Send(finish));
