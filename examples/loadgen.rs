@@ -531,7 +531,7 @@ async fn levels(only: Option<usize>) -> anyhow::Result<()> {
     ];
     let mut rows = Vec::new();
     println!(
-        "| streams | tokens/s each | added TTFT p50 / p99 (ms) | added per chunk p50 / p99 / p99.9 (ms) | chunks/s | errors | sluice CPU s / 1k chunks | sluice RSS / stream | CPU s: sluice / upstream / client |"
+        "| streams | tokens/s each | added TTFT p50 / p99 (ms) | added per chunk p50 / p99 / p99.9 (ms) | chunks/s direct → sluice | errors | sluice CPU s / 1k chunks | sluice RSS / stream | CPU s: sluice / upstream / client |"
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     for (c, tokens, interval) in plan {
@@ -586,7 +586,9 @@ async fn levels(only: Option<usize>) -> anyhow::Result<()> {
                 "added_p99": added(&through.chunks, &direct.chunks, 0.99),
                 "added_p999": added(&through.chunks, &direct.chunks, 0.999)},
             "chunks": through.chunks.len(),
+            "chunks_direct": direct.chunks.len(),
             "chunks_per_s": n / through.wall_s,
+            "chunks_per_s_direct": direct.chunks.len() as f64 / direct.wall_s,
             "errors": {"direct": direct.errors, "sluice": through.errors},
             "sluice_cpu_s_per_1k_chunks": (g) / n * 1000.0,
             "cpu_s": {"sluice": g, "upstream": u, "client": m},
@@ -594,13 +596,14 @@ async fn levels(only: Option<usize>) -> anyhow::Result<()> {
                 "per_stream": (through.rss_open_kib.saturating_sub(idle_rss)) as f64 / c as f64},
         });
         println!(
-            "| {c} | {:.0} | {:.3} / {:.3} | {:.3} / {:.3} / {:.3} | {:.0} | {} | {:.3} | {:.1} KiB | {:.1} / {:.1} / {:.1} |",
+            "| {c} | {:.0} | {:.3} / {:.3} | {:.3} / {:.3} / {:.3} | {:.0} → {:.0} | {} | {:.3} | {:.1} KiB | {:.1} / {:.1} / {:.1} |",
             row["tokens_per_s"].as_f64().unwrap_or(0.0),
             row["ttft_ms"]["added_p50"].as_f64().unwrap_or(0.0),
             row["ttft_ms"]["added_p99"].as_f64().unwrap_or(0.0),
             row["chunk_ms"]["added_p50"].as_f64().unwrap_or(0.0),
             row["chunk_ms"]["added_p99"].as_f64().unwrap_or(0.0),
             row["chunk_ms"]["added_p999"].as_f64().unwrap_or(0.0),
+            row["chunks_per_s_direct"].as_f64().unwrap_or(0.0),
             row["chunks_per_s"].as_f64().unwrap_or(0.0),
             direct.errors + through.errors,
             row["sluice_cpu_s_per_1k_chunks"].as_f64().unwrap_or(0.0),

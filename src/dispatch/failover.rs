@@ -64,6 +64,8 @@ pub fn upstream(
             let deadline = tokio::time::sleep(limits.first_token);
             tokio::pin!(deadline);
             let mut waiting_for = Wait::FirstToken;
+            // When the last chunk went on: the limit on silence runs from there.
+            let mut moved: Option<tokio::time::Instant> = None;
             let mut finished = false;
             let mut relayed = false;
             loop {
@@ -77,7 +79,18 @@ pub fn upstream(
                             "the stream ended before the reply was finished".into(),
                         )),
                     },
-                    () = &mut deadline => Err(BackendError::Timeout(waiting_for)),
+                    () = &mut deadline => {
+                        // Between chunks the deadline moves lazily: each chunk only notes its
+                        // time, and the timer is set again only when it goes off early.
+                        let due = moved.map(|at| at + limits.idle);
+                        match due.filter(|due| *due > tokio::time::Instant::now()) {
+                            Some(due) => {
+                                deadline.as_mut().reset(due);
+                                continue;
+                            }
+                            None => Err(BackendError::Timeout(waiting_for)),
+                        }
+                    }
                     () = &mut total => Err(BackendError::Timeout(Wait::End)),
                 };
                 let delta = match item {
@@ -123,7 +136,11 @@ pub fn upstream(
                     metrics.overhead(started.duration_since(exchange.arrived()) + received.elapsed());
                 }
                 if waiting_for == Wait::Chunk {
-                    deadline.as_mut().reset(tokio::time::Instant::now() + limits.idle);
+                    let now = tokio::time::Instant::now();
+                    if moved.is_none() {
+                        deadline.as_mut().reset(now + limits.idle);
+                    }
+                    moved = Some(now);
                 }
             }
         }
