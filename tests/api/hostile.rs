@@ -124,20 +124,6 @@ fn limited(vars: &[(&str, &str)]) -> Running {
     Running::start_command(command)
 }
 
-async fn metric_of(http: &reqwest::Client, url: &str, series: &str) -> f64 {
-    let text = http
-        .get(url)
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test]
 async fn with_256_descriptors_300_idle_sockets_do_not_stop_it() {
     let _ = rlimit::increase_nofile_limit(u64::MAX);
@@ -182,7 +168,11 @@ async fn with_256_descriptors_300_idle_sockets_do_not_stop_it() {
             started.elapsed()
         );
         drop(idle);
-        let errors = metric_of(&http, &sluice.url("/metrics"), "sluice_accept_errors_total").await;
+        let running = TestApp {
+            addr: sluice.addr.parse().expect("an address"),
+            http: reqwest::Client::new(),
+        };
+        let errors = running.metric("sluice_accept_errors_total").await;
         if errors_expected {
             assert!(
                 (1.0..100.0).contains(&errors),

@@ -150,24 +150,6 @@ impl TestApp {
             .unwrap_or(0.0)
     }
 
-    /// Waits until `series` reaches `value`; panics with what it was at the deadline.
-    pub async fn wait_metric(&self, series: &str, value: f64) {
-        let start = Instant::now();
-        loop {
-            let now = self.metric(series).await;
-            if now == value {
-                return;
-            }
-            assert!(
-                start.elapsed() < DEADLINE,
-                "{series} is {now}, expected {value}"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-}
-
-impl TestApp {
     /// Waits until `series` reaches at least `value`.
     pub async fn wait_metric_at_least(&self, series: &str, value: f64) {
         let start = Instant::now();
@@ -179,6 +161,22 @@ impl TestApp {
             assert!(
                 start.elapsed() < REPLY_DEADLINE,
                 "{series} is {now}, expected at least {value}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Waits until `series` reaches `value`; panics with what it was at the deadline.
+    pub async fn wait_metric(&self, series: &str, value: f64) {
+        let start = Instant::now();
+        loop {
+            let now = self.metric(series).await;
+            if now == value {
+                return;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "{series} is {now}, expected {value}"
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
