@@ -1,5 +1,7 @@
 //! The cost of one admission (identify the client, check requests, reserve tokens, take a
-//! stream permit, release it), in process and through Redis.
+//! stream permit, release it), in process and through Redis; and of counting a hostile
+//! prompt's tokens (a megabyte of `!`, a million spaces), which admission pays after the
+//! cheap checks.
 //!
 //! `cargo bench --bench admission`. The Redis case starts its own redis-server on a free
 //! port, and is skipped with a message when the binary is missing.
@@ -99,5 +101,19 @@ fn admission(c: &mut Criterion) {
     let _ = server.wait();
 }
 
-criterion_group!(benches, admission);
+fn counting(c: &mut Criterion) {
+    let mut group = c.benchmark_group("count");
+    group.sample_size(10);
+    let bang = "!".repeat(1_000_000);
+    group.bench_function("1 MB of !", |b| b.iter(|| sluice::tokens::text(&bang)));
+    let spaces = " ".repeat(1_000_001);
+    group.bench_function("1,000,001 spaces", |b| {
+        b.iter(|| sluice::tokens::text(&spaces))
+    });
+    let prose = "The quick brown fox jumps over the lazy dog. ".repeat(22_000);
+    group.bench_function("1 MB of prose", |b| b.iter(|| sluice::tokens::text(&prose)));
+    group.finish();
+}
+
+criterion_group!(benches, admission, counting);
 criterion_main!(benches);

@@ -100,11 +100,9 @@ impl Text {
 
     /// Appends the text itself to `out`.
     pub fn push_to(&self, out: &mut String) {
-        let inner = &self.0[1..self.0.len().saturating_sub(1).max(1)];
-        if inner.contains('\\') {
-            out.push_str(&serde_json::from_str::<String>(&self.0).unwrap_or_default());
-        } else {
-            out.push_str(inner);
+        match self.0.strip_prefix('"').and_then(|s| s.strip_suffix('"')) {
+            Some(inner) if !inner.contains('\\') => out.push_str(inner),
+            _ => out.push_str(&serde_json::from_str::<String>(&self.0).unwrap_or_default()),
         }
     }
 
