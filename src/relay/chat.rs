@@ -18,9 +18,11 @@ pub fn chat_sse(
     mut guard: StreamGuard,
     keep_alive: Duration,
 ) -> Response {
+    let chat_id = completion.id.replacen("chatcmpl-", "chat-", 1);
+    let stream_id = chat_id.clone();
     let events = async_stream::stream! {
-        let mut out = SseWriter::new(true);
-        let chat_id = completion.id.replacen("chatcmpl-", "chat-", 1);
+        let mut out = SseWriter::new();
+        out.retry();
         let meta = json!({"id": chat_id, "model": completion.model, "created": completion.created});
         yield out.event(Some("meta"), |b| put(b, &meta.to_string()));
         let mut finish = None;
@@ -56,5 +58,5 @@ pub fn chat_sse(
         });
         yield out.event(Some("done"), |b| put(b, &done.to_string()));
     };
-    sse(events, keep_alive)
+    sse(events, &stream_id, keep_alive)
 }

@@ -81,28 +81,34 @@ impl Opened {
 /// hyper has sent them. Payloads are written straight in, not built and copied.
 pub(crate) struct SseWriter {
     buf: BytesMut,
-    /// Number events `id: 1`, `id: 2`…, for clients that resume.
-    numbered: bool,
+    /// The last event's number: every event carries its `id:`, for clients that resume.
     last_id: u64,
 }
 
+/// How long a client that lost its stream waits before it connects again (`retry:`).
+const RETRY_MS: u32 = 1000;
+
 impl SseWriter {
-    pub(crate) fn new(numbered: bool) -> Self {
+    /// A writer whose events are numbered `id: 1`, `id: 2`…; the stream opens with
+    /// `retry:`, so a client that drops early already has a cursor and a pace to return at.
+    pub(crate) fn new() -> Self {
         SseWriter {
             buf: BytesMut::with_capacity(1024),
-            numbered,
             last_id: 0,
         }
     }
 
-    /// One event: its `id:` when numbered, `event:` when named, and one `data:` line with
+    /// `retry:`, written ahead of the first event.
+    pub(crate) fn retry(&mut self) {
+        let _ = writeln!(self.buf, "retry: {RETRY_MS}");
+    }
+
+    /// One event: its `id:`, `event:` when named, and one `data:` line with
     /// what `data` writes (JSON has no raw line break; should a payload hold one, it is
     /// split into `data:` lines as SSE wants).
     pub(crate) fn event(&mut self, name: Option<&str>, data: impl FnOnce(&mut BytesMut)) -> Bytes {
-        if self.numbered {
-            self.last_id += 1;
-            let _ = writeln!(self.buf, "id: {}", self.last_id);
-        }
+        self.last_id += 1;
+        let _ = writeln!(self.buf, "id: {}", self.last_id);
         if let Some(name) = name {
             self.buf.put_slice(b"event: ");
             self.buf.put_slice(name.as_bytes());
@@ -138,11 +144,12 @@ pub(crate) fn put(buf: &mut BytesMut, s: &str) {
     buf.put_slice(s.as_bytes());
 }
 
-/// The SSE response around a stream of events: no buffering by proxies, and a `:
-/// keep-alive` comment whenever `keep_alive` passes without an event (a tick checks, so
-/// events cost no timer work).
+/// The SSE response around a stream of events: the stream's id as `x-sluice-stream-id`, no
+/// buffering by proxies, and a `: keep-alive` comment whenever `keep_alive` passes without
+/// an event (a tick checks, so events cost no timer work).
 pub(crate) fn sse(
     events: impl Stream<Item = Bytes> + Send + 'static,
+    stream_id: &str,
     keep_alive: Duration,
 ) -> Response {
     let body = async_stream::stream! {
@@ -177,6 +184,9 @@ pub(crate) fn sse(
     );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    if let Ok(id) = HeaderValue::from_str(stream_id) {
+        headers.insert("x-sluice-stream-id", id);
+    }
     response
 }
 
@@ -194,8 +204,11 @@ pub struct Completion {
 
 impl Completion {
     pub fn new(model: &str) -> Self {
+        // Unguessable: 154 random bits (a v4 UUID holds 122; 32 more from a second one).
+        let (a, b) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        let more = &b.simple().to_string()[..8];
         Completion {
-            id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
+            id: format!("chatcmpl-{}{more}", a.simple()),
             created: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),

@@ -103,8 +103,10 @@ pub fn openai_sse(
     keep_alive: Duration,
 ) -> Response {
     let mut writer = ChunkWriter::new(&completion, include_usage);
+    let stream_id = completion.id.clone();
     let events = async_stream::stream! {
-        let mut out = SseWriter::new(false);
+        let mut out = SseWriter::new();
+        out.retry();
         let mut role_sent = false;
         while let Some(item) = opened.next().await {
             // The role chunk goes first, with the upstream's identity when it came first.
@@ -145,7 +147,7 @@ pub fn openai_sse(
         guard.finish(Outcome::Completed);
         yield out.event(None, |b| put(b, "[DONE]"));
     };
-    sse(events, keep_alive)
+    sse(events, &stream_id, keep_alive)
 }
 
 /// `stream: false`: the whole reply as one `chat.completion` object. Dropping this future

@@ -15,6 +15,10 @@ async fn events_are_meta_tokens_done_with_increasing_ids() {
         )
         .await;
     assert_eq!(response.status(), 200);
+    let stream_id = response.headers()["x-sluice-stream-id"]
+        .to_str()
+        .unwrap_or_default()
+        .to_owned();
     let events = all_events(response).await;
     let names: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
     assert_eq!(
@@ -26,6 +30,15 @@ async fn events_are_meta_tokens_done_with_increasing_ids() {
         .map(|e| e.id.parse().expect("numeric id"))
         .collect();
     assert!(ids.windows(2).all(|w| w[1] > w[0]), "{ids:?}");
+    assert_eq!(
+        ids,
+        (1..=7).collect::<Vec<u64>>(),
+        "numbered from 1, no gap"
+    );
+    assert_eq!(
+        events[0].retry,
+        Some(std::time::Duration::from_millis(1000))
+    );
 
     let meta: Value = serde_json::from_str(&events[0].data).expect("JSON");
     assert!(
@@ -33,6 +46,13 @@ async fn events_are_meta_tokens_done_with_increasing_ids() {
             .as_str()
             .is_some_and(|id| id.starts_with("chat-"))
     );
+    assert_eq!(
+        meta["id"],
+        stream_id.as_str(),
+        "the header names the stream"
+    );
+    // 128 random bits or more: at least 32 hex digits after the prefix.
+    assert!(stream_id.len() >= "chat-".len() + 32, "{stream_id}");
     assert_eq!(meta["model"], "mock");
     assert!(meta["created"].is_u64());
     let text: String = events[1..6]

@@ -312,3 +312,25 @@ async fn the_relay_carries_what_the_upstream_sent() {
         "{reply}"
     );
 }
+
+#[tokio::test]
+async fn a_stream_is_named_and_its_events_numbered() {
+    let app = TestApp::spawn().await;
+    let body = json!({"model": "mock", "stream": true, "max_tokens": 3,
+        "messages": [{"role": "user", "content": "Hi"}]});
+    let response = app.post("/v1/chat/completions", &body).await;
+    let stream_id = response.headers()["x-sluice-stream-id"]
+        .to_str()
+        .unwrap_or_default()
+        .to_owned();
+    let events = all_events(response).await;
+    let ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["1", "2", "3", "4", "5", "6"],
+        "role, 3 tokens, finish, [DONE]"
+    );
+    let chunks = payloads(&events);
+    assert_eq!(chunks[0]["id"], stream_id.as_str());
+    assert!(stream_id.len() >= "chatcmpl-".len() + 32, "{stream_id}");
+}
