@@ -56,7 +56,10 @@ pub(crate) fn start_driver() -> Option<Driver> {
 }
 
 pub(crate) async fn browser(driver: &Driver) -> Client {
-    let profile = std::env::temp_dir().join(format!("sluice-chromium-{}", std::process::id()));
+    // A profile of its own per session: two Chromiums cannot share one.
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let profile = std::env::temp_dir().join(format!("sluice-chromium-{}-{n}", std::process::id()));
     let caps = json!({"goog:chromeOptions": {"binary": CHROMIUM, "args": [
         "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -88,6 +91,27 @@ pub(crate) async fn wait_for(client: &Client, script: &str, deadline: Duration) 
 
 pub(crate) const LAST_REPLY: &str = "document.querySelector('.turn.assistant:last-of-type .body')";
 
+/// Chromium on `url`, once the page says it is ready.
+pub(crate) async fn open_page(driver: &Driver, url: &str) -> Client {
+    let client = browser(driver).await;
+    client.goto(url).await.expect("the page loads");
+    wait_for(
+        &client,
+        "return document.body.dataset.ready === 'true'",
+        DEADLINE,
+    )
+    .await;
+    client
+}
+
+/// Waits until the last reply has finished streaming and holds `text`.
+pub(crate) async fn wait_for_reply(client: &Client, text: &str) {
+    let script = format!(
+        "const b = {LAST_REPLY}; return !!b && !b.parentElement.classList.contains('streaming') && b.textContent.includes({text:?})"
+    );
+    wait_for(client, &script, REPLY_DEADLINE).await;
+}
+
 pub(crate) async fn type_and_send(client: &Client, text: &str) {
     let input = client.find(Locator::Id("prompt")).await.expect("the input");
     input
@@ -112,14 +136,7 @@ async fn the_chat_page_in_chromium() {
         c.mock_fixtures = Some(path);
     })
     .await;
-    let client = browser(&driver).await;
-    client.goto(&app.url("/")).await.expect("the page loads");
-    wait_for(
-        &client,
-        "return document.body.dataset.ready === 'true'",
-        DEADLINE,
-    )
-    .await;
+    let client = open_page(&driver, &app.url("/")).await;
 
     // A reply grows on screen: its length is seen at several moments before it is done.
     type_and_send(&client, "Tell me about rivers").await;
@@ -212,7 +229,7 @@ async fn the_chat_page_in_chromium() {
 
     // Model output is rendered as markdown, and nothing in it runs.
     type_and_send(&client, "Show me HTML").await;
-    wait_for(&client, &format!("const b = {LAST_REPLY}; return !!b && !b.parentElement.classList.contains('streaming') && b.textContent.includes('main')"), REPLY_DEADLINE).await;
+    wait_for_reply(&client, "main").await;
     let html = js(&client, &format!("return {LAST_REPLY}.innerHTML")).await;
     let html = html.as_str().unwrap_or_default();
     assert!(html.contains("<strong>bold</strong>"), "{html}");

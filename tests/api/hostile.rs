@@ -738,7 +738,7 @@ async fn secrets_and_internals_stay_inside() {
 
 #[tokio::test]
 async fn model_output_cannot_restyle_phish_or_exfiltrate_and_other_sites_cannot_call() {
-    use crate::browser::{LAST_REPLY, browser, js, start_driver, type_and_send, wait_for};
+    use crate::browser::{LAST_REPLY, js, open_page, start_driver, type_and_send, wait_for_reply};
     let Some(driver) = start_driver() else { return };
     // A listener that records any request: the exfiltration target.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -777,21 +777,9 @@ async fn model_output_cannot_restyle_phish_or_exfiltrate_and_other_sites_cannot_
     assert_eq!(page.headers()["referrer-policy"], "no-referrer");
     assert_eq!(page.headers()["x-frame-options"], "DENY");
 
-    let client = browser(&driver).await;
-    client.goto(&app.url("/")).await.expect("the page loads");
-    wait_for(
-        &client,
-        "return document.body.dataset.ready === 'true'",
-        DEADLINE,
-    )
-    .await;
+    let client = open_page(&driver, &app.url("/")).await;
     type_and_send(&client, "Something hostile please").await;
-    wait_for(
-        &client,
-        &format!("const b = {LAST_REPLY}; return !!b && !b.parentElement.classList.contains('streaming') && b.textContent.includes('done')"),
-        REPLY_DEADLINE,
-    )
-    .await;
+    wait_for_reply(&client, "done").await;
     let found = js(
         &client,
         &format!("const b = {LAST_REPLY}; return ['style','form','input','img','iframe','button'].filter(t => b.querySelector(t))"),
@@ -813,12 +801,7 @@ async fn model_output_cannot_restyle_phish_or_exfiltrate_and_other_sites_cannot_
     // Whatever was going to load has loaded by the time the page has rendered a second
     // reply after it.
     type_and_send(&client, "and one more").await;
-    wait_for(
-        &client,
-        &format!("const b = {LAST_REPLY}; return !!b && !b.parentElement.classList.contains('streaming') && b.textContent.includes('one more')"),
-        REPLY_DEADLINE,
-    )
-    .await;
+    wait_for_reply(&client, "one more").await;
     assert_eq!(
         hits.load(std::sync::atomic::Ordering::SeqCst),
         0,
