@@ -72,6 +72,17 @@ pub struct Principal {
     policy: Arc<Policy>,
 }
 
+impl Principal {
+    /// Whether this client's key may use `model` (every model, unless its key names some).
+    pub fn may_use(&self, model: &str) -> bool {
+        self.policy
+            .limits
+            .models
+            .as_ref()
+            .is_none_or(|models| models.contains(model))
+    }
+}
+
 /// Limits shared through Redis, and what to do when it cannot be reached.
 pub struct SharedLimits {
     pub redis_url: String,
@@ -209,7 +220,7 @@ impl Admission {
     /// With Redis, the limits are every instance's together.
     pub async fn admit(self: &Arc<Self>, who: &Principal, model: &str) -> Result<Permit, Refusal> {
         let limits = &who.policy.limits;
-        if limits.models.as_ref().is_some_and(|m| !m.contains(model)) {
+        if !who.may_use(model) {
             return Err(Refusal::ModelNotAllowed(model.to_owned()));
         }
         if let Some(shared) = &self.shared {

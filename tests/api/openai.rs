@@ -334,3 +334,41 @@ async fn a_stream_is_named_and_its_events_numbered() {
     assert_eq!(chunks[0]["id"], stream_id.as_str());
     assert!(stream_id.len() >= "chatcmpl-".len() + 32, "{stream_id}");
 }
+
+#[tokio::test]
+async fn models_include_the_upstream_catalogue_and_one_can_be_retrieved() {
+    let upstream = FakeUpstream::spawn().await;
+    let app = TestApp::in_front_of(&upstream).await;
+    let list = app.get_json("/v1/models").await;
+    let owned: Vec<(String, String)> = list["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|m| {
+            (
+                m["id"].as_str().unwrap_or("").to_owned(),
+                m["owned_by"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    assert!(
+        owned.contains(&("mock".into(), "sluice".into())),
+        "{owned:?}"
+    );
+    assert!(
+        owned.contains(&("gpt-test".into(), "upstream".into())),
+        "{owned:?}"
+    );
+    let one = app.get_json("/v1/models/gpt-test").await;
+    assert_eq!(one["id"], "gpt-test", "{one}");
+    assert_eq!(one["object"], "model", "{one}");
+    let response = app
+        .http
+        .get(app.url("/v1/models/no-such-model"))
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(response.status(), 404);
+    let error: Value = response.json().await.expect("JSON");
+    assert_eq!(error["error"]["code"], "model_not_found", "{error}");
+}
