@@ -152,11 +152,11 @@ impl Admission {
     }
 
     /// The principal of a request: its key when keys are configured, else its IP.
-    /// `authorization` is the request's header as sent; `forwarded_for`, the addresses its
+    /// `key` is the bearer token it presented; `forwarded_for`, the addresses its
     /// `X-Forwarded-For` headers list, in order.
     pub fn identify<'a>(
         &self,
-        authorization: Option<&str>,
+        key: Option<&str>,
         forwarded_for: impl Iterator<Item = &'a str>,
         peer: Option<IpAddr>,
     ) -> Result<Principal, Refusal> {
@@ -167,12 +167,7 @@ impl Admission {
                 policy: self.default_policy.clone(),
             });
         }
-        // The scheme is case-insensitive (RFC 9110).
-        let presented = authorization
-            .and_then(|v| v.trim().split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, key)| key.trim())
-            .ok_or(Refusal::InvalidKey)?;
+        let presented = key.ok_or(Refusal::InvalidKey)?;
         let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
         // Compare with every key, each in constant time, so timing tells nothing.
         let mut found = None;

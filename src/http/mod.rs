@@ -118,6 +118,18 @@ pub fn with_rate_headers(response: Result<Response, ApiError>, quota: &Quota) ->
     response
 }
 
+/// The token of an `Authorization: Bearer <token>` header (the scheme in any case, RFC 9110).
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .trim()
+        .split_once(' ')
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
+}
+
 /// The client's address, as handlers see it through `ConnectInfo<Peer>`.
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub SocketAddr);
@@ -137,14 +149,11 @@ where
             .get::<ConnectInfo<Peer>>()
             .map(|c| c.0.0.ip());
         let headers = &parts.headers;
-        let authorization = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
         let forwarded = headers
             .get_all("x-forwarded-for")
             .iter()
             .filter_map(|v| v.to_str().ok());
-        let who = Arc::<Admission>::from_ref(state).identify(authorization, forwarded, peer)?;
+        let who = Arc::<Admission>::from_ref(state).identify(bearer(headers), forwarded, peer)?;
         if let Some(exchange) = parts.extensions.get::<Exchange>() {
             exchange.set_key(who.name.clone());
         }

@@ -57,12 +57,7 @@ fn operator(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(token) = &state.metrics_token else {
         return Ok(());
     };
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map_or("", |(_, t)| t.trim());
+    let presented = crate::http::bearer(headers).unwrap_or("");
     if bool::from(presented.as_bytes().ct_eq(token.as_bytes())) {
         Ok(())
     } else {
