@@ -200,6 +200,23 @@ pub struct Config {
           default_value_t = 16 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_reply_bytes: u64,
 
+    /// Seconds a resumable stream runs on with no client attached, waiting for one to
+    /// reconnect; 0 turns resumption off.
+    #[arg(long, env = "SLUICE_RESUME_GRACE_S", value_name = "SLUICE_RESUME_GRACE_S",
+          default_value_t = 30.0, value_parser = non_negative)]
+    pub resume_grace_s: f64,
+
+    /// Seconds a finished resumable stream stays readable.
+    #[arg(long, env = "SLUICE_RESUME_TTL_S", value_name = "SLUICE_RESUME_TTL_S",
+          default_value_t = 300.0, value_parser = positive_seconds)]
+    pub resume_ttl_s: f64,
+
+    /// Memory for stream logs in this instance, in MiB (fractions allowed); past it, new
+    /// streams are served without resumption.
+    #[arg(long, env = "SLUICE_RESUME_MEMORY_MB", value_name = "SLUICE_RESUME_MEMORY_MB",
+          default_value_t = 64.0, value_parser = positive)]
+    pub resume_memory_mb: f64,
+
     /// Seconds open streams may run on after SIGTERM or Ctrl-C.
     #[arg(
         long,
@@ -217,6 +234,11 @@ pub struct Config {
         default_value = "info"
     )]
     pub log: String,
+}
+
+/// Seconds as a duration, capped at ten years so that no deadline overflows.
+fn seconds(value: f64) -> Duration {
+    Duration::from_secs_f64(value.clamp(0.0, 10.0 * 365.0 * 86_400.0))
 }
 
 fn http_url(value: &str) -> Result<String, String> {
@@ -250,6 +272,13 @@ fn non_negative(value: &str) -> Result<f64, String> {
     match value.parse::<f64>() {
         Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
         _ => Err("must be a number of 0 or more".into()),
+    }
+}
+
+fn positive(value: &str) -> Result<f64, String> {
+    match non_negative(value) {
+        Ok(v) if v > 0.0 => Ok(v),
+        _ => Err("must be a number above 0".into()),
     }
 }
 
@@ -299,6 +328,19 @@ impl Config {
             max_streams: self.max_streams,
             models: None,
         }
+    }
+
+    /// How long a resumable stream runs on detached; zero: streams are not resumable.
+    pub fn resume_grace(&self) -> Duration {
+        seconds(self.resume_grace_s)
+    }
+
+    pub fn resume_ttl(&self) -> Duration {
+        seconds(self.resume_ttl_s)
+    }
+
+    pub fn resume_memory(&self) -> usize {
+        (self.resume_memory_mb * 1024.0 * 1024.0).min(usize::MAX as f64 / 2.0) as usize
     }
 
     pub fn keep_alive(&self) -> Duration {

@@ -83,6 +83,24 @@ pub enum ApiError {
     /// The request's body did not arrive within the limit.
     #[error("the request body did not arrive within {0} ms")]
     BodyTimeout(u64),
+    /// No stream by this id that this client may read: unknown, expired, or another's.
+    #[error("No stream `{0}` that this key may read: unknown, another client's, or expired.")]
+    StreamNotFound(String),
+    /// The stream is still running: its whole reply is not there yet.
+    #[error("the stream `{0}` is still running; follow it with `stream=true`, or ask again when it has finished")]
+    StreamRunning(String),
+    /// The events after the client's cursor are no longer kept.
+    #[error("the events of stream `{0}` after that cursor are no longer kept")]
+    StreamEventsGone(String),
+    /// The stream was cancelled (by the cancel route, or because nobody reattached in time).
+    #[error("the stream was cancelled")]
+    StreamCancelled,
+    /// The instance producing the stream stopped answering.
+    #[error("the instance producing this stream is gone; the stream cannot go on")]
+    ProducerLost,
+    /// Some of a stream's events did not reach the shared log.
+    #[error("some events of this stream were not logged; resume is not possible")]
+    StreamEventsLost,
     /// A bug in sluice (a panic was caught): the details are in the log.
     #[error("the server had an error while processing the request")]
     Internal,
@@ -115,6 +133,10 @@ impl ApiError {
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::StreamNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::StreamRunning(_) | ApiError::StreamCancelled => StatusCode::CONFLICT,
+            ApiError::StreamEventsGone(_) => StatusCode::GONE,
+            ApiError::ProducerLost | ApiError::StreamEventsLost => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -137,6 +159,11 @@ impl ApiError {
             ApiError::UpstreamTimeout(_) => "timeout_error",
             ApiError::Overloaded { .. } => "overloaded_error",
             ApiError::Restarting | ApiError::Internal => "server_error",
+            ApiError::StreamNotFound(_)
+            | ApiError::StreamRunning(_)
+            | ApiError::StreamEventsGone(_)
+            | ApiError::StreamCancelled => "invalid_request_error",
+            ApiError::ProducerLost | ApiError::StreamEventsLost => "server_error",
         }
     }
 
@@ -160,6 +187,12 @@ impl ApiError {
             ApiError::Restarting => "server_restarting",
             ApiError::BodyTimeout(_) => "request_timeout",
             ApiError::Internal => "internal_error",
+            ApiError::StreamNotFound(_) => "stream_not_found",
+            ApiError::StreamRunning(_) => "stream_running",
+            ApiError::StreamEventsGone(_) => "stream_events_gone",
+            ApiError::StreamCancelled => "stream_cancelled",
+            ApiError::ProducerLost => "producer_lost",
+            ApiError::StreamEventsLost => "stream_events_lost",
         };
         Some(code.to_owned())
     }

@@ -6,9 +6,12 @@
 //! `pipeline` (the one chat path: resolve, admit, count, reserve, start) → `dispatch/` (model
 //! table, failover with typed deadlines) → `backend/` (an OpenAI-compatible upstream, the
 //! mock, or the local model on its own thread: canonical events, [`backend::Delta`]) →
-//! `relay/` (first-event peek, metering, one encoder per wire format) → SSE to the client.
-//! When the client leaves, the response body is dropped, and with it the whole chain down
-//! to the upstream's connection (or the local model's channel).
+//! `relay/` (first-event peek, metering, one encoder per wire format) → `streams/` (direct,
+//! or a resumable stream's event log that connections attach to) → SSE to the client.
+//! When the client of a direct stream leaves, the response body is dropped, and with it the
+//! whole chain down to the upstream's connection (or the local model's channel); a
+//! resumable stream's producer belongs to the stream registry, which drops it on cancel or
+//! when nobody has come back within the grace period.
 //!
 //! Below them: `config`, `tokens`, `prompts` (plain data and helpers), `telemetry` (metrics,
 //! the per-request log record), `admission` (identity and limits, no HTTP), `error` (what a
@@ -29,6 +32,7 @@ pub mod routes;
 pub mod server;
 pub mod startup;
 pub mod state;
+pub mod streams;
 pub mod telemetry;
 pub mod tokens;
 

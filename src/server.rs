@@ -63,6 +63,7 @@ pub async fn serve(
         reason = "the one background task: admission's, metrics' and the model list's upkeep, ends with serve"
     )]
     tokio::spawn(async move { tokio::join!(admission, metrics, catalogue) });
+    state.streams.spawn_shared(upkeep.clone());
     let _upkeep = upkeep.drop_guard();
 
     let settings = state.server.clone();

@@ -126,8 +126,24 @@ impl AppState {
         // The tokenizer's tables take a moment to build: pay it now, not on a first request.
         crate::tokens::text("warm up");
 
+        let streams = crate::streams::Streams::new(
+            crate::streams::Settings {
+                grace: config.resume_grace(),
+                ttl: config.resume_ttl(),
+                memory: config.resume_memory(),
+                keep_alive: config.keep_alive(),
+                idle: config.idle_timeout(),
+                total: config.total_timeout(),
+                redis_url: config.redis_url.clone(),
+                redis_fail_closed: config.redis_failure == "closed",
+            },
+            &metrics,
+        )
+        .context("SLUICE_REDIS_URL")?;
+
         let closing = CancellationToken::new();
         Ok(AppState {
+            streams,
             admission,
             routes: Routes::new(named, mock, default_upstream, default_model),
             prompts,

@@ -36,6 +36,8 @@ pub struct AppState {
     pub metrics_token: Option<Arc<str>>,
     /// How connections are served: limits, TLS.
     pub server: ServerSettings,
+    /// Resumable streams: their logs, readers and producers.
+    pub streams: crate::streams::Streams,
     /// Cancelled when the shutdown grace period is over: open streams end, saying so.
     pub closing: CancellationToken,
 }

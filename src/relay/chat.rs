@@ -1,26 +1,23 @@
 //! sluice's own `/api/chat` encoder: `meta`, `token`…, then `done` or `error`, each event
 //! with an `id:`.
 
-use std::time::Duration;
-
-use axum::response::Response;
+use bytes::Bytes;
+use futures::Stream;
 use serde_json::json;
 
-use super::{Completion, Opened, SseWriter, StreamGuard, put, queued, sse};
+use super::{Completion, Opened, SseWriter, StreamGuard, Wire, put, queued};
 use crate::backend::Delta;
 use crate::error::ApiError;
 use crate::telemetry::Outcome;
 
 /// `POST /api/chat`: `meta`, `token`…, then `done` or `error`, each event with an `id:`.
-pub fn chat_sse(
+pub fn chat_events(
     mut opened: Opened,
     completion: Completion,
     mut guard: StreamGuard,
-    keep_alive: Duration,
-) -> Response {
-    let chat_id = completion.id.replacen("chatcmpl-", "chat-", 1);
-    let stream_id = chat_id.clone();
-    let events = async_stream::stream! {
+) -> impl Stream<Item = Bytes> + Send + 'static {
+    let chat_id = completion.stream_id(Wire::Chat);
+    async_stream::stream! {
         let mut out = SseWriter::new();
         out.retry();
         let meta = json!({"id": chat_id, "model": completion.model, "created": completion.created});
@@ -57,6 +54,5 @@ pub fn chat_sse(
             "duration_ms": guard.exchange.arrived().elapsed().as_millis() as u64,
         });
         yield out.event(Some("done"), |b| put(b, &done.to_string()));
-    };
-    sse(events, &stream_id, keep_alive)
+    }
 }

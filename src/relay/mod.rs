@@ -12,9 +12,9 @@ mod chat;
 mod meter;
 mod openai;
 
-pub use chat::chat_sse;
+pub use chat::chat_events;
 pub use meter::StreamGuard;
-pub use openai::{collect, openai_sse};
+pub use openai::{assemble, collect, openai_events};
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -27,6 +27,55 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 
 use crate::backend::{BackendError, Delta, DeltaStream};
+use crate::error::ApiError;
+
+/// Which encoder wrote a stream: a resumed stream is read in the format it was written in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wire {
+    /// sluice's `/api/chat` events.
+    Chat,
+    /// OpenAI's chat completion chunks.
+    OpenAi,
+}
+
+impl Wire {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Wire::Chat => "chat",
+            Wire::OpenAi => "openai",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Wire> {
+        match name {
+            "chat" => Some(Wire::Chat),
+            "openai" => Some(Wire::OpenAi),
+            _ => None,
+        }
+    }
+}
+
+/// The event that ends a stream with `error` when `id - 1` events came before it, in the
+/// stream's format: for a stream cut short after its encoder stopped (cancelled, its
+/// producer lost).
+pub fn error_event(wire: Wire, id: u64, error: &ApiError) -> Bytes {
+    let mut out = SseWriter::new();
+    out.last_id = id.saturating_sub(1);
+    let body = error.body().to_string();
+    let name = match wire {
+        Wire::Chat => Some("error"),
+        Wire::OpenAi => None,
+    };
+    out.event(name, |b| put(b, &body))
+}
+
+/// A bare `retry:` field: where a resumed stream starts, so the client keeps its pace.
+pub fn retry_field() -> Bytes {
+    let mut out = SseWriter::new();
+    out.retry();
+    out.buf.put_u8(b'\n');
+    out.buf.split().freeze()
+}
 
 /// A backend stream whose first item has been seen, so its status is known.
 pub struct Opened {
@@ -147,7 +196,7 @@ pub(crate) fn put(buf: &mut BytesMut, s: &str) {
 /// The SSE response around a stream of events: the stream's id as `x-sluice-stream-id`, no
 /// buffering by proxies, and a `: keep-alive` comment whenever `keep_alive` passes without
 /// an event (a tick checks, so events cost no timer work).
-pub(crate) fn sse(
+pub fn sse(
     events: impl Stream<Item = Bytes> + Send + 'static,
     stream_id: &str,
     keep_alive: Duration,
@@ -203,6 +252,14 @@ pub struct Completion {
 }
 
 impl Completion {
+    /// The id clients know the stream by: the chunks' `id`, or the `meta` event's.
+    pub fn stream_id(&self, wire: Wire) -> String {
+        match wire {
+            Wire::OpenAi => self.id.clone(),
+            Wire::Chat => self.id.replacen("chatcmpl-", "chat-", 1),
+        }
+    }
+
     pub fn new(model: &str) -> Self {
         // Unguessable: 154 random bits (a v4 UUID holds 122; 32 more from a second one).
         let (a, b) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());

@@ -1,13 +1,11 @@
 //! The OpenAI chat completions encoder: `chat.completion.chunk` events for a stream, and
 //! the assembled `chat.completion` for `stream: false`.
 
-use std::time::Duration;
-
-use axum::response::Response;
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
+use futures::Stream;
 use serde_json::{Map, Value, json};
 
-use super::{Completion, Opened, SseWriter, StreamGuard, put, queued, sse};
+use super::{Completion, Opened, SseWriter, StreamGuard, put, queued};
 use crate::backend::{BackendError, Delta, Fields, Usage};
 use crate::error::ApiError;
 use crate::telemetry::Outcome;
@@ -95,16 +93,14 @@ impl ChunkWriter {
 
 /// `POST /v1/chat/completions` with `stream: true`: OpenAI's chunks, then `[DONE]`; a failure
 /// after the first byte is a `data: {"error":…}` event and the stream ends without `[DONE]`.
-pub fn openai_sse(
+pub fn openai_events(
     mut opened: Opened,
     completion: Completion,
     include_usage: bool,
     mut guard: StreamGuard,
-    keep_alive: Duration,
-) -> Response {
+) -> impl Stream<Item = Bytes> + Send + 'static {
     let mut writer = ChunkWriter::new(&completion, include_usage);
-    let stream_id = completion.id.clone();
-    let events = async_stream::stream! {
+    async_stream::stream! {
         let mut out = SseWriter::new();
         out.retry();
         let mut role_sent = false;
@@ -146,8 +142,7 @@ pub fn openai_sse(
         }
         guard.finish(Outcome::Completed);
         yield out.event(None, |b| put(b, "[DONE]"));
-    };
-    sse(events, &stream_id, keep_alive)
+    }
 }
 
 /// `stream: false`: the whole reply as one `chat.completion` object. Dropping this future
@@ -233,6 +228,67 @@ pub async fn collect(
         reply.extend(fields);
     }
     Ok(reply)
+}
+
+/// The `chat.completion` that a finished stream's logged events add up to (for a client
+/// that resumes a stream without streaming), or the error body it ended with. The usage is
+/// there when the stream asked for it (`stream_options.include_usage`), else `null`.
+pub fn assemble<'a>(events: impl IntoIterator<Item = &'a [u8]>) -> Result<Value, Value> {
+    let mut reply = Map::new();
+    let mut message = Map::new();
+    let mut content = String::new();
+    let mut finish = Value::Null;
+    let mut usage = Value::Null;
+    for event in events {
+        let data: Vec<&[u8]> = event
+            .split(|&b| b == b'\n')
+            .filter_map(|line| line.strip_prefix(b"data: "))
+            .collect();
+        let data = data.join(&b'\n');
+        let Ok(Value::Object(mut chunk)) = serde_json::from_slice::<Value>(&data) else {
+            continue; // `[DONE]`
+        };
+        if chunk.contains_key("error") {
+            return Err(Value::Object(chunk));
+        }
+        if let Some(Value::Array(choices)) = chunk.remove("choices")
+            && let Some(Value::Object(mut choice)) = choices.into_iter().next()
+        {
+            if let Some(Value::Object(mut delta)) = choice.remove("delta") {
+                if let Some(Value::String(text)) = delta.remove("content") {
+                    content.push_str(&text);
+                }
+                delta.remove("role");
+                merge_fields(&mut message, delta);
+            }
+            if let Some(reason) = choice.remove("finish_reason").filter(|r| !r.is_null()) {
+                finish = reason;
+            }
+        }
+        if let Some(u) = chunk.remove("usage").filter(|u| !u.is_null()) {
+            usage = u;
+        }
+        if reply.is_empty() {
+            reply = chunk;
+        }
+    }
+    let has_tool_calls = message.contains_key("tool_calls");
+    message.insert("role".into(), json!("assistant"));
+    message.insert(
+        "content".into(),
+        if content.is_empty() && has_tool_calls {
+            Value::Null
+        } else {
+            Value::String(content)
+        },
+    );
+    reply.insert("object".into(), json!("chat.completion"));
+    reply.insert(
+        "choices".into(),
+        json!([{"index": 0, "message": message, "logprobs": null, "finish_reason": finish}]),
+    );
+    reply.insert("usage".into(), usage);
+    Ok(Value::Object(reply))
 }
 
 /// Folds one streamed delta into the message so far, the way OpenAI's SDKs do: strings

@@ -5,7 +5,7 @@ use axum::Extension;
 use axum::Router;
 use axum::extract::State;
 use axum::response::Response;
-use axum::routing::post;
+use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
@@ -15,12 +15,15 @@ use crate::error::ApiError;
 use crate::http::{JsonObject, typed, with_rate_headers};
 use crate::pipeline;
 use crate::prompts::RenderError;
-use crate::relay::{self, Completion};
+use crate::relay::{self, Completion, Wire};
 use crate::state::AppState;
 use crate::telemetry::Exchange;
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/api/chat", post(chat))
+    Router::new()
+        .route("/api/chat", post(chat))
+        .route("/api/chat/{id}", get(super::streams::resume_chat))
+        .route("/api/chat/{id}/cancel", post(super::streams::cancel_chat))
 }
 
 #[derive(Deserialize)]
@@ -106,9 +109,18 @@ async fn chat(
     let started = pipeline::start(&state, &who, &exchange, chat).await?;
     let mut guard = started.guard;
     let completion = Completion::new(&started.model);
-    let response = relay::open(started.stream, state.keep_alive, &mut guard)
-        .await
-        .map(|opened| relay::chat_sse(opened, completion, guard, state.keep_alive))
-        .map_err(ApiError::from);
+    let id = completion.stream_id(Wire::Chat);
+    let response = match relay::open(started.stream, state.keep_alive, &mut guard).await {
+        Ok(opened) => {
+            let events = relay::chat_events(opened, completion, guard);
+            // Every `/api/chat` stream is resumable while resumption is on.
+            let resumable = state.streams.enabled();
+            state
+                .streams
+                .respond(events, id, &who.name, Wire::Chat, resumable)
+                .await
+        }
+        Err(e) => Err(ApiError::from(e)),
+    };
     Ok(with_rate_headers(response, &started.rate))
 }

@@ -3,7 +3,8 @@
 use axum::Extension;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::http::HeaderMap;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::Value;
@@ -13,12 +14,21 @@ use crate::backend::Message;
 use crate::error::ApiError;
 use crate::http::{JsonObject, typed, with_rate_headers};
 use crate::pipeline;
-use crate::relay::{self, Completion};
+use crate::relay::{self, Completion, Wire};
 use crate::state::AppState;
 use crate::telemetry::Exchange;
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/v1/chat/completions", post(chat_completions))
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route(
+            "/v1/chat/completions/{id}",
+            get(super::streams::resume_completion),
+        )
+        .route(
+            "/v1/chat/completions/{id}/cancel",
+            post(super::streams::cancel_completion),
+        )
 }
 
 /// The fields sluice reads; every other field stays in the body and goes to the upstream.
@@ -106,8 +116,13 @@ async fn chat_completions(
     State(state): State<AppState>,
     who: Principal,
     Extension(exchange): Extension<Exchange>,
+    headers: HeaderMap,
     JsonObject(mut body): JsonObject,
 ) -> Result<Response, ApiError> {
+    // A stream that outlives its connection, when asked for.
+    let resumable = headers
+        .get("x-sluice-resumable")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
     // Parse and validate: a client's mistake is a 400 and nothing else happens.
     let fields: Fields = typed(&mut body)?;
     if fields.n.is_some_and(|n| n != 1) {
@@ -144,12 +159,17 @@ async fn chat_completions(
     } else {
         // Peek before committing, so a failure before the first token is a real status.
         let include_usage = fields.stream_options.is_some_and(|o| o.include_usage);
-        relay::open(started.stream, state.keep_alive, &mut guard)
-            .await
-            .map(|opened| {
-                relay::openai_sse(opened, completion, include_usage, guard, state.keep_alive)
-            })
-            .map_err(ApiError::from)
+        let id = completion.stream_id(Wire::OpenAi);
+        match relay::open(started.stream, state.keep_alive, &mut guard).await {
+            Ok(opened) => {
+                let events = relay::openai_events(opened, completion, include_usage, guard);
+                state
+                    .streams
+                    .respond(events, id, &who.name, Wire::OpenAi, resumable)
+                    .await
+            }
+            Err(e) => Err(ApiError::from(e)),
+        }
     };
     Ok(with_rate_headers(response, &rate))
 }

@@ -191,6 +191,31 @@ impl Metrics {
             "sluice_redis_errors_total",
             "Admissions that could not reach Redis (then failed open or closed).",
         );
+        describe(
+            "sluice_stream_resumes_total",
+            "Readers that attached to a resumable stream again (Last-Event-ID or a cursor).",
+        );
+        describe(
+            "sluice_streams_detached_total",
+            "Times a resumable stream lost its last reader and went on alone.",
+        );
+        describe(
+            "sluice_stream_grace_expired_total",
+            "Resumable streams cancelled because no reader came back within SLUICE_RESUME_GRACE_S.",
+        );
+        describe(
+            "sluice_stream_cancels_total",
+            "Resumable streams cancelled by a cancel request.",
+        );
+        describe(
+            "sluice_streams_not_resumable_total",
+            "Streams that asked to be resumable but were served directly: no log memory left, or Redis unreachable.",
+        );
+        recorder.describe_gauge(
+            "sluice_stream_log_bytes".into(),
+            None,
+            "Memory held by resumable streams' event logs.".into(),
+        );
         recorder.describe_gauge(
             "sluice_active_streams".into(),
             None,
@@ -242,6 +267,10 @@ impl Metrics {
         self.0
             .recorder
             .register_counter(&Self::key(name, labels), &META)
+    }
+
+    pub fn gauge(&self, name: &'static str) -> Gauge {
+        self.0.recorder.register_gauge(&Key::from_name(name), &META)
     }
 
     fn histogram(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Histogram {

@@ -1,0 +1,145 @@
+//! Resuming and cancelling resumable streams, for `/api/chat` and `/v1/chat/completions`
+//! alike: `GET …/{id}` reads on from a cursor (`Last-Event-ID`, or `?last_event_id=` /
+//! `?starting_after=` for a client that cannot set headers), `POST …/{id}/cancel` stops it.
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::admission::Principal;
+use crate::error::ApiError;
+use crate::relay::{self, Wire};
+use crate::state::AppState;
+use crate::streams::{Attached, Cancelled};
+
+/// The query of a resume: read as plain pairs, so nothing in it is a rejection of its own.
+#[derive(Default)]
+pub struct Resume {
+    last_event_id: Option<String>,
+    starting_after: Option<String>,
+    stream: bool,
+}
+
+impl Resume {
+    fn of(Query(pairs): Query<Vec<(String, String)>>) -> Self {
+        let mut query = Resume::default();
+        for (key, value) in pairs {
+            match key.as_str() {
+                "last_event_id" => query.last_event_id = Some(value),
+                "starting_after" => query.starting_after = Some(value),
+                "stream" => query.stream = value == "true",
+                _ => {}
+            }
+        }
+        query
+    }
+}
+
+/// The reader's cursor: the last event it has (0: none).
+fn cursor(headers: &HeaderMap, query: &Resume) -> Result<u64, ApiError> {
+    let (name, value) = match headers.get("last-event-id") {
+        Some(v) => ("Last-Event-ID", v.to_str().unwrap_or("-").to_owned()),
+        None => match (&query.last_event_id, &query.starting_after) {
+            (Some(v), _) => ("last_event_id", v.clone()),
+            (None, Some(v)) => ("starting_after", v.clone()),
+            (None, None) => return Ok(0),
+        },
+    };
+    let value = value.trim();
+    if value.is_empty() {
+        return Ok(0);
+    }
+    value.parse().map_err(|_| {
+        ApiError::invalid(
+            format!("`{name}` must be the number of an event of the stream"),
+            Some(name),
+        )
+    })
+}
+
+/// The events after the cursor, then live ones, then the stream's ending.
+async fn follow(
+    state: &AppState,
+    who: &Principal,
+    id: &str,
+    wire: Wire,
+    after: u64,
+) -> Result<Response, ApiError> {
+    match state.streams.attach(id, &who.name, wire, after).await? {
+        // Nothing left: 204 tells an `EventSource` to stop reconnecting.
+        Attached::Complete => Ok(StatusCode::NO_CONTENT.into_response()),
+        Attached::Events(events) => {
+            // A resumed stream restates the pace to come back at.
+            let events =
+                futures::StreamExt::chain(futures::stream::iter([relay::retry_field()]), events);
+            let mut response = relay::sse(events, id, state.keep_alive);
+            response
+                .headers_mut()
+                .insert("x-sluice-resumable", HeaderValue::from_static("true"));
+            Ok(response)
+        }
+    }
+}
+
+/// `GET /api/chat/{id}`: EventSource-compatible resume.
+pub async fn resume_chat(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+    query: Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let query = Resume::of(query);
+    let after = cursor(&headers, &query)?;
+    follow(&state, &who, &id, Wire::Chat, after).await
+}
+
+/// `GET /v1/chat/completions/{id}`: with `stream=true` the chunks after the cursor; without,
+/// the assembled `chat.completion` once the stream has finished (409 while it runs).
+pub async fn resume_completion(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+    query: Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let query = Resume::of(query);
+    let after = cursor(&headers, &query)?;
+    if query.stream {
+        return follow(&state, &who, &id, Wire::OpenAi, after).await;
+    }
+    let events = state.streams.events(&id, &who.name, Wire::OpenAi).await?;
+    match relay::assemble(events.iter().map(|e| &e[..])) {
+        Ok(reply) => Ok(Json(reply).into_response()),
+        // It ended in an error: that error, as the stream said it.
+        Err(body) => Ok((StatusCode::BAD_GATEWAY, Json(body)).into_response()),
+    }
+}
+
+async fn cancel(state: &AppState, who: &Principal, id: &str, wire: Wire) -> Result<Response, ApiError> {
+    let status = match state.streams.cancel(id, &who.name, wire).await? {
+        Cancelled::Now => "cancelled",
+        Cancelled::Ended => "ended",
+    };
+    Ok(Json(json!({"id": id, "object": "stream", "status": status})).into_response())
+}
+
+/// `POST /api/chat/{id}/cancel`.
+pub async fn cancel_chat(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    cancel(&state, &who, &id, Wire::Chat).await
+}
+
+/// `POST /v1/chat/completions/{id}/cancel`.
+pub async fn cancel_completion(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    cancel(&state, &who, &id, Wire::OpenAi).await
+}

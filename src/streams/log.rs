@@ -1,0 +1,273 @@
+//! One stream's event log: the encoded SSE events in order (event `n` has `id: n`), the
+//! readers attached to it, and the control its producer obeys (readers come and go, a
+//! cancel). Readers wait on the log's progress, not on a timer.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures::Stream;
+use tokio::sync::watch;
+
+use super::{ENTRY_BYTES, lock, shared};
+use crate::relay::Wire;
+
+pub(super) struct Entry {
+    pub(super) id: Arc<str>,
+    /// The principal that started it: the only one that may read or cancel it.
+    pub(super) owner: Arc<str>,
+    pub(super) wire: Wire,
+    log: Mutex<Log>,
+    /// The number of the last event logged (bumped again when the log ends).
+    progress: watch::Sender<u64>,
+    control: watch::Sender<Control>,
+    /// All logs' bytes, and its gauge.
+    memory: Arc<AtomicUsize>,
+    gauge: metrics::Gauge,
+    /// The same log in Redis, when configured.
+    shared: Option<shared::Log>,
+}
+
+/// What the producer obeys.
+#[derive(Clone, Copy, Default)]
+pub(super) struct Control {
+    pub(super) readers: usize,
+    pub(super) cancelled: bool,
+}
+
+struct Log {
+    events: VecDeque<Bytes>,
+    /// The number of `events[0]`: above 1 once an attached stream outgrew its cap.
+    first: u64,
+    bytes: usize,
+    ended: bool,
+    /// Evicted or expired: its memory is given back and nothing can be read.
+    released: bool,
+}
+
+impl Log {
+    fn last(&self) -> u64 {
+        self.first + self.events.len() as u64 - 1
+    }
+}
+
+/// What a reader finds after its cursor.
+pub(super) enum Read {
+    /// Events (copied out when asked).
+    Events,
+    /// None yet: the stream goes on.
+    Waiting,
+    /// None, and the stream has ended: the reader has it all.
+    Ended,
+    /// The events after the cursor are no longer kept.
+    Gone,
+    /// The cursor is past every event sent.
+    Beyond,
+}
+
+impl Entry {
+    pub(super) fn new(
+        id: Arc<str>,
+        owner: Arc<str>,
+        wire: Wire,
+        memory: Arc<AtomicUsize>,
+        gauge: metrics::Gauge,
+        shared: Option<shared::Log>,
+    ) -> Self {
+        Entry {
+            id,
+            owner,
+            wire,
+            log: Mutex::new(Log {
+                events: VecDeque::with_capacity(64),
+                first: 1,
+                bytes: 0,
+                ended: false,
+                released: false,
+            }),
+            progress: watch::Sender::new(0),
+            control: watch::Sender::new(Control::default()),
+            memory,
+            gauge,
+            shared,
+        }
+    }
+
+    pub(super) fn control(&self) -> watch::Receiver<Control> {
+        self.control.subscribe()
+    }
+
+    pub(super) fn account(&self, bytes: isize) {
+        if bytes >= 0 {
+            self.memory.fetch_add(bytes as usize, Ordering::Relaxed);
+            self.gauge.increment(bytes as f64);
+        } else {
+            self.memory
+                .fetch_sub(bytes.unsigned_abs(), Ordering::Relaxed);
+            self.gauge.decrement(bytes.unsigned_abs() as f64);
+        }
+    }
+
+    pub(super) fn bytes(&self) -> usize {
+        lock(&self.log).bytes
+    }
+
+    /// The number the next event gets.
+    pub(super) fn next_id(&self) -> u64 {
+        let log = lock(&self.log);
+        log.last() + 1
+    }
+
+    /// Logs the next event. Past `cap` bytes the oldest events are dropped (a detached
+    /// producer pauses before that: only a stream with readers outgrows its cap).
+    pub(super) fn push(&self, event: Bytes, cap: usize) {
+        let mut log = lock(&self.log);
+        if log.released {
+            return;
+        }
+        let mut delta = event.len() as isize;
+        log.bytes += event.len();
+        log.events.push_back(event.clone());
+        while log.bytes > cap && log.events.len() > 1 {
+            if let Some(old) = log.events.pop_front() {
+                log.first += 1;
+                log.bytes -= old.len();
+                delta -= old.len() as isize;
+            }
+        }
+        let id = log.last();
+        drop(log);
+        self.account(delta);
+        if let Some(shared) = &self.shared {
+            shared.event(id, event);
+        }
+        self.progress.send_replace(id);
+    }
+
+    pub(super) fn end(&self) {
+        let mut log = lock(&self.log);
+        log.ended = true;
+        let next = log.last() + 1;
+        drop(log);
+        if let Some(shared) = &self.shared {
+            shared.end(next);
+        }
+        self.progress.send_modify(|_| {});
+    }
+
+    pub(super) fn has_ended(&self) -> bool {
+        lock(&self.log).ended
+    }
+
+    pub(super) async fn wait_end(&self) {
+        let mut progress = self.progress.subscribe();
+        while !self.has_ended() {
+            if progress.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    pub(super) fn cancel(&self) {
+        self.control.send_modify(|c| c.cancelled = true);
+    }
+
+    /// Gives the log's memory back; readers still attached find nothing more.
+    pub(super) fn release(&self) {
+        let mut log = lock(&self.log);
+        if log.released {
+            return;
+        }
+        log.released = true;
+        let bytes = log.bytes + ENTRY_BYTES;
+        log.first = log.last() + 1;
+        log.events = VecDeque::new();
+        log.bytes = 0;
+        log.ended = true;
+        drop(log);
+        self.account(-(bytes as isize));
+        self.progress.send_modify(|_| {});
+    }
+
+    /// What there is after event `after`, without copying it.
+    pub(super) fn read_check(&self, after: u64) -> Read {
+        self.read(after, None)
+    }
+
+    /// The events after `after` (a few at a time) into `into`, and what was found.
+    fn read(&self, after: u64, into: Option<&mut Vec<Bytes>>) -> Read {
+        let log = lock(&self.log);
+        if log.released || after.saturating_add(1) < log.first {
+            return Read::Gone;
+        }
+        let last = log.last();
+        if after > last {
+            return Read::Beyond;
+        }
+        if after == last {
+            return if log.ended { Read::Ended } else { Read::Waiting };
+        }
+        if let Some(into) = into {
+            let start = (after + 1 - log.first) as usize;
+            let end = log.events.len().min(start + 32);
+            into.extend(log.events.range(start..end).cloned());
+        }
+        Read::Events
+    }
+
+    /// Every event of a finished stream that still has them all.
+    pub(super) fn all(&self) -> Option<Vec<Bytes>> {
+        let log = lock(&self.log);
+        (log.ended && !log.released && log.first == 1).then(|| log.events.iter().cloned().collect())
+    }
+}
+
+/// A reader's hold on a stream: while one exists the producer is not detached.
+pub(super) struct Attachment(Arc<Entry>);
+
+impl Attachment {
+    pub(super) fn new(entry: Arc<Entry>) -> Self {
+        entry.control.send_modify(|c| c.readers += 1);
+        Attachment(entry)
+    }
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        self.0
+            .control
+            .send_modify(|c| c.readers = c.readers.saturating_sub(1));
+    }
+}
+
+/// The events after `after`, then live ones as they are logged, until the stream's end.
+/// The reader stays attached until this stream is dropped (its connection closed).
+pub(super) fn follow(attachment: Attachment, after: u64) -> impl Stream<Item = Bytes> + Send {
+    async_stream::stream! {
+        let entry = attachment.0.clone();
+        let _attached = attachment;
+        let mut progress = entry.progress.subscribe();
+        let mut cursor = after;
+        let mut batch = Vec::with_capacity(32);
+        loop {
+            progress.borrow_and_update();
+            match entry.read(cursor, Some(&mut batch)) {
+                Read::Events => {
+                    for event in batch.drain(..) {
+                        cursor += 1;
+                        yield event;
+                    }
+                }
+                Read::Waiting => {
+                    if progress.changed().await.is_err() {
+                        return;
+                    }
+                }
+                // A reader that fell behind an attached stream's cap ends here; it
+                // reconnects and is told its events are gone.
+                Read::Ended | Read::Gone | Read::Beyond => return,
+            }
+        }
+    }
+}

@@ -1,0 +1,419 @@
+//! Resumable streams: a stream that outlives its connection. Its encoder's events go into
+//! an event log that connections attach to (`Last-Event-ID` picks where a reader starts);
+//! a task produces into the log, so a client that leaves does not stop the generation for
+//! `SLUICE_RESUME_GRACE_S`, and one that comes back reads on from its cursor. `log.rs` is
+//! one stream's log; `shared.rs` mirrors logs into Redis Streams so that any instance can
+//! serve a resume or a cancel.
+//!
+//! A stream nobody can resume never comes here: it is served directly, and dropped with
+//! its connection (cancellation stays structural).
+
+mod log;
+mod shared;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::http::HeaderValue;
+use axum::response::Response;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use futures::{Stream, StreamExt};
+use tokio::time::Instant;
+
+use crate::error::ApiError;
+use crate::relay::{self, Wire};
+use crate::telemetry::Metrics;
+use log::{Attachment, Entry, Read};
+
+/// How resumable streams behave, from the configuration.
+#[derive(Clone)]
+pub struct Settings {
+    /// How long a stream runs on with no reader; zero: no stream is resumable.
+    pub grace: Duration,
+    /// How long a finished stream stays readable.
+    pub ttl: Duration,
+    /// Bytes of logs this instance keeps at most.
+    pub memory: usize,
+    /// Between keep-alive comments on a reader's connection.
+    pub keep_alive: Duration,
+    /// How long a reader on another instance waits on a silent producer before it asks
+    /// whether that producer is still alive (`SLUICE_IDLE_TIMEOUT_MS`).
+    pub idle: Duration,
+    /// The longest a stream may run (`SLUICE_TOTAL_TIMEOUT_MS`): how long a shared log of a
+    /// running stream is kept.
+    pub total: Duration,
+    /// Redis, for logs any instance can read (`SLUICE_REDIS_URL`).
+    pub redis_url: Option<String>,
+    /// When Redis cannot be reached: refuse (503) rather than serve without resumption.
+    pub redis_fail_closed: bool,
+}
+
+/// What a log costs besides its events: its entry, its id, its bookkeeping.
+const ENTRY_BYTES: usize = 1024;
+
+/// The streams this instance produces, by id.
+#[derive(Clone)]
+pub struct Streams(Arc<Registry>);
+
+struct Registry {
+    settings: Settings,
+    /// A log's cap: a detached producer pauses there; an attached one drops its oldest
+    /// events past it.
+    per_stream: usize,
+    live: Mutex<HashMap<Arc<str>, Arc<Entry>>>,
+    /// Finished streams in the order they finished: the first evicted when memory is short.
+    finished: Mutex<VecDeque<Arc<Entry>>>,
+    bytes: Arc<AtomicUsize>,
+    metrics: StreamMetrics,
+    shared: Option<Arc<shared::Shared>>,
+}
+
+#[derive(Clone)]
+struct StreamMetrics {
+    resumes: metrics::Counter,
+    detached: metrics::Counter,
+    grace_expired: metrics::Counter,
+    cancels: metrics::Counter,
+    unavailable_memory: metrics::Counter,
+    unavailable_redis: metrics::Counter,
+    log_bytes: metrics::Gauge,
+}
+
+/// Where a reader starts, and what it gets there.
+pub enum Attached {
+    /// The events after the cursor, then live ones, then the stream's ending.
+    Events(BoxStream<'static, Bytes>),
+    /// The stream has ended and the reader has every event (204: an `EventSource` stops).
+    Complete,
+}
+
+/// What a cancel found.
+pub enum Cancelled {
+    /// Stopped now: the upstream request is dropped.
+    Now,
+    /// It had already ended.
+    Ended,
+}
+
+impl Streams {
+    pub fn new(settings: Settings, metrics: &Metrics) -> anyhow::Result<Self> {
+        let shared = match &settings.redis_url {
+            Some(url) if !settings.grace.is_zero() => Some(shared::Shared::new(url, &settings)?),
+            _ => None,
+        };
+        let metrics = StreamMetrics {
+            resumes: metrics.counter("sluice_stream_resumes_total", &[]),
+            detached: metrics.counter("sluice_streams_detached_total", &[]),
+            grace_expired: metrics.counter("sluice_stream_grace_expired_total", &[]),
+            cancels: metrics.counter("sluice_stream_cancels_total", &[]),
+            unavailable_memory: metrics.counter(
+                "sluice_streams_not_resumable_total",
+                &[("reason", "memory")],
+            ),
+            unavailable_redis: metrics
+                .counter("sluice_streams_not_resumable_total", &[("reason", "redis")]),
+            log_bytes: metrics.gauge("sluice_stream_log_bytes"),
+        };
+        let streams = Streams(Arc::new(Registry {
+            per_stream: (settings.memory / 8).max(64 * 1024),
+            settings,
+            live: Mutex::default(),
+            finished: Mutex::default(),
+            bytes: Arc::default(),
+            metrics,
+            shared,
+        }));
+        Ok(streams)
+    }
+
+    /// Starts the tasks that keep the shared log (when Redis is configured): its writer,
+    /// this instance's heartbeat, and the listener for cancels sent to other instances.
+    pub fn spawn_shared(&self, upkeep: tokio_util::sync::CancellationToken) {
+        if let Some(shared) = &self.0.shared {
+            let registry = Arc::downgrade(&self.0);
+            shared.spawn(upkeep, move |id| {
+                if let Some(registry) = registry.upgrade() {
+                    Streams(registry).cancel_here(&id);
+                }
+            });
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        !self.0.settings.grace.is_zero()
+    }
+
+    /// The SSE response for `events`: resumable when `resumable` is asked for and there is
+    /// room for its log (`x-sluice-resumable` says which), else served directly.
+    pub async fn respond(
+        &self,
+        events: impl Stream<Item = Bytes> + Send + 'static,
+        id: String,
+        owner: &Arc<str>,
+        wire: Wire,
+        resumable: bool,
+    ) -> Result<Response, ApiError> {
+        let keep_alive = self.0.settings.keep_alive;
+        if !resumable {
+            return Ok(relay::sse(events, &id, keep_alive));
+        }
+        let entry = match self.open(&id, owner, wire).await? {
+            Some(entry) => entry,
+            None => {
+                let mut response = relay::sse(events, &id, keep_alive);
+                response
+                    .headers_mut()
+                    .insert("x-sluice-resumable", HeaderValue::from_static("false"));
+                return Ok(response);
+            }
+        };
+        // The first reader is there before the producer starts: it never sees a detach.
+        let attachment = Attachment::new(entry.clone());
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "a resumable stream's producer: owned by the registry, not a connection; it ends with the stream (its end, a cancel, the grace period) and its log with the TTL"
+        )]
+        tokio::spawn(self.clone().produce(entry.clone(), events));
+        let mut response = relay::sse(log::follow(attachment, 0), &id, keep_alive);
+        response
+            .headers_mut()
+            .insert("x-sluice-resumable", HeaderValue::from_static("true"));
+        Ok(response)
+    }
+
+    /// A log for a new stream, or `None` when it cannot be resumable (resumption off, no
+    /// memory left, Redis unreachable and failing open).
+    async fn open(
+        &self,
+        id: &str,
+        owner: &Arc<str>,
+        wire: Wire,
+    ) -> Result<Option<Arc<Entry>>, ApiError> {
+        let registry = &self.0;
+        if !self.enabled() {
+            return Ok(None);
+        }
+        if registry.bytes.load(Ordering::Relaxed) + ENTRY_BYTES > registry.settings.memory {
+            self.evict();
+            if registry.bytes.load(Ordering::Relaxed) + ENTRY_BYTES > registry.settings.memory {
+                registry.metrics.unavailable_memory.increment(1);
+                return Ok(None);
+            }
+        }
+        let id: Arc<str> = id.into();
+        let shared = match &registry.shared {
+            None => None,
+            Some(shared) => match shared.open(&id, owner, wire).await {
+                Ok(log) => Some(log),
+                Err(e) => {
+                    registry.metrics.unavailable_redis.increment(1);
+                    tracing::warn!(error = %e, "Redis is unreachable: this stream cannot be resumed");
+                    if registry.settings.redis_fail_closed {
+                        return Err(ApiError::Busy {
+                            message: "the shared stream log (Redis) cannot be reached".into(),
+                            retry_after: Duration::from_secs(1),
+                        });
+                    }
+                    return Ok(None);
+                }
+            },
+        };
+        let entry = Arc::new(Entry::new(
+            id.clone(),
+            owner.clone(),
+            wire,
+            registry.bytes.clone(),
+            registry.metrics.log_bytes.clone(),
+            shared,
+        ));
+        entry.account(ENTRY_BYTES as isize);
+        lock(&registry.live).insert(id, entry.clone());
+        Ok(Some(entry))
+    }
+
+    /// Runs a stream into its log: on while readers are attached, for the grace period once
+    /// none is, until its end or a cancel. Then it stays readable for the TTL.
+    async fn produce(self, entry: Arc<Entry>, events: impl Stream<Item = Bytes> + Send) {
+        let registry = &self.0;
+        let mut control = entry.control();
+        let grace = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(grace);
+        let mut detached = false;
+        // Boxed so that it can be dropped (and the upstream with it) before the TTL wait.
+        let mut events = Box::pin(events);
+        let ending = loop {
+            let now = *control.borrow_and_update();
+            if now.cancelled {
+                registry.metrics.cancels.increment(1);
+                break Some(ApiError::StreamCancelled);
+            }
+            if now.readers == 0 && !detached {
+                detached = true;
+                registry.metrics.detached.increment(1);
+                grace
+                    .as_mut()
+                    .reset(Instant::now() + registry.settings.grace);
+            } else if now.readers > 0 {
+                detached = false;
+            }
+            // Nobody reads and the log is full: take nothing more from the upstream (TCP
+            // holds it back) until a reader comes or the grace period ends.
+            let paused = detached && entry.bytes() >= registry.per_stream;
+            tokio::select! {
+                biased;
+                _ = control.changed() => {}
+                _ = &mut grace, if detached => {
+                    registry.metrics.grace_expired.increment(1);
+                    break Some(ApiError::StreamCancelled);
+                }
+                event = events.next(), if !paused => match event {
+                    // Comments (queue position) are for the connection that sees them.
+                    Some(event) if event.first() == Some(&b':') => {}
+                    Some(event) => self.append(&entry, event),
+                    None => break None,
+                },
+            }
+        };
+        // Drops the backend stream: the upstream request closes, the meter records the end.
+        drop(events);
+        if let Some(error) = ending {
+            let event = relay::error_event(entry.wire, entry.next_id(), &error);
+            self.append(&entry, event);
+        }
+        entry.end();
+        lock(&registry.finished).push_back(entry.clone());
+        tokio::time::sleep(registry.settings.ttl).await;
+        self.remove(&entry);
+    }
+
+    fn append(&self, entry: &Entry, event: Bytes) {
+        entry.push(event, self.0.per_stream);
+        if self.0.bytes.load(Ordering::Relaxed) > self.0.settings.memory {
+            self.evict();
+        }
+    }
+
+    /// Frees finished logs, oldest first, until the logs fit in their memory.
+    fn evict(&self) {
+        let registry = &self.0;
+        let mut finished = lock(&registry.finished);
+        while registry.bytes.load(Ordering::Relaxed) > registry.settings.memory {
+            let Some(entry) = finished.pop_front() else {
+                break;
+            };
+            lock(&registry.live).remove(&entry.id);
+            entry.release();
+        }
+    }
+
+    fn remove(&self, entry: &Arc<Entry>) {
+        let registry = &self.0;
+        let mut live = lock(&registry.live);
+        if live.get(&entry.id).is_some_and(|e| Arc::ptr_eq(e, entry)) {
+            live.remove(&entry.id);
+        }
+        drop(live);
+        lock(&registry.finished).retain(|e| !Arc::ptr_eq(e, entry));
+        entry.release();
+    }
+
+    /// This instance's log of `id`, when `who` may read it in `wire`'s format.
+    fn local(&self, id: &str, who: &str, wire: Wire) -> Option<Arc<Entry>> {
+        lock(&self.0.live)
+            .get(id)
+            .filter(|e| &*e.owner == who && e.wire == wire)
+            .cloned()
+    }
+
+    /// A reader for stream `id` from after event `after` (0: from the start), wherever the
+    /// stream is logged. Another client's stream is as unknown as one that never was.
+    pub async fn attach(
+        &self,
+        id: &str,
+        who: &str,
+        wire: Wire,
+        after: u64,
+    ) -> Result<Attached, ApiError> {
+        if !self.enabled() {
+            return Err(ApiError::StreamNotFound(id.to_owned()));
+        }
+        if let Some(entry) = self.local(id, who, wire) {
+            let attached = match entry.read_check(after) {
+                Read::Gone => return Err(ApiError::StreamEventsGone(id.to_owned())),
+                Read::Beyond => return Err(cursor_beyond(after)),
+                Read::Ended => Attached::Complete,
+                Read::Events | Read::Waiting => {
+                    Attached::Events(log::follow(Attachment::new(entry), after).boxed())
+                }
+            };
+            self.0.metrics.resumes.increment(1);
+            return Ok(attached);
+        }
+        let Some(shared) = &self.0.shared else {
+            return Err(ApiError::StreamNotFound(id.to_owned()));
+        };
+        let attached = shared.attach(id, who, wire, after).await?;
+        self.0.metrics.resumes.increment(1);
+        Ok(attached)
+    }
+
+    /// Every event of a finished stream, for the reply it adds up to; 409 while it runs.
+    pub async fn events(&self, id: &str, who: &str, wire: Wire) -> Result<Vec<Bytes>, ApiError> {
+        if !self.enabled() {
+            return Err(ApiError::StreamNotFound(id.to_owned()));
+        }
+        if let Some(entry) = self.local(id, who, wire) {
+            return entry.all().ok_or_else(|| match entry.read_check(0) {
+                Read::Gone => ApiError::StreamEventsGone(id.to_owned()),
+                _ => ApiError::StreamRunning(id.to_owned()),
+            });
+        }
+        match &self.0.shared {
+            Some(shared) => shared.events(id, who, wire).await,
+            None => Err(ApiError::StreamNotFound(id.to_owned())),
+        }
+    }
+
+    /// Stops stream `id` (its upstream request closes at once), wherever it runs.
+    pub async fn cancel(&self, id: &str, who: &str, wire: Wire) -> Result<Cancelled, ApiError> {
+        if !self.enabled() {
+            return Err(ApiError::StreamNotFound(id.to_owned()));
+        }
+        if let Some(entry) = self.local(id, who, wire) {
+            if entry.has_ended() {
+                return Ok(Cancelled::Ended);
+            }
+            entry.cancel();
+            // Answer once the producer has let the upstream go, so a client that reads
+            // the answer knows it is done (bounded: a producer stuck elsewhere is not waited).
+            let _ = tokio::time::timeout(Duration::from_secs(1), entry.wait_end()).await;
+            return Ok(Cancelled::Now);
+        }
+        match &self.0.shared {
+            Some(shared) => shared.cancel(id, who, wire).await,
+            None => Err(ApiError::StreamNotFound(id.to_owned())),
+        }
+    }
+
+    /// A cancel that another instance passed on: this instance's stream, if it has it.
+    fn cancel_here(&self, id: &str) {
+        if let Some(entry) = lock(&self.0.live).get(id) {
+            entry.cancel();
+        }
+    }
+}
+
+/// A cursor past the last event the stream has sent: no honest client has one.
+fn cursor_beyond(after: u64) -> ApiError {
+    ApiError::invalid(
+        format!("Last-Event-ID {after} is beyond the stream's last event"),
+        Some("Last-Event-ID"),
+    )
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -1,0 +1,486 @@
+//! Stream logs in Redis, so that a reconnect a load balancer sends to another instance
+//! resumes there. Each resumable stream is a Redis Stream `sluice:{id}:log` whose entry
+//! `0-n` holds event `n` (field `e`), closed by an entry with `end` (or `lost`, when this
+//! instance could not log every event), beside a hash `sluice:{id}:meta` (owner, format,
+//! producing instance). Both expire with the TTL. The producer's writes go through one
+//! writer task that pipelines whatever is queued; readers elsewhere `XREAD BLOCK` on their
+//! own connection. Every instance keeps a heartbeat key alive: a reader whose producer's
+//! key has gone ends with `producer_lost`. Cancels travel on the channel `sluice:cancel`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use redis::aio::{ConnectionManager, MultiplexedConnection};
+use redis::streams::{StreamId, StreamRangeReply, StreamReadReply};
+use redis::{AsyncCommands, Client, RedisResult};
+use tokio::sync::{OnceCell, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::{Attached, Cancelled, Settings, lock};
+use crate::error::ApiError;
+use crate::relay::{self, Wire};
+
+/// Events kept per stream in Redis at most (trimmed approximately, oldest first).
+const MAX_EVENTS: u64 = 100_000;
+/// Writes queued for Redis at most; past it a stream's shared log is abandoned (and
+/// marked `lost`) rather than memory growing without bound.
+const QUEUE: usize = 65_536;
+/// Entries read from Redis in one reply.
+const PAGE: usize = 256;
+const CANCEL_CHANNEL: &str = "sluice:cancel";
+
+pub(super) struct Shared {
+    client: Client,
+    connection: OnceCell<ConnectionManager>,
+    /// This instance's name in Redis.
+    instance: Arc<str>,
+    writes: mpsc::Sender<Write>,
+    inbox: std::sync::Mutex<Option<mpsc::Receiver<Write>>>,
+    /// How long this instance's heartbeat key lives unrefreshed, and how long a reader
+    /// blocks before it checks the producer's.
+    lease: Duration,
+    ttl: Duration,
+    /// How long the keys of a running stream live unrefreshed.
+    running: Duration,
+}
+
+struct Keys {
+    log: String,
+    meta: String,
+}
+
+impl Keys {
+    /// Hash-tagged, so a stream's keys share a Redis Cluster slot.
+    fn of(id: &str) -> Keys {
+        Keys {
+            log: format!("sluice:{{{id}}}:log"),
+            meta: format!("sluice:{{{id}}}:meta"),
+        }
+    }
+}
+
+enum What {
+    Event(Bytes),
+    End,
+    Lost,
+}
+
+struct Write {
+    keys: Arc<Keys>,
+    id: u64,
+    what: What,
+}
+
+/// One stream's log in Redis, as its producer writes it.
+pub(super) struct Log {
+    keys: Arc<Keys>,
+    writes: mpsc::Sender<Write>,
+    /// An event could not be queued: the rest are not written, the log ends `lost`.
+    broken: AtomicBool,
+}
+
+impl Log {
+    pub(super) fn event(&self, id: u64, event: Bytes) {
+        if self.broken.load(Ordering::Relaxed) {
+            return;
+        }
+        let write = Write {
+            keys: self.keys.clone(),
+            id,
+            what: What::Event(event),
+        };
+        if self.writes.try_send(write).is_err() {
+            tracing::warn!(stream = %self.keys.log, "the Redis writer is behind: this stream's shared log is abandoned");
+            self.broken.store(true, Ordering::Relaxed);
+        }
+    }
+
+    pub(super) fn end(&self, next: u64) {
+        let what = if self.broken.load(Ordering::Relaxed) {
+            What::Lost
+        } else {
+            What::End
+        };
+        let write = Write {
+            keys: self.keys.clone(),
+            id: next,
+            what,
+        };
+        if let Err(mpsc::error::TrySendError::Full(write)) = self.writes.try_send(write) {
+            let writes = self.writes.clone();
+            #[expect(
+                clippy::disallowed_methods,
+                reason = "hands a stream's end marker to a full writer queue; ends once queued"
+            )]
+            tokio::spawn(async move { writes.send(write).await });
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    d.as_millis().min(u128::from(u64::MAX)) as u64
+}
+
+impl Shared {
+    pub(super) fn new(url: &str, settings: &Settings) -> anyhow::Result<Arc<Self>> {
+        let client = Client::open(url)?;
+        let (writes, inbox) = mpsc::channel(QUEUE);
+        Ok(Arc::new(Shared {
+            client,
+            connection: OnceCell::new(),
+            instance: uuid::Uuid::new_v4().simple().to_string().into(),
+            writes,
+            inbox: std::sync::Mutex::new(Some(inbox)),
+            lease: (settings.idle / 3).clamp(Duration::from_millis(300), Duration::from_secs(10)),
+            ttl: settings.ttl,
+            running: settings.total + settings.grace + settings.ttl,
+        }))
+    }
+
+    async fn connection(&self) -> RedisResult<ConnectionManager> {
+        let client = self.client.clone();
+        self.connection
+            .get_or_try_init(|| async move {
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Duration::from_millis(500))
+                    .set_response_timeout(Duration::from_millis(1000))
+                    .set_number_of_retries(1);
+                ConnectionManager::new_with_config(client, config).await
+            })
+            .await
+            .cloned()
+    }
+
+    fn instance_key(instance: &str) -> String {
+        format!("sluice:instance:{instance}")
+    }
+
+    /// The writer, the heartbeat and the cancel listener; `on_cancel` gets the ids other
+    /// instances were asked to cancel.
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "the shared log's three background tasks, each ended by the upkeep token"
+    )]
+    pub(super) fn spawn(
+        self: &Arc<Self>,
+        upkeep: CancellationToken,
+        on_cancel: impl Fn(String) + Send + 'static,
+    ) {
+        if let Some(inbox) = lock(&self.inbox).take() {
+            tokio::spawn(upkeep.clone().run_until_cancelled_owned(self.clone().writer(inbox)));
+        }
+        let shared = self.clone();
+        tokio::spawn(upkeep.clone().run_until_cancelled_owned(async move {
+            let key = Self::instance_key(&shared.instance);
+            let mut tick = tokio::time::interval(shared.lease / 3);
+            loop {
+                tick.tick().await;
+                if let Ok(mut conn) = shared.connection().await {
+                    let _: RedisResult<()> = conn
+                        .pset_ex(&key, 1, millis(shared.lease))
+                        .await;
+                }
+            }
+        }));
+        let client = self.client.clone();
+        tokio::spawn(upkeep.run_until_cancelled_owned(async move {
+            loop {
+                match client.get_async_pubsub().await {
+                    Ok(mut pubsub) => {
+                        if pubsub.subscribe(CANCEL_CHANNEL).await.is_ok() {
+                            let mut messages = pubsub.into_on_message();
+                            while let Some(message) = messages.next().await {
+                                if let Ok(id) = message.get_payload::<String>() {
+                                    on_cancel(id);
+                                }
+                            }
+                        }
+                        tracing::warn!("lost the Redis subscription to stream cancels; retrying");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot subscribe to stream cancels in Redis; retrying"),
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }));
+    }
+
+    /// Writes whatever is queued, in one pipeline per wake-up, in order.
+    async fn writer(self: Arc<Self>, mut inbox: mpsc::Receiver<Write>) {
+        let mut batch = Vec::with_capacity(512);
+        while inbox.recv_many(&mut batch, 512).await > 0 {
+            let mut pipe = redis::pipe();
+            let mut touched: Vec<(Arc<Keys>, Duration)> = Vec::new();
+            for write in batch.drain(..) {
+                let entry = format!("0-{}", write.id);
+                let command = pipe
+                    .cmd("XADD")
+                    .arg(&write.keys.log)
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(MAX_EVENTS)
+                    .arg(entry);
+                let ttl = match write.what {
+                    What::Event(event) => {
+                        command.arg("e").arg(event.as_ref()).ignore();
+                        self.running
+                    }
+                    What::End => {
+                        command.arg("end").arg(1).ignore();
+                        self.ttl
+                    }
+                    What::Lost => {
+                        command.arg("lost").arg(1).ignore();
+                        self.ttl
+                    }
+                };
+                match touched.iter_mut().find(|(k, _)| Arc::ptr_eq(k, &write.keys)) {
+                    Some(slot) => slot.1 = ttl,
+                    None => touched.push((write.keys, ttl)),
+                }
+            }
+            for (keys, ttl) in touched {
+                pipe.cmd("PEXPIRE").arg(&keys.log).arg(millis(ttl)).ignore();
+                pipe.cmd("PEXPIRE").arg(&keys.meta).arg(millis(ttl)).ignore();
+            }
+            let result = match self.connection().await {
+                Ok(mut conn) => pipe.query_async::<()>(&mut conn).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "could not write stream events to Redis");
+            }
+        }
+    }
+
+    /// Registers a new stream, or fails when Redis cannot be reached.
+    pub(super) async fn open(&self, id: &str, owner: &str, wire: Wire) -> RedisResult<Log> {
+        let keys = Arc::new(Keys::of(id));
+        let mut conn = self.connection().await?;
+        redis::pipe()
+            .hset_multiple(
+                &keys.meta,
+                &[
+                    ("owner", owner),
+                    ("wire", wire.as_str()),
+                    ("instance", &self.instance),
+                ],
+            )
+            .ignore()
+            .pexpire(&keys.meta, millis(self.running) as i64)
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(Log {
+            keys,
+            writes: self.writes.clone(),
+            broken: AtomicBool::new(false),
+        })
+    }
+
+    /// The producing instance of `id`, when `who` may read it in `wire`'s format.
+    async fn find(
+        &self,
+        conn: &mut ConnectionManager,
+        keys: &Keys,
+        id: &str,
+        who: &str,
+        wire: Wire,
+    ) -> Result<String, ApiError> {
+        let meta: std::collections::HashMap<String, String> =
+            conn.hgetall(&keys.meta).await.map_err(unreachable)?;
+        match (meta.get("owner"), meta.get("wire"), meta.get("instance")) {
+            (Some(owner), Some(w), Some(instance))
+                if owner == who && Wire::parse(w) == Some(wire) =>
+            {
+                Ok(instance.clone())
+            }
+            _ => Err(ApiError::StreamNotFound(id.to_owned())),
+        }
+    }
+
+    pub(super) async fn attach(
+        &self,
+        id: &str,
+        who: &str,
+        wire: Wire,
+        after: u64,
+    ) -> Result<Attached, ApiError> {
+        let keys = Keys::of(id);
+        let mut conn = self.connection().await.map_err(unreachable)?;
+        let instance = self.find(&mut conn, &keys, id, who, wire).await?;
+        let last: StreamRangeReply = conn
+            .xrevrange_count(&keys.log, "+", "-", 1)
+            .await
+            .map_err(unreachable)?;
+        if let Some(last) = last.ids.first() {
+            let n = entry_number(&last.id);
+            let ended = last.map.contains_key("end");
+            let sent = if ended || last.map.contains_key("lost") {
+                n - 1
+            } else {
+                n
+            };
+            if after > sent {
+                return Err(super::cursor_beyond(after));
+            }
+            if ended && after == sent {
+                return Ok(Attached::Complete);
+            }
+        } else if after > 0 {
+            return Err(super::cursor_beyond(after));
+        }
+        let reader = self
+            .client
+            .get_multiplexed_async_connection_with_config(
+                &redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Duration::from_millis(500))
+                    .set_response_timeout(self.lease + Duration::from_secs(2)),
+            )
+            .await
+            .map_err(unreachable)?;
+        Ok(Attached::Events(
+            follow(reader, keys, wire, after, instance, self.lease).boxed(),
+        ))
+    }
+
+    pub(super) async fn events(
+        &self,
+        id: &str,
+        who: &str,
+        wire: Wire,
+    ) -> Result<Vec<Bytes>, ApiError> {
+        let keys = Keys::of(id);
+        let mut conn = self.connection().await.map_err(unreachable)?;
+        self.find(&mut conn, &keys, id, who, wire).await?;
+        let mut events = Vec::new();
+        let mut after = 0u64;
+        loop {
+            let page: StreamRangeReply = conn
+                .xrange_count(&keys.log, format!("(0-{after}"), "+", PAGE)
+                .await
+                .map_err(unreachable)?;
+            if page.ids.is_empty() {
+                return Err(ApiError::StreamRunning(id.to_owned()));
+            }
+            for entry in &page.ids {
+                let n = entry_number(&entry.id);
+                if n != after + 1 {
+                    return Err(ApiError::StreamEventsGone(id.to_owned()));
+                }
+                after = n;
+                if entry.map.contains_key("end") {
+                    return Ok(events);
+                }
+                match event_of(entry) {
+                    Some(event) => events.push(event),
+                    None => return Err(ApiError::StreamEventsLost),
+                }
+            }
+        }
+    }
+
+    pub(super) async fn cancel(
+        &self,
+        id: &str,
+        who: &str,
+        wire: Wire,
+    ) -> Result<Cancelled, ApiError> {
+        let keys = Keys::of(id);
+        let mut conn = self.connection().await.map_err(unreachable)?;
+        self.find(&mut conn, &keys, id, who, wire).await?;
+        let last: StreamRangeReply = conn
+            .xrevrange_count(&keys.log, "+", "-", 1)
+            .await
+            .map_err(unreachable)?;
+        if last
+            .ids
+            .first()
+            .is_some_and(|e| e.map.contains_key("end") || e.map.contains_key("lost"))
+        {
+            return Ok(Cancelled::Ended);
+        }
+        let _: i64 = conn.publish(CANCEL_CHANNEL, id).await.map_err(unreachable)?;
+        Ok(Cancelled::Now)
+    }
+}
+
+fn unreachable(e: redis::RedisError) -> ApiError {
+    tracing::warn!(error = %e, "Redis failed while serving a stream resume or cancel");
+    ApiError::Busy {
+        message: "the shared stream log (Redis) cannot be reached".into(),
+        retry_after: Duration::from_secs(1),
+    }
+}
+
+/// `0-n` → n.
+fn entry_number(id: &str) -> u64 {
+    id.rsplit('-')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+fn event_of(entry: &StreamId) -> Option<Bytes> {
+    entry.get::<Vec<u8>>("e").map(Bytes::from)
+}
+
+/// A reader on an instance that does not produce the stream: the events after `after`
+/// from Redis, page by page, then new ones as they are added; when nothing comes for a
+/// lease, it checks that the producer still lives.
+fn follow(
+    mut conn: MultiplexedConnection,
+    keys: Keys,
+    wire: Wire,
+    after: u64,
+    instance: String,
+    lease: Duration,
+) -> impl futures::Stream<Item = Bytes> + Send {
+    async_stream::stream! {
+        let mut cursor = after;
+        let alive_key = Shared::instance_key(&instance);
+        let options = redis::streams::StreamReadOptions::default()
+            .count(PAGE)
+            .block(millis(lease) as usize);
+        loop {
+            let reply: RedisResult<Option<StreamReadReply>> = conn
+                .xread_options(&[&keys.log], &[format!("0-{cursor}")], &options)
+                .await;
+            let entries = match reply {
+                Ok(reply) => reply.map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect::<Vec<_>>()).unwrap_or_default(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Redis failed under a resumed stream");
+                    yield relay::error_event(wire, cursor + 1, &ApiError::ProducerLost);
+                    return;
+                }
+            };
+            if entries.is_empty() {
+                let alive: RedisResult<bool> = conn.exists(&alive_key).await;
+                if !matches!(alive, Ok(true)) {
+                    yield relay::error_event(wire, cursor + 1, &ApiError::ProducerLost);
+                    return;
+                }
+                continue;
+            }
+            for entry in entries {
+                let n = entry_number(&entry.id);
+                if entry.map.contains_key("end") {
+                    return;
+                }
+                let event = if n == cursor + 1 { event_of(&entry) } else { None };
+                match event {
+                    Some(event) => {
+                        cursor = n;
+                        yield event;
+                    }
+                    None => {
+                        yield relay::error_event(wire, cursor + 1, &ApiError::StreamEventsLost);
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
