@@ -87,7 +87,9 @@ pub enum ApiError {
     #[error("No stream `{0}` that this key may read: unknown, another client's, or expired.")]
     StreamNotFound(String),
     /// The stream is still running: its whole reply is not there yet.
-    #[error("the stream `{0}` is still running; follow it with `stream=true`, or ask again when it has finished")]
+    #[error(
+        "the stream `{0}` is still running; follow it with `stream=true`, or ask again when it has finished"
+    )]
     StreamRunning(String),
     /// The events after the client's cursor are no longer kept.
     #[error("the events of stream `{0}` after that cursor are no longer kept")]

@@ -1,5 +1,7 @@
 // sluice's chat page: streams replies from POST /api/chat, renders markdown as it arrives
-// (sanitised: model output is untrusted), keeps the conversation across reloads.
+// (sanitised: model output is untrusted), keeps the conversation across reloads, resumes a
+// reply whose connection was lost (GET /api/chat/{id} with Last-Event-ID), and Stop cancels
+// it on the server.
 import { marked } from '/ui/vendor/marked/marked.esm.js';
 import DOMPurify from '/ui/vendor/dompurify/purify.es.mjs';
 import { EventSourceParserStream } from '/ui/vendor/eventsource-parser/stream.js';
@@ -15,6 +17,8 @@ const state = {
   prompts: {},
 };
 let controller = null;
+// The reply streaming now: its stream id and last event id.
+let current = null;
 // This sluice's API key, when it asks for one (kept in this browser only).
 const auth = () => {
   const key = localStorage.getItem('sluice.key');
@@ -110,6 +114,10 @@ async function failure(response) {
   return message;
 }
 
+// How long the page keeps trying to reconnect a reply whose connection was lost.
+const RECONNECT_FOR_MS = 30000;
+const pause = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
 async function send(prompt) {
   const history = state.turns.filter((t) => !t.error).map(({ role, content }) => ({ role, content }));
   const user = { role: 'user', content: prompt };
@@ -122,35 +130,93 @@ async function send(prompt) {
   controller = new AbortController();
   const started = performance.now();
   let first = null, frame = 0;
+  // The stream's id and the last event read: what a reconnect resumes from.
+  const stream = { id: null, last: '0' };
+  current = stream;
   const request = { prompt, model: state.model || undefined, history };
   if (state.template) { request.template = state.template; request.vars = state.vars[state.template] || {}; }
+
+  // Reads one connection's events into the reply; true once the stream has ended.
+  const consume = async (response) => {
+    const events = response.body.pipeThrough(new TextDecoderStream()).pipeThrough(new EventSourceParserStream());
+    for await (const { id, event, data } of events) {
+      if (id) stream.last = id;
+      const payload = JSON.parse(data);
+      if (event === 'meta') {
+        stream.id ??= payload.id;
+      } else if (event === 'token') {
+        first ??= performance.now();
+        reply.content += payload.text;
+        // Re-render at most once a frame, however fast tokens come.
+        frame ||= requestAnimationFrame(() => { frame = 0; render(body, reply.content); });
+      } else if (event === 'done') {
+        const tokens = payload.usage?.completion_tokens ?? 0;
+        const ttft = first ? Math.round(first - started) : null;
+        const seconds = first ? (performance.now() - first) / 1000 : 0;
+        const rate = seconds > 0 && tokens > 1 ? ` · ${((tokens - 1) / seconds).toFixed(1)} tokens/s` : '';
+        reply.meta = `${payload.usage ? tokens + ' tokens' : ''}${ttft !== null ? ` · first token after ${ttft} ms` : ''}${rate}`;
+        return true;
+      } else if (event === 'error') {
+        reply.error = payload.error.code === 'stream_cancelled' ? null : `The stream failed: ${payload.error.message}`;
+        if (!reply.error) reply.meta = 'Stopped.';
+        return true;
+      }
+    }
+    return false;
+  };
+
+  // A lost connection: reconnect from the last event read, for as long as the stream is kept.
+  const reconnect = async () => {
+    const status = document.createElement('p');
+    status.className = 'reconnecting'; status.setAttribute('role', 'status');
+    status.textContent = 'Connection lost: reconnecting…';
+    el.append(status);
+    const giveUp = performance.now() + RECONNECT_FOR_MS;
+    try {
+      for (let wait = 250; performance.now() < giveUp; wait = Math.min(wait * 2, 2000)) {
+        controller.signal.throwIfAborted();
+        let response;
+        try {
+          response = await fetch(`/api/chat/${encodeURIComponent(stream.id)}`, {
+            signal: controller.signal, headers: { 'last-event-id': stream.last, ...auth() },
+          });
+        } catch (err) {
+          if (err.name === 'AbortError') throw err;
+          await pause(wait);
+          continue;
+        }
+        if (response.status === 204) return true;
+        if (!response.ok) throw new Error(`The reply could not be resumed: ${await failure(response)}`);
+        status.textContent = 'Reconnected.';
+        try {
+          if (await consume(response)) return true;
+        } catch (err) {
+          if (err.name === 'AbortError' || !(err instanceof TypeError)) throw err;
+        }
+        status.textContent = 'Connection lost: reconnecting…';
+        await pause(wait);
+      }
+      throw new Error('The connection was lost and could not be restored.');
+    } finally {
+      status.remove();
+    }
+  };
+
   try {
     const response = await fetch('/api/chat', {
       method: 'POST', signal: controller.signal,
       headers: { 'content-type': 'application/json', ...auth() }, body: JSON.stringify(request),
     });
     if (!response.ok) throw new Error(await failure(response));
-    const events = response.body.pipeThrough(new TextDecoderStream()).pipeThrough(new EventSourceParserStream());
+    stream.id = response.headers.get('x-sluice-stream-id');
+    const resumable = response.headers.get('x-sluice-resumable') === 'true';
     let ended = false;
-    for await (const { event, data } of events) {
-      const payload = JSON.parse(data);
-      if (event === 'token') {
-        first ??= performance.now();
-        reply.content += payload.text;
-        // Re-render at most once a frame, however fast tokens come.
-        frame ||= requestAnimationFrame(() => { frame = 0; render(body, reply.content); });
-      } else if (event === 'done') {
-        ended = true;
-        const tokens = payload.usage?.completion_tokens ?? 0;
-        const ttft = first ? Math.round(first - started) : null;
-        const seconds = first ? (performance.now() - first) / 1000 : 0;
-        const rate = seconds > 0 && tokens > 1 ? ` · ${((tokens - 1) / seconds).toFixed(1)} tokens/s` : '';
-        reply.meta = `${payload.usage ? tokens + ' tokens' : ''}${ttft !== null ? ` · first token after ${ttft} ms` : ''}${rate}`;
-      } else if (event === 'error') {
-        ended = true;
-        reply.error = `The stream failed: ${payload.error.message}`;
-      }
+    try {
+      ended = await consume(response);
+    } catch (err) {
+      if (err.name === 'AbortError' || !(err instanceof TypeError) || !resumable) throw err;
     }
+    if (!ended && resumable && stream.id) ended = await reconnect();
     if (!ended) reply.error = 'The connection ended before the reply was complete.';
   } catch (err) {
     if (err.name === 'AbortError') reply.meta = 'Stopped.';
@@ -158,7 +224,7 @@ async function send(prompt) {
     else reply.error = err.message;
   } finally {
     cancelAnimationFrame(frame);
-    controller = null;
+    controller = null; current = null;
     render(body, reply.content);
     el.classList.remove('streaming');
     if (reply.meta) note(el, 'meta', reply.meta);
@@ -166,6 +232,16 @@ async function send(prompt) {
     state.turns.push(reply); save();
     busy(false);
   }
+}
+
+// Stop: the server cancels the stream (it would otherwise wait for a reconnect), and this
+// page stops reading.
+function stop() {
+  if (current?.id) {
+    fetch(`/api/chat/${encodeURIComponent(current.id)}/cancel`, { method: 'POST', headers: auth(), keepalive: true })
+      .catch(() => { /* the page stops reading either way */ });
+  }
+  controller?.abort();
 }
 
 function showVars() {
@@ -213,7 +289,7 @@ $('key').onchange = () => { localStorage.setItem('sluice.key', $('key').value.tr
 $('model').onchange = () => { state.model = $('model').value; save(); };
 $('template').onchange = () => { state.template = $('template').value; save(); showVars(); };
 $('new-chat').onclick = () => { state.turns = []; save(); showAll(); $('prompt').focus(); };
-$('stop').onclick = () => controller?.abort();
+$('stop').onclick = stop;
 $('prompt').addEventListener('keydown', (e) => {
   if (e.key === 'Enter' && !e.shiftKey && !e.isComposing) { e.preventDefault(); $('composer').requestSubmit(); }
 });

@@ -2,8 +2,8 @@
 
 use axum::Extension;
 use axum::extract::State;
-use axum::response::{IntoResponse, Response};
 use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;

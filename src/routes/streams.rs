@@ -118,7 +118,12 @@ pub async fn resume_completion(
     }
 }
 
-async fn cancel(state: &AppState, who: &Principal, id: &str, wire: Wire) -> Result<Response, ApiError> {
+async fn cancel(
+    state: &AppState,
+    who: &Principal,
+    id: &str,
+    wire: Wire,
+) -> Result<Response, ApiError> {
     let status = match state.streams.cancel(id, &who.name, wire).await? {
         Cancelled::Now => "cancelled",
         Cancelled::Ended => "ended",

@@ -206,7 +206,11 @@ impl Entry {
             return Read::Beyond;
         }
         if after == last {
-            return if log.ended { Read::Ended } else { Read::Waiting };
+            return if log.ended {
+                Read::Ended
+            } else {
+                Read::Waiting
+            };
         }
         if let Some(into) = into {
             let start = (after + 1 - log.first) as usize;

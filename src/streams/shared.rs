@@ -170,7 +170,11 @@ impl Shared {
         on_cancel: impl Fn(String) + Send + 'static,
     ) {
         if let Some(inbox) = lock(&self.inbox).take() {
-            tokio::spawn(upkeep.clone().run_until_cancelled_owned(self.clone().writer(inbox)));
+            tokio::spawn(
+                upkeep
+                    .clone()
+                    .run_until_cancelled_owned(self.clone().writer(inbox)),
+            );
         }
         let shared = self.clone();
         tokio::spawn(upkeep.clone().run_until_cancelled_owned(async move {
@@ -179,9 +183,7 @@ impl Shared {
             loop {
                 tick.tick().await;
                 if let Ok(mut conn) = shared.connection().await {
-                    let _: RedisResult<()> = conn
-                        .pset_ex(&key, 1, millis(shared.lease))
-                        .await;
+                    let _: RedisResult<()> = conn.pset_ex(&key, 1, millis(shared.lease)).await;
                 }
             }
         }));
@@ -236,14 +238,20 @@ impl Shared {
                         self.ttl
                     }
                 };
-                match touched.iter_mut().find(|(k, _)| Arc::ptr_eq(k, &write.keys)) {
+                match touched
+                    .iter_mut()
+                    .find(|(k, _)| Arc::ptr_eq(k, &write.keys))
+                {
                     Some(slot) => slot.1 = ttl,
                     None => touched.push((write.keys, ttl)),
                 }
             }
             for (keys, ttl) in touched {
                 pipe.cmd("PEXPIRE").arg(&keys.log).arg(millis(ttl)).ignore();
-                pipe.cmd("PEXPIRE").arg(&keys.meta).arg(millis(ttl)).ignore();
+                pipe.cmd("PEXPIRE")
+                    .arg(&keys.meta)
+                    .arg(millis(ttl))
+                    .ignore();
             }
             let result = match self.connection().await {
                 Ok(mut conn) => pipe.query_async::<()>(&mut conn).await,
@@ -402,7 +410,10 @@ impl Shared {
         {
             return Ok(Cancelled::Ended);
         }
-        let _: i64 = conn.publish(CANCEL_CHANNEL, id).await.map_err(unreachable)?;
+        let _: i64 = conn
+            .publish(CANCEL_CHANNEL, id)
+            .await
+            .map_err(unreachable)?;
         Ok(Cancelled::Now)
     }
 }

@@ -205,6 +205,8 @@ async fn the_chat_page_in_chromium() {
         .expect("click");
     app.wait_metric("sluice_chat_requests_total{outcome=\"cancelled\"}", 1.0)
         .await;
+    // Through the cancel route: the stream does not wait out a reconnect grace period.
+    app.wait_metric("sluice_stream_cancels_total", 1.0).await;
     wait_for(
         &client,
         "return !document.getElementById('prompt').disabled",

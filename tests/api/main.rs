@@ -15,6 +15,8 @@ mod input;
 #[cfg(feature = "local")]
 mod local;
 mod openai;
+mod reconnect;
+mod resume;
 mod sdk;
 mod shared;
 mod startup;

@@ -64,6 +64,9 @@ impl TestApp {
         config.cors_origins = Vec::new();
         config.metrics_token = None;
         config.max_reply_bytes = 16 * 1024 * 1024;
+        config.resume_grace_s = 30.0;
+        config.resume_ttl_s = 300.0;
+        config.resume_memory_mb = 64.0;
         adjust(&mut config);
         let state = AppState::build(&config).expect("the test configuration is valid");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

@@ -291,6 +291,18 @@ async fn behave(body: &Value, sent: Arc<std::sync::atomic::AtomicUsize>) -> Resp
         }
         "hang-body" => steps.push(Step::Hang),
         "stall" => steps.extend([Step::Send(text("Hello")), Step::Hang]),
+        // A whole reply at a steady pace: 30 tokens, 30 ms apart.
+        "paced" => {
+            for i in 0..30 {
+                steps.push(Step::Send(text(&format!(" w{i}"))));
+                steps.push(Step::Wait(Duration::from_millis(30)));
+            }
+            steps.push(Step::Send(finish));
+            if usage {
+                steps.push(Step::Send(usage_chunk));
+            }
+            steps.push(Step::Send(done));
+        }
         "slow" => {
             for i in 0..200 {
                 steps.push(Step::Send(text(&format!(" t{i}"))));
