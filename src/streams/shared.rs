@@ -8,7 +8,7 @@
 //! key has gone ends with `producer_lost`. Cancels travel on the channel `sluice:cancel`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -45,7 +45,14 @@ pub(super) struct Shared {
     ttl: Duration,
     /// How long the keys of a running stream live unrefreshed.
     running: Duration,
+    /// Until when (ms since `epoch`) new streams skip Redis after it failed: a dead Redis
+    /// costs one connect timeout a second, not one per stream.
+    down_until: AtomicU64,
+    epoch: std::time::Instant,
 }
+
+/// How long new streams skip Redis after a failure.
+const BACKOFF: Duration = Duration::from_secs(1);
 
 struct Keys {
     log: String,
@@ -137,6 +144,8 @@ impl Shared {
             lease: (settings.idle / 3).clamp(Duration::from_millis(300), Duration::from_secs(10)),
             ttl: settings.ttl,
             running: settings.total + settings.grace + settings.ttl,
+            down_until: AtomicU64::new(0),
+            epoch: std::time::Instant::now(),
         }))
     }
 
@@ -265,6 +274,23 @@ impl Shared {
 
     /// Registers a new stream, or fails when Redis cannot be reached.
     pub(super) async fn open(&self, id: &str, owner: &str, wire: Wire) -> RedisResult<Log> {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        if now < self.down_until.load(Ordering::Relaxed) {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::IoError,
+                "Redis failed a moment ago",
+            )));
+        }
+        let result = self.register(id, owner, wire).await;
+        if result.is_err() {
+            let until = self.epoch.elapsed() + BACKOFF;
+            self.down_until
+                .store(until.as_millis() as u64, Ordering::Relaxed);
+        }
+        result
+    }
+
+    async fn register(&self, id: &str, owner: &str, wire: Wire) -> RedisResult<Log> {
         let keys = Arc::new(Keys::of(id));
         let mut conn = self.connection().await?;
         redis::pipe()

@@ -17,6 +17,7 @@ mod local;
 mod openai;
 mod reconnect;
 mod resume;
+mod resume_shared;
 mod sdk;
 mod shared;
 mod startup;

@@ -11,13 +11,13 @@ use serde_json::{Value, json};
 use crate::support::{DEADLINE, TestApp, all_events, events, free_port, skip_without};
 
 /// A redis-server of this test's own, on a free port; stopped (by its pid) when dropped.
-struct Redis {
+pub(crate) struct Redis {
     child: Child,
-    url: String,
+    pub(crate) url: String,
 }
 
 impl Redis {
-    fn start() -> Option<Redis> {
+    pub(crate) fn start() -> Option<Redis> {
         let found = Command::new("redis-server")
             .arg("--version")
             .output()
@@ -53,7 +53,7 @@ impl Redis {
         Some(redis)
     }
 
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -191,6 +191,22 @@ async fn when_redis_dies_each_instance_fails_as_configured() {
     );
     all_events(response).await;
     assert!(open.metric("sluice_redis_errors_total").await >= 1.0);
+    // A resumable stream is served without resumption, and counted.
+    let response = open.post("/api/chat", &json!({"prompt": "Hi"})).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response
+            .headers()
+            .get("x-sluice-resumable")
+            .map(|v| v.as_bytes()),
+        Some(&b"false"[..])
+    );
+    all_events(response).await;
+    assert!(
+        open.metric("sluice_streams_not_resumable_total{reason=\"redis\"}")
+            .await
+            >= 1.0
+    );
     // Fail-closed: refused, with a time to retry.
     let response = closed.post("/v1/chat/completions", &chat(2)).await;
     assert_eq!(response.status(), 503);

@@ -1,0 +1,199 @@
+//! Resumable streams across instances, through a real redis-server: a stream started on
+//! instance A (the binary) resumes on instance B with exactly the rest, a cancel sent to B
+//! closes A's upstream, and when A dies B's reader ends with `producer_lost`, not a hang.
+
+use std::time::Instant;
+
+use eventsource_stream::Event;
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+use crate::shared::Redis;
+use crate::startup::Running;
+use crate::support::{DEADLINE, FakeUpstream, TestApp, all_events, events};
+
+fn tokens(events: &[Event]) -> String {
+    events
+        .iter()
+        .filter(|e| e.event == "token")
+        .map(|e| {
+            let data: Value = serde_json::from_str(&e.data).expect("JSON");
+            data["text"].as_str().expect("text").to_owned()
+        })
+        .collect()
+}
+
+/// Instance A: the binary, so that it can be killed.
+fn instance_a(redis: &Redis, upstream: &FakeUpstream) -> Running {
+    Running::start(&[
+        ("SLUICE_REDIS_URL", &redis.url),
+        ("OPENAI_BASE_URL", &upstream.base_url()),
+        ("OPENAI_API_KEY", "sk-test"),
+        ("SLUICE_IDLE_TIMEOUT_MS", "3000"),
+    ])
+}
+
+/// Instance B, in this process.
+async fn instance_b(redis: &Redis, upstream: &FakeUpstream) -> TestApp {
+    let url = redis.url.clone();
+    TestApp::in_front_of_with(upstream, move |c| {
+        c.redis_url = Some(url);
+        c.idle_timeout_ms = 3000;
+    })
+    .await
+}
+
+/// Starts a `/api/chat` stream on A, reads `n` events and drops it: the events and the id.
+async fn start_on_a(a: &Running, model: &str, n: usize) -> (Vec<Event>, String) {
+    let response = reqwest::Client::new()
+        .post(a.url("/api/chat"))
+        .json(&json!({"prompt": "Hi", "model": model}))
+        .send()
+        .await
+        .expect("A answers");
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response
+            .headers()
+            .get("x-sluice-resumable")
+            .map(|v| v.as_bytes()),
+        Some(&b"true"[..])
+    );
+    let id = response.headers()["x-sluice-stream-id"]
+        .to_str()
+        .expect("id")
+        .to_owned();
+    let mut stream = events(response);
+    let mut seen = Vec::new();
+    while seen.len() < n {
+        let event = tokio::time::timeout(DEADLINE, stream.next())
+            .await
+            .expect("an event in time")
+            .expect("the stream goes on");
+        seen.push(event);
+    }
+    (seen, id)
+}
+
+#[tokio::test]
+async fn a_stream_started_on_one_instance_resumes_on_another() {
+    let Some(redis) = Redis::start() else { return };
+    let upstream = FakeUpstream::spawn().await;
+    let a = instance_a(&redis, &upstream);
+    let b = instance_b(&redis, &upstream).await;
+
+    let (first, id) = start_on_a(&a, "paced", 6).await;
+    let last = first.last().expect("events").id.clone();
+    let resumed = b
+        .http
+        .get(b.url(&format!("/api/chat/{id}")))
+        .header("last-event-id", &last)
+        .send()
+        .await
+        .expect("B answers");
+    assert_eq!(resumed.status(), 200);
+    let rest = all_events(resumed).await;
+    assert_eq!(rest.last().expect("an ending").event, "done");
+    let mut all = first;
+    all.extend(rest);
+    let expected: String = (0..30).map(|i| format!(" w{i}")).collect();
+    assert_eq!(tokens(&all), expected);
+    let ids: Vec<u64> = all.iter().map(|e| e.id.parse().expect("id")).collect();
+    assert_eq!(
+        ids,
+        (1..=ids.len() as u64).collect::<Vec<_>>(),
+        "no gap, no repeat"
+    );
+    assert_eq!(upstream.requests().len(), 1, "generated once, on A");
+
+    // Another client (another address would do; here an unknown id) sees nothing.
+    let unknown = b
+        .http
+        .get(b.url("/api/chat/chat-00000000000000000000000000000000deadbeef"))
+        .send()
+        .await
+        .expect("B answers");
+    assert_eq!(unknown.status(), 404);
+}
+
+#[tokio::test]
+async fn a_cancel_sent_to_another_instance_closes_the_upstream() {
+    let Some(redis) = Redis::start() else { return };
+    let upstream = FakeUpstream::spawn().await;
+    let a = instance_a(&redis, &upstream);
+    let b = instance_b(&redis, &upstream).await;
+    // A stays attached to its stream: the cancel must travel, not wait for a grace period.
+    let response = reqwest::Client::new()
+        .post(a.url("/api/chat"))
+        .json(&json!({"prompt": "Hi", "model": "slow"}))
+        .send()
+        .await
+        .expect("A answers");
+    let id = response.headers()["x-sluice-stream-id"]
+        .to_str()
+        .expect("id")
+        .to_owned();
+    let mut stream = events(response);
+    stream.next().await.expect("meta");
+    upstream.request(1).await;
+    let asked = Instant::now();
+    let answer = b
+        .http
+        .post(b.url(&format!("/api/chat/{id}/cancel")))
+        .send()
+        .await
+        .expect("B answers");
+    assert_eq!(answer.status(), 200);
+    let closed = upstream.closed(1).await;
+    eprintln!(
+        "cancel on B → A's upstream closed after {:?}",
+        closed.saturating_duration_since(asked)
+    );
+    let rest: Vec<Event> = tokio::time::timeout(DEADLINE, stream.collect())
+        .await
+        .expect("A's stream ends");
+    assert!(
+        rest.last()
+            .expect("an ending")
+            .data
+            .contains("stream_cancelled")
+    );
+}
+
+#[tokio::test]
+async fn when_the_producing_instance_dies_readers_elsewhere_get_producer_lost() {
+    let Some(redis) = Redis::start() else { return };
+    let upstream = FakeUpstream::spawn().await;
+    let mut a = instance_a(&redis, &upstream);
+    let b = instance_b(&redis, &upstream).await;
+    let (first, id) = start_on_a(&a, "slow", 4).await;
+    let last = first.last().expect("events").id.clone();
+    let resumed = b
+        .http
+        .get(b.url(&format!("/api/chat/{id}")))
+        .header("last-event-id", &last)
+        .send()
+        .await
+        .expect("B answers");
+    assert_eq!(resumed.status(), 200);
+    let mut follow = events(resumed);
+    // B follows live events from A...
+    let live = tokio::time::timeout(DEADLINE, follow.next())
+        .await
+        .expect("a live event")
+        .expect("event");
+    assert_eq!(live.event, "token");
+    // ...until A is killed.
+    let _ = a.child.kill();
+    let _ = a.child.wait();
+    let killed = Instant::now();
+    let rest: Vec<Event> = tokio::time::timeout(DEADLINE * 2, follow.collect())
+        .await
+        .expect("B's reader ends, it does not hang");
+    let ending = rest.last().expect("an ending");
+    assert_eq!(ending.event, "error");
+    assert!(ending.data.contains("producer_lost"), "{}", ending.data);
+    let after = killed.elapsed();
+    eprintln!("producer_lost {after:?} after A died (idle timeout 3 s)");
+    assert!(after.as_millis() < 3000 + 1000, "{after:?}");
+}
