@@ -6,6 +6,8 @@
 //!     cargo run --release --example loadgen -- soak 10      # minutes at 1,000 streams
 //!     cargo run --release --example loadgen -- 2000         # one level of the plan
 //!     cargo run --release --example loadgen -- pinned       # pauses: sluice on one core
+//!     cargo run --release --example loadgen -- resumable    # CPU per chunk: direct streams,
+//!                                                           # resumable in memory, via Redis
 //!
 //! Three processes, so each one's CPU is its own: this driver (the clients), a fast fake
 //! OpenAI upstream and sluice (both this same binary, started with `upstream` / `sluice`).
@@ -49,7 +51,8 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     match args.first().map(String::as_str) {
         Some("upstream") => runtime.block_on(upstream()),
-        Some("sluice") => runtime.block_on(sluice(&args[1])),
+        Some("sluice") => runtime.block_on(sluice(&args[1], args.get(2).cloned())),
+        Some("resumable") => runtime.block_on(resumable()),
         Some("cancel") => runtime.block_on(cancel_only()),
         Some("pinned") => runtime.block_on(pinned()),
         Some("soak") => {
@@ -154,8 +157,9 @@ async fn answer(
 // ---------------------------------------------------------------------------------------
 // sluice, in front of the upstream, with limits out of the way.
 
-async fn sluice(upstream: &str) -> anyhow::Result<()> {
+async fn sluice(upstream: &str, redis: Option<String>) -> anyhow::Result<()> {
     let mut config = sluice::Config::defaults();
+    config.redis_url = redis;
     config.openai_base_url = Some(format!("http://{upstream}/v1"));
     config.local_model = Some("off".into());
     config.rpm = 10_000_000;
@@ -275,6 +279,7 @@ async fn stream(
     model: &str,
     opened: &AtomicUsize,
     cancel: Option<tokio::sync::watch::Receiver<bool>>,
+    resumable: bool,
 ) -> (Seen, Option<u64>) {
     let mut seen = Seen::default();
     let started = Instant::now();
@@ -293,7 +298,11 @@ async fn stream(
     let body = json!({"model": model, "stream": true,
         "messages": [{"role": "user", "content": "Count."}]})
     .to_string();
-    let request = Request::post(path)
+    let mut request = Request::post(path);
+    if resumable {
+        request = request.header("x-sluice-resumable", "true");
+    }
+    let request = request
         .header("host", addr)
         .header("content-type", "application/json")
         .header("x-request-id", id)
@@ -309,6 +318,15 @@ async fn stream(
         return (seen, None);
     };
     if response.status() != 200 {
+        return (seen, None);
+    }
+    // A resumable stream must have been served as one, or the figures would lie.
+    if resumable
+        && response
+            .headers()
+            .get("x-sluice-resumable")
+            .is_none_or(|v| v != "true")
+    {
         return (seen, None);
     }
     let mut body = response.into_body();
@@ -403,6 +421,17 @@ impl Phase {
 }
 
 async fn phase(target: &str, path: &str, c: usize, model: &str, watch_pid: &str) -> Phase {
+    phase_with(target, path, c, model, watch_pid, false).await
+}
+
+async fn phase_with(
+    target: &str,
+    path: &str,
+    c: usize,
+    model: &str,
+    watch_pid: &str,
+    resumable: bool,
+) -> Phase {
     let opened = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(c);
@@ -414,9 +443,17 @@ async fn phase(target: &str, path: &str, c: usize, model: &str, watch_pid: &str)
             opened.clone(),
         );
         tasks.push(tokio::spawn(async move {
-            stream(&target, &path, &format!("s{i}"), &model, &opened, None)
-                .await
-                .0
+            stream(
+                &target,
+                &path,
+                &format!("s{i}"),
+                &model,
+                &opened,
+                None,
+                resumable,
+            )
+            .await
+            .0
         }));
         // Starts spread evenly over a second (three above 1,000 streams): streams tick
         // at every phase of their interval, and no SYN storm hits the 1,024-deep backlog.
@@ -509,6 +546,115 @@ async fn pinned() -> anyhow::Result<()> {
         quantile(&through.chunks, 1.0) - quantile(&direct.chunks, 1.0),
         cpu / wall * 100.0
     );
+    Ok(())
+}
+
+/// A redis-server of the benchmark's own on a free port (killed with the guard).
+fn redis_server() -> anyhow::Result<(Proc, String)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("redis-server (Debian package redis-server): {e}"))?;
+    let addr = format!("127.0.0.1:{port}");
+    let started = Instant::now();
+    while std::net::TcpStream::connect(&addr).is_err() {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(5),
+            "redis-server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok((Proc { child, addr }, format!("redis://127.0.0.1:{port}")))
+}
+
+/// What resumption costs: 1,000 streams x 20 tokens/s through three sluices side by side
+/// (direct streams; resumable ones logged in memory; resumable ones logged in memory and
+/// in Redis), passes interleaved; sluice's CPU per chunk for each (Redis' own CPU apart).
+async fn resumable() -> anyhow::Result<()> {
+    raise_fd_limit();
+    let (redis, redis_url) = redis_server()?;
+    let upstream = Proc::start(&["upstream"])?;
+    let plain = Proc::start(&["sluice", &upstream.addr])?;
+    let shared = Proc::start(&["sluice", &upstream.addr, &redis_url])?;
+    let (c, model) = (1_000, "load-40-50");
+    // (name, sluice, resumable)
+    let paths = [
+        ("direct (not resumable)", &plain, false),
+        ("resumable, in memory", &plain, true),
+        ("resumable, memory + Redis", &shared, true),
+    ];
+    let mut cpu = [0.0f64; 3];
+    let mut redis_cpu = [0.0f64; 3];
+    let mut chunks = [0usize; 3];
+    let mut errors = [0usize; 3];
+    let mut latency: [Vec<u32>; 3] = Default::default();
+    let redis_pid = redis.pid().to_string();
+    for _ in 0..REPEATS {
+        for (i, (_, gateway, resumable)) in paths.iter().enumerate() {
+            let pid = gateway.pid().to_string();
+            let (g0, r0) = (cpu_s(&pid), cpu_s(&redis_pid));
+            let pass = phase_with(
+                &gateway.addr,
+                "/v1/chat/completions",
+                c,
+                model,
+                &pid,
+                *resumable,
+            )
+            .await;
+            cpu[i] += cpu_s(&pid) - g0;
+            redis_cpu[i] += cpu_s(&redis_pid) - r0;
+            chunks[i] += pass.chunks.len();
+            errors[i] += pass.errors;
+            latency[i].extend(pass.chunks);
+        }
+    }
+    println!("1,000 streams x 20 tokens/s (40 tokens each), {REPEATS} passes each, interleaved\n");
+    println!(
+        "| path | chunks | errors | sluice CPU µs / chunk | ratio | redis-server CPU µs / chunk | chunk latency p50 / p99 (ms) |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let base = cpu[0] / chunks[0].max(1) as f64;
+    let mut rows = Vec::new();
+    for (i, (name, _, _)) in paths.iter().enumerate() {
+        latency[i].sort_unstable();
+        let per = cpu[i] / chunks[i].max(1) as f64;
+        let redis_per = redis_cpu[i] / chunks[i].max(1) as f64;
+        println!(
+            "| {name} | {} | {} | {:.1} | {:.2}x | {:.1} | {:.3} / {:.3} |",
+            chunks[i],
+            errors[i],
+            per * 1e6,
+            per / base,
+            redis_per * 1e6,
+            quantile(&latency[i], 0.5),
+            quantile(&latency[i], 0.99),
+        );
+        rows.push(json!({"path": name, "chunks": chunks[i], "errors": errors[i],
+            "sluice_cpu_us_per_chunk": per * 1e6, "ratio": per / base,
+            "redis_cpu_us_per_chunk": redis_per * 1e6,
+            "chunk_ms_p50": quantile(&latency[i], 0.5), "chunk_ms_p99": quantile(&latency[i], 0.99)}));
+    }
+    std::fs::create_dir_all("target/loadgen")?;
+    std::fs::write(
+        "target/loadgen/resumable.json",
+        serde_json::to_string_pretty(&json!({"rows": rows}))?,
+    )?;
+    println!("\nwrote target/loadgen/resumable.json");
     Ok(())
 }
 
@@ -669,6 +815,7 @@ async fn cancellation(gateway: &str, upstream: &str, n: usize) -> Value {
                 "load-100000-50",
                 &opened,
                 Some(cancel),
+                false,
             )
             .await;
             (id, closed)
@@ -824,7 +971,15 @@ async fn soak(minutes: f64) -> anyhow::Result<()> {
                 let tokens = 20 + next() % 180;
                 let model = format!("load-{tokens}-100");
                 let id = format!("soak-{w}-{n}");
-                let request = stream(&addr, "/v1/chat/completions", &id, &model, &opened, None);
+                let request = stream(
+                    &addr,
+                    "/v1/chat/completions",
+                    &id,
+                    &model,
+                    &opened,
+                    None,
+                    false,
+                );
                 // A third of the clients leave at a random point of their stream.
                 let result = if next() % 3 == 0 {
                     let leave = Duration::from_millis(next() % (tokens * 100));

@@ -117,6 +117,7 @@ impl Streams {
                 .counter("sluice_streams_not_resumable_total", &[("reason", "redis")]),
             log_bytes: metrics.gauge("sluice_stream_log_bytes"),
         };
+        metrics.log_bytes.set(0.0);
         let streams = Streams(Arc::new(Registry {
             per_stream: (settings.memory / 8).max(64 * 1024),
             settings,
@@ -337,9 +338,7 @@ impl Streams {
         wire: Wire,
         after: u64,
     ) -> Result<Attached, ApiError> {
-        if !self.enabled() {
-            return Err(ApiError::StreamNotFound(id.to_owned()));
-        }
+        self.check(id)?;
         if let Some(entry) = self.local(id, who, wire) {
             let attached = match entry.read_check(after) {
                 Read::Gone => return Err(ApiError::StreamEventsGone(id.to_owned())),
@@ -362,9 +361,7 @@ impl Streams {
 
     /// Every event of a finished stream, for the reply it adds up to; 409 while it runs.
     pub async fn events(&self, id: &str, who: &str, wire: Wire) -> Result<Vec<Bytes>, ApiError> {
-        if !self.enabled() {
-            return Err(ApiError::StreamNotFound(id.to_owned()));
-        }
+        self.check(id)?;
         if let Some(entry) = self.local(id, who, wire) {
             return entry.all().ok_or_else(|| match entry.read_check(0) {
                 Read::Gone => ApiError::StreamEventsGone(id.to_owned()),
@@ -379,9 +376,7 @@ impl Streams {
 
     /// Stops stream `id` (its upstream request closes at once), wherever it runs.
     pub async fn cancel(&self, id: &str, who: &str, wire: Wire) -> Result<Cancelled, ApiError> {
-        if !self.enabled() {
-            return Err(ApiError::StreamNotFound(id.to_owned()));
-        }
+        self.check(id)?;
         if let Some(entry) = self.local(id, who, wire) {
             if entry.has_ended() {
                 return Ok(Cancelled::Ended);
@@ -396,6 +391,22 @@ impl Streams {
             Some(shared) => shared.cancel(id, who, wire).await,
             None => Err(ApiError::StreamNotFound(id.to_owned())),
         }
+    }
+
+    /// An id sluice could have made (`chat-…`, `chatcmpl-…`: letters, digits, `-`, `_`),
+    /// while resumption is on; anything else is unknown before a lookup (or a Redis key)
+    /// is made of it.
+    fn check(&self, id: &str) -> Result<(), ApiError> {
+        let plausible = !id.is_empty()
+            && id.len() <= 128
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !self.enabled() || !plausible {
+            let shown: String = id.chars().take(128).collect();
+            return Err(ApiError::StreamNotFound(shown));
+        }
+        Ok(())
     }
 
     /// A cancel that another instance passed on: this instance's stream, if it has it.

@@ -419,6 +419,12 @@ async fn metrics_show_every_documented_series() {
         "sluice_upstream_request_duration_seconds_count{model=\"gpt-test\"} 1",
         "sluice_overhead_seconds_count 1",
         "# TYPE sluice_time_to_first_token_seconds histogram",
+        "sluice_stream_resumes_total 0",
+        "sluice_streams_detached_total 0",
+        "sluice_stream_grace_expired_total 0",
+        "sluice_stream_cancels_total 0",
+        "sluice_streams_not_resumable_total{reason=\"memory\"} 0",
+        "sluice_stream_log_bytes 0",
     ] {
         assert!(text.contains(series), "no `{series}` in\n{text}");
     }

@@ -392,7 +392,13 @@ async fn only_the_owner_may_read_or_cancel_a_stream() {
         .expect("answers");
     let id = header(&response, "x-sluice-stream-id").expect("a stream id");
     let unknown = "chat-0123456789abcdef0123456789abcdef01234567";
-    for (key, target) in [("sk-bob", id.as_str()), ("sk-alice", unknown)] {
+    let huge = "x".repeat(4000);
+    for (key, target) in [
+        ("sk-bob", id.as_str()),
+        ("sk-alice", unknown),
+        ("sk-alice", "a}b{c"),
+        ("sk-alice", huge.as_str()),
+    ] {
         for (method, path) in [
             ("GET", format!("/api/chat/{target}")),
             ("POST", format!("/api/chat/{target}/cancel")),
