@@ -84,7 +84,7 @@ async fn the_page_continues_a_reply_after_the_network_drops() {
     type_and_send(&client, "Tell me about rivers").await;
     wait_for(
         &client,
-        &format!("const b = document.querySelectorAll('.turn.assistant')[1]?.querySelector('.body'); return !!b && b.textContent.length > 30"),
+        "const b = document.querySelectorAll('.turn.assistant')[1]?.querySelector('.body'); return !!b && b.textContent.length > 30",
         REPLY_DEADLINE,
     )
     .await;
