@@ -317,7 +317,14 @@ impl Streams {
             live.remove(&entry.id);
         }
         drop(live);
-        lock(&registry.finished).retain(|e| !Arc::ptr_eq(e, entry));
+        // Logs expire in about the order they finished: mostly the first in line.
+        let mut finished = lock(&registry.finished);
+        if finished.front().is_some_and(|e| Arc::ptr_eq(e, entry)) {
+            finished.pop_front();
+        } else {
+            finished.retain(|e| !Arc::ptr_eq(e, entry));
+        }
+        drop(finished);
         entry.release();
     }
 

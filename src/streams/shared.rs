@@ -353,7 +353,7 @@ impl Shared {
             let n = entry_number(&last.id);
             let ended = last.map.contains_key("end");
             let sent = if ended || last.map.contains_key("lost") {
-                n - 1
+                n.saturating_sub(1)
             } else {
                 n
             };
