@@ -103,6 +103,9 @@ pub enum ApiError {
     /// Some of a stream's events did not reach the shared log.
     #[error("some events of this stream were not logged; resume is not possible")]
     StreamEventsLost,
+    /// `previous_response_id` names no stored response this key may read.
+    #[error("Previous response with id '{0}' not found.")]
+    PreviousResponseNotFound(String),
     /// A bug in sluice (a panic was caught): the details are in the log.
     #[error("the server had an error while processing the request")]
     Internal,
@@ -135,7 +138,9 @@ impl ApiError {
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-            ApiError::StreamNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::StreamNotFound(_) | ApiError::PreviousResponseNotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
             ApiError::StreamRunning(_) | ApiError::StreamCancelled => StatusCode::CONFLICT,
             ApiError::StreamEventsGone(_) => StatusCode::GONE,
             ApiError::ProducerLost | ApiError::StreamEventsLost => StatusCode::BAD_GATEWAY,
@@ -162,6 +167,7 @@ impl ApiError {
             ApiError::Overloaded { .. } => "overloaded_error",
             ApiError::Restarting | ApiError::Internal => "server_error",
             ApiError::StreamNotFound(_)
+            | ApiError::PreviousResponseNotFound(_)
             | ApiError::StreamRunning(_)
             | ApiError::StreamEventsGone(_)
             | ApiError::StreamCancelled => "invalid_request_error",
@@ -190,6 +196,7 @@ impl ApiError {
             ApiError::BodyTimeout(_) => "request_timeout",
             ApiError::Internal => "internal_error",
             ApiError::StreamNotFound(_) => "stream_not_found",
+            ApiError::PreviousResponseNotFound(_) => "previous_response_not_found",
             ApiError::StreamRunning(_) => "stream_running",
             ApiError::StreamEventsGone(_) => "stream_events_gone",
             ApiError::StreamCancelled => "stream_cancelled",
@@ -205,6 +212,7 @@ impl ApiError {
                 param.as_deref()
             }
             ApiError::ModelNotFound(_) => Some("model"),
+            ApiError::PreviousResponseNotFound(_) => Some("previous_response_id"),
             _ => None,
         }
     }

@@ -1,5 +1,14 @@
 //! The built-in `mock` model: deterministic replies derived from the prompt (or scripted by a
 //! fixtures file), paced like a real model, with failure modes selected by model name.
+//!
+//! With function `tools` (and `tool_choice` other than `none`) it calls one, so tool flows
+//! can be tested without an upstream: a fixture with `tool` (and `arguments`) whose pattern
+//! matches the last user message, else the tool `tool_choice` names, else (with
+//! `tool_choice: "required"`) the first tool, else the first tool whose name appears in
+//! the message. Its arguments are the fixture's, or one value per required parameter
+//! (`"mock"`, `1`, `true`, `[]`, `{}` by JSON type). After a tool's result (the last message
+//! is from `tool`) it answers `The tool returned: <result>`. A `stop` sequence cuts the
+//! reply before it.
 
 use std::path::Path;
 use std::time::Duration;
@@ -9,7 +18,9 @@ use futures::StreamExt;
 use regex::Regex;
 use serde::Deserialize;
 
-use super::{Backend, BackendError, ChatRequest, Delta, DeltaStream, Text, Usage};
+use serde_json::{Value, json};
+
+use super::{Backend, BackendError, ChatRequest, Delta, DeltaStream, Fields, Text, Usage};
 
 /// How the mock behaves, chosen by the model name a client asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +68,8 @@ const DEFAULT_REPLY_WORDS: usize = 40;
 pub struct Fixture {
     pub pattern: Regex,
     pub reply: String,
+    /// A function to call instead of replying, with these arguments (JSON).
+    pub tool: Option<(String, String)>,
 }
 
 #[derive(Deserialize)]
@@ -70,7 +83,10 @@ struct FixtureFile {
 #[serde(deny_unknown_fields)]
 struct FixtureEntry {
     pattern: String,
+    #[serde(default)]
     reply: String,
+    tool: Option<String>,
+    arguments: Option<String>,
 }
 
 /// Reads a fixtures file: `[[reply]]` tables of `pattern` (a regex) and `reply`.
@@ -89,9 +105,13 @@ pub fn load_fixtures(path: &Path) -> anyhow::Result<Vec<Fixture>> {
                     entry.pattern
                 )
             })?;
+            let tool = entry
+                .tool
+                .map(|name| (name, entry.arguments.unwrap_or_else(|| "{}".into())));
             Ok(Fixture {
                 pattern,
                 reply: entry.reply,
+                tool,
             })
         })
         .collect()
@@ -121,11 +141,74 @@ impl MockBackend {
 
     /// The whole reply for a request, before `max_tokens` cuts it.
     fn reply(&self, request: &ChatRequest) -> String {
+        if request.messages.last().is_some_and(|m| m.role == "tool") {
+            let result = request.messages.last().map_or("", |m| m.content.as_str());
+            return format!("The tool returned: {result}");
+        }
         let prompt = request.last_user_text();
         if let Some(fixture) = self.fixtures.iter().find(|f| f.pattern.is_match(prompt)) {
             return fixture.reply.clone();
         }
         generated_reply(prompt)
+    }
+
+    /// The function call the request gets instead of text, if any: name and arguments.
+    fn tool_call(&self, request: &ChatRequest) -> Option<(String, String)> {
+        let tools = request.body.get("tools")?.as_array()?;
+        let choice = request.body.get("tool_choice");
+        if choice.is_some_and(|c| c == "none") || request.messages.last()?.role == "tool" {
+            return None;
+        }
+        let prompt = request.last_user_text();
+        let named = |name: &str| {
+            tools
+                .iter()
+                .find(|t| t.pointer("/function/name").and_then(Value::as_str) == Some(name))
+        };
+        if let Some((name, arguments)) = self
+            .fixtures
+            .iter()
+            .find(|f| f.tool.is_some() && f.pattern.is_match(prompt))
+            .and_then(|f| f.tool.clone())
+        {
+            return Some((name, arguments));
+        }
+        let tool = match choice {
+            Some(Value::Object(c)) => c
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .and_then(Value::as_str)
+                .and_then(named),
+            Some(c) if c == "required" => tools.first(),
+            _ => tools.iter().find(|t| {
+                t.pointer("/function/name")
+                    .and_then(Value::as_str)
+                    .is_some_and(|name| !name.is_empty() && prompt.contains(name))
+            }),
+        }?;
+        let name = tool.pointer("/function/name")?.as_str()?.to_owned();
+        let parameters = tool.pointer("/function/parameters");
+        let mut arguments = serde_json::Map::new();
+        for required in parameters
+            .and_then(|p| p.get("required"))
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+        {
+            let kind = parameters
+                .and_then(|p| p.pointer(&format!("/properties/{required}/type")))
+                .and_then(Value::as_str);
+            let value = match kind {
+                Some("number" | "integer") => json!(1),
+                Some("boolean") => json!(true),
+                Some("array") => json!([]),
+                Some("object") => json!({}),
+                _ => json!("mock"),
+            };
+            arguments.insert(required.to_owned(), value);
+        }
+        Some((name, Value::Object(arguments).to_string()))
     }
 }
 
@@ -180,7 +263,21 @@ impl Backend for MockBackend {
             let message = format!("the mock backend has no model {}", request.model);
             return futures::stream::iter([Err(BackendError::Protocol(message))]).boxed();
         };
-        let mut tokens = tokens(&self.reply(&request));
+        if let Some((name, arguments)) = self.tool_call(&request) {
+            return tool_call_stream(
+                &name,
+                &arguments,
+                request.prompt_tokens,
+                self.generated.clone(),
+            );
+        }
+        let mut reply = self.reply(&request);
+        for stop in stop_sequences(&request) {
+            if let Some(at) = reply.find(&stop) {
+                reply.truncate(at);
+            }
+        }
+        let mut tokens = tokens(&reply);
         let limit = request.max_tokens.map_or(usize::MAX, |n| n as usize);
         let finish = if tokens.len() > limit {
             tokens.truncate(limit);
@@ -226,6 +323,63 @@ impl Backend for MockBackend {
             yield Ok(Delta::Usage(Usage::new(prompt_tokens, count)));
         })
     }
+}
+
+/// The request's `stop` sequences (a string or a list of them).
+fn stop_sequences(request: &ChatRequest) -> Vec<String> {
+    match request.body.get("stop") {
+        Some(Value::String(s)) if !s.is_empty() => vec![s.clone()],
+        Some(Value::Array(list)) => list
+            .iter()
+            .filter_map(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A function call streamed as an upstream would: the call's name and id, its arguments in
+/// two pieces, then `finish_reason: tool_calls`.
+fn tool_call_stream(
+    name: &str,
+    arguments: &str,
+    prompt_tokens: u32,
+    generated: metrics::Counter,
+) -> DeltaStream {
+    // FNV-1a of the call: the same request calls with the same id.
+    let hash = format!("{name}{arguments}")
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    let head = json!({"tool_calls": [{"index": 0, "id": format!("call_{hash:016x}"), "type": "function",
+        "function": {"name": name, "arguments": ""}}]});
+    let split = arguments
+        .char_indices()
+        .map(|(i, _)| i)
+        .nth(arguments.chars().count() / 2)
+        .unwrap_or(arguments.len());
+    let mut deltas = vec![head];
+    for piece in [&arguments[..split], &arguments[split..]] {
+        if !piece.is_empty() {
+            deltas.push(json!({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}));
+        }
+    }
+    let count = deltas.len() as u32;
+    let events: Vec<Result<Delta, BackendError>> = deltas
+        .into_iter()
+        .filter_map(|d| serde_json::value::to_raw_value(&d).ok())
+        .map(|raw| {
+            generated.increment(1);
+            Ok(Delta::Fields(Fields(raw)))
+        })
+        .chain([
+            Ok(Delta::Finish("tool_calls".into())),
+            Ok(Delta::Usage(Usage::new(prompt_tokens, count))),
+        ])
+        .collect();
+    futures::stream::iter(events).boxed()
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@
 mod chat;
 mod meter;
 mod openai;
+pub mod responses;
 
 pub use chat::chat_events;
 pub use meter::StreamGuard;
@@ -36,6 +37,8 @@ pub enum Wire {
     Chat,
     /// OpenAI's chat completion chunks.
     OpenAi,
+    /// OpenAI's Responses API events.
+    Responses,
 }
 
 impl Wire {
@@ -43,6 +46,7 @@ impl Wire {
         match self {
             Wire::Chat => "chat",
             Wire::OpenAi => "openai",
+            Wire::Responses => "responses",
         }
     }
 
@@ -50,31 +54,32 @@ impl Wire {
         match name {
             "chat" => Some(Wire::Chat),
             "openai" => Some(Wire::OpenAi),
+            "responses" => Some(Wire::Responses),
             _ => None,
         }
     }
 }
 
-/// The event that ends a stream with `error` when `id - 1` events came before it, in the
-/// stream's format: for a stream cut short after its encoder stopped (cancelled, its
-/// producer lost).
-pub fn error_event(wire: Wire, id: u64, error: &ApiError) -> Bytes {
+/// The event that ends stream `stream_id` with `error` when `id - 1` events came before
+/// it, in the stream's format: for a stream cut short after its encoder stopped
+/// (cancelled, its producer lost).
+pub fn error_event(wire: Wire, stream_id: &str, id: u64, error: &ApiError) -> Bytes {
     let mut out = SseWriter::new();
     out.last_id = id.saturating_sub(1);
-    let body = error.body().to_string();
-    let name = match wire {
-        Wire::Chat => Some("error"),
-        Wire::OpenAi => None,
-    };
-    out.event(name, |b| put(b, &body))
-}
-
-/// A bare `retry:` field: where a resumed stream starts, so the client keeps its pace.
-pub fn retry_field() -> Bytes {
-    let mut out = SseWriter::new();
-    out.retry();
-    out.buf.put_u8(b'\n');
-    out.buf.split().freeze()
+    match wire {
+        Wire::Chat => {
+            let body = error.body().to_string();
+            out.event(Some("error"), |b| put(b, &body))
+        }
+        Wire::OpenAi => {
+            let body = error.body().to_string();
+            out.event(None, |b| put(b, &body))
+        }
+        Wire::Responses => {
+            let body = responses::ended_by(stream_id, id.saturating_sub(1), error).to_string();
+            out.event(Some("response.failed"), |b| put(b, &body))
+        }
+    }
 }
 
 /// A backend stream whose first item has been seen, so its status is known.
@@ -132,6 +137,13 @@ pub(crate) struct SseWriter {
     buf: BytesMut,
     /// The last event's number: every event carries its `id:`, for clients that resume.
     last_id: u64,
+}
+
+impl SseWriter {
+    /// The number the next event gets.
+    pub(crate) fn next_id(&self) -> u64 {
+        self.last_id + 1
+    }
 }
 
 /// How long a client that lost its stream waits before it connects again (`retry:`).
@@ -257,6 +269,7 @@ impl Completion {
         match wire {
             Wire::OpenAi => self.id.clone(),
             Wire::Chat => self.id.replacen("chatcmpl-", "chat-", 1),
+            Wire::Responses => self.id.replacen("chatcmpl-", "resp_", 1),
         }
     }
 

@@ -6,6 +6,7 @@ pub mod health;
 pub mod models;
 pub mod openai;
 pub mod prompts;
+pub mod responses;
 pub mod streams;
 pub mod ui;
 

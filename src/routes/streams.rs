@@ -38,7 +38,7 @@ impl Resume {
 }
 
 /// The reader's cursor: the last event it has (0: none).
-fn cursor(headers: &HeaderMap, query: &Resume) -> Result<u64, ApiError> {
+pub(super) fn cursor(headers: &HeaderMap, query: &Resume) -> Result<u64, ApiError> {
     let (name, value) = match headers.get("last-event-id") {
         Some(v) => ("Last-Event-ID", v.to_str().unwrap_or("-").to_owned()),
         None => match (&query.last_event_id, &query.starting_after) {
@@ -60,7 +60,7 @@ fn cursor(headers: &HeaderMap, query: &Resume) -> Result<u64, ApiError> {
 }
 
 /// The events after the cursor, then live ones, then the stream's ending.
-async fn follow(
+pub(super) async fn follow(
     state: &AppState,
     who: &Principal,
     id: &str,
@@ -71,9 +71,8 @@ async fn follow(
         // Nothing left: 204 tells an `EventSource` to stop reconnecting.
         Attached::Complete => Ok(StatusCode::NO_CONTENT.into_response()),
         Attached::Events(events) => {
-            // A resumed stream restates the pace to come back at.
-            let events =
-                futures::StreamExt::chain(futures::stream::iter([relay::retry_field()]), events);
+            // No `retry:` of its own: a lone field block is an empty event to some SDKs,
+            // and the client has the pace from the stream's first event.
             let mut response = relay::sse(events, id, state.keep_alive);
             response
                 .headers_mut()

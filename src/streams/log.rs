@@ -27,6 +27,8 @@ pub(super) struct Entry {
     gauge: metrics::Gauge,
     /// The same log in Redis, when configured.
     shared: Option<shared::Log>,
+    /// What the stream's creator keeps beside it (a response's conversation).
+    pub(super) context: Option<Bytes>,
 }
 
 /// What the producer obeys.
@@ -74,6 +76,7 @@ impl Entry {
         memory: Arc<AtomicUsize>,
         gauge: metrics::Gauge,
         shared: Option<shared::Log>,
+        context: Option<Bytes>,
     ) -> Self {
         Entry {
             id,
@@ -91,6 +94,7 @@ impl Entry {
             memory,
             gauge,
             shared,
+            context,
         }
     }
 
@@ -180,7 +184,7 @@ impl Entry {
             return;
         }
         log.released = true;
-        let bytes = log.bytes + ENTRY_BYTES;
+        let bytes = log.bytes + ENTRY_BYTES + self.context.as_ref().map_or(0, Bytes::len);
         log.first = log.last() + 1;
         log.events = VecDeque::new();
         log.bytes = 0;
@@ -218,6 +222,12 @@ impl Entry {
             into.extend(log.events.range(start..end).cloned());
         }
         Read::Events
+    }
+
+    /// The events still kept, and whether the stream has ended.
+    pub(super) fn snapshot(&self) -> (Vec<Bytes>, bool) {
+        let log = lock(&self.log);
+        (log.events.iter().cloned().collect(), log.ended)
     }
 
     /// Every event of a finished stream that still has them all.

@@ -90,6 +90,58 @@ pub enum Attached {
     Complete,
 }
 
+/// What a stream's producer does when its last reader leaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Detach {
+    /// Goes on for `SLUICE_RESUME_GRACE_S`, waiting for a reader to come back.
+    Grace,
+    /// Stops at once, as a direct stream would (a stored, foreground response).
+    Cancel,
+    /// Runs to its end whoever reads (a background response).
+    Keep,
+}
+
+/// A log made for a stream that is not running yet.
+pub struct Slot {
+    streams: Streams,
+    entry: Arc<Entry>,
+}
+
+impl Slot {
+    /// Runs `events` into the log; the returned reader follows it from the start.
+    pub fn run(
+        self,
+        events: impl Stream<Item = Bytes> + Send + 'static,
+        detach: Detach,
+    ) -> impl Stream<Item = Bytes> + Send + 'static {
+        // The first reader is there before the producer starts: it never sees a detach.
+        let attachment = Attachment::new(self.entry.clone());
+        self.spawn(events, detach);
+        log::follow(attachment, 0)
+    }
+
+    /// Runs `events` into the log with nobody reading (a background response).
+    pub fn run_detached(self, events: impl Stream<Item = Bytes> + Send + 'static) {
+        self.spawn(events, Detach::Keep);
+    }
+
+    fn spawn(self, events: impl Stream<Item = Bytes> + Send + 'static, detach: Detach) {
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "a resumable stream's producer: owned by the registry, not a connection; it ends with the stream (its end, a cancel, the grace period) and its log with the TTL"
+        )]
+        tokio::spawn(self.streams.produce(self.entry, events, detach));
+    }
+}
+
+/// What is kept of a stream: what its creator stored beside it, and its events.
+pub struct Stored {
+    pub context: Option<Bytes>,
+    /// The events still kept, in order (the oldest may be gone from a long stream).
+    pub events: Vec<Bytes>,
+    pub ended: bool,
+}
+
 /// What a cancel found.
 pub enum Cancelled {
     /// Stopped now: the upstream request is dropped.
@@ -161,45 +213,38 @@ impl Streams {
         if !resumable {
             return Ok(relay::sse(events, &id, keep_alive));
         }
-        let entry = match self.open(&id, owner, wire).await? {
-            Some(entry) => entry,
-            None => {
-                let mut response = relay::sse(events, &id, keep_alive);
-                response
-                    .headers_mut()
-                    .insert("x-sluice-resumable", HeaderValue::from_static("false"));
-                return Ok(response);
-            }
+        let Some(slot) = self.slot(&id, owner, wire, None).await? else {
+            let mut response = relay::sse(events, &id, keep_alive);
+            response
+                .headers_mut()
+                .insert("x-sluice-resumable", HeaderValue::from_static("false"));
+            return Ok(response);
         };
-        // The first reader is there before the producer starts: it never sees a detach.
-        let attachment = Attachment::new(entry.clone());
-        #[expect(
-            clippy::disallowed_methods,
-            reason = "a resumable stream's producer: owned by the registry, not a connection; it ends with the stream (its end, a cancel, the grace period) and its log with the TTL"
-        )]
-        tokio::spawn(self.clone().produce(entry.clone(), events));
-        let mut response = relay::sse(log::follow(attachment, 0), &id, keep_alive);
+        let mut response = relay::sse(slot.run(events, Detach::Grace), &id, keep_alive);
         response
             .headers_mut()
             .insert("x-sluice-resumable", HeaderValue::from_static("true"));
         Ok(response)
     }
 
-    /// A log for a new stream, or `None` when it cannot be resumable (resumption off, no
-    /// memory left, Redis unreachable and failing open).
-    async fn open(
+    /// A log for a new stream (with `context` kept beside it), or `None` when it cannot be
+    /// kept (resumption off, no memory left, Redis unreachable and failing open).
+    pub async fn slot(
         &self,
         id: &str,
         owner: &Arc<str>,
         wire: Wire,
-    ) -> Result<Option<Arc<Entry>>, ApiError> {
+        context: Option<Bytes>,
+    ) -> Result<Option<Slot>, ApiError> {
         let registry = &self.0;
         if !self.enabled() {
             return Ok(None);
         }
-        if registry.bytes.load(Ordering::Relaxed) + ENTRY_BYTES > registry.settings.memory {
+        let context_bytes = context.as_ref().map_or(0, Bytes::len);
+        let needs = ENTRY_BYTES + context_bytes;
+        if registry.bytes.load(Ordering::Relaxed) + needs > registry.settings.memory {
             self.evict();
-            if registry.bytes.load(Ordering::Relaxed) + ENTRY_BYTES > registry.settings.memory {
+            if registry.bytes.load(Ordering::Relaxed) + needs > registry.settings.memory {
                 registry.metrics.unavailable_memory.increment(1);
                 return Ok(None);
             }
@@ -207,7 +252,7 @@ impl Streams {
         let id: Arc<str> = id.into();
         let shared = match &registry.shared {
             None => None,
-            Some(shared) => match shared.open(&id, owner, wire).await {
+            Some(shared) => match shared.open(&id, owner, wire, context.as_deref()).await {
                 Ok(log) => Some(log),
                 Err(e) => {
                     registry.metrics.unavailable_redis.increment(1);
@@ -229,15 +274,24 @@ impl Streams {
             registry.bytes.clone(),
             registry.metrics.log_bytes.clone(),
             shared,
+            context,
         ));
-        entry.account(ENTRY_BYTES as isize);
+        entry.account(needs as isize);
         lock(&registry.live).insert(id, entry.clone());
-        Ok(Some(entry))
+        Ok(Some(Slot {
+            streams: self.clone(),
+            entry,
+        }))
     }
 
     /// Runs a stream into its log: on while readers are attached, for the grace period once
     /// none is, until its end or a cancel. Then it stays readable for the TTL.
-    async fn produce(self, entry: Arc<Entry>, events: impl Stream<Item = Bytes> + Send) {
+    async fn produce(
+        self,
+        entry: Arc<Entry>,
+        events: impl Stream<Item = Bytes> + Send,
+        detach: Detach,
+    ) {
         let registry = &self.0;
         let mut control = entry.control();
         let grace = tokio::time::sleep(Duration::ZERO);
@@ -251,7 +305,11 @@ impl Streams {
                 registry.metrics.cancels.increment(1);
                 break Some(ApiError::StreamCancelled);
             }
-            if now.readers == 0 && !detached {
+            if now.readers == 0 && detach == Detach::Cancel {
+                // As a direct stream would be: dropped with its (last) connection.
+                break Some(ApiError::StreamCancelled);
+            }
+            if now.readers == 0 && !detached && detach == Detach::Grace {
                 detached = true;
                 registry.metrics.detached.increment(1);
                 grace
@@ -281,7 +339,7 @@ impl Streams {
         // Drops the backend stream: the upstream request closes, the meter records the end.
         drop(events);
         if let Some(error) = ending {
-            let event = relay::error_event(entry.wire, entry.next_id(), &error);
+            let event = relay::error_event(entry.wire, &entry.id, entry.next_id(), &error);
             self.append(&entry, event);
         }
         entry.end();
@@ -364,6 +422,40 @@ impl Streams {
         let attached = shared.attach(id, who, wire, after).await?;
         self.0.metrics.resumes.increment(1);
         Ok(attached)
+    }
+
+    /// What is kept of stream `id`: its context and events, wherever it is logged.
+    pub async fn stored(&self, id: &str, who: &str, wire: Wire) -> Result<Stored, ApiError> {
+        self.check(id)?;
+        if let Some(entry) = self.local(id, who, wire) {
+            let (events, ended) = entry.snapshot();
+            return Ok(Stored {
+                context: entry.context.clone(),
+                events,
+                ended,
+            });
+        }
+        match &self.0.shared {
+            Some(shared) => shared.stored(id, who, wire).await,
+            None => Err(ApiError::StreamNotFound(id.to_owned())),
+        }
+    }
+
+    /// Forgets stream `id` (cancelling it first if it runs), wherever it is logged.
+    pub async fn delete(&self, id: &str, who: &str, wire: Wire) -> Result<(), ApiError> {
+        self.check(id)?;
+        if let Some(entry) = self.local(id, who, wire) {
+            entry.cancel();
+            self.remove(&entry);
+            if let Some(shared) = &self.0.shared {
+                shared.forget(id).await;
+            }
+            return Ok(());
+        }
+        match &self.0.shared {
+            Some(shared) => shared.delete(id, who, wire).await,
+            None => Err(ApiError::StreamNotFound(id.to_owned())),
+        }
     }
 
     /// Every event of a finished stream, for the reply it adds up to; 409 while it runs.

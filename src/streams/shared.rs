@@ -19,7 +19,7 @@ use redis::{AsyncCommands, Client, RedisResult};
 use tokio::sync::{OnceCell, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use super::{Attached, Cancelled, Settings, lock};
+use super::{Attached, Cancelled, Settings, Stored, lock};
 use crate::error::ApiError;
 use crate::relay::{self, Wire};
 
@@ -273,7 +273,13 @@ impl Shared {
     }
 
     /// Registers a new stream, or fails when Redis cannot be reached.
-    pub(super) async fn open(&self, id: &str, owner: &str, wire: Wire) -> RedisResult<Log> {
+    pub(super) async fn open(
+        &self,
+        id: &str,
+        owner: &str,
+        wire: Wire,
+        context: Option<&[u8]>,
+    ) -> RedisResult<Log> {
         let now = self.epoch.elapsed().as_millis() as u64;
         if now < self.down_until.load(Ordering::Relaxed) {
             return Err(redis::RedisError::from((
@@ -281,7 +287,7 @@ impl Shared {
                 "Redis failed a moment ago",
             )));
         }
-        let result = self.register(id, owner, wire).await;
+        let result = self.register(id, owner, wire, context).await;
         if result.is_err() {
             let until = self.epoch.elapsed() + BACKOFF;
             self.down_until
@@ -290,20 +296,29 @@ impl Shared {
         result
     }
 
-    async fn register(&self, id: &str, owner: &str, wire: Wire) -> RedisResult<Log> {
+    async fn register(
+        &self,
+        id: &str,
+        owner: &str,
+        wire: Wire,
+        context: Option<&[u8]>,
+    ) -> RedisResult<Log> {
         let keys = Arc::new(Keys::of(id));
         let mut conn = self.connection().await?;
-        redis::pipe()
-            .hset_multiple(
-                &keys.meta,
-                &[
-                    ("owner", owner),
-                    ("wire", wire.as_str()),
-                    ("instance", &self.instance),
-                ],
-            )
-            .ignore()
-            .pexpire(&keys.meta, millis(self.running) as i64)
+        let mut pipe = redis::pipe();
+        pipe.hset_multiple(
+            &keys.meta,
+            &[
+                ("owner", owner),
+                ("wire", wire.as_str()),
+                ("instance", &self.instance),
+            ],
+        )
+        .ignore();
+        if let Some(context) = context {
+            pipe.hset(&keys.meta, "context", context).ignore();
+        }
+        pipe.pexpire(&keys.meta, millis(self.running) as i64)
             .ignore()
             .query_async::<()>(&mut conn)
             .await?;
@@ -376,7 +391,16 @@ impl Shared {
             .await
             .map_err(unreachable)?;
         Ok(Attached::Events(
-            follow(reader, keys, wire, after, instance, self.lease).boxed(),
+            follow(
+                reader,
+                id.to_owned(),
+                keys,
+                wire,
+                after,
+                instance,
+                self.lease,
+            )
+            .boxed(),
         ))
     }
 
@@ -414,6 +438,64 @@ impl Shared {
                 }
             }
         }
+    }
+
+    /// Context and events of a stream logged in Redis (by any instance).
+    pub(super) async fn stored(&self, id: &str, who: &str, wire: Wire) -> Result<Stored, ApiError> {
+        let keys = Keys::of(id);
+        let mut conn = self.connection().await.map_err(unreachable)?;
+        self.find(&mut conn, &keys, id, who, wire).await?;
+        let context: Option<Vec<u8>> = conn
+            .hget(&keys.meta, "context")
+            .await
+            .map_err(unreachable)?;
+        let mut stored = Stored {
+            context: context.map(Bytes::from),
+            events: Vec::new(),
+            ended: false,
+        };
+        let mut after = String::from("-");
+        loop {
+            let page: StreamRangeReply = conn
+                .xrange_count(&keys.log, &after, "+", PAGE)
+                .await
+                .map_err(unreachable)?;
+            let Some(last) = page.ids.last() else {
+                return Ok(stored);
+            };
+            after = format!("({}", last.id);
+            for entry in &page.ids {
+                if entry.map.contains_key("end") || entry.map.contains_key("lost") {
+                    stored.ended = true;
+                } else if let Some(event) = event_of(entry) {
+                    stored.events.push(event);
+                }
+            }
+        }
+    }
+
+    /// Removes a stream's keys (its producer, here, has been stopped already).
+    pub(super) async fn forget(&self, id: &str) {
+        let keys = Keys::of(id);
+        if let Ok(mut conn) = self.connection().await {
+            let _: RedisResult<()> = conn.del(&[&keys.log, &keys.meta]).await;
+        }
+    }
+
+    /// Stops a stream another instance produces and removes its keys.
+    pub(super) async fn delete(&self, id: &str, who: &str, wire: Wire) -> Result<(), ApiError> {
+        let keys = Keys::of(id);
+        let mut conn = self.connection().await.map_err(unreachable)?;
+        self.find(&mut conn, &keys, id, who, wire).await?;
+        let _: i64 = conn
+            .publish(CANCEL_CHANNEL, id)
+            .await
+            .map_err(unreachable)?;
+        let _: () = conn
+            .del(&[&keys.log, &keys.meta])
+            .await
+            .map_err(unreachable)?;
+        Ok(())
     }
 
     pub(super) async fn cancel(
@@ -469,6 +551,7 @@ fn event_of(entry: &StreamId) -> Option<Bytes> {
 /// lease, it checks that the producer still lives.
 fn follow(
     mut conn: MultiplexedConnection,
+    id: String,
     keys: Keys,
     wire: Wire,
     after: u64,
@@ -489,14 +572,14 @@ fn follow(
                 Ok(reply) => reply.map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect::<Vec<_>>()).unwrap_or_default(),
                 Err(e) => {
                     tracing::warn!(error = %e, "Redis failed under a resumed stream");
-                    yield relay::error_event(wire, cursor + 1, &ApiError::ProducerLost);
+                    yield relay::error_event(wire, &id, cursor + 1, &ApiError::ProducerLost);
                     return;
                 }
             };
             if entries.is_empty() {
                 let alive: RedisResult<bool> = conn.exists(&alive_key).await;
                 if !matches!(alive, Ok(true)) {
-                    yield relay::error_event(wire, cursor + 1, &ApiError::ProducerLost);
+                    yield relay::error_event(wire, &id, cursor + 1, &ApiError::ProducerLost);
                     return;
                 }
                 continue;
@@ -513,7 +596,7 @@ fn follow(
                         yield event;
                     }
                     None => {
-                        yield relay::error_event(wire, cursor + 1, &ApiError::StreamEventsLost);
+                        yield relay::error_event(wire, &id, cursor + 1, &ApiError::StreamEventsLost);
                         return;
                     }
                 }

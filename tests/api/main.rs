@@ -16,6 +16,7 @@ mod input;
 mod local;
 mod openai;
 mod reconnect;
+mod responses;
 mod resume;
 mod resume_shared;
 mod sdk;

@@ -1,0 +1,661 @@
+//! `POST /v1/responses`: OpenAI's Responses API on every backend. The request's `input`
+//! items, `instructions`, tools and options become a chat request (what any
+//! OpenAI-compatible upstream, the mock and the local model take); the Responses encoder
+//! writes the events back. A stored response (`store`, the default) is a stream log: it can
+//! be read again (`GET /v1/responses/{id}`, streamed from `starting_after`), continued
+//! (`previous_response_id`), cancelled and deleted. `background: true` runs to its end
+//! whoever is connected.
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use crate::admission::Principal;
+use crate::backend::Message;
+use crate::error::ApiError;
+use crate::http::{JsonObject, typed, with_rate_headers};
+use crate::pipeline;
+use crate::relay::responses::{Meta, responses_events, snapshot};
+use crate::relay::{self, Completion, Wire};
+use crate::state::AppState;
+use crate::streams::Detach;
+use crate::telemetry::Exchange;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/responses", post(create))
+        .route("/v1/responses/{id}", get(retrieve).delete(delete))
+        .route("/v1/responses/{id}/cancel", post(cancel))
+}
+
+/// The fields sluice reads; the others are accepted and ignored (`include`, `truncation`…).
+#[derive(Deserialize)]
+struct Fields {
+    model: String,
+    input: Option<Input>,
+    instructions: Option<String>,
+    #[serde(default)]
+    tools: Vec<Value>,
+    tool_choice: Option<Value>,
+    max_output_tokens: Option<u32>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    text: Option<Value>,
+    metadata: Option<Map<String, Value>>,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    background: bool,
+    store: Option<bool>,
+    previous_response_id: Option<String>,
+    parallel_tool_calls: Option<bool>,
+    user: Option<String>,
+    reasoning: Option<Value>,
+}
+
+/// The Responses API's own fields: translated, kept in the response object, or (the last
+/// ones) with no chat counterpart. Any other field goes to the upstream as it came.
+const RESPONSES_FIELDS: [&str; 24] = [
+    "model",
+    "input",
+    "instructions",
+    "tools",
+    "tool_choice",
+    "max_output_tokens",
+    "temperature",
+    "top_p",
+    "text",
+    "metadata",
+    "stream",
+    "background",
+    "store",
+    "previous_response_id",
+    "parallel_tool_calls",
+    "user",
+    "reasoning",
+    "include",
+    "truncation",
+    "stream_options",
+    "conversation",
+    "prompt",
+    "prompt_cache_key",
+    "max_tool_calls",
+];
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Input {
+    Text(String),
+    Items(Vec<Value>),
+}
+
+fn invalid(message: impl Into<String>, param: &str) -> ApiError {
+    ApiError::invalid(message, Some(param))
+}
+
+/// The text of a message's content parts, and the chat content they become.
+fn content(content: &Value, at: &str) -> Result<Value, ApiError> {
+    let parts = match content {
+        Value::String(_) => return Ok(content.clone()),
+        Value::Array(parts) => parts,
+        _ => return Err(invalid("content must be a string or a list of parts", at)),
+    };
+    let mut out = Vec::with_capacity(parts.len());
+    let mut only_text = true;
+    for (i, part) in parts.iter().enumerate() {
+        let at = format!("{at}[{i}]");
+        match part["type"].as_str() {
+            Some("input_text" | "output_text" | "text") => {
+                let text = part["text"]
+                    .as_str()
+                    .ok_or_else(|| invalid("a text part needs `text`", &at))?;
+                out.push(json!({"type": "text", "text": text}));
+            }
+            Some("input_image") => {
+                only_text = false;
+                let url = part["image_url"]
+                    .as_str()
+                    .ok_or_else(|| invalid("sluice passes images on by `image_url` only", &at))?;
+                let mut image = json!({"url": url});
+                if let Some(detail) = part.get("detail") {
+                    image["detail"] = detail.clone();
+                }
+                out.push(json!({"type": "image_url", "image_url": image}));
+            }
+            Some("refusal") => {}
+            other => {
+                return Err(invalid(
+                    format!("content parts of type {other:?} are not supported by sluice"),
+                    &format!("{at}.type"),
+                ));
+            }
+        }
+    }
+    if only_text {
+        let text: String = out
+            .iter()
+            .filter_map(|p| p["text"].as_str())
+            .collect::<Vec<_>>()
+            .join("");
+        return Ok(Value::String(text));
+    }
+    Ok(Value::Array(out))
+}
+
+const ROLES: [&str; 4] = ["user", "system", "developer", "assistant"];
+
+/// `input` as chat messages: messages, `function_call` items (merged into the assistant
+/// message before them, as parallel calls are) and `function_call_output` items.
+fn translate(input: Input) -> Result<Vec<Value>, ApiError> {
+    let items = match input {
+        Input::Text(text) => return Ok(vec![json!({"role": "user", "content": text})]),
+        Input::Items(items) => items,
+    };
+    let mut messages: Vec<Value> = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let at = format!("input[{i}]");
+        let kind = item["type"]
+            .as_str()
+            .unwrap_or(if item.get("role").is_some() {
+                "message"
+            } else {
+                ""
+            });
+        match kind {
+            "message" => {
+                let role = item["role"].as_str().unwrap_or_default();
+                if !ROLES.contains(&role) {
+                    return Err(invalid(
+                        format!("unknown role {role:?}; expected one of {ROLES:?}"),
+                        &format!("{at}.role"),
+                    ));
+                }
+                let content = content(&item["content"], &format!("{at}.content"))?;
+                messages.push(json!({"role": role, "content": content}));
+            }
+            "function_call" => {
+                let (Some(call_id), Some(name)) = (item["call_id"].as_str(), item["name"].as_str())
+                else {
+                    return Err(invalid("a function_call needs `call_id` and `name`", &at));
+                };
+                let call = json!({"id": call_id, "type": "function", "function": {"name": name,
+                    "arguments": item["arguments"].as_str().unwrap_or("{}")}});
+                match messages.last_mut() {
+                    Some(last) if last["role"] == "assistant" => {
+                        match last.get_mut("tool_calls").and_then(Value::as_array_mut) {
+                            Some(calls) => calls.push(call),
+                            None => last["tool_calls"] = json!([call]),
+                        }
+                    }
+                    _ => messages
+                        .push(json!({"role": "assistant", "content": null, "tool_calls": [call]})),
+                }
+            }
+            "function_call_output" => {
+                let call_id = item["call_id"]
+                    .as_str()
+                    .ok_or_else(|| invalid("a function_call_output needs `call_id`", &at))?;
+                let output = match &item["output"] {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                messages.push(json!({"role": "tool", "tool_call_id": call_id, "content": output}));
+            }
+            // Reasoning the model did before: nothing a chat upstream takes back.
+            "reasoning" => {}
+            other => {
+                return Err(invalid(
+                    format!("input items of type {other:?} are not supported by sluice"),
+                    &format!("{at}.type"),
+                ));
+            }
+        }
+    }
+    Ok(messages)
+}
+
+/// What the models sluice runs itself read of chat messages: each one's text.
+fn canonical(messages: &[Value]) -> Vec<Message> {
+    messages
+        .iter()
+        .map(|m| {
+            let content = match &m["content"] {
+                Value::String(s) => s.clone(),
+                Value::Array(parts) => parts.iter().filter_map(|p| p["text"].as_str()).collect(),
+                _ => String::new(),
+            };
+            Message {
+                role: m["role"].as_str().unwrap_or("user").to_owned(),
+                content,
+            }
+        })
+        .collect()
+}
+
+/// A response's output items as the chat messages that continue from it.
+fn output_messages(output: &[Value]) -> Vec<Value> {
+    let mut messages: Vec<Value> = Vec::new();
+    for item in output {
+        match item["type"].as_str() {
+            Some("message") => {
+                let text: String = item["content"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|p| p["text"].as_str())
+                    .collect();
+                messages.push(json!({"role": "assistant", "content": text}));
+            }
+            Some("function_call") => {
+                let call = json!({"id": item["call_id"], "type": "function", "function": {
+                    "name": item["name"], "arguments": item["arguments"]}});
+                match messages.last_mut() {
+                    Some(last) if last["role"] == "assistant" => {
+                        match last.get_mut("tool_calls").and_then(Value::as_array_mut) {
+                            Some(calls) => calls.push(call),
+                            None => last["tool_calls"] = json!([call]),
+                        }
+                    }
+                    _ => messages
+                        .push(json!({"role": "assistant", "content": null, "tool_calls": [call]})),
+                }
+            }
+            _ => {}
+        }
+    }
+    messages
+}
+
+/// The conversation a stored response ends: its input and its output, as chat messages.
+async fn previous(state: &AppState, who: &Principal, id: &str) -> Result<Vec<Value>, ApiError> {
+    let stored = state
+        .streams
+        .stored(id, &who.name, Wire::Responses)
+        .await
+        .map_err(|e| match e {
+            ApiError::StreamNotFound(_) => ApiError::PreviousResponseNotFound(id.to_owned()),
+            e => e,
+        })?;
+    if !stored.ended {
+        return Err(invalid(
+            format!("the previous response {id} has not finished yet"),
+            "previous_response_id",
+        ));
+    }
+    let mut conversation: Vec<Value> = stored
+        .context
+        .and_then(|c| serde_json::from_slice(&c).ok())
+        .unwrap_or_default();
+    let response = snapshot(stored.events.iter().map(|e| &e[..]))
+        .ok_or_else(|| ApiError::PreviousResponseNotFound(id.to_owned()))?;
+    if let Some(output) = response["output"].as_array() {
+        conversation.extend(output_messages(output));
+    }
+    Ok(conversation)
+}
+
+/// Responses tools (`{type: "function", name, parameters…}`) as chat tools.
+fn tools(tools: &[Value]) -> Result<Vec<Value>, ApiError> {
+    tools
+        .iter()
+        .enumerate()
+        .map(|(i, tool)| match tool["type"].as_str() {
+            Some("function") => {
+                let mut function = Map::new();
+                for key in ["name", "description", "parameters", "strict"] {
+                    if let Some(v) = tool.get(key).filter(|v| !v.is_null()) {
+                        function.insert(key.into(), v.clone());
+                    }
+                }
+                if !function.contains_key("name") {
+                    return Err(invalid("a function tool needs a `name`", &format!("tools[{i}].name")));
+                }
+                Ok(json!({"type": "function", "function": function}))
+            }
+            other => Err(invalid(
+                format!("tools of type {other:?} (built-in tools) are not supported by sluice; function tools are"),
+                &format!("tools[{i}].type"),
+            )),
+        })
+        .collect()
+}
+
+fn tool_choice(choice: &Value) -> Result<Value, ApiError> {
+    match choice {
+        Value::String(s) if matches!(s.as_str(), "auto" | "none" | "required") => {
+            Ok(choice.clone())
+        }
+        Value::Object(o) if o.get("type").and_then(Value::as_str) == Some("function") => {
+            let name = o.get("name").ok_or_else(|| {
+                invalid("a function tool_choice needs a `name`", "tool_choice.name")
+            })?;
+            Ok(json!({"type": "function", "function": {"name": name}}))
+        }
+        _ => Err(invalid(
+            "tool_choice must be auto, none, required or {\"type\": \"function\", \"name\": …}",
+            "tool_choice",
+        )),
+    }
+}
+
+/// `text.format` as chat's `response_format`.
+fn response_format(text: &Value) -> Result<Option<Value>, ApiError> {
+    let format = &text["format"];
+    match format["type"].as_str() {
+        None | Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(json!({"type": "json_object"}))),
+        Some("json_schema") => {
+            let mut schema = Map::new();
+            for key in ["name", "schema", "strict", "description"] {
+                if let Some(v) = format.get(key).filter(|v| !v.is_null()) {
+                    schema.insert(key.into(), v.clone());
+                }
+            }
+            Ok(Some(json!({"type": "json_schema", "json_schema": schema})))
+        }
+        Some(other) => Err(invalid(
+            format!("text.format of type {other:?} is not supported"),
+            "text.format.type",
+        )),
+    }
+}
+
+async fn create(
+    State(state): State<AppState>,
+    who: Principal,
+    Extension(exchange): Extension<Exchange>,
+    headers: HeaderMap,
+    JsonObject(mut body): JsonObject,
+) -> Result<Response, ApiError> {
+    let fields: Fields = typed(&mut body)?;
+    let store = fields.store.unwrap_or(true);
+    if fields.background && !store {
+        return Err(invalid(
+            "a background response must be stored (store: true)",
+            "store",
+        ));
+    }
+    let resumable = headers
+        .get("x-sluice-resumable")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
+    let Some(input) = fields.input else {
+        return Err(invalid("`input` is required", "input"));
+    };
+    let mut conversation = match &fields.previous_response_id {
+        Some(id) => previous(&state, &who, id).await?,
+        None => Vec::new(),
+    };
+    conversation.extend(translate(input)?);
+    let mut messages = Vec::with_capacity(conversation.len() + 1);
+    if let Some(instructions) = &fields.instructions {
+        messages.push(json!({"role": "system", "content": instructions}));
+    }
+    messages.extend(conversation.iter().cloned());
+
+    // The chat request an OpenAI-compatible upstream receives: what the Responses fields
+    // translate to, and every field sluice does not know, untouched (`seed`, `top_k`…).
+    for known in RESPONSES_FIELDS {
+        body.remove(known);
+    }
+    let mut upstream = body;
+    let canonical_messages = canonical(&messages);
+    upstream.insert("messages".into(), Value::Array(messages));
+    let chat_tools = tools(&fields.tools)?;
+    if !chat_tools.is_empty() {
+        upstream.insert("tools".into(), Value::Array(chat_tools));
+    }
+    if let Some(choice) = &fields.tool_choice {
+        upstream.insert("tool_choice".into(), tool_choice(choice)?);
+    }
+    if let Some(format) = fields
+        .text
+        .as_ref()
+        .map(response_format)
+        .transpose()?
+        .flatten()
+    {
+        upstream.insert("response_format".into(), format);
+    }
+    let decimal = |v: f32| Value::from((f64::from(v) * 1e6).round() / 1e6);
+    if let Some(t) = fields.temperature {
+        upstream.insert("temperature".into(), decimal(t));
+    }
+    if let Some(p) = fields.top_p {
+        upstream.insert("top_p".into(), decimal(p));
+    }
+    if let Some(n) = fields.max_output_tokens {
+        upstream.insert("max_tokens".into(), json!(n));
+    }
+    if let Some(p) = fields.parallel_tool_calls {
+        upstream.insert("parallel_tool_calls".into(), json!(p));
+    }
+    if let Some(user) = &fields.user {
+        upstream.insert("user".into(), json!(user));
+    }
+    if let Some(effort) = fields
+        .reasoning
+        .as_ref()
+        .and_then(|r| r.get("effort"))
+        .filter(|e| !e.is_null())
+    {
+        upstream.insert("reasoning_effort".into(), effort.clone());
+    }
+
+    // What the response object repeats of the request.
+    let decimal_or = |v: Option<f32>| v.map_or(json!(1.0), decimal);
+    let mut echo = Map::new();
+    echo.insert("instructions".into(), json!(fields.instructions));
+    echo.insert("max_output_tokens".into(), json!(fields.max_output_tokens));
+    echo.insert("temperature".into(), decimal_or(fields.temperature));
+    echo.insert("top_p".into(), decimal_or(fields.top_p));
+    echo.insert("tools".into(), Value::Array(fields.tools.clone()));
+    echo.insert(
+        "tool_choice".into(),
+        fields.tool_choice.clone().unwrap_or(json!("auto")),
+    );
+    echo.insert(
+        "text".into(),
+        fields
+            .text
+            .clone()
+            .unwrap_or(json!({"format": {"type": "text"}})),
+    );
+    echo.insert(
+        "metadata".into(),
+        Value::Object(fields.metadata.clone().unwrap_or_default()),
+    );
+    echo.insert(
+        "parallel_tool_calls".into(),
+        json!(fields.parallel_tool_calls.unwrap_or(true)),
+    );
+    echo.insert(
+        "previous_response_id".into(),
+        json!(fields.previous_response_id),
+    );
+    echo.insert("store".into(), json!(store));
+    echo.insert(
+        "reasoning".into(),
+        fields
+            .reasoning
+            .clone()
+            .unwrap_or(json!({"effort": null, "summary": null})),
+    );
+    echo.insert("truncation".into(), json!("disabled"));
+    echo.insert("user".into(), json!(fields.user));
+
+    let chat = pipeline::Chat {
+        model: fields.model,
+        messages: canonical_messages,
+        max_tokens: fields.max_output_tokens,
+        max_tokens_param: "max_output_tokens",
+        temperature: fields.temperature,
+        top_p: fields.top_p,
+        seed: None,
+        body: upstream,
+    };
+    let started = pipeline::start(&state, &who, &exchange, chat).await?;
+    let rate = started.rate;
+    let completion = Completion::new(&started.model);
+    let id = completion.stream_id(Wire::Responses);
+    let meta = Meta {
+        id: id.clone(),
+        created_at: completion.created,
+        model: completion.model,
+        echo,
+        background: fields.background,
+    };
+    let context = store
+        .then(|| serde_json::to_vec(&conversation).ok().map(Bytes::from))
+        .flatten();
+    let mut guard = started.guard;
+
+    let response = async {
+        if fields.background && !fields.stream {
+            // Answered at once; the response runs on and is read with GET.
+            let queued = meta.object("queued", &[], Value::Null);
+            let slot = state
+                .streams
+                .slot(&id, &who.name, Wire::Responses, context)
+                .await?
+                .ok_or_else(no_room)?;
+            let events = responses_events(relay::Opened::unpeeked(started.stream), meta, guard);
+            slot.run_detached(events);
+            return Ok(Json(queued).into_response());
+        }
+        // A failure before the first token is a real status, streamed or not.
+        let opened = relay::open(started.stream, state.keep_alive, &mut guard).await?;
+        let events = responses_events(opened, meta, guard);
+        let detach = if fields.background {
+            Detach::Keep
+        } else if resumable {
+            Detach::Grace
+        } else {
+            Detach::Cancel
+        };
+        let slot = if store || resumable {
+            state
+                .streams
+                .slot(&id, &who.name, Wire::Responses, context)
+                .await?
+        } else {
+            None
+        };
+        if fields.background && slot.is_none() {
+            return Err(no_room());
+        }
+        if !fields.stream {
+            // Read to its end here; a client that leaves cancels it (the log's reader goes).
+            let logged: Vec<Bytes> = match slot {
+                Some(slot) => slot.run(events, detach).collect().await,
+                None => events.collect().await,
+            };
+            let reply = snapshot(logged.iter().map(|e| &e[..])).ok_or(ApiError::Internal)?;
+            return Ok(Json(reply).into_response());
+        }
+        Ok(match slot {
+            Some(slot) => {
+                let mut response = relay::sse(slot.run(events, detach), &id, state.keep_alive);
+                if resumable || fields.background {
+                    response
+                        .headers_mut()
+                        .insert("x-sluice-resumable", HeaderValue::from_static("true"));
+                }
+                response
+            }
+            None => {
+                let mut response = relay::sse(events, &id, state.keep_alive);
+                if resumable {
+                    response
+                        .headers_mut()
+                        .insert("x-sluice-resumable", HeaderValue::from_static("false"));
+                }
+                response
+            }
+        })
+    }
+    .await;
+    Ok(with_rate_headers(response, &rate))
+}
+
+fn no_room() -> ApiError {
+    ApiError::Busy {
+        message: "no room to keep a background response now; try again, or without `background`"
+            .into(),
+        retry_after: std::time::Duration::from_secs(1),
+    }
+}
+
+/// `GET /v1/responses/{id}`: the response as it stands; with `stream=true`, its events
+/// after `starting_after` (a sequence number), then live ones.
+async fn retrieve(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+    query: Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let Query(pairs) = query;
+    let stream = pairs.iter().any(|(k, v)| k == "stream" && v == "true");
+    if stream {
+        // Event `n` has `sequence_number` n - 1: after sequence N is after event N + 1.
+        let after = match pairs.iter().find(|(k, _)| k == "starting_after") {
+            Some((_, v)) => v
+                .trim()
+                .parse::<u64>()
+                .map_err(|_| {
+                    invalid(
+                        "`starting_after` must be a sequence number",
+                        "starting_after",
+                    )
+                })?
+                .saturating_add(1),
+            None => super::streams::cursor(&headers, &Default::default())?,
+        };
+        return super::streams::follow(&state, &who, &id, Wire::Responses, after).await;
+    }
+    let stored = state
+        .streams
+        .stored(&id, &who.name, Wire::Responses)
+        .await?;
+    let response = snapshot(stored.events.iter().map(|e| &e[..]))
+        .ok_or_else(|| ApiError::StreamEventsGone(id.clone()))?;
+    Ok(Json(response).into_response())
+}
+
+/// `POST /v1/responses/{id}/cancel`: stops it; the response object as it then stands.
+async fn cancel(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    state
+        .streams
+        .cancel(&id, &who.name, Wire::Responses)
+        .await?;
+    let stored = state
+        .streams
+        .stored(&id, &who.name, Wire::Responses)
+        .await?;
+    let response = snapshot(stored.events.iter().map(|e| &e[..]))
+        .ok_or_else(|| ApiError::StreamEventsGone(id.clone()))?;
+    Ok(Json(response).into_response())
+}
+
+/// `DELETE /v1/responses/{id}`.
+async fn delete(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    state
+        .streams
+        .delete(&id, &who.name, Wire::Responses)
+        .await?;
+    Ok(Json(json!({"id": id, "object": "response", "deleted": true})).into_response())
+}
