@@ -12,6 +12,7 @@ mod failures;
 mod faults;
 mod hostile;
 mod input;
+mod js;
 #[cfg(feature = "local")]
 mod local;
 mod openai;
