@@ -266,9 +266,26 @@ async function load() {
   try {
     const response = await fetch('/v1/models', { headers: auth() });
     if (response.status === 401) needKey();
-    const models = await response.json();
-    for (const m of models.data) $('model').add(new Option(m.id, m.id));
-    if (!models.data.some((m) => m.id === state.model)) state.model = models.data[0]?.id || '';
+    const models = (await response.json()).data;
+    // Grouped: sluice's own models, the upstream's, and the mock for tests; the mock's
+    // failure modes only with ?debug (or localStorage sluice.debug = 1).
+    const debug = new URLSearchParams(location.search).has('debug') || localStorage.getItem('sluice.debug') === '1';
+    const failure = /^mock-(error-before|error-after|hang|stall)$/;
+    const groups = [['Local', []], ['Upstream', []], ['Test', []]];
+    for (const m of models) {
+      if (failure.test(m.id) && !debug) continue;
+      const group = m.id === 'mock' || m.id.startsWith('mock-') ? 2 : m.owned_by === 'sluice' ? 0 : 1;
+      groups[group][1].push(m.id);
+    }
+    const shown = [];
+    for (const [label, ids] of groups) {
+      if (ids.length === 0) continue;
+      const group = document.createElement('optgroup');
+      group.label = label;
+      for (const id of ids) { group.append(new Option(id, id)); shown.push(id); }
+      $('model').append(group);
+    }
+    if (!shown.includes(state.model)) state.model = shown[0] || '';
     $('model').value = state.model;
   } catch { /* the chat still works on the default model */ }
   try {

@@ -275,3 +275,25 @@ async fn the_chat_page_in_chromium() {
     screenshot("phone.png", &client.screenshot().await.expect("png"));
     client.close().await.expect("closes");
 }
+
+#[tokio::test]
+async fn the_model_picker_groups_every_model_and_hides_failure_mocks() {
+    let Some(driver) = start_driver() else { return };
+    let upstream = crate::support::FakeUpstream::spawn().await;
+    let app = TestApp::in_front_of(&upstream).await;
+    let picker = "return [...document.querySelectorAll('#model optgroup')].map((g) => [g.label, [...g.querySelectorAll('option')].map((o) => o.value)])";
+    let client = open_page(&driver, &app.url("/")).await;
+    let groups = js(&client, picker).await;
+    assert_eq!(
+        groups,
+        json!([["Upstream", ["gpt-test", "slow", "status-500"]], ["Test", ["mock"]]]),
+        "the upstream's catalogue, and no failure-mode mock"
+    );
+    client.close().await.expect("close");
+    let client = open_page(&driver, &app.url("/?debug")).await;
+    let groups = js(&client, picker).await;
+    assert_eq!(
+        groups[1],
+        json!(["Test", ["mock", "mock-error-after", "mock-error-before", "mock-hang", "mock-stall"]])
+    );
+}
