@@ -161,10 +161,12 @@ impl ApiError {
                 "rate_limit_error"
             }
             ApiError::InvalidApiKey | ApiError::InvalidMetricsToken => "invalid_request_error",
-            ApiError::Busy { .. } => "overloaded_error",
-            ApiError::UpstreamAuth | ApiError::UpstreamFailed(_) => "upstream_error",
-            ApiError::UpstreamTimeout(_) => "timeout_error",
-            ApiError::Overloaded { .. } => "overloaded_error",
+            // OpenAI's type for what fails on the server's side, whichever part failed.
+            ApiError::Busy { .. }
+            | ApiError::UpstreamAuth
+            | ApiError::UpstreamFailed(_)
+            | ApiError::UpstreamTimeout(_)
+            | ApiError::Overloaded { .. } => "server_error",
             ApiError::Restarting | ApiError::Internal => "server_error",
             ApiError::StreamNotFound(_)
             | ApiError::PreviousResponseNotFound(_)

@@ -158,6 +158,7 @@ pub async fn collect(
     let mut finish = None;
     let mut identity = None;
     let mut usage_details = None;
+    let mut assembled_logprobs: Option<Map<String, Value>> = None;
     // What the reply holds so far, in bytes as written.
     let mut size = 0usize;
     while let Some(item) = opened.next().await {
@@ -184,8 +185,11 @@ pub async fn collect(
             Ok(Delta::Finish(reason)) => finish = Some(reason),
             Ok(Delta::Identity(fields)) => identity = Some(fields),
             Ok(Delta::UsageDetails(details)) => usage_details = Some(details),
-            // Per-token log probabilities are not assembled into the reply.
-            Ok(Delta::Logprobs(_)) => {}
+            Ok(Delta::Logprobs(logprobs)) => {
+                if let Ok(Value::Object(more)) = serde_json::from_str(logprobs.json()) {
+                    merge_logprobs(&mut assembled_logprobs, more);
+                }
+            }
             Ok(Delta::Usage(usage)) => guard.reported = Some(usage),
             Ok(Delta::Queued(_)) => {}
             Err(e) => {
@@ -206,7 +210,11 @@ pub async fn collect(
             Value::String(content)
         },
     );
+    // As OpenAI writes a message: `refusal` and `annotations` always there.
+    message.insert("refusal".into(), Value::Null);
+    message.insert("annotations".into(), json!([]));
     message.extend(fields);
+    strip_index(&mut message);
     let mut usage = json!(guard.usage());
     if let (Some(details), Value::Object(usage)) = (usage_details, &mut usage)
         && let Ok(Value::Object(details)) = serde_json::from_str(&format!("{{{details}}}"))
@@ -219,7 +227,7 @@ pub async fn collect(
         "created": completion.created,
         "model": completion.model,
         "system_fingerprint": null,
-        "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish}],
+        "choices": [{"index": 0, "message": message, "logprobs": assembled_logprobs, "finish_reason": finish}],
         "usage": usage,
     });
     if let (Some(identity), Value::Object(reply)) = (identity, &mut reply)
@@ -282,6 +290,9 @@ pub fn assemble<'a>(events: impl IntoIterator<Item = &'a [u8]>) -> Result<Value,
             Value::String(content)
         },
     );
+    message.entry("refusal").or_insert(Value::Null);
+    message.insert("annotations".into(), json!([]));
+    strip_index(&mut message);
     reply.insert("object".into(), json!("chat.completion"));
     reply.insert(
         "choices".into(),
@@ -289,6 +300,34 @@ pub fn assemble<'a>(events: impl IntoIterator<Item = &'a [u8]>) -> Result<Value,
     );
     reply.insert("usage".into(), usage);
     Ok(Value::Object(reply))
+}
+
+/// Streamed `logprobs` (`{"content": [...], "refusal": [...]}` per chunk) as one: the lists
+/// joined in order.
+fn merge_logprobs(into: &mut Option<Map<String, Value>>, more: Map<String, Value>) {
+    let into = into.get_or_insert_with(Map::new);
+    for (key, value) in more {
+        match (into.get_mut(&key), value) {
+            (Some(Value::Array(have)), Value::Array(more)) => have.extend(more),
+            (_, Value::Null) => {
+                into.entry(key).or_insert(Value::Null);
+            }
+            (_, value) => {
+                into.insert(key, value);
+            }
+        }
+    }
+}
+
+/// An assembled message's `tool_calls` without the stream-only `index` keys.
+fn strip_index(message: &mut Map<String, Value>) {
+    if let Some(Value::Array(calls)) = message.get_mut("tool_calls") {
+        for call in calls {
+            if let Value::Object(call) = call {
+                call.remove("index");
+            }
+        }
+    }
 }
 
 /// Folds one streamed delta into the message so far, the way OpenAI's SDKs do: strings

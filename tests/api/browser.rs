@@ -286,7 +286,10 @@ async fn the_model_picker_groups_every_model_and_hides_failure_mocks() {
     let groups = js(&client, picker).await;
     assert_eq!(
         groups,
-        json!([["Upstream", ["gpt-test", "slow", "status-500"]], ["Test", ["mock"]]]),
+        json!([
+            ["Upstream", ["gpt-test", "slow", "status-500"]],
+            ["Test", ["mock"]]
+        ]),
         "the upstream's catalogue, and no failure-mode mock"
     );
     client.close().await.expect("close");
@@ -294,6 +297,15 @@ async fn the_model_picker_groups_every_model_and_hides_failure_mocks() {
     let groups = js(&client, picker).await;
     assert_eq!(
         groups[1],
-        json!(["Test", ["mock", "mock-error-after", "mock-error-before", "mock-hang", "mock-stall"]])
+        json!([
+            "Test",
+            [
+                "mock",
+                "mock-error-after",
+                "mock-error-before",
+                "mock-hang",
+                "mock-stall"
+            ]
+        ])
     );
 }

@@ -41,7 +41,9 @@ fn installed() -> Option<PathBuf> {
             // Not marked installed: the next run tries again.
             let _ = std::fs::remove_file(dir.join("package.json"));
             let why = String::from_utf8_lossy(&install.stderr).into_owned();
-            if skip_without(&format!("the pinned npm packages (npm install failed: {why})")) {
+            if skip_without(&format!(
+                "the pinned npm packages (npm install failed: {why})"
+            )) {
                 return None;
             }
         }
@@ -51,7 +53,10 @@ fn installed() -> Option<PathBuf> {
 
 #[tokio::test]
 async fn the_openai_npm_package_and_the_vercel_ai_sdk_stream_through_sluice() {
-    let Some(dir) = tokio::task::spawn_blocking(installed).await.expect("install") else {
+    let Some(dir) = tokio::task::spawn_blocking(installed)
+        .await
+        .expect("install")
+    else {
         return;
     };
     let app = TestApp::spawn_with(|c| c.mock_tokens_per_s = 200.0).await;
@@ -70,7 +75,10 @@ async fn the_openai_npm_package_and_the_vercel_ai_sdk_stream_through_sluice() {
     );
     let found: Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
     let reply = found["chat"].as_str().expect("the chat stream's text");
-    assert!(reply.starts_with("You said: Tell me about rivers."), "{reply}");
+    assert!(
+        reply.starts_with("You said: Tell me about rivers."),
+        "{reply}"
+    );
     assert_eq!(found["openai"]["first"], "response.created");
     assert_eq!(found["openai"]["last"], "response.completed");
     assert_eq!(found["openai"]["text"], reply);
@@ -79,9 +87,7 @@ async fn the_openai_npm_package_and_the_vercel_ai_sdk_stream_through_sluice() {
     assert_eq!(found["ai"]["finishReason"], "stop");
     assert_eq!(found["ai"]["usage"], 40);
     // The AI SDK's provider went through /v1/responses.
-    assert!(
-        app.metrics()
-            .await
-            .contains("sluice_requests_total{route=\"/v1/responses\",model=\"mock\",status=\"200\"} 2")
-    );
+    assert!(app.metrics().await.contains(
+        "sluice_requests_total{route=\"/v1/responses\",model=\"mock\",status=\"200\"} 2"
+    ));
 }

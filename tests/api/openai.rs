@@ -202,6 +202,12 @@ async fn tool_call_deltas_relay_unchanged_and_merge_when_not_streamed() {
         message["tool_calls"][0]["function"]["arguments"],
         "{\"city\":\"Paris\"}"
     );
+    // `index` belongs to stream deltas: an assembled call has none.
+    assert_eq!(
+        message["tool_calls"][0],
+        json!({"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}})
+    );
     assert_eq!(reply["choices"][0]["finish_reason"], "tool_calls");
 }
 
@@ -309,6 +315,14 @@ async fn the_relay_carries_what_the_upstream_sent() {
     );
     assert_eq!(
         reply["usage"]["prompt_tokens_details"]["cached_tokens"], 8,
+        "{reply}"
+    );
+    // As OpenAI writes a message, and the stream's log probabilities joined.
+    let message = &reply["choices"][0]["message"];
+    assert_eq!(message["refusal"], Value::Null, "{reply}");
+    assert_eq!(message["annotations"], json!([]), "{reply}");
+    assert_eq!(
+        reply["choices"][0]["logprobs"]["content"][0]["token"], "Hi",
         "{reply}"
     );
 }
