@@ -459,6 +459,10 @@ pub struct ModelRoute {
     pub api_key_env: Option<String>,
     /// The model's name at the upstream; the route's own name when absent.
     pub model: Option<String>,
+    /// The API the upstream is called with: `chat` (chat completions, the default) or
+    /// `responses` (OpenAI's Responses API: relayed natively to Responses clients).
+    #[serde(default = "default_api")]
+    pub api: String,
     /// Tried in order when this one fails before anything reached the client (cannot
     /// connect, 5xx, 429, no first token in time). A fallback has no fallbacks of its own.
     #[serde(default)]
@@ -467,6 +471,10 @@ pub struct ModelRoute {
 
 fn default_backend() -> String {
     "openai".into()
+}
+
+fn default_api() -> String {
+    "chat".into()
 }
 
 impl FileConfig {
@@ -491,6 +499,11 @@ impl ModelRoute {
             // Which mock models there are is checked where the routes are built.
             "mock" => {}
             other => bail!("model {name:?}: unknown backend {other:?} (openai or mock)"),
+        }
+        match (self.backend.as_str(), self.api.as_str()) {
+            (_, "chat") | ("openai", "responses") => {}
+            ("mock", _) => bail!("model {name:?}: the mock backend speaks only api = \"chat\""),
+            (_, other) => bail!("model {name:?}: unknown api {other:?} (chat or responses)"),
         }
         if let Some(url) = &self.base_url {
             http_url(url).map_err(|e| anyhow::anyhow!("model {name:?}: base_url {e}"))?;

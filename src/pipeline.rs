@@ -28,6 +28,8 @@ pub struct Chat {
     pub seed: Option<u64>,
     /// The body an OpenAI-compatible upstream receives (unknown fields pass through).
     pub body: Map<String, Value>,
+    /// A Responses API request as sent, for an upstream that speaks that API.
+    pub native: Option<Map<String, Value>>,
 }
 
 /// An admitted request with its backend stream started (lazily: nothing runs until the
@@ -86,6 +88,7 @@ pub async fn start(
         seed: chat.seed,
         body: chat.body,
         request_id: exchange.request_id().to_owned(),
+        native: chat.native,
     };
     let guard = StreamGuard::new(
         state.metrics.clone(),

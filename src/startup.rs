@@ -197,8 +197,11 @@ fn target(
         Some(var) => std::env::var(var).ok(),
         None => config.openai_api_key.clone(),
     };
-    let backend = OpenAiBackend::new(base, key.as_deref(), config.connect_timeout())
+    let mut backend = OpenAiBackend::new(base, key.as_deref(), config.connect_timeout())
         .with_context(|| format!("SLUICE_CONFIG: model {name:?}"))?;
+    if route.api == "responses" {
+        backend = backend.speaking_responses();
+    }
     Ok(Target {
         backend: Arc::new(backend),
         model,

@@ -11,6 +11,7 @@ mod chunk;
 pub mod local;
 pub mod mock;
 pub mod openai;
+mod responses;
 pub mod sse;
 
 use std::pin::Pin;
@@ -46,6 +47,9 @@ pub struct ChatRequest {
     pub body: Map<String, Value>,
     /// sluice's id for the request, sent upstream as `x-request-id`.
     pub request_id: String,
+    /// A Responses API request as the client sent it: what an upstream that speaks that
+    /// API itself receives (and relays back event by event, as [`Delta::Event`]s).
+    pub native: Option<Map<String, Value>>,
 }
 
 impl ChatRequest {
@@ -155,6 +159,9 @@ pub enum Delta {
     /// Waiting for the model, with this many requests ahead: shown to the client as a
     /// keep-alive comment.
     Queued(usize),
+    /// One event of an upstream that speaks the client's own API (a Responses API
+    /// upstream answering a `/v1/responses` request), to relay as it came.
+    Event(Fields),
 }
 
 /// Why a backend could not produce (the rest of) a reply.

@@ -39,6 +39,9 @@ pub struct OpenAiBackend {
     /// such as llama-cpp-python ignore the newer name. OpenAI itself rejects the old one
     /// for some models, so not there.
     copy_max_tokens: bool,
+    /// The upstream is called with the Responses API (`{base}/responses`), not chat
+    /// completions (`api = "responses"` in its route).
+    responses: bool,
 }
 
 impl OpenAiBackend {
@@ -65,10 +68,54 @@ impl OpenAiBackend {
             http,
             endpoint: format!("{base_url}/chat/completions"),
             copy_max_tokens: !base_url.contains("api.openai.com"),
+            responses: false,
             shown_url: masked_url(&base_url),
             base_url,
             api_key,
         })
+    }
+
+    /// Calls this upstream with the Responses API instead of chat completions.
+    pub fn speaking_responses(mut self) -> Self {
+        self.endpoint = format!("{}/responses", self.base_url);
+        self.responses = true;
+        self
+    }
+
+    /// The body of a Responses API call: the client's own when it spoke that API (with the
+    /// upstream's model name), else the chat request written as one.
+    fn responses_body(request: ChatRequest) -> Map<String, Value> {
+        let mut body = match request.native {
+            Some(native) => native,
+            None => {
+                let mut body = Map::new();
+                let input: Vec<Value> = request
+                    .messages
+                    .iter()
+                    .map(|m| json!({"role": m.role, "content": m.content}))
+                    .collect();
+                body.insert("input".into(), Value::Array(input));
+                body.insert("store".into(), Value::Bool(false));
+                if let Some(n) = request.max_tokens {
+                    body.insert("max_output_tokens".into(), json!(n));
+                }
+                if let Some(t) = request.temperature {
+                    body.insert(
+                        "temperature".into(),
+                        json!((f64::from(t) * 1e6).round() / 1e6),
+                    );
+                }
+                if let Some(p) = request.top_p {
+                    body.insert("top_p".into(), json!((f64::from(p) * 1e6).round() / 1e6));
+                }
+                body
+            }
+        };
+        body.insert("model".into(), Value::String(request.model));
+        body.insert("stream".into(), Value::Bool(true));
+        // A response runs where the client is: its background and storage are sluice's.
+        body.remove("background");
+        body
     }
 
     /// The client's body with the upstream's model name, always streamed, always with usage.
@@ -119,7 +166,14 @@ impl OpenAiBackend {
 impl Backend for OpenAiBackend {
     fn stream(&self, request: ChatRequest) -> DeltaStream {
         let request_id = request.request_id.clone();
-        let body = Value::Object(self.upstream_body(request)).to_string();
+        // A Responses upstream relays its events to a Responses client, and is read into
+        // canonical events for any other.
+        let native = self.responses.then_some(request.native.is_some());
+        let body = if self.responses {
+            Value::Object(Self::responses_body(request)).to_string()
+        } else {
+            Value::Object(self.upstream_body(request)).to_string()
+        };
         let mut call = self
             .http
             .post(&self.endpoint)
@@ -145,6 +199,7 @@ impl Backend for OpenAiBackend {
             // A chunk's deltas, in one buffer kept for the whole stream.
             let mut ready = Vec::with_capacity(4);
             let mut seen = chunk::Seen::default();
+            let mut reading = super::responses::Reader::default();
             while let Some(event) = events.next().await {
                 let data = match event {
                     Ok(data) => data,
@@ -157,6 +212,24 @@ impl Backend for OpenAiBackend {
                         return;
                     }
                 };
+                if let Some(native) = native {
+                    match reading.event(&data, native, &mut ready) {
+                        Ok(ended) => {
+                            for delta in ready.drain(..) {
+                                yield Ok(delta);
+                            }
+                            if ended {
+                                let _ = tokio::time::timeout(BODY_END, events.next()).await;
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            yield Err(e);
+                            return;
+                        }
+                    }
+                    continue;
+                }
                 if data == "[DONE]" {
                     // Read on to the body's end, which is right behind: a response read to
                     // its end gives its connection back to the pool for the next request.

@@ -114,7 +114,7 @@ pub fn upstream(
                 };
                 let first = !relayed && !matches!(delta, Delta::Queued(_));
                 match delta {
-                    Delta::Text(_) | Delta::Fields(_) => waiting_for = Wait::Chunk,
+                    Delta::Text(_) | Delta::Fields(_) | Delta::Event(_) => waiting_for = Wait::Chunk,
                     Delta::Finish(_) => finished = true,
                     // Moving up the queue is progress: the wait for a first token starts
                     // when the model takes the request.

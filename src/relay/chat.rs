@@ -34,7 +34,8 @@ pub fn chat_events(
                         put(b, "}");
                     });
                 }
-                Ok(Delta::Fields(_) | Delta::Identity(_) | Delta::Logprobs(_) | Delta::UsageDetails(_)) => {}
+                // Native events come only to the route that speaks their API.
+                Ok(Delta::Fields(_) | Delta::Identity(_) | Delta::Logprobs(_) | Delta::UsageDetails(_) | Delta::Event(_)) => {}
                 Ok(Delta::Finish(reason)) => finish = Some(reason),
                 Ok(Delta::Usage(usage)) => guard.reported = Some(usage),
                 Ok(Delta::Queued(ahead)) => yield queued(&mut out, ahead),

@@ -128,6 +128,8 @@ pub fn openai_events(
                 Ok(Delta::UsageDetails(details)) => writer.usage_details = Some(details),
                 Ok(Delta::Usage(usage)) => guard.reported = Some(usage),
                 Ok(Delta::Queued(ahead)) => yield queued(&mut out, ahead),
+                // Native events come only to the route that speaks their API.
+                Ok(Delta::Event(_)) => {}
                 Err(e) => {
                     guard.failed(&e);
                     let body = ApiError::from(e).body().to_string();
@@ -191,7 +193,7 @@ pub async fn collect(
                 }
             }
             Ok(Delta::Usage(usage)) => guard.reported = Some(usage),
-            Ok(Delta::Queued(_)) => {}
+            Ok(Delta::Queued(_) | Delta::Event(_)) => {}
             Err(e) => {
                 guard.failed(&e);
                 return Err(e.into());

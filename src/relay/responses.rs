@@ -10,7 +10,7 @@ use futures::Stream;
 use serde_json::{Map, Value, json};
 
 use super::{Opened, SseWriter, StreamGuard, put, queued};
-use crate::backend::{Delta, Usage};
+use crate::backend::{BackendError, Delta, Usage};
 use crate::error::ApiError;
 use crate::telemetry::Outcome;
 
@@ -290,6 +290,36 @@ pub fn responses_events(
     mut guard: StreamGuard,
 ) -> impl Stream<Item = Bytes> + Send + 'static {
     async_stream::stream! {
+        let first = opened.next().await;
+        if matches!(first, Some(Ok(Delta::Event(_)))) {
+            // An upstream that speaks the Responses API: its events as they came.
+            let mut out = SseWriter::new();
+            out.retry();
+            let mut ended = false;
+            let mut item = first;
+            while let Some(next) = item {
+                match next {
+                    Ok(Delta::Event(event)) => yield native(&mut out, &meta, &mut guard, event.json(), &mut ended),
+                    Ok(Delta::Queued(ahead)) => yield queued(&mut out, ahead),
+                    Ok(_) => {}
+                    Err(e) => {
+                        guard.failed(&e);
+                        let body = ended_by(&meta.id, out.next_id() - 1, &ApiError::from(e)).to_string();
+                        yield out.event(Some("response.failed"), |b| put(b, &body));
+                        return;
+                    }
+                }
+                item = opened.next().await;
+            }
+            if !ended {
+                let e = BackendError::Interrupted("the upstream's event stream ended before its response did".into());
+                guard.failed(&e);
+                let body = ended_by(&meta.id, out.next_id() - 1, &ApiError::from(e)).to_string();
+                yield out.event(Some("response.failed"), |b| put(b, &body));
+            }
+            return;
+        }
+        let mut pending = Some(first);
         let mut w = Writer { out: SseWriter::new(), output: Vec::new(), open: Open::None };
         w.out.retry();
         let first = if meta.background { "queued" } else { "in_progress" };
@@ -298,7 +328,12 @@ pub fn responses_events(
         let mut finish = None;
         let mut details: Option<Box<str>> = None;
         let mut events = Vec::new();
-        while let Some(item) = opened.next().await {
+        loop {
+            let item = match pending.take() {
+                Some(first) => first,
+                None => opened.next().await,
+            };
+            let Some(item) = item else { break };
             match item {
                 Ok(Delta::Text(text)) => {
                     guard.delivered();
@@ -339,7 +374,7 @@ pub fn responses_events(
                 Ok(Delta::Finish(reason)) => finish = Some(reason),
                 Ok(Delta::Usage(u)) => guard.reported = Some(u),
                 Ok(Delta::UsageDetails(d)) => details = Some(d),
-                Ok(Delta::Identity(_) | Delta::Logprobs(_)) => {}
+                Ok(Delta::Identity(_) | Delta::Logprobs(_) | Delta::Event(_)) => {}
                 Ok(Delta::Queued(ahead)) => yield queued(&mut w.out, ahead),
                 Err(e) => {
                     guard.failed(&e);
@@ -364,6 +399,71 @@ pub fn responses_events(
         } else {
             yield w.event("response.completed", json!({"response": meta.object("completed", &w.output, usage)}));
         }
+    }
+}
+
+/// One event of an upstream that speaks the Responses API, relayed: its fields and its
+/// `sequence_number` as sent, the response's `id` made sluice's (so that it can be read
+/// back and continued here); metered as it goes.
+fn native(
+    out: &mut SseWriter,
+    meta: &Meta,
+    guard: &mut StreamGuard,
+    raw: &str,
+    ended: &mut bool,
+) -> Bytes {
+    let Ok(mut event) = serde_json::from_str::<Value>(raw) else {
+        return out.event(None, |b| put(b, raw));
+    };
+    let kind = event["type"].as_str().unwrap_or_default().to_owned();
+    let mut changed = false;
+    match kind.as_str() {
+        "response.output_text.delta" => guard.delivered(),
+        "response.created"
+        | "response.queued"
+        | "response.in_progress"
+        | "response.completed"
+        | "response.incomplete"
+        | "response.failed" => {
+            if let Some(response) = event.get_mut("response").filter(|r| r.is_object()) {
+                response["id"] = json!(meta.id);
+                changed = true;
+                let usage = &response["usage"];
+                if let (Some(input), Some(output)) = (
+                    usage["input_tokens"].as_u64(),
+                    usage["output_tokens"].as_u64(),
+                ) {
+                    let clamp = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+                    guard.reported = Some(Usage::new(clamp(input), clamp(output)));
+                }
+                if kind == "response.failed" {
+                    let message = response["error"]["message"]
+                        .as_str()
+                        .unwrap_or("the upstream's response failed")
+                        .to_owned();
+                    guard.failed(&BackendError::Interrupted(message));
+                    *ended = true;
+                } else if kind != "response.created"
+                    && kind != "response.queued"
+                    && kind != "response.in_progress"
+                {
+                    guard.finish(Outcome::Completed);
+                    *ended = true;
+                }
+            }
+        }
+        _ => {}
+    }
+    let name = if kind.is_empty() {
+        None
+    } else {
+        Some(kind.as_str())
+    };
+    if changed {
+        let body = event.to_string();
+        out.event(name, |b| put(b, &body))
+    } else {
+        out.event(name, |b| put(b, raw))
     }
 }
 

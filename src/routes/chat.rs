@@ -105,6 +105,7 @@ async fn chat(
         seed: None,
         // Nothing beyond the chat itself: an upstream's body is built from it.
         body: Map::new(),
+        native: None,
     };
     let started = pipeline::start(&state, &who, &exchange, chat).await?;
     let mut guard = started.guard;

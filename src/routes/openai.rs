@@ -142,6 +142,7 @@ async fn chat_completions(
         top_p: fields.top_p,
         seed: fields.seed,
         body,
+        native: None,
     };
     let started = pipeline::start(&state, &who, &exchange, chat).await?;
     let rate = started.rate;

@@ -220,6 +220,28 @@ fn translate(input: Input) -> Result<Vec<Value>, ApiError> {
     Ok(messages)
 }
 
+/// Chat messages as Responses input items (for an upstream that speaks that API).
+fn items(messages: &[Value]) -> Vec<Value> {
+    let mut items = Vec::with_capacity(messages.len());
+    for m in messages {
+        match m["role"].as_str() {
+            Some("tool") => items.push(json!({"type": "function_call_output",
+                "call_id": m["tool_call_id"], "output": m["content"]})),
+            Some(role) => {
+                if !m["content"].is_null() {
+                    items.push(json!({"role": role, "content": m["content"]}));
+                }
+                for call in m["tool_calls"].as_array().into_iter().flatten() {
+                    items.push(json!({"type": "function_call", "call_id": call["id"],
+                        "name": call["function"]["name"], "arguments": call["function"]["arguments"]}));
+                }
+            }
+            None => {}
+        }
+    }
+    items
+}
+
 /// What the models sluice runs itself read of chat messages: each one's text.
 fn canonical(messages: &[Value]) -> Vec<Message> {
     messages
@@ -374,6 +396,8 @@ async fn create(
     JsonObject(mut body): JsonObject,
 ) -> Result<Response, ApiError> {
     let fields: Fields = typed(&mut body)?;
+    // As sent, for an upstream that speaks the Responses API itself.
+    let mut native = body.clone();
     let store = fields.store.unwrap_or(true);
     if fields.background && !store {
         return Err(invalid(
@@ -392,6 +416,11 @@ async fn create(
         None => Vec::new(),
     };
     conversation.extend(translate(input)?);
+    if fields.previous_response_id.is_some() {
+        // The upstream does not know sluice's ids: it gets the whole conversation.
+        native.remove("previous_response_id");
+        native.insert("input".into(), Value::Array(items(&conversation)));
+    }
     let mut messages = Vec::with_capacity(conversation.len() + 1);
     if let Some(instructions) = &fields.instructions {
         messages.push(json!({"role": "system", "content": instructions}));
@@ -498,6 +527,7 @@ async fn create(
         top_p: fields.top_p,
         seed: None,
         body: upstream,
+        native: Some(native),
     };
     let started = pipeline::start(&state, &who, &exchange, chat).await?;
     let rate = started.rate;

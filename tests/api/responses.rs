@@ -489,3 +489,83 @@ async fn a_foreground_stream_is_cancelled_with_its_connection_a_background_one_i
         .expect("answers");
     assert_eq!(read.status(), 404);
 }
+
+#[tokio::test]
+async fn a_route_that_speaks_the_responses_api_is_relayed_natively() {
+    let upstream = FakeUpstream::spawn().await;
+    let base = upstream.base_url();
+    let dir = std::env::temp_dir().join(format!("sluice-native-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("sluice.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[models.native]\nbase_url = \"{base}\"\nmodel = \"up-model\"\napi = \"responses\"\n"
+        ),
+    )
+    .expect("config");
+    let app = TestApp::spawn_with(|c| c.config = Some(path)).await;
+
+    let request = json!({"model": "native", "input": "Hi", "stream": true, "include": ["x"], "service_tier": "flex"});
+    let response = app.post("/v1/responses", &request).await;
+    let id = response.headers()["x-sluice-stream-id"]
+        .to_str()
+        .expect("id")
+        .to_owned();
+    let stream = all_events(response).await;
+    assert_numbered(&stream);
+    let data = payloads(&stream);
+    // The upstream's own fields and numbers, as sent; the response's id is sluice's.
+    assert_eq!(data[4]["obfuscation"], "x7");
+    assert_eq!(data[0]["response"]["x_vendor"], "kept");
+    assert_eq!(data[0]["response"]["id"], json!(id));
+    let last = data.last().expect("completed");
+    assert_eq!(last["type"], "response.completed");
+    assert_eq!(
+        last["response"]["output"][0]["content"][0]["text"],
+        "Hello from responses"
+    );
+    // The client's request went on as it was, with the upstream's model name.
+    let sent = upstream.request(1).await.body;
+    assert_eq!(sent["model"], "up-model");
+    assert_eq!(sent["input"], "Hi");
+    assert_eq!(sent["include"], json!(["x"]));
+    assert_eq!(sent["service_tier"], "flex");
+    // Metered from the upstream's usage, and stored: read back through sluice.
+    app.wait_metric("sluice_completion_tokens_total{model=\"native\"}", 3.0)
+        .await;
+    let stored = app.get_json(&format!("/v1/responses/{id}")).await;
+    assert_eq!(stored["status"], "completed");
+    assert_eq!(stored["id"], json!(id));
+
+    // Continued: the upstream does not know sluice's ids, so it gets the conversation.
+    let next = app
+        .post_json(
+            "/v1/responses",
+            &json!({"model": "native", "input": "And then?", "previous_response_id": id}),
+        )
+        .await;
+    assert_eq!(next["status"], "completed", "{next}");
+    let sent = upstream.request(2).await.body;
+    assert!(sent.get("previous_response_id").is_none());
+    assert_eq!(
+        sent["input"],
+        json!([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello from responses"},
+            {"role": "user", "content": "And then?"}])
+    );
+
+    // A chat completions client on the same route: the events read as chat chunks.
+    let chat = app
+        .post_json(
+            "/v1/chat/completions",
+            &json!({"model": "native", "messages": [{"role": "user", "content": "Hi"}]}),
+        )
+        .await;
+    assert_eq!(
+        chat["choices"][0]["message"]["content"], "Hello from responses",
+        "{chat}"
+    );
+    assert_eq!(chat["usage"]["completion_tokens"], 3);
+    let sent = upstream.request(3).await.body;
+    assert_eq!(sent["input"], json!([{"role": "user", "content": "Hi"}]));
+}

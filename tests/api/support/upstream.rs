@@ -154,6 +154,7 @@ impl FakeUpstream {
         }
         let authorization = header("authorization");
         let request_id = header("x-request-id");
+        let responses_api = req.uri().path().ends_with("/responses");
         let bytes = req
             .into_body()
             .collect()
@@ -168,8 +169,59 @@ impl FakeUpstream {
             request_id,
         });
         self.changed.notify_waiters();
+        if responses_api {
+            return respond(&body, self.sent.clone());
+        }
         behave(&body, self.sent.clone()).await
     }
+}
+
+/// An upstream that speaks the Responses API: a short reply whose events carry fields of
+/// the upstream's own (`obfuscation`, `x_vendor`), numbered from 0.
+fn respond(body: &Value, sent: Arc<std::sync::atomic::AtomicUsize>) -> Response<Body> {
+    let model = body["model"].as_str().unwrap_or("");
+    let response = |status: &str, output: Value, usage: Value| {
+        json!({"id": "resp_up", "object": "response", "created_at": 1, "status": status,
+            "model": model, "output": output, "usage": usage, "x_vendor": "kept"})
+    };
+    let message = |text: &str, status: &str| {
+        json!({"id": "msg_up", "type": "message", "status": status, "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": []}]})
+    };
+    let usage = json!({"input_tokens": 7, "output_tokens": 3, "total_tokens": 10,
+        "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}});
+    let mut events = vec![
+        json!({"type": "response.created", "response": response("in_progress", json!([]), Value::Null)}),
+        json!({"type": "response.in_progress", "response": response("in_progress", json!([]), Value::Null)}),
+        json!({"type": "response.output_item.added", "output_index": 0, "item": message("", "in_progress")}),
+        json!({"type": "response.content_part.added", "item_id": "msg_up", "output_index": 0,
+            "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": []}}),
+    ];
+    for piece in ["Hello", " from", " responses"] {
+        events.push(
+            json!({"type": "response.output_text.delta", "item_id": "msg_up", "output_index": 0,
+            "content_index": 0, "delta": piece, "obfuscation": "x7", "logprobs": []}),
+        );
+    }
+    let text = "Hello from responses";
+    events.extend([
+        json!({"type": "response.output_text.done", "item_id": "msg_up", "output_index": 0,
+            "content_index": 0, "text": text, "logprobs": []}),
+        json!({"type": "response.content_part.done", "item_id": "msg_up", "output_index": 0,
+            "content_index": 0, "part": {"type": "output_text", "text": text, "annotations": []}}),
+        json!({"type": "response.output_item.done", "output_index": 0, "item": message(text, "completed")}),
+        json!({"type": "response.completed", "response": response("completed", json!([message(text, "completed")]), usage)}),
+    ]);
+    let steps = events
+        .into_iter()
+        .enumerate()
+        .map(|(n, mut event)| {
+            event["sequence_number"] = json!(n);
+            let kind = event["type"].as_str().unwrap_or_default().to_owned();
+            Step::Send(format!("event: {kind}\ndata: {event}\n\n"))
+        })
+        .collect();
+    stream_steps(steps, sent)
 }
 
 /// One streamed chunk as OpenAI writes it.
