@@ -106,13 +106,21 @@ async fn serve_sluice(upstream: &str) -> String {
 
 /// Time from sending the request to the first byte of content.
 async fn first_content(http: &reqwest::Client, base: &str, model: &str) -> Duration {
+    let body =
+        json!({"model": model, "stream": true, "messages": [{"role": "user", "content": "Hi"}]});
+    first_hello(http, &format!("{base}/chat/completions"), &body).await
+}
+
+/// The same through sluice's Responses API (translated to chat completions upstream), to
+/// its first `response.output_text.delta`.
+async fn first_content_responses(http: &reqwest::Client, base: &str, model: &str) -> Duration {
+    let body = json!({"model": model, "stream": true, "input": "Hi", "store": false});
+    first_hello(http, &format!("{base}/responses"), &body).await
+}
+
+async fn first_hello(http: &reqwest::Client, url: &str, body: &serde_json::Value) -> Duration {
     let start = Instant::now();
-    let response = http
-        .post(format!("{base}/chat/completions"))
-        .json(&json!({"model": model, "stream": true, "messages": [{"role": "user", "content": "Hi"}]}))
-        .send()
-        .await
-        .expect("answers");
+    let response = http.post(url).json(body).send().await.expect("answers");
     let mut body = response.bytes_stream();
     let mut seen = Vec::new();
     while let Some(bytes) = body.next().await {
@@ -191,6 +199,23 @@ async fn main() {
     summary("time to first content, direct", direct);
     summary("time to first content, through sluice", through);
     summary("added by sluice (paired)", added);
+
+    // The Responses API, translated: its first text delta against the direct chat stream.
+    for _ in 0..20 {
+        first_content_responses(&http, &sluice, "quick").await;
+    }
+    let (mut direct, mut responses) = (Vec::new(), Vec::new());
+    for _ in 0..trials {
+        direct.push(first_content(&http, &upstream, "quick").await);
+        responses.push(first_content_responses(&http, &sluice, "quick").await);
+    }
+    let added: Vec<Duration> = responses
+        .iter()
+        .zip(&direct)
+        .map(|(t, d)| t.saturating_sub(*d))
+        .collect();
+    summary("first text, /v1/responses through sluice", responses);
+    summary("added by sluice + translation (paired)", added);
 
     let mut busy = Vec::new();
     let mut silent = Vec::new();
