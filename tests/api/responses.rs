@@ -569,3 +569,44 @@ async fn a_route_that_speaks_the_responses_api_is_relayed_natively() {
     let sent = upstream.request(3).await.body;
     assert_eq!(sent["input"], json!([{"role": "user", "content": "Hi"}]));
 }
+
+#[tokio::test]
+async fn the_mock_honours_stop_and_calls_tools_on_the_chat_route_too() {
+    let app = TestApp::spawn().await;
+    let reply = app
+        .post_json(
+            "/v1/chat/completions",
+            &json!({"model": "mock", "stop": ["rivers"], "messages": [{"role": "user", "content": "Tell me about rivers"}]}),
+        )
+        .await;
+    assert_eq!(
+        reply["choices"][0]["message"]["content"],
+        "You said: Tell me about "
+    );
+    let tools = json!([{"type": "function", "function": {"name": "lookup", "parameters":
+        {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}}}]);
+    let call = app
+        .post_json(
+            "/v1/chat/completions",
+            &json!({"model": "mock", "tools": tools, "messages": [{"role": "user", "content": "Please lookup this"}]}),
+        )
+        .await;
+    let choice = &call["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls");
+    assert_eq!(
+        choice["message"]["tool_calls"][0]["function"]["name"],
+        "lookup"
+    );
+    assert_eq!(
+        choice["message"]["tool_calls"][0]["function"]["arguments"],
+        "{\"n\":1}"
+    );
+    // A message that names no tool gets text, unless a tool is required.
+    let text = app
+        .post_json(
+            "/v1/chat/completions",
+            &json!({"model": "mock", "tools": tools, "messages": [{"role": "user", "content": "Hello"}]}),
+        )
+        .await;
+    assert_eq!(text["choices"][0]["finish_reason"], "stop");
+}

@@ -197,3 +197,50 @@ async fn when_the_producing_instance_dies_readers_elsewhere_get_producer_lost() 
     eprintln!("producer_lost {after:?} after A died (idle timeout 3 s)");
     assert!(after.as_millis() < 3000 + 1000, "{after:?}");
 }
+
+#[tokio::test]
+async fn a_background_response_started_on_one_instance_is_read_on_another() {
+    let Some(redis) = Redis::start() else { return };
+    let upstream = FakeUpstream::spawn().await;
+    let a = instance_a(&redis, &upstream);
+    let b = instance_b(&redis, &upstream).await;
+    let http = reqwest::Client::new();
+    let queued: Value = http
+        .post(a.url("/v1/responses"))
+        .json(&json!({"model": "paced", "input": "Hi", "background": true}))
+        .send()
+        .await
+        .expect("A answers")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(queued["status"], "queued");
+    let id = queued["id"].as_str().expect("id");
+    // On B: its events from sequence number 2 on, as A produces them, to the end.
+    let stream = b
+        .http
+        .get(b.url(&format!("/v1/responses/{id}?stream=true&starting_after=2")))
+        .send()
+        .await
+        .expect("B answers");
+    assert_eq!(stream.status(), 200);
+    let events = all_events(stream).await;
+    let data: Vec<Value> = events
+        .iter()
+        .map(|e| serde_json::from_str(&e.data).expect("JSON"))
+        .collect();
+    assert_eq!(data[0]["sequence_number"], 3);
+    assert_eq!(data.last().expect("end")["type"], "response.completed");
+    let text: String = data
+        .iter()
+        .filter(|d| d["type"] == "response.output_text.delta")
+        .filter_map(|d| d["delta"].as_str())
+        .collect();
+    let expected: String = (0..30).map(|i| format!(" w{i}")).collect();
+    assert!(expected.ends_with(&text) && text.len() > 10, "{text}");
+    // And the finished response object, on B, from Redis.
+    let done = b.get_json(&format!("/v1/responses/{id}")).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["output"][0]["content"][0]["text"], json!(expected));
+    assert_eq!(upstream.requests().len(), 1);
+}
