@@ -7,7 +7,7 @@ use crate::support::{DEADLINE, FakeUpstream, TestApp, all_events, events, skip_w
 
 fn python_has_openai() -> bool {
     std::process::Command::new("python3")
-        .args(["-c", "import openai; openai.resources.responses"])
+        .args(["-c", "import openai.resources.responses"])
         .output()
         .is_ok_and(|o| o.status.success())
 }
