@@ -62,6 +62,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .merge(routes::openai::router())
         .merge(routes::responses::router())
+        .merge(routes::anthropic::router())
         .merge(routes::chat::router())
         .merge(routes::models::router())
         .merge(routes::prompts::router())

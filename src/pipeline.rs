@@ -40,6 +40,8 @@ pub struct Started {
     /// `x-ratelimit-*` for the answer.
     pub rate: Quota,
     pub model: String,
+    /// The prompt's size as sluice counted it.
+    pub prompt_tokens: u32,
 }
 
 pub async fn start(
@@ -103,5 +105,6 @@ pub async fn start(
         guard,
         rate,
         model: chat.model,
+        prompt_tokens,
     })
 }

@@ -153,7 +153,14 @@ where
             .get_all("x-forwarded-for")
             .iter()
             .filter_map(|v| v.to_str().ok());
-        let who = Arc::<Admission>::from_ref(state).identify(bearer(headers), forwarded, peer)?;
+        // Anthropic's clients send their key as `x-api-key`.
+        let key = bearer(headers).or_else(|| {
+            headers
+                .get("x-api-key")
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+        });
+        let who = Arc::<Admission>::from_ref(state).identify(key, forwarded, peer)?;
         if let Some(exchange) = parts.extensions.get::<Exchange>() {
             exchange.set_key(who.name.clone());
         }

@@ -8,6 +8,7 @@
 //! The SSE body owns the backend stream: when the client goes away hyper drops the body,
 //! the body drops the backend stream, and the backend's work stops. No task, no channel.
 
+pub mod anthropic;
 mod chat;
 mod meter;
 mod openai;
@@ -39,6 +40,8 @@ pub enum Wire {
     OpenAi,
     /// OpenAI's Responses API events.
     Responses,
+    /// Anthropic's Messages API events.
+    Anthropic,
 }
 
 impl Wire {
@@ -47,6 +50,7 @@ impl Wire {
             Wire::Chat => "chat",
             Wire::OpenAi => "openai",
             Wire::Responses => "responses",
+            Wire::Anthropic => "anthropic",
         }
     }
 
@@ -55,6 +59,7 @@ impl Wire {
             "chat" => Some(Wire::Chat),
             "openai" => Some(Wire::OpenAi),
             "responses" => Some(Wire::Responses),
+            "anthropic" => Some(Wire::Anthropic),
             _ => None,
         }
     }
@@ -78,6 +83,10 @@ pub fn error_event(wire: Wire, stream_id: &str, id: u64, error: &ApiError) -> By
         Wire::Responses => {
             let body = responses::ended_by(stream_id, id.saturating_sub(1), error).to_string();
             out.event(Some("response.failed"), |b| put(b, &body))
+        }
+        Wire::Anthropic => {
+            let body = anthropic::error_body(error).to_string();
+            out.event(Some("error"), |b| put(b, &body))
         }
     }
 }
@@ -210,9 +219,15 @@ pub(crate) fn put(buf: &mut BytesMut, s: &str) {
 /// an event (a tick checks, so events cost no timer work).
 pub fn sse(
     events: impl Stream<Item = Bytes> + Send + 'static,
+    wire: Wire,
     stream_id: &str,
     keep_alive: Duration,
 ) -> Response {
+    // Anthropic's clients expect `ping` events; a comment is what every other one ignores.
+    let ping: &'static [u8] = match wire {
+        Wire::Anthropic => b"event: ping\ndata: {\"type\": \"ping\"}\n\n",
+        _ => b": keep-alive\n\n",
+    };
     let body = async_stream::stream! {
         let mut events = std::pin::pin!(events);
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + keep_alive, keep_alive);
@@ -230,7 +245,7 @@ pub fn sse(
                 },
                 _ = tick.tick() => {
                     if quiet {
-                        yield Ok(Bytes::from_static(b": keep-alive\n\n"));
+                        yield Ok(Bytes::from_static(ping));
                     }
                     quiet = true;
                 }
@@ -270,6 +285,7 @@ impl Completion {
             Wire::OpenAi => self.id.clone(),
             Wire::Chat => self.id.replacen("chatcmpl-", "chat-", 1),
             Wire::Responses => self.id.replacen("chatcmpl-", "resp_", 1),
+            Wire::Anthropic => self.id.replacen("chatcmpl-", "msg_", 1),
         }
     }
 

@@ -590,7 +590,12 @@ async fn create(
         }
         Ok(match slot {
             Some(slot) => {
-                let mut response = relay::sse(slot.run(events, detach), &id, state.keep_alive);
+                let mut response = relay::sse(
+                    slot.run(events, detach),
+                    Wire::Responses,
+                    &id,
+                    state.keep_alive,
+                );
                 if resumable || fields.background {
                     response
                         .headers_mut()
@@ -599,7 +604,7 @@ async fn create(
                 response
             }
             None => {
-                let mut response = relay::sse(events, &id, state.keep_alive);
+                let mut response = relay::sse(events, Wire::Responses, &id, state.keep_alive);
                 if resumable {
                     response
                         .headers_mut()

@@ -73,7 +73,7 @@ pub(super) async fn follow(
         Attached::Events(events) => {
             // No `retry:` of its own: a lone field block is an empty event to some SDKs,
             // and the client has the pace from the stream's first event.
-            let mut response = relay::sse(events, id, state.keep_alive);
+            let mut response = relay::sse(events, wire, id, state.keep_alive);
             response
                 .headers_mut()
                 .insert("x-sluice-resumable", HeaderValue::from_static("true"));

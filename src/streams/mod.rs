@@ -211,16 +211,16 @@ impl Streams {
     ) -> Result<Response, ApiError> {
         let keep_alive = self.0.settings.keep_alive;
         if !resumable {
-            return Ok(relay::sse(events, &id, keep_alive));
+            return Ok(relay::sse(events, wire, &id, keep_alive));
         }
         let Some(slot) = self.slot(&id, owner, wire, None).await? else {
-            let mut response = relay::sse(events, &id, keep_alive);
+            let mut response = relay::sse(events, wire, &id, keep_alive);
             response
                 .headers_mut()
                 .insert("x-sluice-resumable", HeaderValue::from_static("false"));
             return Ok(response);
         };
-        let mut response = relay::sse(slot.run(events, Detach::Grace), &id, keep_alive);
+        let mut response = relay::sse(slot.run(events, Detach::Grace), wire, &id, keep_alive);
         response
             .headers_mut()
             .insert("x-sluice-resumable", HeaderValue::from_static("true"));

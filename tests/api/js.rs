@@ -1,6 +1,6 @@
 //! The JavaScript clients people use, unchanged, through sluice: the `openai` npm package
-//! (Responses and chat completions streams) and the Vercel AI SDK's default OpenAI
-//! provider, which speaks the Responses API. The packages are installed, pinned
+//! (Responses and chat completions streams), the Vercel AI SDK's default OpenAI provider,
+//! which speaks the Responses API, and `@anthropic-ai/sdk` (Messages). The packages are installed, pinned
 //! (`tests/js/package.json`), into a folder of the tests' own under `target/`.
 
 use std::path::{Path, PathBuf};
@@ -28,7 +28,7 @@ fn installed() -> Option<PathBuf> {
     let manifest = std::fs::read(source.join("package.json")).expect("tests/js/package.json");
     let fresh = std::fs::read(dir.join("package.json")).ok().as_ref() != Some(&manifest)
         || !dir.join("node_modules").is_dir();
-    for file in ["package.json", "responses.mjs"] {
+    for file in ["package.json", "responses.mjs", "messages.mjs"] {
         std::fs::copy(source.join(file), dir.join(file)).expect("copy");
     }
     if fresh {
@@ -52,7 +52,7 @@ fn installed() -> Option<PathBuf> {
 }
 
 #[tokio::test]
-async fn the_openai_npm_package_and_the_vercel_ai_sdk_stream_through_sluice() {
+async fn the_javascript_sdks_stream_through_sluice() {
     let Some(dir) = tokio::task::spawn_blocking(installed)
         .await
         .expect("install")
@@ -86,6 +86,25 @@ async fn the_openai_npm_package_and_the_vercel_ai_sdk_stream_through_sluice() {
     assert_eq!(found["ai"]["text"], reply);
     assert_eq!(found["ai"]["finishReason"], "stop");
     assert_eq!(found["ai"]["usage"], 40);
+    // Anthropic's SDK: the stream helper to its final message.
+    let output = tokio::process::Command::new("node")
+        .arg("messages.mjs")
+        .arg(app.url(""))
+        .current_dir(&dir)
+        .output()
+        .await
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let messages: Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
+    assert_eq!(messages["text"], reply);
+    assert_eq!(messages["final"], reply);
+    assert_eq!(messages["stop_reason"], "end_turn");
+    assert_eq!(messages["output_tokens"], 40);
     // The AI SDK's provider went through /v1/responses.
     assert!(app.metrics().await.contains(
         "sluice_requests_total{route=\"/v1/responses\",model=\"mock\",status=\"200\"} 2"

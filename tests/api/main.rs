@@ -5,6 +5,7 @@
 #![allow(clippy::disallowed_methods)]
 
 mod admission;
+mod anthropic;
 mod browser;
 mod cancel;
 mod chat;

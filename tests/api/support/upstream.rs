@@ -385,6 +385,16 @@ async fn behave(body: &Value, sent: Arc<std::sync::atomic::AtomicUsize>) -> Resp
             Step::Send(chunk(json!({}), Some("tool_calls"))),
             Step::Send(done.clone()),
         ]),
+        // Text, then a function call: a stream whose kind of content changes.
+        "text-then-tools" => steps.extend([
+            Step::Send(text("Let me check")),
+            Step::Send(text(" the weather.")),
+            Step::Send(chunk(json!({"tool_calls": [{"index": 0, "id": "call_9", "type": "function",
+                "function": {"name": "get_weather", "arguments": "{\"city\""}}]}), None)),
+            Step::Send(chunk(json!({"tool_calls": [{"index": 0, "function": {"arguments": ":\"Paris\"}"}}]}), None)),
+            Step::Send(chunk(json!({}), Some("tool_calls"))),
+            Step::Send(done.clone()),
+        ]),
         // A reply whose body ends a moment after its `[DONE]`.
         "late-end" => {
             steps.extend(tokens.iter().map(|t| Step::Send(text(t))));

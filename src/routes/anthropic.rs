@@ -1,0 +1,370 @@
+//! `POST /v1/messages`: Anthropic's Messages API on every backend. `system`, `messages`
+//! (text, image, `tool_use` and `tool_result` blocks), `tools` and `tool_choice`,
+//! `max_tokens`, `stop_sequences` and the sampling options become a chat request; the
+//! Anthropic encoder writes the events back. `POST /v1/messages/count_tokens` counts a
+//! request's input. Every error on these routes is in Anthropic's shape.
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::middleware;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Extension, Json, Router};
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use crate::admission::Principal;
+use crate::backend::Message;
+use crate::error::ApiError;
+use crate::http::{JsonObject, typed, with_rate_headers};
+use crate::pipeline;
+use crate::relay::anthropic::{Meta, anthropic_events, assemble, error_type};
+use crate::relay::{self, Completion, Wire};
+use crate::state::AppState;
+use crate::telemetry::Exchange;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/messages", post(messages))
+        .route("/v1/messages/count_tokens", post(count_tokens))
+        .layer(middleware::map_response(anthropic_errors))
+}
+
+/// Any error answer of these routes (a handler's, an extractor's) in Anthropic's shape,
+/// `{"type":"error","error":{"type","message"}}`, status and headers kept.
+async fn anthropic_errors(response: Response) -> Response {
+    let status = response.status();
+    if status.is_success() {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .unwrap_or_default();
+    let message = serde_json::from_slice::<Value>(&bytes)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| status.canonical_reason().unwrap_or("error").to_owned());
+    let body = json!({"type": "error", "error": {"type": error_type(status.as_u16()), "message": message}});
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Response::from_parts(parts, Body::from(body.to_string()))
+}
+
+/// The fields sluice reads.
+#[derive(Deserialize)]
+struct Fields {
+    model: String,
+    max_tokens: Option<u32>,
+    messages: Vec<Value>,
+    system: Option<Value>,
+    stop_sequences: Option<Vec<String>>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<u32>,
+    metadata: Option<Value>,
+    #[serde(default)]
+    tools: Vec<Value>,
+    tool_choice: Option<Value>,
+    #[serde(default)]
+    stream: bool,
+}
+
+fn invalid(message: impl Into<String>, param: &str) -> ApiError {
+    ApiError::invalid(message, Some(param))
+}
+
+/// The text of a `tool_result`'s content (a string, or text blocks).
+fn result_text(content: &Value) -> String {
+    match content {
+        Value::String(s) => s.clone(),
+        Value::Array(blocks) => blocks
+            .iter()
+            .filter_map(|b| b["text"].as_str())
+            .collect::<Vec<_>>()
+            .join("\n"),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+/// Anthropic's messages as chat messages: a user's `tool_result` blocks become tool
+/// messages (ahead of the rest of its content), an assistant's `tool_use` blocks its
+/// `tool_calls`.
+fn translate(system: Option<&Value>, messages: &[Value]) -> Result<Vec<Value>, ApiError> {
+    let mut out = Vec::with_capacity(messages.len() + 1);
+    match system {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) => out.push(json!({"role": "system", "content": s})),
+        Some(Value::Array(blocks)) => {
+            let text: Vec<&str> = blocks.iter().filter_map(|b| b["text"].as_str()).collect();
+            out.push(json!({"role": "system", "content": text.join("\n")}));
+        }
+        Some(_) => {
+            return Err(invalid(
+                "system: a string or a list of text blocks",
+                "system",
+            ));
+        }
+    }
+    if messages.is_empty() {
+        return Err(invalid(
+            "messages: at least one message is required",
+            "messages",
+        ));
+    }
+    for (i, m) in messages.iter().enumerate() {
+        let role = m["role"].as_str().unwrap_or_default();
+        if !matches!(role, "user" | "assistant") {
+            return Err(invalid(
+                format!("messages.{i}.role: Input should be 'user' or 'assistant'"),
+                &format!("messages.{i}.role"),
+            ));
+        }
+        let blocks = match &m["content"] {
+            Value::String(s) => {
+                out.push(json!({"role": role, "content": s}));
+                continue;
+            }
+            Value::Array(blocks) => blocks,
+            _ => {
+                return Err(invalid(
+                    format!("messages.{i}.content: a string or a list of content blocks"),
+                    &format!("messages.{i}.content"),
+                ));
+            }
+        };
+        let mut parts = Vec::new();
+        let mut calls = Vec::new();
+        for (j, block) in blocks.iter().enumerate() {
+            let at = format!("messages.{i}.content.{j}");
+            match block["type"].as_str() {
+                Some("text") => {
+                    parts.push(json!({"type": "text", "text": block["text"].as_str().unwrap_or_default()}));
+                }
+                Some("image") => {
+                    let source = &block["source"];
+                    let url = match source["type"].as_str() {
+                        Some("base64") => format!(
+                            "data:{};base64,{}",
+                            source["media_type"].as_str().unwrap_or("image/png"),
+                            source["data"].as_str().unwrap_or_default()
+                        ),
+                        Some("url") => source["url"].as_str().unwrap_or_default().to_owned(),
+                        _ => return Err(invalid("an image source is base64 or url", &at)),
+                    };
+                    parts.push(json!({"type": "image_url", "image_url": {"url": url}}));
+                }
+                Some("tool_use") if role == "assistant" => calls.push(json!({
+                    "id": block["id"], "type": "function",
+                    "function": {"name": block["name"], "arguments": block["input"].to_string()}})),
+                Some("tool_result") if role == "user" => out.push(json!({"role": "tool",
+                    "tool_call_id": block["tool_use_id"], "content": result_text(&block["content"])})),
+                // Reasoning the model did before: nothing a chat upstream takes back.
+                Some("thinking" | "redacted_thinking") => {}
+                other => {
+                    return Err(invalid(
+                        format!("{at}: content blocks of type {other:?} are not supported here"),
+                        &at,
+                    ));
+                }
+            }
+        }
+        if parts.is_empty() && calls.is_empty() {
+            continue;
+        }
+        let only_text = parts.iter().all(|p| p["type"] == "text");
+        let content = if parts.is_empty() {
+            Value::Null
+        } else if only_text {
+            let text: Vec<&str> = parts.iter().filter_map(|p| p["text"].as_str()).collect();
+            Value::String(text.join(""))
+        } else {
+            Value::Array(parts)
+        };
+        let mut message = json!({"role": role, "content": content});
+        if !calls.is_empty() {
+            message["tool_calls"] = Value::Array(calls);
+        }
+        out.push(message);
+    }
+    Ok(out)
+}
+
+/// What the models sluice runs itself read of chat messages: each one's text.
+fn canonical(messages: &[Value]) -> Vec<Message> {
+    messages
+        .iter()
+        .map(|m| Message {
+            role: m["role"].as_str().unwrap_or("user").to_owned(),
+            content: match &m["content"] {
+                Value::String(s) => s.clone(),
+                Value::Array(parts) => parts.iter().filter_map(|p| p["text"].as_str()).collect(),
+                _ => String::new(),
+            },
+        })
+        .collect()
+}
+
+/// Anthropic's tools as chat tools.
+fn tools(tools: &[Value]) -> Result<Vec<Value>, ApiError> {
+    tools
+        .iter()
+        .enumerate()
+        .map(|(i, tool)| {
+            let Some(name) = tool["name"].as_str() else {
+                return Err(invalid(
+                    format!("tools.{i}.name: Field required"),
+                    &format!("tools.{i}.name"),
+                ));
+            };
+            // Server tools (web search, code execution…) have a `type` of their own.
+            if tool.get("type").is_some_and(|t| t != "custom") {
+                return Err(invalid(
+                    format!(
+                        "tools.{i}: server tools ({}) are not supported by sluice",
+                        tool["type"]
+                    ),
+                    &format!("tools.{i}.type"),
+                ));
+            }
+            let mut function = Map::new();
+            function.insert("name".into(), json!(name));
+            if let Some(d) = tool.get("description") {
+                function.insert("description".into(), d.clone());
+            }
+            function.insert(
+                "parameters".into(),
+                tool.get("input_schema")
+                    .cloned()
+                    .unwrap_or(json!({"type": "object"})),
+            );
+            Ok(json!({"type": "function", "function": function}))
+        })
+        .collect()
+}
+
+/// The chat request an OpenAI-compatible upstream receives.
+fn chat(fields: &Fields) -> Result<(Vec<Value>, Map<String, Value>), ApiError> {
+    let messages = translate(fields.system.as_ref(), &fields.messages)?;
+    let mut body = Map::new();
+    body.insert("messages".into(), Value::Array(messages.clone()));
+    let chat_tools = tools(&fields.tools)?;
+    if !chat_tools.is_empty() {
+        body.insert("tools".into(), Value::Array(chat_tools));
+    }
+    if let Some(choice) = &fields.tool_choice {
+        let chosen = match choice["type"].as_str() {
+            Some("auto") => json!("auto"),
+            Some("any") => json!("required"),
+            Some("none") => json!("none"),
+            Some("tool") => json!({"type": "function", "function": {"name": choice["name"]}}),
+            _ => {
+                return Err(invalid(
+                    "tool_choice: auto, any, tool or none",
+                    "tool_choice",
+                ));
+            }
+        };
+        body.insert("tool_choice".into(), chosen);
+        if choice["disable_parallel_tool_use"] == json!(true) {
+            body.insert("parallel_tool_calls".into(), json!(false));
+        }
+    }
+    if let Some(stop) = &fields.stop_sequences {
+        body.insert("stop".into(), json!(stop));
+    }
+    let decimal = |v: f32| Value::from((f64::from(v) * 1e6).round() / 1e6);
+    if let Some(t) = fields.temperature {
+        body.insert("temperature".into(), decimal(t));
+    }
+    if let Some(p) = fields.top_p {
+        body.insert("top_p".into(), decimal(p));
+    }
+    if let Some(k) = fields.top_k {
+        body.insert("top_k".into(), json!(k));
+    }
+    if let Some(n) = fields.max_tokens {
+        body.insert("max_tokens".into(), json!(n));
+    }
+    if let Some(user) = fields.metadata.as_ref().and_then(|m| m["user_id"].as_str()) {
+        body.insert("user".into(), json!(user));
+    }
+    Ok((messages, body))
+}
+
+async fn messages(
+    State(state): State<AppState>,
+    who: Principal,
+    Extension(exchange): Extension<Exchange>,
+    headers: HeaderMap,
+    JsonObject(mut body): JsonObject,
+) -> Result<Response, ApiError> {
+    let fields: Fields = typed(&mut body)?;
+    if fields.max_tokens.is_none() {
+        return Err(invalid("max_tokens: Field required", "max_tokens"));
+    }
+    let resumable = headers
+        .get("x-sluice-resumable")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
+    let (messages, upstream) = chat(&fields)?;
+    let request = pipeline::Chat {
+        model: fields.model,
+        messages: canonical(&messages),
+        max_tokens: fields.max_tokens,
+        max_tokens_param: "max_tokens",
+        temperature: fields.temperature,
+        top_p: fields.top_p,
+        seed: None,
+        body: upstream,
+        native: None,
+    };
+    let started = pipeline::start(&state, &who, &exchange, request).await?;
+    let rate = started.rate;
+    let completion = Completion::new(&started.model);
+    let id = completion.stream_id(Wire::Anthropic);
+    let meta = Meta {
+        id: id.clone(),
+        model: completion.model,
+    };
+    let mut guard = started.guard;
+    let response = async {
+        // A failure before the first token is a real status, streamed or not.
+        let opened = relay::open(started.stream, state.keep_alive, &mut guard).await?;
+        let events = anthropic_events(opened, meta, guard, started.prompt_tokens);
+        if fields.stream {
+            return state
+                .streams
+                .respond(events, id, &who.name, Wire::Anthropic, resumable)
+                .await;
+        }
+        let events: Vec<_> = events.collect().await;
+        match assemble(events.iter().map(|e| &e[..])) {
+            Ok(message) => Ok(Json(message).into_response()),
+            Err(error) => Ok((axum::http::StatusCode::BAD_GATEWAY, Json(error)).into_response()),
+        }
+    }
+    .await;
+    Ok(with_rate_headers(response, &rate))
+}
+
+/// `POST /v1/messages/count_tokens`: `{"input_tokens": n}`, counted as sluice counts a
+/// prompt (o200k), tool definitions included.
+async fn count_tokens(
+    State(state): State<AppState>,
+    _who: Principal,
+    JsonObject(mut body): JsonObject,
+) -> Result<Response, ApiError> {
+    let fields: Fields = typed(&mut body)?;
+    let (messages, upstream) = chat(&fields)?;
+    let (_, mut count) = state.tokens.prompt(canonical(&messages)).await;
+    if let Some(tools) = upstream.get("tools") {
+        count = count.saturating_add(crate::tokens::text(&tools.to_string()));
+    }
+    Ok(Json(json!({"input_tokens": count})).into_response())
+}

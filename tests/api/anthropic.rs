@@ -1,0 +1,365 @@
+//! Anthropic's Messages API: the official Python SDK against the mock model, a strict check
+//! of the event order when a stream's content changes kind, and raw requests against the
+//! fake upstream, which records the chat request each became.
+
+use std::time::Instant;
+
+use eventsource_stream::Event;
+use serde_json::{Value, json};
+
+use crate::support::{FakeUpstream, TestApp, all_events, events, skip_without};
+
+fn python_has_anthropic() -> bool {
+    std::process::Command::new("python3")
+        .args(["-c", "import anthropic.lib.streaming"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[tokio::test]
+async fn the_python_sdk_uses_the_messages_api_on_the_mock_model() {
+    if !python_has_anthropic() && skip_without("python3 with the anthropic package") {
+        return;
+    }
+    let app = TestApp::spawn_with(|c| c.mock_tokens_per_s = 200.0).await;
+    let limited = TestApp::spawn_with(|c| {
+        c.mock_tokens_per_s = 200.0;
+        c.rpm = 60;
+        c.rpm_burst = Some(1);
+    })
+    .await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/messages.py");
+    let output = tokio::process::Command::new("python3")
+        .args([script, &app.url(""), &limited.url("")])
+        .output()
+        .await
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let found: Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
+    let stream = &found["stream"];
+    let kinds: Vec<&str> = stream["types"]
+        .as_array()
+        .expect("types")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(kinds[..2], ["message_start", "content_block_start"]);
+    assert_eq!(
+        kinds[kinds.len() - 3..],
+        ["content_block_stop", "message_delta", "message_stop"]
+    );
+    let text = stream["text"].as_str().expect("text");
+    assert!(
+        text.starts_with("You said: Tell me about rivers."),
+        "{text}"
+    );
+    assert_eq!(stream["stop_reason"], "end_turn");
+    let helper = &found["helper"];
+    assert_eq!(helper["text"], stream["text"]);
+    assert_eq!(helper["final"], stream["text"]);
+    assert_eq!(helper["output_tokens"], 40);
+    assert!(helper["input_tokens"].as_u64().is_some_and(|n| n > 0));
+    assert_eq!(found["plain"]["text"], "You said: Tell");
+    assert_eq!(found["plain"]["stop_reason"], "max_tokens");
+    assert!(
+        found["plain"]["id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("msg_"))
+    );
+    assert_eq!(found["tools"]["stop_reason"], "tool_use");
+    assert_eq!(found["tools"]["name"], "get_weather");
+    assert_eq!(found["tools"]["input"], json!({"city": "mock"}));
+    assert_eq!(found["tools"]["answer"], "The tool returned: sunny");
+    assert!(found["count"].as_u64().is_some_and(|n| n > 0));
+    assert_eq!(found["midstream"], "APIStatusError");
+    assert_eq!(found["missing"], "not_found_error");
+    // The second request waited out the 429's retry-after (1 s) and then went through.
+    let waited = found["retried_after_s"].as_f64().expect("seconds");
+    assert!(waited >= 0.9, "retried after {waited} s");
+    assert!(
+        limited
+            .metric("sluice_rate_limited_total{limit=\"client\"}")
+            .await
+            >= 1.0
+    );
+}
+
+/// Checks a Messages stream against Anthropic's order: `message_start`, then blocks each
+/// opened, given its deltas (of the block's kind) and closed before the next one, then
+/// `message_delta` and `message_stop`. Returns the blocks' first deltas.
+fn check_order(events: &[Event]) -> Vec<Value> {
+    let data: Vec<Value> = events
+        .iter()
+        .map(|e| serde_json::from_str(&e.data).expect("JSON"))
+        .collect();
+    for (event, payload) in events.iter().zip(&data) {
+        assert_eq!(
+            payload["type"],
+            json!(event.event),
+            "the event name is its type"
+        );
+    }
+    let kinds: Vec<&str> = data.iter().filter_map(|d| d["type"].as_str()).collect();
+    assert_eq!(kinds.first(), Some(&"message_start"));
+    assert_eq!(kinds[kinds.len() - 2..], ["message_delta", "message_stop"]);
+    let mut open: Option<(u64, &str)> = None;
+    let mut next = 0;
+    let mut firsts = Vec::new();
+    let mut fresh = false;
+    for d in &data[1..data.len() - 2] {
+        match d["type"].as_str().expect("type") {
+            "ping" => {}
+            "content_block_start" => {
+                assert!(open.is_none(), "a block opened inside another: {d}");
+                assert_eq!(d["index"], next);
+                let kind = d["content_block"]["type"].as_str().expect("block type");
+                open = Some((next, kind));
+                next += 1;
+                fresh = true;
+            }
+            "content_block_delta" => {
+                let (index, kind) = open.expect("a delta outside a block");
+                assert_eq!(d["index"], index);
+                let expected = match kind {
+                    "text" => "text_delta",
+                    "tool_use" => "input_json_delta",
+                    "thinking" => "thinking_delta",
+                    other => panic!("block type {other}"),
+                };
+                assert_eq!(d["delta"]["type"], expected, "{d}");
+                if fresh {
+                    firsts.push(d["delta"].clone());
+                    fresh = false;
+                }
+            }
+            "content_block_stop" => {
+                let (index, _) = open.take().expect("a stop outside a block");
+                assert_eq!(d["index"], index);
+                assert!(!fresh, "a block with no delta");
+            }
+            other => panic!("unexpected {other} in {kinds:?}"),
+        }
+    }
+    assert!(open.is_none(), "a block left open");
+    firsts
+}
+
+#[tokio::test]
+async fn a_stream_that_switches_from_text_to_tool_use_keeps_every_first_delta() {
+    let upstream = FakeUpstream::spawn().await;
+    let app = TestApp::in_front_of(&upstream).await;
+    let request = json!({"model": "text-then-tools", "max_tokens": 100, "stream": true,
+        "messages": [{"role": "user", "content": "Weather?"}]});
+    let stream = all_events(app.post("/v1/messages", &request).await).await;
+    let firsts = check_order(&stream);
+    assert_eq!(
+        firsts,
+        [
+            json!({"type": "text_delta", "text": "Let me check"}),
+            json!({"type": "input_json_delta", "partial_json": "{\"city\""})
+        ]
+    );
+    let data: Vec<Value> = stream
+        .iter()
+        .map(|e| serde_json::from_str(&e.data).expect("JSON"))
+        .collect();
+    let tool = data
+        .iter()
+        .find(|d| d["content_block"]["type"] == "tool_use")
+        .expect("a tool block");
+    assert_eq!(tool["content_block"]["id"], "call_9");
+    assert_eq!(tool["content_block"]["name"], "get_weather");
+    let end = &data[data.len() - 2];
+    assert_eq!(end["delta"]["stop_reason"], "tool_use");
+    // Every event carries sluice's id, for a resumable stream.
+    let ids: Vec<u64> = stream.iter().map(|e| e.id.parse().expect("id")).collect();
+    assert_eq!(ids, (1..=ids.len() as u64).collect::<Vec<_>>());
+
+    // Thinking, then text.
+    let request = json!({"model": "rich", "max_tokens": 100, "stream": true,
+        "messages": [{"role": "user", "content": "Hi"}]});
+    let stream = all_events(app.post("/v1/messages", &request).await).await;
+    let firsts = check_order(&stream);
+    assert_eq!(
+        firsts,
+        [
+            json!({"type": "thinking_delta", "thinking": "thinking"}),
+            json!({"type": "text_delta", "text": "Hi"})
+        ]
+    );
+
+    // Not streamed: the same blocks, assembled.
+    let mut request = json!({"model": "text-then-tools", "max_tokens": 100,
+        "messages": [{"role": "user", "content": "Weather?"}]});
+    let message = app.post_json("/v1/messages", &request).await;
+    assert_eq!(message["type"], "message");
+    assert_eq!(
+        message["content"][0],
+        json!({"type": "text", "text": "Let me check the weather."})
+    );
+    assert_eq!(
+        message["content"][1],
+        json!({"type": "tool_use", "id": "call_9", "name": "get_weather", "input": {"city": "Paris"}})
+    );
+    assert_eq!(message["stop_reason"], "tool_use");
+    request["model"] = json!("gpt-test");
+    let message = app.post_json("/v1/messages", &request).await;
+    assert_eq!(message["usage"]["input_tokens"], 11);
+    assert_eq!(message["usage"]["output_tokens"], 5);
+}
+
+#[tokio::test]
+async fn a_messages_request_becomes_the_chat_request_the_upstream_takes() {
+    let upstream = FakeUpstream::spawn().await;
+    let app = TestApp::in_front_of(&upstream).await;
+    let request = json!({
+        "model": "gpt-test",
+        "max_tokens": 64,
+        "system": [{"type": "text", "text": "Be brief."}, {"type": "text", "text": "Be kind."}],
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Look:"},
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBOR"}}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Checking."},
+                {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"},
+                {"type": "text", "text": "Thanks"}]}
+        ],
+        "tools": [{"name": "get_weather", "description": "Weather", "input_schema": {"type": "object"}}],
+        "tool_choice": {"type": "any", "disable_parallel_tool_use": true},
+        "stop_sequences": ["END"],
+        "temperature": 0.5,
+        "top_k": 5,
+        "metadata": {"user_id": "u-1"}
+    });
+    let reply = app
+        .http
+        .post(app.url("/v1/messages"))
+        .header("x-api-key", "anything")
+        .header("anthropic-version", "2023-06-01")
+        .json(&request)
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(reply.status(), 200);
+    let sent = upstream.request(1).await.body;
+    assert_eq!(
+        sent["messages"],
+        json!([
+            {"role": "system", "content": "Be brief.\nBe kind."},
+            {"role": "user", "content": [{"type": "text", "text": "Look:"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBOR"}}]},
+            {"role": "assistant", "content": "Checking.", "tool_calls": [{"id": "toolu_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]},
+            {"role": "tool", "tool_call_id": "toolu_1", "content": "sunny"},
+            {"role": "user", "content": "Thanks"}
+        ])
+    );
+    assert_eq!(
+        sent["tools"],
+        json!([{"type": "function", "function": {"name": "get_weather", "description": "Weather", "parameters": {"type": "object"}}}])
+    );
+    assert_eq!(sent["tool_choice"], "required");
+    assert_eq!(sent["parallel_tool_calls"], false);
+    assert_eq!(sent["stop"], json!(["END"]));
+    assert_eq!(sent["max_tokens"], 64);
+    assert_eq!(sent["temperature"], 0.5);
+    assert_eq!(sent["top_k"], 5);
+    assert_eq!(sent["user"], "u-1");
+}
+
+#[tokio::test]
+async fn errors_are_in_anthropics_shape_and_a_dropped_stream_closes_the_upstream() {
+    let upstream = FakeUpstream::spawn().await;
+    let app =
+        TestApp::in_front_of_with(&upstream, |c| c.api_keys = vec!["sk-ant-test".into()]).await;
+    let post = |key: &str, body: Value| {
+        app.http
+            .post(app.url("/v1/messages"))
+            .header("x-api-key", key)
+            .json(&body)
+            .send()
+    };
+    let hi = json!([{"role": "user", "content": "Hi"}]);
+    for (key, body, status, kind) in [
+        (
+            "wrong",
+            json!({"model": "gpt-test", "max_tokens": 5, "messages": hi}),
+            401,
+            "authentication_error",
+        ),
+        (
+            "sk-ant-test",
+            json!({"model": "gpt-test", "messages": hi}),
+            400,
+            "invalid_request_error",
+        ),
+        (
+            "sk-ant-test",
+            json!({"model": "gpt-test", "max_tokens": 5, "messages": [{"role": "robot", "content": "x"}]}),
+            400,
+            "invalid_request_error",
+        ),
+        (
+            "sk-ant-test",
+            json!({"model": "status-500", "max_tokens": 5, "messages": hi, "stream": true}),
+            502,
+            "api_error",
+        ),
+        (
+            "sk-ant-test",
+            json!({"model": "status-429", "max_tokens": 5, "messages": hi}),
+            429,
+            "rate_limit_error",
+        ),
+    ] {
+        let answer = post(key, body.clone()).await.expect("answers");
+        assert_eq!(answer.status(), status, "{body}");
+        if status == 429 {
+            assert!(answer.headers().contains_key("retry-after"));
+        }
+        let error: Value = answer.json().await.expect("JSON");
+        assert_eq!(error["type"], "error", "{error}");
+        assert_eq!(error["error"]["type"], kind, "{error}");
+        assert!(error["error"]["message"].is_string());
+    }
+    // The key as a bearer token works too.
+    let ok = app
+        .http
+        .post(app.url("/v1/messages/count_tokens"))
+        .bearer_auth("sk-ant-test")
+        .json(&json!({"model": "gpt-test", "messages": hi}))
+        .send()
+        .await
+        .expect("answers");
+    let count: Value = ok.json().await.expect("JSON");
+    assert!(
+        count["input_tokens"].as_u64().is_some_and(|n| n > 0),
+        "{count}"
+    );
+
+    // A stream the client leaves: the upstream's connection closes.
+    let response = post(
+        "sk-ant-test",
+        json!({"model": "slow", "max_tokens": 500, "messages": hi, "stream": true}),
+    )
+    .await
+    .expect("answers");
+    let mut stream = events(response);
+    for _ in 0..4 {
+        futures::StreamExt::next(&mut stream).await.expect("events");
+    }
+    let dropped = Instant::now();
+    drop(stream);
+    let n = upstream.requests().len();
+    let closed = upstream.closed(n).await;
+    eprintln!(
+        "upstream closed {:?} after the drop",
+        closed.saturating_duration_since(dropped)
+    );
+    app.wait_metric("sluice_active_streams", 0.0).await;
+}
