@@ -118,6 +118,13 @@ async fn first_content_responses(http: &reqwest::Client, base: &str, model: &str
     first_hello(http, &format!("{base}/responses"), &body).await
 }
 
+/// The same through sluice's Messages API, to its first `text_delta`.
+async fn first_content_messages(http: &reqwest::Client, base: &str, model: &str) -> Duration {
+    let body = json!({"model": model, "stream": true, "max_tokens": 100,
+        "messages": [{"role": "user", "content": "Hi"}]});
+    first_hello(http, &format!("{base}/messages"), &body).await
+}
+
 async fn first_hello(http: &reqwest::Client, url: &str, body: &serde_json::Value) -> Duration {
     let start = Instant::now();
     let response = http.post(url).json(body).send().await.expect("answers");
@@ -215,6 +222,23 @@ async fn main() {
         .map(|(t, d)| t.saturating_sub(*d))
         .collect();
     summary("first text, /v1/responses through sluice", responses);
+    summary("added by sluice + translation (paired)", added);
+
+    // Anthropic's Messages API, translated the same way.
+    for _ in 0..20 {
+        first_content_messages(&http, &sluice, "quick").await;
+    }
+    let (mut direct, mut messages) = (Vec::new(), Vec::new());
+    for _ in 0..trials {
+        direct.push(first_content(&http, &upstream, "quick").await);
+        messages.push(first_content_messages(&http, &sluice, "quick").await);
+    }
+    let added: Vec<Duration> = messages
+        .iter()
+        .zip(&direct)
+        .map(|(t, d)| t.saturating_sub(*d))
+        .collect();
+    summary("first text, /v1/messages through sluice", messages);
     summary("added by sluice + translation (paired)", added);
 
     let mut busy = Vec::new();

@@ -459,8 +459,9 @@ pub struct ModelRoute {
     pub api_key_env: Option<String>,
     /// The model's name at the upstream; the route's own name when absent.
     pub model: Option<String>,
-    /// The API the upstream is called with: `chat` (chat completions, the default) or
-    /// `responses` (OpenAI's Responses API: relayed natively to Responses clients).
+    /// The API the upstream is called with: `chat` (chat completions, the default),
+    /// `responses` (OpenAI's Responses API) or `anthropic` (Anthropic's Messages API); the
+    /// last two are relayed natively to clients of the same API.
     #[serde(default = "default_api")]
     pub api: String,
     /// Tried in order when this one fails before anything reached the client (cannot
@@ -501,9 +502,11 @@ impl ModelRoute {
             other => bail!("model {name:?}: unknown backend {other:?} (openai or mock)"),
         }
         match (self.backend.as_str(), self.api.as_str()) {
-            (_, "chat") | ("openai", "responses") => {}
+            (_, "chat") | ("openai", "responses" | "anthropic") => {}
             ("mock", _) => bail!("model {name:?}: the mock backend speaks only api = \"chat\""),
-            (_, other) => bail!("model {name:?}: unknown api {other:?} (chat or responses)"),
+            (_, other) => {
+                bail!("model {name:?}: unknown api {other:?} (chat, responses or anthropic)")
+            }
         }
         if let Some(url) = &self.base_url {
             http_url(url).map_err(|e| anyhow::anyhow!("model {name:?}: base_url {e}"))?;

@@ -29,7 +29,7 @@ pub struct Chat {
     /// The body an OpenAI-compatible upstream receives (unknown fields pass through).
     pub body: Map<String, Value>,
     /// A Responses API request as sent, for an upstream that speaks that API.
-    pub native: Option<Map<String, Value>>,
+    pub native: Option<crate::backend::Native>,
 }
 
 /// An admitted request with its backend stream started (lazily: nothing runs until the

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admission::{Admission, ApiKey, SharedLimits};
 use crate::backend::Backend;
 use crate::backend::mock::{self, MockBackend};
-use crate::backend::openai::OpenAiBackend;
+use crate::backend::openai::{Api, OpenAiBackend};
 use crate::config::{Config, DEFAULT_LOCAL_MODEL, DEFAULT_OPENAI_BASE_URL, ModelRoute};
 use crate::dispatch::{Dispatcher, Route, Routes, Target, Timeouts};
 use crate::prompts::Prompts;
@@ -199,8 +199,10 @@ fn target(
     };
     let mut backend = OpenAiBackend::new(base, key.as_deref(), config.connect_timeout())
         .with_context(|| format!("SLUICE_CONFIG: model {name:?}"))?;
-    if route.api == "responses" {
-        backend = backend.speaking_responses();
+    match route.api.as_str() {
+        "responses" => backend = backend.speaking(Api::Responses),
+        "anthropic" => backend = backend.speaking(Api::Messages),
+        _ => {}
     }
     Ok(Target {
         backend: Arc::new(backend),

@@ -9,6 +9,7 @@
 mod chunk;
 #[cfg(feature = "local")]
 pub mod local;
+mod messages;
 pub mod mock;
 pub mod openai;
 mod responses;
@@ -47,9 +48,24 @@ pub struct ChatRequest {
     pub body: Map<String, Value>,
     /// sluice's id for the request, sent upstream as `x-request-id`.
     pub request_id: String,
-    /// A Responses API request as the client sent it: what an upstream that speaks that
-    /// API itself receives (and relays back event by event, as [`Delta::Event`]s).
-    pub native: Option<Map<String, Value>>,
+    /// The request as the client sent it, in an API other than chat completions: what an
+    /// upstream that speaks that API itself receives (and relays back event by event, as
+    /// [`Delta::Event`]s).
+    pub native: Option<Native>,
+}
+
+/// A request in the client's own API, for an upstream that speaks it.
+#[derive(Debug, Clone)]
+pub enum Native {
+    /// OpenAI's Responses API.
+    Responses(Map<String, Value>),
+    /// Anthropic's Messages API, with the client's `anthropic-version` and
+    /// `anthropic-beta` headers.
+    Messages {
+        body: Map<String, Value>,
+        version: Option<String>,
+        beta: Option<String>,
+    },
 }
 
 impl ChatRequest {

@@ -16,7 +16,37 @@ use serde_json::{Map, Value, json};
 
 use super::chunk;
 use super::sse::{self, StreamError};
-use super::{Backend, BackendError, ChatRequest, DeltaStream};
+use super::{Backend, BackendError, ChatRequest, Delta, DeltaStream, Native};
+
+/// Reads the events of an upstream that speaks another API than chat completions.
+enum Foreign {
+    None,
+    Responses(super::responses::Reader),
+    Messages(super::messages::Reader),
+}
+
+impl Foreign {
+    fn of(api: Api) -> Self {
+        match api {
+            Api::Chat => Foreign::None,
+            Api::Responses => Foreign::Responses(Default::default()),
+            Api::Messages => Foreign::Messages(Default::default()),
+        }
+    }
+
+    fn event(
+        &mut self,
+        data: &str,
+        native: bool,
+        ready: &mut Vec<Delta>,
+    ) -> Result<bool, BackendError> {
+        match self {
+            Foreign::None => Ok(false),
+            Foreign::Responses(reader) => reader.event(data, native, ready),
+            Foreign::Messages(reader) => reader.event(data, native, ready),
+        }
+    }
+}
 
 /// How long sluice waits, after `[DONE]`, for the response body to end.
 const BODY_END: Duration = Duration::from_millis(100);
@@ -35,13 +65,25 @@ pub struct OpenAiBackend {
     shown_url: String,
     endpoint: String,
     api_key: Option<HeaderValue>,
+    /// The key as it goes in `x-api-key` (Anthropic's header), when there is one.
+    anthropic_key: Option<HeaderValue>,
     /// Also send `max_tokens` when the client set only `max_completion_tokens`: servers
     /// such as llama-cpp-python ignore the newer name. OpenAI itself rejects the old one
     /// for some models, so not there.
     copy_max_tokens: bool,
-    /// The upstream is called with the Responses API (`{base}/responses`), not chat
-    /// completions (`api = "responses"` in its route).
-    responses: bool,
+    /// The API the upstream is called with (`api` in its route).
+    api: Api,
+}
+
+/// The APIs an upstream may speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// `{base}/chat/completions`.
+    Chat,
+    /// OpenAI's Responses API, `{base}/responses`.
+    Responses,
+    /// Anthropic's Messages API, `{base}/messages`.
+    Messages,
 }
 
 impl OpenAiBackend {
@@ -55,6 +97,15 @@ impl OpenAiBackend {
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
         let base_url = base_url.trim_end_matches('/').to_owned();
+        let anthropic_key = match api_key.filter(|k| !k.is_empty()) {
+            Some(key) => {
+                let mut value = HeaderValue::from_str(key)
+                    .map_err(|_| anyhow::anyhow!("the API key holds characters a header cannot"))?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+            None => None,
+        };
         let api_key = match api_key.filter(|k| !k.is_empty()) {
             Some(key) => {
                 let mut value = HeaderValue::from_str(&format!("Bearer {key}"))
@@ -68,17 +119,22 @@ impl OpenAiBackend {
             http,
             endpoint: format!("{base_url}/chat/completions"),
             copy_max_tokens: !base_url.contains("api.openai.com"),
-            responses: false,
+            api: Api::Chat,
             shown_url: masked_url(&base_url),
             base_url,
             api_key,
+            anthropic_key,
         })
     }
 
-    /// Calls this upstream with the Responses API instead of chat completions.
-    pub fn speaking_responses(mut self) -> Self {
-        self.endpoint = format!("{}/responses", self.base_url);
-        self.responses = true;
+    /// Calls this upstream with `api` instead of chat completions.
+    pub fn speaking(mut self, api: Api) -> Self {
+        self.endpoint = match api {
+            Api::Chat => format!("{}/chat/completions", self.base_url),
+            Api::Responses => format!("{}/responses", self.base_url),
+            Api::Messages => format!("{}/messages", self.base_url),
+        };
+        self.api = api;
         self
     }
 
@@ -86,8 +142,8 @@ impl OpenAiBackend {
     /// upstream's model name), else the chat request written as one.
     fn responses_body(request: ChatRequest) -> Map<String, Value> {
         let mut body = match request.native {
-            Some(native) => native,
-            None => {
+            Some(Native::Responses(native)) => native,
+            _ => {
                 let mut body = Map::new();
                 let input: Vec<Value> = request
                     .messages
@@ -166,13 +222,26 @@ impl OpenAiBackend {
 impl Backend for OpenAiBackend {
     fn stream(&self, request: ChatRequest) -> DeltaStream {
         let request_id = request.request_id.clone();
-        // A Responses upstream relays its events to a Responses client, and is read into
-        // canonical events for any other.
-        let native = self.responses.then_some(request.native.is_some());
-        let body = if self.responses {
-            Value::Object(Self::responses_body(request)).to_string()
-        } else {
-            Value::Object(self.upstream_body(request)).to_string()
+        // An upstream of another API relays its events to a client of that same API, and
+        // is read into canonical events for any other.
+        let native = match (self.api, &request.native) {
+            (Api::Chat, _) => None,
+            (Api::Responses, Some(Native::Responses(_)))
+            | (Api::Messages, Some(Native::Messages { .. })) => Some(true),
+            _ => Some(false),
+        };
+        let mut headers = Vec::new();
+        let body = match self.api {
+            Api::Chat => Value::Object(self.upstream_body(request)).to_string(),
+            Api::Responses => Value::Object(Self::responses_body(request)).to_string(),
+            Api::Messages => {
+                let (body, version, beta) = super::messages::body(request);
+                headers.push(("anthropic-version", version));
+                if let Some(beta) = beta {
+                    headers.push(("anthropic-beta", beta));
+                }
+                Value::Object(body).to_string()
+            }
         };
         let mut call = self
             .http
@@ -180,9 +249,20 @@ impl Backend for OpenAiBackend {
             .header(CONTENT_TYPE, "application/json")
             .header("x-request-id", request_id)
             .body(body);
-        if let Some(key) = &self.api_key {
-            call = call.header(reqwest::header::AUTHORIZATION, key.clone());
+        for (name, value) in headers {
+            call = call.header(name, value);
         }
+        if let Some(key) = &self.api_key {
+            call = match self.api {
+                // Anthropic's own key header (a Bearer token works on compatible servers).
+                Api::Messages => call.header(
+                    "x-api-key",
+                    self.anthropic_key.clone().unwrap_or_else(|| key.clone()),
+                ),
+                _ => call.header(reqwest::header::AUTHORIZATION, key.clone()),
+            };
+        }
+        let self_api = self.api;
         Box::pin(async_stream::stream! {
             let response = match call.send().await {
                 Ok(response) => response,
@@ -199,7 +279,7 @@ impl Backend for OpenAiBackend {
             // A chunk's deltas, in one buffer kept for the whole stream.
             let mut ready = Vec::with_capacity(4);
             let mut seen = chunk::Seen::default();
-            let mut reading = super::responses::Reader::default();
+            let mut reading = Foreign::of(self_api);
             while let Some(event) = events.next().await {
                 let data = match event {
                     Ok(data) => data,

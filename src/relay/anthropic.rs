@@ -11,7 +11,7 @@ use futures::Stream;
 use serde_json::{Map, Value, json};
 
 use super::{Opened, SseWriter, StreamGuard, put, queued};
-use crate::backend::Delta;
+use crate::backend::{BackendError, Delta, Usage};
 use crate::error::ApiError;
 use crate::telemetry::Outcome;
 
@@ -149,6 +149,36 @@ pub fn anthropic_events(
     input_tokens: u32,
 ) -> impl Stream<Item = Bytes> + Send + 'static {
     async_stream::stream! {
+        let first = opened.next().await;
+        if matches!(first, Some(Ok(Delta::Event(_)))) {
+            // An upstream that speaks the Messages API: its events as they came.
+            let mut out = SseWriter::new();
+            out.retry();
+            let mut ended = false;
+            let mut item = first;
+            while let Some(next) = item {
+                match next {
+                    Ok(Delta::Event(event)) => yield native(&mut out, &meta, &mut guard, event.json(), &mut ended),
+                    Ok(Delta::Queued(ahead)) => yield queued(&mut out, ahead),
+                    Ok(_) => {}
+                    Err(e) => {
+                        guard.failed(&e);
+                        let body = error_body(&ApiError::from(e)).to_string();
+                        yield out.event(Some("error"), |b| put(b, &body));
+                        return;
+                    }
+                }
+                item = opened.next().await;
+            }
+            if !ended {
+                let e = BackendError::Interrupted("the upstream's event stream ended before its message did".into());
+                guard.failed(&e);
+                let body = error_body(&ApiError::from(e)).to_string();
+                yield out.event(Some("error"), |b| put(b, &body));
+            }
+            return;
+        }
+        let mut pending = Some(first);
         let mut w = Writer { out: SseWriter::new(), open: None, next: 0 };
         w.out.retry();
         let start = json!({"type": "message_start", "message": {"id": meta.id, "type": "message",
@@ -159,7 +189,12 @@ pub fn anthropic_events(
         yield w.event("ping", &json!({"type": "ping"}));
         let mut finish = None;
         let mut events = Vec::new();
-        while let Some(item) = opened.next().await {
+        loop {
+            let item = match pending.take() {
+                Some(first) => first,
+                None => opened.next().await,
+            };
+            let Some(item) = item else { break };
             match item {
                 Ok(Delta::Text(text)) => {
                     guard.delivered();
@@ -208,6 +243,65 @@ pub fn anthropic_events(
             "usage": {"input_tokens": usage.prompt_tokens, "output_tokens": usage.completion_tokens,
                 "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}));
         yield w.event("message_stop", &json!({"type": "message_stop"}));
+    }
+}
+
+/// One event of an upstream that speaks the Messages API, relayed as it came but for the
+/// message's `id` (sluice's, so the stream can be resumed under it); metered as it goes.
+fn native(
+    out: &mut SseWriter,
+    meta: &Meta,
+    guard: &mut StreamGuard,
+    raw: &str,
+    ended: &mut bool,
+) -> Bytes {
+    let Ok(mut event) = serde_json::from_str::<Value>(raw) else {
+        return out.event(None, |b| put(b, raw));
+    };
+    let kind = event["type"].as_str().unwrap_or_default().to_owned();
+    let clamp = |n: &Value| n.as_u64().map(|n| u32::try_from(n).unwrap_or(u32::MAX));
+    let mut changed = false;
+    match kind.as_str() {
+        "message_start" => {
+            event["message"]["id"] = json!(meta.id);
+            changed = true;
+            if let Some(input) = clamp(&event["message"]["usage"]["input_tokens"]) {
+                guard.reported = Some(Usage::new(input, 0));
+            }
+        }
+        "content_block_delta" if event["delta"]["type"] == "text_delta" => guard.delivered(),
+        "message_delta" => {
+            let input = clamp(&event["usage"]["input_tokens"])
+                .or(guard.reported.map(|u| u.prompt_tokens))
+                .unwrap_or(0);
+            if let Some(output) = clamp(&event["usage"]["output_tokens"]) {
+                guard.reported = Some(Usage::new(input, output));
+            }
+        }
+        "message_stop" => {
+            guard.finish(Outcome::Completed);
+            *ended = true;
+        }
+        "error" => {
+            let message = event["error"]["message"]
+                .as_str()
+                .unwrap_or("the upstream's message failed")
+                .to_owned();
+            guard.failed(&BackendError::Interrupted(message));
+            *ended = true;
+        }
+        _ => {}
+    }
+    let name = if kind.is_empty() {
+        None
+    } else {
+        Some(kind.as_str())
+    };
+    if changed {
+        let body = event.to_string();
+        out.event(name, |b| put(b, &body))
+    } else {
+        out.event(name, |b| put(b, raw))
     }
 }
 

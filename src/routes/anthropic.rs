@@ -29,6 +29,14 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/messages", post(messages))
         .route("/v1/messages/count_tokens", post(count_tokens))
+        .route(
+            "/v1/messages/{id}",
+            axum::routing::get(super::streams::resume_message),
+        )
+        .route(
+            "/v1/messages/{id}/cancel",
+            post(super::streams::cancel_message),
+        )
         .layer(middleware::map_response(anthropic_errors))
 }
 
@@ -306,6 +314,18 @@ async fn messages(
     JsonObject(mut body): JsonObject,
 ) -> Result<Response, ApiError> {
     let fields: Fields = typed(&mut body)?;
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    // As sent, for an upstream that speaks the Messages API itself.
+    let native = crate::backend::Native::Messages {
+        body: body.clone(),
+        version: header("anthropic-version"),
+        beta: header("anthropic-beta"),
+    };
     if fields.max_tokens.is_none() {
         return Err(invalid("max_tokens: Field required", "max_tokens"));
     }
@@ -322,7 +342,7 @@ async fn messages(
         top_p: fields.top_p,
         seed: None,
         body: upstream,
-        native: None,
+        native: Some(native),
     };
     let started = pipeline::start(&state, &who, &exchange, request).await?;
     let rate = started.rate;

@@ -527,7 +527,7 @@ async fn create(
         top_p: fields.top_p,
         seed: None,
         body: upstream,
-        native: Some(native),
+        native: Some(crate::backend::Native::Responses(native)),
     };
     let started = pipeline::start(&state, &who, &exchange, chat).await?;
     let rate = started.rate;

@@ -130,6 +130,27 @@ async fn cancel(
     Ok(Json(json!({"id": id, "object": "stream", "status": status})).into_response())
 }
 
+/// `GET /v1/messages/{id}`: a resumable Messages stream after `Last-Event-ID`.
+pub async fn resume_message(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+    query: Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let after = cursor(&headers, &Resume::of(query))?;
+    follow(&state, &who, &id, Wire::Anthropic, after).await
+}
+
+/// `POST /v1/messages/{id}/cancel`.
+pub async fn cancel_message(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    cancel(&state, &who, &id, Wire::Anthropic).await
+}
+
 /// `POST /api/chat/{id}/cancel`.
 pub async fn cancel_chat(
     State(state): State<AppState>,

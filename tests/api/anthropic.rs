@@ -363,3 +363,153 @@ async fn errors_are_in_anthropics_shape_and_a_dropped_stream_closes_the_upstream
     );
     app.wait_metric("sluice_active_streams", 0.0).await;
 }
+
+#[tokio::test]
+async fn a_route_that_speaks_the_messages_api_is_relayed_natively() {
+    let upstream = FakeUpstream::spawn().await;
+    let base = upstream.base_url();
+    let dir = std::env::temp_dir().join(format!("sluice-anthropic-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("sluice.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[models.claude]\nbase_url = \"{base}\"\nmodel = \"claude-up\"\napi = \"anthropic\"\n"
+        ),
+    )
+    .expect("config");
+    // The default upstream's key, as Anthropic's header.
+    let app = TestApp::in_front_of_with(&upstream, |c| c.config = Some(path)).await;
+
+    let request = json!({"model": "claude", "max_tokens": 50, "stream": true, "thinking": {"type": "disabled"},
+        "messages": [{"role": "user", "content": "Hi"}]});
+    let response = app
+        .http
+        .post(app.url("/v1/messages"))
+        .header("anthropic-version", "2023-06-01")
+        .header("anthropic-beta", "fine-grained-tool-streaming-2025-05-14")
+        .json(&request)
+        .send()
+        .await
+        .expect("answers");
+    let id = response.headers()["x-sluice-stream-id"]
+        .to_str()
+        .expect("id")
+        .to_owned();
+    let stream = all_events(response).await;
+    check_order(&stream);
+    let data: Vec<Value> = stream
+        .iter()
+        .map(|e| serde_json::from_str(&e.data).expect("JSON"))
+        .collect();
+    assert_eq!(
+        data[0]["message"]["x_vendor"], "kept",
+        "the upstream's own field"
+    );
+    assert_eq!(
+        data[0]["message"]["id"],
+        json!(id),
+        "the message id is sluice's"
+    );
+    let text: String = data
+        .iter()
+        .filter_map(|d| d["delta"]["text"].as_str())
+        .collect();
+    assert_eq!(text, "Hello from claude");
+    let seen = upstream.request(1).await;
+    assert_eq!(seen.body["model"], "claude-up");
+    assert_eq!(
+        seen.body["thinking"],
+        json!({"type": "disabled"}),
+        "the request as sent"
+    );
+    assert_eq!(
+        seen.headers.get("x-api-key").map(String::as_str),
+        Some("sk-test-secret-key")
+    );
+    assert_eq!(
+        seen.headers.get("anthropic-version").map(String::as_str),
+        Some("2023-06-01")
+    );
+    assert_eq!(
+        seen.headers.get("anthropic-beta").map(String::as_str),
+        Some("fine-grained-tool-streaming-2025-05-14")
+    );
+    app.wait_metric("sluice_completion_tokens_total{model=\"claude\"}", 3.0)
+        .await;
+
+    // An OpenAI client on the same route: the events read as chat.
+    let chat = app
+        .post_json(
+            "/v1/chat/completions",
+            &json!({"model": "claude", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}),
+        )
+        .await;
+    assert_eq!(
+        chat["choices"][0]["message"]["content"], "Hello from claude",
+        "{chat}"
+    );
+    assert_eq!(chat["usage"]["prompt_tokens"], 9);
+    let sent = upstream.request(2).await.body;
+    assert_eq!(sent["system"], "Be brief.");
+    assert_eq!(sent["messages"], json!([{"role": "user", "content": "Hi"}]));
+    assert_eq!(sent["max_tokens"], 4096);
+}
+
+#[tokio::test]
+async fn a_resumable_messages_stream_resumes_with_last_event_id() {
+    let upstream = FakeUpstream::spawn().await;
+    let app = TestApp::in_front_of(&upstream).await;
+    let response = app
+        .http
+        .post(app.url("/v1/messages"))
+        .header("x-sluice-resumable", "true")
+        .json(&json!({"model": "paced", "max_tokens": 100, "stream": true,
+            "messages": [{"role": "user", "content": "Hi"}]}))
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(response.headers()["x-sluice-resumable"], "true");
+    let id = response.headers()["x-sluice-stream-id"]
+        .to_str()
+        .expect("id")
+        .to_owned();
+    assert!(id.starts_with("msg_"));
+    let mut stream = events(response);
+    let mut first = Vec::new();
+    while first.len() < 6 {
+        first.push(
+            futures::StreamExt::next(&mut stream)
+                .await
+                .expect("an event"),
+        );
+    }
+    drop(stream);
+    let rest = app
+        .http
+        .get(app.url(&format!("/v1/messages/{id}")))
+        .header("last-event-id", "6")
+        .send()
+        .await
+        .expect("answers");
+    let mut all = first;
+    all.extend(all_events(rest).await);
+    check_order(&all);
+    let text: String = all
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(&e.data).ok())
+        .filter_map(|d| d["delta"]["text"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(text, (0..30).map(|i| format!(" w{i}")).collect::<String>());
+    assert_eq!(upstream.requests().len(), 1);
+    // Unknown: Anthropic's 404.
+    let gone = app
+        .http
+        .get(app.url("/v1/messages/msg_nope"))
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(gone.status(), 404);
+    let body: Value = gone.json().await.expect("JSON");
+    assert_eq!(body["error"]["type"], "not_found_error");
+}

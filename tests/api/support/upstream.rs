@@ -25,6 +25,8 @@ pub struct Seen {
     pub body: Value,
     pub authorization: Option<String>,
     pub request_id: Option<String>,
+    /// Every header, by lowercase name.
+    pub headers: HashMap<String, String>,
 }
 
 #[derive(Default)]
@@ -155,6 +157,12 @@ impl FakeUpstream {
         let authorization = header("authorization");
         let request_id = header("x-request-id");
         let responses_api = req.uri().path().ends_with("/responses");
+        let messages_api = req.uri().path().ends_with("/messages");
+        let headers = req
+            .headers()
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+            .collect();
         let bytes = req
             .into_body()
             .collect()
@@ -167,13 +175,52 @@ impl FakeUpstream {
             body: body.clone(),
             authorization,
             request_id,
+            headers,
         });
         self.changed.notify_waiters();
         if responses_api {
             return respond(&body, self.sent.clone());
         }
+        if messages_api {
+            return message(&body, self.sent.clone());
+        }
         behave(&body, self.sent.clone()).await
     }
+}
+
+/// An upstream that speaks Anthropic's Messages API: a short reply whose events carry a
+/// field of the upstream's own (`x_vendor`).
+fn message(body: &Value, sent: Arc<std::sync::atomic::AtomicUsize>) -> Response<Body> {
+    let model = body["model"].as_str().unwrap_or("");
+    let mut events = vec![
+        json!({"type": "message_start", "message": {"id": "msg_up", "type": "message", "role": "assistant",
+            "model": model, "content": [], "stop_reason": null, "stop_sequence": null,
+            "usage": {"input_tokens": 9, "output_tokens": 1}, "x_vendor": "kept"}}),
+        json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+    ];
+    for piece in ["Hello", " from", " claude"] {
+        events.push(json!({"type": "content_block_delta", "index": 0,
+            "delta": {"type": "text_delta", "text": piece}}));
+    }
+    events.extend([
+        json!({"type": "content_block_stop", "index": 0}),
+        json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null},
+            "usage": {"output_tokens": 3}}),
+        json!({"type": "message_stop"}),
+    ]);
+    let mut steps: Vec<Step> = events
+        .into_iter()
+        .map(|event| {
+            let kind = event["type"].as_str().unwrap_or_default().to_owned();
+            Step::Send(format!("event: {kind}\ndata: {event}\n\n"))
+        })
+        .collect();
+    // As Anthropic does: a ping after the start.
+    steps.insert(
+        1,
+        Step::Send("event: ping\ndata: {\"type\": \"ping\"}\n\n".into()),
+    );
+    stream_steps(steps, sent)
 }
 
 /// An upstream that speaks the Responses API: a short reply whose events carry fields of

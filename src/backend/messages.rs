@@ -1,0 +1,167 @@
+//! Calling an upstream that speaks Anthropic's Messages API (`api = "anthropic"` in its
+//! route): the client's own request when it spoke that API, else the chat request written
+//! as one; for a client of that same API each event goes on as it came
+//! ([`Delta::Event`]), for any other the events become canonical ones — text, thinking (as
+//! `reasoning_content`), tool use (as chat `tool_calls`), the finish and the usage.
+
+use serde_json::{Map, Value, json};
+
+use super::{BackendError, ChatRequest, Delta, Fields, Native, Text, Usage};
+
+/// The `anthropic-version` sent when the client named none.
+const VERSION: &str = "2023-06-01";
+/// `max_tokens` is required by the Messages API: what a chat request without one asks for.
+const DEFAULT_MAX_TOKENS: u32 = 4096;
+
+/// The body of the call, its `anthropic-version`, and its `anthropic-beta` if any.
+pub fn body(request: ChatRequest) -> (Map<String, Value>, String, Option<String>) {
+    let (mut body, version, beta) = match request.native {
+        Some(Native::Messages {
+            body,
+            version,
+            beta,
+        }) => (body, version, beta),
+        _ => {
+            let mut body = Map::new();
+            let system: Vec<&str> = request
+                .messages
+                .iter()
+                .filter(|m| matches!(m.role.as_str(), "system" | "developer"))
+                .map(|m| m.content.as_str())
+                .collect();
+            if !system.is_empty() {
+                body.insert("system".into(), json!(system.join("\n")));
+            }
+            let messages: Vec<Value> = request
+                .messages
+                .iter()
+                .filter(|m| matches!(m.role.as_str(), "user" | "assistant"))
+                .map(|m| json!({"role": m.role, "content": m.content}))
+                .collect();
+            body.insert("messages".into(), Value::Array(messages));
+            body.insert(
+                "max_tokens".into(),
+                json!(request.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS)),
+            );
+            if let Some(t) = request.temperature {
+                body.insert(
+                    "temperature".into(),
+                    json!((f64::from(t) * 1e6).round() / 1e6),
+                );
+            }
+            if let Some(p) = request.top_p {
+                body.insert("top_p".into(), json!((f64::from(p) * 1e6).round() / 1e6));
+            }
+            (body, None, None)
+        }
+    };
+    body.insert("model".into(), Value::String(request.model));
+    body.insert("stream".into(), Value::Bool(true));
+    (body, version.unwrap_or_else(|| VERSION.to_owned()), beta)
+}
+
+/// What has been read of one message.
+#[derive(Default)]
+pub struct Reader {
+    /// The kind of each content block by index, and for tool use its chat `index`.
+    blocks: Vec<Option<u64>>,
+    calls: u64,
+    input_tokens: u32,
+    finish: Option<&'static str>,
+}
+
+fn clamp(n: u64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+impl Reader {
+    /// Reads one event's data into `ready`; `Ok(true)` once the message has ended.
+    pub fn event(
+        &mut self,
+        data: &str,
+        native: bool,
+        ready: &mut Vec<Delta>,
+    ) -> Result<bool, BackendError> {
+        let event: Value = serde_json::from_str(data)
+            .map_err(|e| BackendError::Protocol(format!("an event that is not JSON ({e})")))?;
+        let kind = event["type"].as_str().unwrap_or_default();
+        let ended = matches!(kind, "message_stop" | "error");
+        if native {
+            let raw = serde_json::value::RawValue::from_string(data.to_owned())
+                .map_err(|e| BackendError::Protocol(format!("an event that is not JSON ({e})")))?;
+            ready.push(Delta::Event(Fields(raw)));
+            if ended {
+                ready.push(Delta::Finish("stop".into()));
+            }
+            return Ok(ended);
+        }
+        match kind {
+            "message_start" => {
+                let usage = &event["message"]["usage"];
+                self.input_tokens = clamp(usage["input_tokens"].as_u64().unwrap_or(0));
+            }
+            "content_block_start" => {
+                let block = &event["content_block"];
+                if block["type"] == "tool_use" {
+                    let call = json!({"tool_calls": [{"index": self.calls, "id": block["id"],
+                        "type": "function", "function": {"name": block["name"], "arguments": ""}}]});
+                    self.blocks.push(Some(self.calls));
+                    self.calls += 1;
+                    ready.push(fields(&call)?);
+                } else {
+                    self.blocks.push(None);
+                }
+            }
+            "content_block_delta" => {
+                let delta = &event["delta"];
+                match delta["type"].as_str() {
+                    Some("text_delta") => {
+                        if let Some(text) = delta["text"].as_str() {
+                            ready.push(Delta::Text(Text::plain(text)));
+                        }
+                    }
+                    Some("thinking_delta") => {
+                        ready.push(fields(&json!({"reasoning_content": delta["thinking"]}))?);
+                    }
+                    Some("input_json_delta") => {
+                        let index = event["index"].as_u64().unwrap_or(0) as usize;
+                        let call = self.blocks.get(index).copied().flatten().unwrap_or(0);
+                        ready.push(fields(&json!({"tool_calls": [{"index": call,
+                            "function": {"arguments": delta["partial_json"]}}]}))?);
+                    }
+                    _ => {}
+                }
+            }
+            "message_delta" => {
+                self.finish = Some(match event["delta"]["stop_reason"].as_str() {
+                    Some("max_tokens") => "length",
+                    Some("tool_use") => "tool_calls",
+                    Some("refusal") => "content_filter",
+                    _ => "stop",
+                });
+                let usage = &event["usage"];
+                if let Some(input) = usage["input_tokens"].as_u64() {
+                    self.input_tokens = clamp(input);
+                }
+                if let Some(output) = usage["output_tokens"].as_u64() {
+                    ready.push(Delta::Usage(Usage::new(self.input_tokens, clamp(output))));
+                }
+            }
+            "message_stop" => ready.push(Delta::Finish(self.finish.unwrap_or("stop").into())),
+            "error" => {
+                let message = event["error"]["message"]
+                    .as_str()
+                    .unwrap_or("the upstream's message failed");
+                return Err(BackendError::Interrupted(message.to_owned()));
+            }
+            _ => {}
+        }
+        Ok(ended)
+    }
+}
+
+fn fields(value: &Value) -> Result<Delta, BackendError> {
+    serde_json::value::to_raw_value(value)
+        .map(|raw| Delta::Fields(Fields(raw)))
+        .map_err(|e| BackendError::Protocol(e.to_string()))
+}
