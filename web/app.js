@@ -1,24 +1,36 @@
-// sluice's chat page: streams replies from POST /api/chat, renders markdown as it arrives
-// (sanitised: model output is untrusted), keeps the conversation across reloads, resumes a
-// reply whose connection was lost (GET /api/chat/{id} with Last-Event-ID), and Stop cancels
-// it on the server.
+// sluice's chat page: conversations kept in this browser, replies streamed from
+// POST /api/chat and rendered as markdown as they arrive (sanitised: model output is
+// untrusted; finished blocks are rendered once, only the growing tail again), resumed after
+// a lost connection (GET /api/chat/{id} with Last-Event-ID), stopped on the server (the
+// cancel route), regenerated, edited and resent.
 import { marked } from '/ui/vendor/marked/marked.esm.js';
 import DOMPurify from '/ui/vendor/dompurify/purify.es.mjs';
 import { EventSourceParserStream } from '/ui/vendor/eventsource-parser/stream.js';
 
 const $ = (id) => document.getElementById(id);
-const STORE = 'sluice.chat.v1';
-const saved = JSON.parse(localStorage.getItem(STORE) || '{}');
-const state = {
-  turns: saved.turns || [],            // {role, content, meta?, error?}
-  model: saved.model || '',
-  template: saved.template || '',
-  vars: saved.vars || {},
-  prompts: {},
+const STORE = 'sluice.chats.v2';
+const newId = () => Math.random().toString(36).slice(2, 10);
+const blank = () => ({ id: newId(), title: '', turns: [], settings: {} });
+
+// Conversations: {id, title, turns: [{role, content, meta?, error?}], settings: {system,
+// temperature, max_tokens}}; the current one, the model, the template and its values.
+const saved = JSON.parse(localStorage.getItem(STORE) || 'null');
+const old = JSON.parse(localStorage.getItem('sluice.chat.v1') || 'null');
+const state = saved || {
+  chats: [{ ...blank(), turns: old?.turns || [] }], current: null,
+  model: old?.model || '', template: old?.template || '', vars: old?.vars || {},
 };
-let controller = null;
-// The reply streaming now: its stream id and last event id.
-let current = null;
+if (!state.chats.length) state.chats.push(blank());
+if (!state.chats.some((c) => c.id === state.current)) state.current = state.chats[0].id;
+state.prompts = {};
+const chat = () => state.chats.find((c) => c.id === state.current);
+const save = () => {
+  const { prompts, ...kept } = state;
+  localStorage.setItem(STORE, JSON.stringify(kept));
+};
+
+// The reply streaming now: its controller, stream id and last event id.
+let live = null;
 // This sluice's API key, when it asks for one (kept in this browser only).
 const auth = () => {
   const key = localStorage.getItem('sluice.key');
@@ -26,11 +38,7 @@ const auth = () => {
 };
 function needKey() { $('key-box').hidden = false; $('key').focus(); }
 
-function save() {
-  const { turns, model, template, vars } = state;
-  localStorage.setItem(STORE, JSON.stringify({ turns, model, template, vars }));
-}
-
+// --- Markdown ------------------------------------------------------------------------
 // Model output is untrusted. Only what markdown produces survives: no style, form, input
 // or frame, and no image that loads by itself (an image is a link the user may click, so
 // nothing leaves the page unasked). Links open in a new tab and send no referrer.
@@ -53,25 +61,110 @@ DOMPurify.addHook('afterSanitizeAttributes', (node) => {
   if (node.nodeName === 'A') { node.setAttribute('target', '_blank'); node.setAttribute('rel', 'noopener noreferrer'); }
 });
 
-// Markdown → HTML with nothing executable left; code blocks get a copy button.
-function render(body, markdown) {
-  body.innerHTML = DOMPurify.sanitize(marked.parse(markdown), SANITIZE);
-  for (const pre of body.querySelectorAll('pre')) {
+// Markdown → sanitised nodes: tables in a scrolling frame, code highlighted (Prism, with a
+// language) and given a copy button. Math is left as the text it is.
+function fragment(markdown) {
+  const box = document.createElement('div');
+  box.innerHTML = DOMPurify.sanitize(marked.parse(markdown), SANITIZE);
+  for (const table of box.querySelectorAll('table')) {
+    const frame = document.createElement('div');
+    frame.className = 'table'; table.replaceWith(frame); frame.append(table);
+  }
+  for (const code of box.querySelectorAll('pre > code')) {
+    if (/language-/.test(code.className) && globalThis.Prism) {
+      try { globalThis.Prism.highlightElement(code); } catch { /* left plain */ }
+    }
     const copy = document.createElement('button');
     copy.type = 'button'; copy.className = 'copy'; copy.textContent = 'Copy';
-    copy.onclick = async () => {
-      await navigator.clipboard.writeText(pre.querySelector('code')?.textContent ?? pre.textContent);
-      copy.textContent = 'Copied';
-      setTimeout(() => { copy.textContent = 'Copy'; }, 1200);
-    };
-    pre.append(copy);
+    copy.setAttribute('aria-label', 'Copy this code');
+    copy.onclick = () => copyText(code.textContent, copy);
+    code.parentElement.append(copy);
+  }
+  return box.childNodes;
+}
+
+async function copyText(text, button) {
+  try { await navigator.clipboard.writeText(text); button.textContent = 'Copied'; } catch { button.textContent = 'Copy failed'; }
+  setTimeout(() => { button.textContent = button.dataset.label || 'Copy'; }, 1200);
+}
+
+// Where a reply's text can be cut without changing how either side renders: the last
+// blank line outside a code fence.
+function settledEnd(text) {
+  let end = 0, fenced = false, at = 0;
+  for (const line of text.split('\n')) {
+    const next = at + line.length + 1;
+    if (/^\s*(```|~~~)/.test(line)) fenced = !fenced;
+    else if (!fenced && line.trim() === '' && next <= text.length) end = next;
+    at = next;
+  }
+  return end;
+}
+
+// A reply being written: finished blocks rendered once, the rest again at most once a frame.
+class Growing {
+  constructor(body) {
+    this.body = body; this.settled = 0; this.text = '';
+    this.done = document.createElement('div'); this.tail = document.createElement('div');
+    this.done.className = 'settled'; this.tail.className = 'tail';
+    body.replaceChildren(this.done, this.tail);
+  }
+  update(text) {
+    this.text = text;
+    const end = settledEnd(text);
+    if (end > this.settled) {
+      this.done.append(...fragment(text.slice(this.settled, end)));
+      this.settled = end;
+    }
+    this.tail.replaceChildren(...fragment(text.slice(this.settled)));
   }
 }
 
-function addTurn(turn) {
+function render(body, markdown) { body.replaceChildren(...fragment(markdown)); }
+
+// --- The conversation on screen -------------------------------------------------------
+const view = $('conversation');
+// Whether the view follows the reply: yes until the user scrolls up.
+let stick = true;
+const atBottom = () => view.scrollHeight - view.scrollTop - view.clientHeight < 40;
+const toBottom = () => { view.scrollTop = view.scrollHeight; };
+view.addEventListener('scroll', () => {
+  stick = atBottom();
+  $('jump').hidden = stick || !live;
+});
+$('jump').onclick = () => { stick = true; toBottom(); $('jump').hidden = true; $('prompt').focus(); };
+const follow = () => { if (stick) toBottom(); else if (live) $('jump').hidden = false; };
+
+function note(el, cls, text) {
+  const p = document.createElement('p');
+  p.className = cls; p.textContent = text; el.append(p);
+  return p;
+}
+
+function actions(el, turn, index) {
+  const bar = document.createElement('div');
+  bar.className = 'actions';
+  const button = (label, title, onclick) => {
+    const b = document.createElement('button');
+    b.type = 'button'; b.textContent = label; b.dataset.label = label; b.title = title;
+    b.setAttribute('aria-label', title); b.onclick = onclick; bar.append(b);
+    return b;
+  };
+  if (turn.role === 'user') {
+    button('Edit', 'Edit this message and send it again', () => edit(el, index));
+  } else {
+    const copy = button('Copy', 'Copy this reply as markdown', () => copyText(turn.content, copy));
+    copy.classList.add('copy-reply');
+    if (index === chat().turns.length - 1) button('Regenerate', 'Write this reply again', regenerate).classList.add('regenerate');
+  }
+  el.append(bar);
+}
+
+function addTurn(turn, index) {
   $('empty').hidden = true;
   const el = document.createElement('article');
   el.className = `turn ${turn.role}`;
+  el.setAttribute('aria-label', turn.role === 'user' ? 'You said' : 'Reply');
   const body = document.createElement('div');
   body.className = 'body';
   el.append(body);
@@ -79,26 +172,72 @@ function addTurn(turn) {
   else render(body, turn.content);
   if (turn.meta) note(el, 'meta', turn.meta);
   if (turn.error) note(el, 'error', turn.error);
-  $('conversation').append(el);
-  el.scrollIntoView({ block: 'end' });
+  if (index !== undefined) actions(el, turn, index);
+  view.append(el);
   return el;
 }
 
-function note(el, cls, text) {
-  const p = document.createElement('p');
-  p.className = cls; p.textContent = text; el.append(p);
+function showChat() {
+  for (const el of view.querySelectorAll('.turn')) el.remove();
+  const { turns, settings } = chat();
+  $('empty').hidden = turns.length > 0;
+  turns.forEach(addTurn);
+  stick = true; toBottom();
+  $('system').value = settings.system || '';
+  $('temperature').value = settings.temperature ?? '';
+  $('max-tokens').value = settings.max_tokens ?? '';
+  showChats();
 }
 
-function showAll() {
-  for (const el of document.querySelectorAll('.turn')) el.remove();
-  $('empty').hidden = state.turns.length > 0;
-  state.turns.forEach(addTurn);
+function showChats() {
+  const list = $('chats');
+  list.replaceChildren();
+  for (const c of state.chats) {
+    const li = document.createElement('li');
+    li.className = 'chat';
+    const open = document.createElement('button');
+    open.type = 'button'; open.className = 'open'; open.textContent = c.title || 'New chat';
+    if (c.id === state.current) open.setAttribute('aria-current', 'page');
+    open.onclick = () => { if (live) return; state.current = c.id; save(); showChat(); closeSidebar(); };
+    const rename = document.createElement('button');
+    rename.type = 'button'; rename.className = 'rename icon'; rename.textContent = '✎';
+    rename.setAttribute('aria-label', `Rename “${c.title || 'New chat'}”`);
+    rename.onclick = () => {
+      const input = document.createElement('input');
+      input.value = c.title; input.setAttribute('aria-label', 'Conversation title');
+      const done = (keep) => { if (keep && input.value.trim()) c.title = input.value.trim(); save(); showChats(); };
+      input.onkeydown = (e) => { if (e.key === 'Enter') done(true); if (e.key === 'Escape') done(false); };
+      input.onblur = () => done(true);
+      open.replaceWith(input); input.focus(); input.select();
+    };
+    const remove = document.createElement('button');
+    remove.type = 'button'; remove.className = 'delete icon'; remove.textContent = '🗑';
+    remove.setAttribute('aria-label', `Delete “${c.title || 'New chat'}”`);
+    remove.onclick = () => {
+      if (live && c.id === state.current) return;
+      state.chats = state.chats.filter((x) => x !== c);
+      if (!state.chats.length) state.chats.push(blank());
+      if (c.id === state.current) { state.current = state.chats[0].id; showChat(); }
+      save(); showChats();
+    };
+    li.append(open, rename, remove);
+    list.append(li);
+  }
+}
+
+function newChat() {
+  if (live) return;
+  const empty = state.chats.find((c) => c.turns.length === 0);
+  const c = empty || blank();
+  if (!empty) state.chats.unshift(c);
+  state.current = c.id; save(); showChat(); $('prompt').focus();
 }
 
 function busy(on) {
-  $('prompt').disabled = on; $('send').disabled = on; $('stop').disabled = !on;
-  $('model').disabled = on; $('template').disabled = on; $('new-chat').disabled = on;
-  if (!on) $('prompt').focus();
+  $('send').hidden = on; $('stop').hidden = !on;
+  $('model').disabled = on; $('template').disabled = on;
+  for (const b of view.querySelectorAll('.actions button:not(.copy-reply)')) b.disabled = on;
+  if (!on) { $('jump').hidden = true; $('prompt').focus(); }
 }
 
 // What went wrong, in words a person can act on.
@@ -114,27 +253,38 @@ async function failure(response) {
   return message;
 }
 
+// --- Sending --------------------------------------------------------------------------
 // How long the page keeps trying to reconnect a reply whose connection was lost.
 const RECONNECT_FOR_MS = 30000;
 const pause = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
+// Sends `prompt` after the conversation's turns so far; the reply streams in below it.
 async function send(prompt) {
-  const history = state.turns.filter((t) => !t.error).map(({ role, content }) => ({ role, content }));
+  const c = chat();
+  const history = c.turns.filter((t) => !t.error).map(({ role, content }) => ({ role, content }));
   const user = { role: 'user', content: prompt };
-  state.turns.push(user); addTurn(user);
+  c.turns.push(user);
+  if (!c.title) c.title = prompt.replace(/\s+/g, ' ').trim().slice(0, 40);
+  save(); showChats();
+  addTurn(user);
   const reply = { role: 'assistant', content: '' };
   const el = addTurn(reply);
   const body = el.querySelector('.body');
+  const growing = new Growing(body);
   el.classList.add('streaming');
+  stick = true; toBottom();
+  const controller = new AbortController();
+  const stream = { id: null, last: '0', controller };
+  live = stream;
   busy(true);
-  controller = new AbortController();
+  $('announce').textContent = 'Writing a reply…';
   const started = performance.now();
   let first = null, frame = 0;
-  // The stream's id and the last event read: what a reconnect resumes from.
-  const stream = { id: null, last: '0' };
-  current = stream;
-  const request = { prompt, model: state.model || undefined, history };
+  const { system, temperature, max_tokens } = c.settings;
+  const request = { prompt, model: state.model || undefined, history, system: system || undefined,
+    temperature: temperature ?? undefined, max_tokens: max_tokens ?? undefined };
   if (state.template) { request.template = state.template; request.vars = state.vars[state.template] || {}; }
+  const paint = () => { frame = 0; growing.update(reply.content); follow(); };
 
   // Reads one connection's events into the reply; true once the stream has ended.
   const consume = async (response) => {
@@ -148,7 +298,7 @@ async function send(prompt) {
         first ??= performance.now();
         reply.content += payload.text;
         // Re-render at most once a frame, however fast tokens come.
-        frame ||= requestAnimationFrame(() => { frame = 0; render(body, reply.content); });
+        frame ||= requestAnimationFrame(paint);
       } else if (event === 'done') {
         const tokens = payload.usage?.completion_tokens ?? 0;
         const ttft = first ? Math.round(first - started) : null;
@@ -157,8 +307,8 @@ async function send(prompt) {
         reply.meta = `${payload.usage ? tokens + ' tokens' : ''}${ttft !== null ? ` · first token after ${ttft} ms` : ''}${rate}`;
         return true;
       } else if (event === 'error') {
-        reply.error = payload.error.code === 'stream_cancelled' ? null : `The stream failed: ${payload.error.message}`;
-        if (!reply.error) reply.meta = 'Stopped.';
+        if (payload.error.code === 'stream_cancelled') reply.meta = 'Stopped.';
+        else reply.error = `The stream failed: ${payload.error.message}`;
         return true;
       }
     }
@@ -167,10 +317,8 @@ async function send(prompt) {
 
   // A lost connection: reconnect from the last event read, for as long as the stream is kept.
   const reconnect = async () => {
-    const status = document.createElement('p');
-    status.className = 'reconnecting'; status.setAttribute('role', 'status');
-    status.textContent = 'Connection lost: reconnecting…';
-    el.append(status);
+    const status = note(el, 'reconnecting', 'Connection lost: reconnecting…');
+    status.setAttribute('role', 'status');
     const giveUp = performance.now() + RECONNECT_FOR_MS;
     try {
       for (let wait = 250; performance.now() < giveUp; wait = Math.min(wait * 2, 2000)) {
@@ -224,26 +372,75 @@ async function send(prompt) {
     else reply.error = err.message;
   } finally {
     cancelAnimationFrame(frame);
-    controller = null; current = null;
+    live = null;
     render(body, reply.content);
     el.classList.remove('streaming');
     if (reply.meta) note(el, 'meta', reply.meta);
     if (reply.error) note(el, 'error', reply.error);
-    state.turns.push(reply); save();
+    // The turns it answered may have been edited away meanwhile: only a reply to them stays.
+    if (c.turns.at(-1) === user) c.turns.push(reply);
+    save();
+    // Once, when done: a screen reader hears the reply, not every word of it.
+    $('announce').textContent = reply.error || `Reply: ${reply.content}`;
+    if (chat() === c) {
+      for (const a of view.querySelectorAll('.turn .actions')) a.remove();
+      view.querySelectorAll('.turn').forEach((t, i) => { if (c.turns[i]) actions(t, c.turns[i], i); });
+    }
     busy(false);
+    follow();
   }
 }
 
 // Stop: the server cancels the stream (it would otherwise wait for a reconnect), and this
 // page stops reading.
 function stop() {
-  if (current?.id) {
-    fetch(`/api/chat/${encodeURIComponent(current.id)}/cancel`, { method: 'POST', headers: auth(), keepalive: true })
+  if (!live) return;
+  if (live.id) {
+    fetch(`/api/chat/${encodeURIComponent(live.id)}/cancel`, { method: 'POST', headers: auth(), keepalive: true })
       .catch(() => { /* the page stops reading either way */ });
   }
-  controller?.abort();
+  live.controller.abort();
 }
 
+// The last reply, written again: it replaces the old one.
+function regenerate() {
+  const c = chat();
+  if (live || c.turns.length < 2 || c.turns.at(-1).role !== 'assistant') return;
+  c.turns.pop();
+  const user = c.turns.pop();
+  save(); showChat();
+  send(user.content);
+}
+
+// An earlier message, edited and sent again: the turns after it are replaced.
+function edit(el, index) {
+  if (live) return;
+  const c = chat();
+  const body = el.querySelector('.body');
+  const box = document.createElement('textarea');
+  box.className = 'editing'; box.value = c.turns[index].content; box.setAttribute('aria-label', 'Edit your message');
+  const sendAgain = document.createElement('button');
+  sendAgain.type = 'button'; sendAgain.textContent = 'Save & send'; sendAgain.className = 'resend';
+  const cancel = document.createElement('button');
+  cancel.type = 'button'; cancel.textContent = 'Cancel';
+  sendAgain.onclick = () => {
+    const text = box.value.trim();
+    if (!text) return;
+    c.turns.splice(index);
+    save(); showChat();
+    send(text);
+  };
+  cancel.onclick = showChat;
+  box.onkeydown = (e) => {
+    if (e.key === 'Enter' && !e.shiftKey && !e.isComposing) { e.preventDefault(); sendAgain.click(); }
+    if (e.key === 'Escape') { e.stopPropagation(); showChat(); }
+  };
+  body.replaceChildren(box);
+  el.querySelector('.actions')?.replaceChildren(sendAgain, cancel);
+  box.focus();
+}
+
+// --- Settings, models, templates --------------------------------------------------------
 function showVars() {
   const box = $('vars');
   box.replaceChildren();
@@ -261,32 +458,70 @@ function showVars() {
   }
 }
 
+let models = [];
+// Grouped: sluice's own models, the upstream's, and the mock for tests; the mock's failure
+// modes only with ?debug or the setting.
+function showModels() {
+  const debug = new URLSearchParams(location.search).has('debug') || localStorage.getItem('sluice.debug') === '1';
+  $('debug').checked = debug;
+  const failing = /^mock-(error-before|error-after|hang|stall)$/;
+  const groups = [['Local', []], ['Upstream', []], ['Test', []]];
+  for (const m of models) {
+    if (failing.test(m.id) && !debug) continue;
+    const group = m.id === 'mock' || m.id.startsWith('mock-') ? 2 : m.owned_by === 'sluice' ? 0 : 1;
+    groups[group][1].push(m.id);
+  }
+  const select = $('model');
+  select.replaceChildren();
+  const shown = [];
+  for (const [label, ids] of groups) {
+    if (ids.length === 0) continue;
+    const group = document.createElement('optgroup');
+    group.label = label;
+    for (const id of ids) { group.append(new Option(id, id)); shown.push(id); }
+    select.append(group);
+  }
+  if (!shown.includes(state.model)) state.model = shown[0] || '';
+  select.value = state.model;
+}
+
+const number = (value) => (value === '' ? undefined : Number(value));
+$('system').oninput = () => { chat().settings.system = $('system').value; save(); };
+$('temperature').oninput = () => { chat().settings.temperature = number($('temperature').value); save(); };
+$('max-tokens').oninput = () => { chat().settings.max_tokens = number($('max-tokens').value); save(); };
+$('debug').onchange = () => { localStorage.setItem('sluice.debug', $('debug').checked ? '1' : '0'); showModels(); };
+$('settings-toggle').onclick = () => {
+  const open = $('settings').hidden;
+  $('settings').hidden = !open; $('settings-toggle').setAttribute('aria-expanded', String(open));
+};
+
+// Light and dark follow the system until the toggle picks one.
+const applyTheme = () => {
+  const theme = localStorage.getItem('sluice.theme');
+  if (theme) document.documentElement.dataset.theme = theme; else delete document.documentElement.dataset.theme;
+};
+$('theme').onclick = () => {
+  const dark = document.documentElement.dataset.theme
+    ? document.documentElement.dataset.theme === 'dark'
+    : matchMedia('(prefers-color-scheme: dark)').matches;
+  localStorage.setItem('sluice.theme', dark ? 'light' : 'dark');
+  applyTheme();
+};
+applyTheme();
+
+function closeSidebar() { document.body.classList.remove('sidebar-open'); $('toggle-sidebar').setAttribute('aria-expanded', 'false'); }
+$('toggle-sidebar').onclick = () => {
+  const open = document.body.classList.toggle('sidebar-open');
+  $('toggle-sidebar').setAttribute('aria-expanded', String(open));
+};
+
 async function load() {
-  showAll();
+  showChat();
   try {
     const response = await fetch('/v1/models', { headers: auth() });
     if (response.status === 401) needKey();
-    const models = (await response.json()).data;
-    // Grouped: sluice's own models, the upstream's, and the mock for tests; the mock's
-    // failure modes only with ?debug (or localStorage sluice.debug = 1).
-    const debug = new URLSearchParams(location.search).has('debug') || localStorage.getItem('sluice.debug') === '1';
-    const failure = /^mock-(error-before|error-after|hang|stall)$/;
-    const groups = [['Local', []], ['Upstream', []], ['Test', []]];
-    for (const m of models) {
-      if (failure.test(m.id) && !debug) continue;
-      const group = m.id === 'mock' || m.id.startsWith('mock-') ? 2 : m.owned_by === 'sluice' ? 0 : 1;
-      groups[group][1].push(m.id);
-    }
-    const shown = [];
-    for (const [label, ids] of groups) {
-      if (ids.length === 0) continue;
-      const group = document.createElement('optgroup');
-      group.label = label;
-      for (const id of ids) { group.append(new Option(id, id)); shown.push(id); }
-      $('model').append(group);
-    }
-    if (!shown.includes(state.model)) state.model = shown[0] || '';
-    $('model').value = state.model;
+    models = (await response.json()).data;
+    showModels();
   } catch { /* the chat still works on the default model */ }
   try {
     const prompts = await (await fetch('/api/prompts', { headers: auth() })).json();
@@ -305,15 +540,20 @@ async function load() {
 $('key').onchange = () => { localStorage.setItem('sluice.key', $('key').value.trim()); location.reload(); };
 $('model').onchange = () => { state.model = $('model').value; save(); };
 $('template').onchange = () => { state.template = $('template').value; save(); showVars(); };
-$('new-chat').onclick = () => { state.turns = []; save(); showAll(); $('prompt').focus(); };
+$('new-chat').onclick = newChat;
 $('stop').onclick = stop;
+document.addEventListener('keydown', (e) => {
+  if (e.key === 'Escape' && live) { e.preventDefault(); stop(); }
+  if ((e.ctrlKey || e.metaKey) && e.shiftKey && e.key.toLowerCase() === 'o') { e.preventDefault(); newChat(); }
+});
 $('prompt').addEventListener('keydown', (e) => {
-  if (e.key === 'Enter' && !e.shiftKey && !e.isComposing) { e.preventDefault(); $('composer').requestSubmit(); }
+  // While a reply streams, Enter sends nothing (Stop is the button): the text waits.
+  if (e.key === 'Enter' && !e.shiftKey && !e.isComposing) { e.preventDefault(); if (!live) $('composer').requestSubmit(); }
 });
 $('composer').onsubmit = (e) => {
   e.preventDefault();
   const prompt = $('prompt').value.trim();
-  if (!prompt || controller) return;
+  if (!prompt || live) return;
   $('prompt').value = '';
   send(prompt);
 };

@@ -38,6 +38,8 @@ struct ChatBody {
     history: Vec<Turn>,
     max_tokens: Option<u32>,
     temperature: Option<f32>,
+    /// A system prompt of the client's own, after the template's.
+    system: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -69,6 +71,12 @@ async fn chat(
             };
             ApiError::invalid(e.to_string(), Some(param))
         })?;
+        messages.push(Message {
+            role: "system".into(),
+            content: system,
+        });
+    }
+    if let Some(system) = req.system.filter(|s| !s.trim().is_empty()) {
         messages.push(Message {
             role: "system".into(),
             content: system,

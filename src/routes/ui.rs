@@ -44,6 +44,11 @@ const FILES: &[(&str, &str, &str)] = &[
         include_str!("../../web/vendor/eventsource-parser/parse.js"),
     ),
     (
+        "vendor/prism/prism.js",
+        JS,
+        include_str!("../../web/vendor/prism/prism.js"),
+    ),
+    (
         "vendor/eventsource-parser/errors.js",
         JS,
         include_str!("../../web/vendor/eventsource-parser/errors.js"),

@@ -240,7 +240,7 @@ async fn the_chat_page_in_chromium() {
         "{html}"
     );
     assert!(
-        html.contains("<pre>") && html.contains("Copy"),
+        html.contains("<pre") && html.contains("Copy"),
         "a code block with its copy button: {html}"
     );
     assert_eq!(
