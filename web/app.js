@@ -284,7 +284,14 @@ async function send(prompt) {
   const request = { prompt, model: state.model || undefined, history, system: system || undefined,
     temperature: temperature ?? undefined, max_tokens: max_tokens ?? undefined };
   if (state.template) { request.template = state.template; request.vars = state.vars[state.template] || {}; }
-  const paint = () => { frame = 0; growing.update(reply.content); follow(); };
+  // Each repaint is a User Timing measure (`sluice:render`), to see its cost in DevTools.
+  const paint = () => {
+    frame = 0;
+    const mark = performance.now();
+    growing.update(reply.content);
+    follow();
+    performance.measure('sluice:render', { start: mark });
+  };
 
   // Reads one connection's events into the reply; true once the stream has ended.
   const consume = async (response) => {
@@ -373,7 +380,8 @@ async function send(prompt) {
   } finally {
     cancelAnimationFrame(frame);
     live = null;
-    render(body, reply.content);
+    // The tail once more: what is settled stays as it is (no re-parse of a long reply).
+    growing.update(reply.content);
     el.classList.remove('streaming');
     if (reply.meta) note(el, 'meta', reply.meta);
     if (reply.error) note(el, 'error', reply.error);

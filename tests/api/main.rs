@@ -17,6 +17,7 @@ mod js;
 #[cfg(feature = "local")]
 mod local;
 mod openai;
+mod page;
 mod reconnect;
 mod responses;
 mod resume;
