@@ -44,13 +44,10 @@ pub fn body(request: ChatRequest) -> (Map<String, Value>, String, Option<String>
                 json!(request.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS)),
             );
             if let Some(t) = request.temperature {
-                body.insert(
-                    "temperature".into(),
-                    json!((f64::from(t) * 1e6).round() / 1e6),
-                );
+                body.insert("temperature".into(), super::decimal(t));
             }
             if let Some(p) = request.top_p {
-                body.insert("top_p".into(), json!((f64::from(p) * 1e6).round() / 1e6));
+                body.insert("top_p".into(), super::decimal(p));
             }
             (body, None, None)
         }
@@ -107,7 +104,7 @@ impl Reader {
                         "type": "function", "function": {"name": block["name"], "arguments": ""}}]});
                     self.blocks.push(Some(self.calls));
                     self.calls += 1;
-                    ready.push(fields(&call)?);
+                    ready.push(Fields::delta(&call)?);
                 } else {
                     self.blocks.push(None);
                 }
@@ -121,12 +118,14 @@ impl Reader {
                         }
                     }
                     Some("thinking_delta") => {
-                        ready.push(fields(&json!({"reasoning_content": delta["thinking"]}))?);
+                        ready.push(Fields::delta(
+                            &json!({"reasoning_content": delta["thinking"]}),
+                        )?);
                     }
                     Some("input_json_delta") => {
                         let index = event["index"].as_u64().unwrap_or(0) as usize;
                         let call = self.blocks.get(index).copied().flatten().unwrap_or(0);
-                        ready.push(fields(&json!({"tool_calls": [{"index": call,
+                        ready.push(Fields::delta(&json!({"tool_calls": [{"index": call,
                             "function": {"arguments": delta["partial_json"]}}]}))?);
                     }
                     _ => {}
@@ -158,10 +157,4 @@ impl Reader {
         }
         Ok(ended)
     }
-}
-
-fn fields(value: &Value) -> Result<Delta, BackendError> {
-    serde_json::value::to_raw_value(value)
-        .map(|raw| Delta::Fields(Fields(raw)))
-        .map_err(|e| BackendError::Protocol(e.to_string()))
 }

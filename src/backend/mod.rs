@@ -32,6 +32,12 @@ pub struct Message {
     pub content: String,
 }
 
+/// An f32 option (0.7) as the decimal a client wrote, not the f64 it widens to
+/// (0.699999988).
+pub fn decimal(v: f32) -> serde_json::Value {
+    serde_json::Value::from((f64::from(v) * 1e6).round() / 1e6)
+}
+
 /// A validated chat request, routed: `model` is the name the backend knows.
 #[derive(Debug, Clone, Default)]
 pub struct ChatRequest {
@@ -143,6 +149,13 @@ pub struct Fields(pub Box<serde_json::value::RawValue>);
 impl Fields {
     pub fn json(&self) -> &str {
         self.0.get()
+    }
+
+    /// A delta of fields written from a JSON value.
+    pub fn delta(value: &Value) -> Result<Delta, BackendError> {
+        serde_json::value::to_raw_value(value)
+            .map(|raw| Delta::Fields(Fields(raw)))
+            .map_err(|e| BackendError::Protocol(e.to_string()))
     }
 }
 

@@ -156,13 +156,10 @@ impl OpenAiBackend {
                     body.insert("max_output_tokens".into(), json!(n));
                 }
                 if let Some(t) = request.temperature {
-                    body.insert(
-                        "temperature".into(),
-                        json!((f64::from(t) * 1e6).round() / 1e6),
-                    );
+                    body.insert("temperature".into(), super::decimal(t));
                 }
                 if let Some(p) = request.top_p {
-                    body.insert("top_p".into(), json!((f64::from(p) * 1e6).round() / 1e6));
+                    body.insert("top_p".into(), super::decimal(p));
                 }
                 body
             }
@@ -187,8 +184,7 @@ impl OpenAiBackend {
                 .map(|m| json!({"role": m.role, "content": m.content}))
                 .collect();
             body.insert("messages".into(), Value::Array(messages));
-            // An f32 such as 0.7 is 0.699999988 as an f64: sent as the decimal it was.
-            let decimal = |v: f32| Value::from((f64::from(v) * 1e6).round() / 1e6);
+            let decimal = super::decimal;
             let options = [
                 ("max_tokens", request.max_tokens.map(Value::from)),
                 ("temperature", request.temperature.map(decimal)),

@@ -49,12 +49,12 @@ impl Reader {
                 let call = json!({"tool_calls": [{"index": self.calls, "id": item["call_id"],
                     "type": "function", "function": {"name": item["name"], "arguments": ""}}]});
                 self.calls += 1;
-                ready.push(fields(&call)?);
+                ready.push(Fields::delta(&call)?);
             }
             "response.function_call_arguments.delta" => {
                 let call = json!({"tool_calls": [{"index": self.calls.saturating_sub(1),
                     "function": {"arguments": event["delta"]}}]});
-                ready.push(fields(&call)?);
+                ready.push(Fields::delta(&call)?);
             }
             "response.completed" | "response.incomplete" => {
                 let reason = if kind == "response.incomplete" {
@@ -85,10 +85,4 @@ impl Reader {
         }
         Ok(ended)
     }
-}
-
-fn fields(value: &Value) -> Result<Delta, BackendError> {
-    serde_json::value::to_raw_value(value)
-        .map(|raw| Delta::Fields(Fields(raw)))
-        .map_err(|e| BackendError::Protocol(e.to_string()))
 }

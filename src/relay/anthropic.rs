@@ -10,7 +10,7 @@ use bytes::Bytes;
 use futures::Stream;
 use serde_json::{Map, Value, json};
 
-use super::{Opened, SseWriter, StreamGuard, put, queued};
+use super::{Opened, SseWriter, StreamGuard, payload, put, queued};
 use crate::backend::{BackendError, Delta, Usage};
 use crate::error::ApiError;
 use crate::telemetry::Outcome;
@@ -303,15 +303,6 @@ fn native(
     } else {
         out.event(name, |b| put(b, raw))
     }
-}
-
-/// The JSON payload of one logged event.
-fn payload(event: &[u8]) -> Option<Value> {
-    let data: Vec<&[u8]> = event
-        .split(|&b| b == b'\n')
-        .filter_map(|line| line.strip_prefix(b"data: "))
-        .collect();
-    serde_json::from_slice(&data.join(&b'\n')).ok()
 }
 
 /// The message a stream's events add up to (for `stream: false`), or the error body it

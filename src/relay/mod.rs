@@ -209,6 +209,15 @@ impl SseWriter {
     }
 }
 
+/// The JSON payload of one logged event (its `data:` lines joined), if it is JSON.
+pub(crate) fn payload(event: &[u8]) -> Option<serde_json::Value> {
+    let data: Vec<&[u8]> = event
+        .split(|&b| b == b'\n')
+        .filter_map(|line| line.strip_prefix(b"data: "))
+        .collect();
+    serde_json::from_slice(&data.join(&b'\n')).ok()
+}
+
 /// Writes `s` into a payload.
 pub(crate) fn put(buf: &mut BytesMut, s: &str) {
     buf.put_slice(s.as_bytes());

@@ -250,12 +250,7 @@ pub fn assemble<'a>(events: impl IntoIterator<Item = &'a [u8]>) -> Result<Value,
     let mut finish = Value::Null;
     let mut usage = Value::Null;
     for event in events {
-        let data: Vec<&[u8]> = event
-            .split(|&b| b == b'\n')
-            .filter_map(|line| line.strip_prefix(b"data: "))
-            .collect();
-        let data = data.join(&b'\n');
-        let Ok(Value::Object(mut chunk)) = serde_json::from_slice::<Value>(&data) else {
+        let Some(Value::Object(mut chunk)) = super::payload(event) else {
             continue; // `[DONE]`
         };
         if chunk.contains_key("error") {

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use futures::Stream;
 use serde_json::{Map, Value, json};
 
-use super::{Opened, SseWriter, StreamGuard, put, queued};
+use super::{Opened, SseWriter, StreamGuard, payload, put, queued};
 use crate::backend::{BackendError, Delta, Usage};
 use crate::error::ApiError;
 use crate::telemetry::Outcome;
@@ -483,15 +483,6 @@ pub fn ended_by(id: &str, sequence: u64, error: &ApiError) -> Value {
     };
     json!({"type": "response.failed", "sequence_number": sequence, "response": {
         "id": id, "object": "response", "status": status, "error": error_object(error), "output": []}})
-}
-
-/// The JSON payload of one logged event.
-fn payload(event: &[u8]) -> Option<Value> {
-    let data: Vec<&[u8]> = event
-        .split(|&b| b == b'\n')
-        .filter_map(|line| line.strip_prefix(b"data: "))
-        .collect();
-    serde_json::from_slice(&data.join(&b'\n')).ok()
 }
 
 /// The response object a stream's events add up to so far: the final one once it has

@@ -287,7 +287,7 @@ fn chat(fields: &Fields) -> Result<(Vec<Value>, Map<String, Value>), ApiError> {
     if let Some(stop) = &fields.stop_sequences {
         body.insert("stop".into(), json!(stop));
     }
-    let decimal = |v: f32| Value::from((f64::from(v) * 1e6).round() / 1e6);
+    let decimal = crate::backend::decimal;
     if let Some(t) = fields.temperature {
         body.insert("temperature".into(), decimal(t));
     }

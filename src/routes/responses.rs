@@ -451,7 +451,7 @@ async fn create(
     {
         upstream.insert("response_format".into(), format);
     }
-    let decimal = |v: f32| Value::from((f64::from(v) * 1e6).round() / 1e6);
+    let decimal = crate::backend::decimal;
     if let Some(t) = fields.temperature {
         upstream.insert("temperature".into(), decimal(t));
     }
