@@ -263,8 +263,10 @@ fn native(
     let mut changed = false;
     match kind.as_str() {
         "message_start" => {
-            event["message"]["id"] = json!(meta.id);
-            changed = true;
+            if let Some(message) = event.get_mut("message").and_then(Value::as_object_mut) {
+                message.insert("id".into(), json!(meta.id));
+                changed = true;
+            }
             if let Some(input) = clamp(&event["message"]["usage"]["input_tokens"]) {
                 guard.reported = Some(Usage::new(input, 0));
             }
@@ -316,6 +318,7 @@ pub fn assemble<'a>(events: impl IntoIterator<Item = &'a [u8]>) -> Result<Value,
         };
         match event["type"].as_str().unwrap_or_default() {
             "message_start" => message = event["message"].take(),
+            _ if !message.is_object() => {}
             "content_block_start" => {
                 if let Some(content) = message["content"].as_array_mut() {
                     content.push(event["content_block"].take());
@@ -325,7 +328,15 @@ pub fn assemble<'a>(events: impl IntoIterator<Item = &'a [u8]>) -> Result<Value,
             "content_block_delta" => {
                 let index = event["index"].as_u64().unwrap_or(0) as usize;
                 let delta = &event["delta"];
-                let block = &mut message["content"][index];
+                // An index no block has (an upstream's mistake) is skipped, not a panic.
+                let Some(block) = message
+                    .get_mut("content")
+                    .and_then(Value::as_array_mut)
+                    .and_then(|content| content.get_mut(index))
+                    .filter(|block| block.is_object())
+                else {
+                    continue;
+                };
                 match delta["type"].as_str() {
                     Some("text_delta") => {
                         let text = format!(
@@ -352,11 +363,19 @@ pub fn assemble<'a>(events: impl IntoIterator<Item = &'a [u8]>) -> Result<Value,
                 }
             }
             "message_delta" => {
-                message["stop_reason"] = event["delta"]["stop_reason"].take();
-                message["stop_sequence"] = event["delta"]["stop_sequence"].take();
-                if let Some(usage) = event["usage"].as_object() {
+                let Some(message) = message.as_object_mut() else {
+                    continue;
+                };
+                message.insert("stop_reason".into(), event["delta"]["stop_reason"].take());
+                message.insert(
+                    "stop_sequence".into(),
+                    event["delta"]["stop_sequence"].take(),
+                );
+                if let (Some(Value::Object(have)), Some(usage)) =
+                    (message.get_mut("usage"), event["usage"].as_object())
+                {
                     for (key, value) in usage {
-                        message["usage"][key] = value.clone();
+                        have.insert(key.clone(), value.clone());
                     }
                 }
             }
@@ -364,10 +383,14 @@ pub fn assemble<'a>(events: impl IntoIterator<Item = &'a [u8]>) -> Result<Value,
             _ => {}
         }
     }
-    if let Some(content) = message["content"].as_array_mut() {
+    if let Some(content) = message.get_mut("content").and_then(Value::as_array_mut) {
         for (block, input) in content.iter_mut().zip(inputs) {
-            if block["type"] == "tool_use" && !input.is_empty() {
-                block["input"] = serde_json::from_str(&input).unwrap_or(Value::Object(Map::new()));
+            if let Some(block) = block.as_object_mut()
+                && block.get("type").is_some_and(|t| t == "tool_use")
+                && !input.is_empty()
+            {
+                let input = serde_json::from_str(&input).unwrap_or(Value::Object(Map::new()));
+                block.insert("input".into(), input);
             }
         }
     }

@@ -516,6 +516,8 @@ pub fn snapshot<'a>(events: impl IntoIterator<Item = &'a [u8]>) -> Option<Value>
         }
     }
     let mut response = latest?;
-    response["output"] = Value::Array(output);
+    if let Some(object) = response.as_object_mut() {
+        object.insert("output".into(), Value::Array(output));
+    }
     Some(response)
 }

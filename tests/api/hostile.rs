@@ -1091,3 +1091,56 @@ mod generated {
         });
     }
 }
+
+/// A native upstream (Responses or Messages API) whose events have the right types and the
+/// wrong shapes: the client gets an answer, never a panic (500).
+#[tokio::test]
+async fn a_native_upstream_with_misshapen_events_gets_no_panic() {
+    let upstream = FakeUpstream::spawn().await;
+    let base = upstream.base_url();
+    let dir = std::env::temp_dir().join(format!("sluice-hostile-native-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("sluice.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[models.r]\nbase_url = \"{base}\"\nmodel = \"hostile\"\napi = \"responses\"\n\n\
+             [models.m]\nbase_url = \"{base}\"\nmodel = \"hostile\"\napi = \"anthropic\"\n"
+        ),
+    )
+    .expect("config");
+    let app = TestApp::in_front_of_with(&upstream, |c| c.config = Some(path)).await;
+    let requests = [
+        ("/v1/responses", json!({"model": "r", "input": "Hi"})),
+        (
+            "/v1/responses",
+            json!({"model": "r", "input": "Hi", "stream": true}),
+        ),
+        (
+            "/v1/messages",
+            json!({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "Hi"}]}),
+        ),
+        (
+            "/v1/messages",
+            json!({"model": "m", "max_tokens": 5, "stream": true, "messages": [{"role": "user", "content": "Hi"}]}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "r", "messages": [{"role": "user", "content": "Hi"}]}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "m", "messages": [{"role": "user", "content": "Hi"}]}),
+        ),
+    ];
+    for (path, body) in requests {
+        let response = app.post(path, &body).await;
+        let status = response.status().as_u16();
+        let text = response.text().await.expect("a body");
+        assert!(
+            status != 500 && !text.contains("internal_error"),
+            "{path} {body}: {status} {text}"
+        );
+    }
+    app.wait_metric("sluice_active_streams", 0.0).await;
+}

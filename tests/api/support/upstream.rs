@@ -192,6 +192,20 @@ impl FakeUpstream {
 /// field of the upstream's own (`x_vendor`).
 fn message(body: &Value, sent: Arc<std::sync::atomic::AtomicUsize>) -> Response<Body> {
     let model = body["model"].as_str().unwrap_or("");
+    if model == "hostile" {
+        // Events of the right types with the wrong shapes.
+        let steps = [
+            json!({"type": "message_start", "message": "not an object"}),
+            json!({"type": "content_block_delta", "index": 99, "delta": {"type": "text_delta", "text": "x"}}),
+            json!({"type": "content_block_start", "index": 0, "content_block": 7}),
+            json!({"type": "message_delta", "delta": 3, "usage": "none"}),
+            json!({"type": "message_stop"}),
+        ]
+        .into_iter()
+        .map(|e| Step::Send(format!("data: {e}\n\n")))
+        .collect();
+        return stream_steps(steps, sent);
+    }
     let mut events = vec![
         json!({"type": "message_start", "message": {"id": "msg_up", "type": "message", "role": "assistant",
             "model": model, "content": [], "stop_reason": null, "stop_sequence": null,
@@ -227,6 +241,18 @@ fn message(body: &Value, sent: Arc<std::sync::atomic::AtomicUsize>) -> Response<
 /// the upstream's own (`obfuscation`, `x_vendor`), numbered from 0.
 fn respond(body: &Value, sent: Arc<std::sync::atomic::AtomicUsize>) -> Response<Body> {
     let model = body["model"].as_str().unwrap_or("");
+    if model == "hostile" {
+        let steps = [
+            json!({"type": "response.created", "response": 5}),
+            json!({"type": "response.output_item.done", "item": "x"}),
+            json!({"type": "response.output_text.delta", "delta": 9}),
+            json!({"type": "response.completed", "response": "done"}),
+        ]
+        .into_iter()
+        .map(|e| Step::Send(format!("data: {e}\n\n")))
+        .collect();
+        return stream_steps(steps, sent);
+    }
     let response = |status: &str, output: Value, usage: Value| {
         json!({"id": "resp_up", "object": "response", "created_at": 1, "status": status,
             "model": model, "output": output, "usage": usage, "x_vendor": "kept"})
