@@ -71,27 +71,17 @@ fn clamp(n: u64) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
+/// The events after which a message has no more.
+pub const ENDINGS: [&str; 2] = ["message_stop", "error"];
+
 impl Reader {
-    /// Reads one event's data into `ready`; `Ok(true)` once the message has ended.
-    pub fn event(
+    /// Reads one event (of type `kind`) into canonical events in `ready`.
+    pub fn translate(
         &mut self,
-        data: &str,
-        native: bool,
+        kind: &str,
+        event: &Value,
         ready: &mut Vec<Delta>,
-    ) -> Result<bool, BackendError> {
-        let event: Value = serde_json::from_str(data)
-            .map_err(|e| BackendError::Protocol(format!("an event that is not JSON ({e})")))?;
-        let kind = event["type"].as_str().unwrap_or_default();
-        let ended = matches!(kind, "message_stop" | "error");
-        if native {
-            let raw = serde_json::value::RawValue::from_string(data.to_owned())
-                .map_err(|e| BackendError::Protocol(format!("an event that is not JSON ({e})")))?;
-            ready.push(Delta::Event(Fields(raw)));
-            if ended {
-                ready.push(Delta::Finish("stop".into()));
-            }
-            return Ok(ended);
-        }
+    ) -> Result<(), BackendError> {
         match kind {
             "message_start" => {
                 let usage = &event["message"]["usage"];
@@ -155,6 +145,6 @@ impl Reader {
             }
             _ => {}
         }
-        Ok(ended)
+        Ok(())
     }
 }

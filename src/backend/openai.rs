@@ -34,17 +34,39 @@ impl Foreign {
         }
     }
 
+    /// Reads one event's data into `ready`: as it came for a client of the same API
+    /// (`native`), else as canonical events. `Ok(true)` once the upstream's reply has ended.
     fn event(
         &mut self,
         data: &str,
         native: bool,
         ready: &mut Vec<Delta>,
     ) -> Result<bool, BackendError> {
-        match self {
-            Foreign::None => Ok(false),
-            Foreign::Responses(reader) => reader.event(data, native, ready),
-            Foreign::Messages(reader) => reader.event(data, native, ready),
+        let not_json = |e: serde_json::Error| {
+            BackendError::Protocol(format!("an event that is not JSON ({e})"))
+        };
+        let event: Value = serde_json::from_str(data).map_err(not_json)?;
+        let kind = event["type"].as_str().unwrap_or_default();
+        let ended = match self {
+            Foreign::None => false,
+            Foreign::Responses(_) => super::responses::ENDINGS.contains(&kind),
+            Foreign::Messages(_) => super::messages::ENDINGS.contains(&kind),
+        };
+        if native {
+            let raw =
+                serde_json::value::RawValue::from_string(data.to_owned()).map_err(not_json)?;
+            ready.push(Delta::Event(super::Fields(raw)));
+            if ended {
+                ready.push(Delta::Finish("stop".into()));
+            }
+            return Ok(ended);
         }
+        match self {
+            Foreign::None => {}
+            Foreign::Responses(reader) => reader.translate(kind, &event, ready)?,
+            Foreign::Messages(reader) => reader.translate(kind, &event, ready)?,
+        }
+        Ok(ended)
     }
 }
 

@@ -14,30 +14,22 @@ pub struct Reader {
     calls: u64,
 }
 
+/// The events after which a response has no more.
+pub const ENDINGS: [&str; 4] = [
+    "response.completed",
+    "response.incomplete",
+    "response.failed",
+    "error",
+];
+
 impl Reader {
-    /// Reads one event's data into `ready`; `Ok(true)` once the response has ended.
-    pub fn event(
+    /// Reads one event (of type `kind`) into canonical events in `ready`.
+    pub fn translate(
         &mut self,
-        data: &str,
-        native: bool,
+        kind: &str,
+        event: &Value,
         ready: &mut Vec<Delta>,
-    ) -> Result<bool, BackendError> {
-        let event: Value = serde_json::from_str(data)
-            .map_err(|e| BackendError::Protocol(format!("an event that is not JSON ({e})")))?;
-        let kind = event["type"].as_str().unwrap_or_default();
-        let ended = matches!(
-            kind,
-            "response.completed" | "response.incomplete" | "response.failed" | "error"
-        );
-        if native {
-            let raw = serde_json::value::RawValue::from_string(data.to_owned())
-                .map_err(|e| BackendError::Protocol(format!("an event that is not JSON ({e})")))?;
-            ready.push(Delta::Event(Fields(raw)));
-            if ended {
-                ready.push(Delta::Finish("stop".into()));
-            }
-            return Ok(ended);
-        }
+    ) -> Result<(), BackendError> {
         match kind {
             "response.output_text.delta" => {
                 if let Some(text) = event["delta"].as_str() {
@@ -83,6 +75,6 @@ impl Reader {
             }
             _ => {}
         }
-        Ok(ended)
+        Ok(())
     }
 }

@@ -152,29 +152,18 @@ pub fn anthropic_events(
         let first = opened.next().await;
         if matches!(first, Some(Ok(Delta::Event(_)))) {
             // An upstream that speaks the Messages API: its events as they came.
-            let mut out = SseWriter::new();
-            out.retry();
-            let mut ended = false;
-            let mut item = first;
-            while let Some(next) = item {
-                match next {
-                    Ok(Delta::Event(event)) => yield native(&mut out, &meta, &mut guard, event.json(), &mut ended),
-                    Ok(Delta::Queued(ahead)) => yield queued(&mut out, ahead),
-                    Ok(_) => {}
-                    Err(e) => {
-                        guard.failed(&e);
-                        let body = error_body(&ApiError::from(e)).to_string();
-                        yield out.event(Some("error"), |b| put(b, &body));
-                        return;
-                    }
-                }
-                item = opened.next().await;
-            }
-            if !ended {
-                let e = BackendError::Interrupted("the upstream's event stream ended before its message did".into());
-                guard.failed(&e);
-                let body = error_body(&ApiError::from(e)).to_string();
-                yield out.event(Some("error"), |b| put(b, &body));
+            let relayed = super::relay_native(
+                first,
+                opened,
+                guard,
+                move |out, guard, raw, ended| native(out, &meta, guard, raw, ended),
+                |out, error| {
+                    let body = error_body(error).to_string();
+                    out.event(Some("error"), |b| put(b, &body))
+                },
+            );
+            for await event in relayed {
+                yield event;
             }
             return;
         }

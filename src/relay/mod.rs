@@ -275,6 +275,47 @@ pub fn sse(
     response
 }
 
+/// The events of an upstream that speaks the client's own API, relayed: `first` (already
+/// read) and the rest, each written by `write` (which meters it, and sets its last argument
+/// once the upstream's reply has ended); a failure, or an end before the upstream's own, is
+/// written by `failed`.
+pub(crate) fn relay_native<W, F>(
+    first: Option<Result<Delta, BackendError>>,
+    mut opened: Opened,
+    mut guard: StreamGuard,
+    mut write: W,
+    failed: F,
+) -> impl Stream<Item = Bytes> + Send
+where
+    W: FnMut(&mut SseWriter, &mut StreamGuard, &str, &mut bool) -> Bytes + Send,
+    F: Fn(&mut SseWriter, &ApiError) -> Bytes + Send,
+{
+    async_stream::stream! {
+        let mut out = SseWriter::new();
+        out.retry();
+        let mut ended = false;
+        let mut item = first;
+        while let Some(next) = item {
+            match next {
+                Ok(Delta::Event(event)) => yield write(&mut out, &mut guard, event.json(), &mut ended),
+                Ok(Delta::Queued(ahead)) => yield queued(&mut out, ahead),
+                Ok(_) => {}
+                Err(e) => {
+                    guard.failed(&e);
+                    yield failed(&mut out, &ApiError::from(e));
+                    return;
+                }
+            }
+            item = opened.next().await;
+        }
+        if !ended {
+            let e = BackendError::Interrupted("the upstream's event stream ended before its reply did".into());
+            guard.failed(&e);
+            yield failed(&mut out, &ApiError::from(e));
+        }
+    }
+}
+
 /// A keep-alive comment that says where the request waits; every client ignores it.
 pub(crate) fn queued(writer: &mut SseWriter, ahead: usize) -> Bytes {
     writer.comment(&format!("queued: {ahead} ahead"))

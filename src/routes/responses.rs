@@ -654,12 +654,14 @@ async fn retrieve(
         };
         return super::streams::follow(&state, &who, &id, Wire::Responses, after).await;
     }
-    let stored = state
-        .streams
-        .stored(&id, &who.name, Wire::Responses)
-        .await?;
+    as_it_stands(&state, &who, &id).await
+}
+
+/// The response object of stored response `id` as it stands now.
+async fn as_it_stands(state: &AppState, who: &Principal, id: &str) -> Result<Response, ApiError> {
+    let stored = state.streams.stored(id, &who.name, Wire::Responses).await?;
     let response = snapshot(stored.events.iter().map(|e| &e[..]))
-        .ok_or_else(|| ApiError::StreamEventsGone(id.clone()))?;
+        .ok_or_else(|| ApiError::StreamEventsGone(id.to_owned()))?;
     Ok(Json(response).into_response())
 }
 
@@ -673,13 +675,7 @@ async fn cancel(
         .streams
         .cancel(&id, &who.name, Wire::Responses)
         .await?;
-    let stored = state
-        .streams
-        .stored(&id, &who.name, Wire::Responses)
-        .await?;
-    let response = snapshot(stored.events.iter().map(|e| &e[..]))
-        .ok_or_else(|| ApiError::StreamEventsGone(id.clone()))?;
-    Ok(Json(response).into_response())
+    as_it_stands(&state, &who, &id).await
 }
 
 /// `DELETE /v1/responses/{id}`.
