@@ -6,6 +6,8 @@
 //! after the first event is an `error` event with Anthropic's body. Also the message a
 //! stream's events add up to, and Anthropic's error body for any [`ApiError`].
 
+use std::fmt::Write as _;
+
 use bytes::Bytes;
 use futures::Stream;
 use serde_json::{Map, Value, json};
@@ -194,7 +196,7 @@ pub fn anthropic_events(
                     // Per token: the text's JSON literal, as it came.
                     yield w.out.event(Some("content_block_delta"), |b| {
                         put(b, "{\"type\":\"content_block_delta\",\"index\":");
-                        put(b, &index.to_string());
+                        let _ = write!(b, "{index}");
                         put(b, ",\"delta\":{\"type\":\"text_delta\",\"text\":");
                         put(b, text.json());
                         put(b, "}}");

@@ -5,6 +5,8 @@
 //! error) — every event with a `sequence_number` from 0 (its SSE `id:` minus one). Also the
 //! response object a finished (or running) stream's events add up to.
 
+use std::fmt::Write as _;
+
 use bytes::Bytes;
 use futures::Stream;
 use serde_json::{Map, Value, json};
@@ -343,11 +345,11 @@ pub fn responses_events(
                             put(b, "{\"type\":\"response.output_text.delta\",\"item_id\":\"");
                             put(b, id);
                             put(b, "\",\"output_index\":");
-                            put(b, &index.to_string());
+                            let _ = write!(b, "{index}");
                             put(b, ",\"content_index\":0,\"delta\":");
                             put(b, text.json());
                             put(b, ",\"logprobs\":[],\"sequence_number\":");
-                            put(b, &sequence.to_string());
+                            let _ = write!(b, "{sequence}");
                             put(b, "}");
                         });
                     }

@@ -500,7 +500,7 @@ async fn a_resumable_messages_stream_resumes_with_last_event_id() {
         .filter_map(|e| serde_json::from_str::<Value>(&e.data).ok())
         .filter_map(|d| d["delta"]["text"].as_str().map(str::to_owned))
         .collect();
-    assert_eq!(text, (0..30).map(|i| format!(" w{i}")).collect::<String>());
+    assert_eq!(text, crate::support::paced_reply());
     assert_eq!(upstream.requests().len(), 1);
     // Unknown: Anthropic's 404.
     let gone = app

@@ -8,12 +8,9 @@ use eventsource_stream::Event;
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-use crate::support::{DEADLINE, FakeUpstream, TestApp, all_events, content, events, payloads};
-
-/// The paced model's whole reply.
-fn paced_reply() -> String {
-    (0..30).map(|i| format!(" w{i}")).collect()
-}
+use crate::support::{
+    DEADLINE, FakeUpstream, TestApp, all_events, chat_text, content, events, paced_reply, payloads,
+};
 
 fn chat_body(model: &str) -> Value {
     json!({"prompt": "Hi", "model": model})
@@ -22,18 +19,6 @@ fn chat_body(model: &str) -> Value {
 fn completion_body(model: &str) -> Value {
     json!({"model": model, "stream": true, "stream_options": {"include_usage": true},
         "messages": [{"role": "user", "content": "Hi"}]})
-}
-
-/// The text of `/api/chat` token events.
-fn tokens(events: &[Event]) -> String {
-    events
-        .iter()
-        .filter(|e| e.event == "token")
-        .map(|e| {
-            let data: Value = serde_json::from_str(&e.data).expect("JSON");
-            data["text"].as_str().expect("text").to_owned()
-        })
-        .collect()
 }
 
 fn ids(events: &[Event]) -> Vec<u64> {
@@ -101,7 +86,7 @@ async fn a_dropped_chat_stream_resumes_with_exactly_the_rest_and_is_billed_once(
     let mut all = first.clone();
     all.extend(rest);
     assert_eq!(
-        tokens(&all),
+        chat_text(&all),
         paced_reply(),
         "joined text = the uninterrupted reply"
     );
@@ -139,7 +124,7 @@ async fn a_stream_resumes_from_before_its_first_token_and_after_its_end() {
     assert_eq!(first[0].event, "meta");
     assert_eq!(first[0].id, "1");
     let rest = all_events(resume(&app, &format!("/api/chat/{id}"), 1).await).await;
-    assert_eq!(tokens(&rest), paced_reply());
+    assert_eq!(chat_text(&rest), paced_reply());
     let done = rest.last().expect("an ending").clone();
     assert_eq!(done.event, "done");
 
@@ -157,7 +142,7 @@ async fn a_stream_resumes_from_before_its_first_token_and_after_its_end() {
         .expect("answers");
     let whole = all_events(whole).await;
     assert_eq!(whole[0].event, "meta");
-    assert_eq!(tokens(&whole), paced_reply());
+    assert_eq!(chat_text(&whole), paced_reply());
     // Nothing left: 204, which tells an EventSource to stop reconnecting.
     let none = resume(&app, &format!("/api/chat/{id}"), total).await;
     assert_eq!(none.status(), 204);
@@ -180,8 +165,8 @@ async fn two_readers_follow_one_stream_at_once() {
         .await
         .expect("answers");
     let (a, b) = tokio::join!(all_events(response), all_events(second));
-    assert_eq!(tokens(&a), paced_reply());
-    assert_eq!(tokens(&b), paced_reply());
+    assert_eq!(chat_text(&a), paced_reply());
+    assert_eq!(chat_text(&b), paced_reply());
     assert_eq!(ids(&a), ids(&b));
     assert_eq!(upstream.requests().len(), 1);
 }
@@ -319,7 +304,7 @@ async fn a_reader_that_comes_back_in_time_keeps_the_stream_going() {
     let rest = all_events(resume(&app, &format!("/api/chat/{id}"), 3).await).await;
     let mut all = first;
     all.extend(rest);
-    assert_eq!(tokens(&all), paced_reply());
+    assert_eq!(chat_text(&all), paced_reply());
     assert_eq!(all.last().expect("end").event, "done");
     assert_eq!(app.metric("sluice_stream_grace_expired_total").await, 0.0);
 }
@@ -432,8 +417,8 @@ async fn only_the_owner_may_read_or_cancel_a_stream() {
         .send()
         .await
         .expect("answers");
-    assert_eq!(tokens(&all_events(own).await), paced_reply());
-    assert_eq!(tokens(&all_events(response).await), paced_reply());
+    assert_eq!(chat_text(&all_events(own).await), paced_reply());
+    assert_eq!(chat_text(&all_events(response).await), paced_reply());
 }
 
 #[tokio::test]
@@ -483,7 +468,7 @@ async fn past_the_memory_cap_new_streams_are_served_without_resumption() {
         Some("false")
     );
     let second = all_events(second).await;
-    assert_eq!(tokens(&second), "Hello from the fake upstream");
+    assert_eq!(chat_text(&second), "Hello from the fake upstream");
     assert_eq!(
         app.metric("sluice_streams_not_resumable_total{reason=\"memory\"}")
             .await,

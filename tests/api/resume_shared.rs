@@ -10,18 +10,7 @@ use serde_json::{Value, json};
 
 use crate::shared::Redis;
 use crate::startup::Running;
-use crate::support::{DEADLINE, FakeUpstream, TestApp, all_events, events};
-
-fn tokens(events: &[Event]) -> String {
-    events
-        .iter()
-        .filter(|e| e.event == "token")
-        .map(|e| {
-            let data: Value = serde_json::from_str(&e.data).expect("JSON");
-            data["text"].as_str().expect("text").to_owned()
-        })
-        .collect()
-}
+use crate::support::{DEADLINE, FakeUpstream, TestApp, all_events, chat_text, events, paced_reply};
 
 /// Instance A: the binary, so that it can be killed.
 fn instance_a(redis: &Redis, upstream: &FakeUpstream) -> Running {
@@ -96,8 +85,8 @@ async fn a_stream_started_on_one_instance_resumes_on_another() {
     assert_eq!(rest.last().expect("an ending").event, "done");
     let mut all = first;
     all.extend(rest);
-    let expected: String = (0..30).map(|i| format!(" w{i}")).collect();
-    assert_eq!(tokens(&all), expected);
+    let expected = paced_reply();
+    assert_eq!(chat_text(&all), expected);
     let ids: Vec<u64> = all.iter().map(|e| e.id.parse().expect("id")).collect();
     assert_eq!(
         ids,
@@ -236,7 +225,7 @@ async fn a_background_response_started_on_one_instance_is_read_on_another() {
         .filter(|d| d["type"] == "response.output_text.delta")
         .filter_map(|d| d["delta"].as_str())
         .collect();
-    let expected: String = (0..30).map(|i| format!(" w{i}")).collect();
+    let expected = paced_reply();
     assert!(expected.ends_with(&text) && text.len() > 10, "{text}");
     // And the finished response object, on B, from Redis.
     let done = b.get_json(&format!("/v1/responses/{id}")).await;

@@ -11,7 +11,7 @@ use futures::{Stream, StreamExt};
 use serde_json::Value;
 use sluice::{AppState, Config};
 
-pub use upstream::FakeUpstream;
+pub use upstream::{FakeUpstream, paced_reply};
 
 /// How long a test waits for something that should happen at once.
 pub const DEADLINE: Duration = Duration::from_secs(5);
@@ -210,6 +210,18 @@ pub fn payloads(events: &[Event]) -> Vec<Value> {
         .map(|e| match e.data.as_str() {
             "[DONE]" => Value::String("[DONE]".into()),
             data => serde_json::from_str(data).expect("each data line is JSON"),
+        })
+        .collect()
+}
+
+/// The text of `/api/chat` `token` events.
+pub fn chat_text(events: &[Event]) -> String {
+    events
+        .iter()
+        .filter(|e| e.event == "token")
+        .map(|e| {
+            let data: Value = serde_json::from_str(&e.data).expect("JSON");
+            data["text"].as_str().expect("text").to_owned()
         })
         .collect()
 }

@@ -308,6 +308,11 @@ fn text(t: &str) -> String {
     chunk(json!({"content": t}), None)
 }
 
+/// The `paced` model's whole reply: 30 tokens, ` w0` to ` w29`.
+pub fn paced_reply() -> String {
+    (0..30).map(|i| format!(" w{i}")).collect()
+}
+
 /// What the upstream sends, step by step.
 enum Step {
     Send(String),
