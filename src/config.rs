@@ -172,6 +172,12 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: Option<u32>,
 
+    /// Open client connections from one address at most (IPv6: one /64); trusted proxies
+    /// are exempt. More are closed as they arrive.
+    #[arg(long, env = "SLUICE_MAX_CONNECTIONS_PER_IP", value_name = "SLUICE_MAX_CONNECTIONS_PER_IP",
+          default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_ip: u32,
+
     /// PEM certificate chain: with SLUICE_TLS_KEY, serve HTTPS (HTTP/2 and 1.1 by ALPN).
     #[arg(long, env = "SLUICE_TLS_CERT", value_name = "SLUICE_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
@@ -216,6 +222,16 @@ pub struct Config {
     #[arg(long, env = "SLUICE_RESUME_MEMORY_MB", value_name = "SLUICE_RESUME_MEMORY_MB",
           default_value_t = 64.0, value_parser = positive)]
     pub resume_memory_mb: f64,
+
+    /// The part of SLUICE_RESUME_MEMORY_MB one client's stream logs may hold, from 0 to 1.
+    #[arg(long, env = "SLUICE_RESUME_CLIENT_SHARE", value_name = "SLUICE_RESUME_CLIENT_SHARE",
+          default_value_t = 0.25, value_parser = fraction)]
+    pub resume_client_share: f64,
+
+    /// Connections reading one stored stream at once.
+    #[arg(long, env = "SLUICE_MAX_READERS", value_name = "SLUICE_MAX_READERS", default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_readers: u32,
 
     /// Seconds open streams may run on after SIGTERM or Ctrl-C.
     #[arg(
@@ -279,6 +295,13 @@ fn positive(value: &str) -> Result<f64, String> {
     match non_negative(value) {
         Ok(v) if v > 0.0 => Ok(v),
         _ => Err("must be a number above 0".into()),
+    }
+}
+
+fn fraction(value: &str) -> Result<f64, String> {
+    match positive(value) {
+        Ok(v) if v <= 1.0 => Ok(v),
+        _ => Err("must be a number above 0 and at most 1".into()),
     }
 }
 

@@ -100,6 +100,10 @@ pub enum ApiError {
     /// The instance producing the stream stopped answering.
     #[error("the instance producing this stream is gone; the stream cannot go on")]
     ProducerLost,
+    /// The shared log (Redis) failed under a reader on another instance: the stream may
+    /// well go on where it is produced, but cannot be followed from here.
+    #[error("the shared stream log (Redis) failed while this stream was read; resume it again")]
+    SharedLogUnavailable,
     /// Some of a stream's events did not reach the shared log.
     #[error("some events of this stream were not logged; resume is not possible")]
     StreamEventsLost,
@@ -144,6 +148,7 @@ impl ApiError {
             ApiError::StreamRunning(_) | ApiError::StreamCancelled => StatusCode::CONFLICT,
             ApiError::StreamEventsGone(_) => StatusCode::GONE,
             ApiError::ProducerLost | ApiError::StreamEventsLost => StatusCode::BAD_GATEWAY,
+            ApiError::SharedLogUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -173,7 +178,9 @@ impl ApiError {
             | ApiError::StreamRunning(_)
             | ApiError::StreamEventsGone(_)
             | ApiError::StreamCancelled => "invalid_request_error",
-            ApiError::ProducerLost | ApiError::StreamEventsLost => "server_error",
+            ApiError::ProducerLost
+            | ApiError::StreamEventsLost
+            | ApiError::SharedLogUnavailable => "server_error",
         }
     }
 
@@ -204,6 +211,7 @@ impl ApiError {
             ApiError::StreamCancelled => "stream_cancelled",
             ApiError::ProducerLost => "producer_lost",
             ApiError::StreamEventsLost => "stream_events_lost",
+            ApiError::SharedLogUnavailable => "shared_log_unavailable",
         };
         Some(code.to_owned())
     }
@@ -320,6 +328,20 @@ impl From<Refusal> for ApiError {
                 retry_after: again,
                 quota: Some(quota),
             },
+            Refusal::TooManyReaders { max_readers } => ApiError::RateLimited {
+                message: format!(
+                    "you are reading {max_readers} stored streams at once, the limit; close one first"
+                ),
+                retry_after: again,
+                quota: None,
+            },
+            Refusal::StreamReaders { max_readers } => ApiError::RateLimited {
+                message: format!(
+                    "this stream has {max_readers} readers, the limit; close one first"
+                ),
+                retry_after: again,
+                quota: None,
+            },
             Refusal::Requests { rpm, wait, quota } => ApiError::RateLimited {
                 message: format!(
                     "rate limit of {rpm} requests per minute reached; try again in {}",
@@ -343,6 +365,15 @@ impl From<Refusal> for ApiError {
                 quota: Some(quota),
             },
         }
+    }
+}
+
+/// A `type` a client sent, as a message names it: `` `tool_use` ``, or "no type" when it
+/// sent none (never Rust's `Some("…")`).
+pub fn shown(kind: Option<&str>) -> String {
+    match kind {
+        Some(kind) => format!("`{}`", kind.chars().take(64).collect::<String>()),
+        None => "no type".to_owned(),
     }
 }
 

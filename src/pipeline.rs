@@ -1,14 +1,15 @@
 //! The one chat path every surface shares, whatever its wire format: check the request's
-//! size, resolve the model, admit the client (the checks that cost nothing first), count
-//! the prompt, reserve its tokens, then start the backend stream with its meter.
+//! size, resolve the model, admit the client (the checks that cost nothing first: see
+//! [`admit`]), count the prompt, reserve the tokens of all it sends, then start the backend
+//! stream with its meter.
 
 use serde_json::{Map, Value};
 
-use crate::admission::{DEFAULT_REPLY_TOKENS, Principal, Quota};
+use crate::admission::{DEFAULT_REPLY_TOKENS, Permit, Principal, Quota};
 use crate::backend::{ChatRequest, DeltaStream, MAX_MODEL_NAME, Message};
-use crate::dispatch;
+use crate::dispatch::{self, Route};
 use crate::error::ApiError;
-use crate::relay::StreamGuard;
+use crate::relay::{Bounds, StreamGuard};
 use crate::state::AppState;
 use crate::telemetry::Exchange;
 
@@ -30,6 +31,9 @@ pub struct Chat {
     pub body: Map<String, Value>,
     /// A Responses API request as sent, for an upstream that speaks that API.
     pub native: Option<crate::backend::Native>,
+    /// The request's size in bytes as it goes upstream: its tokens are reserved beyond the
+    /// messages' text, at a token per four bytes.
+    pub size: usize,
 }
 
 /// An admitted request with its backend stream started (lazily: nothing runs until the
@@ -44,67 +48,116 @@ pub struct Started {
     pub prompt_tokens: u32,
 }
 
+/// Checks, resolves and admits `chat`, then starts it.
 pub async fn start(
     state: &AppState,
     who: &Principal,
     exchange: &Exchange,
     chat: Chat,
 ) -> Result<Started, ApiError> {
-    if chat.model.len() > MAX_MODEL_NAME {
+    admit(
+        state,
+        who,
+        exchange,
+        &chat.model,
+        chat.max_tokens,
+        chat.max_tokens_param,
+    )
+    .await?
+    .start(state, exchange, chat)
+    .await
+}
+
+/// A request that passed the checks that cost nothing: its model routes somewhere and the
+/// client may start it now. A route that must load stored state to build its request (a
+/// continued conversation) does so only once it has one of these.
+pub struct Admitted {
+    permit: Permit,
+    route: Route,
+}
+
+/// The request's size limits, its model, and the client's request rate and stream slot.
+pub async fn admit(
+    state: &AppState,
+    who: &Principal,
+    exchange: &Exchange,
+    model: &str,
+    max_tokens: Option<u32>,
+    max_tokens_param: &str,
+) -> Result<Admitted, ApiError> {
+    if model.len() > MAX_MODEL_NAME {
         return Err(ApiError::invalid(
             format!("`model` is longer than {MAX_MODEL_NAME} bytes"),
             Some("model"),
         ));
     }
-    if chat.max_tokens.is_some_and(|n| n > MAX_TOKENS) {
+    if max_tokens.is_some_and(|n| n > MAX_TOKENS) {
         return Err(ApiError::invalid(
-            format!("`{}` must be at most {MAX_TOKENS}", chat.max_tokens_param),
-            Some(chat.max_tokens_param),
+            format!("`{max_tokens_param}` must be at most {MAX_TOKENS}"),
+            Some(max_tokens_param),
         ));
     }
     let route = state
         .routes
-        .resolve(&chat.model)
-        .ok_or_else(|| ApiError::ModelNotFound(chat.model.clone()))?;
-    exchange.set_model(&chat.model);
+        .resolve(model)
+        .ok_or_else(|| ApiError::ModelNotFound(model.to_owned()))?;
+    exchange.set_model(model);
+    let permit = state.admission.admit(who, model).await?;
+    Ok(Admitted { permit, route })
+}
 
-    let mut permit = state.admission.admit(who, &chat.model).await?;
-    let (messages, prompt_tokens) = state.tokens.prompt(chat.messages).await;
-    let reply_tokens = chat.max_tokens.unwrap_or(DEFAULT_REPLY_TOKENS);
-    permit
-        .reserve(prompt_tokens.saturating_add(reply_tokens))
-        .await?;
-    let rate = permit.quota().clone();
-    // Metric labels only for admitted requests, and only from a bounded set of names.
-    let label = state.routes.label(&chat.model);
-    exchange.set_label(label.clone());
+impl Admitted {
+    /// Counts the prompt, reserves the tokens of everything that goes upstream (the
+    /// messages' text as tiktoken counts it; tools, schemas, images and the rest at a token
+    /// per four bytes) and the reply's, then starts the backend stream with its meter.
+    pub async fn start(
+        self,
+        state: &AppState,
+        exchange: &Exchange,
+        chat: Chat,
+    ) -> Result<Started, ApiError> {
+        let Admitted { mut permit, route } = self;
+        let text_bytes: usize = chat.messages.iter().map(|m| m.content.len()).sum();
+        let (messages, prompt_tokens) = state.tokens.prompt(chat.messages).await;
+        let rest = u32::try_from(chat.size.saturating_sub(text_bytes) / 4).unwrap_or(u32::MAX);
+        let sent_tokens = prompt_tokens.saturating_add(rest);
+        let reply_tokens = chat.max_tokens.unwrap_or(DEFAULT_REPLY_TOKENS);
+        permit
+            .reserve(sent_tokens.saturating_add(reply_tokens))
+            .await?;
+        let rate = permit.quota().clone();
+        // Metric labels only for admitted requests, and only from a bounded set of names.
+        let label = state.routes.label(&chat.model);
+        exchange.set_label(label.clone());
 
-    let request = ChatRequest {
-        // Each target of the route has its own name for the model: dispatch sets it.
-        model: chat.model.clone(),
-        messages,
-        prompt_tokens,
-        max_tokens: chat.max_tokens,
-        temperature: chat.temperature,
-        top_p: chat.top_p,
-        seed: chat.seed,
-        body: chat.body,
-        request_id: exchange.request_id().to_owned(),
-        native: chat.native,
-    };
-    let guard = StreamGuard::new(
-        state.metrics.clone(),
-        permit,
-        exchange.clone(),
-        label.clone(),
-        prompt_tokens,
-    );
-    let stream = dispatch::upstream(&state.dispatcher, exchange, route, &label, request);
-    Ok(Started {
-        stream,
-        guard,
-        rate,
-        model: chat.model,
-        prompt_tokens,
-    })
+        let request = ChatRequest {
+            // Each target of the route has its own name for the model: dispatch sets it.
+            model: chat.model.clone(),
+            messages,
+            prompt_tokens,
+            max_tokens: chat.max_tokens,
+            temperature: chat.temperature,
+            top_p: chat.top_p,
+            seed: chat.seed,
+            body: chat.body,
+            request_id: exchange.request_id().to_owned(),
+            native: chat.native,
+        };
+        let guard = StreamGuard::new(
+            state.metrics.clone(),
+            permit,
+            exchange.clone(),
+            label.clone(),
+            prompt_tokens,
+            Bounds::of(sent_tokens, chat.max_tokens.unwrap_or(MAX_TOKENS)),
+        );
+        let stream = dispatch::upstream(&state.dispatcher, exchange, route, &label, request);
+        Ok(Started {
+            stream,
+            guard,
+            rate,
+            model: chat.model,
+            prompt_tokens,
+        })
+    }
 }

@@ -50,9 +50,8 @@ impl AppState {
             .iter()
             .map(|k| k.trim())
             .filter(|k| !k.is_empty())
-            .enumerate()
-            .map(|(i, secret)| ApiKey {
-                name: format!("key-{}", i + 1),
+            .map(|secret| ApiKey {
+                name: crate::admission::key_name(secret),
                 secret: secret.to_owned(),
                 limits: None,
             })
@@ -120,6 +119,9 @@ impl AppState {
             max_connections: config
                 .max_connections
                 .map_or_else(default_max_connections, |n| n as usize),
+            max_connections_per_ip: config.max_connections_per_ip as usize,
+            trusted_proxies: config.trusted_proxies.clone().into(),
+            total_timeout: config.total_timeout(),
             tls,
         };
 
@@ -131,6 +133,8 @@ impl AppState {
                 grace: config.resume_grace(),
                 ttl: config.resume_ttl(),
                 memory: config.resume_memory(),
+                client_share: config.resume_client_share,
+                max_readers: config.max_readers as usize,
                 keep_alive: config.keep_alive(),
                 idle: config.idle_timeout(),
                 total: config.total_timeout(),

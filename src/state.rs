@@ -51,6 +51,12 @@ pub struct ServerSettings {
     pub slow_client_timeout: Duration,
     /// Open client connections at most.
     pub max_connections: usize,
+    /// Open client connections from one address (an IPv6 /64) at most.
+    pub max_connections_per_ip: usize,
+    /// Addresses exempt from the per-address cap.
+    pub trusted_proxies: Arc<[ipnet::IpNet]>,
+    /// The longest a response may stream, whether or not its client lets bytes out.
+    pub total_timeout: Duration,
     /// HTTPS with ALPN (`h2`, `http/1.1`) when set.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
 }

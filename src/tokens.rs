@@ -35,6 +35,22 @@ impl Default for Counter {
 }
 
 impl Counter {
+    /// Runs `work` on a request of `size` bytes: where it is asked when the request is
+    /// small, else on the blocking pool, one at a time (as large prompts are counted), so
+    /// that a megabyte to translate or count never holds an async worker. `None`: it
+    /// panicked.
+    pub async fn heavy<T: Send + 'static>(
+        &self,
+        size: usize,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Option<T> {
+        if size <= INLINE_BYTES {
+            return Some(work());
+        }
+        let _turn = self.large.acquire().await;
+        tokio::task::spawn_blocking(work).await.ok()
+    }
+
     /// The tokens of a chat prompt, OpenAI's way; the messages are given back.
     pub async fn prompt(&self, messages: Vec<Message>) -> (Vec<Message>, u32) {
         let size: usize = messages.iter().map(|m| m.content.len()).sum();

@@ -101,6 +101,8 @@ pub struct Admission {
     trusted_proxies: Vec<IpNet>,
     tokens: Mutex<HashMap<Arc<str>, Bucket>>,
     streams: Mutex<HashMap<Arc<str>, u32>>,
+    /// Connections reading stored streams, per client (this instance's).
+    readers: Mutex<HashMap<Arc<str>, u32>>,
     global_streams: AtomicUsize,
     global_max: usize,
 }
@@ -146,6 +148,7 @@ impl Admission {
             trusted_proxies,
             tokens: Mutex::default(),
             streams: Mutex::default(),
+            readers: Mutex::default(),
             global_streams: AtomicUsize::new(0),
             global_max,
         }))
@@ -228,6 +231,70 @@ impl Admission {
         self.admit_locally(who)
     }
 
+    /// Admits a request that starts no stream of its own (a token count, a read of a stored
+    /// stream): it counts against the client's request rate, in Redis when shared.
+    pub async fn admit_request(self: &Arc<Self>, who: &Principal) -> Result<Quota, Refusal> {
+        let limits = &who.policy.limits;
+        if let Some(shared) = &self.shared {
+            match shared.request(&who.name, limits).await {
+                Ok(Decision::Requests { wait, reset }) => {
+                    return Err(Refusal::Requests {
+                        rpm: limits.rpm,
+                        wait,
+                        quota: Quota::requests(limits, 0, reset),
+                    });
+                }
+                Ok(Decision::Admitted {
+                    remaining_requests,
+                    reset_requests,
+                }) => return Ok(Quota::requests(limits, remaining_requests, reset_requests)),
+                Ok(_) => return Err(Refusal::LimitsUnavailable),
+                Err(e) => self.redis_failed(&e)?,
+            }
+        }
+        self.requests_locally(who)
+    }
+
+    /// Admits a read of a stored stream: a request ([`Self::admit_request`]), and one of the
+    /// client's reader slots (as many as its `max_streams`, in this instance) held until the
+    /// [`Reader`] is dropped with its connection.
+    pub async fn admit_read(self: &Arc<Self>, who: &Principal) -> Result<Reader, Refusal> {
+        let quota = self.admit_request(who).await?;
+        let max = who.policy.limits.max_streams;
+        let mut readers = lock(&self.readers);
+        let open = readers.entry(who.name.clone()).or_insert(0);
+        if *open >= max {
+            return Err(Refusal::TooManyReaders { max_readers: max });
+        }
+        *open += 1;
+        Ok(Reader {
+            admission: self.clone(),
+            client: who.name.clone(),
+            quota,
+        })
+    }
+
+    /// The request rate in this instance: governor's verdict as a quota or a refusal.
+    fn requests_locally(&self, who: &Principal) -> Result<Quota, Refusal> {
+        let limits = &who.policy.limits;
+        let period = Duration::from_secs(60) / limits.rpm.max(1);
+        match who.policy.requests.check_key(&who.name) {
+            Ok(snapshot) => {
+                let requests = snapshot.remaining_burst_capacity();
+                let reset = period * (limits.burst.saturating_sub(requests));
+                Ok(Quota::requests(limits, requests, reset))
+            }
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(DefaultClock::default().now());
+                Err(Refusal::Requests {
+                    rpm: limits.rpm,
+                    wait,
+                    quota: Quota::requests(limits, 0, period * limits.burst),
+                })
+            }
+        }
+    }
+
     /// Counts a Redis failure; fails closed (503) or lets this instance's own limits apply.
     fn redis_failed(&self, e: &redis::RedisError) -> Result<(), Refusal> {
         self.redis_errors.increment(1);
@@ -302,20 +369,7 @@ impl Admission {
         };
 
         // Requests per minute: every answer from here on counts as a request.
-        let period = Duration::from_secs(60) / limits.rpm.max(1);
-        let requests = match who.policy.requests.check_key(&who.name) {
-            Ok(snapshot) => snapshot.remaining_burst_capacity(),
-            Err(not_until) => {
-                let wait = not_until.wait_time_from(DefaultClock::default().now());
-                return Err(Refusal::Requests {
-                    rpm: limits.rpm,
-                    wait,
-                    quota: Quota::requests(limits, 0, period * limits.burst),
-                });
-            }
-        };
-        let reset = period * (limits.burst.saturating_sub(requests));
-        permit.quota = Quota::requests(limits, requests, reset);
+        permit.quota = self.requests_locally(who)?;
 
         // This client's streams.
         let mut streams = lock(&self.streams);
@@ -372,6 +426,7 @@ impl Admission {
         let tpm = |name: &Arc<str>| self.policy_of(name).limits.tpm.unwrap_or(u32::MAX);
         lock(&self.tokens).retain(|name, bucket| bucket.until_full(tpm(name)) > Duration::ZERO);
         lock(&self.streams).retain(|_, open| *open > 0);
+        lock(&self.readers).retain(|_, open| *open > 0);
     }
 
     fn policy_of(&self, name: &str) -> &Arc<Policy> {
@@ -399,6 +454,21 @@ impl Admission {
     pub fn open_streams(&self) -> usize {
         self.global_streams.load(Ordering::Acquire)
     }
+}
+
+/// The stable name of a key given without one (`SLUICE_API_KEYS`): `key-` and the first 16
+/// bytes of its SHA-256 in hex. The same key has the same name on every instance and in
+/// every order, so ownership of streams and limits in Redis survive a rotation; the key
+/// itself cannot be read back from it.
+pub fn key_name(secret: &str) -> String {
+    let digest = Sha256::digest(secret.as_bytes());
+    let mut name = String::with_capacity(4 + 32);
+    name.push_str("key-");
+    for byte in &digest[..16] {
+        use std::fmt::Write as _;
+        let _ = write!(name, "{byte:02x}");
+    }
+    name
 }
 
 /// The name a client without a key is limited by: its IPv4 address, or its IPv6 /64 (one
@@ -600,6 +670,28 @@ impl Drop for Permit {
     }
 }
 
+/// A connection's hold on one of its client's reader slots.
+pub struct Reader {
+    admission: Arc<Admission>,
+    client: Arc<str>,
+    quota: Quota,
+}
+
+impl Reader {
+    /// The client's standing after this request: for `x-ratelimit-*`.
+    pub fn quota(&self) -> &Quota {
+        &self.quota
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        if let Some(open) = lock(&self.admission.readers).get_mut(&self.client) {
+            *open = open.saturating_sub(1);
+        }
+    }
+}
+
 /// Why a request was not admitted, with what the client may be told.
 #[derive(Debug, Clone)]
 pub enum Refusal {
@@ -613,6 +705,10 @@ pub enum Refusal {
     LimitsUnavailable,
     /// The client has `max_streams` open.
     TooManyStreams { max_streams: u32, quota: Quota },
+    /// The client reads as many stored streams at once as it may (its `max_streams`).
+    TooManyReaders { max_readers: u32 },
+    /// The stream has `SLUICE_MAX_READERS` connections reading it.
+    StreamReaders { max_readers: usize },
     /// Over the requests per minute.
     Requests {
         rpm: u32,

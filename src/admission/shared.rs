@@ -50,6 +50,20 @@ redis.call('PEXPIRE', KEYS[4], ttl * 2)
 return {0, 0, remaining, reset}
 ";
 
+/// Counts a request that starts no stream: the GCRA of ADMIT alone, on KEYS[1].
+const REQUEST: &str = r"
+local time = redis.call('TIME')
+local now = time[1] * 1000 + math.floor(time[2] / 1000)
+local period, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local new_tat = tat + period
+local allow_at = new_tat - burst * period
+if now < allow_at then return {4, math.ceil(allow_at - now), 0, math.ceil(tat - now)} end
+redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil(new_tat - now) + 1000)
+return {0, 0, math.floor((now - allow_at) / period), math.ceil(new_tat - now)}
+";
+
 /// Reserves n tokens from a bucket refilled at tpm per minute: KEYS[2] as in ADMIT.
 const TOKENS: &str = r"
 local time = redis.call('TIME')
@@ -86,13 +100,15 @@ return 0
 ";
 
 /// Pushes the expiry of live permits: KEYS[1] the global set, then one client set per id.
+/// A permit Redis lost (a flush, a failover) is added again: this instance's streams still
+/// run, and the caps must count them.
 const REFRESH: &str = r"
 local time = redis.call('TIME')
 local now = time[1] * 1000 + math.floor(time[2] / 1000)
 local ttl = tonumber(ARGV[1])
 for i = 2, #ARGV do
-  redis.call('ZADD', KEYS[1], 'XX', now + ttl, ARGV[i])
-  redis.call('ZADD', KEYS[i], 'XX', now + ttl, ARGV[i])
+  redis.call('ZADD', KEYS[1], now + ttl, ARGV[i])
+  redis.call('ZADD', KEYS[i], now + ttl, ARGV[i])
   redis.call('PEXPIRE', KEYS[i], ttl * 2)
 end
 redis.call('PEXPIRE', KEYS[1], ttl * 2)
@@ -146,6 +162,7 @@ pub struct Shared {
     down_until: AtomicU64,
     epoch: Instant,
     admit: Script,
+    request: Script,
     tokens: Script,
     release: Script,
     refresh: Script,
@@ -165,6 +182,7 @@ impl Shared {
                 down_until: AtomicU64::new(0),
                 epoch: Instant::now(),
                 admit: Script::new(ADMIT),
+                request: Script::new(REQUEST),
                 tokens: Script::new(TOKENS),
                 release: Script::new(RELEASE),
                 refresh: Script::new(REFRESH),
@@ -254,6 +272,31 @@ impl Shared {
                 reset_requests: ms(3),
             },
             3 => Decision::GlobalFull,
+            _ => Decision::Requests {
+                wait: ms(1),
+                reset: ms(3),
+            },
+        })
+    }
+
+    /// Counts a request that holds no stream permit.
+    pub async fn request(
+        &self,
+        client: &str,
+        limits: &Limits,
+    ) -> Result<Decision, redis::RedisError> {
+        let period_ms = 60_000.0 / f64::from(limits.rpm.max(1));
+        let mut invocation = self.request.prepare_invoke();
+        let [requests, ..] = Self::keys(client);
+        invocation.key(requests).arg(period_ms).arg(limits.burst);
+        let reply = self.invoke(&invocation).await?;
+        let at = |i: usize| reply.get(i).copied().unwrap_or(0).max(0) as u64;
+        let ms = |i: usize| Duration::from_millis(at(i));
+        Ok(match at(0) {
+            0 => Decision::Admitted {
+                remaining_requests: at(2) as u32,
+                reset_requests: ms(3),
+            },
             _ => Decision::Requests {
                 wait: ms(1),
                 reset: ms(3),

@@ -27,7 +27,8 @@ pub const BODY_LIMIT: usize = 1024 * 1024;
 
 /// A JSON object body. Wrong content type → 415, too large → 413, not there within the body
 /// limit → 408, not JSON or not an object → 400; all with OpenAI's error body.
-pub struct JsonObject(pub Map<String, Value>);
+/// The second field is the body's size in bytes.
+pub struct JsonObject(pub Map<String, Value>, pub usize);
 
 /// How long a request's body may take to arrive, once its headers are in.
 #[derive(Debug, Clone, Copy)]
@@ -65,7 +66,7 @@ where
                 }
             })?;
         match serde_json::from_slice::<Value>(&bytes) {
-            Ok(Value::Object(map)) => Ok(JsonObject(map)),
+            Ok(Value::Object(map)) => Ok(JsonObject(map, bytes.len())),
             Ok(_) => Err(ApiError::invalid(
                 "the request body must be a JSON object",
                 None,

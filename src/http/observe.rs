@@ -14,7 +14,8 @@ pub async fn observe(State(metrics): State<Metrics>, mut req: Request, next: Nex
     let exchange = Exchange::new(
         super::request_id(req.headers()),
         req.method().to_string(),
-        req.uri().path().to_owned(),
+        // Logged only when no route matched (a route is logged as its template).
+        req.uri().path().chars().take(256).collect(),
     );
     req.extensions_mut().insert(exchange.clone());
     let response = next.run(req).await;

@@ -18,7 +18,28 @@ pub struct StreamGuard {
     prompt_tokens: u32,
     delivered_tokens: u32,
     pub(super) reported: Option<Usage>,
+    /// The most an upstream's own counts are believed (see [`Bounds`]).
+    bounds: Bounds,
     outcome: Option<Outcome>,
+}
+
+/// The most usage an upstream may report for a request: a count past these is not what it
+/// was sent or allowed to write, and billing it would lock the client out for days.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+}
+
+impl Bounds {
+    /// Four times sluice's own count of what was sent, plus room for what it cannot count
+    /// (images, another tokenizer), and the reply's own limit.
+    pub fn of(sent_tokens: u32, max_reply_tokens: u32) -> Self {
+        Bounds {
+            prompt_tokens: sent_tokens.saturating_mul(4).saturating_add(8192),
+            completion_tokens: max_reply_tokens,
+        }
+    }
 }
 
 impl StreamGuard {
@@ -28,6 +49,7 @@ impl StreamGuard {
         exchange: Exchange,
         model: String,
         prompt_tokens: u32,
+        bounds: Bounds,
     ) -> Self {
         metrics.stream_started();
         StreamGuard {
@@ -39,6 +61,7 @@ impl StreamGuard {
             prompt_tokens,
             delivered_tokens: 0,
             reported: None,
+            bounds,
             outcome: None,
         }
     }
@@ -52,9 +75,15 @@ impl StreamGuard {
     }
 
     /// The backend's own counts when it sent them, else sluice's count of what it delivered.
+    /// An upstream's counts are clamped to the request's [`Bounds`].
     pub fn usage(&self) -> Usage {
-        self.reported
-            .unwrap_or_else(|| Usage::new(self.prompt_tokens, self.delivered_tokens))
+        match self.reported {
+            Some(u) => Usage::new(
+                u.prompt_tokens.min(self.bounds.prompt_tokens),
+                u.completion_tokens.min(self.bounds.completion_tokens),
+            ),
+            None => Usage::new(self.prompt_tokens, self.delivered_tokens),
+        }
     }
 
     pub fn finish(&mut self, outcome: Outcome) {

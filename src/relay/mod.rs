@@ -15,7 +15,7 @@ mod openai;
 pub mod responses;
 
 pub use chat::chat_events;
-pub use meter::StreamGuard;
+pub use meter::{Bounds, StreamGuard};
 pub use openai::{assemble, collect, openai_events};
 
 use std::convert::Infallible;

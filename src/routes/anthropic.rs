@@ -17,7 +17,7 @@ use serde_json::{Map, Value, json};
 
 use crate::admission::Principal;
 use crate::backend::Message;
-use crate::error::ApiError;
+use crate::error::{ApiError, shown};
 use crate::http::{JsonObject, typed, with_rate_headers};
 use crate::pipeline;
 use crate::relay::anthropic::{Meta, anthropic_events, assemble, error_type};
@@ -177,7 +177,7 @@ fn translate(system: Option<&Value>, messages: &[Value]) -> Result<Vec<Value>, A
                 Some("thinking" | "redacted_thinking") => {}
                 other => {
                     return Err(invalid(
-                        format!("{at}: content blocks of type {other:?} are not supported here"),
+                        format!("{at}: content blocks of type {} are not supported here", shown(other)),
                         &at,
                     ));
                 }
@@ -311,7 +311,7 @@ async fn messages(
     who: Principal,
     Extension(exchange): Extension<Exchange>,
     headers: HeaderMap,
-    JsonObject(mut body): JsonObject,
+    JsonObject(mut body, size): JsonObject,
 ) -> Result<Response, ApiError> {
     let fields: Fields = typed(&mut body)?;
     let header = |name: &str| {
@@ -343,6 +343,7 @@ async fn messages(
         seed: None,
         body: upstream,
         native: Some(native),
+        size,
     };
     let started = pipeline::start(&state, &who, &exchange, request).await?;
     let rate = started.rate;
@@ -374,17 +375,31 @@ async fn messages(
 }
 
 /// `POST /v1/messages/count_tokens`: `{"input_tokens": n}`, counted as sluice counts a
-/// prompt (o200k), tool definitions included.
+/// prompt (o200k), tool definitions and every other part included. It is a request like any
+/// other (admitted, counted against the request rate), and a large body is read and counted
+/// off the async workers.
 async fn count_tokens(
     State(state): State<AppState>,
-    _who: Principal,
-    JsonObject(mut body): JsonObject,
+    who: Principal,
+    JsonObject(mut body, size): JsonObject,
 ) -> Result<Response, ApiError> {
-    let fields: Fields = typed(&mut body)?;
-    let (messages, upstream) = chat(&fields)?;
-    let (_, mut count) = state.tokens.prompt(canonical(&messages)).await;
-    if let Some(tools) = upstream.get("tools") {
-        count = count.saturating_add(crate::tokens::text(&tools.to_string()));
-    }
-    Ok(Json(json!({"input_tokens": count})).into_response())
+    let quota = state.admission.admit_request(&who).await?;
+    let counted = state
+        .tokens
+        .heavy(size, move || -> Result<u32, ApiError> {
+            let fields: Fields = typed(&mut body)?;
+            let (messages, upstream) = chat(&fields)?;
+            let mut count = crate::tokens::prompt(&canonical(&messages));
+            for (field, value) in &upstream {
+                // The messages are counted above; the model's name is not input.
+                if !matches!(field.as_str(), "messages" | "model") {
+                    count = count.saturating_add(crate::tokens::text(&value.to_string()));
+                }
+            }
+            Ok(count)
+        })
+        .await
+        .unwrap_or(Err(ApiError::Internal));
+    let response = counted.map(|count| Json(json!({"input_tokens": count})).into_response());
+    Ok(with_rate_headers(response, &quota))
 }

@@ -53,7 +53,7 @@ async fn chat(
     State(state): State<AppState>,
     who: Principal,
     Extension(exchange): Extension<Exchange>,
-    JsonObject(mut body): JsonObject,
+    JsonObject(mut body, size): JsonObject,
 ) -> Result<Response, ApiError> {
     let req: ChatBody = typed(&mut body)?;
     if req.prompt.trim().is_empty() {
@@ -114,6 +114,7 @@ async fn chat(
         // Nothing beyond the chat itself: an upstream's body is built from it.
         body: Map::new(),
         native: None,
+        size,
     };
     let started = pipeline::start(&state, &who, &exchange, chat).await?;
     let mut guard = started.guard;

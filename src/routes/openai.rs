@@ -95,7 +95,11 @@ fn messages(raw: Vec<MessageIn>) -> Result<Vec<Message>, ApiError> {
         .map(|(i, m)| {
             if !ROLES.contains(&m.role.as_str()) {
                 return Err(ApiError::invalid(
-                    format!("unknown role {:?}; expected one of {ROLES:?}", m.role),
+                    format!(
+                        "unknown role {}; expected one of {}",
+                        crate::error::shown(Some(&m.role)),
+                        ROLES.join(", ")
+                    ),
                     Some(&format!("messages[{i}].role")),
                 ));
             }
@@ -117,7 +121,7 @@ async fn chat_completions(
     who: Principal,
     Extension(exchange): Extension<Exchange>,
     headers: HeaderMap,
-    JsonObject(mut body): JsonObject,
+    JsonObject(mut body, size): JsonObject,
 ) -> Result<Response, ApiError> {
     // A stream that outlives its connection, when asked for.
     let resumable = headers
@@ -143,6 +147,7 @@ async fn chat_completions(
         seed: fields.seed,
         body,
         native: None,
+        size,
     };
     let started = pipeline::start(&state, &who, &exchange, chat).await?;
     let rate = started.rate;

@@ -7,7 +7,7 @@
 //! whoever is connected.
 
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
@@ -18,13 +18,13 @@ use serde_json::{Map, Value, json};
 
 use crate::admission::Principal;
 use crate::backend::Message;
-use crate::error::ApiError;
-use crate::http::{JsonObject, typed, with_rate_headers};
+use crate::error::{ApiError, shown};
+use crate::http::{BODY_LIMIT, JsonObject, typed, with_rate_headers};
 use crate::pipeline;
 use crate::relay::responses::{Meta, responses_events, snapshot};
 use crate::relay::{self, Completion, Wire};
 use crate::state::AppState;
-use crate::streams::Detach;
+use crate::streams::{Detach, Reply};
 use crate::telemetry::Exchange;
 
 pub fn router() -> Router<AppState> {
@@ -131,7 +131,10 @@ fn content(content: &Value, at: &str) -> Result<Value, ApiError> {
             Some("refusal") => {}
             other => {
                 return Err(invalid(
-                    format!("content parts of type {other:?} are not supported by sluice"),
+                    format!(
+                        "content parts of type {} are not supported by sluice",
+                        shown(other)
+                    ),
                     &format!("{at}.type"),
                 ));
             }
@@ -172,7 +175,10 @@ fn translate(input: Input) -> Result<Vec<Value>, ApiError> {
                 let role = item["role"].as_str().unwrap_or_default();
                 if !ROLES.contains(&role) {
                     return Err(invalid(
-                        format!("unknown role {role:?}; expected one of {ROLES:?}"),
+                        format!(
+                            "unknown role `{role}`; expected one of {}",
+                            ROLES.join(", ")
+                        ),
                         &format!("{at}.role"),
                     ));
                 }
@@ -211,7 +217,10 @@ fn translate(input: Input) -> Result<Vec<Value>, ApiError> {
             "reasoning" => {}
             other => {
                 return Err(invalid(
-                    format!("input items of type {other:?} are not supported by sluice"),
+                    format!(
+                        "input items of type {} are not supported by sluice",
+                        shown(Some(other))
+                    ),
                     &format!("{at}.type"),
                 ));
             }
@@ -341,7 +350,7 @@ fn tools(tools: &[Value]) -> Result<Vec<Value>, ApiError> {
                 Ok(json!({"type": "function", "function": function}))
             }
             other => Err(invalid(
-                format!("tools of type {other:?} (built-in tools) are not supported by sluice; function tools are"),
+                format!("tools of type {} (built-in tools) are not supported by sluice; function tools are", shown(other)),
                 &format!("tools[{i}].type"),
             )),
         })
@@ -382,41 +391,64 @@ fn response_format(text: &Value) -> Result<Option<Value>, ApiError> {
             Ok(Some(json!({"type": "json_schema", "json_schema": schema})))
         }
         Some(other) => Err(invalid(
-            format!("text.format of type {other:?} is not supported"),
+            format!(
+                "text.format of type {} is not supported",
+                shown(Some(other))
+            ),
             "text.format.type",
         )),
     }
 }
 
-async fn create(
-    State(state): State<AppState>,
-    who: Principal,
-    Extension(exchange): Extension<Exchange>,
-    headers: HeaderMap,
-    JsonObject(mut body): JsonObject,
-) -> Result<Response, ApiError> {
-    let fields: Fields = typed(&mut body)?;
+/// A Responses request as the pipeline takes it, and what the response object repeats.
+struct Request {
+    chat: pipeline::Chat,
+    echo: Map<String, Value>,
+    /// The conversation so far, kept beside a stored response to continue it.
+    context: Option<Bytes>,
+}
+
+/// What the answer depends on once the request is built.
+struct Flags {
+    background: bool,
+    stream: bool,
+}
+
+/// Translates a Responses request (after the conversation `previous` it continues) into the
+/// chat request an OpenAI-compatible upstream takes, every field sluice does not know kept.
+/// What goes upstream is capped like a request body, whatever `previous` held.
+fn request(
+    fields: Fields,
+    mut body: Map<String, Value>,
+    mut conversation: Vec<Value>,
+    size: usize,
+    store: bool,
+) -> Result<Request, ApiError> {
     // As sent, for an upstream that speaks the Responses API itself.
     let mut native = body.clone();
-    let store = fields.store.unwrap_or(true);
-    if fields.background && !store {
-        return Err(invalid(
-            "a background response must be stored (store: true)",
-            "store",
-        ));
-    }
-    let resumable = headers
-        .get("x-sluice-resumable")
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
     let Some(input) = fields.input else {
         return Err(invalid("`input` is required", "input"));
     };
-    let mut conversation = match &fields.previous_response_id {
-        Some(id) => previous(&state, &who, id).await?,
-        None => Vec::new(),
+    // What the conversation continued adds to what goes upstream.
+    let earlier = if conversation.is_empty() {
+        0
+    } else {
+        serde_json::to_vec(&conversation).map_or(0, |v| v.len())
     };
     conversation.extend(translate(input)?);
+    let kept = serde_json::to_vec(&conversation).map_err(|_| ApiError::Internal)?;
+    let mut size = size;
     if fields.previous_response_id.is_some() {
+        // What goes upstream is held to the body limit, however long the chain behind it.
+        size = size.saturating_add(earlier);
+        if size > BODY_LIMIT {
+            return Err(invalid(
+                format!(
+                    "continuing this response would send {size} bytes upstream, more than the {BODY_LIMIT} a request may have; start a new conversation or send less"
+                ),
+                "previous_response_id",
+            ));
+        }
         // The upstream does not know sluice's ids: it gets the whole conversation.
         native.remove("previous_response_id");
         native.insert("input".into(), Value::Array(items(&conversation)));
@@ -518,6 +550,7 @@ async fn create(
     echo.insert("truncation".into(), json!("disabled"));
     echo.insert("user".into(), json!(fields.user));
 
+    let context = store.then(|| Bytes::from(kept));
     let chat = pipeline::Chat {
         model: fields.model,
         messages: canonical_messages,
@@ -528,8 +561,68 @@ async fn create(
         seed: None,
         body: upstream,
         native: Some(crate::backend::Native::Responses(native)),
+        size,
     };
-    let started = pipeline::start(&state, &who, &exchange, chat).await?;
+    Ok(Request {
+        chat,
+        echo,
+        context,
+    })
+}
+
+async fn create(
+    State(state): State<AppState>,
+    who: Principal,
+    Extension(exchange): Extension<Exchange>,
+    headers: HeaderMap,
+    JsonObject(mut body, size): JsonObject,
+) -> Result<Response, ApiError> {
+    let fields: Fields = typed(&mut body)?;
+    let store = fields.store.unwrap_or(true);
+    if fields.background && !store {
+        return Err(invalid(
+            "a background response must be stored (store: true)",
+            "store",
+        ));
+    }
+    let asked_resumable = headers
+        .get("x-sluice-resumable")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
+    // `store: false` is never readable back: not even by resuming it.
+    let resumable = store && asked_resumable;
+    if fields.input.is_none() {
+        return Err(invalid("`input` is required", "input"));
+    }
+    // Admitted before any stored state is loaded: a refused client costs nothing more.
+    let admitted = pipeline::admit(
+        &state,
+        &who,
+        &exchange,
+        &fields.model,
+        fields.max_output_tokens,
+        "max_output_tokens",
+    )
+    .await?;
+    let previous = match &fields.previous_response_id {
+        Some(id) => previous(&state, &who, id).await?,
+        None => Vec::new(),
+    };
+    let (background, streamed) = (fields.background, fields.stream);
+    // A large request is translated off the async workers.
+    let Request {
+        chat,
+        echo,
+        context,
+    } = state
+        .tokens
+        .heavy(size, move || request(fields, body, previous, size, store))
+        .await
+        .unwrap_or(Err(ApiError::Internal))?;
+    let fields = Flags {
+        background,
+        stream: streamed,
+    };
+    let started = admitted.start(&state, &exchange, chat).await?;
     let rate = started.rate;
     let completion = Completion::new(&started.model);
     let id = completion.stream_id(Wire::Responses);
@@ -540,9 +633,6 @@ async fn create(
         echo,
         background: fields.background,
     };
-    let context = store
-        .then(|| serde_json::to_vec(&conversation).ok().map(Bytes::from))
-        .flatten();
     let mut guard = started.guard;
 
     let response = async {
@@ -605,7 +695,7 @@ async fn create(
             }
             None => {
                 let mut response = relay::sse(events, Wire::Responses, &id, state.keep_alive);
-                if resumable {
+                if asked_resumable {
                     response
                         .headers_mut()
                         .insert("x-sluice-resumable", HeaderValue::from_static("false"));
@@ -631,6 +721,7 @@ fn no_room() -> ApiError {
 async fn retrieve(
     State(state): State<AppState>,
     who: Principal,
+    Extension(exchange): Extension<Exchange>,
     Path(id): Path<String>,
     query: Query<Vec<(String, String)>>,
     headers: HeaderMap,
@@ -652,13 +743,33 @@ async fn retrieve(
                 .saturating_add(1),
             None => super::streams::cursor(&headers, &Default::default())?,
         };
-        return super::streams::follow(&state, &who, &id, Wire::Responses, after).await;
+        return super::streams::follow(&state, &who, &exchange, &id, Wire::Responses, after).await;
     }
-    as_it_stands(&state, &who, &id).await
+    let answer = as_it_stands(&state, &who, &id);
+    super::streams::admitted(&state, &who, &exchange, &id, answer).await
 }
 
-/// The response object of stored response `id` as it stands now.
+/// The response object of stored response `id` as it stands now: once it has finished,
+/// built once and kept.
 async fn as_it_stands(state: &AppState, who: &Principal, id: &str) -> Result<Response, ApiError> {
+    let finished = state
+        .streams
+        .reply(id, &who.name, Wire::Responses, |events| {
+            let response = snapshot(events.iter().map(|e| &e[..]));
+            Reply {
+                ok: response.is_some(),
+                body: serde_json::to_vec(&response).unwrap_or_default().into(),
+            }
+        })
+        .await;
+    match finished {
+        Ok(reply) if reply.ok => {
+            return Ok(super::streams::json_bytes(StatusCode::OK, reply.body));
+        }
+        Ok(_) => return Err(ApiError::StreamEventsGone(id.to_owned())),
+        Err(ApiError::StreamRunning(_)) => {}
+        Err(e) => return Err(e),
+    }
     let stored = state.streams.stored(id, &who.name, Wire::Responses).await?;
     let response = snapshot(stored.events.iter().map(|e| &e[..]))
         .ok_or_else(|| ApiError::StreamEventsGone(id.to_owned()))?;
@@ -669,24 +780,32 @@ async fn as_it_stands(state: &AppState, who: &Principal, id: &str) -> Result<Res
 async fn cancel(
     State(state): State<AppState>,
     who: Principal,
+    Extension(exchange): Extension<Exchange>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    state
-        .streams
-        .cancel(&id, &who.name, Wire::Responses)
-        .await?;
-    as_it_stands(&state, &who, &id).await
+    let answer = async {
+        state
+            .streams
+            .cancel(&id, &who.name, Wire::Responses)
+            .await?;
+        as_it_stands(&state, &who, &id).await
+    };
+    super::streams::admitted(&state, &who, &exchange, &id, answer).await
 }
 
 /// `DELETE /v1/responses/{id}`.
 async fn delete(
     State(state): State<AppState>,
     who: Principal,
+    Extension(exchange): Extension<Exchange>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    state
-        .streams
-        .delete(&id, &who.name, Wire::Responses)
-        .await?;
-    Ok(Json(json!({"id": id, "object": "response", "deleted": true})).into_response())
+    let answer = async {
+        state
+            .streams
+            .delete(&id, &who.name, Wire::Responses)
+            .await?;
+        Ok(Json(json!({"id": id, "object": "response", "deleted": true})).into_response())
+    };
+    super::streams::admitted(&state, &who, &exchange, &id, answer).await
 }

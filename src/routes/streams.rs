@@ -1,18 +1,24 @@
 //! Resuming and cancelling resumable streams, for `/api/chat` and `/v1/chat/completions`
 //! alike: `GET …/{id}` reads on from a cursor (`Last-Event-ID`, or `?last_event_id=` /
 //! `?starting_after=` for a client that cannot set headers), `POST …/{id}/cancel` stops it.
+//! Each is a request of its client's: admitted and counted before anything stored is read.
 
-use axum::Json;
+use std::future::Future;
+
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use futures::StreamExt;
 use serde_json::json;
 
 use crate::admission::Principal;
 use crate::error::ApiError;
+use crate::http::with_rate_headers;
 use crate::relay::{self, Wire};
 use crate::state::AppState;
-use crate::streams::{Attached, Cancelled};
+use crate::streams::{Attached, Cancelled, Reply};
+use crate::telemetry::Exchange;
 
 /// The query of a resume: read as plain pairs, so nothing in it is a rejection of its own.
 #[derive(Default)]
@@ -59,18 +65,29 @@ pub(super) fn cursor(headers: &HeaderMap, query: &Resume) -> Result<u64, ApiErro
     })
 }
 
-/// The events after the cursor, then live ones, then the stream's ending.
+/// The events after the cursor, then live ones, then the stream's ending. A read is a
+/// request like any other (admitted, counted against the client's rate) and holds one of
+/// the client's reader slots while its connection lasts.
 pub(super) async fn follow(
     state: &AppState,
     who: &Principal,
+    exchange: &Exchange,
     id: &str,
     wire: Wire,
     after: u64,
 ) -> Result<Response, ApiError> {
-    match state.streams.attach(id, &who.name, wire, after).await? {
+    let reader = state.admission.admit_read(who).await?;
+    let quota = reader.quota().clone();
+    let response = match state.streams.attach(id, &who.name, wire, after).await {
+        Err(e) => Err(e),
         // Nothing left: 204 tells an `EventSource` to stop reconnecting.
-        Attached::Complete => Ok(StatusCode::NO_CONTENT.into_response()),
-        Attached::Events(events) => {
+        Ok(Attached::Complete) => Ok(StatusCode::NO_CONTENT.into_response()),
+        Ok(Attached::Events(events)) => {
+            // The reader's slot is held by the stream, and freed with its connection.
+            let events = events.map(move |event| {
+                let _slot = &reader;
+                event
+            });
             // No `retry:` of its own: a lone field block is an empty event to some SDKs,
             // and the client has the pace from the stream's first event.
             let mut response = relay::sse(events, wire, id, state.keep_alive);
@@ -79,27 +96,51 @@ pub(super) async fn follow(
                 .insert("x-sluice-resumable", HeaderValue::from_static("true"));
             Ok(response)
         }
+    };
+    if response.is_ok() {
+        exchange.set_stream(id);
     }
+    Ok(with_rate_headers(response, &quota))
+}
+
+/// A read or cancel of a stored stream that holds no connection: admitted and counted as a
+/// request; the stream's id is logged once it is known to be the client's.
+pub(super) async fn admitted(
+    state: &AppState,
+    who: &Principal,
+    exchange: &Exchange,
+    id: &str,
+    answer: impl Future<Output = Result<Response, ApiError>>,
+) -> Result<Response, ApiError> {
+    let quota = state.admission.admit_request(who).await?;
+    let response = answer.await;
+    if response.is_ok() {
+        exchange.set_stream(id);
+    }
+    Ok(with_rate_headers(response, &quota))
 }
 
 /// `GET /api/chat/{id}`: EventSource-compatible resume.
 pub async fn resume_chat(
     State(state): State<AppState>,
     who: Principal,
+    Extension(exchange): Extension<Exchange>,
     Path(id): Path<String>,
     query: Query<Vec<(String, String)>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let query = Resume::of(query);
     let after = cursor(&headers, &query)?;
-    follow(&state, &who, &id, Wire::Chat, after).await
+    follow(&state, &who, &exchange, &id, Wire::Chat, after).await
 }
 
 /// `GET /v1/chat/completions/{id}`: with `stream=true` the chunks after the cursor; without,
-/// the assembled `chat.completion` once the stream has finished (409 while it runs).
+/// the assembled `chat.completion` once the stream has finished (409 while it runs), built
+/// once and kept.
 pub async fn resume_completion(
     State(state): State<AppState>,
     who: Principal,
+    Extension(exchange): Extension<Exchange>,
     Path(id): Path<String>,
     query: Query<Vec<(String, String)>>,
     headers: HeaderMap,
@@ -107,64 +148,102 @@ pub async fn resume_completion(
     let query = Resume::of(query);
     let after = cursor(&headers, &query)?;
     if query.stream {
-        return follow(&state, &who, &id, Wire::OpenAi, after).await;
+        return follow(&state, &who, &exchange, &id, Wire::OpenAi, after).await;
     }
-    let events = state.streams.events(&id, &who.name, Wire::OpenAi).await?;
-    match relay::assemble(events.iter().map(|e| &e[..])) {
-        Ok(reply) => Ok(Json(reply).into_response()),
-        // It ended in an error: that error, as the stream said it.
-        Err(body) => Ok((StatusCode::BAD_GATEWAY, Json(body)).into_response()),
-    }
+    let answer = async {
+        let reply = state
+            .streams
+            .reply(&id, &who.name, Wire::OpenAi, |events| {
+                let (ok, body) = match relay::assemble(events.iter().map(|e| &e[..])) {
+                    Ok(reply) => (true, reply),
+                    // It ended in an error: that error, as the stream said it.
+                    Err(body) => (false, body),
+                };
+                Reply {
+                    ok,
+                    body: serde_json::to_vec(&body).unwrap_or_default().into(),
+                }
+            })
+            .await?;
+        let status = if reply.ok {
+            StatusCode::OK
+        } else {
+            StatusCode::BAD_GATEWAY
+        };
+        Ok(json_bytes(status, reply.body))
+    };
+    admitted(&state, &who, &exchange, &id, answer).await
+}
+
+/// A JSON body that is bytes already.
+pub(super) fn json_bytes(status: StatusCode, body: bytes::Bytes) -> Response {
+    (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
 }
 
 async fn cancel(
     state: &AppState,
     who: &Principal,
+    exchange: &Exchange,
     id: &str,
     wire: Wire,
 ) -> Result<Response, ApiError> {
-    let status = match state.streams.cancel(id, &who.name, wire).await? {
-        Cancelled::Now => "cancelled",
-        Cancelled::Ended => "ended",
+    let answer = async {
+        let status = match state.streams.cancel(id, &who.name, wire).await? {
+            Cancelled::Now => "cancelled",
+            Cancelled::Ended => "ended",
+        };
+        Ok(Json(json!({"id": id, "object": "stream", "status": status})).into_response())
     };
-    Ok(Json(json!({"id": id, "object": "stream", "status": status})).into_response())
+    admitted(state, who, exchange, id, answer).await
 }
 
 /// `GET /v1/messages/{id}`: a resumable Messages stream after `Last-Event-ID`.
 pub async fn resume_message(
     State(state): State<AppState>,
     who: Principal,
+    Extension(exchange): Extension<Exchange>,
     Path(id): Path<String>,
     query: Query<Vec<(String, String)>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let after = cursor(&headers, &Resume::of(query))?;
-    follow(&state, &who, &id, Wire::Anthropic, after).await
+    follow(&state, &who, &exchange, &id, Wire::Anthropic, after).await
 }
 
 /// `POST /v1/messages/{id}/cancel`.
 pub async fn cancel_message(
     State(state): State<AppState>,
     who: Principal,
+    Extension(exchange): Extension<Exchange>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    cancel(&state, &who, &id, Wire::Anthropic).await
+    cancel(&state, &who, &exchange, &id, Wire::Anthropic).await
 }
 
 /// `POST /api/chat/{id}/cancel`.
 pub async fn cancel_chat(
     State(state): State<AppState>,
     who: Principal,
+    Extension(exchange): Extension<Exchange>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    cancel(&state, &who, &id, Wire::Chat).await
+    cancel(&state, &who, &exchange, &id, Wire::Chat).await
 }
 
 /// `POST /v1/chat/completions/{id}/cancel`.
 pub async fn cancel_completion(
     State(state): State<AppState>,
     who: Principal,
+    Extension(exchange): Extension<Exchange>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    cancel(&state, &who, &id, Wire::OpenAi).await
+    cancel(&state, &who, &exchange, &id, Wire::OpenAi).await
 }

@@ -22,13 +22,22 @@ pub(super) struct Entry {
     /// The number of the last event logged (bumped again when the log ends).
     progress: watch::Sender<u64>,
     control: watch::Sender<Control>,
-    /// All logs' bytes, and its gauge.
-    memory: Arc<AtomicUsize>,
-    gauge: metrics::Gauge,
+    memory: Memory,
     /// The same log in Redis, when configured.
     shared: Option<shared::Log>,
     /// What the stream's creator keeps beside it (a response's conversation).
     pub(super) context: Option<Bytes>,
+    /// The reply it adds up to, once built.
+    reply: std::sync::OnceLock<super::Reply>,
+}
+
+/// Where a log's bytes are counted: with every log's, with its client's, on the gauge; and
+/// who is told when they are given back.
+pub(super) struct Memory {
+    pub(super) all: Arc<AtomicUsize>,
+    pub(super) owner: Arc<AtomicUsize>,
+    pub(super) gauge: metrics::Gauge,
+    pub(super) freed: Arc<tokio::sync::Notify>,
 }
 
 /// What the producer obeys.
@@ -73,8 +82,7 @@ impl Entry {
         id: Arc<str>,
         owner: Arc<str>,
         wire: Wire,
-        memory: Arc<AtomicUsize>,
-        gauge: metrics::Gauge,
+        memory: Memory,
         shared: Option<shared::Log>,
         context: Option<Bytes>,
     ) -> Self {
@@ -92,10 +100,24 @@ impl Entry {
             progress: watch::Sender::new(0),
             control: watch::Sender::new(Control::default()),
             memory,
-            gauge,
             shared,
             context,
+            reply: std::sync::OnceLock::new(),
         }
+    }
+
+    pub(super) fn reply(&self) -> Option<super::Reply> {
+        self.reply.get().cloned()
+    }
+
+    /// Keeps the reply of a finished stream (the first one built, if two raced).
+    pub(super) fn keep_reply(&self, reply: super::Reply) -> super::Reply {
+        self.reply.get_or_init(|| reply).clone()
+    }
+
+    /// Connections reading it now.
+    pub(super) fn readers(&self) -> usize {
+        self.control.borrow().readers
     }
 
     pub(super) fn control(&self) -> watch::Receiver<Control> {
@@ -103,14 +125,23 @@ impl Entry {
     }
 
     pub(super) fn account(&self, bytes: isize) {
+        let memory = &self.memory;
         if bytes >= 0 {
-            self.memory.fetch_add(bytes as usize, Ordering::Relaxed);
-            self.gauge.increment(bytes as f64);
+            memory.all.fetch_add(bytes as usize, Ordering::Relaxed);
+            memory.owner.fetch_add(bytes as usize, Ordering::Relaxed);
+            memory.gauge.increment(bytes as f64);
         } else {
-            self.memory
-                .fetch_sub(bytes.unsigned_abs(), Ordering::Relaxed);
-            self.gauge.decrement(bytes.unsigned_abs() as f64);
+            let freed = bytes.unsigned_abs();
+            memory.all.fetch_sub(freed, Ordering::Relaxed);
+            memory.owner.fetch_sub(freed, Ordering::Relaxed);
+            memory.gauge.decrement(freed as f64);
+            memory.freed.notify_waiters();
         }
+    }
+
+    /// The bytes every log of this stream's client holds.
+    pub(super) fn owned(&self) -> usize {
+        self.memory.owner.load(Ordering::Relaxed)
     }
 
     pub(super) fn bytes(&self) -> usize {
@@ -140,11 +171,12 @@ impl Entry {
                 delta -= old.len() as isize;
             }
         }
-        let id = log.last();
+        let (id, first) = (log.last(), log.first);
         drop(log);
         self.account(delta);
         if let Some(shared) = &self.shared {
-            shared.event(id, event);
+            // Redis keeps what memory keeps: the events trimmed here go there too.
+            shared.event(id, event, first);
         }
         self.progress.send_replace(id);
     }
@@ -191,6 +223,10 @@ impl Entry {
         log.ended = true;
         drop(log);
         self.account(-(bytes as isize));
+        if let Some(shared) = &self.shared {
+            // Evicted or expired here: gone from Redis too, so it holds no more than memory.
+            shared.forget();
+        }
         self.progress.send_modify(|_| {});
     }
 
@@ -273,7 +309,14 @@ pub(super) fn follow(attachment: Attachment, after: u64) -> impl Stream<Item = B
                         yield event;
                     }
                 }
+                // Nothing after the cursor yet (or the cursor is ahead of a running
+                // stream): wait for the next event.
                 Read::Waiting => {
+                    if progress.changed().await.is_err() {
+                        return;
+                    }
+                }
+                Read::Beyond if !entry.has_ended() => {
                     if progress.changed().await.is_err() {
                         return;
                     }

@@ -35,8 +35,12 @@ pub struct Settings {
     pub grace: Duration,
     /// How long a finished stream stays readable.
     pub ttl: Duration,
-    /// Bytes of logs this instance keeps at most.
+    /// Bytes of logs this instance keeps at most, in memory and in Redis alike.
     pub memory: usize,
+    /// The part of `memory` one client's logs may hold (`SLUICE_RESUME_CLIENT_SHARE`).
+    pub client_share: f64,
+    /// Connections reading one stream at once (`SLUICE_MAX_READERS`).
+    pub max_readers: usize,
     /// Between keep-alive comments on a reader's connection.
     pub keep_alive: Duration,
     /// How long a reader on another instance waits on a silent producer before it asks
@@ -63,10 +67,16 @@ struct Registry {
     /// A log's cap: a detached producer pauses there; an attached one drops its oldest
     /// events past it.
     per_stream: usize,
+    /// The most one client's logs hold.
+    share: usize,
     live: Mutex<HashMap<Arc<str>, Arc<Entry>>>,
     /// Finished streams in the order they finished: the first evicted when memory is short.
     finished: Mutex<VecDeque<Arc<Entry>>>,
     bytes: Arc<AtomicUsize>,
+    /// Each client's logs' bytes.
+    owners: Mutex<HashMap<Arc<str>, Arc<AtomicUsize>>>,
+    /// Told when a log gives its memory back: a producer paused for room tries again.
+    freed: Arc<tokio::sync::Notify>,
     metrics: StreamMetrics,
     shared: Option<Arc<shared::Shared>>,
 }
@@ -142,6 +152,14 @@ pub struct Stored {
     pub ended: bool,
 }
 
+/// The reply a finished stream adds up to, as its route renders it (`ok`: a success, else
+/// the error it ended in): built once from its events and kept.
+#[derive(Clone)]
+pub struct Reply {
+    pub ok: bool,
+    pub body: Bytes,
+}
+
 /// What a cancel found.
 pub enum Cancelled {
     /// Stopped now: the upstream request is dropped.
@@ -170,12 +188,16 @@ impl Streams {
             log_bytes: metrics.gauge("sluice_stream_log_bytes"),
         };
         metrics.log_bytes.set(0.0);
+        let share = (settings.memory as f64 * settings.client_share.clamp(0.0, 1.0)) as usize;
         let streams = Streams(Arc::new(Registry {
-            per_stream: (settings.memory / 8).max(64 * 1024),
+            per_stream: (settings.memory / 8).max(64 * 1024).min(share.max(1)),
+            share,
             settings,
             live: Mutex::default(),
             finished: Mutex::default(),
             bytes: Arc::default(),
+            owners: Mutex::default(),
+            freed: Arc::default(),
             metrics,
             shared,
         }));
@@ -242,12 +264,10 @@ impl Streams {
         }
         let context_bytes = context.as_ref().map_or(0, Bytes::len);
         let needs = ENTRY_BYTES + context_bytes;
-        if registry.bytes.load(Ordering::Relaxed) + needs > registry.settings.memory {
-            self.evict();
-            if registry.bytes.load(Ordering::Relaxed) + needs > registry.settings.memory {
-                registry.metrics.unavailable_memory.increment(1);
-                return Ok(None);
-            }
+        let owned = self.owner_bytes(owner);
+        if !self.room(owner, &owned, needs) {
+            registry.metrics.unavailable_memory.increment(1);
+            return Ok(None);
         }
         let id: Arc<str> = id.into();
         let shared = match &registry.shared {
@@ -271,8 +291,12 @@ impl Streams {
             id.clone(),
             owner.clone(),
             wire,
-            registry.bytes.clone(),
-            registry.metrics.log_bytes.clone(),
+            log::Memory {
+                all: registry.bytes.clone(),
+                owner: owned,
+                gauge: registry.metrics.log_bytes.clone(),
+                freed: registry.freed.clone(),
+            },
             shared,
             context,
         ));
@@ -299,6 +323,8 @@ impl Streams {
         let mut detached = false;
         // Boxed so that it can be dropped (and the upstream with it) before the TTL wait.
         let mut events = Box::pin(events);
+        // An event read from the upstream that has no room in the log yet.
+        let mut pending: Option<Bytes> = None;
         let ending = loop {
             let now = *control.borrow_and_update();
             if now.cancelled {
@@ -318,9 +344,16 @@ impl Streams {
             } else if now.readers > 0 {
                 detached = false;
             }
-            // Nobody reads and the log is full: take nothing more from the upstream (TCP
-            // holds it back) until a reader comes or the grace period ends.
-            let paused = detached && entry.bytes() >= registry.per_stream;
+            // Nobody reads and the next event does not fit (the log's cap, the instance's
+            // memory, the client's share): take nothing more from the upstream (TCP holds
+            // it back) until there is room, a reader comes or the grace period ends.
+            let freed = registry.freed.notified();
+            tokio::pin!(freed);
+            if let Some(event) = pending.take() {
+                freed.as_mut().enable();
+                pending = self.place(&entry, event, !detached).err();
+            }
+            let paused = pending.is_some();
             tokio::select! {
                 biased;
                 _ = control.changed() => {}
@@ -328,10 +361,11 @@ impl Streams {
                     registry.metrics.grace_expired.increment(1);
                     break Some(ApiError::StreamCancelled);
                 }
+                () = &mut freed, if paused => {}
                 event = events.next(), if !paused => match event {
                     // Comments (queue position) are for the connection that sees them.
                     Some(event) if event.first() == Some(&b':') => {}
-                    Some(event) => self.append(&entry, event),
+                    Some(event) => pending = self.place(&entry, event, !detached).err(),
                     None => break None,
                 },
             }
@@ -339,8 +373,9 @@ impl Streams {
         // Drops the backend stream: the upstream request closes, the meter records the end.
         drop(events);
         if let Some(error) = ending {
+            // The ending is logged whatever the room: it is small, and a reader must see it.
             let event = relay::error_event(entry.wire, &entry.id, entry.next_id(), &error);
-            self.append(&entry, event);
+            entry.push(event, registry.per_stream);
         }
         entry.end();
         lock(&registry.finished).push_back(entry.clone());
@@ -348,24 +383,105 @@ impl Streams {
         self.remove(&entry);
     }
 
-    fn append(&self, entry: &Entry, event: Bytes) {
-        entry.push(event, self.0.per_stream);
-        if self.0.bytes.load(Ordering::Relaxed) > self.0.settings.memory {
-            self.evict();
+    /// Logs `event` when there is room for it, else gives it back. A stream read live
+    /// (`trim`) makes room by dropping its own oldest events, and so never waits; one that
+    /// nobody reads waits rather than take more than its log's cap, the instance's memory
+    /// or its client's share. Finished logs are evicted for room first: the client's own,
+    /// oldest first, then other clients' only while they hold more than their share.
+    fn place(&self, entry: &Entry, event: Bytes, trim: bool) -> Result<(), Bytes> {
+        let registry = &self.0;
+        let len = event.len();
+        let held = entry.bytes();
+        if !trim && held + len > registry.per_stream {
+            return Err(event);
+        }
+        let over = |registry: &Registry| {
+            let all = registry.bytes.load(Ordering::Relaxed) + len;
+            let own = entry.owned() + len;
+            all.saturating_sub(registry.settings.memory)
+                .max(own.saturating_sub(registry.share))
+        };
+        let mut excess = over(registry);
+        if excess > 0 {
+            self.evict(&entry.owner, len);
+            excess = over(registry);
+        }
+        if excess > 0 && !trim {
+            return Err(event);
+        }
+        let cap = registry.per_stream.min((held + len).saturating_sub(excess));
+        entry.push(event, cap);
+        Ok(())
+    }
+
+    /// Frees finished logs until `owner` has room for `needs` more bytes: its own first,
+    /// oldest first; then other clients' oldest, but only those of a client above its share.
+    fn evict(&self, owner: &Arc<str>, needs: usize) {
+        let registry = &self.0;
+        let (memory, share) = (registry.settings.memory, registry.share);
+        let owned = self.owner_bytes(owner);
+        let short = || {
+            registry.bytes.load(Ordering::Relaxed) + needs > memory
+                || owned.load(Ordering::Relaxed) + needs > share
+        };
+        let mut finished = lock(&registry.finished);
+        let mut evicted = Vec::new();
+        let mut i = 0;
+        while short() && i < finished.len() {
+            if finished[i].owner == *owner {
+                if let Some(entry) = finished.remove(i) {
+                    entry.release();
+                    evicted.push(entry);
+                }
+            } else {
+                i += 1;
+            }
+        }
+        let mut i = 0;
+        while registry.bytes.load(Ordering::Relaxed) + needs > memory && i < finished.len() {
+            if finished[i].owned() > share {
+                if let Some(entry) = finished.remove(i) {
+                    entry.release();
+                    evicted.push(entry);
+                }
+            } else {
+                i += 1;
+            }
+        }
+        drop(finished);
+        if evicted.is_empty() {
+            return;
+        }
+        let mut live = lock(&registry.live);
+        for entry in &evicted {
+            if live.get(&entry.id).is_some_and(|e| Arc::ptr_eq(e, entry)) {
+                live.remove(&entry.id);
+            }
         }
     }
 
-    /// Frees finished logs, oldest first, until the logs fit in their memory.
-    fn evict(&self) {
+    /// Whether a new log of `needs` bytes for `owner` fits, once finished logs are evicted.
+    fn room(&self, owner: &Arc<str>, owned: &AtomicUsize, needs: usize) -> bool {
         let registry = &self.0;
-        let mut finished = lock(&registry.finished);
-        while registry.bytes.load(Ordering::Relaxed) > registry.settings.memory {
-            let Some(entry) = finished.pop_front() else {
-                break;
-            };
-            lock(&registry.live).remove(&entry.id);
-            entry.release();
+        let fits = || {
+            registry.bytes.load(Ordering::Relaxed) + needs <= registry.settings.memory
+                && owned.load(Ordering::Relaxed) + needs <= registry.share
+        };
+        fits() || {
+            self.evict(owner, needs);
+            fits()
         }
+    }
+
+    /// The counter of `owner`'s bytes (made on its first log; forgotten when it holds none).
+    fn owner_bytes(&self, owner: &Arc<str>) -> Arc<AtomicUsize> {
+        let mut owners = lock(&self.0.owners);
+        if owners.len() > 1024 {
+            owners.retain(|_, bytes| {
+                bytes.load(Ordering::Relaxed) > 0 || Arc::strong_count(bytes) > 1
+            });
+        }
+        owners.entry(owner.clone()).or_default().clone()
     }
 
     fn remove(&self, entry: &Arc<Entry>) {
@@ -405,11 +521,17 @@ impl Streams {
     ) -> Result<Attached, ApiError> {
         self.check(id)?;
         if let Some(entry) = self.local(id, who, wire) {
+            let max_readers = self.0.settings.max_readers;
+            if entry.readers() >= max_readers {
+                return Err(crate::admission::Refusal::StreamReaders { max_readers }.into());
+            }
             let attached = match entry.read_check(after) {
                 Read::Gone => return Err(ApiError::StreamEventsGone(id.to_owned())),
-                Read::Beyond => return Err(cursor_beyond(after)),
+                Read::Beyond if entry.has_ended() => return Err(cursor_beyond(after)),
                 Read::Ended => Attached::Complete,
-                Read::Events | Read::Waiting => {
+                // A cursor ahead of a running stream (a client that raced its producer)
+                // waits for the events after it.
+                Read::Events | Read::Waiting | Read::Beyond => {
                     Attached::Events(log::follow(Attachment::new(entry), after).boxed())
                 }
             };
@@ -458,19 +580,36 @@ impl Streams {
         }
     }
 
-    /// Every event of a finished stream, for the reply it adds up to; 409 while it runs.
-    pub async fn events(&self, id: &str, who: &str, wire: Wire) -> Result<Vec<Bytes>, ApiError> {
+    /// The reply finished stream `id` adds up to: `build` makes it from the events the first
+    /// time, and it is kept beside the log (here, and in Redis for the other instances), so a
+    /// client asking again and again costs a lookup, not a rebuild. 409 while it runs.
+    pub async fn reply(
+        &self,
+        id: &str,
+        who: &str,
+        wire: Wire,
+        build: impl FnOnce(&[Bytes]) -> Reply,
+    ) -> Result<Reply, ApiError> {
         self.check(id)?;
         if let Some(entry) = self.local(id, who, wire) {
-            return entry.all().ok_or_else(|| match entry.read_check(0) {
+            if let Some(reply) = entry.reply() {
+                return Ok(reply);
+            }
+            let events = entry.all().ok_or_else(|| match entry.read_check(0) {
                 Read::Gone => ApiError::StreamEventsGone(id.to_owned()),
                 _ => ApiError::StreamRunning(id.to_owned()),
-            });
+            })?;
+            return Ok(entry.keep_reply(build(&events)));
         }
-        match &self.0.shared {
-            Some(shared) => shared.events(id, who, wire).await,
-            None => Err(ApiError::StreamNotFound(id.to_owned())),
+        let Some(shared) = &self.0.shared else {
+            return Err(ApiError::StreamNotFound(id.to_owned()));
+        };
+        if let Some(reply) = shared.reply(id, who, wire).await? {
+            return Ok(reply);
         }
+        let reply = build(&shared.events(id, who, wire).await?);
+        shared.keep_reply(id, &reply).await;
+        Ok(reply)
     }
 
     /// Stops stream `id` (its upstream request closes at once), wherever it runs.

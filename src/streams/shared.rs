@@ -2,35 +2,42 @@
 //! resumes there. Each resumable stream is a Redis Stream `sluice:{id}:log` whose entry
 //! `0-n` holds event `n` (field `e`), closed by an entry with `end` (or `lost`, when this
 //! instance could not log every event), beside a hash `sluice:{id}:meta` (owner, format,
-//! producing instance). Both expire with the TTL. The producer's writes go through one
-//! writer task that pipelines whatever is queued; readers elsewhere `XREAD BLOCK` on their
-//! own connection. Every instance keeps a heartbeat key alive: a reader whose producer's
-//! key has gone ends with `producer_lost`. Cancels travel on the channel `sluice:cancel`.
+//! producing instance). Both expire with the TTL, and hold no more than the producer's memory
+//! does: what it trims or evicts is trimmed (`XTRIM MINID`) or deleted here too. The
+//! producer's writes go through one writer task that pipelines whatever is queued, then
+//! names the streams it wrote to on `sluice:progress`; readers elsewhere share their
+//! instance's one connection and wait on that channel between reads. Every instance keeps
+//! a heartbeat key alive: a reader whose producer's key has gone ends with
+//! `producer_lost`. Cancels travel on the channel `sluice:cancel`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use redis::aio::{ConnectionManager, MultiplexedConnection};
+use redis::aio::ConnectionManager;
 use redis::streams::{StreamId, StreamRangeReply, StreamReadReply};
 use redis::{AsyncCommands, Client, RedisResult};
-use tokio::sync::{OnceCell, mpsc};
+use tokio::sync::{OnceCell, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::{Attached, Cancelled, Settings, Stored, lock};
 use crate::error::ApiError;
 use crate::relay::{self, Wire};
 
-/// Events kept per stream in Redis at most (trimmed approximately, oldest first).
-const MAX_EVENTS: u64 = 100_000;
-/// Writes queued for Redis at most; past it a stream's shared log is abandoned (and
-/// marked `lost`) rather than memory growing without bound.
+/// Writes queued for Redis at most (and their bytes at most the instance's log memory);
+/// past either a stream's shared log is abandoned (and marked `lost`) rather than memory
+/// growing without bound.
 const QUEUE: usize = 65_536;
+const QUEUED_BYTES: usize = 16 * 1024 * 1024;
 /// Entries read from Redis in one reply.
 const PAGE: usize = 256;
 const CANCEL_CHANNEL: &str = "sluice:cancel";
+/// Where a writer says which streams it has just added events to (ids, space-separated):
+/// readers on other instances wait on this, not on a blocked connection each.
+const PROGRESS_CHANNEL: &str = "sluice:progress";
 
 pub(super) struct Shared {
     client: Client,
@@ -39,6 +46,12 @@ pub(super) struct Shared {
     instance: Arc<str>,
     writes: mpsc::Sender<Write>,
     inbox: std::sync::Mutex<Option<mpsc::Receiver<Write>>>,
+    /// Bytes of events queued for the writer, and the most there may be.
+    queued: Arc<AtomicUsize>,
+    budget: usize,
+    max_readers: usize,
+    /// Readers here of streams produced elsewhere: woken when their producer says so.
+    followed: std::sync::Mutex<HashMap<Arc<str>, watch::Sender<()>>>,
     /// How long this instance's heartbeat key lives unrefreshed, and how long a reader
     /// blocks before it checks the producer's.
     lease: Duration,
@@ -55,6 +68,7 @@ pub(super) struct Shared {
 const BACKOFF: Duration = Duration::from_secs(1);
 
 struct Keys {
+    id: String,
     log: String,
     meta: String,
 }
@@ -63,6 +77,7 @@ impl Keys {
     /// Hash-tagged, so a stream's keys share a Redis Cluster slot.
     fn of(id: &str) -> Keys {
         Keys {
+            id: id.to_owned(),
             log: format!("sluice:{{{id}}}:log"),
             meta: format!("sluice:{{{id}}}:meta"),
         }
@@ -70,9 +85,12 @@ impl Keys {
 }
 
 enum What {
-    Event(Bytes),
+    /// An event, and the first event memory still keeps of the stream.
+    Event(Bytes, u64),
     End,
     Lost,
+    /// Evicted or expired where it was produced: delete its keys.
+    Forget,
 }
 
 struct Write {
@@ -85,24 +103,39 @@ struct Write {
 pub(super) struct Log {
     keys: Arc<Keys>,
     writes: mpsc::Sender<Write>,
+    queued: Arc<AtomicUsize>,
+    budget: usize,
     /// An event could not be queued: the rest are not written, the log ends `lost`.
     broken: AtomicBool,
 }
 
 impl Log {
-    pub(super) fn event(&self, id: u64, event: Bytes) {
+    pub(super) fn event(&self, id: u64, event: Bytes, first: u64) {
         if self.broken.load(Ordering::Relaxed) {
             return;
         }
+        let len = event.len();
+        let queued = self.queued.fetch_add(len, Ordering::Relaxed);
         let write = Write {
             keys: self.keys.clone(),
             id,
-            what: What::Event(event),
+            what: What::Event(event, first),
         };
-        if self.writes.try_send(write).is_err() {
+        if queued + len > self.budget || self.writes.try_send(write).is_err() {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
             tracing::warn!(stream = %self.keys.log, "the Redis writer is behind: this stream's shared log is abandoned");
             self.broken.store(true, Ordering::Relaxed);
         }
+    }
+
+    pub(super) fn forget(&self) {
+        let write = Write {
+            keys: self.keys.clone(),
+            id: 0,
+            what: What::Forget,
+        };
+        // Not queued (the writer is far behind): the keys expire with their TTL instead.
+        let _ = self.writes.try_send(write);
     }
 
     pub(super) fn end(&self, next: u64) {
@@ -141,6 +174,12 @@ impl Shared {
             instance: uuid::Uuid::new_v4().simple().to_string().into(),
             writes,
             inbox: std::sync::Mutex::new(Some(inbox)),
+            queued: Arc::default(),
+            // What is queued is mostly what memory holds too (the same buffers), but a
+            // burst must not abandon a fast stream on a small budget.
+            budget: settings.memory.max(QUEUED_BYTES),
+            max_readers: settings.max_readers,
+            followed: std::sync::Mutex::default(),
             lease: (settings.idle / 3).clamp(Duration::from_millis(300), Duration::from_secs(10)),
             ttl: settings.ttl,
             running: settings.total + settings.grace + settings.ttl,
@@ -197,19 +236,27 @@ impl Shared {
             }
         }));
         let client = self.client.clone();
+        let shared = self.clone();
         tokio::spawn(upkeep.run_until_cancelled_owned(async move {
             loop {
                 match client.get_async_pubsub().await {
                     Ok(mut pubsub) => {
-                        if pubsub.subscribe(CANCEL_CHANNEL).await.is_ok() {
+                        if pubsub.subscribe(&[CANCEL_CHANNEL, PROGRESS_CHANNEL]).await.is_ok() {
+                            // Readers may have missed progress while unsubscribed.
+                            shared.wake_all();
                             let mut messages = pubsub.into_on_message();
                             while let Some(message) = messages.next().await {
-                                if let Ok(id) = message.get_payload::<String>() {
-                                    on_cancel(id);
+                                let Ok(payload) = message.get_payload::<String>() else {
+                                    continue;
+                                };
+                                if message.get_channel_name() == PROGRESS_CHANNEL {
+                                    shared.wake(&payload);
+                                } else {
+                                    on_cancel(payload);
                                 }
                             }
                         }
-                        tracing::warn!("lost the Redis subscription to stream cancels; retrying");
+                        tracing::warn!("lost the Redis subscription to stream cancels and progress; retrying");
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot subscribe to stream cancels in Redis; retrying"),
                 }
@@ -218,56 +265,131 @@ impl Shared {
         }));
     }
 
-    /// Writes whatever is queued, in one pipeline per wake-up, in order.
+    /// Writes whatever is queued, in one pipeline per wake-up, in order, and then says on
+    /// the progress channel which streams have new events.
     async fn writer(self: Arc<Self>, mut inbox: mpsc::Receiver<Write>) {
         let mut batch = Vec::with_capacity(512);
         while inbox.recv_many(&mut batch, 512).await > 0 {
             let mut pipe = redis::pipe();
-            let mut touched: Vec<(Arc<Keys>, Duration)> = Vec::new();
+            let mut touched: Vec<(Arc<Keys>, Duration, u64)> = Vec::new();
+            let mut bytes = 0;
             for write in batch.drain(..) {
                 let entry = format!("0-{}", write.id);
-                let command = pipe
-                    .cmd("XADD")
-                    .arg(&write.keys.log)
-                    .arg("MAXLEN")
-                    .arg("~")
-                    .arg(MAX_EVENTS)
-                    .arg(entry);
-                let ttl = match write.what {
-                    What::Event(event) => {
-                        command.arg("e").arg(event.as_ref()).ignore();
-                        self.running
+                let (ttl, first) = match write.what {
+                    What::Event(event, first) => {
+                        bytes += event.len();
+                        pipe.cmd("XADD")
+                            .arg(&write.keys.log)
+                            .arg(entry)
+                            .arg("e")
+                            .arg(event.as_ref())
+                            .ignore();
+                        (self.running, first)
                     }
-                    What::End => {
-                        command.arg("end").arg(1).ignore();
-                        self.ttl
+                    What::End | What::Lost => {
+                        let field = if matches!(write.what, What::End) {
+                            "end"
+                        } else {
+                            "lost"
+                        };
+                        pipe.cmd("XADD")
+                            .arg(&write.keys.log)
+                            .arg(entry)
+                            .arg(field)
+                            .arg(1)
+                            .ignore();
+                        (self.ttl, 0)
                     }
-                    What::Lost => {
-                        command.arg("lost").arg(1).ignore();
-                        self.ttl
+                    What::Forget => {
+                        touched.retain(|(k, ..)| !Arc::ptr_eq(k, &write.keys));
+                        pipe.del(&[&write.keys.log, &write.keys.meta]).ignore();
+                        continue;
                     }
                 };
                 match touched
                     .iter_mut()
-                    .find(|(k, _)| Arc::ptr_eq(k, &write.keys))
+                    .find(|(k, ..)| Arc::ptr_eq(k, &write.keys))
                 {
-                    Some(slot) => slot.1 = ttl,
-                    None => touched.push((write.keys, ttl)),
+                    Some(slot) => {
+                        slot.1 = ttl;
+                        slot.2 = slot.2.max(first);
+                    }
+                    None => touched.push((write.keys, ttl, first)),
                 }
             }
-            for (keys, ttl) in touched {
-                pipe.cmd("PEXPIRE").arg(&keys.log).arg(millis(ttl)).ignore();
+            let mut progress = String::new();
+            for (keys, ttl, first) in &touched {
+                // Memory dropped the events before `first`: so does Redis.
+                if *first > 1 {
+                    pipe.cmd("XTRIM")
+                        .arg(&keys.log)
+                        .arg("MINID")
+                        .arg(format!("0-{first}"))
+                        .ignore();
+                }
+                pipe.cmd("PEXPIRE")
+                    .arg(&keys.log)
+                    .arg(millis(*ttl))
+                    .ignore();
                 pipe.cmd("PEXPIRE")
                     .arg(&keys.meta)
-                    .arg(millis(ttl))
+                    .arg(millis(*ttl))
+                    .ignore();
+                if !progress.is_empty() {
+                    progress.push(' ');
+                }
+                progress.push_str(&keys.id);
+            }
+            if !progress.is_empty() {
+                pipe.cmd("PUBLISH")
+                    .arg(PROGRESS_CHANNEL)
+                    .arg(progress)
                     .ignore();
             }
             let result = match self.connection().await {
                 Ok(mut conn) => pipe.query_async::<()>(&mut conn).await,
                 Err(e) => Err(e),
             };
+            self.queued.fetch_sub(bytes, Ordering::Relaxed);
             if let Err(e) = result {
                 tracing::warn!(error = %e, "could not write stream events to Redis");
+            }
+        }
+    }
+
+    /// Wakes the readers here of the streams named in a progress message.
+    fn wake(&self, ids: &str) {
+        let mut followed = lock(&self.followed);
+        for id in ids.split(' ') {
+            if let Some(sender) = followed.get(id) {
+                if sender.receiver_count() == 0 {
+                    followed.remove(id);
+                } else {
+                    sender.send_replace(());
+                }
+            }
+        }
+    }
+
+    fn wake_all(&self) {
+        lock(&self.followed).retain(|_, sender| sender.send(()).is_ok());
+    }
+
+    /// A wake-up for a reader here of stream `id`, unless it has as many as it may.
+    fn follow_progress(&self, id: &str) -> Result<watch::Receiver<()>, ApiError> {
+        let mut followed = lock(&self.followed);
+        match followed.get(id) {
+            Some(sender) if sender.receiver_count() >= self.max_readers => {
+                Err(crate::admission::Refusal::StreamReaders {
+                    max_readers: self.max_readers,
+                }
+                .into())
+            }
+            Some(sender) => Ok(sender.subscribe()),
+            None => {
+                let (sender, receiver) = watch::channel(());
+                followed.insert(id.into(), sender);
+                Ok(receiver)
             }
         }
     }
@@ -325,6 +447,8 @@ impl Shared {
         Ok(Log {
             keys,
             writes: self.writes.clone(),
+            queued: self.queued.clone(),
+            budget: self.budget,
             broken: AtomicBool::new(false),
         })
     }
@@ -372,27 +496,22 @@ impl Shared {
             } else {
                 n
             };
-            if after > sent {
+            let finished = ended || last.map.contains_key("lost");
+            // A cursor ahead of a running stream waits for its events.
+            if after > sent && finished {
                 return Err(super::cursor_beyond(after));
             }
             if ended && after == sent {
                 return Ok(Attached::Complete);
             }
-        } else if after > 0 {
-            return Err(super::cursor_beyond(after));
         }
-        let reader = self
-            .client
-            .get_multiplexed_async_connection_with_config(
-                &redis::AsyncConnectionConfig::new()
-                    .set_connection_timeout(Duration::from_millis(500))
-                    .set_response_timeout(self.lease + Duration::from_secs(2)),
-            )
-            .await
-            .map_err(unreachable)?;
+        // Every reader here shares the one connection: it reads without blocking, and
+        // waits for the producer's word on the progress channel (or a lease) in between.
+        let progress = self.follow_progress(id)?;
         Ok(Attached::Events(
             follow(
-                reader,
+                conn,
+                progress,
                 id.to_owned(),
                 keys,
                 wire,
@@ -437,6 +556,44 @@ impl Shared {
                     None => return Err(ApiError::StreamEventsLost),
                 }
             }
+        }
+    }
+
+    /// The reply a finished stream adds up to, when an instance has built it already.
+    pub(super) async fn reply(
+        &self,
+        id: &str,
+        who: &str,
+        wire: Wire,
+    ) -> Result<Option<super::Reply>, ApiError> {
+        let keys = Keys::of(id);
+        let mut conn = self.connection().await.map_err(unreachable)?;
+        self.find(&mut conn, &keys, id, who, wire).await?;
+        let (ok, body): (Option<u8>, Option<Vec<u8>>) = redis::cmd("HMGET")
+            .arg(&keys.meta)
+            .arg("reply_ok")
+            .arg("reply")
+            .query_async(&mut conn)
+            .await
+            .map_err(unreachable)?;
+        Ok(ok.zip(body).map(|(ok, body)| super::Reply {
+            ok: ok == 1,
+            body: Bytes::from(body),
+        }))
+    }
+
+    /// Keeps a finished stream's reply beside its log, for every instance.
+    pub(super) async fn keep_reply(&self, id: &str, reply: &super::Reply) {
+        let keys = Keys::of(id);
+        if let Ok(mut conn) = self.connection().await {
+            let _: RedisResult<()> = redis::cmd("HSET")
+                .arg(&keys.meta)
+                .arg("reply_ok")
+                .arg(u8::from(reply.ok))
+                .arg("reply")
+                .arg(reply.body.as_ref())
+                .query_async(&mut conn)
+                .await;
         }
     }
 
@@ -547,10 +704,14 @@ fn event_of(entry: &StreamId) -> Option<Bytes> {
 }
 
 /// A reader on an instance that does not produce the stream: the events after `after`
-/// from Redis, page by page, then new ones as they are added; when nothing comes for a
-/// lease, it checks that the producer still lives.
+/// from Redis, page by page, then new ones as the producer says it added them; when nothing
+/// comes for a lease, it checks that the producer still lives. A Redis failure ends it with
+/// `shared_log_unavailable` (the producer may well run on), a producer gone with
+/// `producer_lost`.
+#[allow(clippy::too_many_arguments)]
 fn follow(
-    mut conn: MultiplexedConnection,
+    mut conn: ConnectionManager,
+    mut progress: watch::Receiver<()>,
     id: String,
     keys: Keys,
     wire: Wire,
@@ -561,10 +722,9 @@ fn follow(
     async_stream::stream! {
         let mut cursor = after;
         let alive_key = Shared::instance_key(&instance);
-        let options = redis::streams::StreamReadOptions::default()
-            .count(PAGE)
-            .block(millis(lease) as usize);
+        let options = redis::streams::StreamReadOptions::default().count(PAGE);
         loop {
+            progress.borrow_and_update();
             let reply: RedisResult<Option<StreamReadReply>> = conn
                 .xread_options(&[&keys.log], &[format!("0-{cursor}")], &options)
                 .await;
@@ -572,17 +732,37 @@ fn follow(
                 Ok(reply) => reply.map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect::<Vec<_>>()).unwrap_or_default(),
                 Err(e) => {
                     tracing::warn!(error = %e, "Redis failed under a resumed stream");
-                    yield relay::error_event(wire, &id, cursor + 1, &ApiError::ProducerLost);
+                    yield relay::error_event(wire, &id, cursor + 1, &ApiError::SharedLogUnavailable);
                     return;
                 }
             };
             if entries.is_empty() {
-                let alive: RedisResult<bool> = conn.exists(&alive_key).await;
-                if !matches!(alive, Ok(true)) {
-                    yield relay::error_event(wire, &id, cursor + 1, &ApiError::ProducerLost);
+                if tokio::time::timeout(lease, progress.changed()).await.is_ok() {
+                    continue;
+                }
+                // A cursor ahead of the stream never sees its end marker come after it.
+                let last: RedisResult<StreamRangeReply> =
+                    conn.xrevrange_count(&keys.log, "+", "-", 1).await;
+                if let Ok(last) = &last
+                    && last.ids.first().is_some_and(|e| {
+                        entry_number(&e.id) <= cursor + 1
+                            && (e.map.contains_key("end") || e.map.contains_key("lost"))
+                    })
+                {
                     return;
                 }
-                continue;
+                let alive: RedisResult<bool> = conn.exists(&alive_key).await;
+                match alive {
+                    Ok(true) => continue,
+                    Ok(false) => {
+                        yield relay::error_event(wire, &id, cursor + 1, &ApiError::ProducerLost);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Redis failed under a resumed stream");
+                        yield relay::error_event(wire, &id, cursor + 1, &ApiError::SharedLogUnavailable);
+                    }
+                }
+                return;
             }
             for entry in entries {
                 let n = entry_number(&entry.id);

@@ -33,6 +33,8 @@ struct Record {
     usage: Option<Usage>,
     fallbacks: u32,
     error: Option<String>,
+    /// A stored stream's id, once it is known to be the client's.
+    stream: Option<String>,
 }
 
 impl Exchange {
@@ -103,6 +105,12 @@ impl Exchange {
         record.usage = Some(usage);
     }
 
+    /// The stored stream the request read or stopped: logged only once it was the
+    /// client's (the path is logged as its route, so an id never appears before that).
+    pub fn set_stream(&self, id: &str) {
+        self.record().stream = Some(id.to_owned());
+    }
+
     pub fn failed(&self, error: &BackendError) {
         self.record().error = Some(error.to_string());
     }
@@ -113,13 +121,16 @@ impl Drop for ExchangeInner {
         let r = self.record.get_mut().unwrap_or_else(|e| e.into_inner());
         let quiet = matches!(self.path.as_str(), "/healthz" | "/readyz" | "/metrics");
         let usage = r.usage.unwrap_or_default();
+        // The route as it is written (`/v1/responses/{id}`), not the path the client sent.
+        let path = r.route.as_deref().unwrap_or(&self.path);
         macro_rules! line {
             ($level:expr) => {
                 tracing::event!(
                     $level,
                     request_id = %self.request_id,
                     method = %self.method,
-                    path = %self.path,
+                    path = %path,
+                    stream = r.stream.as_deref(),
                     status = r.status,
                     key = r.key.as_deref(),
                     model = r.model.as_deref(),

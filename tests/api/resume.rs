@@ -153,6 +153,23 @@ async fn a_stream_resumes_from_before_its_first_token_and_after_its_end() {
 }
 
 #[tokio::test]
+async fn a_cursor_ahead_of_a_running_stream_waits_for_its_events() {
+    // A client that raced the producer (a background response read from a sequence number
+    // it has not reached yet) is not refused: it gets the events after its cursor.
+    let upstream = FakeUpstream::spawn().await;
+    let app = TestApp::in_front_of(&upstream).await;
+    let response = app.post("/api/chat", &chat_body("paced")).await;
+    let id = header(&response, "x-sluice-stream-id").expect("a stream id");
+    let first = read_then_drop(response, |seen| !seen.is_empty()).await;
+    assert_eq!(first[0].id, "1");
+    let ahead = resume(&app, &format!("/api/chat/{id}"), 20).await;
+    assert_eq!(ahead.status(), 200);
+    let rest = all_events(ahead).await;
+    assert_eq!(rest[0].id, "21", "{rest:?}");
+    assert_eq!(rest.last().expect("an ending").event, "done");
+}
+
+#[tokio::test]
 async fn two_readers_follow_one_stream_at_once() {
     let upstream = FakeUpstream::spawn().await;
     let app = TestApp::in_front_of(&upstream).await;
@@ -450,13 +467,18 @@ async fn a_finished_stream_is_forgotten_after_its_ttl() {
 async fn past_the_memory_cap_new_streams_are_served_without_resumption() {
     let upstream = FakeUpstream::spawn().await;
     // Room for about one log of a short reply.
-    let app = TestApp::in_front_of_with(&upstream, |c| c.resume_memory_mb = 0.0015).await;
+    let app = TestApp::in_front_of_with(&upstream, |c| {
+        c.resume_memory_mb = 0.0015;
+        c.resume_client_share = 1.0;
+    })
+    .await;
     let held = app.post("/api/chat", &chat_body("slow")).await;
     assert_eq!(header(&held, "x-sluice-resumable").as_deref(), Some("true"));
     let mut held = events(held);
-    // Let its log fill past the cap.
+    // Let its log fill until no other log fits beside it (a log's entry is 1 KiB; a log
+    // being read keeps within the cap by dropping its oldest events).
     let mut n = 0;
-    while app.metric("sluice_stream_log_bytes").await < 1.5 * 1024.0 * 1024.0 / 1000.0 {
+    while app.metric("sluice_stream_log_bytes").await < 0.0015 * 1024.0 * 1024.0 - 1000.0 {
         held.next().await.expect("events");
         n += 1;
         assert!(n < 200, "the log never grew");

@@ -293,7 +293,13 @@ async fn with_sluice_log_json_each_request_ends_in_one_json_line() {
     let line: serde_json::Value = serde_json::from_str(&line).expect("JSON");
     let fields = &line["fields"];
     assert_eq!(fields["status"], 200, "{line}");
-    assert_eq!(fields["key"], "key-1", "{line}");
+    // A key's name is its digest's first 16 bytes, never its position in the list.
+    assert_eq!(
+        fields["key"],
+        sluice::admission::key_name("sk-first"),
+        "{line}"
+    );
+    assert_eq!(fields["key"].as_str().map(str::len), Some(4 + 32), "{line}");
     assert_eq!(fields["model"], "mock", "{line}");
     assert_eq!(fields["outcome"], "completed", "{line}");
     assert_eq!(fields["completion_tokens"], 3, "{line}");

@@ -59,6 +59,10 @@ impl TestApp {
         config.shutdown_grace_s = 10;
         config.header_timeout_ms = 10_000;
         config.max_connections = Some(4_000);
+        // Every test client comes from 127.0.0.1.
+        config.max_connections_per_ip = 4_000;
+        config.max_readers = 8;
+        config.resume_client_share = 0.25;
         config.tls_cert = None;
         config.tls_key = None;
         config.cors_origins = Vec::new();
