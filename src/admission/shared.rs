@@ -132,6 +132,27 @@ pub enum Decision {
     },
 }
 
+/// ADMIT's (and REQUEST's) answer, `{code, wait ms, requests left, reset ms}`, as a decision.
+fn decision(reply: &[i64]) -> Decision {
+    let at = |i: usize| reply.get(i).copied().unwrap_or(0).max(0) as u64;
+    let ms = |i: usize| Duration::from_millis(at(i));
+    match at(0) {
+        0 => Decision::Admitted {
+            remaining_requests: at(2) as u32,
+            reset_requests: ms(3),
+        },
+        2 => Decision::TooManyStreams {
+            remaining_requests: at(2) as u32,
+            reset_requests: ms(3),
+        },
+        3 => Decision::GlobalFull,
+        _ => Decision::Requests {
+            wait: ms(1),
+            reset: ms(3),
+        },
+    }
+}
+
 /// What Redis decided of a token reservation.
 pub enum TokenDecision {
     /// Reserved: tokens left, and time until the bucket is full.
@@ -253,30 +274,14 @@ impl Shared {
             .arg(global_max)
             .arg(id)
             .arg(PERMIT_TTL.as_millis() as u64);
-        let reply = self.invoke(&invocation).await?;
-        let at = |i: usize| reply.get(i).copied().unwrap_or(0).max(0) as u64;
-        let ms = |i: usize| Duration::from_millis(at(i));
-        Ok(match at(0) {
-            0 => {
-                self.live
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(id.to_owned(), client.clone());
-                Decision::Admitted {
-                    remaining_requests: at(2) as u32,
-                    reset_requests: ms(3),
-                }
-            }
-            2 => Decision::TooManyStreams {
-                remaining_requests: at(2) as u32,
-                reset_requests: ms(3),
-            },
-            3 => Decision::GlobalFull,
-            _ => Decision::Requests {
-                wait: ms(1),
-                reset: ms(3),
-            },
-        })
+        let decision = decision(&self.invoke(&invocation).await?);
+        if let Decision::Admitted { .. } = decision {
+            self.live
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id.to_owned(), client.clone());
+        }
+        Ok(decision)
     }
 
     /// Counts a request that holds no stream permit.
@@ -289,19 +294,7 @@ impl Shared {
         let mut invocation = self.request.prepare_invoke();
         let [requests, ..] = Self::keys(client);
         invocation.key(requests).arg(period_ms).arg(limits.burst);
-        let reply = self.invoke(&invocation).await?;
-        let at = |i: usize| reply.get(i).copied().unwrap_or(0).max(0) as u64;
-        let ms = |i: usize| Duration::from_millis(at(i));
-        Ok(match at(0) {
-            0 => Decision::Admitted {
-                remaining_requests: at(2) as u32,
-                reset_requests: ms(3),
-            },
-            _ => Decision::Requests {
-                wait: ms(1),
-                reset: ms(3),
-            },
-        })
+        Ok(decision(&self.invoke(&invocation).await?))
     }
 
     /// Reserves `tokens` of `client`'s `tpm`.

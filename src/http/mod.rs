@@ -131,6 +131,14 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
         .map(|(_, token)| token.trim())
 }
 
+/// Whether the request asks for a stream that outlives its connection
+/// (`x-sluice-resumable: true`).
+pub fn asks_resumable(headers: &HeaderMap) -> bool {
+    headers
+        .get("x-sluice-resumable")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"))
+}
+
 /// The client's address, as handlers see it through `ConnectInfo<Peer>`.
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub SocketAddr);

@@ -329,9 +329,7 @@ async fn messages(
     if fields.max_tokens.is_none() {
         return Err(invalid("max_tokens: Field required", "max_tokens"));
     }
-    let resumable = headers
-        .get("x-sluice-resumable")
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
+    let resumable = crate::http::asks_resumable(&headers);
     let (messages, upstream) = chat(&fields)?;
     let request = pipeline::Chat {
         model: fields.model,

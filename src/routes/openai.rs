@@ -124,9 +124,7 @@ async fn chat_completions(
     JsonObject(mut body, size): JsonObject,
 ) -> Result<Response, ApiError> {
     // A stream that outlives its connection, when asked for.
-    let resumable = headers
-        .get("x-sluice-resumable")
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
+    let resumable = crate::http::asks_resumable(&headers);
     // Parse and validate: a client's mistake is a 400 and nothing else happens.
     let fields: Fields = typed(&mut body)?;
     if fields.n.is_some_and(|n| n != 1) {

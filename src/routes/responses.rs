@@ -585,9 +585,7 @@ async fn create(
             "store",
         ));
     }
-    let asked_resumable = headers
-        .get("x-sluice-resumable")
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
+    let asked_resumable = crate::http::asks_resumable(&headers);
     // `store: false` is never readable back: not even by resuming it.
     let resumable = store && asked_resumable;
     if fields.input.is_none() {

@@ -8,9 +8,8 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
+use super::{H2Body, h2_chat};
 use crate::support::{DEADLINE, FakeUpstream, TestApp};
-
-type H2Body = http_body_util::Full<bytes::Bytes>;
 
 /// A TCP connection to `to` from the loopback address `127.0.0.<from>`.
 async fn connect_from(from: u8, to: SocketAddr) -> TcpStream {
@@ -188,15 +187,6 @@ async fn two_thousand_idle_connections_do_not_lock_out_a_victim() {
     }
 }
 
-fn slow_h2_chat() -> hyper::Request<H2Body> {
-    let body = json!({"model": "slow", "stream": true,
-        "messages": [{"role": "user", "content": "Hi"}]});
-    hyper::Request::post("/v1/chat/completions")
-        .header("content-type", "application/json")
-        .body(H2Body::new(body.to_string().into()))
-        .expect("a request")
-}
-
 /// Streams from a client that grants no flow-control window: the response head comes
 /// (headers are not flow-controlled), no byte of the body ever can.
 async fn zero_window_streams(
@@ -216,7 +206,7 @@ async fn zero_window_streams(
     for _ in 0..n {
         let response = sender
             .clone()
-            .send_request(slow_h2_chat())
+            .send_request(h2_chat("slow", "Hi"))
             .await
             .expect("an answer");
         assert_eq!(response.status(), 200);

@@ -2,19 +2,11 @@
 //! async workers, reservations that miss what goes upstream, usage an upstream invents,
 //! and what errors and logs give away.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
-
 use serde_json::{Value, json};
 
+use super::{unslowed, victim_under};
 use crate::startup::Running;
 use crate::support::{FakeUpstream, TestApp};
-
-fn median(mut sample: Vec<Duration>) -> Duration {
-    sample.sort();
-    sample[sample.len() / 2]
-}
 
 /// 900 KB of tool schemas: about 150,000 tokens.
 fn big_tools() -> Value {
@@ -53,75 +45,6 @@ async fn count_tokens_is_a_request_like_any_other() {
     assert!(tokens > 100_000, "{counted}");
 }
 
-/// The victim's chat latency, quiet and while four keys send `attack` to `path` back to
-/// back (bounded in count and time).
-async fn victim_under(path: &str, attack: String) -> (Duration, Duration, usize) {
-    let app = TestApp::spawn_with(|c| {
-        c.api_keys = ["victim", "a1", "a2", "a3", "a4"]
-            .map(String::from)
-            .to_vec();
-        c.rpm = 100_000;
-    })
-    .await;
-    let victim = |app: &TestApp| {
-        app.http
-            .post(app.url("/v1/chat/completions"))
-            .bearer_auth("victim")
-            .json(&json!({"model": "mock", "max_tokens": 5,
-                "messages": [{"role": "user", "content": "Hi"}]}))
-            .send()
-    };
-    let sample = |app: &TestApp| {
-        let app = TestApp {
-            addr: app.addr,
-            http: app.http.clone(),
-        };
-        async move {
-            let mut sample = Vec::new();
-            for _ in 0..40 {
-                let started = Instant::now();
-                assert_eq!(victim(&app).await.expect("answers").status(), 200);
-                sample.push(started.elapsed());
-            }
-            median(sample)
-        }
-    };
-    let quiet = sample(&app).await;
-    let stop = Instant::now() + Duration::from_secs(30);
-    let answered = Arc::new(AtomicUsize::new(0));
-    let attackers: Vec<_> = ["a1", "a2", "a3", "a4"]
-        .into_iter()
-        .map(|key| {
-            let (http, url, attack, answered) = (
-                app.http.clone(),
-                app.url(path),
-                attack.clone(),
-                answered.clone(),
-            );
-            tokio::spawn(async move {
-                while answered.load(Ordering::Relaxed) < 400 && Instant::now() < stop {
-                    let _ = http
-                        .post(&url)
-                        .bearer_auth(key)
-                        .header("content-type", "application/json")
-                        .body(attack.clone())
-                        .send()
-                        .await;
-                    answered.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-        })
-        .collect();
-    // The attack is going: each attacker has had an answer.
-    while answered.load(Ordering::Relaxed) < 4 {
-        assert!(Instant::now() < stop, "the attack never got an answer");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let loaded = sample(&app).await;
-    futures::future::join_all(attackers).await;
-    (quiet, loaded, answered.load(Ordering::Relaxed))
-}
-
 #[tokio::test]
 async fn megabyte_token_counts_and_translations_do_not_slow_a_victim() {
     // M5: tools counted off the async workers.
@@ -133,7 +56,7 @@ async fn megabyte_token_counts_and_translations_do_not_slow_a_victim() {
         "count_tokens of 900 KB of tools: victim p50 quiet {quiet:?}, under attack {loaded:?} ({sent} attack requests)"
     );
     assert!(
-        loaded <= (quiet * 2).max(quiet + Duration::from_millis(15)),
+        unslowed(quiet, loaded),
         "quiet {quiet:?}, under attack {loaded:?}"
     );
     // L6: a 1 MiB Responses request translated off the async workers.
@@ -150,7 +73,7 @@ async fn megabyte_token_counts_and_translations_do_not_slow_a_victim() {
         "1 MiB Responses requests: victim p50 quiet {quiet:?}, under attack {loaded:?} ({sent} attack requests)"
     );
     assert!(
-        loaded <= (quiet * 2).max(quiet + Duration::from_millis(15)),
+        unslowed(quiet, loaded),
         "quiet {quiet:?}, under attack {loaded:?}"
     );
 }
