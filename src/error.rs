@@ -104,6 +104,9 @@ pub enum ApiError {
     /// well go on where it is produced, but cannot be followed from here.
     #[error("the shared stream log (Redis) failed while this stream was read; resume it again")]
     SharedLogUnavailable,
+    /// One event of a resumable stream is larger than its log can hold.
+    #[error("{0}")]
+    StreamTooLarge(String),
     /// Some of a stream's events did not reach the shared log.
     #[error("some events of this stream were not logged; resume is not possible")]
     StreamEventsLost,
@@ -149,6 +152,7 @@ impl ApiError {
             ApiError::StreamEventsGone(_) => StatusCode::GONE,
             ApiError::ProducerLost | ApiError::StreamEventsLost => StatusCode::BAD_GATEWAY,
             ApiError::SharedLogUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::StreamTooLarge(_) => StatusCode::INSUFFICIENT_STORAGE,
         }
     }
 
@@ -180,7 +184,8 @@ impl ApiError {
             | ApiError::StreamCancelled => "invalid_request_error",
             ApiError::ProducerLost
             | ApiError::StreamEventsLost
-            | ApiError::SharedLogUnavailable => "server_error",
+            | ApiError::SharedLogUnavailable
+            | ApiError::StreamTooLarge(_) => "server_error",
         }
     }
 
@@ -212,6 +217,7 @@ impl ApiError {
             ApiError::ProducerLost => "producer_lost",
             ApiError::StreamEventsLost => "stream_events_lost",
             ApiError::SharedLogUnavailable => "shared_log_unavailable",
+            ApiError::StreamTooLarge(_) => "stream_too_large",
         };
         Some(code.to_owned())
     }

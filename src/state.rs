@@ -72,3 +72,9 @@ impl FromRef<AppState> for BodyTimeout {
         BodyTimeout(state.body_timeout)
     }
 }
+
+impl FromRef<AppState> for crate::tokens::Counter {
+    fn from_ref(state: &AppState) -> Self {
+        state.tokens.clone()
+    }
+}

@@ -38,6 +38,7 @@ impl<S> FromRequest<S> for JsonObject
 where
     S: Send + Sync,
     BodyTimeout: FromRef<S>,
+    crate::tokens::Counter: FromRef<S>,
 {
     type Rejection = ApiError;
 
@@ -65,8 +66,15 @@ where
                     ApiError::invalid(format!("could not read the request body: {e}"), None)
                 }
             })?;
-        match serde_json::from_slice::<Value>(&bytes) {
-            Ok(Value::Object(map)) => Ok(JsonObject(map, bytes.len())),
+        // A large body is parsed off the async workers, one at a time (as large prompts are
+        // counted): a megabyte of JSON takes milliseconds that other requests must not wait.
+        let size = bytes.len();
+        let parsed = crate::tokens::Counter::from_ref(state)
+            .heavy(size, move || serde_json::from_slice::<Value>(&bytes))
+            .await
+            .ok_or(ApiError::Internal)?;
+        match parsed {
+            Ok(Value::Object(map)) => Ok(JsonObject(map, size)),
             Ok(_) => Err(ApiError::invalid(
                 "the request body must be a JSON object",
                 None,

@@ -5,7 +5,7 @@
 //! request's input. Every error on these routes is in Anthropic's shape.
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{FromRequest, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
@@ -379,9 +379,11 @@ async fn messages(
 async fn count_tokens(
     State(state): State<AppState>,
     who: Principal,
-    JsonObject(mut body, size): JsonObject,
+    request: axum::extract::Request,
 ) -> Result<Response, ApiError> {
+    // Admitted before its body is even read: a client over its rate costs nothing more.
     let quota = state.admission.admit_request(&who).await?;
+    let JsonObject(mut body, size) = JsonObject::from_request(request, &state).await?;
     let counted = state
         .tokens
         .heavy(size, move || -> Result<u32, ApiError> {

@@ -3,7 +3,7 @@
 //! cancel). Readers wait on the log's progress, not on a timer.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -11,6 +11,7 @@ use futures::Stream;
 use tokio::sync::watch;
 
 use super::{ENTRY_BYTES, lock, shared};
+use crate::error::ApiError;
 use crate::relay::Wire;
 
 pub(super) struct Entry {
@@ -22,6 +23,9 @@ pub(super) struct Entry {
     /// The number of the last event logged (bumped again when the log ends).
     progress: watch::Sender<u64>,
     control: watch::Sender<Control>,
+    /// Each attached reader's cursor, and word of its progress.
+    cursors: Mutex<Vec<Arc<AtomicU64>>>,
+    taken: tokio::sync::Notify,
     memory: Memory,
     /// The same log in Redis, when configured.
     shared: Option<shared::Log>,
@@ -31,11 +35,19 @@ pub(super) struct Entry {
     reply: std::sync::OnceLock<super::Reply>,
 }
 
+/// What one client's logs hold: their bytes, and how many of them have finished (and so
+/// may be evicted for room).
+#[derive(Default)]
+pub(super) struct Held {
+    pub(super) bytes: AtomicUsize,
+    pub(super) finished: AtomicUsize,
+}
+
 /// Where a log's bytes are counted: with every log's, with its client's, on the gauge; and
 /// who is told when they are given back.
 pub(super) struct Memory {
     pub(super) all: Arc<AtomicUsize>,
-    pub(super) owner: Arc<AtomicUsize>,
+    pub(super) owner: Arc<Held>,
     pub(super) gauge: metrics::Gauge,
     pub(super) freed: Arc<tokio::sync::Notify>,
 }
@@ -99,6 +111,8 @@ impl Entry {
             }),
             progress: watch::Sender::new(0),
             control: watch::Sender::new(Control::default()),
+            cursors: Mutex::default(),
+            taken: tokio::sync::Notify::new(),
             memory,
             shared,
             context,
@@ -120,6 +134,20 @@ impl Entry {
         self.control.borrow().readers
     }
 
+    /// The last event every attached reader has taken (all of them, with none attached).
+    fn min_cursor(&self) -> u64 {
+        lock(&self.cursors)
+            .iter()
+            .map(|c| c.load(Ordering::Acquire))
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+
+    /// Told when a reader has taken events (or left): a producer waiting for room retries.
+    pub(super) fn taken(&self) -> tokio::sync::futures::Notified<'_> {
+        self.taken.notified()
+    }
+
     pub(super) fn control(&self) -> watch::Receiver<Control> {
         self.control.subscribe()
     }
@@ -128,12 +156,15 @@ impl Entry {
         let memory = &self.memory;
         if bytes >= 0 {
             memory.all.fetch_add(bytes as usize, Ordering::Relaxed);
-            memory.owner.fetch_add(bytes as usize, Ordering::Relaxed);
+            memory
+                .owner
+                .bytes
+                .fetch_add(bytes as usize, Ordering::Relaxed);
             memory.gauge.increment(bytes as f64);
         } else {
             let freed = bytes.unsigned_abs();
             memory.all.fetch_sub(freed, Ordering::Relaxed);
-            memory.owner.fetch_sub(freed, Ordering::Relaxed);
+            memory.owner.bytes.fetch_sub(freed, Ordering::Relaxed);
             memory.gauge.decrement(freed as f64);
             memory.freed.notify_waiters();
         }
@@ -141,7 +172,17 @@ impl Entry {
 
     /// The bytes every log of this stream's client holds.
     pub(super) fn owned(&self) -> usize {
-        self.memory.owner.load(Ordering::Relaxed)
+        self.memory.owner.bytes.load(Ordering::Relaxed)
+    }
+
+    /// It joins (or leaves) the finished logs that may be evicted.
+    pub(super) fn evictable(&self, yes: bool) {
+        let finished = &self.memory.owner.finished;
+        if yes {
+            finished.fetch_add(1, Ordering::Relaxed);
+        } else {
+            finished.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     pub(super) fn bytes(&self) -> usize {
@@ -154,17 +195,45 @@ impl Entry {
         log.last() + 1
     }
 
-    /// Logs the next event. Past `cap` bytes the oldest events are dropped (a detached
-    /// producer pauses before that: only a stream with readers outgrows its cap).
+    /// Logs the next event within `cap` bytes, dropping the oldest events to make room, but
+    /// only those every attached reader has taken; when that is not enough room, gives the
+    /// event back (the producer waits for its slowest reader).
+    pub(super) fn push_within(&self, event: Bytes, cap: usize) -> Result<(), Bytes> {
+        // The newest event is always kept (the caller holds events to a log's cap): a stream
+        // read live never stalls on room that other clients' logs hold.
+        let cap = cap.max(event.len());
+        let read = self.min_cursor();
+        let log = lock(&self.log);
+        let mut need = (log.bytes + event.len()).saturating_sub(cap);
+        for (n, old) in (log.first..).zip(log.events.iter()) {
+            if need == 0 || n > read {
+                break;
+            }
+            need = need.saturating_sub(old.len());
+        }
+        if need > 0 {
+            return Err(event);
+        }
+        self.append(log, event, cap, read);
+        Ok(())
+    }
+
+    /// Logs the next event whatever the room (the ending, which a reader must see), dropping
+    /// what it can of what every reader has taken to stay within `cap`.
     pub(super) fn push(&self, event: Bytes, cap: usize) {
-        let mut log = lock(&self.log);
+        let read = self.min_cursor();
+        let log = lock(&self.log);
+        self.append(log, event, cap, read);
+    }
+
+    fn append(&self, mut log: std::sync::MutexGuard<'_, Log>, event: Bytes, cap: usize, read: u64) {
         if log.released {
             return;
         }
         let mut delta = event.len() as isize;
         log.bytes += event.len();
         log.events.push_back(event.clone());
-        while log.bytes > cap && log.events.len() > 1 {
+        while log.bytes > cap && log.events.len() > 1 && log.first <= read {
             if let Some(old) = log.events.pop_front() {
                 log.first += 1;
                 log.bytes -= old.len();
@@ -273,30 +342,49 @@ impl Entry {
     }
 }
 
-/// A reader's hold on a stream: while one exists the producer is not detached.
-pub(super) struct Attachment(Arc<Entry>);
+/// A reader's hold on a stream: while one exists the producer is not detached, and does
+/// not drop events it has not taken yet.
+pub(super) struct Attachment {
+    entry: Arc<Entry>,
+    /// The last event this reader has taken.
+    cursor: Arc<AtomicU64>,
+}
 
 impl Attachment {
-    pub(super) fn new(entry: Arc<Entry>) -> Self {
+    pub(super) fn new(entry: Arc<Entry>, after: u64) -> Self {
+        let cursor = Arc::new(AtomicU64::new(after));
+        lock(&entry.cursors).push(cursor.clone());
         entry.control.send_modify(|c| c.readers += 1);
-        Attachment(entry)
+        Attachment { entry, cursor }
+    }
+
+    /// It has taken every event up to `n`: a producer waiting for room may go on.
+    fn took(&self, n: u64) {
+        self.cursor.store(n, Ordering::Release);
+        self.entry.taken.notify_one();
     }
 }
 
 impl Drop for Attachment {
     fn drop(&mut self) {
-        self.0
+        lock(&self.entry.cursors).retain(|c| !Arc::ptr_eq(c, &self.cursor));
+        self.entry.taken.notify_one();
+        self.entry
             .control
             .send_modify(|c| c.readers = c.readers.saturating_sub(1));
     }
+}
+
+/// Whether the log was evicted or expired (a reader attached then just ends).
+fn released(entry: &Entry) -> bool {
+    lock(&entry.log).released
 }
 
 /// The events after `after`, then live ones as they are logged, until the stream's end.
 /// The reader stays attached until this stream is dropped (its connection closed).
 pub(super) fn follow(attachment: Attachment, after: u64) -> impl Stream<Item = Bytes> + Send {
     async_stream::stream! {
-        let entry = attachment.0.clone();
-        let _attached = attachment;
+        let entry = attachment.entry.clone();
         let mut progress = entry.progress.subscribe();
         let mut cursor = after;
         let mut batch = Vec::with_capacity(32);
@@ -305,9 +393,10 @@ pub(super) fn follow(attachment: Attachment, after: u64) -> impl Stream<Item = B
             match entry.read(cursor, Some(&mut batch)) {
                 Read::Events => {
                     for event in batch.drain(..) {
-                        cursor += 1;
                         yield event;
+                        cursor += 1;
                     }
+                    attachment.took(cursor);
                 }
                 // Nothing after the cursor yet (or the cursor is ahead of a running
                 // stream): wait for the next event.
@@ -321,8 +410,13 @@ pub(super) fn follow(attachment: Attachment, after: u64) -> impl Stream<Item = B
                         return;
                     }
                 }
-                // A reader that fell behind an attached stream's cap ends here; it
-                // reconnects and is told its events are gone.
+                // A reader that fell behind an attached stream's cap is told so (never a
+                // quiet end that looks like the stream's); reconnecting, it gets a 410.
+                Read::Gone if !released(&entry) => {
+                    let gone = ApiError::StreamEventsGone(entry.id.to_string());
+                    yield crate::relay::error_event(entry.wire, &entry.id, cursor + 1, &gone);
+                    return;
+                }
                 Read::Ended | Read::Gone | Read::Beyond => return,
             }
         }

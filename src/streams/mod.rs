@@ -74,7 +74,7 @@ struct Registry {
     finished: Mutex<VecDeque<Arc<Entry>>>,
     bytes: Arc<AtomicUsize>,
     /// Each client's logs' bytes.
-    owners: Mutex<HashMap<Arc<str>, Arc<AtomicUsize>>>,
+    owners: Mutex<HashMap<Arc<str>, Arc<log::Held>>>,
     /// Told when a log gives its memory back: a producer paused for room tries again.
     freed: Arc<tokio::sync::Notify>,
     metrics: StreamMetrics,
@@ -125,7 +125,7 @@ impl Slot {
         detach: Detach,
     ) -> impl Stream<Item = Bytes> + Send + 'static {
         // The first reader is there before the producer starts: it never sees a detach.
-        let attachment = Attachment::new(self.entry.clone());
+        let attachment = Attachment::new(self.entry.clone(), 0);
         self.spawn(events, detach);
         log::follow(attachment, 0)
     }
@@ -349,9 +349,18 @@ impl Streams {
             // it back) until there is room, a reader comes or the grace period ends.
             let freed = registry.freed.notified();
             tokio::pin!(freed);
+            let taken = entry.taken();
+            tokio::pin!(taken);
             if let Some(event) = pending.take() {
                 freed.as_mut().enable();
-                pending = self.place(&entry, event, !detached).err();
+                taken.as_mut().enable();
+                match self.place(&entry, event, !detached) {
+                    Ok(()) => {}
+                    Err(Unplaced::NoRoom(event)) => pending = Some(event),
+                    Err(Unplaced::TooLarge(len)) => {
+                        break Some(too_large(len, registry.per_stream));
+                    }
+                }
             }
             let paused = pending.is_some();
             tokio::select! {
@@ -362,10 +371,17 @@ impl Streams {
                     break Some(ApiError::StreamCancelled);
                 }
                 () = &mut freed, if paused => {}
+                () = &mut taken, if paused => {}
                 event = events.next(), if !paused => match event {
                     // Comments (queue position) are for the connection that sees them.
                     Some(event) if event.first() == Some(&b':') => {}
-                    Some(event) => pending = self.place(&entry, event, !detached).err(),
+                    Some(event) => match self.place(&entry, event, !detached) {
+                        Ok(()) => {}
+                        Err(Unplaced::NoRoom(event)) => pending = Some(event),
+                        Err(Unplaced::TooLarge(len)) => {
+                            break Some(too_large(len, registry.per_stream));
+                        }
+                    },
                     None => break None,
                 },
             }
@@ -378,22 +394,28 @@ impl Streams {
             entry.push(event, registry.per_stream);
         }
         entry.end();
+        entry.evictable(true);
         lock(&registry.finished).push_back(entry.clone());
         tokio::time::sleep(registry.settings.ttl).await;
         self.remove(&entry);
     }
 
-    /// Logs `event` when there is room for it, else gives it back. A stream read live
-    /// (`trim`) makes room by dropping its own oldest events, and so never waits; one that
-    /// nobody reads waits rather than take more than its log's cap, the instance's memory
-    /// or its client's share. Finished logs are evicted for room first: the client's own,
+    /// Logs `event` when there is room for it, else gives it back (or says it is larger than
+    /// a log can ever hold: one event of a stream is never dropped). A stream read live
+    /// (`trim`) makes room by dropping its own oldest events that every reader has taken,
+    /// and waits for its slowest reader when those are not enough; one that nobody reads
+    /// waits rather than take more than its log's cap, the instance's memory or its
+    /// client's share. Finished logs are evicted for room first: the client's own,
     /// oldest first, then other clients' only while they hold more than their share.
-    fn place(&self, entry: &Entry, event: Bytes, trim: bool) -> Result<(), Bytes> {
+    fn place(&self, entry: &Entry, event: Bytes, trim: bool) -> Result<(), Unplaced> {
         let registry = &self.0;
         let len = event.len();
+        if len > registry.per_stream {
+            return Err(Unplaced::TooLarge(len));
+        }
         let held = entry.bytes();
         if !trim && held + len > registry.per_stream {
-            return Err(event);
+            return Err(Unplaced::NoRoom(event));
         }
         let over = |registry: &Registry| {
             let all = registry.bytes.load(Ordering::Relaxed) + len;
@@ -407,11 +429,10 @@ impl Streams {
             excess = over(registry);
         }
         if excess > 0 && !trim {
-            return Err(event);
+            return Err(Unplaced::NoRoom(event));
         }
         let cap = registry.per_stream.min((held + len).saturating_sub(excess));
-        entry.push(event, cap);
-        Ok(())
+        entry.push_within(event, cap).map_err(Unplaced::NoRoom)
     }
 
     /// Frees finished logs until `owner` has room for `needs` more bytes: its own first,
@@ -419,17 +440,17 @@ impl Streams {
     fn evict(&self, owner: &Arc<str>, needs: usize) {
         let registry = &self.0;
         let (memory, share) = (registry.settings.memory, registry.share);
-        let owned = self.owner_bytes(owner);
-        let short = || {
-            registry.bytes.load(Ordering::Relaxed) + needs > memory
-                || owned.load(Ordering::Relaxed) + needs > share
-        };
+        let held = self.owner_bytes(owner);
+        let over_all = || registry.bytes.load(Ordering::Relaxed) + needs > memory;
+        let short = || over_all() || held.bytes.load(Ordering::Relaxed) + needs > share;
         let mut finished = lock(&registry.finished);
         let mut evicted = Vec::new();
         let mut i = 0;
-        while short() && i < finished.len() {
+        // Without a finished log of its own, a client at its share has nothing to evict.
+        while held.finished.load(Ordering::Relaxed) > 0 && short() && i < finished.len() {
             if finished[i].owner == *owner {
                 if let Some(entry) = finished.remove(i) {
+                    entry.evictable(false);
                     entry.release();
                     evicted.push(entry);
                 }
@@ -438,9 +459,10 @@ impl Streams {
             }
         }
         let mut i = 0;
-        while registry.bytes.load(Ordering::Relaxed) + needs > memory && i < finished.len() {
+        while over_all() && i < finished.len() {
             if finished[i].owned() > share {
                 if let Some(entry) = finished.remove(i) {
+                    entry.evictable(false);
                     entry.release();
                     evicted.push(entry);
                 }
@@ -461,11 +483,11 @@ impl Streams {
     }
 
     /// Whether a new log of `needs` bytes for `owner` fits, once finished logs are evicted.
-    fn room(&self, owner: &Arc<str>, owned: &AtomicUsize, needs: usize) -> bool {
+    fn room(&self, owner: &Arc<str>, held: &log::Held, needs: usize) -> bool {
         let registry = &self.0;
         let fits = || {
             registry.bytes.load(Ordering::Relaxed) + needs <= registry.settings.memory
-                && owned.load(Ordering::Relaxed) + needs <= registry.share
+                && held.bytes.load(Ordering::Relaxed) + needs <= registry.share
         };
         fits() || {
             self.evict(owner, needs);
@@ -473,13 +495,11 @@ impl Streams {
         }
     }
 
-    /// The counter of `owner`'s bytes (made on its first log; forgotten when it holds none).
-    fn owner_bytes(&self, owner: &Arc<str>) -> Arc<AtomicUsize> {
+    /// What `owner`'s logs hold (made on its first log; forgotten once it holds none).
+    fn owner_bytes(&self, owner: &Arc<str>) -> Arc<log::Held> {
         let mut owners = lock(&self.0.owners);
         if owners.len() > 1024 {
-            owners.retain(|_, bytes| {
-                bytes.load(Ordering::Relaxed) > 0 || Arc::strong_count(bytes) > 1
-            });
+            owners.retain(|_, held| Arc::strong_count(held) > 1);
         }
         owners.entry(owner.clone()).or_default().clone()
     }
@@ -493,10 +513,14 @@ impl Streams {
         drop(live);
         // Logs expire in about the order they finished: mostly the first in line.
         let mut finished = lock(&registry.finished);
+        let before = finished.len();
         if finished.front().is_some_and(|e| Arc::ptr_eq(e, entry)) {
             finished.pop_front();
         } else {
             finished.retain(|e| !Arc::ptr_eq(e, entry));
+        }
+        if finished.len() < before {
+            entry.evictable(false);
         }
         drop(finished);
         entry.release();
@@ -532,7 +556,7 @@ impl Streams {
                 // A cursor ahead of a running stream (a client that raced its producer)
                 // waits for the events after it.
                 Read::Events | Read::Waiting | Read::Beyond => {
-                    Attached::Events(log::follow(Attachment::new(entry), after).boxed())
+                    Attached::Events(log::follow(Attachment::new(entry, after), after).boxed())
                 }
             };
             self.0.metrics.resumes.increment(1);
@@ -653,6 +677,20 @@ impl Streams {
             entry.cancel();
         }
     }
+}
+
+/// Why an event was not logged.
+enum Unplaced {
+    /// Not now: it waits for room.
+    NoRoom(Bytes),
+    /// Never: one event larger than a log may hold (its bytes).
+    TooLarge(usize),
+}
+
+fn too_large(len: usize, cap: usize) -> ApiError {
+    ApiError::StreamTooLarge(format!(
+        "one event of this stream is {len} bytes, more than the {cap} a resumable stream's log holds"
+    ))
 }
 
 /// A cursor past the last event the stream has sent: no honest client has one.

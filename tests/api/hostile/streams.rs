@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use serde_json::{Value, json};
 
@@ -154,6 +155,89 @@ async fn a_detached_producer_pauses_when_its_next_event_would_not_fit() {
             "paused, not cancelled, in the grace period"
         );
     }
+}
+
+#[tokio::test]
+async fn an_event_larger_than_a_log_ends_its_stream_instead_of_outgrowing_memory() {
+    // A Responses stream's last events carry the whole reply: 2 MiB of it, against logs of
+    // 128 KiB. The stream ends saying so; memory holds to its budget.
+    let upstream = FakeUpstream::spawn().await;
+    let app = TestApp::in_front_of_with(&upstream, |c| {
+        c.resume_memory_mb = 1.0;
+        c.resume_client_share = 1.0;
+    })
+    .await;
+    let response = app
+        .http
+        .post(app.url("/v1/responses"))
+        .header("x-sluice-resumable", "true")
+        .json(&json!({"model": "large", "input": "Hi", "stream": true}))
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(resumable(&response).as_deref(), Some("true"));
+    // The log's size is sampled beside the reader, which reads as fast as it can.
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sampler = {
+        let (app, peak) = (
+            TestApp {
+                addr: app.addr,
+                http: app.http.clone(),
+            },
+            peak.clone(),
+        );
+        tokio::spawn(async move {
+            for _ in 0..6_000 {
+                let now = app.metric("sluice_stream_log_bytes").await as u64;
+                peak.fetch_max(now, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let started = Instant::now();
+    let mut body = response.bytes_stream().eventsource();
+    let mut last = None;
+    while let Some(event) = tokio::time::timeout(DEADLINE, body.next())
+        .await
+        .expect("the stream goes on")
+    {
+        last = Some(event.expect("well-formed SSE"));
+        assert!(started.elapsed() < DEADLINE * 24, "the flood never ended");
+    }
+    sampler.abort();
+    let peak = peak.load(std::sync::atomic::Ordering::Relaxed) as f64;
+    let last = last.expect("events");
+    eprintln!(
+        "a 2 MiB Responses reply against 1 MiB: logs at most {:.0} KiB; it ended with {}",
+        peak / 1024.0,
+        last.event
+    );
+    assert_eq!(last.event, "response.failed");
+    let failed: Value = serde_json::from_str(&last.data).expect("JSON");
+    assert_eq!(
+        failed["response"]["error"]["code"], "stream_too_large",
+        "{failed}"
+    );
+    assert!(peak <= MIB + 64.0 * 1024.0, "{peak}");
+}
+
+#[tokio::test]
+async fn a_live_reader_of_a_stream_faster_than_it_loses_nothing() {
+    // 2 MiB as fast as the upstream sends it, logs of 128 KiB: the producer waits for its
+    // reader instead of dropping what the reader has not taken.
+    let upstream = FakeUpstream::spawn().await;
+    let app = TestApp::in_front_of_with(&upstream, |c| {
+        c.resume_memory_mb = 1.0;
+        c.resume_client_share = 1.0;
+    })
+    .await;
+    let response = app
+        .post("/api/chat", &json!({"prompt": "Hi", "model": "large"}))
+        .await;
+    assert_eq!(resumable(&response).as_deref(), Some("true"));
+    let events = all_events(response).await;
+    assert_eq!(events.last().expect("an ending").event, "done");
+    assert_eq!(crate::support::chat_text(&events).len(), 2_048 * 1024);
 }
 
 /// A stored Responses reply of `key`, its input about `bytes` long: its id.

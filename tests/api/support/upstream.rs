@@ -455,6 +455,12 @@ async fn behave(body: &Value, sent: Arc<std::sync::atomic::AtomicUsize>) -> Resp
             let kib = text(&"x".repeat(1024));
             steps.extend((0..65_536).map(|_| Step::Send(kib.clone())));
         }
+        // A finished reply of 2 MiB, in chunks of 1 KiB.
+        "large" => {
+            let kib = text(&"x".repeat(1024));
+            steps.extend((0..2_048).map(|_| Step::Send(kib.clone())));
+            steps.extend([Step::Send(finish), Step::Send(done)]);
+        }
         "tools" => steps.extend([
             Step::Send(chunk(json!({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
                 "function": {"name": "get_weather", "arguments": ""}}]}), None)),

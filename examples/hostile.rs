@@ -1,0 +1,559 @@
+//! The hostile-input probes of streams and connections as resources, against a sluice
+//! binary (any version: the same command measures before and after a change):
+//!
+//!     cargo build --release && cargo run --release --example hostile
+//!     cargo run --release --example hostile -- --sluice /path/to/sluice h1 m3
+//!
+//! Each probe starts the binary with its own settings (loopback, port 0), runs an attack
+//! bounded in count and time, and prints what its victim or the operator sees:
+//! - `h1`: 1,100 idle HTTP/2 connections against `SLUICE_MAX_CONNECTIONS=1000`: a victim's
+//!   `/healthz` latency, sluice's RSS;
+//! - `m1`: 32 detached streams of 64 MiB against `SLUICE_RESUME_MEMORY_MB=4`: the logs' bytes
+//!   at their peak, sluice's RSS;
+//! - `m2`: 4 background responses of 64 MiB through Redis (`redis-server` from PATH) against
+//!   the same 4 MiB: Redis' memory after 10 s;
+//! - `m3`: one client at `SLUICE_RPM=1` replaying one stored stream for 10 s: replays served,
+//!   bytes, sluice's CPU;
+//! - `m5`: four clients at `SLUICE_RPM=1` counting 900 KB of tools for 10 s: counts served,
+//!   sluice's CPU, a victim's `/healthz` p50.
+
+// The probes' clients and the fake upstream are tasks of their own.
+#![allow(clippy::disallowed_methods)]
+
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{Value, json};
+
+fn main() -> anyhow::Result<()> {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let binary = match args.iter().position(|a| a == "--sluice") {
+        Some(i) if i + 1 < args.len() => {
+            let path = args.remove(i + 1);
+            args.remove(i);
+            path
+        }
+        _ => concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/sluice").to_owned(),
+    };
+    let probes: Vec<String> = if args.is_empty() {
+        ["h1", "m1", "m2", "m3", "m5"].map(String::from).to_vec()
+    } else {
+        args
+    };
+    let _ = rlimit::increase_nofile_limit(65_536);
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let upstream = upstream().await?;
+        for probe in probes {
+            let started = Instant::now();
+            let result = match probe.as_str() {
+                "h1" => h1(&binary).await,
+                "m1" => m1(&binary, &upstream).await,
+                "m2" => m2(&binary, &upstream).await,
+                "m3" => m3(&binary, &upstream).await,
+                "m5" => m5(&binary).await,
+                other => Err(anyhow::anyhow!("no probe {other:?}")),
+            };
+            match result {
+                Ok(line) => println!("{probe}: {line} ({:.0} s)", started.elapsed().as_secs_f64()),
+                Err(e) => println!("{probe}: failed: {e}"),
+            }
+        }
+        anyhow::Ok(())
+    })
+}
+
+// ---- the fake upstream: `flood` (64 MiB in 1 KiB chunks, as fast as it is read) or any
+// other model (30 short tokens).
+
+async fn upstream() -> anyhow::Result<String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    Ok::<_, Infallible>(answer(req).await)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    Ok(format!("http://{addr}/v1"))
+}
+
+type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
+
+async fn answer(req: Request<Incoming>) -> Response<Body> {
+    if req.uri().path().ends_with("/models") {
+        let list = json!({"object": "list", "data": [{"id": "flood", "object": "model"}]});
+        return Response::new(Full::new(Bytes::from(list.to_string())).boxed_unsync());
+    }
+    let body = req.into_body().collect().await.map(|b| b.to_bytes());
+    let body: Value = body
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let (count, text) = if body["model"] == "flood" {
+        (65_536, "x".repeat(1024))
+    } else {
+        (30, " word".to_owned())
+    };
+    let chunk = Bytes::from(format!(
+        "data: {}\n\n",
+        json!({"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
+            "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": null}]})
+    ));
+    let end = Bytes::from(format!(
+        "data: {}\n\ndata: [DONE]\n\n",
+        json!({"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
+            "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    ));
+    let frames = futures::stream::iter(
+        std::iter::repeat_n(chunk, count)
+            .chain([end])
+            .map(|b| Ok::<_, Infallible>(Frame::data(b))),
+    );
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(StreamBody::new(frames).boxed_unsync())
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed_unsync()))
+}
+
+// ---- sluice, the binary under test.
+
+struct Sluice {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Sluice {
+    fn start(binary: &str, vars: &[(&str, &str)]) -> anyhow::Result<Sluice> {
+        let mut child = Command::new(binary)
+            .env_clear()
+            .env("SLUICE_ADDR", "127.0.0.1:0")
+            .env("SLUICE_LOCAL_MODEL", "off")
+            .env("SLUICE_MOCK_TOKENS_PER_S", "0")
+            .env("SLUICE_LOG", "info")
+            .envs(vars.iter().copied())
+            .current_dir(std::env::temp_dir())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let stderr = child
+            .stderr
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stderr"))?;
+        let mut lines = BufReader::new(stderr).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .ok_or_else(|| anyhow::anyhow!("sluice ended before it listened"))??;
+            if let Some(at) = line.find("listening on http://") {
+                let rest = &line[at + "listening on http://".len()..];
+                let addr: String = rest
+                    .chars()
+                    .take_while(|c| !c.is_whitespace() && *c != '"')
+                    .collect();
+                break addr.parse()?;
+            }
+        };
+        // Its log must be read, or it blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
+        Ok(Sluice { child, addr })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    async fn metric(&self, series: &str) -> f64 {
+        let text = reqwest::get(self.url("/metrics"))
+            .await
+            .ok()
+            .map(|r| r.text());
+        let text = match text {
+            Some(text) => text.await.unwrap_or_default(),
+            None => String::new(),
+        };
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for Sluice {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn cpu_s(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn rss_mib(pid: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    kib / 1024.0
+}
+
+/// `/healthz` on a connection of its own (it must win a slot), or `None` past 5 s.
+async fn healthz(sluice: &Sluice) -> Option<Duration> {
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    let http = CLIENT.get_or_init(|| {
+        reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap_or_default()
+    });
+    let started = Instant::now();
+    let answered = tokio::time::timeout(
+        Duration::from_secs(5),
+        http.get(sluice.url("/healthz")).send(),
+    )
+    .await;
+    matches!(answered, Ok(Ok(r)) if r.status() == 200).then(|| started.elapsed())
+}
+
+fn shown(d: Option<Duration>) -> String {
+    d.map_or("timed out (5 s)".into(), |d| {
+        format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+    })
+}
+
+// ---- the probes.
+
+async fn h1(binary: &str) -> anyhow::Result<String> {
+    let sluice = Sluice::start(binary, &[("SLUICE_MAX_CONNECTIONS", "1000")])?;
+    let before = rss_mib(&sluice.pid());
+    let held = Arc::new(std::sync::Mutex::new(Vec::new()));
+    // 1,100 from eight addresses, a hundred at a time, each given 2 s to be served.
+    for batch in 0..11u32 {
+        let tries = (0..100u32).map(|i| {
+            let (addr, held) = (sluice.addr, held.clone());
+            async move {
+                let from = 2 + ((batch * 100 + i) % 8) as u8;
+                let attempt = async {
+                    let socket = tokio::net::TcpSocket::new_v4().ok()?;
+                    socket
+                        .bind(SocketAddr::new(
+                            IpAddr::V4(Ipv4Addr::new(127, 0, 0, from)),
+                            0,
+                        ))
+                        .ok()?;
+                    let tcp = socket.connect(addr).await.ok()?;
+                    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+                        TokioExecutor::new(),
+                        TokioIo::new(tcp),
+                    )
+                    .await
+                    .ok()?;
+                    let task = tokio::spawn(connection);
+                    let request = Request::get("/healthz")
+                        .body(Full::new(Bytes::new()))
+                        .ok()?;
+                    sender.send_request(request).await.ok()?;
+                    Some((sender, task))
+                };
+                if let Ok(Some(kept)) = tokio::time::timeout(Duration::from_secs(2), attempt).await
+                {
+                    held.lock().unwrap_or_else(|e| e.into_inner()).push(kept);
+                }
+            }
+        });
+        futures::future::join_all(tries).await;
+    }
+    let served = held.lock().unwrap_or_else(|e| e.into_inner()).len();
+    let mut victim = Vec::new();
+    for _ in 0..5 {
+        victim.push(healthz(&sluice).await);
+    }
+    let after = rss_mib(&sluice.pid());
+    let open = held
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter(|(_, task)| !task.is_finished())
+        .count();
+    Ok(format!(
+        "1,100 idle h2c connections, {served} served, {open} still open; victim /healthz: {}; RSS {before:.0} -> {after:.0} MiB",
+        victim.into_iter().map(shown).collect::<Vec<_>>().join(", ")
+    ))
+}
+
+async fn detach(sluice: &Sluice, http: &reqwest::Client) -> anyhow::Result<String> {
+    let response = http
+        .post(sluice.url("/api/chat"))
+        .json(&json!({"prompt": "Hi", "model": "flood"}))
+        .send()
+        .await?;
+    let id = response
+        .headers()
+        .get("x-sluice-stream-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let mut body = response.bytes_stream();
+    let _ = tokio::time::timeout(Duration::from_secs(5), body.next()).await;
+    Ok(id)
+}
+
+async fn m1(binary: &str, upstream: &str) -> anyhow::Result<String> {
+    let sluice = Sluice::start(
+        binary,
+        &[
+            ("OPENAI_BASE_URL", upstream),
+            ("SLUICE_RESUME_MEMORY_MB", "4"),
+            ("SLUICE_MAX_STREAMS", "64"),
+        ],
+    )?;
+    let http = reqwest::Client::new();
+    for _ in 0..32 {
+        detach(&sluice, &http).await?;
+    }
+    let mut peak = 0.0f64;
+    let until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < until {
+        peak = peak.max(sluice.metric("sluice_stream_log_bytes").await);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Ok(format!(
+        "32 detached floods against 4 MiB: logs at most {:.1} MiB, RSS {:.0} MiB",
+        peak / 1048576.0,
+        rss_mib(&sluice.pid())
+    ))
+}
+
+/// A redis-server of the probe's own on a free port.
+struct Redis(Child, u16);
+
+impl Redis {
+    fn start() -> anyhow::Result<Redis> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()?;
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(5),
+                "redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Redis(child, port))
+    }
+
+    /// `used_memory` from `INFO memory`, in bytes.
+    fn used_memory(&self) -> f64 {
+        let Ok(mut tcp) = std::net::TcpStream::connect(("127.0.0.1", self.1)) else {
+            return 0.0;
+        };
+        let _ = tcp.write_all(b"INFO memory\r\n");
+        let _ = tcp.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut buf = vec![0u8; 16 * 1024];
+        let n = tcp.read(&mut buf).unwrap_or(0);
+        String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .find_map(|l| l.strip_prefix("used_memory:")?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn m2(binary: &str, upstream: &str) -> anyhow::Result<String> {
+    let redis = Redis::start()?;
+    let url = format!("redis://127.0.0.1:{}", redis.1);
+    let sluice = Sluice::start(
+        binary,
+        &[
+            ("OPENAI_BASE_URL", upstream),
+            ("SLUICE_REDIS_URL", &url),
+            ("SLUICE_RESUME_MEMORY_MB", "4"),
+        ],
+    )?;
+    let baseline = redis.used_memory();
+    let http = reqwest::Client::new();
+    for _ in 0..4 {
+        http.post(sluice.url("/v1/responses"))
+            .json(&json!({"model": "flood", "input": "Hi", "background": true}))
+            .send()
+            .await?;
+    }
+    let mut peak = 0.0f64;
+    let until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < until {
+        peak = peak.max(redis.used_memory() - baseline);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Ok(format!(
+        "4 background floods through Redis against 4 MiB: Redis grew by up to {:.1} MiB, sluice's logs {:.1} MiB",
+        peak / 1048576.0,
+        sluice.metric("sluice_stream_log_bytes").await / 1048576.0
+    ))
+}
+
+async fn m3(binary: &str, upstream: &str) -> anyhow::Result<String> {
+    let sluice = Sluice::start(
+        binary,
+        &[("OPENAI_BASE_URL", upstream), ("SLUICE_RPM", "1")],
+    )?;
+    let http = reqwest::Client::new();
+    let response = http
+        .post(sluice.url("/api/chat"))
+        .json(&json!({"prompt": "Hi", "model": "paced"}))
+        .send()
+        .await?;
+    let id = response
+        .headers()
+        .get("x-sluice-stream-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    response.bytes().await?;
+    let cpu = cpu_s(&sluice.pid());
+    let (served, bytes) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let until = Instant::now() + Duration::from_secs(10);
+    let readers = (0..4).map(|_| {
+        let (http, url, served, bytes, answered) = (
+            http.clone(),
+            sluice.url(&format!("/api/chat/{id}?last_event_id=0")),
+            served.clone(),
+            bytes.clone(),
+            answered.clone(),
+        );
+        tokio::spawn(async move {
+            let mut n = 0;
+            while Instant::now() < until && n < 100_000 {
+                n += 1;
+                let Ok(response) = http.get(&url).send().await else {
+                    continue;
+                };
+                answered.fetch_add(1, Ordering::Relaxed);
+                if response.status() == 200 {
+                    served.fetch_add(1, Ordering::Relaxed);
+                    let body = response.bytes().await.map_or(0, |b| b.len());
+                    bytes.fetch_add(body, Ordering::Relaxed);
+                }
+            }
+        })
+    });
+    futures::future::join_all(readers).await;
+    Ok(format!(
+        "a client at SLUICE_RPM=1 replaying one stream for 10 s: {} of {} replays served, {:.1} MB, {:.1} s of sluice CPU",
+        served.load(Ordering::Relaxed),
+        answered.load(Ordering::Relaxed),
+        bytes.load(Ordering::Relaxed) as f64 / 1e6,
+        cpu_s(&sluice.pid()) - cpu
+    ))
+}
+
+async fn m5(binary: &str) -> anyhow::Result<String> {
+    let sluice = Sluice::start(binary, &[("SLUICE_RPM", "1")])?;
+    let properties: serde_json::Map<String, Value> = (0..9_000)
+        .map(|i| (format!("field_{i}"), json!({"type": "string", "description": "a value the tool needs to do its work well"})))
+        .collect();
+    let attack = json!({"model": "mock", "messages": [{"role": "user", "content": "Hi"}],
+        "tools": [{"name": "lookup", "input_schema": {"type": "object", "properties": properties}}]})
+    .to_string();
+    let quiet: Vec<_> = futures::future::join_all((0..20).map(|_| healthz(&sluice))).await;
+    let cpu = cpu_s(&sluice.pid());
+    let served = Arc::new(AtomicUsize::new(0));
+    let until = Instant::now() + Duration::from_secs(10);
+    let http = reqwest::Client::new();
+    let attackers: Vec<_> = (0..4)
+        .map(|_| {
+            let (http, url, attack, served) = (
+                http.clone(),
+                sluice.url("/v1/messages/count_tokens"),
+                attack.clone(),
+                served.clone(),
+            );
+            tokio::spawn(async move {
+                let mut n = 0;
+                while Instant::now() < until && n < 10_000 {
+                    n += 1;
+                    let answer = http
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .body(attack.clone())
+                        .send()
+                        .await;
+                    if answer.is_ok_and(|r| r.status() == 200) {
+                        served.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut loaded = Vec::new();
+    while Instant::now() < until - Duration::from_secs(1) {
+        loaded.push(healthz(&sluice).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    futures::future::join_all(attackers).await;
+    let p50 = |mut sample: Vec<Option<Duration>>| {
+        sample.sort();
+        sample.get(sample.len() / 2).copied().flatten()
+    };
+    Ok(format!(
+        "4 clients at SLUICE_RPM=1 counting 900 KB of tools for 10 s: {} counts served, {:.1} s of sluice CPU; victim /healthz p50 {} quiet, {} meanwhile",
+        served.load(Ordering::Relaxed),
+        cpu_s(&sluice.pid()) - cpu,
+        shown(p50(quiet)),
+        shown(p50(loaded))
+    ))
+}
