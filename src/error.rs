@@ -9,6 +9,10 @@ use serde_json::json;
 use crate::admission::{Quota, Refusal, Window};
 use crate::backend::BackendError;
 
+/// An error answer's code and message, for the request's log line.
+#[derive(Debug, Clone)]
+pub struct Answered(pub String);
+
 /// Marks a response refused by sluice's own limits: `client` or `global`.
 #[derive(Debug, Clone, Copy)]
 pub struct RateLimited(pub &'static str);
@@ -91,6 +95,10 @@ pub enum ApiError {
         "the stream `{0}` is still running; follow it with `stream=true`, or ask again when it has finished"
     )]
     StreamRunning(String),
+    /// The client's cursor (event `n`) is past the end of a finished stream; the route names
+    /// the parameter it came in (see [`ApiError::cursor_beyond`]).
+    #[error("Last-Event-ID {0} is beyond the stream's last event")]
+    CursorBeyond(u64),
     /// The events after the client's cursor are no longer kept.
     #[error("the events of stream `{0}` after that cursor are no longer kept")]
     StreamEventsGone(String),
@@ -127,9 +135,21 @@ impl ApiError {
         }
     }
 
+    /// A cursor beyond a finished stream, named as the client sent it: `param` and the value
+    /// it gave (a Responses `starting_after` is one below the event's number).
+    pub fn cursor_beyond(self, param: &str, sent: u64) -> Self {
+        match self {
+            ApiError::CursorBeyond(_) => ApiError::invalid(
+                format!("`{param}` {sent} is beyond the stream's last event"),
+                Some(param),
+            ),
+            other => other,
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::InvalidRequest { .. } | ApiError::CursorBeyond(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::ModelNotFound(_) | ApiError::RouteNotFound { .. } => StatusCode::NOT_FOUND,
@@ -159,6 +179,7 @@ impl ApiError {
     fn kind(&self) -> &'static str {
         match self {
             ApiError::InvalidRequest { .. }
+            | ApiError::CursorBeyond(_)
             | ApiError::PayloadTooLarge { .. }
             | ApiError::UnsupportedMediaType
             | ApiError::ModelNotFound(_)
@@ -212,6 +233,7 @@ impl ApiError {
             ApiError::StreamNotFound(_) => "stream_not_found",
             ApiError::PreviousResponseNotFound(_) => "previous_response_not_found",
             ApiError::StreamRunning(_) => "stream_running",
+            ApiError::CursorBeyond(_) => "cursor_beyond_stream",
             ApiError::StreamEventsGone(_) => "stream_events_gone",
             ApiError::StreamCancelled => "stream_cancelled",
             ApiError::ProducerLost => "producer_lost",
@@ -228,6 +250,7 @@ impl ApiError {
                 param.as_deref()
             }
             ApiError::ModelNotFound(_) => Some("model"),
+            ApiError::CursorBeyond(_) => Some("Last-Event-ID"),
             ApiError::PreviousResponseNotFound(_) => Some("previous_response_id"),
             _ => None,
         }
@@ -430,7 +453,9 @@ impl IntoResponse for ApiError {
             tracing::warn!(error = %self, detail = ?self, "request failed");
         }
         let retry_after = self.retry_after();
+        let answered = Answered(format!("{}: {}", self.code().unwrap_or_default(), self));
         let mut response = (status, axum::Json(self.body())).into_response();
+        response.extensions_mut().insert(answered);
         let headers = response.headers_mut();
         if let Some(wait) = retry_after {
             // Rounded up and never 0: a client that waits that long gets in.

@@ -97,11 +97,12 @@ pub async fn admit(
             Some(max_tokens_param),
         ));
     }
+    // Logged whether or not it routes anywhere (its length is bounded above).
+    exchange.set_model(model);
     let route = state
         .routes
         .resolve(model)
         .ok_or_else(|| ApiError::ModelNotFound(model.to_owned()))?;
-    exchange.set_model(model);
     let permit = state.admission.admit(who, model).await?;
     Ok(Admitted { permit, route })
 }

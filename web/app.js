@@ -155,7 +155,7 @@ function actions(el, turn, index) {
   } else {
     const copy = button('Copy', 'Copy this reply as markdown', () => copyText(turn.content, copy));
     copy.classList.add('copy-reply');
-    if (index === chat().turns.length - 1) button('Regenerate', 'Write this reply again', regenerate).classList.add('regenerate');
+    if (index === chat().turns.length - 1) button('Regenerate', 'Regenerate this reply', regenerate).classList.add('regenerate');
   }
   el.append(bar);
 }

@@ -5,7 +5,7 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 
-use crate::error::RateLimited;
+use crate::error::{Answered, RateLimited};
 use crate::telemetry::{Exchange, Metrics};
 
 /// The outermost middleware after the request id: makes the request's [`Exchange`], counts
@@ -20,6 +20,9 @@ pub async fn observe(State(metrics): State<Metrics>, mut req: Request, next: Nex
     req.extensions_mut().insert(exchange.clone());
     let response = next.run(req).await;
     let status = response.status().as_u16();
+    if let Some(Answered(error)) = response.extensions().get::<Answered>() {
+        exchange.answered(error);
+    }
     let (route, model) = exchange.responded(status);
     metrics
         .counter(

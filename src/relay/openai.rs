@@ -108,7 +108,13 @@ pub fn openai_events(
             // The role chunk goes first, with the upstream's identity when it came first.
             if !role_sent && !matches!(item, Ok(Delta::Identity(_))) {
                 role_sent = true;
-                yield out.event(None, |b| writer.choice(b, &[r#"{"role":"assistant","content":""}"#], None));
+                // As OpenAI writes it: `content: null` before tool calls (and other fields),
+                // `""` before text.
+                let role = match item {
+                    Ok(Delta::Fields(_)) => r#"{"role":"assistant","content":null}"#,
+                    _ => r#"{"role":"assistant","content":""}"#,
+                };
+                yield out.event(None, |b| writer.choice(b, &[role], None));
             }
             match item {
                 Ok(Delta::Text(text)) => {

@@ -729,16 +729,19 @@ async fn retrieve(
     if stream {
         // Event `n` has `sequence_number` n - 1: after sequence N is after event N + 1.
         let after = match pairs.iter().find(|(k, _)| k == "starting_after") {
-            Some((_, v)) => v
-                .trim()
-                .parse::<u64>()
-                .map_err(|_| {
+            Some((_, v)) => {
+                let sent = v.trim().parse::<u64>().map_err(|_| {
                     invalid(
                         "`starting_after` must be a sequence number",
                         "starting_after",
                     )
-                })?
-                .saturating_add(1),
+                })?;
+                super::streams::Cursor {
+                    after: sent.saturating_add(1),
+                    param: "starting_after",
+                    sent,
+                }
+            }
             None => super::streams::cursor(&headers, &Default::default())?,
         };
         return super::streams::follow(&state, &who, &exchange, &id, Wire::Responses, after).await;

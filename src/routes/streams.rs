@@ -43,25 +43,39 @@ impl Resume {
     }
 }
 
-/// The reader's cursor: the last event it has (0: none).
-pub(super) fn cursor(headers: &HeaderMap, query: &Resume) -> Result<u64, ApiError> {
-    let (name, value) = match headers.get("last-event-id") {
+/// A reader's cursor: the last event it has (0: none), and the parameter it came in.
+#[derive(Clone, Copy)]
+pub(super) struct Cursor {
+    pub(super) after: u64,
+    pub(super) param: &'static str,
+    /// As the client sent it (a Responses `starting_after` is one below `after`).
+    pub(super) sent: u64,
+}
+
+pub(super) fn cursor(headers: &HeaderMap, query: &Resume) -> Result<Cursor, ApiError> {
+    let (param, value) = match headers.get("last-event-id") {
         Some(v) => ("Last-Event-ID", v.to_str().unwrap_or("-").to_owned()),
         None => match (&query.last_event_id, &query.starting_after) {
             (Some(v), _) => ("last_event_id", v.clone()),
             (None, Some(v)) => ("starting_after", v.clone()),
-            (None, None) => return Ok(0),
+            (None, None) => ("Last-Event-ID", String::new()),
         },
     };
     let value = value.trim();
-    if value.is_empty() {
-        return Ok(0);
-    }
-    value.parse().map_err(|_| {
-        ApiError::invalid(
-            format!("`{name}` must be the number of an event of the stream"),
-            Some(name),
-        )
+    let after = if value.is_empty() {
+        0
+    } else {
+        value.parse().map_err(|_| {
+            ApiError::invalid(
+                format!("`{param}` must be the number of an event of the stream"),
+                Some(param),
+            )
+        })?
+    };
+    Ok(Cursor {
+        after,
+        param,
+        sent: after,
     })
 }
 
@@ -74,12 +88,12 @@ pub(super) async fn follow(
     exchange: &Exchange,
     id: &str,
     wire: Wire,
-    after: u64,
+    at: Cursor,
 ) -> Result<Response, ApiError> {
     let reader = state.admission.admit_read(who).await?;
     let quota = reader.quota().clone();
-    let response = match state.streams.attach(id, &who.name, wire, after).await {
-        Err(e) => Err(e),
+    let response = match state.streams.attach(id, &who.name, wire, at.after).await {
+        Err(e) => Err(e.cursor_beyond(at.param, at.sent)),
         // Nothing left: 204 tells an `EventSource` to stop reconnecting.
         Ok(Attached::Complete) => Ok(StatusCode::NO_CONTENT.into_response()),
         Ok(Attached::Events(events)) => {
@@ -146,8 +160,8 @@ pub async fn resume_completion(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let query = Resume::of(query);
-    let after = cursor(&headers, &query)?;
     if query.stream {
+        let after = cursor(&headers, &query)?;
         return follow(&state, &who, &exchange, &id, Wire::OpenAi, after).await;
     }
     let answer = async {

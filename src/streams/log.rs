@@ -129,6 +129,11 @@ impl Entry {
         self.reply.get_or_init(|| reply).clone()
     }
 
+    /// Whether a cancel stopped it.
+    pub(super) fn was_cancelled(&self) -> bool {
+        self.control.borrow().cancelled
+    }
+
     /// Connections reading it now.
     pub(super) fn readers(&self) -> usize {
         self.control.borrow().readers

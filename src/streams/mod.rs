@@ -545,6 +545,11 @@ impl Streams {
     ) -> Result<Attached, ApiError> {
         self.check(id)?;
         if let Some(entry) = self.local(id, who, wire) {
+            // Stopped by a cancel: there is nothing to follow (a stream the grace period
+            // ended is replayed, to its `stream_cancelled` ending).
+            if entry.has_ended() && entry.was_cancelled() {
+                return Err(ApiError::StreamCancelled);
+            }
             let max_readers = self.0.settings.max_readers;
             if entry.readers() >= max_readers {
                 return Err(crate::admission::Refusal::StreamReaders { max_readers }.into());
@@ -693,12 +698,10 @@ fn too_large(len: usize, cap: usize) -> ApiError {
     ))
 }
 
-/// A cursor past the last event the stream has sent: no honest client has one.
+/// A cursor past the last event a finished stream sent: no honest client has one. The
+/// route says it in the words of the parameter the client used.
 fn cursor_beyond(after: u64) -> ApiError {
-    ApiError::invalid(
-        format!("Last-Event-ID {after} is beyond the stream's last event"),
-        Some("Last-Event-ID"),
-    )
+    ApiError::CursorBeyond(after)
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -111,6 +111,12 @@ impl Exchange {
         self.record().stream = Some(id.to_owned());
     }
 
+    /// The error a client was answered with (`code: message`), unless a backend's failure
+    /// is already recorded.
+    pub fn answered(&self, error: &str) {
+        self.record().error.get_or_insert_with(|| error.to_owned());
+    }
+
     pub fn failed(&self, error: &BackendError) {
         self.record().error = Some(error.to_string());
     }

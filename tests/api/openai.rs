@@ -182,6 +182,12 @@ async fn tool_call_deltas_relay_unchanged_and_merge_when_not_streamed() {
     body["tools"] = json!([{"type": "function", "function": {"name": "get_weather",
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
     let p = payloads(&all_events(app.post("/v1/chat/completions", &body).await).await);
+    // Before tool calls, OpenAI's role chunk has `content: null` (an empty string makes
+    // some SDKs emit an empty text part).
+    assert_eq!(
+        p[0]["choices"][0]["delta"],
+        json!({"role": "assistant", "content": null})
+    );
     assert_eq!(
         p[1]["choices"][0]["delta"],
         json!({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",

@@ -380,6 +380,25 @@ async fn the_page_works_by_keyboard_and_with_a_screen_reader() {
         .as_str()
         .is_some_and(|t| t.starts_with("Reply: "))
     );
+    // Label in Name (WCAG 2.5.3): a control's accessible name holds the word it shows, so a
+    // voice-control user can say "click Regenerate".
+    wait_for(
+        &client,
+        "return !!document.querySelector('.regenerate')",
+        DEADLINE,
+    )
+    .await;
+    let mismatched = js(
+        &client,
+        r#"
+        return [...document.querySelectorAll('button')].filter((e) => {
+          // Icon-only controls (✎, ☰) show no word; the rule is for visible text.
+          const shown = e.textContent.trim(), name = e.getAttribute('aria-label');
+          return /\p{L}/u.test(shown) && name && !name.toLowerCase().includes(shown.toLowerCase());
+        }).map((e) => `${e.textContent.trim()}: ${e.getAttribute('aria-label')}`);"#,
+    )
+    .await;
+    assert_eq!(mismatched, json!([]));
     // Ctrl+Shift+O: a new conversation.
     client
         .find(Locator::Id("prompt"))

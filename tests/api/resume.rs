@@ -149,6 +149,8 @@ async fn a_stream_resumes_from_before_its_first_token_and_after_its_end() {
     // A cursor past the end is the client's mistake.
     let beyond = resume(&app, &format!("/api/chat/{id}"), total + 5).await;
     assert_eq!(beyond.status(), 400);
+    let error: Value = beyond.json().await.expect("JSON");
+    assert_eq!(error["error"]["param"], "Last-Event-ID", "{error}");
     assert_eq!(upstream.requests().len(), 1);
 }
 
@@ -373,6 +375,17 @@ async fn cancel_closes_the_upstream_at_once_on_both_routes() {
         let last = rest.last().expect("an ending");
         assert!(last.data.contains("stream_cancelled"), "{}", last.data);
         assert!(!rest.iter().any(|e| e.data == "[DONE]" || e.event == "done"));
+        // Resuming a cancelled stream is a conflict, not a 200 with one error event.
+        let again = app
+            .http
+            .get(app.url(&format!("{path}/{id}?stream=true")))
+            .header("last-event-id", "1")
+            .send()
+            .await
+            .expect("answers");
+        assert_eq!(again.status(), 409);
+        let error: Value = again.json().await.expect("JSON");
+        assert_eq!(error["error"]["code"], "stream_cancelled", "{error}");
     }
     app.wait_metric("sluice_stream_cancels_total", 2.0).await;
 }

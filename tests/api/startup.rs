@@ -279,6 +279,16 @@ async fn with_sluice_log_json_each_request_ends_in_one_json_line() {
         .await
         .expect("answers");
     assert_eq!(refused.status(), 401);
+    let unknown = http
+        .post(&url)
+        .bearer_auth("sk-first")
+        .header("x-request-id", "log-line-3")
+        .json(&serde_json::json!({"model": "no-such-model",
+            "messages": [{"role": "user", "content": "Hi"}]}))
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(unknown.status(), 404);
 
     let request_line = |id: &'static str| {
         move |line: &str| {
@@ -308,6 +318,16 @@ async fn with_sluice_log_json_each_request_ends_in_one_json_line() {
         .line(request_line("log-line-2"))
         .expect("a line for the refusal");
     assert!(line.contains("\"status\":401"), "{line}");
+    // A 4xx is logged with its code, its message and the model asked for.
+    let line = sluice
+        .line(request_line("log-line-3"))
+        .expect("a line for the 404");
+    let line: serde_json::Value = serde_json::from_str(&line).expect("JSON");
+    let fields = &line["fields"];
+    assert_eq!(fields["status"], 404, "{line}");
+    assert_eq!(fields["model"], "no-such-model", "{line}");
+    let error = fields["error"].as_str().unwrap_or_default();
+    assert!(error.starts_with("model_not_found: "), "{line}");
     // One line each: nothing else about them before the next request's.
     assert!(sluice.line(request_line("log-line-1")).is_none());
 }

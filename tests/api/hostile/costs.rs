@@ -199,6 +199,19 @@ async fn errors_name_what_was_sent_plainly() {
         !message.contains('"') && message.contains("`robot`"),
         "{message}"
     );
+    // A cursor past a finished stream is named as the client sent it.
+    let done = app
+        .post_json("/v1/responses", &json!({"model": "mock", "input": "Hi"}))
+        .await;
+    let id = done["id"].as_str().expect("an id");
+    let error = app
+        .get_json(&format!(
+            "/v1/responses/{id}?stream=true&starting_after=9999"
+        ))
+        .await;
+    assert_eq!(error["error"]["param"], "starting_after", "{error}");
+    let message = error["error"]["message"].as_str().expect("a message");
+    assert!(message.contains("`starting_after` 9999"), "{message}");
 }
 
 #[tokio::test]
