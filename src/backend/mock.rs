@@ -5,10 +5,11 @@
 //! can be tested without an upstream: a fixture with `tool` (and `arguments`) whose pattern
 //! matches the last user message, else the tool `tool_choice` names, else (with
 //! `tool_choice: "required"`) the first tool, else the first tool whose name appears in
-//! the message. Its arguments are the fixture's, or one value per required parameter
-//! (`"mock"`, `1`, `true`, `[]`, `{}` by JSON type). After a tool's result (the last message
-//! is from `tool`) it answers `The tool returned: <result>`. A `stop` sequence cuts the
-//! reply before it.
+//! the message outside `<system-reminder>` blocks, unless a fixture scripts a reply for it.
+//! Its arguments are the fixture's, or one value per required parameter (`"mock"`, `1`,
+//! `true`, `[]`, `{}` by JSON type). It calls at most one tool a user turn: after the result
+//! it answers `The tool returned: <result>`, so an agent's loop ends. A `stop` sequence cuts
+//! the reply before it.
 
 use std::path::Path;
 use std::time::Duration;
@@ -20,7 +21,7 @@ use serde::Deserialize;
 
 use serde_json::{Value, json};
 
-use super::{Backend, BackendError, ChatRequest, Delta, DeltaStream, Fields, Text, Usage};
+use super::{Backend, BackendError, ChatRequest, Delta, DeltaStream, Fields, Message, Text, Usage};
 
 /// How the mock behaves, chosen by the model name a client asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,8 +142,7 @@ impl MockBackend {
 
     /// The whole reply for a request, before `max_tokens` cuts it.
     fn reply(&self, request: &ChatRequest) -> String {
-        if request.messages.last().is_some_and(|m| m.role == "tool") {
-            let result = request.messages.last().map_or("", |m| m.content.as_str());
+        if let Some(result) = tool_result_this_turn(&request.messages) {
             return format!("The tool returned: {result}");
         }
         let prompt = request.last_user_text();
@@ -156,7 +156,10 @@ impl MockBackend {
     fn tool_call(&self, request: &ChatRequest) -> Option<(String, String)> {
         let tools = request.body.get("tools")?.as_array()?;
         let choice = request.body.get("tool_choice");
-        if choice.is_some_and(|c| c == "none") || request.messages.last()?.role == "tool" {
+        // One call a user turn: after its result the mock answers in text, so an agent's
+        // loop ends.
+        if choice.is_some_and(|c| c == "none") || tool_result_this_turn(&request.messages).is_some()
+        {
             return None;
         }
         let prompt = request.last_user_text();
@@ -180,11 +183,17 @@ impl MockBackend {
                 .and_then(Value::as_str)
                 .and_then(named),
             Some(c) if c == "required" => tools.first(),
-            _ => tools.iter().find(|t| {
-                t.pointer("/function/name")
-                    .and_then(Value::as_str)
-                    .is_some_and(|name| !name.is_empty() && prompt.contains(name))
-            }),
+            // A scripted reply for the prompt wins over naming a tool.
+            _ if self.fixtures.iter().any(|f| f.pattern.is_match(prompt)) => None,
+            _ => {
+                // What the user wrote, not what an agent reminds the model of.
+                let said = without_reminders(prompt);
+                tools.iter().find(|t| {
+                    t.pointer("/function/name")
+                        .and_then(Value::as_str)
+                        .is_some_and(|name| !name.is_empty() && said.contains(name))
+                })
+            }
         }?;
         let name = tool.pointer("/function/name")?.as_str()?.to_owned();
         let parameters = tool.pointer("/function/parameters");
@@ -255,6 +264,41 @@ fn tokens(text: &str) -> Vec<String> {
         }
     }
     out
+}
+
+/// The result of a tool called in the current user turn, if one was: the turn is the
+/// messages since the last user message that is not a tool result's companion (Anthropic's
+/// clients put text beside a `tool_result`, which arrives as a user message after it).
+fn tool_result_this_turn(messages: &[Message]) -> Option<&str> {
+    for (i, m) in messages.iter().enumerate().rev() {
+        match m.role.as_str() {
+            "tool" => return Some(&m.content),
+            "user" if i == 0 || messages[i - 1].role != "tool" => return None,
+            _ => {}
+        }
+    }
+    None
+}
+
+/// `text` without its `<system-reminder>…</system-reminder>` blocks (what agents such as
+/// Claude Code add to a user's turn, naming every tool they have).
+fn without_reminders(text: &str) -> std::borrow::Cow<'_, str> {
+    const OPEN: &str = "<system-reminder>";
+    const CLOSE: &str = "</system-reminder>";
+    if !text.contains(OPEN) {
+        return text.into();
+    }
+    let mut said = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find(OPEN) {
+        said.push_str(&rest[..start]);
+        rest = match rest[start..].find(CLOSE) {
+            Some(end) => &rest[start + end + CLOSE.len()..],
+            None => "",
+        };
+    }
+    said.push_str(rest);
+    said.into()
 }
 
 impl Backend for MockBackend {
@@ -392,6 +436,37 @@ mod tests {
         assert_eq!(a, generated_reply("What is the capital of France?"));
         assert_ne!(a, generated_reply("Tell me a story"));
         assert!(a.starts_with("You said: What is the capital of France?."));
+    }
+
+    #[test]
+    fn reminders_are_not_what_the_user_said() {
+        let text = "a <system-reminder>tools: Bash</system-reminder>b<system-reminder>x";
+        assert_eq!(without_reminders(text), "a b");
+        assert_eq!(without_reminders("plain"), "plain");
+    }
+
+    #[test]
+    fn a_turn_has_used_its_tool_once_a_result_came() {
+        let m = |role: &str, content: &str| Message {
+            role: role.into(),
+            content: content.into(),
+        };
+        assert_eq!(tool_result_this_turn(&[m("user", "run it")]), None);
+        let turn = [
+            m("user", "run it"),
+            m("assistant", ""),
+            m("tool", "42"),
+            m("user", "<system-reminder>…"),
+        ];
+        assert_eq!(tool_result_this_turn(&turn), Some("42"));
+        let next = [
+            m("user", "run it"),
+            m("assistant", ""),
+            m("tool", "42"),
+            m("assistant", "42"),
+            m("user", "again"),
+        ];
+        assert_eq!(tool_result_this_turn(&next), None);
     }
 
     #[test]

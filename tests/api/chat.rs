@@ -138,6 +138,46 @@ async fn fixtures_script_the_mock_model() {
 }
 
 #[tokio::test]
+async fn the_mock_serves_an_agent_s_loop_to_its_end() {
+    // What a coding agent sends: its tools named in reminders, a tool result with text
+    // beside it, a scripted prompt that names a tool.
+    let path = fixtures("(?i)say hello", "Hello!");
+    let app = TestApp::spawn_with(|c| c.mock_fixtures = Some(path.clone())).await;
+    let tools = json!([{"type": "function", "function": {"name": "Bash",
+        "parameters": {"type": "object", "properties": {"command": {"type": "string"}},
+            "required": ["command"]}}}]);
+    let ask = |messages: Value| {
+        let body = json!({"model": "mock", "tools": tools, "messages": messages});
+        let app = &app;
+        async move {
+            let reply = app.post_json("/v1/chat/completions", &body).await;
+            reply["choices"][0]["message"].clone()
+        }
+    };
+    let reminder = "<system-reminder>You can use Bash.</system-reminder>";
+    // A reminder naming a tool is not the user asking for it...
+    let said =
+        ask(json!([{"role": "user", "content": format!("{reminder} What is 2 + 2?")}])).await;
+    assert!(said["tool_calls"].is_null(), "{said}");
+    // ...a scripted reply wins over a tool the prompt names...
+    let said = ask(json!([{"role": "user", "content": "Use Bash to say hello"}])).await;
+    assert_eq!(said["content"], "Hello!", "{said}");
+    // ...and a tool is called once a turn: after its result, text, whatever the reminders say.
+    let said = ask(json!([{"role": "user", "content": "Run Bash"}])).await;
+    assert_eq!(said["tool_calls"][0]["function"]["name"], "Bash", "{said}");
+    let call = said["tool_calls"][0].clone();
+    let said = ask(json!([
+        {"role": "user", "content": "Run Bash"},
+        {"role": "assistant", "content": null, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call["id"], "content": "ok"},
+        {"role": "user", "content": format!("{reminder} Bash is there")},
+    ]))
+    .await;
+    assert!(said["tool_calls"].is_null(), "{said}");
+    assert_eq!(said["content"], "The tool returned: ok", "{said}");
+}
+
+#[tokio::test]
 async fn the_page_and_health_answer() {
     let app = TestApp::spawn().await;
     let page = app.http.get(app.url("/")).send().await.expect("answers");
