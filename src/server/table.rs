@@ -172,22 +172,31 @@ mod tests {
     use super::*;
 
     fn ip(s: &str) -> IpAddr {
-        s.parse().expect("an address")
+        s.parse()
+            .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+    }
+
+    /// Opens one connection from `from`, which must be admitted.
+    fn open(table: &Arc<Table>, from: &str) -> Entry {
+        let entry = table.open(ip(from));
+        assert!(entry.is_some(), "{from} was refused");
+        entry.unwrap_or_else(|| unreachable!())
     }
 
     #[test]
     fn an_address_has_its_cap_and_a_trusted_proxy_none() {
-        let table = Table::new(2, vec!["10.0.0.0/8".parse().expect("a net")].into());
-        let a = table.open(ip("192.0.2.1")).expect("first");
-        let _b = table.open(ip("192.0.2.1")).expect("second");
+        let proxies: Vec<IpNet> = "10.0.0.0/8".parse().into_iter().collect();
+        let table = Table::new(2, proxies.into());
+        let a = open(&table, "192.0.2.1");
+        let _b = open(&table, "192.0.2.1");
         assert!(table.open(ip("192.0.2.1")).is_none());
         assert!(table.open(ip("192.0.2.2")).is_some());
         // One /64 is one client.
-        let _c = table.open(ip("2001:db8::1")).expect("v6");
-        let _d = table.open(ip("2001:db8::2")).expect("v6");
+        let _c = open(&table, "2001:db8::1");
+        let _d = open(&table, "2001:db8::2");
         assert!(table.open(ip("2001:db8::ffff")).is_none());
-        let proxies: Vec<_> = (0..5).filter_map(|_| table.open(ip("10.1.2.3"))).collect();
-        assert_eq!(proxies.len(), 5);
+        let proxied: Vec<_> = (0..5).filter_map(|_| table.open(ip("10.1.2.3"))).collect();
+        assert_eq!(proxied.len(), 5);
         drop(a);
         assert!(table.open(ip("192.0.2.1")).is_some());
     }
@@ -195,13 +204,13 @@ mod tests {
     #[test]
     fn the_idlest_free_connection_is_asked_to_close() {
         let table = Table::new(10, Vec::new().into());
-        let busy = table.open(ip("192.0.2.1")).expect("open");
+        let busy = open(&table, "192.0.2.1");
         let _working = Busy::new(&busy.slot);
         assert!(
             !table.close_idlest(),
             "a busy connection is never closed for another"
         );
-        let idle = table.open(ip("192.0.2.1")).expect("open");
+        let idle = open(&table, "192.0.2.1");
         assert!(table.close_idlest());
         assert!(idle.slot.idle_for().is_some());
         assert!(busy.slot.idle_for().is_none());
