@@ -45,8 +45,9 @@ pub(super) struct Connection {
 /// Why a connection is closing.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Closing {
-    /// Idle past the header limit, or its slot wanted: it gets [`CLOSE_GRACE`].
-    Soon,
+    /// Idle past the header limit, or its slot wanted: it is dropped at this instant
+    /// ([`CLOSE_GRACE`] after).
+    Soon(tokio::time::Instant),
     /// The server is shutting down: it may finish its streams (the shutdown bounds that).
     Shutdown,
 }
@@ -112,12 +113,12 @@ impl Connection {
             self.settings.slow_client_timeout,
             self.settings.total_timeout,
         );
-        let mut closing: Option<(Closing, tokio::time::Instant)> = None;
+        let mut closing: Option<Closing> = None;
         loop {
             let now = tokio::time::Instant::now();
             let next = match (closing, deadlines.check(slow, total)) {
-                (Some((Closing::Soon, until)), _) if until <= now => return,
-                (Some((Closing::Soon, until)), _) => until,
+                (Some(Closing::Soon(until)), _) if until <= now => return,
+                (Some(Closing::Soon(until)), _) => until,
                 (_, Check::Slow) => {
                     self.counters.slow_clients.increment(1);
                     tracing::info!(peer = %self.peer, "a client took nothing for the slow-client limit: dropping it");
@@ -132,7 +133,7 @@ impl Connection {
                         self.counters.idle_closed.increment(1);
                         tracing::debug!(peer = %self.peer, "no request in progress for the header limit: closing");
                         connection.task().graceful_shutdown();
-                        closing = Some((Closing::Soon, now + CLOSE_GRACE));
+                        closing = Some(Closing::Soon(now + CLOSE_GRACE));
                         continue;
                     }
                     Some(idle) if closing.is_none() => check.min(now + (idle_limit - idle)),
@@ -145,11 +146,11 @@ impl Connection {
                 () = slot.close.notified(), if closing.is_none() => {
                     tracing::debug!(peer = %self.peer, "closing the idlest connection for a newcomer");
                     connection.task().graceful_shutdown();
-                    closing = Some((Closing::Soon, tokio::time::Instant::now() + CLOSE_GRACE));
+                    closing = Some(Closing::Soon(tokio::time::Instant::now() + CLOSE_GRACE));
                 }
                 () = stopping.cancelled(), if closing.is_none() => {
                     connection.task().graceful_shutdown();
-                    closing = Some((Closing::Shutdown, tokio::time::Instant::now()));
+                    closing = Some(Closing::Shutdown);
                 }
             }
         }

@@ -175,6 +175,11 @@ impl Entry {
         }
     }
 
+    /// What every log of this stream's client holds.
+    pub(super) fn held(&self) -> &Held {
+        &self.memory.owner
+    }
+
     /// The bytes every log of this stream's client holds.
     pub(super) fn owned(&self) -> usize {
         self.memory.owner.bytes.load(Ordering::Relaxed)
@@ -207,37 +212,45 @@ impl Entry {
         // The newest event is always kept (the caller holds events to a log's cap): a stream
         // read live never stalls on room that other clients' logs hold.
         let cap = cap.max(event.len());
-        let read = self.min_cursor();
         let log = lock(&self.log);
         let mut need = (log.bytes + event.len()).saturating_sub(cap);
-        for (n, old) in (log.first..).zip(log.events.iter()) {
-            if need == 0 || n > read {
-                break;
+        if need > 0 {
+            // Only when the log must trim do the readers' cursors matter (no path takes the
+            // log's lock after the cursors').
+            let read = self.min_cursor();
+            for (n, old) in (log.first..).zip(log.events.iter()) {
+                if need == 0 || n > read {
+                    break;
+                }
+                need = need.saturating_sub(old.len());
             }
-            need = need.saturating_sub(old.len());
         }
         if need > 0 {
             return Err(event);
         }
-        self.append(log, event, cap, read);
+        self.append(log, event, cap);
         Ok(())
     }
 
     /// Logs the next event whatever the room (the ending, which a reader must see), dropping
     /// what it can of what every reader has taken to stay within `cap`.
     pub(super) fn push(&self, event: Bytes, cap: usize) {
-        let read = self.min_cursor();
         let log = lock(&self.log);
-        self.append(log, event, cap, read);
+        self.append(log, event, cap);
     }
 
-    fn append(&self, mut log: std::sync::MutexGuard<'_, Log>, event: Bytes, cap: usize, read: u64) {
+    fn append(&self, mut log: std::sync::MutexGuard<'_, Log>, event: Bytes, cap: usize) {
         if log.released {
             return;
         }
         let mut delta = event.len() as isize;
         log.bytes += event.len();
         log.events.push_back(event.clone());
+        let read = if log.bytes > cap {
+            self.min_cursor()
+        } else {
+            0
+        };
         while log.bytes > cap && log.events.len() > 1 && log.first <= read {
             if let Some(old) = log.events.pop_front() {
                 log.first += 1;

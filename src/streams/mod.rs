@@ -355,11 +355,8 @@ impl Streams {
                 freed.as_mut().enable();
                 taken.as_mut().enable();
                 match self.place(&entry, event, !detached) {
-                    Ok(()) => {}
-                    Err(Unplaced::NoRoom(event)) => pending = Some(event),
-                    Err(Unplaced::TooLarge(len)) => {
-                        break Some(too_large(len, registry.per_stream));
-                    }
+                    Ok(unplaced) => pending = unplaced,
+                    Err(too_large) => break Some(too_large),
                 }
             }
             let paused = pending.is_some();
@@ -376,11 +373,8 @@ impl Streams {
                     // Comments (queue position) are for the connection that sees them.
                     Some(event) if event.first() == Some(&b':') => {}
                     Some(event) => match self.place(&entry, event, !detached) {
-                        Ok(()) => {}
-                        Err(Unplaced::NoRoom(event)) => pending = Some(event),
-                        Err(Unplaced::TooLarge(len)) => {
-                            break Some(too_large(len, registry.per_stream));
-                        }
+                        Ok(unplaced) => pending = unplaced,
+                        Err(too_large) => break Some(too_large),
                     },
                     None => break None,
                 },
@@ -400,22 +394,25 @@ impl Streams {
         self.remove(&entry);
     }
 
-    /// Logs `event` when there is room for it, else gives it back (or says it is larger than
-    /// a log can ever hold: one event of a stream is never dropped). A stream read live
+    /// Logs `event` when there is room for it, else gives it back to wait for room (or
+    /// fails, when it is larger than a log can ever hold: one event is never dropped). A stream read live
     /// (`trim`) makes room by dropping its own oldest events that every reader has taken,
     /// and waits for its slowest reader when those are not enough; one that nobody reads
     /// waits rather than take more than its log's cap, the instance's memory or its
     /// client's share. Finished logs are evicted for room first: the client's own,
     /// oldest first, then other clients' only while they hold more than their share.
-    fn place(&self, entry: &Entry, event: Bytes, trim: bool) -> Result<(), Unplaced> {
+    fn place(&self, entry: &Entry, event: Bytes, trim: bool) -> Result<Option<Bytes>, ApiError> {
         let registry = &self.0;
         let len = event.len();
         if len > registry.per_stream {
-            return Err(Unplaced::TooLarge(len));
+            return Err(ApiError::StreamTooLarge(format!(
+                "one event of this stream is {len} bytes, more than the {} a resumable stream's log holds",
+                registry.per_stream
+            )));
         }
         let held = entry.bytes();
         if !trim && held + len > registry.per_stream {
-            return Err(Unplaced::NoRoom(event));
+            return Ok(Some(event));
         }
         let over = |registry: &Registry| {
             let all = registry.bytes.load(Ordering::Relaxed) + len;
@@ -425,51 +422,47 @@ impl Streams {
         };
         let mut excess = over(registry);
         if excess > 0 {
-            self.evict(&entry.owner, len);
+            self.evict(&entry.owner, entry.held(), len);
             excess = over(registry);
         }
         if excess > 0 && !trim {
-            return Err(Unplaced::NoRoom(event));
+            return Ok(Some(event));
         }
         let cap = registry.per_stream.min((held + len).saturating_sub(excess));
-        entry.push_within(event, cap).map_err(Unplaced::NoRoom)
+        Ok(entry.push_within(event, cap).err())
     }
 
     /// Frees finished logs until `owner` has room for `needs` more bytes: its own first,
     /// oldest first; then other clients' oldest, but only those of a client above its share.
-    fn evict(&self, owner: &Arc<str>, needs: usize) {
+    fn evict(&self, owner: &Arc<str>, held: &log::Held, needs: usize) {
         let registry = &self.0;
         let (memory, share) = (registry.settings.memory, registry.share);
-        let held = self.owner_bytes(owner);
         let over_all = || registry.bytes.load(Ordering::Relaxed) + needs > memory;
         let short = || over_all() || held.bytes.load(Ordering::Relaxed) + needs > share;
+        // A client at its share with no finished log of its own has nothing to evict.
+        if !over_all() && held.finished.load(Ordering::Relaxed) == 0 {
+            return;
+        }
         let mut finished = lock(&registry.finished);
         let mut evicted = Vec::new();
-        let mut i = 0;
-        // Without a finished log of its own, a client at its share has nothing to evict.
-        while held.finished.load(Ordering::Relaxed) > 0 && short() && i < finished.len() {
-            if finished[i].owner == *owner {
-                if let Some(entry) = finished.remove(i) {
+        // Oldest first, while `short` holds, the logs `pick` chooses.
+        let mut evict_while = |short: &dyn Fn() -> bool, pick: &dyn Fn(&Entry) -> bool| {
+            let mut i = 0;
+            while short() && i < finished.len() {
+                if !pick(&finished[i]) {
+                    i += 1;
+                } else if let Some(entry) = finished.remove(i) {
                     entry.evictable(false);
                     entry.release();
                     evicted.push(entry);
                 }
-            } else {
-                i += 1;
             }
-        }
-        let mut i = 0;
-        while over_all() && i < finished.len() {
-            if finished[i].owned() > share {
-                if let Some(entry) = finished.remove(i) {
-                    entry.evictable(false);
-                    entry.release();
-                    evicted.push(entry);
-                }
-            } else {
-                i += 1;
-            }
-        }
+        };
+        evict_while(
+            &|| held.finished.load(Ordering::Relaxed) > 0 && short(),
+            &|entry| entry.owner == *owner,
+        );
+        evict_while(&over_all, &|entry| entry.owned() > share);
         drop(finished);
         if evicted.is_empty() {
             return;
@@ -490,7 +483,7 @@ impl Streams {
                 && held.bytes.load(Ordering::Relaxed) + needs <= registry.share
         };
         fits() || {
-            self.evict(owner, needs);
+            self.evict(owner, held, needs);
             fits()
         }
     }
@@ -682,20 +675,6 @@ impl Streams {
             entry.cancel();
         }
     }
-}
-
-/// Why an event was not logged.
-enum Unplaced {
-    /// Not now: it waits for room.
-    NoRoom(Bytes),
-    /// Never: one event larger than a log may hold (its bytes).
-    TooLarge(usize),
-}
-
-fn too_large(len: usize, cap: usize) -> ApiError {
-    ApiError::StreamTooLarge(format!(
-        "one event of this stream is {len} bytes, more than the {cap} a resumable stream's log holds"
-    ))
 }
 
 /// A cursor past the last event a finished stream sent: no honest client has one. The
