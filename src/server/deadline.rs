@@ -4,7 +4,7 @@
 //! each response says when it was handed to the client and when the client last took a
 //! piece of it; a timer of its own — the HTTP/2 stream's task (see [`StreamExecutor`]) or
 //! the HTTP/1.1 connection's — ends it past `SLUICE_SLOW_CLIENT_TIMEOUT_MS` with nothing
-//! taken, or past `SLUICE_TOTAL_TIMEOUT_MS` in all. Ending it drops the body, and with it
+//! taken, or past `SLUICE_TOTAL_TIMEOUT_MS` in all (plus [`TOTAL_BACKSTOP`]). Ending it drops the body, and with it
 //! the upstream request; HTTP/2 resets the stream.
 
 use std::future::Future;
@@ -21,6 +21,11 @@ use metrics::Counter;
 use tokio::time::Instant;
 
 use super::table::Busy;
+
+/// How long past `SLUICE_TOTAL_TIMEOUT_MS` a response may still run here. The stream's own
+/// total limit ends it first, with a `timeout` event its client can read; this deadline is
+/// the backstop for a body nobody polls, and must not cut that event off.
+pub(super) const TOTAL_BACKSTOP: Duration = Duration::from_secs(1);
 
 tokio::task_local! {
     /// The deadlines of the responses served in this task: an HTTP/2 stream's, or an
@@ -65,7 +70,7 @@ impl Deadlines {
 
     pub(super) fn check(&self, slow: Duration, total: Duration) -> Check {
         let now = Instant::now();
-        let mut next = now + slow.min(total);
+        let mut next = now + slow.min(total + TOTAL_BACKSTOP);
         let waiting = self.waiting.load(Ordering::Acquire);
         if waiting != 0 {
             let over = self.at(waiting) + slow;
@@ -76,7 +81,7 @@ impl Deadlines {
         }
         let started = self.started.load(Ordering::Acquire);
         if started != 0 {
-            let over = self.at(started) + total;
+            let over = self.at(started) + total + TOTAL_BACKSTOP;
             if over <= now {
                 return Check::Total;
             }
