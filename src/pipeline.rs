@@ -34,6 +34,21 @@ pub struct Chat {
     /// The request's size in bytes as it goes upstream: its tokens are reserved beyond the
     /// messages' text, at a token per four bytes.
     pub size: usize,
+    /// What translating `native` into `body` left out (`web_search`, `thinking`…): named to
+    /// the client (`x-sluice-dropped`) when the upstream does not speak the client's API.
+    pub dropped: Dropped,
+}
+
+/// The names of what a translation left out, each once, in the order met.
+#[derive(Debug, Default)]
+pub struct Dropped(Vec<String>);
+
+impl Dropped {
+    pub fn add(&mut self, name: &str) {
+        if !self.0.iter().any(|n| n == name) {
+            self.0.push(name.to_owned());
+        }
+    }
 }
 
 /// An admitted request with its backend stream started (lazily: nothing runs until the
@@ -46,6 +61,8 @@ pub struct Started {
     pub model: String,
     /// The prompt's size as sluice counted it.
     pub prompt_tokens: u32,
+    /// What the upstream was not sent of the client's request (see [`Chat::dropped`]).
+    pub dropped: Vec<String>,
 }
 
 /// Checks, resolves and admits `chat`, then starts it.
@@ -131,6 +148,19 @@ impl Admitted {
         let label = state.routes.label(&chat.model);
         exchange.set_label(label.clone());
 
+        // Relayed as sent when the route's first upstream speaks the client's API.
+        let relayed = chat
+            .native
+            .as_ref()
+            .zip(route.targets.first())
+            .is_some_and(|(native, target)| native.spoken_by(target.backend.speaks()));
+        let dropped = if relayed { Vec::new() } else { chat.dropped.0 };
+        if !dropped.is_empty() {
+            tracing::warn!(
+                dropped = %dropped.join(","),
+                "the upstream does not speak the client's API: these request fields were left out"
+            );
+        }
         let request = ChatRequest {
             // Each target of the route has its own name for the model: dispatch sets it.
             model: chat.model.clone(),
@@ -159,6 +189,7 @@ impl Admitted {
             rate,
             model: chat.model,
             prompt_tokens,
+            dropped,
         })
     }
 }

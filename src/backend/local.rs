@@ -261,12 +261,15 @@ impl Model {
             .map_err(|e| BackendError::Protocol(format!("cannot tokenize the prompt: {e}")))?
             .get_ids()
             .to_vec();
-        let max_tokens = request.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS) as usize;
-        if prompt.len() + max_tokens > MAX_SEQ_LEN {
+        // `max_tokens` is a bound, not a demand: a reply gets what is left of the context
+        // (and ends with `length` there), as an agent that asks for 32,000 expects.
+        let max_tokens = (request.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS) as usize)
+            .min(MAX_SEQ_LEN.saturating_sub(prompt.len()));
+        if max_tokens == 0 {
             return Err(BackendError::Rejected {
                 status: 400,
                 message: format!(
-                    "the prompt is {} tokens and max_tokens {max_tokens}; together they exceed the model's context of {MAX_SEQ_LEN}",
+                    "the prompt is {} tokens; with a reply it does not fit the model's context of {MAX_SEQ_LEN}",
                     prompt.len()
                 ),
                 param: Some("messages".into()),

@@ -145,7 +145,9 @@ impl MockBackend {
         if let Some(result) = tool_result_this_turn(&request.messages) {
             return format!("The tool returned: {result}");
         }
-        let prompt = request.last_user_text();
+        // What the user wrote, not what an agent reminds the model of.
+        let said = without_reminders(request.last_user_text());
+        let prompt = said.trim();
         if let Some(fixture) = self.fixtures.iter().find(|f| f.pattern.is_match(prompt)) {
             return fixture.reply.clone();
         }
@@ -162,7 +164,8 @@ impl MockBackend {
         {
             return None;
         }
-        let prompt = request.last_user_text();
+        let said = without_reminders(request.last_user_text());
+        let prompt = said.trim();
         let named = |name: &str| {
             tools
                 .iter()
@@ -185,15 +188,11 @@ impl MockBackend {
             Some(c) if c == "required" => tools.first(),
             // A scripted reply for the prompt wins over naming a tool.
             _ if self.fixtures.iter().any(|f| f.pattern.is_match(prompt)) => None,
-            _ => {
-                // What the user wrote, not what an agent reminds the model of.
-                let said = without_reminders(prompt);
-                tools.iter().find(|t| {
-                    t.pointer("/function/name")
-                        .and_then(Value::as_str)
-                        .is_some_and(|name| !name.is_empty() && said.contains(name))
-                })
-            }
+            _ => tools.iter().find(|t| {
+                t.pointer("/function/name")
+                    .and_then(Value::as_str)
+                    .is_some_and(|name| !name.is_empty() && prompt.contains(name))
+            }),
         }?;
         let name = tool.pointer("/function/name")?.as_str()?.to_owned();
         let parameters = tool.pointer("/function/parameters");

@@ -74,6 +74,17 @@ pub enum Native {
     },
 }
 
+impl Native {
+    /// Whether an upstream called with `api` takes this request as the client sent it.
+    pub fn spoken_by(&self, api: openai::Api) -> bool {
+        matches!(
+            (self, api),
+            (Native::Responses(_), openai::Api::Responses)
+                | (Native::Messages { .. }, openai::Api::Messages)
+        )
+    }
+}
+
 impl ChatRequest {
     /// The text of the last user message: what the mock model answers to.
     pub fn last_user_text(&self) -> &str {
@@ -332,6 +343,12 @@ pub trait Backend: Send + Sync {
     /// Whether the upstream answers at all, for a backend that calls one.
     fn probe(&self) -> Option<futures::future::BoxFuture<'static, Probe>> {
         None
+    }
+
+    /// The API this backend is called with: a client of that same API has its request
+    /// relayed as it sent it; any other client's is translated.
+    fn speaks(&self) -> openai::Api {
+        openai::Api::Chat
     }
 
     /// The upstream's own model list, for a backend that has one to ask.

@@ -244,8 +244,7 @@ impl Backend for OpenAiBackend {
         // is read into canonical events for any other.
         let native = match (self.api, &request.native) {
             (Api::Chat, _) => None,
-            (Api::Responses, Some(Native::Responses(_)))
-            | (Api::Messages, Some(Native::Messages { .. })) => Some(true),
+            (api, Some(native)) if native.spoken_by(api) => Some(true),
             _ => Some(false),
         };
         let mut headers = Vec::new();
@@ -345,6 +344,10 @@ impl Backend for OpenAiBackend {
             // A bare end of stream: the relay treats a reply without a finish_reason as
             // broken off.
         })
+    }
+
+    fn speaks(&self) -> Api {
+        self.api
     }
 
     fn upstream(&self) -> Option<&str> {

@@ -13,7 +13,7 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, FromRef, FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
@@ -124,6 +124,17 @@ pub fn typed<T: DeserializeOwned>(body: &mut Map<String, Value>) -> Result<T, Ap
 pub fn with_rate_headers(response: Result<Response, ApiError>, quota: &Quota) -> Response {
     let mut response = response.unwrap_or_else(IntoResponse::into_response);
     crate::error::rate_headers(quota, response.headers_mut());
+    response
+}
+
+/// `x-sluice-dropped: web_search,thinking…`: what of the client's request its upstream
+/// was not sent, because it does not speak the client's API (none: no header).
+pub fn with_dropped(mut response: Response, dropped: &[String]) -> Response {
+    if !dropped.is_empty()
+        && let Ok(value) = HeaderValue::from_str(&dropped.join(","))
+    {
+        response.headers_mut().insert("x-sluice-dropped", value);
+    }
     response
 }
 

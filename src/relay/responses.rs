@@ -26,6 +26,10 @@ pub struct Meta {
     pub echo: Map<String, Value>,
     /// Started with `background: true`: its first status is `queued`.
     pub background: bool,
+    /// Functions of the request's namespace tools: the chat name each was flattened to,
+    /// its namespace and its own name. A call by the chat name is written back as the
+    /// client named it (`name` and `namespace`).
+    pub namespaces: Vec<(String, String, String)>,
 }
 
 impl Meta {
@@ -74,6 +78,8 @@ enum Open {
         tool: u64,
         call_id: String,
         name: String,
+        /// The namespace tool the function belongs to, if it does.
+        namespace: Option<String>,
         arguments: String,
     },
 }
@@ -176,6 +182,7 @@ impl Writer {
                 index,
                 call_id,
                 name,
+                namespace,
                 arguments,
                 ..
             } => {
@@ -183,8 +190,11 @@ impl Writer {
                     "response.function_call_arguments.done",
                     json!({"item_id": id, "output_index": index, "arguments": arguments, "name": name}),
                 ));
-                let item = json!({"id": id, "type": "function_call", "status": "completed",
+                let mut item = json!({"id": id, "type": "function_call", "status": "completed",
                     "arguments": arguments, "call_id": call_id, "name": name});
+                if let Some(namespace) = namespace {
+                    item["namespace"] = json!(namespace);
+                }
                 events.push(self.event(
                     "response.output_item.done",
                     json!({"output_index": index, "item": item}),
@@ -195,7 +205,12 @@ impl Writer {
     }
 
     /// Upstream fields beyond text: tool call deltas, reasoning.
-    fn fields(&mut self, delta: &Map<String, Value>, events: &mut Vec<Bytes>) {
+    fn fields(
+        &mut self,
+        delta: &Map<String, Value>,
+        namespaces: &[(String, String, String)],
+        events: &mut Vec<Bytes>,
+    ) {
         let reasoning = ["reasoning_content", "reasoning"]
             .iter()
             .find_map(|k| delta.get(*k).and_then(Value::as_str))
@@ -224,15 +239,23 @@ impl Writer {
                     .get("id")
                     .and_then(Value::as_str)
                     .map_or_else(|| item_id("call"), str::to_owned);
-                let name = call
+                let chat_name = call
                     .pointer("/function/name")
                     .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_owned();
+                    .unwrap_or_default();
+                let (name, namespace) = match namespaces.iter().find(|(flat, ..)| flat == chat_name)
+                {
+                    Some((_, namespace, name)) => (name.clone(), Some(namespace.clone())),
+                    None => (chat_name.to_owned(), None),
+                };
+                let mut item = json!({"id": id, "type": "function_call",
+                    "status": "in_progress", "arguments": "", "call_id": call_id, "name": name});
+                if let Some(namespace) = &namespace {
+                    item["namespace"] = json!(namespace);
+                }
                 events.push(self.event(
                     "response.output_item.added",
-                    json!({"output_index": index, "item": {"id": id, "type": "function_call",
-                        "status": "in_progress", "arguments": "", "call_id": call_id, "name": name}}),
+                    json!({"output_index": index, "item": item}),
                 ));
                 self.open = Open::Function {
                     id,
@@ -240,6 +263,7 @@ impl Writer {
                     tool,
                     call_id,
                     name,
+                    namespace,
                     arguments: String::new(),
                 };
             }
@@ -357,7 +381,7 @@ pub fn responses_events(
                 Ok(Delta::Fields(fields)) => {
                     guard.times.token(guard.exchange.arrived().elapsed());
                     if let Ok(Value::Object(delta)) = serde_json::from_str(fields.json()) {
-                        w.fields(&delta, &mut events);
+                        w.fields(&delta, &meta.namespaces, &mut events);
                         for event in events.drain(..) {
                             yield event;
                         }

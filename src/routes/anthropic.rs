@@ -17,9 +17,9 @@ use serde_json::{Map, Value, json};
 
 use crate::admission::Principal;
 use crate::backend::Message;
-use crate::error::{ApiError, shown};
-use crate::http::{JsonObject, typed, with_rate_headers};
-use crate::pipeline;
+use crate::error::ApiError;
+use crate::http::{JsonObject, typed, with_dropped, with_rate_headers};
+use crate::pipeline::{self, Dropped};
 use crate::relay::anthropic::{Meta, anthropic_events, assemble, error_type};
 use crate::relay::{self, Completion, Wire};
 use crate::state::AppState;
@@ -51,10 +51,20 @@ async fn anthropic_errors(response: Response) -> Response {
     let bytes = axum::body::to_bytes(body, 64 * 1024)
         .await
         .unwrap_or_default();
-    let message = serde_json::from_slice::<Value>(&bytes)
-        .ok()
-        .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+    let error = serde_json::from_slice::<Value>(&bytes).unwrap_or_default();
+    let message = error["error"]["message"]
+        .as_str()
+        .map(str::to_owned)
         .unwrap_or_else(|| status.canonical_reason().unwrap_or("error").to_owned());
+    // Anthropic's own words where its clients match on them.
+    let message = match error["error"]["code"].as_str() {
+        Some("invalid_api_key") => "invalid x-api-key".to_owned(),
+        Some("model_not_found") => match message.split('`').nth(1) {
+            Some(model) => format!("model: {model}"),
+            None => message,
+        },
+        _ => message,
+    };
     let body = json!({"type": "error", "error": {"type": error_type(status.as_u16()), "message": message}});
     parts.headers.remove(header::CONTENT_LENGTH);
     parts.headers.insert(
@@ -101,24 +111,35 @@ fn result_text(content: &Value) -> String {
     }
 }
 
+/// The text of a `system` value: a string, or text blocks joined by line breaks.
+fn system_text(system: &Value, at: &str) -> Result<String, ApiError> {
+    match system {
+        Value::String(s) => Ok(s.clone()),
+        Value::Array(blocks) => Ok(blocks
+            .iter()
+            .filter_map(|b| b["text"].as_str())
+            .collect::<Vec<_>>()
+            .join("\n")),
+        _ => Err(invalid(
+            format!("{at}: Input should be a valid string or a list of text blocks"),
+            at,
+        )),
+    }
+}
+
 /// Anthropic's messages as chat messages: a user's `tool_result` blocks become tool
 /// messages (ahead of the rest of its content), an assistant's `tool_use` blocks its
-/// `tool_calls`.
-fn translate(system: Option<&Value>, messages: &[Value]) -> Result<Vec<Value>, ApiError> {
+/// `tool_calls`, a `system` message (mid-conversation, as Claude Code sends them) a chat
+/// system message where it stands. Blocks a chat upstream has no place for are left out
+/// and named in `dropped`.
+fn translate(
+    system: Option<&Value>,
+    messages: &[Value],
+    dropped: &mut Dropped,
+) -> Result<Vec<Value>, ApiError> {
     let mut out = Vec::with_capacity(messages.len() + 1);
-    match system {
-        None | Some(Value::Null) => {}
-        Some(Value::String(s)) => out.push(json!({"role": "system", "content": s})),
-        Some(Value::Array(blocks)) => {
-            let text: Vec<&str> = blocks.iter().filter_map(|b| b["text"].as_str()).collect();
-            out.push(json!({"role": "system", "content": text.join("\n")}));
-        }
-        Some(_) => {
-            return Err(invalid(
-                "system: a string or a list of text blocks",
-                "system",
-            ));
-        }
+    if let Some(system) = system.filter(|s| !s.is_null()) {
+        out.push(json!({"role": "system", "content": system_text(system, "system")?}));
     }
     if messages.is_empty() {
         return Err(invalid(
@@ -128,9 +149,14 @@ fn translate(system: Option<&Value>, messages: &[Value]) -> Result<Vec<Value>, A
     }
     for (i, m) in messages.iter().enumerate() {
         let role = m["role"].as_str().unwrap_or_default();
+        if role == "system" {
+            let at = format!("messages.{i}.content");
+            out.push(json!({"role": "system", "content": system_text(&m["content"], &at)?}));
+            continue;
+        }
         if !matches!(role, "user" | "assistant") {
             return Err(invalid(
-                format!("messages.{i}.role: Input should be 'user' or 'assistant'"),
+                format!("messages.{i}.role: Input should be 'user', 'assistant' or 'system'"),
                 &format!("messages.{i}.role"),
             ));
         }
@@ -142,7 +168,9 @@ fn translate(system: Option<&Value>, messages: &[Value]) -> Result<Vec<Value>, A
             Value::Array(blocks) => blocks,
             _ => {
                 return Err(invalid(
-                    format!("messages.{i}.content: a string or a list of content blocks"),
+                    format!(
+                        "messages.{i}.content: Input should be a valid string or a list of content blocks"
+                    ),
                     &format!("messages.{i}.content"),
                 ));
             }
@@ -151,6 +179,9 @@ fn translate(system: Option<&Value>, messages: &[Value]) -> Result<Vec<Value>, A
         let mut calls = Vec::new();
         for (j, block) in blocks.iter().enumerate() {
             let at = format!("messages.{i}.content.{j}");
+            if block.get("cache_control").is_some() {
+                dropped.add("cache_control");
+            }
             match block["type"].as_str() {
                 Some("text") => {
                     parts.push(json!({"type": "text", "text": block["text"].as_str().unwrap_or_default()}));
@@ -164,7 +195,7 @@ fn translate(system: Option<&Value>, messages: &[Value]) -> Result<Vec<Value>, A
                             source["data"].as_str().unwrap_or_default()
                         ),
                         Some("url") => source["url"].as_str().unwrap_or_default().to_owned(),
-                        _ => return Err(invalid("an image source is base64 or url", &at)),
+                        _ => return Err(invalid(format!("{at}.source: an image source is base64 or url"), &at)),
                     };
                     parts.push(json!({"type": "image_url", "image_url": {"url": url}}));
                 }
@@ -173,13 +204,11 @@ fn translate(system: Option<&Value>, messages: &[Value]) -> Result<Vec<Value>, A
                     "function": {"name": block["name"], "arguments": block["input"].to_string()}})),
                 Some("tool_result") if role == "user" => out.push(json!({"role": "tool",
                     "tool_call_id": block["tool_use_id"], "content": result_text(&block["content"])})),
-                // Reasoning the model did before: nothing a chat upstream takes back.
-                Some("thinking" | "redacted_thinking") => {}
-                other => {
-                    return Err(invalid(
-                        format!("{at}: content blocks of type {} are not supported here", shown(other)),
-                        &at,
-                    ));
+                // Signed reasoning, documents, server tools' calls and results, and any block
+                // to come: nothing a chat upstream takes. Named, never silently lost.
+                Some(kind) => dropped.add(kind),
+                None => {
+                    return Err(invalid(format!("{at}.type: Field required"), &format!("{at}.type")));
                 }
             }
         }
@@ -219,50 +248,78 @@ fn canonical(messages: &[Value]) -> Vec<Message> {
         .collect()
 }
 
-/// Anthropic's tools as chat tools.
-fn tools(tools: &[Value]) -> Result<Vec<Value>, ApiError> {
-    tools
-        .iter()
-        .enumerate()
-        .map(|(i, tool)| {
-            let Some(name) = tool["name"].as_str() else {
-                return Err(invalid(
-                    format!("tools.{i}.name: Field required"),
-                    &format!("tools.{i}.name"),
-                ));
-            };
-            // Server tools (web search, code execution…) have a `type` of their own.
-            if tool.get("type").is_some_and(|t| t != "custom") {
+/// Anthropic's tools as chat tools. Server tools (`web_search_20250305`, code execution…,
+/// any `type` but `custom`) have no chat counterpart: left out and named in `dropped`,
+/// unless `tool_choice` forces one, which a chat upstream could not honour.
+fn tools(
+    tools: &[Value],
+    choice: Option<&Value>,
+    dropped: &mut Dropped,
+) -> Result<Vec<Value>, ApiError> {
+    let mut out = Vec::with_capacity(tools.len());
+    for (i, tool) in tools.iter().enumerate() {
+        let Some(name) = tool["name"].as_str() else {
+            return Err(invalid(
+                format!("tools.{i}.name: Field required"),
+                &format!("tools.{i}.name"),
+            ));
+        };
+        if let Some(kind) = tool["type"].as_str().filter(|t| *t != "custom") {
+            if choice.is_some_and(|c| c["type"] == "tool" && c["name"] == name) {
                 return Err(invalid(
                     format!(
-                        "tools.{i}: server tools ({}) are not supported by sluice",
-                        tool["type"]
+                        "tool_choice: the server tool {name} ({kind}) cannot be run by this model's upstream"
                     ),
-                    &format!("tools.{i}.type"),
+                    "tool_choice",
                 ));
             }
-            let mut function = Map::new();
-            function.insert("name".into(), json!(name));
-            if let Some(d) = tool.get("description") {
-                function.insert("description".into(), d.clone());
-            }
-            function.insert(
-                "parameters".into(),
-                tool.get("input_schema")
-                    .cloned()
-                    .unwrap_or(json!({"type": "object"})),
-            );
-            Ok(json!({"type": "function", "function": function}))
-        })
-        .collect()
+            dropped.add(kind);
+            continue;
+        }
+        let mut function = Map::new();
+        function.insert("name".into(), json!(name));
+        if let Some(d) = tool.get("description") {
+            function.insert("description".into(), d.clone());
+        }
+        function.insert(
+            "parameters".into(),
+            tool.get("input_schema")
+                .cloned()
+                .unwrap_or(json!({"type": "object"})),
+        );
+        if tool.get("cache_control").is_some() {
+            dropped.add("cache_control");
+        }
+        out.push(json!({"type": "function", "function": function}));
+    }
+    Ok(out)
 }
 
+/// Messages API fields with no chat counterpart: accepted, left out for a chat upstream
+/// and named (an Anthropic upstream gets them as sent).
+const NOT_FOR_CHAT: [&str; 5] = [
+    "thinking",
+    "context_management",
+    "output_config",
+    "container",
+    "mcp_servers",
+];
+
 /// The chat request an OpenAI-compatible upstream receives.
-fn chat(fields: &Fields) -> Result<(Vec<Value>, Map<String, Value>), ApiError> {
-    let messages = translate(fields.system.as_ref(), &fields.messages)?;
+fn chat(
+    fields: &Fields,
+    sent: &Map<String, Value>,
+    dropped: &mut Dropped,
+) -> Result<(Vec<Value>, Map<String, Value>), ApiError> {
+    let messages = translate(fields.system.as_ref(), &fields.messages, dropped)?;
+    for field in NOT_FOR_CHAT {
+        if sent.get(field).is_some_and(|v| !v.is_null()) {
+            dropped.add(field);
+        }
+    }
     let mut body = Map::new();
     body.insert("messages".into(), Value::Array(messages.clone()));
-    let chat_tools = tools(&fields.tools)?;
+    let chat_tools = tools(&fields.tools, fields.tool_choice.as_ref(), dropped)?;
     if !chat_tools.is_empty() {
         body.insert("tools".into(), Value::Array(chat_tools));
     }
@@ -330,7 +387,8 @@ async fn messages(
         return Err(invalid("max_tokens: Field required", "max_tokens"));
     }
     let resumable = crate::http::asks_resumable(&headers);
-    let (messages, upstream) = chat(&fields)?;
+    let mut dropped = Dropped::default();
+    let (messages, upstream) = chat(&fields, &body, &mut dropped)?;
     let request = pipeline::Chat {
         model: fields.model,
         messages: canonical(&messages),
@@ -342,6 +400,7 @@ async fn messages(
         body: upstream,
         native: Some(native),
         size,
+        dropped,
     };
     let started = pipeline::start(&state, &who, &exchange, request).await?;
     let rate = started.rate;
@@ -369,6 +428,7 @@ async fn messages(
         }
     }
     .await;
+    let response = response.map(|r| with_dropped(r, &started.dropped));
     Ok(with_rate_headers(response, &rate))
 }
 
@@ -388,7 +448,7 @@ async fn count_tokens(
         .tokens
         .heavy(size, move || -> Result<u32, ApiError> {
             let fields: Fields = typed(&mut body)?;
-            let (messages, upstream) = chat(&fields)?;
+            let (messages, upstream) = chat(&fields, &body, &mut Dropped::default())?;
             let mut count = crate::tokens::prompt(&canonical(&messages));
             for (field, value) in &upstream {
                 // The messages are counted above; the model's name is not input.

@@ -104,6 +104,7 @@ async fn chat(
         .unwrap_or_else(|| state.routes.default_model().to_owned());
 
     let chat = pipeline::Chat {
+        dropped: pipeline::Dropped::default(),
         model,
         messages,
         max_tokens: req.max_tokens,

@@ -136,6 +136,7 @@ async fn chat_completions(
         (None, n) => (n, "max_tokens"),
     };
     let chat = pipeline::Chat {
+        dropped: pipeline::Dropped::default(),
         model: fields.model,
         messages,
         max_tokens,

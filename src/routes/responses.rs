@@ -19,8 +19,8 @@ use serde_json::{Map, Value, json};
 use crate::admission::Principal;
 use crate::backend::Message;
 use crate::error::{ApiError, shown};
-use crate::http::{BODY_LIMIT, JsonObject, typed, with_rate_headers};
-use crate::pipeline;
+use crate::http::{BODY_LIMIT, JsonObject, typed, with_dropped, with_rate_headers};
+use crate::pipeline::{self, Dropped};
 use crate::relay::responses::{Meta, responses_events, snapshot};
 use crate::relay::{self, Completion, Wire};
 use crate::state::AppState;
@@ -61,7 +61,7 @@ struct Fields {
 
 /// The Responses API's own fields: translated, kept in the response object, or (the last
 /// ones) with no chat counterpart. Any other field goes to the upstream as it came.
-const RESPONSES_FIELDS: [&str; 24] = [
+const RESPONSES_FIELDS: [&str; 27] = [
     "model",
     "input",
     "instructions",
@@ -86,6 +86,19 @@ const RESPONSES_FIELDS: [&str; 24] = [
     "prompt",
     "prompt_cache_key",
     "max_tool_calls",
+    "client_metadata",
+    "prompt_cache_retention",
+    "safety_identifier",
+];
+
+/// Of [`RESPONSES_FIELDS`], those a chat upstream gets nothing of: named as left out when
+/// a request sets them.
+const NOT_FOR_CHAT: [&str; 5] = [
+    "conversation",
+    "prompt",
+    "max_tool_calls",
+    "client_metadata",
+    "include",
 ];
 
 #[derive(Deserialize)]
@@ -100,7 +113,7 @@ fn invalid(message: impl Into<String>, param: &str) -> ApiError {
 }
 
 /// The text of a message's content parts, and the chat content they become.
-fn content(content: &Value, at: &str) -> Result<Value, ApiError> {
+fn content(content: &Value, at: &str, dropped: &mut Dropped) -> Result<Value, ApiError> {
     let parts = match content {
         Value::String(_) => return Ok(content.clone()),
         Value::Array(parts) => parts,
@@ -129,12 +142,11 @@ fn content(content: &Value, at: &str) -> Result<Value, ApiError> {
                 out.push(json!({"type": "image_url", "image_url": image}));
             }
             Some("refusal") => {}
-            other => {
+            // Files, audio, and parts to come: left out for a chat upstream, and named.
+            Some(other) => dropped.add(other),
+            None => {
                 return Err(invalid(
-                    format!(
-                        "content parts of type {} are not supported by sluice",
-                        shown(other)
-                    ),
+                    "a content part needs a `type`",
                     &format!("{at}.type"),
                 ));
             }
@@ -155,7 +167,7 @@ const ROLES: [&str; 4] = ["user", "system", "developer", "assistant"];
 
 /// `input` as chat messages: messages, `function_call` items (merged into the assistant
 /// message before them, as parallel calls are) and `function_call_output` items.
-fn translate(input: Input) -> Result<Vec<Value>, ApiError> {
+fn translate(input: Input, dropped: &mut Dropped) -> Result<Vec<Value>, ApiError> {
     let items = match input {
         Input::Text(text) => return Ok(vec![json!({"role": "user", "content": text})]),
         Input::Items(items) => items,
@@ -182,13 +194,17 @@ fn translate(input: Input) -> Result<Vec<Value>, ApiError> {
                         &format!("{at}.role"),
                     ));
                 }
-                let content = content(&item["content"], &format!("{at}.content"))?;
+                let content = content(&item["content"], &format!("{at}.content"), dropped)?;
                 messages.push(json!({"role": role, "content": content}));
             }
             "function_call" => {
                 let (Some(call_id), Some(name)) = (item["call_id"].as_str(), item["name"].as_str())
                 else {
                     return Err(invalid("a function_call needs `call_id` and `name`", &at));
+                };
+                let name = match item["namespace"].as_str() {
+                    Some(namespace) => flat_name(namespace, name),
+                    None => name.to_owned(),
                 };
                 let call = json!({"id": call_id, "type": "function", "function": {"name": name,
                     "arguments": item["arguments"].as_str().unwrap_or("{}")}});
@@ -213,17 +229,21 @@ fn translate(input: Input) -> Result<Vec<Value>, ApiError> {
                 };
                 messages.push(json!({"role": "tool", "tool_call_id": call_id, "content": output}));
             }
-            // Reasoning the model did before: nothing a chat upstream takes back.
-            "reasoning" => {}
-            other => {
+            // Reasoning the model did before: a chat upstream takes none back. Encrypted
+            // reasoning is named as left out, never lost silently.
+            "reasoning" => {
+                if item.get("encrypted_content").is_some_and(|c| !c.is_null()) {
+                    dropped.add("reasoning.encrypted_content");
+                }
+            }
+            "" => {
                 return Err(invalid(
-                    format!(
-                        "input items of type {} are not supported by sluice",
-                        shown(Some(other))
-                    ),
+                    "an input item needs a `type` or a `role`",
                     &format!("{at}.type"),
                 ));
             }
+            // Built-in tools' calls and outputs (`web_search_call`…), and items to come.
+            other => dropped.add(other),
         }
     }
     Ok(messages)
@@ -284,8 +304,12 @@ fn output_messages(output: &[Value]) -> Vec<Value> {
                 messages.push(json!({"role": "assistant", "content": text}));
             }
             Some("function_call") => {
+                let name = match (item["namespace"].as_str(), item["name"].as_str()) {
+                    (Some(namespace), Some(name)) => json!(flat_name(namespace, name)),
+                    _ => item["name"].clone(),
+                };
                 let call = json!({"id": item["call_id"], "type": "function", "function": {
-                    "name": item["name"], "arguments": item["arguments"]}});
+                    "name": name, "arguments": item["arguments"]}});
                 match messages.last_mut() {
                     Some(last) if last["role"] == "assistant" => {
                         match last.get_mut("tool_calls").and_then(Value::as_array_mut) {
@@ -331,32 +355,92 @@ async fn previous(state: &AppState, who: &Principal, id: &str) -> Result<Vec<Val
     Ok(conversation)
 }
 
-/// Responses tools (`{type: "function", name, parameters…}`) as chat tools.
-fn tools(tools: &[Value]) -> Result<Vec<Value>, ApiError> {
-    tools
-        .iter()
-        .enumerate()
-        .map(|(i, tool)| match tool["type"].as_str() {
-            Some("function") => {
-                let mut function = Map::new();
-                for key in ["name", "description", "parameters", "strict"] {
-                    if let Some(v) = tool.get(key).filter(|v| !v.is_null()) {
-                        function.insert(key.into(), v.clone());
-                    }
-                }
-                if !function.contains_key("name") {
-                    return Err(invalid("a function tool needs a `name`", &format!("tools[{i}].name")));
-                }
-                Ok(json!({"type": "function", "function": function}))
-            }
-            other => Err(invalid(
-                format!("tools of type {} (built-in tools) are not supported by sluice; function tools are", shown(other)),
-                &format!("tools[{i}].type"),
-            )),
-        })
-        .collect()
+/// A function tool (`{type: "function", name, parameters…}`) as a chat tool, named `name`.
+fn function_tool(tool: &Value, name: &str) -> Value {
+    let mut function = Map::new();
+    function.insert("name".into(), json!(name));
+    for key in ["description", "parameters", "strict"] {
+        if let Some(v) = tool.get(key).filter(|v| !v.is_null()) {
+            function.insert(key.into(), v.clone());
+        }
+    }
+    json!({"type": "function", "function": function})
 }
 
+/// The chat name of function `name` in namespace `namespace`: chat tools have no
+/// namespaces, so the two are joined (and split again on the way back, see [`Meta`]).
+pub fn flat_name(namespace: &str, name: &str) -> String {
+    format!("{namespace}__{name}")
+}
+
+/// Responses tools as chat tools: function tools as they are, a `namespace` of functions
+/// flattened into its functions (`namespace__name`, with the namespace's description
+/// before each one's); built-in tools (`web_search`, `file_search`, …) have no chat
+/// counterpart and are left out, named in `dropped`.
+fn tools(
+    tools: &[Value],
+    namespaces: &mut Vec<(String, String, String)>,
+    dropped: &mut Dropped,
+) -> Result<Vec<Value>, ApiError> {
+    let mut out = Vec::with_capacity(tools.len());
+    for (i, tool) in tools.iter().enumerate() {
+        match tool["type"].as_str() {
+            Some("function") => {
+                let name = tool["name"].as_str().ok_or_else(|| {
+                    invalid(
+                        "a function tool needs a `name`",
+                        &format!("tools[{i}].name"),
+                    )
+                })?;
+                out.push(function_tool(tool, name));
+            }
+            Some("namespace") => {
+                let namespace = tool["name"].as_str().ok_or_else(|| {
+                    invalid(
+                        "a namespace tool needs a `name`",
+                        &format!("tools[{i}].name"),
+                    )
+                })?;
+                for (j, inner) in tool["tools"].as_array().into_iter().flatten().enumerate() {
+                    let at = format!("tools[{i}].tools[{j}]");
+                    let name = match (inner["type"].as_str(), inner["name"].as_str()) {
+                        (Some("function") | None, Some(name)) => name,
+                        (Some(kind), _) if kind != "function" => {
+                            dropped.add(kind);
+                            continue;
+                        }
+                        _ => {
+                            return Err(invalid(
+                                "a function tool needs a `name`",
+                                &format!("{at}.name"),
+                            ));
+                        }
+                    };
+                    let flat = flat_name(namespace, name);
+                    let mut chat = function_tool(inner, &flat);
+                    if let Some(about) = tool["description"].as_str() {
+                        let own = inner["description"].as_str().unwrap_or_default();
+                        chat["function"]["description"] =
+                            json!(format!("{about}\n{own}").trim_end());
+                    }
+                    out.push(chat);
+                    namespaces.push((flat, namespace.to_owned(), name.to_owned()));
+                }
+            }
+            Some(kind) => dropped.add(kind),
+            None => {
+                return Err(invalid(
+                    "a tool needs a `type`",
+                    &format!("tools[{i}].type"),
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `tool_choice` in chat terms. Forcing a tool that was left out (a built-in one) is refused:
+/// a chat upstream would answer without it, and the client could not tell.
 fn tool_choice(choice: &Value) -> Result<Value, ApiError> {
     match choice {
         Value::String(s) if matches!(s.as_str(), "auto" | "none" | "required") => {
@@ -366,8 +450,26 @@ fn tool_choice(choice: &Value) -> Result<Value, ApiError> {
             let name = o.get("name").ok_or_else(|| {
                 invalid("a function tool_choice needs a `name`", "tool_choice.name")
             })?;
+            let name = match o.get("namespace").and_then(Value::as_str) {
+                Some(namespace) => json!(flat_name(namespace, name.as_str().unwrap_or_default())),
+                None => name.clone(),
+            };
             Ok(json!({"type": "function", "function": {"name": name}}))
         }
+        // The tools allowed are all there is: what a chat upstream has.
+        Value::Object(o) if o.get("type").and_then(Value::as_str) == Some("allowed_tools") => {
+            match o.get("mode").and_then(Value::as_str) {
+                Some("required") => Ok(json!("required")),
+                _ => Ok(json!("auto")),
+            }
+        }
+        Value::Object(o) if o.get("type").and_then(Value::as_str).is_some() => Err(invalid(
+            format!(
+                "tool_choice forces the built-in tool {}, which this model's upstream cannot run",
+                shown(o.get("type").and_then(Value::as_str))
+            ),
+            "tool_choice",
+        )),
         _ => Err(invalid(
             "tool_choice must be auto, none, required or {\"type\": \"function\", \"name\": …}",
             "tool_choice",
@@ -406,6 +508,8 @@ struct Request {
     echo: Map<String, Value>,
     /// The conversation so far, kept beside a stored response to continue it.
     context: Option<Bytes>,
+    /// Functions of a namespace tool: their chat name, the namespace, their own name.
+    namespaces: Vec<(String, String, String)>,
 }
 
 /// What the answer depends on once the request is built.
@@ -435,7 +539,8 @@ fn request(
     } else {
         serde_json::to_vec(&conversation).map_or(0, |v| v.len())
     };
-    conversation.extend(translate(input)?);
+    let mut dropped = Dropped::default();
+    conversation.extend(translate(input, &mut dropped)?);
     let kept = serde_json::to_vec(&conversation).map_err(|_| ApiError::Internal)?;
     let mut size = size;
     if fields.previous_response_id.is_some() {
@@ -461,13 +566,19 @@ fn request(
 
     // The chat request an OpenAI-compatible upstream receives: what the Responses fields
     // translate to, and every field sluice does not know, untouched (`seed`, `top_k`…).
+    for field in NOT_FOR_CHAT {
+        if body.get(field).is_some_and(|v| !v.is_null()) {
+            dropped.add(field);
+        }
+    }
     for known in RESPONSES_FIELDS {
         body.remove(known);
     }
     let mut upstream = body;
     let canonical_messages = canonical(&messages);
     upstream.insert("messages".into(), Value::Array(messages));
-    let chat_tools = tools(&fields.tools)?;
+    let mut namespaces = Vec::new();
+    let chat_tools = tools(&fields.tools, &mut namespaces, &mut dropped)?;
     if !chat_tools.is_empty() {
         upstream.insert("tools".into(), Value::Array(chat_tools));
     }
@@ -562,11 +673,13 @@ fn request(
         body: upstream,
         native: Some(crate::backend::Native::Responses(native)),
         size,
+        dropped,
     };
     Ok(Request {
         chat,
         echo,
         context,
+        namespaces,
     })
 }
 
@@ -611,6 +724,7 @@ async fn create(
         chat,
         echo,
         context,
+        namespaces,
     } = state
         .tokens
         .heavy(size, move || request(fields, body, previous, size, store))
@@ -622,6 +736,7 @@ async fn create(
     };
     let started = admitted.start(&state, &exchange, chat).await?;
     let rate = started.rate;
+    let dropped = started.dropped;
     let completion = Completion::new(&started.model);
     let id = completion.stream_id(Wire::Responses);
     let meta = Meta {
@@ -630,6 +745,7 @@ async fn create(
         model: completion.model,
         echo,
         background: fields.background,
+        namespaces,
     };
     let mut guard = started.guard;
 
@@ -703,6 +819,7 @@ async fn create(
         })
     }
     .await;
+    let response = response.map(|r| with_dropped(r, &dropped));
     Ok(with_rate_headers(response, &rate))
 }
 

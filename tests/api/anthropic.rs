@@ -326,7 +326,23 @@ async fn errors_are_in_anthropics_shape_and_a_dropped_stream_closes_the_upstream
         assert_eq!(error["type"], "error", "{error}");
         assert_eq!(error["error"]["type"], kind, "{error}");
         assert!(error["error"]["message"].is_string());
+        // Anthropic's own wording, which its clients match on.
+        if status == 401 {
+            assert_eq!(error["error"]["message"], "invalid x-api-key");
+        }
     }
+    // A name nothing routes (no default upstream here).
+    let bare = TestApp::spawn().await;
+    let unknown = bare
+        .post(
+            "/v1/messages",
+            &json!({"model": "claude-nothing", "max_tokens": 5, "messages": hi}),
+        )
+        .await;
+    assert_eq!(unknown.status(), 404);
+    let error: Value = unknown.json().await.expect("JSON");
+    assert_eq!(error["error"]["type"], "not_found_error");
+    assert_eq!(error["error"]["message"], "model: claude-nothing");
     // The key as a bearer token works too.
     let ok = app
         .http
@@ -392,6 +408,8 @@ async fn a_route_that_speaks_the_messages_api_is_relayed_natively() {
         .send()
         .await
         .expect("answers");
+    // Nothing was left out: the upstream speaks the client's API.
+    assert!(response.headers().get("x-sluice-dropped").is_none());
     let id = response.headers()["x-sluice-stream-id"]
         .to_str()
         .expect("id")
@@ -512,4 +530,66 @@ async fn a_resumable_messages_stream_resumes_with_last_event_id() {
     assert_eq!(gone.status(), 404);
     let body: Value = gone.json().await.expect("JSON");
     assert_eq!(body["error"]["type"], "not_found_error");
+}
+
+#[tokio::test]
+async fn claude_code_s_requests_are_accepted_and_what_a_chat_upstream_cannot_take_is_named() {
+    let upstream = FakeUpstream::spawn().await;
+    let app = TestApp::in_front_of(&upstream).await;
+    // As Claude Code sends it: betas in the query and a header, thinking, context
+    // management, cache hints, a server tool, signed thinking in the history, and a
+    // system message mid-conversation.
+    let request = json!({"model": "gpt-test", "max_tokens": 32000, "stream": true,
+    "system": [{"type": "text", "text": "You are terse.", "cache_control": {"type": "ephemeral"}}],
+    "thinking": {"type": "adaptive"},
+    "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+    "output_config": {"effort": "high"},
+    "tools": [{"name": "Bash", "input_schema": {"type": "object"}},
+        {"type": "web_search_20250305", "name": "web_search"}],
+    "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "hm", "signature": "sig"},
+            {"type": "text", "text": "Hello."}]},
+        {"role": "system", "content": "The user prefers French."},
+        {"role": "user", "content": [{"type": "text", "text": "Again", "cache_control": {"type": "ephemeral"}}]},
+    ]});
+    let answer = app
+        .http
+        .post(app.url("/v1/messages?beta=true"))
+        .header(
+            "anthropic-beta",
+            "claude-code-20250219,interleaved-thinking-2025-05-14",
+        )
+        .json(&request)
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(answer.status(), 200);
+    assert_eq!(
+        answer.headers()["x-sluice-dropped"],
+        "thinking,cache_control,context_management,output_config,web_search_20250305"
+    );
+    all_events(answer).await;
+    let sent = upstream.request(1).await.body;
+    let roles: Vec<&str> = sent["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .filter_map(|m| m["role"].as_str())
+        .collect();
+    assert_eq!(roles, ["system", "user", "assistant", "system", "user"]);
+    assert_eq!(sent["messages"][3]["content"], "The user prefers French.");
+    assert_eq!(sent["tools"].as_array().map(Vec::len), Some(1));
+    // Forcing the server tool a chat upstream cannot run is refused, in Anthropic's shape.
+    let mut forced = request.clone();
+    forced["tool_choice"] = json!({"type": "tool", "name": "web_search"});
+    let refused = app.post("/v1/messages", &forced).await;
+    assert_eq!(refused.status(), 400);
+    let error: Value = refused.json().await.expect("JSON");
+    assert_eq!(error["error"]["type"], "invalid_request_error");
+
+    // Claude Code checks the gateway with `HEAD /` first.
+    let head = app.http.head(app.url("/")).send().await.expect("answers");
+    assert!(head.status().is_success());
 }

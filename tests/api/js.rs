@@ -13,6 +13,16 @@ use crate::support::{TestApp, skip_without};
 /// `tests/js` copied under `target/` with its packages installed; `None` (after saying
 /// why) when Node or the npm registry is not there.
 fn installed() -> Option<PathBuf> {
+    npm_installed("js", &["package.json", "responses.mjs", "messages.mjs"])
+}
+
+/// `tests/<folder>` (its `files`, `package.json` first) copied under `target/`, with the
+/// packages its `package.json` pins installed there once (again only when it changes);
+/// `None` (after saying why) when Node or the npm registry is not there. One install at a
+/// time: tests that share a folder wait for the first.
+pub fn npm_installed(folder: &str, files: &[&str]) -> Option<PathBuf> {
+    static INSTALLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = INSTALLING.lock().unwrap_or_else(|e| e.into_inner());
     let found = |tool: &str| {
         Command::new(tool)
             .arg("--version")
@@ -22,13 +32,15 @@ fn installed() -> Option<PathBuf> {
     if !(found("node") && found("npm")) && skip_without("node and npm") {
         return None;
     }
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js");
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("js-sdk");
+    let source = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join(folder);
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("npm-{folder}"));
     std::fs::create_dir_all(&dir).expect("a folder for the packages");
-    let manifest = std::fs::read(source.join("package.json")).expect("tests/js/package.json");
+    let manifest = std::fs::read(source.join("package.json")).expect("package.json");
     let fresh = std::fs::read(dir.join("package.json")).ok().as_ref() != Some(&manifest)
         || !dir.join("node_modules").is_dir();
-    for file in ["package.json", "responses.mjs", "messages.mjs"] {
+    for file in files {
         std::fs::copy(source.join(file), dir.join(file)).expect("copy");
     }
     if fresh {
@@ -42,7 +54,7 @@ fn installed() -> Option<PathBuf> {
             let _ = std::fs::remove_file(dir.join("package.json"));
             let why = String::from_utf8_lossy(&install.stderr).into_owned();
             if skip_without(&format!(
-                "the pinned npm packages (npm install failed: {why})"
+                "the pinned npm packages of tests/{folder} (npm install failed: {why})"
             )) {
                 return None;
             }

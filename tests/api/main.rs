@@ -5,6 +5,7 @@
 #![allow(clippy::disallowed_methods)]
 
 mod admission;
+mod agents;
 mod anthropic;
 mod browser;
 mod cancel;

@@ -343,8 +343,9 @@ async fn failures_and_the_token_limit_end_a_response_as_openai_does() {
             "input[0].role",
         ),
         (
-            json!({"model": "mock", "input": "x", "tools": [{"type": "web_search"}]}),
-            "tools[0].type",
+            json!({"model": "mock", "input": "x", "tools": [{"type": "web_search"}],
+                "tool_choice": {"type": "web_search"}}),
+            "tool_choice",
         ),
         (
             json!({"model": "mock", "input": "x", "background": true, "store": false}),
@@ -506,8 +507,11 @@ async fn a_route_that_speaks_the_responses_api_is_relayed_natively() {
     .expect("config");
     let app = TestApp::spawn_with(|c| c.config = Some(path)).await;
 
-    let request = json!({"model": "native", "input": "Hi", "stream": true, "include": ["x"], "service_tier": "flex"});
+    let request = json!({"model": "native", "input": "Hi", "stream": true, "include": ["x"], "service_tier": "flex",
+        "tools": [{"type": "web_search"}, {"type": "namespace", "name": "ns", "tools": [{"type": "function", "name": "f"}]}]});
     let response = app.post("/v1/responses", &request).await;
+    // Nothing was left out: the upstream speaks the client's API.
+    assert!(response.headers().get("x-sluice-dropped").is_none());
     let id = response.headers()["x-sluice-stream-id"]
         .to_str()
         .expect("id")
@@ -531,6 +535,7 @@ async fn a_route_that_speaks_the_responses_api_is_relayed_natively() {
     assert_eq!(sent["input"], "Hi");
     assert_eq!(sent["include"], json!(["x"]));
     assert_eq!(sent["service_tier"], "flex");
+    assert_eq!(sent["tools"], request["tools"]);
     // Metered from the upstream's usage, and stored: read back through sluice.
     app.wait_metric("sluice_completion_tokens_total{model=\"native\"}", 3.0)
         .await;
@@ -609,4 +614,80 @@ async fn the_mock_honours_stop_and_calls_tools_on_the_chat_route_too() {
         )
         .await;
     assert_eq!(text["choices"][0]["finish_reason"], "stop");
+}
+
+#[tokio::test]
+async fn codex_s_tools_are_flattened_or_left_out_and_named_back() {
+    // Codex CLI's defaults: function tools, a namespace of functions, a built-in tool.
+    let tools = json!([
+        {"type": "function", "name": "exec_command", "parameters": {"type": "object"}},
+        {"type": "namespace", "name": "multi_agent_v1", "description": "Sub-agents.",
+            "tools": [{"type": "function", "name": "spawn_agent", "description": "Spawns one.",
+                "parameters": {"type": "object", "properties": {"task": {"type": "string"}}, "required": ["task"]}}]},
+        {"type": "web_search", "external_web_access": false},
+    ]);
+    // A chat upstream gets the namespace's functions by their flat names, no web_search;
+    // the answer says what was left out.
+    let upstream = FakeUpstream::spawn().await;
+    let app = TestApp::in_front_of(&upstream).await;
+    let answer = app
+        .post(
+            "/v1/responses",
+            &json!({"model": "gpt-test", "input": "hi", "tools": tools,
+                "client_metadata": {"x": "y"}, "stream": true}),
+        )
+        .await;
+    assert_eq!(answer.status(), 200);
+    assert_eq!(
+        answer.headers()["x-sluice-dropped"],
+        "client_metadata,web_search"
+    );
+    all_events(answer).await;
+    let sent = upstream.request(1).await.body;
+    let names: Vec<&str> = sent["tools"]
+        .as_array()
+        .expect("tools")
+        .iter()
+        .filter_map(|t| t["function"]["name"].as_str())
+        .collect();
+    assert_eq!(names, ["exec_command", "multi_agent_v1__spawn_agent"]);
+    assert_eq!(
+        sent["tools"][1]["function"]["description"],
+        "Sub-agents.\nSpawns one."
+    );
+    assert!(sent.get("client_metadata").is_none(), "{sent}");
+
+    // A call of a namespaced function comes back as the client named it, and its call
+    // goes upstream again by the flat name.
+    let mock = TestApp::spawn().await;
+    let choice = json!({"type": "function", "name": "spawn_agent", "namespace": "multi_agent_v1"});
+    let reply = mock
+        .post_json(
+            "/v1/responses",
+            &json!({"model": "mock", "input": "go", "tools": tools, "tool_choice": choice}),
+        )
+        .await;
+    let call = &reply["output"][0];
+    assert_eq!(call["type"], "function_call", "{reply}");
+    assert_eq!(call["name"], "spawn_agent");
+    assert_eq!(call["namespace"], "multi_agent_v1");
+    assert_eq!(call["arguments"], r#"{"task":"mock"}"#);
+    let next = json!({"model": "gpt-test", "tools": tools, "input": [
+        {"role": "user", "content": "go"},
+        {"type": "function_call", "call_id": "c1", "name": "spawn_agent", "namespace": "multi_agent_v1", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "done"},
+        {"type": "web_search_call", "id": "ws_1", "status": "completed"},
+        {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "gAAA"},
+    ]});
+    let answer = app.post("/v1/responses", &next).await;
+    assert_eq!(
+        answer.headers()["x-sluice-dropped"],
+        "web_search_call,reasoning.encrypted_content,web_search"
+    );
+    answer.bytes().await.expect("the reply");
+    let sent = upstream.request(2).await.body;
+    assert_eq!(
+        sent["messages"][1]["tool_calls"][0]["function"]["name"],
+        "multi_agent_v1__spawn_agent"
+    );
 }

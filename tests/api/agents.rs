@@ -1,0 +1,139 @@
+//! Coding agents, unchanged, through sluice: Codex CLI (`@openai/codex`, the Responses API
+//! with its namespace and built-in tools) and two releases of Claude Code
+//! (`@anthropic-ai/claude-code`, the Messages API with its betas, thinking and
+//! mid-conversation system messages), each configured only as its documentation says for
+//! a gateway. Each one answers a prompt, and runs a shell command through its own tool and
+//! reads the output back: the whole loop an agent makes. The packages are pinned
+//! (`tests/agents/package.json`) and installed once under `target/`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::js::npm_installed;
+use crate::support::TestApp;
+
+/// The most one agent run may take: a hung agent fails the test, never the CI.
+const AGENT_RUN: Duration = Duration::from_secs(90);
+
+fn installed() -> Option<PathBuf> {
+    npm_installed("agents", &["package.json"])
+}
+
+async fn app() -> TestApp {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/agents/fixtures.toml");
+    TestApp::spawn_with(|c| c.mock_fixtures = Some(fixtures)).await
+}
+
+/// Runs `command` to its end (within [`AGENT_RUN`]) and returns what it printed; fails
+/// the test with its output when it fails.
+async fn run(mut command: tokio::process::Command, what: &str) -> String {
+    command
+        .kill_on_drop(true)
+        .stdin(std::process::Stdio::null());
+    let output = tokio::time::timeout(AGENT_RUN, command.output())
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish within {AGENT_RUN:?}"))
+        .expect("the agent runs");
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "{what} failed: {printed}");
+    printed
+}
+
+/// A home of its own for one agent run: its configuration, sessions and logs.
+fn home(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("agent-homes")
+        .join(format!("{name}-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("a home");
+    dir
+}
+
+#[tokio::test]
+async fn codex_exec_answers_and_runs_a_tool_through_the_responses_api() {
+    let Some(dir) = tokio::task::spawn_blocking(installed)
+        .await
+        .expect("install")
+    else {
+        return;
+    };
+    let app = app().await;
+    let home = home("codex");
+    // Only what Codex's documentation asks for a custom provider.
+    let config = format!(
+        "model = \"mock\"\nmodel_provider = \"sluice\"\n\n[model_providers.sluice]\nname = \"sluice\"\nbase_url = \"{}\"\nenv_key = \"SLUICE_API_KEY\"\nwire_api = \"responses\"\n",
+        app.url("/v1")
+    );
+    std::fs::write(home.join("config.toml"), config).expect("config");
+    let codex = |prompt: &str| {
+        let mut command = tokio::process::Command::new("node");
+        command
+            .arg(dir.join("node_modules/@openai/codex/bin/codex.js"))
+            .args(["exec", "--skip-git-repo-check"])
+            .arg("--dangerously-bypass-approvals-and-sandbox")
+            .arg(prompt)
+            .env("CODEX_HOME", &home)
+            .env("HOME", &home)
+            .env("SLUICE_API_KEY", "sk-any")
+            .current_dir(&home);
+        command
+    };
+    let said = run(codex("say hello"), "codex exec").await;
+    assert!(said.contains("You said: say hello."), "{said}");
+    // exec_command → function_call_output → text.
+    let said = run(codex("Run the shell check"), "codex exec with a tool").await;
+    assert!(
+        said.contains("The tool returned:") && said.contains("sluice-tool-ok"),
+        "{said}"
+    );
+}
+
+/// Claude Code `release` (`claude -p`) against sluice with `ANTHROPIC_BASE_URL`: a reply,
+/// then a Bash tool round trip. A model name it does not know (`mock`) makes it send
+/// mid-conversation system messages and assume a context window; both work.
+async fn claude_code(release: &str) {
+    let Some(dir) = tokio::task::spawn_blocking(installed)
+        .await
+        .expect("install")
+    else {
+        return;
+    };
+    let app = app().await;
+    let home = home(&format!("claude-{release}"));
+    let claude = |prompt: &str| {
+        let mut command = tokio::process::Command::new(
+            dir.join(format!("node_modules/claude-code-{release}/bin/claude.exe")),
+        );
+        command
+            .args(["-p", prompt, "--model", "mock", "--allowedTools", "Bash"])
+            .env("ANTHROPIC_BASE_URL", app.url(""))
+            .env("ANTHROPIC_API_KEY", "sk-any")
+            .env("HOME", &home)
+            .env("CLAUDE_CONFIG_DIR", home.join(".claude"))
+            .env("DISABLE_AUTOUPDATER", "1")
+            .env("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
+            .current_dir(&home);
+        command
+    };
+    let said = run(claude("say hello"), &format!("claude {release}")).await;
+    assert!(said.contains("You said: say hello."), "{said}");
+    let said = run(
+        claude("Run the bash check"),
+        &format!("claude {release} with Bash"),
+    )
+    .await;
+    assert!(said.contains("The tool returned: sluice-tool-ok"), "{said}");
+}
+
+#[tokio::test]
+async fn claude_code_2_1_197_answers_and_runs_a_tool_through_the_messages_api() {
+    claude_code("2.1.197").await;
+}
+
+#[tokio::test]
+async fn claude_code_2_1_332_answers_and_runs_a_tool_through_the_messages_api() {
+    claude_code("2.1.332").await;
+}
