@@ -2,11 +2,13 @@
 //!
 //! The request path, one direction, each stage a module that knows only those below it:
 //! `server` (connections: HTTP/1.1 and HTTP/2, limits, shutdown) → `app` (the layers, in
-//! order) → `routes/` (one file per wire format: parse into the canonical chat request) →
+//! order) → `routes/` (one file per HTTP surface) → `dialect/` (one folder per wire format:
+//! its request parsed into the canonical request, its pure encoder, its errors) →
 //! `pipeline` (the one chat path: resolve, admit, count, reserve, start) → `dispatch/` (model
 //! table, failover with typed deadlines) → `backend/` (an OpenAI-compatible upstream, the
 //! mock, or the local model on its own thread: canonical events, [`backend::Delta`]) →
-//! `relay/` (first-event peek, metering, one encoder per wire format) → `streams/` (direct,
+//! `relay/` (first-event peek, the one encode loop that runs a dialect's encoder and meters
+//! it) → `streams/` (direct,
 //! or a resumable stream's event log that connections attach to) → SSE to the client.
 //! When the client of a direct stream leaves, the response body is dropped, and with it the
 //! whole chain down to the upstream's connection (or the local model's channel); a
@@ -22,6 +24,7 @@ pub mod admission;
 pub mod app;
 pub mod backend;
 pub mod config;
+pub mod dialect;
 pub mod dispatch;
 pub mod error;
 pub mod http;

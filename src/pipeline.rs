@@ -3,10 +3,8 @@
 //! [`admit`]), count the prompt, reserve the tokens of all it sends, then start the backend
 //! stream with its meter.
 
-use serde_json::{Map, Value};
-
 use crate::admission::{DEFAULT_REPLY_TOKENS, Permit, Principal, Quota};
-use crate::backend::{ChatRequest, DeltaStream, MAX_MODEL_NAME, Message};
+use crate::backend::{ChatRequest, DeltaStream, MAX_MODEL_NAME};
 use crate::dispatch::{self, Route};
 use crate::error::ApiError;
 use crate::relay::{Bounds, StreamGuard};
@@ -17,39 +15,7 @@ use crate::telemetry::Exchange;
 /// sluice's arithmetic.
 pub const MAX_TOKENS: u32 = 1_000_000;
 
-/// A chat request as a route parsed it from its wire format.
-pub struct Chat {
-    pub model: String,
-    pub messages: Vec<Message>,
-    pub max_tokens: Option<u32>,
-    /// The field `max_tokens` came from, to name in errors.
-    pub max_tokens_param: &'static str,
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub seed: Option<u64>,
-    /// The body an OpenAI-compatible upstream receives (unknown fields pass through).
-    pub body: Map<String, Value>,
-    /// A Responses API request as sent, for an upstream that speaks that API.
-    pub native: Option<crate::backend::Native>,
-    /// The request's size in bytes as it goes upstream: its tokens are reserved beyond the
-    /// messages' text, at a token per four bytes.
-    pub size: usize,
-    /// What translating `native` into `body` left out (`web_search`, `thinking`…): named to
-    /// the client (`x-sluice-dropped`) when the upstream does not speak the client's API.
-    pub dropped: Dropped,
-}
-
-/// The names of what a translation left out, each once, in the order met.
-#[derive(Debug, Default)]
-pub struct Dropped(Vec<String>);
-
-impl Dropped {
-    pub fn add(&mut self, name: &str) {
-        if !self.0.iter().any(|n| n == name) {
-            self.0.push(name.to_owned());
-        }
-    }
-}
+pub use crate::dialect::{Chat, Dropped};
 
 /// An admitted request with its backend stream started (lazily: nothing runs until the
 /// stream is polled) and its meter.
@@ -154,7 +120,11 @@ impl Admitted {
             .as_ref()
             .zip(route.targets.first())
             .is_some_and(|(native, target)| native.spoken_by(target.backend.speaks()));
-        let dropped = if relayed { Vec::new() } else { chat.dropped.0 };
+        let dropped = if relayed {
+            Vec::new()
+        } else {
+            chat.dropped.into_names()
+        };
         if !dropped.is_empty() {
             tracing::warn!(
                 dropped = %dropped.join(","),

@@ -1,22 +1,20 @@
 //! The relay: a backend's canonical events ([`Delta`](crate::backend::Delta)s) to what a
-//! client reads. Here: the first-event peek (a failure before the first token is a real
-//! status), the SSE response, and the identity of a reply. `meter.rs` records what a
-//! stream delivered and how it ended; one encoder per wire format turns events into its
-//! SSE: `openai.rs` (chat completion chunks, and the assembled non-streamed reply) and
-//! `chat.rs` (sluice's `/api/chat` events).
+//! client reads, whatever its wire format. Here: the first-event peek (a failure before the
+//! first token is a real status), the SSE writer and response, and the identity of a reply.
+//! `encode.rs` is the one loop that runs a dialect's pure encoder over a stream and meters
+//! it; `meter.rs` records what a stream delivered and how it ended. The encoders themselves
+//! are the dialects' (`src/dialect/`).
 //!
 //! The SSE body owns the backend stream: when the client goes away hyper drops the body,
 //! the body drops the backend stream, and the backend's work stops. No task, no channel.
 
-pub mod anthropic;
-mod chat;
+mod encode;
 mod meter;
-mod openai;
-pub mod responses;
 
-pub use chat::chat_events;
+#[cfg(test)]
+pub use encode::{CANNED_END, canned};
+pub use encode::{Encoder, End, Out, Relayed, collect, encode};
 pub use meter::{Bounds, StreamGuard};
-pub use openai::{assemble, collect, openai_events};
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -29,67 +27,6 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 
 use crate::backend::{BackendError, Delta, DeltaStream};
-use crate::error::ApiError;
-
-/// Which encoder wrote a stream: a resumed stream is read in the format it was written in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Wire {
-    /// sluice's `/api/chat` events.
-    Chat,
-    /// OpenAI's chat completion chunks.
-    OpenAi,
-    /// OpenAI's Responses API events.
-    Responses,
-    /// Anthropic's Messages API events.
-    Anthropic,
-}
-
-impl Wire {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Wire::Chat => "chat",
-            Wire::OpenAi => "openai",
-            Wire::Responses => "responses",
-            Wire::Anthropic => "anthropic",
-        }
-    }
-
-    pub fn parse(name: &str) -> Option<Wire> {
-        match name {
-            "chat" => Some(Wire::Chat),
-            "openai" => Some(Wire::OpenAi),
-            "responses" => Some(Wire::Responses),
-            "anthropic" => Some(Wire::Anthropic),
-            _ => None,
-        }
-    }
-}
-
-/// The event that ends stream `stream_id` with `error` when `id - 1` events came before
-/// it, in the stream's format: for a stream cut short after its encoder stopped
-/// (cancelled, its producer lost).
-pub fn error_event(wire: Wire, stream_id: &str, id: u64, error: &ApiError) -> Bytes {
-    let mut out = SseWriter::new();
-    out.last_id = id.saturating_sub(1);
-    match wire {
-        Wire::Chat => {
-            let body = error.body().to_string();
-            out.event(Some("error"), |b| put(b, &body))
-        }
-        Wire::OpenAi => {
-            let body = error.body().to_string();
-            out.event(None, |b| put(b, &body))
-        }
-        Wire::Responses => {
-            let body = responses::ended_by(stream_id, id.saturating_sub(1), error).to_string();
-            out.event(Some("response.failed"), |b| put(b, &body))
-        }
-        Wire::Anthropic => {
-            let body = anthropic::error_body(error).to_string();
-            out.event(Some("error"), |b| put(b, &body))
-        }
-    }
-}
 
 /// A backend stream whose first item has been seen, so its status is known.
 pub struct Opened {
@@ -224,19 +161,14 @@ pub(crate) fn put(buf: &mut BytesMut, s: &str) {
 }
 
 /// The SSE response around a stream of events: the stream's id as `x-sluice-stream-id`, no
-/// buffering by proxies, and a `: keep-alive` comment whenever `keep_alive` passes without
-/// an event (a tick checks, so events cost no timer work).
+/// buffering by proxies, and `ping` (the wire format's keep-alive) whenever `keep_alive`
+/// passes without an event (a tick checks, so events cost no timer work).
 pub fn sse(
     events: impl Stream<Item = Bytes> + Send + 'static,
-    wire: Wire,
+    ping: &'static [u8],
     stream_id: &str,
     keep_alive: Duration,
 ) -> Response {
-    // Anthropic's clients expect `ping` events; a comment is what every other one ignores.
-    let ping: &'static [u8] = match wire {
-        Wire::Anthropic => b"event: ping\ndata: {\"type\": \"ping\"}\n\n",
-        _ => b": keep-alive\n\n",
-    };
     let body = async_stream::stream! {
         let mut events = std::pin::pin!(events);
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + keep_alive, keep_alive);
@@ -275,53 +207,8 @@ pub fn sse(
     response
 }
 
-/// The events of an upstream that speaks the client's own API, relayed: `first` (already
-/// read) and the rest, each written by `write` (which meters it, and sets its last argument
-/// once the upstream's reply has ended); a failure, or an end before the upstream's own, is
-/// written by `failed`.
-pub(crate) fn relay_native<W, F>(
-    first: Option<Result<Delta, BackendError>>,
-    mut opened: Opened,
-    mut guard: StreamGuard,
-    mut write: W,
-    failed: F,
-) -> impl Stream<Item = Bytes> + Send
-where
-    W: FnMut(&mut SseWriter, &mut StreamGuard, &str, &mut bool) -> Bytes + Send,
-    F: Fn(&mut SseWriter, &ApiError) -> Bytes + Send,
-{
-    async_stream::stream! {
-        let mut out = SseWriter::new();
-        out.retry();
-        let mut ended = false;
-        let mut item = first;
-        while let Some(next) = item {
-            match next {
-                Ok(Delta::Event(event)) => yield write(&mut out, &mut guard, event.json(), &mut ended),
-                Ok(Delta::Queued(ahead)) => yield queued(&mut out, ahead),
-                Ok(_) => {}
-                Err(e) => {
-                    guard.failed(&e);
-                    yield failed(&mut out, &ApiError::from(e));
-                    return;
-                }
-            }
-            item = opened.next().await;
-        }
-        if !ended {
-            let e = BackendError::Interrupted("the upstream's event stream ended before its reply did".into());
-            guard.failed(&e);
-            yield failed(&mut out, &ApiError::from(e));
-        }
-    }
-}
-
-/// A keep-alive comment that says where the request waits; every client ignores it.
-pub(crate) fn queued(writer: &mut SseWriter, ahead: usize) -> Bytes {
-    writer.comment(&format!("queued: {ahead} ahead"))
-}
-
-/// The identity every chunk of one OpenAI completion shares.
+/// A reply's identity: its id (`chatcmpl-…`, which each dialect names its own way), when
+/// it was made, and the model it is from.
 pub struct Completion {
     pub id: String,
     pub created: u64,
@@ -329,16 +216,6 @@ pub struct Completion {
 }
 
 impl Completion {
-    /// The id clients know the stream by: the chunks' `id`, or the `meta` event's.
-    pub fn stream_id(&self, wire: Wire) -> String {
-        match wire {
-            Wire::OpenAi => self.id.clone(),
-            Wire::Chat => self.id.replacen("chatcmpl-", "chat-", 1),
-            Wire::Responses => self.id.replacen("chatcmpl-", "resp_", 1),
-            Wire::Anthropic => self.id.replacen("chatcmpl-", "msg_", 1),
-        }
-    }
-
     pub fn new(model: &str) -> Self {
         // Unguessable: 154 random bits (a v4 UUID holds 122; 32 more from a second one).
         let (a, b) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());

@@ -13,9 +13,10 @@ use futures::StreamExt;
 use serde_json::json;
 
 use crate::admission::Principal;
+use crate::dialect::Wire;
 use crate::error::ApiError;
 use crate::http::with_rate_headers;
-use crate::relay::{self, Wire};
+use crate::relay;
 use crate::state::AppState;
 use crate::streams::{Attached, Cancelled, Reply};
 use crate::telemetry::Exchange;
@@ -104,7 +105,7 @@ pub(super) async fn follow(
             });
             // No `retry:` of its own: a lone field block is an empty event to some SDKs,
             // and the client has the pace from the stream's first event.
-            let mut response = relay::sse(events, wire, id, state.keep_alive);
+            let mut response = relay::sse(events, wire.keep_alive(), id, state.keep_alive);
             response
                 .headers_mut()
                 .insert("x-sluice-resumable", HeaderValue::from_static("true"));
@@ -168,7 +169,8 @@ pub async fn resume_completion(
         let reply = state
             .streams
             .reply(&id, &who.name, Wire::OpenAi, |events| {
-                let (ok, body) = match relay::assemble(events.iter().map(|e| &e[..])) {
+                let (ok, body) = match crate::dialect::chat::assemble(events.iter().map(|e| &e[..]))
+                {
                     Ok(reply) => (true, reply),
                     // It ended in an error: that error, as the stream said it.
                     Err(body) => (false, body),

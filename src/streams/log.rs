@@ -11,8 +11,8 @@ use futures::Stream;
 use tokio::sync::watch;
 
 use super::{ENTRY_BYTES, lock, shared};
+use crate::dialect::Wire;
 use crate::error::ApiError;
-use crate::relay::Wire;
 
 pub(super) struct Entry {
     pub(super) id: Arc<str>,
@@ -432,7 +432,7 @@ pub(super) fn follow(attachment: Attachment, after: u64) -> impl Stream<Item = B
                 // quiet end that looks like the stream's); reconnecting, it gets a 410.
                 Read::Gone if !released(&entry) => {
                     let gone = ApiError::StreamEventsGone(entry.id.to_string());
-                    yield crate::relay::error_event(entry.wire, &entry.id, cursor + 1, &gone);
+                    yield entry.wire.error_event(&entry.id, cursor + 1, &gone);
                     return;
                 }
                 Read::Ended | Read::Gone | Read::Beyond => return,

@@ -23,8 +23,9 @@ use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use tokio::time::Instant;
 
+use crate::dialect::Wire;
 use crate::error::ApiError;
-use crate::relay::{self, Wire};
+use crate::relay;
 use crate::telemetry::Metrics;
 use log::{Attachment, Entry, Read};
 
@@ -233,16 +234,21 @@ impl Streams {
     ) -> Result<Response, ApiError> {
         let keep_alive = self.0.settings.keep_alive;
         if !resumable {
-            return Ok(relay::sse(events, wire, &id, keep_alive));
+            return Ok(relay::sse(events, wire.keep_alive(), &id, keep_alive));
         }
         let Some(slot) = self.slot(&id, owner, wire, None).await? else {
-            let mut response = relay::sse(events, wire, &id, keep_alive);
+            let mut response = relay::sse(events, wire.keep_alive(), &id, keep_alive);
             response
                 .headers_mut()
                 .insert("x-sluice-resumable", HeaderValue::from_static("false"));
             return Ok(response);
         };
-        let mut response = relay::sse(slot.run(events, Detach::Grace), wire, &id, keep_alive);
+        let mut response = relay::sse(
+            slot.run(events, Detach::Grace),
+            wire.keep_alive(),
+            &id,
+            keep_alive,
+        );
         response
             .headers_mut()
             .insert("x-sluice-resumable", HeaderValue::from_static("true"));
@@ -384,7 +390,7 @@ impl Streams {
         drop(events);
         if let Some(error) = ending {
             // The ending is logged whatever the room: it is small, and a reader must see it.
-            let event = relay::error_event(entry.wire, &entry.id, entry.next_id(), &error);
+            let event = entry.wire.error_event(&entry.id, entry.next_id(), &error);
             entry.push(event, registry.per_stream);
         }
         entry.end();

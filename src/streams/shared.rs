@@ -24,8 +24,8 @@ use tokio::sync::{OnceCell, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::{Attached, Cancelled, Settings, Stored, lock};
+use crate::dialect::Wire;
 use crate::error::ApiError;
-use crate::relay::{self, Wire};
 
 /// Writes queued for Redis at most (and their bytes at most the instance's log memory);
 /// past either a stream's shared log is abandoned (and marked `lost`) rather than memory
@@ -732,7 +732,7 @@ fn follow(
                 Ok(reply) => reply.map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect::<Vec<_>>()).unwrap_or_default(),
                 Err(e) => {
                     tracing::warn!(error = %e, "Redis failed under a resumed stream");
-                    yield relay::error_event(wire, &id, cursor + 1, &ApiError::SharedLogUnavailable);
+                    yield wire.error_event(&id, cursor + 1, &ApiError::SharedLogUnavailable);
                     return;
                 }
             };
@@ -755,11 +755,11 @@ fn follow(
                 match alive {
                     Ok(true) => continue,
                     Ok(false) => {
-                        yield relay::error_event(wire, &id, cursor + 1, &ApiError::ProducerLost);
+                        yield wire.error_event(&id, cursor + 1, &ApiError::ProducerLost);
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "Redis failed under a resumed stream");
-                        yield relay::error_event(wire, &id, cursor + 1, &ApiError::SharedLogUnavailable);
+                        yield wire.error_event(&id, cursor + 1, &ApiError::SharedLogUnavailable);
                     }
                 }
                 return;
@@ -776,7 +776,7 @@ fn follow(
                         yield event;
                     }
                     None => {
-                        yield relay::error_event(wire, &id, cursor + 1, &ApiError::StreamEventsLost);
+                        yield wire.error_event(&id, cursor + 1, &ApiError::StreamEventsLost);
                         return;
                     }
                 }

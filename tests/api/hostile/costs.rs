@@ -168,7 +168,8 @@ async fn errors_name_what_was_sent_plainly() {
     let error = app
         .post_json(
             "/v1/responses",
-            &json!({"model": "mock", "input": "Hi", "tools": [{"type": "web_search"}]}),
+            &json!({"model": "mock", "input": "Hi", "tools": [{"type": "web_search"}],
+                "tool_choice": {"type": "web_search"}}),
         )
         .await;
     let message = error["error"]["message"].as_str().expect("a message");
@@ -180,12 +181,14 @@ async fn errors_name_what_was_sent_plainly() {
         .post_json(
             "/v1/messages",
             &json!({"model": "mock", "max_tokens": 5,
-                "messages": [{"role": "user", "content": [{"type": "document_x"}]}]}),
+                "tools": [{"type": "web_search_20250305", "name": "web_search"}],
+                "tool_choice": {"type": "tool", "name": "web_search"},
+                "messages": [{"role": "user", "content": "Hi"}]}),
         )
         .await;
     let message = error["error"]["message"].as_str().expect("a message");
     assert!(
-        message.contains("`document_x`") && !message.contains("Some("),
+        message.contains("web_search_20250305") && !message.contains("Some("),
         "{message}"
     );
     let error = app

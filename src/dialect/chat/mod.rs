@@ -1,14 +1,16 @@
-//! The OpenAI chat completions encoder: `chat.completion.chunk` events for a stream, and
-//! the assembled `chat.completion` for `stream: false`.
+//! OpenAI chat completions: the request (`request.rs`), the encoder (`chat.completion.chunk`
+//! events, then `[DONE]`; a failure after the first byte is a `data: {"error":…}` event
+//! and no `[DONE]`), and the `chat.completion` a stream's events add up to (for
+//! `stream: false`, and for a finished stream read back whole).
 
-use bytes::{Bytes, BytesMut};
-use futures::Stream;
+pub mod request;
+
+use bytes::BytesMut;
 use serde_json::{Map, Value, json};
 
-use super::{Completion, Opened, SseWriter, StreamGuard, put, queued};
-use crate::backend::{BackendError, Delta, Fields, Usage};
+use crate::backend::{Delta, Fields, Usage};
 use crate::error::ApiError;
-use crate::telemetry::Outcome;
+use crate::relay::{Completion, End, Out, put};
 
 /// Writes `chat.completion.chunk` JSON around a prefix built once per stream (again only
 /// when the upstream's own chunk fields change).
@@ -91,159 +93,74 @@ impl ChunkWriter {
     }
 }
 
-/// `POST /v1/chat/completions` with `stream: true`: OpenAI's chunks, then `[DONE]`; a failure
-/// after the first byte is a `data: {"error":…}` event and the stream ends without `[DONE]`.
-pub fn openai_events(
-    mut opened: Opened,
+/// The chat completions encoder for one reply.
+pub struct Encoder {
+    writer: ChunkWriter,
     completion: Completion,
     include_usage: bool,
-    mut guard: StreamGuard,
-) -> impl Stream<Item = Bytes> + Send + 'static {
-    let mut writer = ChunkWriter::new(&completion, include_usage);
-    async_stream::stream! {
-        let mut out = SseWriter::new();
-        out.retry();
-        let mut role_sent = false;
-        while let Some(item) = opened.next().await {
-            // The role chunk goes first, with the upstream's identity when it came first.
-            if !role_sent && !matches!(item, Ok(Delta::Identity(_))) {
-                role_sent = true;
-                // As OpenAI writes it: `content: null` before tool calls (and other fields),
-                // `""` before text.
-                let role = match item {
-                    Ok(Delta::Fields(_)) => r#"{"role":"assistant","content":null}"#,
-                    _ => r#"{"role":"assistant","content":""}"#,
-                };
-                yield out.event(None, |b| writer.choice(b, &[role], None));
-            }
-            match item {
-                Ok(Delta::Text(text)) => {
-                    guard.delivered();
-                    // Per token: the text's JSON literal, as it came, into the one buffer.
-                    yield out.event(None, |b| writer.choice(b, &["{\"content\":", text.json(), "}"], None));
-                }
-                Ok(Delta::Fields(fields)) => {
-                    guard.times.token(guard.exchange.arrived().elapsed());
-                    yield out.event(None, |b| writer.choice(b, &[fields.json()], None));
-                }
-                Ok(Delta::Finish(reason)) => {
-                    yield out.event(None, |b| writer.choice(b, &["{}"], Some(&reason)));
-                }
-                Ok(Delta::Identity(identity)) => writer.head = ChunkWriter::head(&completion, &identity),
-                Ok(Delta::Logprobs(logprobs)) => writer.logprobs = Some(logprobs),
-                Ok(Delta::UsageDetails(details)) => writer.usage_details = Some(details),
-                Ok(Delta::Usage(usage)) => guard.reported = Some(usage),
-                Ok(Delta::Queued(ahead)) => yield queued(&mut out, ahead),
-                // Native events come only to the route that speaks their API.
-                Ok(Delta::Event(_)) => {}
-                Err(e) => {
-                    guard.failed(&e);
-                    let body = ApiError::from(e).body().to_string();
-                    yield out.event(None, |b| put(b, &body));
-                    return;
-                }
-            }
+    role_sent: bool,
+}
+
+impl Encoder {
+    /// `include_usage`: the client asked for the usage chunk (`stream_options`); a reply
+    /// answered whole always has it.
+    pub fn new(completion: Completion, include_usage: bool) -> Self {
+        Encoder {
+            writer: ChunkWriter::new(&completion, include_usage),
+            completion,
+            include_usage,
+            role_sent: false,
         }
-        if include_usage {
-            let usage = guard.usage();
-            yield out.event(None, |b| writer.usage(b, usage));
-        }
-        guard.finish(Outcome::Completed);
-        yield out.event(None, |b| put(b, "[DONE]"));
     }
 }
 
-/// `stream: false`: the whole reply as one `chat.completion` object. Dropping this future
-/// (the client left) drops the backend stream like a streamed request would.
-pub async fn collect(
-    mut opened: Opened,
-    completion: Completion,
-    mut guard: StreamGuard,
-    max_bytes: usize,
-) -> Result<Value, ApiError> {
-    let mut content = String::new();
-    let mut fields = Map::new();
-    let mut finish = None;
-    let mut identity = None;
-    let mut usage_details = None;
-    let mut assembled_logprobs: Option<Map<String, Value>> = None;
-    // What the reply holds so far, in bytes as written.
-    let mut size = 0usize;
-    while let Some(item) = opened.next().await {
-        match &item {
-            Ok(Delta::Text(text)) => size = size.saturating_add(text.len()),
-            Ok(Delta::Fields(delta)) => size = size.saturating_add(delta.json().len()),
-            _ => {}
+impl crate::relay::Encoder for Encoder {
+    fn event(&mut self, delta: Delta, out: &mut Out) {
+        let writer = &mut self.writer;
+        // The role chunk goes first, with the upstream's identity when it came first.
+        if !self.role_sent && !matches!(delta, Delta::Identity(_)) {
+            self.role_sent = true;
+            // As OpenAI writes it: `content: null` before tool calls (and other fields),
+            // `""` before text.
+            let role = match delta {
+                Delta::Fields(_) => r#"{"role":"assistant","content":null}"#,
+                _ => r#"{"role":"assistant","content":""}"#,
+            };
+            out.event(None, |b| writer.choice(b, &[role], None));
         }
-        if size > max_bytes {
-            let e = BackendError::TooLarge(max_bytes);
-            guard.failed(&e);
-            return Err(e.into());
-        }
-        match item {
-            Ok(Delta::Text(text)) => {
-                guard.delivered();
-                text.push_to(&mut content);
+        match delta {
+            // Per token: the text's JSON literal, as it came, into the one buffer.
+            Delta::Text(text) => out.event(None, |b| {
+                writer.choice(b, &["{\"content\":", text.json(), "}"], None)
+            }),
+            Delta::Fields(fields) => out.event(None, |b| writer.choice(b, &[fields.json()], None)),
+            Delta::Finish(reason) => out.event(None, |b| writer.choice(b, &["{}"], Some(&reason))),
+            Delta::Identity(identity) => {
+                writer.head = ChunkWriter::head(&self.completion, &identity)
             }
-            Ok(Delta::Fields(delta)) => {
-                if let Ok(Value::Object(delta)) = serde_json::from_str(delta.json()) {
-                    merge_fields(&mut fields, delta);
-                }
-            }
-            Ok(Delta::Finish(reason)) => finish = Some(reason),
-            Ok(Delta::Identity(fields)) => identity = Some(fields),
-            Ok(Delta::UsageDetails(details)) => usage_details = Some(details),
-            Ok(Delta::Logprobs(logprobs)) => {
-                if let Ok(Value::Object(more)) = serde_json::from_str(logprobs.json()) {
-                    merge_logprobs(&mut assembled_logprobs, more);
-                }
-            }
-            Ok(Delta::Usage(usage)) => guard.reported = Some(usage),
-            Ok(Delta::Queued(_) | Delta::Event(_)) => {}
-            Err(e) => {
-                guard.failed(&e);
-                return Err(e.into());
-            }
+            Delta::Logprobs(logprobs) => writer.logprobs = Some(logprobs),
+            Delta::UsageDetails(details) => writer.usage_details = Some(details),
+            // Metered by the loop; written at the end.
+            Delta::Usage(_) | Delta::Queued(_) | Delta::Event(_) => {}
         }
     }
-    guard.finish(Outcome::Completed);
-    let mut message = Map::new();
-    message.insert("role".into(), json!("assistant"));
-    let has_tool_calls = fields.contains_key("tool_calls");
-    message.insert(
-        "content".into(),
-        if content.is_empty() && has_tool_calls {
-            Value::Null
-        } else {
-            Value::String(content)
-        },
-    );
-    // As OpenAI writes a message: `refusal` and `annotations` always there.
-    message.insert("refusal".into(), Value::Null);
-    message.insert("annotations".into(), json!([]));
-    message.extend(fields);
-    strip_index(&mut message);
-    let mut usage = json!(guard.usage());
-    if let (Some(details), Value::Object(usage)) = (usage_details, &mut usage)
-        && let Ok(Value::Object(details)) = serde_json::from_str(&format!("{{{details}}}"))
-    {
-        usage.extend(details);
+
+    fn end(&mut self, end: &End, out: &mut Out) {
+        if self.include_usage {
+            let writer = &self.writer;
+            out.event(None, |b| writer.usage(b, end.usage));
+        }
+        out.json(None, "[DONE]");
     }
-    let mut reply = json!({
-        "id": completion.id,
-        "object": "chat.completion",
-        "created": completion.created,
-        "model": completion.model,
-        "system_fingerprint": null,
-        "choices": [{"index": 0, "message": message, "logprobs": assembled_logprobs, "finish_reason": finish}],
-        "usage": usage,
-    });
-    if let (Some(identity), Value::Object(reply)) = (identity, &mut reply)
-        && let Ok(Value::Object(fields)) = serde_json::from_str(&format!("{{{identity}}}"))
-    {
-        reply.extend(fields);
+
+    fn fail(&mut self, error: &ApiError, out: &mut Out) {
+        self::error(error, out);
     }
-    Ok(reply)
+}
+
+/// The event that ends a stream with `error`: OpenAI's error body, no `[DONE]`.
+pub fn error(error: &ApiError, out: &mut Out) {
+    out.json(None, &error.body().to_string());
 }
 
 /// The `chat.completion` that a finished stream's logged events add up to (for a client
@@ -255,8 +172,9 @@ pub fn assemble<'a>(events: impl IntoIterator<Item = &'a [u8]>) -> Result<Value,
     let mut content = String::new();
     let mut finish = Value::Null;
     let mut usage = Value::Null;
+    let mut logprobs = None;
     for event in events {
-        let Some(Value::Object(mut chunk)) = super::payload(event) else {
+        let Some(Value::Object(mut chunk)) = crate::relay::payload(event) else {
             continue; // `[DONE]`
         };
         if chunk.contains_key("error") {
@@ -274,6 +192,9 @@ pub fn assemble<'a>(events: impl IntoIterator<Item = &'a [u8]>) -> Result<Value,
             }
             if let Some(reason) = choice.remove("finish_reason").filter(|r| !r.is_null()) {
                 finish = reason;
+            }
+            if let Some(Value::Object(more)) = choice.remove("logprobs") {
+                merge_logprobs(&mut logprobs, more);
             }
         }
         if let Some(u) = chunk.remove("usage").filter(|u| !u.is_null()) {
@@ -299,7 +220,7 @@ pub fn assemble<'a>(events: impl IntoIterator<Item = &'a [u8]>) -> Result<Value,
     reply.insert("object".into(), json!("chat.completion"));
     reply.insert(
         "choices".into(),
-        json!([{"index": 0, "message": message, "logprobs": null, "finish_reason": finish}]),
+        json!([{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}]),
     );
     reply.insert("usage".into(), usage);
     Ok(Value::Object(reply))
@@ -368,6 +289,85 @@ fn merge_fields(into: &mut Map<String, Value>, delta: Map<String, Value>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::Text;
+    use crate::relay::{CANNED_END, Encoder as _, canned, payload};
+
+    fn payloads(events: &[String]) -> Vec<Value> {
+        events
+            .iter()
+            .map(|e| payload(e.as_bytes()).unwrap_or(Value::Null))
+            .collect()
+    }
+
+    #[test]
+    fn text_streams_as_chunks_then_usage_then_done() {
+        let mut encoder = Encoder::new(Completion::new("m"), true);
+        let deltas = vec![
+            Delta::Text(Text::plain("Hel")),
+            Delta::Text(Text::plain("lo")),
+            Delta::Finish("stop".into()),
+        ];
+        let events = canned(&mut encoder, deltas, Some(&CANNED_END));
+        let data = payloads(&events);
+        assert_eq!(
+            data[0]["choices"][0]["delta"],
+            json!({"role": "assistant", "content": ""})
+        );
+        assert_eq!(data[1]["choices"][0]["delta"]["content"], "Hel");
+        assert_eq!(data[3]["choices"][0]["finish_reason"], "stop");
+        assert_eq!(data[4]["usage"]["total_tokens"], 5);
+        assert_eq!(data[4]["choices"], json!([]));
+        assert!(events[5].ends_with("data: [DONE]\n\n"), "{}", events[5]);
+        // Every chunk shares one identity and is numbered.
+        assert!(data[..5].iter().all(|c| c["id"] == data[0]["id"]));
+        assert!(events[0].starts_with("retry: 1000\nid: 1\n"));
+        assert!(events[5].starts_with("id: 6\n"));
+        let reply = assemble(events.iter().map(|e| e.as_bytes())).expect("a reply");
+        assert_eq!(reply["choices"][0]["message"]["content"], "Hello");
+        assert_eq!(reply["usage"]["completion_tokens"], 2);
+    }
+
+    #[test]
+    fn tool_calls_open_with_content_null_and_assemble_whole() {
+        let mut encoder = Encoder::new(Completion::new("m"), false);
+        let call = |v: Value| Fields::delta(&v).expect("fields");
+        let deltas = vec![
+            call(
+                json!({"tool_calls": [{"index": 0, "id": "c1", "type": "function",
+                "function": {"name": "f", "arguments": ""}}]}),
+            ),
+            call(json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"a\":1}"}}]})),
+            Delta::Finish("tool_calls".into()),
+        ];
+        let events = canned(&mut encoder, deltas, Some(&CANNED_END));
+        let data = payloads(&events);
+        assert_eq!(
+            data[0]["choices"][0]["delta"],
+            json!({"role": "assistant", "content": null})
+        );
+        // No usage chunk unless asked for.
+        assert_eq!(events.len(), 5);
+        let reply = assemble(events.iter().map(|e| e.as_bytes())).expect("a reply");
+        let message = &reply["choices"][0]["message"];
+        assert!(message["content"].is_null());
+        assert_eq!(
+            message["tool_calls"][0]["function"]["arguments"],
+            "{\"a\":1}"
+        );
+        assert!(message["tool_calls"][0].get("index").is_none());
+    }
+
+    #[test]
+    fn a_failure_is_the_openai_error_body_and_no_done() {
+        let mut encoder = Encoder::new(Completion::new("m"), false);
+        let mut events = canned(&mut encoder, vec![Delta::Text(Text::plain("a"))], None);
+        let mut out = Out::numbered_from(2);
+        encoder.fail(&ApiError::StreamCancelled, &mut out);
+        events.extend(out.take().map(|e| String::from_utf8_lossy(&e).into_owned()));
+        assert_eq!(payloads(&events)[2]["error"]["code"], "stream_cancelled");
+        let ended = assemble(events.iter().map(|e| e.as_bytes()));
+        assert!(ended.is_err());
+    }
 
     #[test]
     fn tool_call_deltas_merge_like_the_sdks() {

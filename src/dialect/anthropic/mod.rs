@@ -1,0 +1,459 @@
+//! Anthropic's Messages API encoder: canonical events to Anthropic's stream —
+//! `message_start`, a `ping`, then per content block `content_block_start`, its deltas
+//! (`text_delta`, `input_json_delta` for tool input, `thinking_delta` for reasoning),
+//! `content_block_stop`; a new block whenever the kind changes, opened before the delta
+//! that changed it; then `message_delta` (stop reason, usage) and `message_stop`. A failure
+//! after the first event is an `error` event with Anthropic's body. Also the message a
+//! stream's events add up to, and Anthropic's error body for any [`ApiError`].
+
+pub mod request;
+
+use std::fmt::Write as _;
+
+use serde_json::{Map, Value, json};
+
+use crate::backend::{Delta, Usage};
+use crate::error::ApiError;
+use crate::relay::{End, Out, Relayed, payload, put};
+
+/// What a chat completion id (`chatcmpl-…`) begins with as a message's.
+pub const ID_PREFIX: &str = "msg_";
+
+/// What Anthropic's clients are sent to keep a quiet stream open.
+pub const PING: &[u8] = b"event: ping\ndata: {\"type\": \"ping\"}\n\n";
+
+/// A message's identity.
+pub struct Meta {
+    /// `msg_…`.
+    pub id: String,
+    pub model: String,
+}
+
+/// Anthropic's error type for an HTTP status.
+pub fn error_type(status: u16) -> &'static str {
+    match status {
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        503 | 529 => "overloaded_error",
+        400..=499 => "invalid_request_error",
+        _ => "api_error",
+    }
+}
+
+/// `{"type":"error","error":{"type","message"}}` for `error`.
+pub fn error_body(error: &ApiError) -> Value {
+    json!({"type": "error", "error": {"type": error_type(error.status().as_u16()),
+        "message": error.to_string()}})
+}
+
+/// The stop reason of a chat finish reason.
+fn stop_reason(finish: Option<&str>) -> &'static str {
+    match finish {
+        Some("length") => "max_tokens",
+        Some("tool_calls" | "function_call") => "tool_use",
+        Some("content_filter") => "refusal",
+        _ => "end_turn",
+    }
+}
+
+#[derive(PartialEq)]
+enum Block {
+    Text,
+    Thinking,
+    /// A tool call: the chat `index` its later deltas name.
+    Tool(u64),
+}
+
+/// The Messages encoder for one message.
+pub struct Encoder {
+    meta: Meta,
+    /// The prompt's size as sluice counted it, for `message_start`.
+    input_tokens: u32,
+    /// The block open now, and its index.
+    open: Option<(Block, usize)>,
+    next: usize,
+    finish: Option<String>,
+    /// A relayed message's input tokens, from its `message_start`.
+    relayed_input: Option<u32>,
+}
+
+/// Writes event `name` with `data`.
+fn event(out: &mut Out, name: &str, data: &Value) {
+    out.json(Some(name), &data.to_string());
+}
+
+impl Encoder {
+    pub fn new(meta: Meta, input_tokens: u32) -> Self {
+        Encoder {
+            meta,
+            input_tokens,
+            open: None,
+            next: 0,
+            finish: None,
+            relayed_input: None,
+        }
+    }
+
+    fn stop(&mut self, out: &mut Out) {
+        if let Some((_, index)) = self.open.take() {
+            event(
+                out,
+                "content_block_stop",
+                &json!({"type": "content_block_stop", "index": index}),
+            );
+        }
+    }
+
+    /// Opens a block of `kind` (closing the one before) unless one is open already.
+    fn start(&mut self, kind: Block, block: Value, out: &mut Out) -> usize {
+        if let Some((open, index)) = &self.open
+            && *open == kind
+        {
+            return *index;
+        }
+        self.stop(out);
+        let index = self.next;
+        self.next += 1;
+        event(
+            out,
+            "content_block_start",
+            &json!({"type": "content_block_start", "index": index, "content_block": block}),
+        );
+        self.open = Some((kind, index));
+        index
+    }
+
+    /// Upstream fields beyond text: reasoning, tool call deltas.
+    fn fields(&mut self, delta: &Map<String, Value>, out: &mut Out) {
+        let reasoning = ["reasoning_content", "reasoning"]
+            .iter()
+            .find_map(|k| delta.get(*k).and_then(Value::as_str))
+            .filter(|r| !r.is_empty());
+        if let Some(reasoning) = reasoning {
+            let index = self.start(
+                Block::Thinking,
+                json!({"type": "thinking", "thinking": "", "signature": ""}),
+                out,
+            );
+            event(
+                out,
+                "content_block_delta",
+                &json!({"type": "content_block_delta",
+                "index": index, "delta": {"type": "thinking_delta", "thinking": reasoning}}),
+            );
+        }
+        let Some(Value::Array(calls)) = delta.get("tool_calls") else {
+            return;
+        };
+        for call in calls {
+            let tool = call.get("index").and_then(Value::as_u64).unwrap_or(0);
+            let block = json!({"type": "tool_use",
+                "id": call.get("id").and_then(Value::as_str).map_or_else(
+                    || format!("toolu_{}", uuid::Uuid::new_v4().simple()), str::to_owned),
+                "name": call.pointer("/function/name").and_then(Value::as_str).unwrap_or_default(),
+                "input": {}});
+            let index = self.start(Block::Tool(tool), block, out);
+            let arguments = call
+                .pointer("/function/arguments")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            if !arguments.is_empty() {
+                event(
+                    out,
+                    "content_block_delta",
+                    &json!({"type": "content_block_delta",
+                    "index": index, "delta": {"type": "input_json_delta", "partial_json": arguments}}),
+                );
+            }
+        }
+    }
+}
+
+impl crate::relay::Encoder for Encoder {
+    fn open(&mut self, out: &mut Out) {
+        let start = json!({"type": "message_start", "message": {"id": self.meta.id, "type": "message",
+            "role": "assistant", "model": self.meta.model, "content": [], "stop_reason": null,
+            "stop_sequence": null, "usage": {"input_tokens": self.input_tokens, "output_tokens": 1,
+            "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}});
+        event(out, "message_start", &start);
+        event(out, "ping", &json!({"type": "ping"}));
+    }
+
+    fn event(&mut self, delta: Delta, out: &mut Out) {
+        match delta {
+            Delta::Text(text) => {
+                let index = self.start(Block::Text, json!({"type": "text", "text": ""}), out);
+                // Per token: the text's JSON literal, as it came.
+                out.event(Some("content_block_delta"), |b| {
+                    put(b, "{\"type\":\"content_block_delta\",\"index\":");
+                    let _ = write!(b, "{index}");
+                    put(b, ",\"delta\":{\"type\":\"text_delta\",\"text\":");
+                    put(b, text.json());
+                    put(b, "}}");
+                });
+            }
+            Delta::Fields(fields) => {
+                if let Ok(Value::Object(delta)) = serde_json::from_str(fields.json()) {
+                    self.fields(&delta, out);
+                }
+            }
+            Delta::Finish(reason) => self.finish = Some(reason),
+            _ => {}
+        }
+    }
+
+    fn end(&mut self, end: &End, out: &mut Out) {
+        self.stop(out);
+        let usage = end.usage;
+        event(
+            out,
+            "message_delta",
+            &json!({"type": "message_delta",
+            "delta": {"stop_reason": stop_reason(self.finish.as_deref()), "stop_sequence": null, "stop_details": null},
+            "usage": {"input_tokens": usage.prompt_tokens, "output_tokens": usage.completion_tokens,
+                "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}),
+        );
+        event(out, "message_stop", &json!({"type": "message_stop"}));
+    }
+
+    fn fail(&mut self, error: &ApiError, out: &mut Out) {
+        self::error(error, out);
+    }
+
+    /// One event of an upstream that speaks the Messages API, relayed as it came but for the
+    /// message's `id` (sluice's, so the stream can be resumed under it).
+    fn relay(&mut self, raw: &str, out: &mut Out) -> Relayed {
+        let mut seen = Relayed::default();
+        let Ok(mut event) = serde_json::from_str::<Value>(raw) else {
+            out.json(None, raw);
+            return seen;
+        };
+        let kind = event["type"].as_str().unwrap_or_default().to_owned();
+        let clamp = |n: &Value| n.as_u64().map(|n| u32::try_from(n).unwrap_or(u32::MAX));
+        let mut changed = false;
+        match kind.as_str() {
+            "message_start" => {
+                if let Some(message) = event.get_mut("message").and_then(Value::as_object_mut) {
+                    message.insert("id".into(), json!(self.meta.id));
+                    changed = true;
+                }
+                if let Some(input) = clamp(&event["message"]["usage"]["input_tokens"]) {
+                    self.relayed_input = Some(input);
+                    seen.usage = Some(Usage::new(input, 0));
+                }
+            }
+            "content_block_delta" if event["delta"]["type"] == "text_delta" => seen.text = true,
+            "message_delta" => {
+                let input = clamp(&event["usage"]["input_tokens"])
+                    .or(self.relayed_input)
+                    .unwrap_or(0);
+                if let Some(output) = clamp(&event["usage"]["output_tokens"]) {
+                    seen.usage = Some(Usage::new(input, output));
+                }
+            }
+            "message_stop" => seen.ended = Some(Ok(())),
+            "error" => {
+                let message = event["error"]["message"]
+                    .as_str()
+                    .unwrap_or("the upstream's message failed")
+                    .to_owned();
+                seen.ended = Some(Err(message));
+            }
+            _ => {}
+        }
+        let name = (!kind.is_empty()).then_some(kind.as_str());
+        if changed {
+            out.json(name, &event.to_string());
+        } else {
+            out.json(name, raw);
+        }
+        seen
+    }
+}
+
+/// The `error` event that ends a stream, in Anthropic's shape.
+pub fn error(error: &ApiError, out: &mut Out) {
+    event(out, "error", &error_body(error));
+}
+
+/// The message a stream's events add up to (for `stream: false`), or the error body it
+/// ended with.
+pub fn assemble<'a>(events: impl IntoIterator<Item = &'a [u8]>) -> Result<Value, Value> {
+    let mut message = Value::Null;
+    let mut inputs: Vec<String> = Vec::new();
+    for event in events {
+        let Some(mut event) = payload(event) else {
+            continue;
+        };
+        match event["type"].as_str().unwrap_or_default() {
+            "message_start" => message = event["message"].take(),
+            _ if !message.is_object() => {}
+            "content_block_start" => {
+                if let Some(content) = message["content"].as_array_mut() {
+                    content.push(event["content_block"].take());
+                    inputs.push(String::new());
+                }
+            }
+            "content_block_delta" => {
+                let index = event["index"].as_u64().unwrap_or(0) as usize;
+                let delta = &event["delta"];
+                // An index no block has (an upstream's mistake) is skipped, not a panic.
+                let Some(block) = message
+                    .get_mut("content")
+                    .and_then(Value::as_array_mut)
+                    .and_then(|content| content.get_mut(index))
+                    .filter(|block| block.is_object())
+                else {
+                    continue;
+                };
+                match delta["type"].as_str() {
+                    Some("text_delta") => {
+                        let text = format!(
+                            "{}{}",
+                            block["text"].as_str().unwrap_or_default(),
+                            delta["text"].as_str().unwrap_or_default()
+                        );
+                        block["text"] = Value::String(text);
+                    }
+                    Some("thinking_delta") => {
+                        let text = format!(
+                            "{}{}",
+                            block["thinking"].as_str().unwrap_or_default(),
+                            delta["thinking"].as_str().unwrap_or_default()
+                        );
+                        block["thinking"] = Value::String(text);
+                    }
+                    Some("input_json_delta") => {
+                        if let Some(input) = inputs.get_mut(index) {
+                            input.push_str(delta["partial_json"].as_str().unwrap_or_default());
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            "message_delta" => {
+                let Some(message) = message.as_object_mut() else {
+                    continue;
+                };
+                message.insert("stop_reason".into(), event["delta"]["stop_reason"].take());
+                message.insert(
+                    "stop_sequence".into(),
+                    event["delta"]["stop_sequence"].take(),
+                );
+                if let (Some(Value::Object(have)), Some(usage)) =
+                    (message.get_mut("usage"), event["usage"].as_object())
+                {
+                    for (key, value) in usage {
+                        have.insert(key.clone(), value.clone());
+                    }
+                }
+            }
+            "error" => return Err(event),
+            _ => {}
+        }
+    }
+    if let Some(content) = message.get_mut("content").and_then(Value::as_array_mut) {
+        for (block, input) in content.iter_mut().zip(inputs) {
+            if let Some(block) = block.as_object_mut()
+                && block.get("type").is_some_and(|t| t == "tool_use")
+                && !input.is_empty()
+            {
+                let input = serde_json::from_str(&input).unwrap_or(Value::Object(Map::new()));
+                block.insert("input".into(), input);
+            }
+        }
+    }
+    Ok(message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{Fields, Text};
+    use crate::relay::{CANNED_END, Encoder as _, canned};
+
+    fn encoder() -> Encoder {
+        let meta = Meta {
+            id: "msg_1".into(),
+            model: "m".into(),
+        };
+        Encoder::new(meta, 3)
+    }
+
+    #[test]
+    fn text_then_a_tool_call_are_two_blocks_and_a_tool_use_stop() {
+        let mut encoder = encoder();
+        let call = json!({"tool_calls": [{"index": 0, "id": "toolu_1", "function": {"name": "Bash", "arguments": "{\"c\":"}}]});
+        let more = json!({"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]});
+        let deltas = vec![
+            Delta::Text(Text::plain("Let me.")),
+            Fields::delta(&call).expect("fields"),
+            Fields::delta(&more).expect("fields"),
+            Delta::Finish("tool_calls".into()),
+        ];
+        let events = canned(&mut encoder, deltas, Some(&CANNED_END));
+        let data: Vec<Value> = events
+            .iter()
+            .filter_map(|e| payload(e.as_bytes()))
+            .collect();
+        let types: Vec<&str> = data.iter().filter_map(|d| d["type"].as_str()).collect();
+        assert_eq!(
+            types,
+            [
+                "message_start",
+                "ping",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_delta",
+                "content_block_stop",
+                "message_delta",
+                "message_stop"
+            ]
+        );
+        assert_eq!(data[0]["message"]["usage"]["input_tokens"], 3);
+        assert_eq!(data[9]["delta"]["stop_reason"], "tool_use");
+        let message = assemble(events.iter().map(|e| e.as_bytes())).expect("a message");
+        assert_eq!(message["content"][0]["text"], "Let me.");
+        assert_eq!(message["content"][1]["input"], json!({"c": 1}));
+        assert_eq!(message["usage"]["output_tokens"], 2);
+    }
+
+    #[test]
+    fn a_failure_is_anthropic_s_error_event() {
+        let mut out = Out::numbered_from(7);
+        error(&ApiError::ProducerLost, &mut out);
+        let event = out.take().next().expect("an event");
+        assert!(event.starts_with(b"id: 8\nevent: error\n"));
+        let body = payload(&event).expect("JSON");
+        assert_eq!(body["type"], "error");
+        assert_eq!(body["error"]["type"], "api_error");
+    }
+
+    #[test]
+    fn a_relayed_stream_keeps_every_event_and_reports_its_usage() {
+        let mut encoder = encoder();
+        let mut out = Out::new();
+        let start = r#"{"type":"message_start","message":{"id":"msg_up","usage":{"input_tokens":9,"output_tokens":1}}}"#;
+        assert_eq!(encoder.relay(start, &mut out).usage, Some(Usage::new(9, 0)));
+        let signature = r#"{"type":"content_block_delta","index":0,"delta":{"type":"signature_delta","signature":"EqQB"}}"#;
+        assert_eq!(encoder.relay(signature, &mut out), Relayed::default());
+        let delta = r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":4}}"#;
+        assert_eq!(encoder.relay(delta, &mut out).usage, Some(Usage::new(9, 4)));
+        let overloaded =
+            r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
+        assert_eq!(
+            encoder.relay(overloaded, &mut out).ended,
+            Some(Err("Overloaded".into()))
+        );
+        let events: Vec<_> = out.take().collect();
+        assert_eq!(payload(&events[0]).expect("JSON")["message"]["id"], "msg_1");
+        assert!(events[1].ends_with(format!("data: {signature}\n\n").as_bytes()));
+        assert!(events[3].starts_with(b"id: 4\nevent: error\n"));
+    }
+}

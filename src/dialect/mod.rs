@@ -1,0 +1,130 @@
+//! One dialect per wire format. Everything about one API lives in its folder and nothing
+//! else does: how its request becomes the canonical request ([`Chat`]), its pure encoder
+//! (canonical events in, SSE events out: see [`crate::relay::Encoder`]), how it assembles a
+//! whole reply from its events, its errors in its own shape and words, and its stream ids.
+//!
+//! - `chat/`: OpenAI chat completions (`/v1/chat/completions`).
+//! - `responses/`: OpenAI's Responses API (`/v1/responses`).
+//! - `anthropic/`: Anthropic's Messages API (`/v1/messages`).
+//! - `sluice/`: sluice's own `/api/chat` events.
+//!
+//! A route (`src/routes/`) reads the HTTP request, asks its dialect for the canonical
+//! request, runs it through the pipeline, and answers with its dialect's encoder over the
+//! one encode loop. A new API is a new folder here, a [`Wire`] variant, and a route.
+
+pub mod anthropic;
+pub mod chat;
+pub mod responses;
+pub mod sluice;
+
+use bytes::Bytes;
+use serde_json::{Map, Value};
+
+use crate::backend::{Message, Native};
+use crate::error::ApiError;
+use crate::relay::{Completion, Out};
+
+/// A request as its dialect parsed it: the one shape the pipeline takes.
+pub struct Chat {
+    pub model: String,
+    /// The conversation as the models sluice runs itself read it (role and text).
+    pub messages: Vec<Message>,
+    pub max_tokens: Option<u32>,
+    /// The field `max_tokens` came from, to name in errors.
+    pub max_tokens_param: &'static str,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub seed: Option<u64>,
+    /// The body an OpenAI-compatible upstream receives (unknown fields pass through).
+    pub body: Map<String, Value>,
+    /// The request as the client sent it, for an upstream that speaks the client's API.
+    pub native: Option<Native>,
+    /// The request's size in bytes as it goes upstream: its tokens are reserved beyond the
+    /// messages' text, at a token per four bytes.
+    pub size: usize,
+    /// What translating `native` into `body` left out (`web_search`, `thinking`…): named to
+    /// the client (`x-sluice-dropped`) when the upstream does not speak the client's API.
+    pub dropped: Dropped,
+}
+
+/// The names of what a translation left out, each once, in the order met.
+#[derive(Debug, Default)]
+pub struct Dropped(Vec<String>);
+
+impl Dropped {
+    pub fn add(&mut self, name: &str) {
+        if !self.0.iter().any(|n| n == name) {
+            self.0.push(name.to_owned());
+        }
+    }
+
+    pub fn into_names(self) -> Vec<String> {
+        self.0
+    }
+}
+
+/// Which dialect wrote a stream: a resumed stream is read in the format it was written in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wire {
+    /// sluice's `/api/chat` events.
+    Chat,
+    /// OpenAI's chat completion chunks.
+    OpenAi,
+    /// OpenAI's Responses API events.
+    Responses,
+    /// Anthropic's Messages API events.
+    Anthropic,
+}
+
+impl Wire {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Wire::Chat => "chat",
+            Wire::OpenAi => "openai",
+            Wire::Responses => "responses",
+            Wire::Anthropic => "anthropic",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Wire> {
+        match name {
+            "chat" => Some(Wire::Chat),
+            "openai" => Some(Wire::OpenAi),
+            "responses" => Some(Wire::Responses),
+            "anthropic" => Some(Wire::Anthropic),
+            _ => None,
+        }
+    }
+
+    /// The id clients know a reply's stream by, in this dialect's form.
+    pub fn stream_id(self, completion: &Completion) -> String {
+        let prefix = match self {
+            Wire::OpenAi => return completion.id.clone(),
+            Wire::Chat => sluice::ID_PREFIX,
+            Wire::Responses => responses::ID_PREFIX,
+            Wire::Anthropic => anthropic::ID_PREFIX,
+        };
+        completion.id.replacen("chatcmpl-", prefix, 1)
+    }
+
+    /// What a quiet stream of this dialect is sent to keep it open.
+    pub fn keep_alive(self) -> &'static [u8] {
+        match self {
+            Wire::Anthropic => anthropic::PING,
+            _ => b": keep-alive\n\n",
+        }
+    }
+
+    /// The event that ends stream `stream_id` with `error` when `id - 1` events came before
+    /// it: for a stream cut short after its encoder stopped (cancelled, its producer lost).
+    pub fn error_event(self, stream_id: &str, id: u64, error: &ApiError) -> Bytes {
+        let mut out = Out::numbered_from(id.saturating_sub(1));
+        match self {
+            Wire::Chat => sluice::error(error, &mut out),
+            Wire::OpenAi => chat::error(error, &mut out),
+            Wire::Responses => responses::ended_by(stream_id, error, &mut out),
+            Wire::Anthropic => anthropic::error(error, &mut out),
+        }
+        out.take().next().unwrap_or_default()
+    }
+}

@@ -1,0 +1,629 @@
+//! A Responses API request as the canonical request: its `input` items, `instructions`,
+//! tools and options become a chat request (what any OpenAI-compatible upstream, the mock
+//! and the local model take), a stored conversation it continues included; what a chat
+//! upstream has no place for is left out and named. The request as sent goes to an
+//! upstream that speaks the Responses API itself.
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use crate::backend::Message;
+use crate::dialect::{Chat, Dropped};
+use crate::error::{ApiError, shown};
+use crate::http::BODY_LIMIT;
+
+/// The fields sluice reads; the others are accepted and ignored (`include`, `truncation`…).
+#[derive(Deserialize)]
+pub struct Fields {
+    pub model: String,
+    pub input: Option<Input>,
+    pub instructions: Option<String>,
+    #[serde(default)]
+    pub tools: Vec<Value>,
+    pub tool_choice: Option<Value>,
+    pub max_output_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub text: Option<Value>,
+    pub metadata: Option<Map<String, Value>>,
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default)]
+    pub background: bool,
+    pub store: Option<bool>,
+    pub previous_response_id: Option<String>,
+    pub parallel_tool_calls: Option<bool>,
+    pub user: Option<String>,
+    pub reasoning: Option<Value>,
+}
+
+/// The Responses API's own fields: translated, kept in the response object, or (the last
+/// ones) with no chat counterpart. Any other field goes to the upstream as it came.
+const RESPONSES_FIELDS: [&str; 27] = [
+    "model",
+    "input",
+    "instructions",
+    "tools",
+    "tool_choice",
+    "max_output_tokens",
+    "temperature",
+    "top_p",
+    "text",
+    "metadata",
+    "stream",
+    "background",
+    "store",
+    "previous_response_id",
+    "parallel_tool_calls",
+    "user",
+    "reasoning",
+    "include",
+    "truncation",
+    "stream_options",
+    "conversation",
+    "prompt",
+    "prompt_cache_key",
+    "max_tool_calls",
+    "client_metadata",
+    "prompt_cache_retention",
+    "safety_identifier",
+];
+
+/// Of [`RESPONSES_FIELDS`], those a chat upstream gets nothing of: named as left out when
+/// a request sets them.
+const NOT_FOR_CHAT: [&str; 5] = [
+    "conversation",
+    "prompt",
+    "max_tool_calls",
+    "client_metadata",
+    "include",
+];
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub enum Input {
+    Text(String),
+    Items(Vec<Value>),
+}
+
+pub fn invalid(message: impl Into<String>, param: &str) -> ApiError {
+    ApiError::invalid(message, Some(param))
+}
+
+/// The text of a message's content parts, and the chat content they become.
+fn content(content: &Value, at: &str, dropped: &mut Dropped) -> Result<Value, ApiError> {
+    let parts = match content {
+        Value::String(_) => return Ok(content.clone()),
+        Value::Array(parts) => parts,
+        _ => return Err(invalid("content must be a string or a list of parts", at)),
+    };
+    let mut out = Vec::with_capacity(parts.len());
+    let mut only_text = true;
+    for (i, part) in parts.iter().enumerate() {
+        let at = format!("{at}[{i}]");
+        match part["type"].as_str() {
+            Some("input_text" | "output_text" | "text") => {
+                let text = part["text"]
+                    .as_str()
+                    .ok_or_else(|| invalid("a text part needs `text`", &at))?;
+                out.push(json!({"type": "text", "text": text}));
+            }
+            Some("input_image") => {
+                only_text = false;
+                let url = part["image_url"]
+                    .as_str()
+                    .ok_or_else(|| invalid("sluice passes images on by `image_url` only", &at))?;
+                let mut image = json!({"url": url});
+                if let Some(detail) = part.get("detail") {
+                    image["detail"] = detail.clone();
+                }
+                out.push(json!({"type": "image_url", "image_url": image}));
+            }
+            Some("refusal") => {}
+            // Files, audio, and parts to come: left out for a chat upstream, and named.
+            Some(other) => dropped.add(other),
+            None => {
+                return Err(invalid(
+                    "a content part needs a `type`",
+                    &format!("{at}.type"),
+                ));
+            }
+        }
+    }
+    if only_text {
+        let text: String = out
+            .iter()
+            .filter_map(|p| p["text"].as_str())
+            .collect::<Vec<_>>()
+            .join("");
+        return Ok(Value::String(text));
+    }
+    Ok(Value::Array(out))
+}
+
+const ROLES: [&str; 4] = ["user", "system", "developer", "assistant"];
+
+/// `input` as chat messages: messages, `function_call` items (merged into the assistant
+/// message before them, as parallel calls are) and `function_call_output` items.
+fn translate(input: Input, dropped: &mut Dropped) -> Result<Vec<Value>, ApiError> {
+    let items = match input {
+        Input::Text(text) => return Ok(vec![json!({"role": "user", "content": text})]),
+        Input::Items(items) => items,
+    };
+    let mut messages: Vec<Value> = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let at = format!("input[{i}]");
+        let kind = item["type"]
+            .as_str()
+            .unwrap_or(if item.get("role").is_some() {
+                "message"
+            } else {
+                ""
+            });
+        match kind {
+            "message" => {
+                let role = item["role"].as_str().unwrap_or_default();
+                if !ROLES.contains(&role) {
+                    return Err(invalid(
+                        format!(
+                            "unknown role `{role}`; expected one of {}",
+                            ROLES.join(", ")
+                        ),
+                        &format!("{at}.role"),
+                    ));
+                }
+                let content = content(&item["content"], &format!("{at}.content"), dropped)?;
+                messages.push(json!({"role": role, "content": content}));
+            }
+            "function_call" => {
+                let (Some(call_id), Some(name)) = (item["call_id"].as_str(), item["name"].as_str())
+                else {
+                    return Err(invalid("a function_call needs `call_id` and `name`", &at));
+                };
+                let name = match item["namespace"].as_str() {
+                    Some(namespace) => flat_name(namespace, name),
+                    None => name.to_owned(),
+                };
+                let call = json!({"id": call_id, "type": "function", "function": {"name": name,
+                    "arguments": item["arguments"].as_str().unwrap_or("{}")}});
+                match messages.last_mut() {
+                    Some(last) if last["role"] == "assistant" => {
+                        match last.get_mut("tool_calls").and_then(Value::as_array_mut) {
+                            Some(calls) => calls.push(call),
+                            None => last["tool_calls"] = json!([call]),
+                        }
+                    }
+                    _ => messages
+                        .push(json!({"role": "assistant", "content": null, "tool_calls": [call]})),
+                }
+            }
+            "function_call_output" => {
+                let call_id = item["call_id"]
+                    .as_str()
+                    .ok_or_else(|| invalid("a function_call_output needs `call_id`", &at))?;
+                let output = match &item["output"] {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                messages.push(json!({"role": "tool", "tool_call_id": call_id, "content": output}));
+            }
+            // Reasoning the model did before: a chat upstream takes none back. Encrypted
+            // reasoning is named as left out, never lost silently.
+            "reasoning" => {
+                if item.get("encrypted_content").is_some_and(|c| !c.is_null()) {
+                    dropped.add("reasoning.encrypted_content");
+                }
+            }
+            "" => {
+                return Err(invalid(
+                    "an input item needs a `type` or a `role`",
+                    &format!("{at}.type"),
+                ));
+            }
+            // Built-in tools' calls and outputs (`web_search_call`…), and items to come.
+            other => dropped.add(other),
+        }
+    }
+    Ok(messages)
+}
+
+/// Chat messages as Responses input items (for an upstream that speaks that API).
+fn items(messages: &[Value]) -> Vec<Value> {
+    let mut items = Vec::with_capacity(messages.len());
+    for m in messages {
+        match m["role"].as_str() {
+            Some("tool") => items.push(json!({"type": "function_call_output",
+                "call_id": m["tool_call_id"], "output": m["content"]})),
+            Some(role) => {
+                if !m["content"].is_null() {
+                    items.push(json!({"role": role, "content": m["content"]}));
+                }
+                for call in m["tool_calls"].as_array().into_iter().flatten() {
+                    items.push(json!({"type": "function_call", "call_id": call["id"],
+                        "name": call["function"]["name"], "arguments": call["function"]["arguments"]}));
+                }
+            }
+            None => {}
+        }
+    }
+    items
+}
+
+/// What the models sluice runs itself read of chat messages: each one's text.
+fn canonical(messages: &[Value]) -> Vec<Message> {
+    messages
+        .iter()
+        .map(|m| {
+            let content = match &m["content"] {
+                Value::String(s) => s.clone(),
+                Value::Array(parts) => parts.iter().filter_map(|p| p["text"].as_str()).collect(),
+                _ => String::new(),
+            };
+            Message {
+                role: m["role"].as_str().unwrap_or("user").to_owned(),
+                content,
+            }
+        })
+        .collect()
+}
+
+/// A response's output items as the chat messages that continue from it.
+pub fn output_messages(output: &[Value]) -> Vec<Value> {
+    let mut messages: Vec<Value> = Vec::new();
+    for item in output {
+        match item["type"].as_str() {
+            Some("message") => {
+                let text: String = item["content"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|p| p["text"].as_str())
+                    .collect();
+                messages.push(json!({"role": "assistant", "content": text}));
+            }
+            Some("function_call") => {
+                let name = match (item["namespace"].as_str(), item["name"].as_str()) {
+                    (Some(namespace), Some(name)) => json!(flat_name(namespace, name)),
+                    _ => item["name"].clone(),
+                };
+                let call = json!({"id": item["call_id"], "type": "function", "function": {
+                    "name": name, "arguments": item["arguments"]}});
+                match messages.last_mut() {
+                    Some(last) if last["role"] == "assistant" => {
+                        match last.get_mut("tool_calls").and_then(Value::as_array_mut) {
+                            Some(calls) => calls.push(call),
+                            None => last["tool_calls"] = json!([call]),
+                        }
+                    }
+                    _ => messages
+                        .push(json!({"role": "assistant", "content": null, "tool_calls": [call]})),
+                }
+            }
+            _ => {}
+        }
+    }
+    messages
+}
+
+/// A function tool (`{type: "function", name, parameters…}`) as a chat tool, named `name`.
+fn function_tool(tool: &Value, name: &str) -> Value {
+    let mut function = Map::new();
+    function.insert("name".into(), json!(name));
+    for key in ["description", "parameters", "strict"] {
+        if let Some(v) = tool.get(key).filter(|v| !v.is_null()) {
+            function.insert(key.into(), v.clone());
+        }
+    }
+    json!({"type": "function", "function": function})
+}
+
+/// The chat name of function `name` in namespace `namespace`: chat tools have no
+/// namespaces, so the two are joined (and split again on the way back, see [`Meta`]).
+pub fn flat_name(namespace: &str, name: &str) -> String {
+    format!("{namespace}__{name}")
+}
+
+/// Responses tools as chat tools: function tools as they are, a `namespace` of functions
+/// flattened into its functions (`namespace__name`, with the namespace's description
+/// before each one's); built-in tools (`web_search`, `file_search`, …) have no chat
+/// counterpart and are left out, named in `dropped`.
+fn tools(
+    tools: &[Value],
+    namespaces: &mut Vec<(String, String, String)>,
+    dropped: &mut Dropped,
+) -> Result<Vec<Value>, ApiError> {
+    let mut out = Vec::with_capacity(tools.len());
+    for (i, tool) in tools.iter().enumerate() {
+        match tool["type"].as_str() {
+            Some("function") => {
+                let name = tool["name"].as_str().ok_or_else(|| {
+                    invalid(
+                        "a function tool needs a `name`",
+                        &format!("tools[{i}].name"),
+                    )
+                })?;
+                out.push(function_tool(tool, name));
+            }
+            Some("namespace") => {
+                let namespace = tool["name"].as_str().ok_or_else(|| {
+                    invalid(
+                        "a namespace tool needs a `name`",
+                        &format!("tools[{i}].name"),
+                    )
+                })?;
+                for (j, inner) in tool["tools"].as_array().into_iter().flatten().enumerate() {
+                    let at = format!("tools[{i}].tools[{j}]");
+                    let name = match (inner["type"].as_str(), inner["name"].as_str()) {
+                        (Some("function") | None, Some(name)) => name,
+                        (Some(kind), _) if kind != "function" => {
+                            dropped.add(kind);
+                            continue;
+                        }
+                        _ => {
+                            return Err(invalid(
+                                "a function tool needs a `name`",
+                                &format!("{at}.name"),
+                            ));
+                        }
+                    };
+                    let flat = flat_name(namespace, name);
+                    let mut chat = function_tool(inner, &flat);
+                    if let Some(about) = tool["description"].as_str() {
+                        let own = inner["description"].as_str().unwrap_or_default();
+                        chat["function"]["description"] =
+                            json!(format!("{about}\n{own}").trim_end());
+                    }
+                    out.push(chat);
+                    namespaces.push((flat, namespace.to_owned(), name.to_owned()));
+                }
+            }
+            Some(kind) => dropped.add(kind),
+            None => {
+                return Err(invalid(
+                    "a tool needs a `type`",
+                    &format!("tools[{i}].type"),
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `tool_choice` in chat terms. Forcing a tool that was left out (a built-in one) is refused:
+/// a chat upstream would answer without it, and the client could not tell.
+fn tool_choice(choice: &Value) -> Result<Value, ApiError> {
+    match choice {
+        Value::String(s) if matches!(s.as_str(), "auto" | "none" | "required") => {
+            Ok(choice.clone())
+        }
+        Value::Object(o) if o.get("type").and_then(Value::as_str) == Some("function") => {
+            let name = o.get("name").ok_or_else(|| {
+                invalid("a function tool_choice needs a `name`", "tool_choice.name")
+            })?;
+            let name = match o.get("namespace").and_then(Value::as_str) {
+                Some(namespace) => json!(flat_name(namespace, name.as_str().unwrap_or_default())),
+                None => name.clone(),
+            };
+            Ok(json!({"type": "function", "function": {"name": name}}))
+        }
+        // The tools allowed are all there is: what a chat upstream has.
+        Value::Object(o) if o.get("type").and_then(Value::as_str) == Some("allowed_tools") => {
+            match o.get("mode").and_then(Value::as_str) {
+                Some("required") => Ok(json!("required")),
+                _ => Ok(json!("auto")),
+            }
+        }
+        Value::Object(o) if o.get("type").and_then(Value::as_str).is_some() => Err(invalid(
+            format!(
+                "tool_choice forces the built-in tool {}, which this model's upstream cannot run",
+                shown(o.get("type").and_then(Value::as_str))
+            ),
+            "tool_choice",
+        )),
+        _ => Err(invalid(
+            "tool_choice must be auto, none, required or {\"type\": \"function\", \"name\": …}",
+            "tool_choice",
+        )),
+    }
+}
+
+/// `text.format` as chat's `response_format`.
+fn response_format(text: &Value) -> Result<Option<Value>, ApiError> {
+    let format = &text["format"];
+    match format["type"].as_str() {
+        None | Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(json!({"type": "json_object"}))),
+        Some("json_schema") => {
+            let mut schema = Map::new();
+            for key in ["name", "schema", "strict", "description"] {
+                if let Some(v) = format.get(key).filter(|v| !v.is_null()) {
+                    schema.insert(key.into(), v.clone());
+                }
+            }
+            Ok(Some(json!({"type": "json_schema", "json_schema": schema})))
+        }
+        Some(other) => Err(invalid(
+            format!(
+                "text.format of type {} is not supported",
+                shown(Some(other))
+            ),
+            "text.format.type",
+        )),
+    }
+}
+
+/// A Responses request as the pipeline takes it, and what the response object repeats.
+pub struct Request {
+    pub chat: Chat,
+    pub echo: Map<String, Value>,
+    /// The conversation so far, kept beside a stored response to continue it.
+    pub context: Option<Bytes>,
+    /// Functions of a namespace tool: their chat name, the namespace, their own name.
+    pub namespaces: Vec<(String, String, String)>,
+}
+
+/// Translates a Responses request (after the conversation `previous` it continues) into the
+/// chat request an OpenAI-compatible upstream takes, every field sluice does not know kept.
+/// What goes upstream is capped like a request body, whatever `previous` held.
+pub fn request(
+    fields: Fields,
+    mut body: Map<String, Value>,
+    mut conversation: Vec<Value>,
+    size: usize,
+    store: bool,
+) -> Result<Request, ApiError> {
+    // As sent, for an upstream that speaks the Responses API itself.
+    let mut native = body.clone();
+    let Some(input) = fields.input else {
+        return Err(invalid("`input` is required", "input"));
+    };
+    // What the conversation continued adds to what goes upstream.
+    let earlier = if conversation.is_empty() {
+        0
+    } else {
+        serde_json::to_vec(&conversation).map_or(0, |v| v.len())
+    };
+    let mut dropped = Dropped::default();
+    conversation.extend(translate(input, &mut dropped)?);
+    let kept = serde_json::to_vec(&conversation).map_err(|_| ApiError::Internal)?;
+    let mut size = size;
+    if fields.previous_response_id.is_some() {
+        // What goes upstream is held to the body limit, however long the chain behind it.
+        size = size.saturating_add(earlier);
+        if size > BODY_LIMIT {
+            return Err(invalid(
+                format!(
+                    "continuing this response would send {size} bytes upstream, more than the {BODY_LIMIT} a request may have; start a new conversation or send less"
+                ),
+                "previous_response_id",
+            ));
+        }
+        // The upstream does not know sluice's ids: it gets the whole conversation.
+        native.remove("previous_response_id");
+        native.insert("input".into(), Value::Array(items(&conversation)));
+    }
+    let mut messages = Vec::with_capacity(conversation.len() + 1);
+    if let Some(instructions) = &fields.instructions {
+        messages.push(json!({"role": "system", "content": instructions}));
+    }
+    messages.extend(conversation.iter().cloned());
+
+    // The chat request an OpenAI-compatible upstream receives: what the Responses fields
+    // translate to, and every field sluice does not know, untouched (`seed`, `top_k`…).
+    for field in NOT_FOR_CHAT {
+        if body.get(field).is_some_and(|v| !v.is_null()) {
+            dropped.add(field);
+        }
+    }
+    for known in RESPONSES_FIELDS {
+        body.remove(known);
+    }
+    let mut upstream = body;
+    let canonical_messages = canonical(&messages);
+    upstream.insert("messages".into(), Value::Array(messages));
+    let mut namespaces = Vec::new();
+    let chat_tools = tools(&fields.tools, &mut namespaces, &mut dropped)?;
+    if !chat_tools.is_empty() {
+        upstream.insert("tools".into(), Value::Array(chat_tools));
+    }
+    if let Some(choice) = &fields.tool_choice {
+        upstream.insert("tool_choice".into(), tool_choice(choice)?);
+    }
+    if let Some(format) = fields
+        .text
+        .as_ref()
+        .map(response_format)
+        .transpose()?
+        .flatten()
+    {
+        upstream.insert("response_format".into(), format);
+    }
+    let decimal = crate::backend::decimal;
+    if let Some(t) = fields.temperature {
+        upstream.insert("temperature".into(), decimal(t));
+    }
+    if let Some(p) = fields.top_p {
+        upstream.insert("top_p".into(), decimal(p));
+    }
+    if let Some(n) = fields.max_output_tokens {
+        upstream.insert("max_tokens".into(), json!(n));
+    }
+    if let Some(p) = fields.parallel_tool_calls {
+        upstream.insert("parallel_tool_calls".into(), json!(p));
+    }
+    if let Some(user) = &fields.user {
+        upstream.insert("user".into(), json!(user));
+    }
+    if let Some(effort) = fields
+        .reasoning
+        .as_ref()
+        .and_then(|r| r.get("effort"))
+        .filter(|e| !e.is_null())
+    {
+        upstream.insert("reasoning_effort".into(), effort.clone());
+    }
+
+    // What the response object repeats of the request.
+    let decimal_or = |v: Option<f32>| v.map_or(json!(1.0), decimal);
+    let mut echo = Map::new();
+    echo.insert("instructions".into(), json!(fields.instructions));
+    echo.insert("max_output_tokens".into(), json!(fields.max_output_tokens));
+    echo.insert("temperature".into(), decimal_or(fields.temperature));
+    echo.insert("top_p".into(), decimal_or(fields.top_p));
+    echo.insert("tools".into(), Value::Array(fields.tools.clone()));
+    echo.insert(
+        "tool_choice".into(),
+        fields.tool_choice.clone().unwrap_or(json!("auto")),
+    );
+    echo.insert(
+        "text".into(),
+        fields
+            .text
+            .clone()
+            .unwrap_or(json!({"format": {"type": "text"}})),
+    );
+    echo.insert(
+        "metadata".into(),
+        Value::Object(fields.metadata.clone().unwrap_or_default()),
+    );
+    echo.insert(
+        "parallel_tool_calls".into(),
+        json!(fields.parallel_tool_calls.unwrap_or(true)),
+    );
+    echo.insert(
+        "previous_response_id".into(),
+        json!(fields.previous_response_id),
+    );
+    echo.insert("store".into(), json!(store));
+    echo.insert(
+        "reasoning".into(),
+        fields
+            .reasoning
+            .clone()
+            .unwrap_or(json!({"effort": null, "summary": null})),
+    );
+    echo.insert("truncation".into(), json!("disabled"));
+    echo.insert("user".into(), json!(fields.user));
+
+    let context = store.then(|| Bytes::from(kept));
+    let chat = Chat {
+        model: fields.model,
+        messages: canonical_messages,
+        max_tokens: fields.max_output_tokens,
+        max_tokens_param: "max_output_tokens",
+        temperature: fields.temperature,
+        top_p: fields.top_p,
+        seed: None,
+        body: upstream,
+        native: Some(crate::backend::Native::Responses(native)),
+        size,
+        dropped,
+    };
+    Ok(Request {
+        chat,
+        echo,
+        context,
+        namespaces,
+    })
+}

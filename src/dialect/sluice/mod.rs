@@ -1,0 +1,123 @@
+//! sluice's own `/api/chat`: the request (`request.rs`) and the encoder — `meta`,
+//! `token`…, then `done` (finish reason, usage, timings) or `error`, each event with an
+//! `id:`.
+
+pub mod request;
+
+use serde_json::json;
+
+use crate::backend::Delta;
+use crate::error::ApiError;
+use crate::relay::{Completion, End, Out, put};
+
+/// What a chat completion id (`chatcmpl-…`) begins with as an `/api/chat` stream's.
+pub const ID_PREFIX: &str = "chat-";
+
+/// The `/api/chat` encoder for one reply.
+pub struct Encoder {
+    completion: Completion,
+    finish: Option<String>,
+}
+
+impl Encoder {
+    pub fn new(completion: Completion) -> Self {
+        Encoder {
+            completion,
+            finish: None,
+        }
+    }
+}
+
+impl crate::relay::Encoder for Encoder {
+    fn open(&mut self, out: &mut Out) {
+        let id = super::Wire::Chat.stream_id(&self.completion);
+        let meta =
+            json!({"id": id, "model": self.completion.model, "created": self.completion.created});
+        out.json(Some("meta"), &meta.to_string());
+    }
+
+    fn event(&mut self, delta: Delta, out: &mut Out) {
+        match delta {
+            // The text is already a JSON string: written as it is.
+            Delta::Text(text) => out.event(Some("token"), |b| {
+                put(b, "{\"text\":");
+                put(b, text.json());
+                put(b, "}");
+            }),
+            Delta::Finish(reason) => self.finish = Some(reason),
+            // Tool calls, reasoning and the upstream's own fields have no `/api/chat` event.
+            _ => {}
+        }
+    }
+
+    fn end(&mut self, end: &End, out: &mut Out) {
+        let done = json!({
+            "finish_reason": self.finish,
+            "usage": end.usage,
+            "ttft_ms": end.first_token.map(|d| d.as_millis() as u64),
+            "duration_ms": end.duration.as_millis() as u64,
+        });
+        out.json(Some("done"), &done.to_string());
+    }
+
+    fn fail(&mut self, error: &ApiError, out: &mut Out) {
+        self::error(error, out);
+    }
+}
+
+/// The `error` event that ends a stream: the OpenAI error body.
+pub fn error(error: &ApiError, out: &mut Out) {
+    out.json(Some("error"), &error.body().to_string());
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::backend::{Text, Usage};
+    use crate::relay::Encoder as _;
+
+    #[test]
+    fn a_reply_is_meta_tokens_then_done() {
+        let mut encoder = Encoder::new(Completion::new("mock"));
+        let mut out = Out::new();
+        encoder.open(&mut out);
+        encoder.event(Delta::Text(Text::plain("Hi \"you\"")), &mut out);
+        encoder.event(Delta::Finish("stop".into()), &mut out);
+        let end = End {
+            usage: Usage::new(3, 1),
+            first_token: Some(Duration::from_millis(7)),
+            duration: Duration::from_millis(9),
+        };
+        encoder.end(&end, &mut out);
+        let events: Vec<String> = out
+            .take()
+            .map(|e| String::from_utf8_lossy(&e).into_owned())
+            .collect();
+        assert_eq!(events.len(), 3);
+        assert!(
+            events[0].starts_with("retry: 1000\nid: 1\nevent: meta\ndata: {"),
+            "{}",
+            events[0]
+        );
+        assert_eq!(
+            events[1],
+            "id: 2\nevent: token\ndata: {\"text\":\"Hi \\\"you\\\"\"}\n\n"
+        );
+        let done = crate::relay::payload(events[2].as_bytes()).expect("JSON");
+        assert_eq!(done["finish_reason"], "stop");
+        assert_eq!(done["usage"]["total_tokens"], 4);
+        assert_eq!(done["ttft_ms"], 7);
+    }
+
+    #[test]
+    fn a_failure_is_an_error_event_with_the_openai_body() {
+        let mut out = Out::numbered_from(4);
+        error(&ApiError::StreamCancelled, &mut out);
+        let event = out.take().next().expect("one event");
+        assert!(event.starts_with(b"id: 5\nevent: error\n"));
+        let body = crate::relay::payload(&event).expect("JSON");
+        assert_eq!(body["error"]["code"], "stream_cancelled");
+    }
+}

@@ -1,0 +1,292 @@
+//! The one encode loop every wire format shares. A dialect's [`Encoder`] is pure: canonical
+//! events in, SSE events out, no meter, no clock, no I/O (each is unit-tested on canned
+//! sequences). This loop owns the rest: it reads the backend stream after the peek, meters
+//! every event on the stream's [`StreamGuard`] (tokens delivered, the upstream's usage, the
+//! outcome), writes a queue position as a comment, holds a non-streamed reply to its size
+//! limit, and hands the encoder the end of the stream with its usage and timings. An
+//! upstream that speaks the client's own API is relayed: its events go to
+//! [`Encoder::relay`], which says what each one was so that it is metered all the same.
+//! Keep-alives are the SSE response's ([`super::sse`]), logging to the stream log the
+//! stream registry's.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::{Stream, StreamExt};
+
+use super::{Opened, SseWriter, StreamGuard};
+use crate::backend::{BackendError, Delta, Usage};
+use crate::error::ApiError;
+use crate::telemetry::Outcome;
+
+/// One wire format's encoder. Every method writes into `out`; none may block or fail.
+pub trait Encoder: Send + 'static {
+    /// What opens a translated stream, before its first canonical event.
+    fn open(&mut self, _out: &mut Out) {}
+
+    /// One canonical event of a translated stream.
+    fn event(&mut self, delta: Delta, out: &mut Out);
+
+    /// The end of a translated stream: its usage and timings.
+    fn end(&mut self, end: &End, out: &mut Out);
+
+    /// The stream failed after its first byte (translated or relayed): its last event.
+    fn fail(&mut self, error: &ApiError, out: &mut Out);
+
+    /// One event of an upstream that speaks this encoder's own API, as it came (its JSON),
+    /// relayed; what it was, for the meter. Only an encoder whose API an upstream can speak
+    /// gets these.
+    fn relay(&mut self, _raw: &str, _out: &mut Out) -> Relayed {
+        Relayed::default()
+    }
+}
+
+/// Where an encoder writes: one SSE writer (one buffer, event ids in order) and the events
+/// ready to leave.
+pub struct Out {
+    writer: SseWriter,
+    ready: Vec<Bytes>,
+}
+
+impl Default for Out {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Out {
+    pub fn new() -> Self {
+        let mut writer = SseWriter::new();
+        writer.retry();
+        Out {
+            writer,
+            ready: Vec::with_capacity(4),
+        }
+    }
+
+    /// A writer whose next event is numbered `last + 1`, without `retry:`: for an event
+    /// that ends a stream written before.
+    pub fn numbered_from(last: u64) -> Self {
+        let mut writer = SseWriter::new();
+        writer.last_id = last;
+        Out {
+            writer,
+            ready: Vec::with_capacity(1),
+        }
+    }
+
+    /// An event named `name` (or not) whose data `data` writes.
+    pub fn event(&mut self, name: Option<&str>, data: impl FnOnce(&mut BytesMut)) {
+        let event = self.writer.event(name, data);
+        self.ready.push(event);
+    }
+
+    /// An event whose data is `json`.
+    pub fn json(&mut self, name: Option<&str>, json: &str) {
+        self.event(name, |b| super::put(b, json));
+    }
+
+    /// The number the next event gets (its SSE `id:`).
+    pub fn next_id(&self) -> u64 {
+        self.writer.next_id()
+    }
+
+    fn comment(&mut self, text: &str) {
+        let comment = self.writer.comment(text);
+        self.ready.push(comment);
+    }
+
+    /// The events written so far, taken.
+    pub fn take(&mut self) -> std::vec::Drain<'_, Bytes> {
+        self.ready.drain(..)
+    }
+}
+
+/// What the loop knows at the end of a translated stream.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct End {
+    /// The upstream's counts (within the request's bounds), else sluice's.
+    pub usage: Usage,
+    /// From the request's arrival to its first token.
+    pub first_token: Option<Duration>,
+    /// From the request's arrival to now.
+    pub duration: Duration,
+}
+
+/// What one relayed event of the client's own API was.
+#[derive(Debug, Default, PartialEq)]
+pub struct Relayed {
+    /// A piece of the reply's text.
+    pub text: bool,
+    /// The usage it reports, whole.
+    pub usage: Option<Usage>,
+    /// It ends the upstream's reply: completed, or failed with this message.
+    pub ended: Option<Result<(), String>>,
+}
+
+/// One step of the loop: an event, or (after the event that says so) the failure that
+/// ended the stream.
+type Step = Result<Bytes, ApiError>;
+
+/// Encodes a stream after its peek: the events `encoder` writes, metered on `guard`.
+pub fn encode<E: Encoder>(
+    opened: Opened,
+    encoder: E,
+    guard: StreamGuard,
+) -> impl Stream<Item = Bytes> + Send + 'static {
+    steps(opened, encoder, guard, usize::MAX).filter_map(|step| std::future::ready(step.ok()))
+}
+
+/// Runs a stream to its end for a reply answered whole: its events, or the failure that
+/// ended it. A reply past `max_bytes` of text and fields fails (`TooLarge`). Dropping the
+/// future drops the backend stream, as for a streamed reply.
+pub async fn collect<E: Encoder>(
+    opened: Opened,
+    encoder: E,
+    guard: StreamGuard,
+    max_bytes: usize,
+) -> Result<Vec<Bytes>, ApiError> {
+    let mut events = Vec::new();
+    let mut steps = std::pin::pin!(steps(opened, encoder, guard, max_bytes));
+    while let Some(step) = steps.next().await {
+        events.push(step?);
+    }
+    Ok(events)
+}
+
+fn steps<E: Encoder>(
+    mut opened: Opened,
+    mut encoder: E,
+    mut guard: StreamGuard,
+    max_bytes: usize,
+) -> impl Stream<Item = Step> + Send + 'static {
+    async_stream::stream! {
+        let mut out = Out::new();
+        let first = opened.next().await;
+        let relayed = matches!(first, Some(Ok(Delta::Event(_))));
+        if !relayed {
+            encoder.open(&mut out);
+        }
+        let mut ended = false;
+        let mut size = 0usize;
+        let mut item = first;
+        while let Some(next) = item {
+            let delta = match next {
+                Ok(delta) => delta,
+                Err(e) => {
+                    guard.failed(&e);
+                    let error = ApiError::from(e);
+                    encoder.fail(&error, &mut out);
+                    for event in out.take() {
+                        yield Ok(event);
+                    }
+                    yield Err(error);
+                    return;
+                }
+            };
+            match delta {
+                Delta::Queued(ahead) => out.comment(&format!("queued: {ahead} ahead")),
+                Delta::Event(raw) => {
+                    let seen = encoder.relay(raw.json(), &mut out);
+                    if seen.text {
+                        guard.delivered();
+                    }
+                    if let Some(usage) = seen.usage {
+                        guard.reported = Some(usage);
+                    }
+                    if let Some(end) = seen.ended {
+                        ended = true;
+                        match end {
+                            Ok(()) => guard.finish(Outcome::Completed),
+                            Err(message) => guard.failed(&BackendError::Interrupted(message)),
+                        }
+                    }
+                }
+                delta => {
+                    match &delta {
+                        Delta::Text(text) => {
+                            guard.delivered();
+                            size = size.saturating_add(text.len());
+                        }
+                        Delta::Fields(fields) => {
+                            guard.times.token(guard.exchange.arrived().elapsed());
+                            size = size.saturating_add(fields.json().len());
+                        }
+                        Delta::Usage(usage) => guard.reported = Some(*usage),
+                        _ => {}
+                    }
+                    if size > max_bytes {
+                        let e = BackendError::TooLarge(max_bytes);
+                        guard.failed(&e);
+                        let error = ApiError::from(e);
+                        encoder.fail(&error, &mut out);
+                        for event in out.take() {
+                            yield Ok(event);
+                        }
+                        yield Err(error);
+                        return;
+                    }
+                    encoder.event(delta, &mut out);
+                }
+            }
+            for event in out.take() {
+                yield Ok(event);
+            }
+            item = opened.next().await;
+        }
+        if relayed {
+            if !ended {
+                let e = BackendError::Interrupted(
+                    "the upstream's event stream ended before its reply did".into(),
+                );
+                guard.failed(&e);
+                let error = ApiError::from(e);
+                encoder.fail(&error, &mut out);
+                for event in out.take() {
+                    yield Ok(event);
+                }
+                yield Err(error);
+            }
+            return;
+        }
+        let end = End {
+            usage: guard.usage(),
+            first_token: guard.times.first,
+            duration: guard.exchange.arrived().elapsed(),
+        };
+        guard.finish(Outcome::Completed);
+        encoder.end(&end, &mut out);
+        for event in out.take() {
+            yield Ok(event);
+        }
+    }
+}
+
+/// Runs an encoder over a canned translated stream, as the loop would: for the dialects'
+/// unit tests.
+#[cfg(test)]
+pub fn canned(encoder: &mut impl Encoder, deltas: Vec<Delta>, end: Option<&End>) -> Vec<String> {
+    let mut out = Out::new();
+    encoder.open(&mut out);
+    for delta in deltas {
+        encoder.event(delta, &mut out);
+    }
+    if let Some(end) = end {
+        encoder.end(end, &mut out);
+    }
+    out.take()
+        .map(|e| String::from_utf8_lossy(&e).into_owned())
+        .collect()
+}
+
+/// The end of a canned stream: 3 prompt tokens, 2 completion tokens.
+#[cfg(test)]
+pub const CANNED_END: End = End {
+    usage: Usage {
+        prompt_tokens: 3,
+        completion_tokens: 2,
+        total_tokens: 5,
+    },
+    first_token: Some(Duration::from_millis(5)),
+    duration: Duration::from_millis(9),
+};
