@@ -397,14 +397,7 @@ impl From<Refusal> for ApiError {
     }
 }
 
-/// A `type` a client sent, as a message names it: `` `tool_use` ``, or "no type" when it
-/// sent none (never Rust's `Some("…")`).
-pub fn shown(kind: Option<&str>) -> String {
-    match kind {
-        Some(kind) => format!("`{}`", kind.chars().take(64).collect::<String>()),
-        None => "no type".to_owned(),
-    }
-}
+pub use crate::backend::shown;
 
 /// OpenAI's `x-ratelimit-*` headers for a client's quota.
 pub fn rate_headers(quota: &Quota, headers: &mut HeaderMap) {

@@ -6,7 +6,9 @@
 
 use serde_json::{Map, Value, json};
 
-use super::{BackendError, ChatRequest, Delta, Fields, Native, Text, Usage};
+use super::shown;
+
+use super::{BackendError, ChatRequest, Delta, Fields, Native, Signature, Text, Usage};
 
 /// The `anthropic-version` sent when the client named none.
 const VERSION: &str = "2023-06-01";
@@ -89,7 +91,11 @@ impl Reader {
             }
             "content_block_start" => {
                 let block = &event["content_block"];
-                if block["type"] == "tool_use" {
+                if block["type"] == "redacted_thinking" {
+                    self.blocks.push(None);
+                    let data = block["data"].as_str().unwrap_or_default();
+                    ready.push(Delta::Redacted(data.to_owned()));
+                } else if block["type"] == "tool_use" {
                     let call = json!({"tool_calls": [{"index": self.calls, "id": block["id"],
                         "type": "function", "function": {"name": block["name"], "arguments": ""}}]});
                     self.blocks.push(Some(self.calls));
@@ -97,6 +103,10 @@ impl Reader {
                     ready.push(Fields::delta(&call)?);
                 } else {
                     self.blocks.push(None);
+                    let kind = block["type"].as_str().unwrap_or_default();
+                    if !matches!(kind, "text" | "thinking") {
+                        ready.push(Delta::Untranslated(format!("{} block", shown(Some(kind)))));
+                    }
                 }
             }
             "content_block_delta" => {
@@ -112,11 +122,20 @@ impl Reader {
                             &json!({"reasoning_content": delta["thinking"]}),
                         )?);
                     }
+                    Some("signature_delta") => {
+                        let signature = delta["signature"].as_str().unwrap_or_default();
+                        ready.push(Delta::Signature(Signature::Anthropic(signature.to_owned())));
+                    }
+                    Some("citations_delta") => {
+                        ready.push(Delta::Annotation(Fields::raw(&delta["citation"])?));
+                    }
                     Some("input_json_delta") => {
+                        // A server tool's input (its block is not a tool call) has none.
                         let index = event["index"].as_u64().unwrap_or(0) as usize;
-                        let call = self.blocks.get(index).copied().flatten().unwrap_or(0);
-                        ready.push(Fields::delta(&json!({"tool_calls": [{"index": call,
-                            "function": {"arguments": delta["partial_json"]}}]}))?);
+                        if let Some(call) = self.blocks.get(index).copied().flatten() {
+                            ready.push(Fields::delta(&json!({"tool_calls": [{"index": call,
+                                "function": {"arguments": delta["partial_json"]}}]}))?);
+                        }
                     }
                     _ => {}
                 }

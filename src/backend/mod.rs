@@ -22,6 +22,15 @@ use futures::Stream;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+/// A `type` a client sent, as a message names it: `` `tool_use` ``, or "no type" when it
+/// sent none (never Rust's `Some("…")`).
+pub fn shown(kind: Option<&str>) -> String {
+    match kind {
+        Some(kind) => format!("`{}`", kind.chars().take(64).collect::<String>()),
+        None => "no type".to_owned(),
+    }
+}
+
 /// The longest model name sluice takes from a client or an upstream's list.
 pub const MAX_MODEL_NAME: usize = 256;
 
@@ -162,11 +171,16 @@ impl Fields {
         self.0.get()
     }
 
+    /// A JSON value as written.
+    pub fn raw(value: &Value) -> Result<Fields, BackendError> {
+        serde_json::value::to_raw_value(value)
+            .map(Fields)
+            .map_err(|e| BackendError::Protocol(format!("a value that is not JSON ({e})")))
+    }
+
     /// A delta of fields written from a JSON value.
     pub fn delta(value: &Value) -> Result<Delta, BackendError> {
-        serde_json::value::to_raw_value(value)
-            .map(|raw| Delta::Fields(Fields(raw)))
-            .map_err(|e| BackendError::Protocol(e.to_string()))
+        Fields::raw(value).map(Delta::Fields)
     }
 }
 
@@ -199,9 +213,31 @@ pub enum Delta {
     /// Waiting for the model, with this many requests ahead: shown to the client as a
     /// keep-alive comment.
     Queued(usize),
+    /// The signature of the reasoning just streamed (Anthropic's `signature_delta`), or
+    /// reasoning the upstream sent encrypted (a Responses reasoning item's
+    /// `encrypted_content`): what a client sends back for the model to continue from it.
+    Signature(Signature),
+    /// Reasoning the upstream redacted (Anthropic's `redacted_thinking` block): its data.
+    Redacted(String),
+    /// A citation or annotation on the text just streamed, as the upstream wrote it.
+    Annotation(Fields),
+    /// Content of the upstream's own API that no canonical event carries (a server tool's
+    /// use and result, a block or item of a type to come), named: an encoder says it was
+    /// left out, so that nothing vanishes without a word.
+    Untranslated(String),
     /// One event of an upstream that speaks the client's own API (a Responses API
     /// upstream answering a `/v1/responses` request), to relay as it came.
     Event(Fields),
+}
+
+/// Which kind of proof of reasoning a [`Delta::Signature`] is: each goes back only to
+/// the API that made it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Signature {
+    /// Anthropic's thinking signature.
+    Anthropic(String),
+    /// OpenAI's encrypted reasoning.
+    Encrypted(String),
 }
 
 /// Why a backend could not produce (the rest of) a reply.

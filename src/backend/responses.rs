@@ -5,7 +5,9 @@
 
 use serde_json::{Value, json};
 
-use super::{BackendError, Delta, Fields, Text, Usage};
+use super::shown;
+
+use super::{BackendError, Delta, Fields, Signature, Text, Usage};
 
 /// What has been read of one response.
 #[derive(Default)]
@@ -42,6 +44,29 @@ impl Reader {
                     "type": "function", "function": {"name": item["name"], "arguments": ""}}]});
                 self.calls += 1;
                 ready.push(Fields::delta(&call)?);
+            }
+            "response.reasoning_text.delta" | "response.reasoning_summary_text.delta" => {
+                if let Some(text) = event["delta"].as_str() {
+                    ready.push(Fields::delta(&json!({"reasoning_content": text}))?);
+                }
+            }
+            "response.output_item.done" if event["item"]["type"] == "reasoning" => {
+                if let Some(encrypted) = event["item"]["encrypted_content"].as_str() {
+                    ready.push(Delta::Signature(Signature::Encrypted(encrypted.to_owned())));
+                }
+            }
+            // Built-in tools' calls (`web_search_call`…) and items to come.
+            "response.output_item.done"
+                if !matches!(
+                    event["item"]["type"].as_str(),
+                    Some("message" | "function_call")
+                ) =>
+            {
+                let kind = event["item"]["type"].as_str();
+                ready.push(Delta::Untranslated(format!("{} item", shown(kind))));
+            }
+            "response.output_text.annotation.added" => {
+                ready.push(Delta::Annotation(Fields::raw(&event["annotation"])?));
             }
             "response.function_call_arguments.delta" => {
                 let call = json!({"tool_calls": [{"index": self.calls.saturating_sub(1),

@@ -114,7 +114,13 @@ pub fn upstream(
                 };
                 let first = !relayed && !matches!(delta, Delta::Queued(_));
                 match delta {
-                    Delta::Text(_) | Delta::Fields(_) | Delta::Event(_) => waiting_for = Wait::Chunk,
+                    Delta::Text(_)
+                    | Delta::Fields(_)
+                    | Delta::Event(_)
+                    | Delta::Signature(_)
+                    | Delta::Redacted(_)
+                    | Delta::Annotation(_)
+                    | Delta::Untranslated(_) => waiting_for = Wait::Chunk,
                     Delta::Finish(_) => finished = true,
                     // Moving up the queue is progress: the wait for a first token starts
                     // when the model takes the request.

@@ -91,9 +91,20 @@ impl Out {
         self.writer.next_id()
     }
 
-    fn comment(&mut self, text: &str) {
+    /// A comment line, which every client ignores (for what has no place in a format).
+    pub fn comment(&mut self, text: &str) {
         let comment = self.writer.comment(text);
         self.ready.push(comment);
+    }
+
+    /// A comment that says the upstream's `what` has no place in this wire format and was
+    /// left out (clients ignore comments; a reader of the stream sees it).
+    /// Written as a line of the next event, so that it is kept wherever the event is (a
+    /// stream's log, a replay).
+    pub fn left_out(&mut self, what: &str) {
+        self.writer.note(&format!(
+            "sluice: left out the upstream's {what}, which has no place here"
+        ));
     }
 
     /// The events written so far, taken.
@@ -124,6 +135,16 @@ pub struct Relayed {
     pub ended: Option<Result<(), String>>,
 }
 
+/// `raw` with the first occurrence of the JSON string `old` written as `new`: an id
+/// substituted without writing the rest of a relayed event again (its bytes stay the
+/// upstream's). `None` when `old` is not there as written.
+pub fn swap_string(raw: &str, old: Option<&str>, new: &str) -> Option<String> {
+    let old = serde_json::to_string(old?).ok()?;
+    let at = raw.find(&old)?;
+    let new = serde_json::to_string(new).ok()?;
+    Some(format!("{}{new}{}", &raw[..at], &raw[at + old.len()..]))
+}
+
 /// One step of the loop: an event, or (after the event that says so) the failure that
 /// ended the stream.
 type Step = Result<Bytes, ApiError>;
@@ -137,21 +158,22 @@ pub fn encode<E: Encoder>(
     steps(opened, encoder, guard, usize::MAX).filter_map(|step| std::future::ready(step.ok()))
 }
 
-/// Runs a stream to its end for a reply answered whole: its events, or the failure that
-/// ended it. A reply past `max_bytes` of text and fields fails (`TooLarge`). Dropping the
-/// future drops the backend stream, as for a streamed reply.
+/// Runs a stream to its end for a reply answered whole, each event handed to `each` as it
+/// is written (which folds it into the reply, so that only the reply is held); the failure
+/// that ended it, if one did. A reply past `max_bytes` of text and fields fails
+/// (`TooLarge`). Dropping the future drops the backend stream, as for a streamed reply.
 pub async fn collect<E: Encoder>(
     opened: Opened,
     encoder: E,
     guard: StreamGuard,
     max_bytes: usize,
-) -> Result<Vec<Bytes>, ApiError> {
-    let mut events = Vec::new();
+    mut each: impl FnMut(Bytes),
+) -> Result<(), ApiError> {
     let mut steps = std::pin::pin!(steps(opened, encoder, guard, max_bytes));
     while let Some(step) = steps.next().await {
-        events.push(step?);
+        each(step?);
     }
-    Ok(events)
+    Ok(())
 }
 
 fn steps<E: Encoder>(

@@ -13,7 +13,7 @@ mod meter;
 
 #[cfg(test)]
 pub use encode::{CANNED_END, canned};
-pub use encode::{Encoder, End, Out, Relayed, collect, encode};
+pub use encode::{Encoder, End, Out, Relayed, collect, encode, swap_string};
 pub use meter::{Bounds, StreamGuard};
 
 use std::convert::Infallible;
@@ -83,6 +83,8 @@ pub(crate) struct SseWriter {
     buf: BytesMut,
     /// The last event's number: every event carries its `id:`, for clients that resume.
     last_id: u64,
+    /// Comment lines for the next event (after its `id:`, so that it is still an event).
+    notes: String,
 }
 
 impl SseWriter {
@@ -102,6 +104,7 @@ impl SseWriter {
         SseWriter {
             buf: BytesMut::with_capacity(1024),
             last_id: 0,
+            notes: String::new(),
         }
     }
 
@@ -116,6 +119,10 @@ impl SseWriter {
     pub(crate) fn event(&mut self, name: Option<&str>, data: impl FnOnce(&mut BytesMut)) -> Bytes {
         self.last_id += 1;
         let _ = writeln!(self.buf, "id: {}", self.last_id);
+        if !self.notes.is_empty() {
+            self.buf.put_slice(self.notes.as_bytes());
+            self.notes.clear();
+        }
         if let Some(name) = name {
             self.buf.put_slice(b"event: ");
             self.buf.put_slice(name.as_bytes());
@@ -135,6 +142,11 @@ impl SseWriter {
         }
         self.buf.put_slice(b"\n\n");
         self.buf.split().freeze()
+    }
+
+    /// A comment line in the next event, part of it (every client ignores it).
+    pub(crate) fn note(&mut self, text: &str) {
+        let _ = writeln!(self.notes, ": {text}");
     }
 
     /// A comment line, which every client ignores.

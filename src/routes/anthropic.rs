@@ -110,7 +110,9 @@ async fn messages(
                 .respond(events, id, &who.name, Wire::Anthropic, resumable)
                 .await;
         }
-        let events = relay::collect(opened, encoder, guard, state.max_reply_bytes).await?;
+        let mut events = Vec::new();
+        let max = state.max_reply_bytes;
+        relay::collect(opened, encoder, guard, max, |e| events.push(e)).await?;
         let message =
             anthropic::assemble(events.iter().map(|e| &e[..])).map_err(|_| ApiError::Internal)?;
         Ok(Json(message).into_response())

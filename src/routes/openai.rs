@@ -47,8 +47,11 @@ async fn chat_completions(
         // Read whole (the usage always there), then assembled as one `chat.completion`.
         let encoder = chat::Encoder::new(completion, true);
         let opened = relay::Opened::unpeeked(started.stream);
-        match relay::collect(opened, encoder, guard, state.max_reply_bytes).await {
-            Ok(events) => chat::assemble(events.iter().map(|e| &e[..]))
+        let mut reply = chat::Assembler::default();
+        let max = state.max_reply_bytes;
+        match relay::collect(opened, encoder, guard, max, |e| reply.push(&e)).await {
+            Ok(()) => reply
+                .finish()
                 .map(|reply| Json(reply).into_response())
                 .map_err(|_| ApiError::Internal),
             Err(e) => Err(e),

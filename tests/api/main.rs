@@ -10,6 +10,7 @@ mod anthropic;
 mod browser;
 mod cancel;
 mod chat;
+mod corpus;
 mod failures;
 mod faults;
 mod hostile;

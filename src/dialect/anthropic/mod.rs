@@ -12,9 +12,9 @@ use std::fmt::Write as _;
 
 use serde_json::{Map, Value, json};
 
-use crate::backend::{Delta, Usage};
+use crate::backend::{Delta, Signature, Usage};
 use crate::error::ApiError;
-use crate::relay::{End, Out, Relayed, payload, put};
+use crate::relay::{End, Out, Relayed, payload, put, swap_string};
 
 /// What a chat completion id (`chatcmpl-…`) begins with as a message's.
 pub const ID_PREFIX: &str = "msg_";
@@ -200,6 +200,49 @@ impl crate::relay::Encoder for Encoder {
                     self.fields(&delta, out);
                 }
             }
+            Delta::Signature(Signature::Anthropic(signature)) => {
+                let index = self.start(
+                    Block::Thinking,
+                    json!({"type": "thinking", "thinking": "", "signature": ""}),
+                    out,
+                );
+                event(
+                    out,
+                    "content_block_delta",
+                    &json!({"type": "content_block_delta", "index": index,
+                    "delta": {"type": "signature_delta", "signature": signature}}),
+                );
+            }
+            Delta::Redacted(data) => {
+                self.stop(out);
+                let index = self.next;
+                self.next += 1;
+                event(
+                    out,
+                    "content_block_start",
+                    &json!({"type": "content_block_start", "index": index,
+                    "content_block": {"type": "redacted_thinking", "data": data}}),
+                );
+                event(
+                    out,
+                    "content_block_stop",
+                    &json!({"type": "content_block_stop", "index": index}),
+                );
+            }
+            Delta::Annotation(citation) => {
+                if let Some((Block::Text, index)) = &self.open {
+                    let citation: Value = serde_json::from_str(citation.json()).unwrap_or_default();
+                    event(
+                        out,
+                        "content_block_delta",
+                        &json!({"type": "content_block_delta", "index": index,
+                        "delta": {"type": "citations_delta", "citation": citation}}),
+                    );
+                }
+            }
+            // Another API's proof of reasoning: no Anthropic client can send it back.
+            Delta::Signature(Signature::Encrypted(_)) => out.left_out("encrypted reasoning"),
+            Delta::Untranslated(what) => out.left_out(&what),
             Delta::Finish(reason) => self.finish = Some(reason),
             _ => {}
         }
@@ -233,12 +276,12 @@ impl crate::relay::Encoder for Encoder {
         };
         let kind = event["type"].as_str().unwrap_or_default().to_owned();
         let clamp = |n: &Value| n.as_u64().map(|n| u32::try_from(n).unwrap_or(u32::MAX));
-        let mut changed = false;
+        // The id the upstream gave the message, to write as sluice's.
+        let mut upstream_id = None;
         match kind.as_str() {
             "message_start" => {
                 if let Some(message) = event.get_mut("message").and_then(Value::as_object_mut) {
-                    message.insert("id".into(), json!(self.meta.id));
-                    changed = true;
+                    upstream_id = Some(message.remove("id").unwrap_or_default());
                 }
                 if let Some(input) = clamp(&event["message"]["usage"]["input_tokens"]) {
                     self.relayed_input = Some(input);
@@ -265,10 +308,15 @@ impl crate::relay::Encoder for Encoder {
             _ => {}
         }
         let name = (!kind.is_empty()).then_some(kind.as_str());
-        if changed {
-            out.json(name, &event.to_string());
-        } else {
-            out.json(name, raw);
+        match upstream_id {
+            None => out.json(name, raw),
+            Some(id) => match swap_string(raw, id.as_str(), &self.meta.id) {
+                Some(swapped) => out.json(name, &swapped),
+                None => {
+                    event["message"]["id"] = json!(self.meta.id);
+                    out.json(name, &event.to_string());
+                }
+            },
         }
         seen
     }
@@ -372,7 +420,7 @@ pub fn assemble<'a>(events: impl IntoIterator<Item = &'a [u8]>) -> Result<Value,
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{Fields, Text};
+    use crate::backend::{Fields, Signature, Text};
     use crate::relay::{CANNED_END, Encoder as _, canned};
 
     fn encoder() -> Encoder {
@@ -422,6 +470,39 @@ mod tests {
         assert_eq!(message["content"][0]["text"], "Let me.");
         assert_eq!(message["content"][1]["input"], json!({"c": 1}));
         assert_eq!(message["usage"]["output_tokens"], 2);
+    }
+
+    #[test]
+    fn signed_and_redacted_reasoning_and_citations_keep_their_place() {
+        let mut encoder = encoder();
+        let thinking = Fields::delta(&json!({"reasoning_content": "hm"})).expect("fields");
+        let citation =
+            Fields::raw(&json!({"type": "char_location", "cited_text": "x"})).expect("raw");
+        let deltas = vec![
+            thinking,
+            Delta::Signature(Signature::Anthropic("sig".into())),
+            Delta::Redacted("data".into()),
+            Delta::Text(Text::plain("a")),
+            Delta::Annotation(citation),
+            Delta::Signature(Signature::Encrypted("gAAA".into())),
+            Delta::Text(Text::plain("b")),
+        ];
+        let events = canned(&mut encoder, deltas, Some(&CANNED_END));
+        let message = assemble(events.iter().map(|e| e.as_bytes())).expect("a message");
+        assert_eq!(message["content"][0]["thinking"], "hm");
+        assert_eq!(
+            message["content"][1],
+            json!({"type": "redacted_thinking", "data": "data"})
+        );
+        assert_eq!(message["content"][2]["text"], "ab");
+        let all = events.concat();
+        assert!(
+            all.contains(r#""delta":{"signature":"sig","type":"signature_delta"}"#),
+            "{all}"
+        );
+        assert!(all.contains(r#""type":"citations_delta""#));
+        // Another API's encrypted reasoning: said to be left out, in the stream.
+        assert!(all.contains(": sluice: left out the upstream's encrypted reasoning"));
     }
 
     #[test]

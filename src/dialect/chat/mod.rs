@@ -140,6 +140,13 @@ impl crate::relay::Encoder for Encoder {
             }
             Delta::Logprobs(logprobs) => writer.logprobs = Some(logprobs),
             Delta::UsageDetails(details) => writer.usage_details = Some(details),
+            // As OpenAI writes its own (`url_citation`): in the delta's `annotations`.
+            Delta::Annotation(annotation) => out.event(None, |b| {
+                writer.choice(b, &["{\"annotations\":[", annotation.json(), "]}"], None)
+            }),
+            // Another API's proof of reasoning: chat completions have no place for it.
+            Delta::Signature(_) | Delta::Redacted(_) => out.left_out("signed reasoning"),
+            Delta::Untranslated(what) => out.left_out(&what),
             // Metered by the loop; written at the end.
             Delta::Usage(_) | Delta::Queued(_) | Delta::Event(_) => {}
         }
@@ -167,63 +174,97 @@ pub fn error(error: &ApiError, out: &mut Out) {
 /// that resumes a stream without streaming), or the error body it ended with. The usage is
 /// there when the stream asked for it (`stream_options.include_usage`), else `null`.
 pub fn assemble<'a>(events: impl IntoIterator<Item = &'a [u8]>) -> Result<Value, Value> {
-    let mut reply = Map::new();
-    let mut message = Map::new();
-    let mut content = String::new();
-    let mut finish = Value::Null;
-    let mut usage = Value::Null;
-    let mut logprobs = None;
+    let mut assembler = Assembler::default();
     for event in events {
+        assembler.push(event);
+    }
+    assembler.finish()
+}
+
+/// A `chat.completion` assembled event by event, so that a reply read whole holds only
+/// what it adds up to, never its events.
+#[derive(Default)]
+pub struct Assembler {
+    reply: Map<String, Value>,
+    message: Map<String, Value>,
+    content: String,
+    finish: Value,
+    usage: Value,
+    logprobs: Option<Map<String, Value>>,
+    /// The error body the stream ended with.
+    error: Option<Value>,
+}
+
+impl Assembler {
+    /// Folds in one event as written.
+    pub fn push(&mut self, event: &[u8]) {
         let Some(Value::Object(mut chunk)) = crate::relay::payload(event) else {
-            continue; // `[DONE]`
+            return; // `[DONE]`
         };
         if chunk.contains_key("error") {
-            return Err(Value::Object(chunk));
+            self.error.get_or_insert(Value::Object(chunk));
+            return;
         }
         if let Some(Value::Array(choices)) = chunk.remove("choices")
             && let Some(Value::Object(mut choice)) = choices.into_iter().next()
         {
             if let Some(Value::Object(mut delta)) = choice.remove("delta") {
                 if let Some(Value::String(text)) = delta.remove("content") {
-                    content.push_str(&text);
+                    self.content.push_str(&text);
                 }
                 delta.remove("role");
-                merge_fields(&mut message, delta);
+                merge_fields(&mut self.message, delta);
             }
             if let Some(reason) = choice.remove("finish_reason").filter(|r| !r.is_null()) {
-                finish = reason;
+                self.finish = reason;
             }
             if let Some(Value::Object(more)) = choice.remove("logprobs") {
-                merge_logprobs(&mut logprobs, more);
+                merge_logprobs(&mut self.logprobs, more);
             }
         }
         if let Some(u) = chunk.remove("usage").filter(|u| !u.is_null()) {
-            usage = u;
+            self.usage = u;
         }
-        if reply.is_empty() {
-            reply = chunk;
+        if self.reply.is_empty() {
+            self.reply = chunk;
         }
     }
-    let has_tool_calls = message.contains_key("tool_calls");
-    message.insert("role".into(), json!("assistant"));
-    message.insert(
-        "content".into(),
-        if content.is_empty() && has_tool_calls {
-            Value::Null
-        } else {
-            Value::String(content)
-        },
-    );
-    message.entry("refusal").or_insert(Value::Null);
-    message.insert("annotations".into(), json!([]));
-    strip_index(&mut message);
-    reply.insert("object".into(), json!("chat.completion"));
-    reply.insert(
-        "choices".into(),
-        json!([{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}]),
-    );
-    reply.insert("usage".into(), usage);
-    Ok(Value::Object(reply))
+
+    /// The `chat.completion`, or the error body the stream ended with.
+    pub fn finish(self) -> Result<Value, Value> {
+        let Assembler {
+            mut reply,
+            mut message,
+            content,
+            finish,
+            usage,
+            logprobs,
+            error,
+        } = self;
+        if let Some(error) = error {
+            return Err(error);
+        }
+        let has_tool_calls = message.contains_key("tool_calls");
+        message.insert("role".into(), json!("assistant"));
+        message.insert(
+            "content".into(),
+            if content.is_empty() && has_tool_calls {
+                Value::Null
+            } else {
+                Value::String(content)
+            },
+        );
+        message.entry("refusal").or_insert(Value::Null);
+        message.entry("annotations").or_insert(json!([]));
+        strip_index(&mut message);
+        reply.insert("object".into(), json!("chat.completion"));
+        reply.insert(
+            "choices".into(),
+            json!([{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}]),
+        );
+        reply.insert("usage".into(), usage);
+        Ok(Value::Object(reply))
+    }
 }
 
 /// Streamed `logprobs` (`{"content": [...], "refusal": [...]}` per chunk) as one: the lists

@@ -11,9 +11,9 @@ use std::fmt::Write as _;
 
 use serde_json::{Map, Value, json};
 
-use crate::backend::{Delta, Usage};
+use crate::backend::{Delta, Signature, Usage};
 use crate::error::ApiError;
-use crate::relay::{End, Out, Relayed, payload, put};
+use crate::relay::{End, Out, Relayed, payload, put, swap_string};
 
 /// What a chat completion id (`chatcmpl-…`) begins with as a response's.
 pub const ID_PREFIX: &str = "resp_";
@@ -67,11 +67,15 @@ enum Open {
         id: String,
         index: usize,
         text: String,
+        /// The upstream's annotations on the text (citations…), in order.
+        annotations: Vec<Value>,
     },
     Reasoning {
         id: String,
         index: usize,
         text: String,
+        /// The reasoning as the upstream encrypted it, for the client to send back.
+        encrypted: Option<String>,
     },
     Function {
         id: String,
@@ -142,6 +146,7 @@ impl Encoder {
             id,
             index,
             text: String::new(),
+            annotations: Vec::new(),
         };
     }
 
@@ -157,6 +162,7 @@ impl Encoder {
             id,
             index,
             text: String::new(),
+            encrypted: None,
         };
     }
 
@@ -164,9 +170,14 @@ impl Encoder {
     fn close(&mut self, out: &mut Out) {
         match std::mem::replace(&mut self.open, Open::None) {
             Open::None => {}
-            Open::Message { id, index, text } => {
-                let part =
-                    json!({"type": "output_text", "annotations": [], "logprobs": [], "text": text});
+            Open::Message {
+                id,
+                index,
+                text,
+                annotations,
+            } => {
+                let part = json!({"type": "output_text", "annotations": annotations, "logprobs": [],
+                    "text": text});
                 event(
                     out,
                     "response.output_text.done",
@@ -186,14 +197,22 @@ impl Encoder {
                 );
                 self.output.push(item);
             }
-            Open::Reasoning { id, index, text } => {
+            Open::Reasoning {
+                id,
+                index,
+                text,
+                encrypted,
+            } => {
                 event(
                     out,
                     "response.reasoning_text.done",
                     json!({"item_id": id, "output_index": index, "content_index": 0, "text": text}),
                 );
-                let item = json!({"id": id, "type": "reasoning", "status": "completed", "summary": [],
+                let mut item = json!({"id": id, "type": "reasoning", "status": "completed", "summary": [],
                     "content": [{"type": "reasoning_text", "text": text}]});
+                if let Some(encrypted) = encrypted {
+                    item["encrypted_content"] = json!(encrypted);
+                }
                 event(
                     out,
                     "response.output_item.done",
@@ -241,7 +260,10 @@ impl Encoder {
                 self.close(out);
                 self.open_reasoning(out);
             }
-            if let Open::Reasoning { id, index, text } = &mut self.open {
+            if let Open::Reasoning {
+                id, index, text, ..
+            } = &mut self.open
+            {
                 text.push_str(reasoning);
                 let data = json!({"item_id": id, "output_index": index, "content_index": 0, "delta": reasoning});
                 event(out, "response.reasoning_text.delta", data);
@@ -357,6 +379,7 @@ impl crate::relay::Encoder for Encoder {
                     id,
                     index,
                     text: all,
+                    ..
                 } = &mut self.open
                 {
                     text.push_to(all);
@@ -378,6 +401,36 @@ impl crate::relay::Encoder for Encoder {
             Delta::Fields(fields) => {
                 if let Ok(Value::Object(delta)) = serde_json::from_str(fields.json()) {
                     self.fields(&delta, out);
+                }
+            }
+            Delta::Signature(Signature::Encrypted(encrypted)) => {
+                if !matches!(self.open, Open::Reasoning { .. }) {
+                    self.close(out);
+                    self.open_reasoning(out);
+                }
+                if let Open::Reasoning { encrypted: e, .. } = &mut self.open {
+                    *e = Some(encrypted);
+                }
+            }
+            // Another API's proof of reasoning: no Responses client can send it back.
+            Delta::Signature(Signature::Anthropic(_)) | Delta::Redacted(_) => {
+                out.left_out("signed reasoning");
+            }
+            Delta::Untranslated(what) => out.left_out(&what),
+            Delta::Annotation(annotation) => {
+                if let Open::Message {
+                    id,
+                    index,
+                    annotations,
+                    ..
+                } = &mut self.open
+                {
+                    let annotation: Value =
+                        serde_json::from_str(annotation.json()).unwrap_or_default();
+                    let data = json!({"item_id": id, "output_index": index, "content_index": 0,
+                        "annotation_index": annotations.len(), "annotation": annotation});
+                    annotations.push(annotation);
+                    event(out, "response.output_text.annotation.added", data);
                 }
             }
             Delta::Finish(reason) => self.finish = Some(reason),
@@ -415,7 +468,8 @@ impl crate::relay::Encoder for Encoder {
             return seen;
         };
         let kind = event["type"].as_str().unwrap_or_default().to_owned();
-        let mut changed = false;
+        // The id the upstream gave the response, to write as sluice's.
+        let mut upstream_id = None;
         match kind.as_str() {
             "response.output_text.delta" => seen.text = true,
             "response.created"
@@ -425,8 +479,7 @@ impl crate::relay::Encoder for Encoder {
             | "response.incomplete"
             | "response.failed" => {
                 if let Some(response) = event.get_mut("response").filter(|r| r.is_object()) {
-                    response["id"] = json!(self.meta.id);
-                    changed = true;
+                    upstream_id = Some(response["id"].take());
                     let usage = &response["usage"];
                     if let (Some(input), Some(output)) = (
                         usage["input_tokens"].as_u64(),
@@ -452,10 +505,15 @@ impl crate::relay::Encoder for Encoder {
             _ => {}
         }
         let name = (!kind.is_empty()).then_some(kind.as_str());
-        if changed {
-            out.json(name, &event.to_string());
-        } else {
-            out.json(name, raw);
+        match upstream_id {
+            None => out.json(name, raw),
+            Some(id) => match swap_string(raw, id.as_str(), &self.meta.id) {
+                Some(swapped) => out.json(name, &swapped),
+                None => {
+                    event["response"]["id"] = json!(self.meta.id);
+                    out.json(name, &event.to_string());
+                }
+            },
         }
         seen
     }
@@ -520,7 +578,7 @@ pub fn snapshot<'a>(events: impl IntoIterator<Item = &'a [u8]>) -> Option<Value>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{Fields, Text};
+    use crate::backend::{Fields, Signature, Text};
     use crate::relay::{CANNED_END, Encoder as _, canned};
 
     fn meta(namespaces: Vec<(String, String, String)>) -> Meta {
@@ -629,6 +687,32 @@ mod tests {
         assert_eq!(last["response"]["error"]["code"], "stream_cancelled");
         // The reasoning item was finished before the text began.
         assert_eq!(last["response"]["output"][0]["type"], "reasoning");
+    }
+
+    #[test]
+    fn encrypted_reasoning_and_annotations_reach_their_items() {
+        let mut encoder = Encoder::new(meta(Vec::new()));
+        let thinking = Fields::delta(&json!({"reasoning_content": "hm"})).expect("fields");
+        let annotation =
+            Fields::raw(&json!({"type": "url_citation", "url": "https://x"})).expect("raw");
+        let deltas = vec![
+            thinking,
+            Delta::Signature(Signature::Encrypted("gAAA".into())),
+            Delta::Text(Text::plain("a")),
+            Delta::Annotation(annotation),
+        ];
+        let events = canned(&mut encoder, deltas, Some(&CANNED_END));
+        let response = snapshot(events.iter().map(|e| e.as_bytes())).expect("a response");
+        assert_eq!(response["output"][0]["encrypted_content"], "gAAA");
+        assert_eq!(
+            response["output"][1]["content"][0]["annotations"][0]["url"],
+            "https://x"
+        );
+        let added = payloads(&events)
+            .into_iter()
+            .find(|e| e["type"] == "response.output_text.annotation.added")
+            .expect("the annotation's event");
+        assert_eq!(added["annotation_index"], 0);
     }
 
     #[test]

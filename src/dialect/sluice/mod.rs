@@ -45,6 +45,8 @@ impl crate::relay::Encoder for Encoder {
                 put(b, "}");
             }),
             Delta::Finish(reason) => self.finish = Some(reason),
+            Delta::Signature(_) | Delta::Redacted(_) => out.left_out("signed reasoning"),
+            Delta::Untranslated(what) => out.left_out(&what),
             // Tool calls, reasoning and the upstream's own fields have no `/api/chat` event.
             _ => {}
         }

@@ -178,6 +178,12 @@ impl FakeUpstream {
             headers,
         });
         self.changed.notify_waiters();
+        if let Some(name) = body["model"]
+            .as_str()
+            .and_then(|m| m.strip_prefix("fixture:"))
+        {
+            return fixture(name, self.sent.clone());
+        }
         if responses_api {
             return respond(&body, self.sent.clone());
         }
@@ -186,6 +192,19 @@ impl FakeUpstream {
         }
         behave(&body, self.sent.clone()).await
     }
+}
+
+/// `tests/fixtures/<name>.sse` as it is written, an event at a time.
+fn fixture(name: &str, sent: Arc<std::sync::atomic::AtomicUsize>) -> Response<Body> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(format!("{name}.sse"));
+    let text = std::fs::read_to_string(&path).expect("a fixture");
+    let steps = text
+        .split_inclusive("\n\n")
+        .map(|event| Step::Send(event.to_owned()))
+        .collect();
+    stream_steps(steps, sent)
 }
 
 /// An upstream that speaks Anthropic's Messages API: a short reply whose events carry a
