@@ -8,6 +8,8 @@
 //!     cargo run --release --example loadgen -- pinned       # pauses: sluice on one core
 //!     cargo run --release --example loadgen -- resumable    # CPU per chunk: direct streams,
 //!                                                           # resumable in memory, via Redis
+//!     cargo run --release --example loadgen -- dialects [BIN]  # CPU per chunk of each wire
+//!                                                           # format; BIN: another sluice too
 //!
 //! Three processes, so each one's CPU is its own: this driver (the clients), a fast fake
 //! OpenAI upstream and sluice (both this same binary, started with `upstream` / `sluice`).
@@ -57,6 +59,7 @@ fn main() -> anyhow::Result<()> {
         Some("upstream") => runtime.block_on(upstream()),
         Some("sluice") => runtime.block_on(sluice(&args[1], args.get(2).cloned())),
         Some("resumable") => runtime.block_on(resumable()),
+        Some("dialects") => runtime.block_on(dialects(args.get(1).cloned())),
         Some("cancel") => runtime.block_on(cancel_only()),
         Some("pinned") => runtime.block_on(pinned()),
         Some("soak") => {
@@ -170,6 +173,8 @@ async fn sluice(upstream: &str, redis: Option<String>) -> anyhow::Result<()> {
     config.max_streams = 1_000_000;
     config.global_max_streams = 1_000_000;
     config.keepalive_s = 60.0;
+    // Every client of the benchmark is one address.
+    config.max_connections_per_ip = 1_000_000;
     let state = sluice::AppState::build(&config)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     println!("listening {}", listener.local_addr()?);
@@ -223,6 +228,37 @@ impl Proc {
         Ok(Proc { child, addr })
     }
 
+    /// Another sluice binary in front of `upstream` (for a side-by-side run), with the
+    /// settings of this binary's own `sluice` mode.
+    fn binary(binary: &str, upstream: &str) -> anyhow::Result<Proc> {
+        // A port the kernel just gave out and took back: this run's own.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .to_string();
+        let child = Command::new(binary)
+            .env("SLUICE_ADDR", &addr)
+            .env("OPENAI_BASE_URL", format!("http://{upstream}/v1"))
+            .env("SLUICE_LOCAL_MODEL", "off")
+            .env("SLUICE_RPM", "10000000")
+            .env("SLUICE_MAX_STREAMS", "1000000")
+            .env("SLUICE_GLOBAL_MAX_STREAMS", "1000000")
+            .env("SLUICE_KEEPALIVE_S", "60")
+            .env("SLUICE_MAX_CONNECTIONS_PER_IP", "1000000")
+            .env("SLUICE_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{binary} did not listen on {addr}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Proc { child, addr })
+    }
+
     fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -242,6 +278,38 @@ struct Seen {
     /// Upstream send → client receive, per chunk, in µs.
     chunk_us: Vec<u32>,
     ok: bool,
+}
+
+/// The body of a streaming request on `path`, in that surface's wire format.
+fn request_body(path: &str, model: &str) -> String {
+    let body = match path {
+        "/v1/responses" => json!({"model": model, "stream": true, "input": "Count."}),
+        "/v1/messages" => json!({"model": model, "stream": true, "max_tokens": 1000,
+            "messages": [{"role": "user", "content": "Count."}]}),
+        "/api/chat" => json!({"model": model, "prompt": "Count."}),
+        _ => json!({"model": model, "stream": true,
+            "messages": [{"role": "user", "content": "Count."}]}),
+    };
+    body.to_string()
+}
+
+/// What comes just before a text delta's JSON string in `path`'s events.
+fn text_key(path: &str) -> &'static str {
+    match path {
+        "/v1/responses" => "\"delta\":\"",
+        "/v1/messages" | "/api/chat" => "\"text\":\"",
+        _ => "\"content\":\"",
+    }
+}
+
+/// What says `path`'s stream ended well, and what says it failed.
+fn endings(path: &str) -> (&'static str, &'static str) {
+    match path {
+        "/v1/responses" => ("event: response.completed", "event: response.failed"),
+        "/v1/messages" => ("event: message_stop", "event: error"),
+        "/api/chat" => ("event: done", "event: error"),
+        _ => ("[DONE]", "\"error\""),
+    }
 }
 
 /// One streaming request to `addr`, read to the end (or until `cancel` fires: then the
@@ -269,9 +337,7 @@ async fn stream(
     // socket there and then, so a close's time is known exactly.
     let mut conn = Box::pin(conn);
     let mut conn_done = false;
-    let body = json!({"model": model, "stream": true,
-        "messages": [{"role": "user", "content": "Count."}]})
-    .to_string();
+    let body = request_body(path, model);
     let mut request = Request::post(path);
     if resumable {
         request = request.header("x-sluice-resumable", "true");
@@ -333,7 +399,7 @@ async fn stream(
         };
         let received = now_ns();
         let text = String::from_utf8_lossy(&data);
-        for part in text.split("\"content\":\"").skip(1) {
+        for part in text.split(text_key(path)).skip(1) {
             let digits: &str = part.split('"').next().unwrap_or("");
             if let Ok(sent) = digits.parse::<u64>() {
                 if seen.ttft_us.is_none() {
@@ -347,10 +413,11 @@ async fn stream(
                     .push((received.saturating_sub(sent) / 1000).min(u32::MAX as u64) as u32);
             }
         }
-        if text.contains("[DONE]") {
+        let (done, failed) = endings(path);
+        if text.contains(done) {
             seen.ok = true;
         }
-        if text.contains("\"error\"") {
+        if text.contains(failed) {
             seen.ok = false;
             break;
         }
@@ -553,6 +620,79 @@ fn redis_server() -> anyhow::Result<(Proc, String)> {
         std::thread::sleep(Duration::from_millis(10));
     }
     Ok((Proc { child, addr }, format!("redis://127.0.0.1:{port}")))
+}
+
+/// CPU per chunk of each wire format on one chat upstream, 1,000 streams each, passes
+/// interleaved: chat completions (the relay), and the three translated ones. With
+/// `other` (a sluice binary), the same on it, side by side in the same run.
+async fn dialects(other: Option<String>) -> anyhow::Result<()> {
+    raise_fd_limit();
+    let upstream = Proc::start(&["upstream"])?;
+    let mut gateways = vec![(
+        "this build".to_owned(),
+        Proc::start(&["sluice", &upstream.addr])?,
+    )];
+    if let Some(binary) = other {
+        gateways.push((binary.clone(), Proc::binary(&binary, &upstream.addr)?));
+    }
+    let paths = [
+        "/v1/chat/completions",
+        "/v1/responses",
+        "/v1/messages",
+        "/api/chat",
+    ];
+    let (c, model) = (1_000, "load-40-50");
+    let n = gateways.len() * paths.len();
+    let (mut cpu, mut chunks, mut errors) = (vec![0.0f64; n], vec![0usize; n], vec![0usize; n]);
+    let mut ttft: Vec<Vec<u32>> = vec![Vec::new(); n];
+    for _ in 0..REPEATS {
+        for (g, (_, gateway)) in gateways.iter().enumerate() {
+            for (p, path) in paths.iter().enumerate() {
+                let i = g * paths.len() + p;
+                let pid = gateway.pid().to_string();
+                let before = cpu_s(&pid);
+                let pass = phase_with(&gateway.addr, path, c, model, &pid, false).await;
+                cpu[i] += cpu_s(&pid) - before;
+                chunks[i] += pass.chunks.len();
+                errors[i] += pass.errors;
+                ttft[i].extend(pass.ttft);
+            }
+        }
+    }
+    println!(
+        "1,000 streams x 20 tokens/s (40 tokens each) on one chat upstream, {REPEATS} passes each, interleaved\n"
+    );
+    println!(
+        "| sluice | path | chunks | errors | sluice CPU µs / chunk | vs chat completions | first token p50 (ms) |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let mut rows = Vec::new();
+    for (g, (name, _)) in gateways.iter().enumerate() {
+        let base = cpu[g * paths.len()] / chunks[g * paths.len()].max(1) as f64;
+        for (p, path) in paths.iter().enumerate() {
+            let i = g * paths.len() + p;
+            ttft[i].sort_unstable();
+            let per = cpu[i] / chunks[i].max(1) as f64;
+            let first = quantile(&ttft[i], 0.5);
+            println!(
+                "| {name} | `{path}` | {} | {} | {:.1} | {:.2}x | {first:.3} |",
+                chunks[i],
+                errors[i],
+                per * 1e6,
+                per / base
+            );
+            rows.push(
+                json!({"sluice": name, "path": path, "chunks": chunks[i], "errors": errors[i],
+                "cpu_us_per_chunk": per * 1e6, "vs_chat": per / base, "first_token_p50_ms": first}),
+            );
+        }
+    }
+    std::fs::create_dir_all("target/loadgen")?;
+    std::fs::write(
+        "target/loadgen/dialects.json",
+        serde_json::to_vec_pretty(&rows)?,
+    )?;
+    Ok(())
 }
 
 /// What resumption costs: 1,000 streams x 20 tokens/s through three sluices side by side

@@ -154,9 +154,38 @@ impl Routes {
         if mock::Mode::from_model(model).is_some() {
             return Some(Route::to(self.mock.clone(), model));
         }
+        if let Some((pattern, route)) = self.pattern(model) {
+            // A target that names no model of its own gets the client's name.
+            let targets = route
+                .targets
+                .iter()
+                .map(|t| match t.model == *pattern {
+                    // The client's name is no fit metric label: the pattern stands for it.
+                    true => Target {
+                        model: model.to_owned(),
+                        configured: false,
+                        ..t.clone()
+                    },
+                    false => t.clone(),
+                })
+                .collect();
+            return Some(Route { targets });
+        }
         self.default_upstream
             .as_ref()
             .map(|backend| Route::to(backend.clone(), model))
+    }
+
+    /// The configured route whose name is a pattern (`claude-*`) that `model` matches: the
+    /// longest such prefix.
+    fn pattern(&self, model: &str) -> Option<(&String, &Route)> {
+        self.named
+            .iter()
+            .filter(|(name, _)| {
+                name.strip_suffix('*')
+                    .is_some_and(|prefix| model.starts_with(prefix))
+            })
+            .max_by_key(|(name, _)| name.len())
     }
 
     /// Every name sluice routes by itself, the default first, then sorted (the default
@@ -182,6 +211,11 @@ impl Routes {
     /// The name a model's metrics are labelled with: its own when sluice routes it by
     /// itself, else `other` (the default upstream takes any name; labels must stay few).
     pub fn label(&self, model: &str) -> String {
+        if !self.named.contains_key(model)
+            && let Some((pattern, _)) = self.pattern(model)
+        {
+            return pattern.clone();
+        }
         let known = self.named.contains_key(model)
             || mock::Mode::from_model(model).is_some()
             || model == &*self.default_model

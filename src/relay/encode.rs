@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
+use serde_json::Value;
 
 use super::{Opened, SseWriter, StreamGuard};
 use crate::backend::{BackendError, Delta, Usage};
@@ -86,6 +87,28 @@ impl Out {
         self.event(name, |b| super::put(b, json));
     }
 
+    /// A relayed event as it came (named by its `type`), but for the upstream's id at
+    /// `id_at` (`/response/id`), written as sluice's `id`: in place, so that every other
+    /// byte stays the upstream's, or (an id not written as expected) the event written again.
+    pub fn relayed(&mut self, raw: &str, event: &mut Value, id_at: Option<&str>, id: &str) {
+        let kind = event["type"].as_str().unwrap_or_default().to_owned();
+        let name = (!kind.is_empty()).then_some(kind.as_str());
+        let Some(at) = id_at else {
+            return self.json(name, raw);
+        };
+        let upstream = event.pointer(at).and_then(Value::as_str);
+        match swap_string(raw, upstream, id) {
+            Some(swapped) => self.json(name, &swapped),
+            None => {
+                let (parent, key) = at.rsplit_once('/').unwrap_or(("", at));
+                if let Some(Value::Object(parent)) = event.pointer_mut(parent) {
+                    parent.insert(key.to_owned(), Value::String(id.to_owned()));
+                }
+                self.json(name, &event.to_string());
+            }
+        }
+    }
+
     /// The number the next event gets (its SSE `id:`).
     pub fn next_id(&self) -> u64 {
         self.writer.next_id()
@@ -138,7 +161,7 @@ pub struct Relayed {
 /// `raw` with the first occurrence of the JSON string `old` written as `new`: an id
 /// substituted without writing the rest of a relayed event again (its bytes stay the
 /// upstream's). `None` when `old` is not there as written.
-pub fn swap_string(raw: &str, old: Option<&str>, new: &str) -> Option<String> {
+fn swap_string(raw: &str, old: Option<&str>, new: &str) -> Option<String> {
     let old = serde_json::to_string(old?).ok()?;
     let at = raw.find(&old)?;
     let new = serde_json::to_string(new).ok()?;
@@ -192,19 +215,11 @@ fn steps<E: Encoder>(
         let mut ended = false;
         let mut size = 0usize;
         let mut item = first;
-        while let Some(next) = item {
-            let delta = match next {
-                Ok(delta) => delta,
-                Err(e) => {
-                    guard.failed(&e);
-                    let error = ApiError::from(e);
-                    encoder.fail(&error, &mut out);
-                    for event in out.take() {
-                        yield Ok(event);
-                    }
-                    yield Err(error);
-                    return;
-                }
+        let failure = loop {
+            let delta = match item {
+                None => break None,
+                Some(Ok(delta)) => delta,
+                Some(Err(e)) => break Some(e),
             };
             match delta {
                 Delta::Queued(ahead) => out.comment(&format!("queued: {ahead} ahead")),
@@ -238,15 +253,7 @@ fn steps<E: Encoder>(
                         _ => {}
                     }
                     if size > max_bytes {
-                        let e = BackendError::TooLarge(max_bytes);
-                        guard.failed(&e);
-                        let error = ApiError::from(e);
-                        encoder.fail(&error, &mut out);
-                        for event in out.take() {
-                            yield Ok(event);
-                        }
-                        yield Err(error);
-                        return;
+                        break Some(BackendError::TooLarge(max_bytes));
                     }
                     encoder.event(delta, &mut out);
                 }
@@ -255,20 +262,23 @@ fn steps<E: Encoder>(
                 yield Ok(event);
             }
             item = opened.next().await;
+        };
+        let failure = failure.or_else(|| {
+            (relayed && !ended).then(|| {
+                BackendError::Interrupted("the upstream's event stream ended before its reply did".into())
+            })
+        });
+        if let Some(e) = failure {
+            guard.failed(&e);
+            let error = ApiError::from(e);
+            encoder.fail(&error, &mut out);
+            for event in out.take() {
+                yield Ok(event);
+            }
+            yield Err(error);
+            return;
         }
         if relayed {
-            if !ended {
-                let e = BackendError::Interrupted(
-                    "the upstream's event stream ended before its reply did".into(),
-                );
-                guard.failed(&e);
-                let error = ApiError::from(e);
-                encoder.fail(&error, &mut out);
-                for event in out.take() {
-                    yield Ok(event);
-                }
-                yield Err(error);
-            }
             return;
         }
         let end = End {
@@ -298,6 +308,35 @@ pub fn canned(encoder: &mut impl Encoder, deltas: Vec<Delta>, end: Option<&End>)
     }
     out.take()
         .map(|e| String::from_utf8_lossy(&e).into_owned())
+        .collect()
+}
+
+/// `Option`s and `Result`s in a test that returns `Result<(), String>`: `x.must("what")?`.
+#[cfg(test)]
+pub trait Must<T> {
+    fn must(self, what: &str) -> Result<T, String>;
+}
+
+#[cfg(test)]
+impl<T> Must<T> for Option<T> {
+    fn must(self, what: &str) -> Result<T, String> {
+        self.ok_or_else(|| format!("no {what}"))
+    }
+}
+
+#[cfg(test)]
+impl<T, E: std::fmt::Debug> Must<T> for Result<T, E> {
+    fn must(self, what: &str) -> Result<T, String> {
+        self.map_err(|e| format!("{what}: {e:?}"))
+    }
+}
+
+/// The JSON payloads of events written (`Null` for one that is not JSON): for tests.
+#[cfg(test)]
+pub fn payloads(events: &[String]) -> Vec<Value> {
+    events
+        .iter()
+        .map(|e| super::payload(e.as_bytes()).unwrap_or(Value::Null))
         .collect()
 }
 

@@ -12,8 +12,8 @@ mod encode;
 mod meter;
 
 #[cfg(test)]
-pub use encode::{CANNED_END, canned};
-pub use encode::{Encoder, End, Out, Relayed, collect, encode, swap_string};
+pub use encode::{CANNED_END, Must, canned, payloads};
+pub use encode::{Encoder, End, Out, Relayed, collect, encode};
 pub use meter::{Bounds, StreamGuard};
 
 use std::convert::Infallible;

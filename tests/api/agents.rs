@@ -137,3 +137,66 @@ async fn claude_code_2_1_197_answers_and_runs_a_tool_through_the_messages_api() 
 async fn claude_code_2_1_332_answers_and_runs_a_tool_through_the_messages_api() {
     claude_code("2.1.332").await;
 }
+
+#[tokio::test]
+async fn pattern_routes_take_every_claude_and_gpt_name_an_agent_asks_for() {
+    // Agents ask for dated names and switch models mid-session (a small one for titles):
+    // `claude-*` and `gpt-*` routes take them all, as the client named them.
+    let upstream = crate::support::FakeUpstream::spawn().await;
+    let base = upstream.base_url();
+    let dir =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("patterns-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("sluice.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[models.\"claude-*\"]\nbase_url = \"{base}\"\n\n[models.\"gpt-*\"]\nbase_url = \"{base}\"\n\n[models.\"gpt-5-mini*\"]\nbackend = \"mock\"\n"
+        ),
+    )
+    .expect("config");
+    let app = TestApp::spawn_with(|c| c.config = Some(path)).await;
+    let ask = |model: &str| serde_json::json!({"model": model, "max_tokens": 5, "messages": [{"role": "user", "content": "Hi"}]});
+    let answer = app
+        .post("/v1/messages", &ask("claude-haiku-4-5-20251001"))
+        .await;
+    assert_eq!(answer.status(), 200);
+    answer.bytes().await.expect("a reply");
+    assert_eq!(
+        upstream.request(1).await.body["model"],
+        "claude-haiku-4-5-20251001"
+    );
+    let answer = app
+        .post("/v1/chat/completions", &ask("gpt-5.1-codex"))
+        .await;
+    assert_eq!(answer.status(), 200);
+    answer.bytes().await.expect("a reply");
+    assert_eq!(upstream.request(2).await.body["model"], "gpt-5.1-codex");
+    // The longest pattern wins; a name no pattern takes is still unknown.
+    let reply = app
+        .post_json("/v1/chat/completions", &ask("gpt-5-mini-2025"))
+        .await;
+    assert!(
+        reply["choices"][0]["message"]["content"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("You said"))
+    );
+    assert_eq!(
+        app.post("/v1/chat/completions", &ask("llama"))
+            .await
+            .status(),
+        404
+    );
+    // Metrics name the pattern, never each name asked for.
+    let metrics = app.metrics().await;
+    assert!(metrics.contains("model=\"claude-*\""), "{metrics}");
+    assert!(
+        !metrics.contains("claude-haiku-4-5-20251001"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("haiku"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}

@@ -14,7 +14,7 @@ use serde_json::{Map, Value, json};
 
 use crate::backend::{Delta, Signature, Usage};
 use crate::error::ApiError;
-use crate::relay::{End, Out, Relayed, payload, put, swap_string};
+use crate::relay::{End, Out, Relayed, payload, put};
 
 /// What a chat completion id (`chatcmpl-…`) begins with as a message's.
 pub const ID_PREFIX: &str = "msg_";
@@ -276,12 +276,12 @@ impl crate::relay::Encoder for Encoder {
         };
         let kind = event["type"].as_str().unwrap_or_default().to_owned();
         let clamp = |n: &Value| n.as_u64().map(|n| u32::try_from(n).unwrap_or(u32::MAX));
-        // The id the upstream gave the message, to write as sluice's.
-        let mut upstream_id = None;
+        // Where the event holds the upstream's id for the message, to write as sluice's.
+        let mut id_at = None;
         match kind.as_str() {
             "message_start" => {
-                if let Some(message) = event.get_mut("message").and_then(Value::as_object_mut) {
-                    upstream_id = Some(message.remove("id").unwrap_or_default());
+                if event["message"].is_object() {
+                    id_at = Some("/message/id");
                 }
                 if let Some(input) = clamp(&event["message"]["usage"]["input_tokens"]) {
                     self.relayed_input = Some(input);
@@ -307,17 +307,7 @@ impl crate::relay::Encoder for Encoder {
             }
             _ => {}
         }
-        let name = (!kind.is_empty()).then_some(kind.as_str());
-        match upstream_id {
-            None => out.json(name, raw),
-            Some(id) => match swap_string(raw, id.as_str(), &self.meta.id) {
-                Some(swapped) => out.json(name, &swapped),
-                None => {
-                    event["message"]["id"] = json!(self.meta.id);
-                    out.json(name, &event.to_string());
-                }
-            },
-        }
+        out.relayed(raw, &mut event, id_at, &self.meta.id);
         seen
     }
 }
@@ -421,6 +411,7 @@ pub fn assemble<'a>(events: impl IntoIterator<Item = &'a [u8]>) -> Result<Value,
 mod tests {
     use super::*;
     use crate::backend::{Fields, Signature, Text};
+    use crate::relay::Must;
     use crate::relay::{CANNED_END, Encoder as _, canned};
 
     fn encoder() -> Encoder {
@@ -432,14 +423,14 @@ mod tests {
     }
 
     #[test]
-    fn text_then_a_tool_call_are_two_blocks_and_a_tool_use_stop() {
+    fn text_then_a_tool_call_are_two_blocks_and_a_tool_use_stop() -> Result<(), String> {
         let mut encoder = encoder();
         let call = json!({"tool_calls": [{"index": 0, "id": "toolu_1", "function": {"name": "Bash", "arguments": "{\"c\":"}}]});
         let more = json!({"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]});
         let deltas = vec![
             Delta::Text(Text::plain("Let me.")),
-            Fields::delta(&call).expect("fields"),
-            Fields::delta(&more).expect("fields"),
+            Fields::delta(&call).must("fields")?,
+            Fields::delta(&more).must("fields")?,
             Delta::Finish("tool_calls".into()),
         ];
         let events = canned(&mut encoder, deltas, Some(&CANNED_END));
@@ -466,18 +457,19 @@ mod tests {
         );
         assert_eq!(data[0]["message"]["usage"]["input_tokens"], 3);
         assert_eq!(data[9]["delta"]["stop_reason"], "tool_use");
-        let message = assemble(events.iter().map(|e| e.as_bytes())).expect("a message");
+        let message = assemble(events.iter().map(|e| e.as_bytes())).must("a message")?;
         assert_eq!(message["content"][0]["text"], "Let me.");
         assert_eq!(message["content"][1]["input"], json!({"c": 1}));
         assert_eq!(message["usage"]["output_tokens"], 2);
+        Ok(())
     }
 
     #[test]
-    fn signed_and_redacted_reasoning_and_citations_keep_their_place() {
+    fn signed_and_redacted_reasoning_and_citations_keep_their_place() -> Result<(), String> {
         let mut encoder = encoder();
-        let thinking = Fields::delta(&json!({"reasoning_content": "hm"})).expect("fields");
+        let thinking = Fields::delta(&json!({"reasoning_content": "hm"})).must("fields")?;
         let citation =
-            Fields::raw(&json!({"type": "char_location", "cited_text": "x"})).expect("raw");
+            Fields::raw(&json!({"type": "char_location", "cited_text": "x"})).must("raw")?;
         let deltas = vec![
             thinking,
             Delta::Signature(Signature::Anthropic("sig".into())),
@@ -488,7 +480,7 @@ mod tests {
             Delta::Text(Text::plain("b")),
         ];
         let events = canned(&mut encoder, deltas, Some(&CANNED_END));
-        let message = assemble(events.iter().map(|e| e.as_bytes())).expect("a message");
+        let message = assemble(events.iter().map(|e| e.as_bytes())).must("a message")?;
         assert_eq!(message["content"][0]["thinking"], "hm");
         assert_eq!(
             message["content"][1],
@@ -503,21 +495,23 @@ mod tests {
         assert!(all.contains(r#""type":"citations_delta""#));
         // Another API's encrypted reasoning: said to be left out, in the stream.
         assert!(all.contains(": sluice: left out the upstream's encrypted reasoning"));
+        Ok(())
     }
 
     #[test]
-    fn a_failure_is_anthropic_s_error_event() {
+    fn a_failure_is_anthropic_s_error_event() -> Result<(), String> {
         let mut out = Out::numbered_from(7);
         error(&ApiError::ProducerLost, &mut out);
-        let event = out.take().next().expect("an event");
+        let event = out.take().next().must("an event")?;
         assert!(event.starts_with(b"id: 8\nevent: error\n"));
-        let body = payload(&event).expect("JSON");
+        let body = payload(&event).must("JSON")?;
         assert_eq!(body["type"], "error");
         assert_eq!(body["error"]["type"], "api_error");
+        Ok(())
     }
 
     #[test]
-    fn a_relayed_stream_keeps_every_event_and_reports_its_usage() {
+    fn a_relayed_stream_keeps_every_event_and_reports_its_usage() -> Result<(), String> {
         let mut encoder = encoder();
         let mut out = Out::new();
         let start = r#"{"type":"message_start","message":{"id":"msg_up","usage":{"input_tokens":9,"output_tokens":1}}}"#;
@@ -533,8 +527,9 @@ mod tests {
             Some(Err("Overloaded".into()))
         );
         let events: Vec<_> = out.take().collect();
-        assert_eq!(payload(&events[0]).expect("JSON")["message"]["id"], "msg_1");
+        assert_eq!(payload(&events[0]).must("JSON")?["message"]["id"], "msg_1");
         assert!(events[1].ends_with(format!("data: {signature}\n\n").as_bytes()));
         assert!(events[3].starts_with(b"id: 4\nevent: error\n"));
+        Ok(())
     }
 }

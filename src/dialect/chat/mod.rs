@@ -331,17 +331,11 @@ fn merge_fields(into: &mut Map<String, Value>, delta: Map<String, Value>) {
 mod tests {
     use super::*;
     use crate::backend::Text;
-    use crate::relay::{CANNED_END, Encoder as _, canned, payload};
-
-    fn payloads(events: &[String]) -> Vec<Value> {
-        events
-            .iter()
-            .map(|e| payload(e.as_bytes()).unwrap_or(Value::Null))
-            .collect()
-    }
+    use crate::relay::Must;
+    use crate::relay::{CANNED_END, Encoder as _, canned, payloads};
 
     #[test]
-    fn text_streams_as_chunks_then_usage_then_done() {
+    fn text_streams_as_chunks_then_usage_then_done() -> Result<(), String> {
         let mut encoder = Encoder::new(Completion::new("m"), true);
         let deltas = vec![
             Delta::Text(Text::plain("Hel")),
@@ -363,21 +357,22 @@ mod tests {
         assert!(data[..5].iter().all(|c| c["id"] == data[0]["id"]));
         assert!(events[0].starts_with("retry: 1000\nid: 1\n"));
         assert!(events[5].starts_with("id: 6\n"));
-        let reply = assemble(events.iter().map(|e| e.as_bytes())).expect("a reply");
+        let reply = assemble(events.iter().map(|e| e.as_bytes())).must("a reply")?;
         assert_eq!(reply["choices"][0]["message"]["content"], "Hello");
         assert_eq!(reply["usage"]["completion_tokens"], 2);
+        Ok(())
     }
 
     #[test]
-    fn tool_calls_open_with_content_null_and_assemble_whole() {
+    fn tool_calls_open_with_content_null_and_assemble_whole() -> Result<(), String> {
         let mut encoder = Encoder::new(Completion::new("m"), false);
-        let call = |v: Value| Fields::delta(&v).expect("fields");
+        let call = |v: Value| Fields::delta(&v).must("fields");
         let deltas = vec![
             call(
                 json!({"tool_calls": [{"index": 0, "id": "c1", "type": "function",
                 "function": {"name": "f", "arguments": ""}}]}),
-            ),
-            call(json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"a\":1}"}}]})),
+            )?,
+            call(json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"a\":1}"}}]}))?,
             Delta::Finish("tool_calls".into()),
         ];
         let events = canned(&mut encoder, deltas, Some(&CANNED_END));
@@ -388,7 +383,7 @@ mod tests {
         );
         // No usage chunk unless asked for.
         assert_eq!(events.len(), 5);
-        let reply = assemble(events.iter().map(|e| e.as_bytes())).expect("a reply");
+        let reply = assemble(events.iter().map(|e| e.as_bytes())).must("a reply")?;
         let message = &reply["choices"][0]["message"];
         assert!(message["content"].is_null());
         assert_eq!(
@@ -396,6 +391,7 @@ mod tests {
             "{\"a\":1}"
         );
         assert!(message["tool_calls"][0].get("index").is_none());
+        Ok(())
     }
 
     #[test]
@@ -432,19 +428,20 @@ mod tests {
     }
 
     #[test]
-    fn chunks_are_valid_json_with_the_shared_identity() {
+    fn chunks_are_valid_json_with_the_shared_identity() -> Result<(), String> {
         let c = Completion::new("m\"odel");
         let mut writer = ChunkWriter::new(&c, true);
         let text = crate::backend::Text::plain("a\n\"b");
         let mut buf = BytesMut::new();
         writer.choice(&mut buf, &["{\"content\":", text.json(), "}"], None);
-        let chunk: Value = serde_json::from_slice(&buf.split()).expect("valid JSON");
+        let chunk: Value = serde_json::from_slice(&buf.split()).must("valid JSON")?;
         assert_eq!(chunk["model"], "m\"odel");
         assert_eq!(chunk["choices"][0]["delta"]["content"], "a\n\"b");
         assert!(chunk["usage"].is_null() && chunk.get("usage").is_some());
         writer.usage(&mut buf, Usage::new(2, 3));
-        let usage: Value = serde_json::from_slice(&buf).expect("JSON");
+        let usage: Value = serde_json::from_slice(&buf).must("JSON")?;
         assert_eq!(usage["choices"], json!([]));
         assert_eq!(usage["usage"]["total_tokens"], 5);
+        Ok(())
     }
 }

@@ -13,7 +13,7 @@ use serde_json::{Map, Value, json};
 
 use crate::backend::{Delta, Signature, Usage};
 use crate::error::ApiError;
-use crate::relay::{End, Out, Relayed, payload, put, swap_string};
+use crate::relay::{End, Out, Relayed, payload, put};
 
 /// What a chat completion id (`chatcmpl-…`) begins with as a response's.
 pub const ID_PREFIX: &str = "resp_";
@@ -468,8 +468,8 @@ impl crate::relay::Encoder for Encoder {
             return seen;
         };
         let kind = event["type"].as_str().unwrap_or_default().to_owned();
-        // The id the upstream gave the response, to write as sluice's.
-        let mut upstream_id = None;
+        // Where the event holds the upstream's id for the response, to write as sluice's.
+        let mut id_at = None;
         match kind.as_str() {
             "response.output_text.delta" => seen.text = true,
             "response.created"
@@ -478,8 +478,8 @@ impl crate::relay::Encoder for Encoder {
             | "response.completed"
             | "response.incomplete"
             | "response.failed" => {
-                if let Some(response) = event.get_mut("response").filter(|r| r.is_object()) {
-                    upstream_id = Some(response["id"].take());
+                if let Some(response) = event.get("response").filter(|r| r.is_object()) {
+                    id_at = Some("/response/id");
                     let usage = &response["usage"];
                     if let (Some(input), Some(output)) = (
                         usage["input_tokens"].as_u64(),
@@ -504,17 +504,7 @@ impl crate::relay::Encoder for Encoder {
             }
             _ => {}
         }
-        let name = (!kind.is_empty()).then_some(kind.as_str());
-        match upstream_id {
-            None => out.json(name, raw),
-            Some(id) => match swap_string(raw, id.as_str(), &self.meta.id) {
-                Some(swapped) => out.json(name, &swapped),
-                None => {
-                    event["response"]["id"] = json!(self.meta.id);
-                    out.json(name, &event.to_string());
-                }
-            },
-        }
+        out.relayed(raw, &mut event, id_at, &self.meta.id);
         seen
     }
 }
@@ -579,7 +569,8 @@ pub fn snapshot<'a>(events: impl IntoIterator<Item = &'a [u8]>) -> Option<Value>
 mod tests {
     use super::*;
     use crate::backend::{Fields, Signature, Text};
-    use crate::relay::{CANNED_END, Encoder as _, canned};
+    use crate::relay::Must;
+    use crate::relay::{CANNED_END, Encoder as _, canned, payloads};
 
     fn meta(namespaces: Vec<(String, String, String)>) -> Meta {
         Meta {
@@ -592,15 +583,8 @@ mod tests {
         }
     }
 
-    fn payloads(events: &[String]) -> Vec<Value> {
-        events
-            .iter()
-            .map(|e| payload(e.as_bytes()).unwrap_or(Value::Null))
-            .collect()
-    }
-
     #[test]
-    fn text_is_one_message_item_between_created_and_completed() {
+    fn text_is_one_message_item_between_created_and_completed() -> Result<(), String> {
         let mut encoder = Encoder::new(meta(Vec::new()));
         let deltas = vec![
             Delta::Text(Text::plain("Hel")),
@@ -629,24 +613,25 @@ mod tests {
         for (i, d) in data.iter().enumerate() {
             assert_eq!(d["sequence_number"], i, "{d}");
         }
-        let last = data.last().expect("completed");
+        let last = data.last().must("completed")?;
         assert_eq!(last["response"]["usage"]["output_tokens"], 2);
-        let response = snapshot(events.iter().map(|e| e.as_bytes())).expect("a response");
+        let response = snapshot(events.iter().map(|e| e.as_bytes())).must("a response")?;
         assert_eq!(response["output"][0]["content"][0]["text"], "Hello");
         assert_eq!(response["status"], "completed");
+        Ok(())
     }
 
     #[test]
-    fn a_namespaced_call_is_named_as_the_client_named_it() {
+    fn a_namespaced_call_is_named_as_the_client_named_it() -> Result<(), String> {
         let flat = ("ns__f".to_owned(), "ns".to_owned(), "f".to_owned());
         let mut encoder = Encoder::new(meta(vec![flat]));
         let call = json!({"tool_calls": [{"index": 0, "id": "c1", "function": {"name": "ns__f", "arguments": "{}"}}]});
         let deltas = vec![
-            Fields::delta(&call).expect("fields"),
+            Fields::delta(&call).must("fields")?,
             Delta::Finish("tool_calls".into()),
         ];
         let events = canned(&mut encoder, deltas, Some(&CANNED_END));
-        let response = snapshot(events.iter().map(|e| e.as_bytes())).expect("a response");
+        let response = snapshot(events.iter().map(|e| e.as_bytes())).must("a response")?;
         let item = &response["output"][0];
         assert_eq!(item["type"], "function_call");
         assert_eq!(
@@ -654,17 +639,18 @@ mod tests {
             (Some("f"), Some("ns"))
         );
         assert_eq!(item["arguments"], "{}");
+        Ok(())
     }
 
     #[test]
-    fn the_token_limit_is_incomplete_and_a_failure_keeps_what_was_done() {
+    fn the_token_limit_is_incomplete_and_a_failure_keeps_what_was_done() -> Result<(), String> {
         let mut encoder = Encoder::new(meta(Vec::new()));
         let deltas = vec![
             Delta::Text(Text::plain("a")),
             Delta::Finish("length".into()),
         ];
         let events = canned(&mut encoder, deltas, Some(&CANNED_END));
-        let last = payloads(&events).pop().expect("an end");
+        let last = payloads(&events).pop().must("an end")?;
         assert_eq!(last["type"], "response.incomplete");
         assert_eq!(
             last["response"]["incomplete_details"]["reason"],
@@ -672,7 +658,7 @@ mod tests {
         );
 
         let mut encoder = Encoder::new(meta(Vec::new()));
-        let reasoning = Fields::delta(&json!({"reasoning_content": "hm"})).expect("fields");
+        let reasoning = Fields::delta(&json!({"reasoning_content": "hm"})).must("fields")?;
         let mut out = Out::new();
         encoder.open(&mut out);
         encoder.event(reasoning, &mut out);
@@ -682,19 +668,20 @@ mod tests {
             .take()
             .map(|e| String::from_utf8_lossy(&e).into_owned())
             .collect();
-        let last = payloads(&events).pop().expect("an end");
+        let last = payloads(&events).pop().must("an end")?;
         assert_eq!(last["type"], "response.failed");
         assert_eq!(last["response"]["error"]["code"], "stream_cancelled");
         // The reasoning item was finished before the text began.
         assert_eq!(last["response"]["output"][0]["type"], "reasoning");
+        Ok(())
     }
 
     #[test]
-    fn encrypted_reasoning_and_annotations_reach_their_items() {
+    fn encrypted_reasoning_and_annotations_reach_their_items() -> Result<(), String> {
         let mut encoder = Encoder::new(meta(Vec::new()));
-        let thinking = Fields::delta(&json!({"reasoning_content": "hm"})).expect("fields");
+        let thinking = Fields::delta(&json!({"reasoning_content": "hm"})).must("fields")?;
         let annotation =
-            Fields::raw(&json!({"type": "url_citation", "url": "https://x"})).expect("raw");
+            Fields::raw(&json!({"type": "url_citation", "url": "https://x"})).must("raw")?;
         let deltas = vec![
             thinking,
             Delta::Signature(Signature::Encrypted("gAAA".into())),
@@ -702,7 +689,7 @@ mod tests {
             Delta::Annotation(annotation),
         ];
         let events = canned(&mut encoder, deltas, Some(&CANNED_END));
-        let response = snapshot(events.iter().map(|e| e.as_bytes())).expect("a response");
+        let response = snapshot(events.iter().map(|e| e.as_bytes())).must("a response")?;
         assert_eq!(response["output"][0]["encrypted_content"], "gAAA");
         assert_eq!(
             response["output"][1]["content"][0]["annotations"][0]["url"],
@@ -711,12 +698,13 @@ mod tests {
         let added = payloads(&events)
             .into_iter()
             .find(|e| e["type"] == "response.output_text.annotation.added")
-            .expect("the annotation's event");
+            .must("the annotation's event")?;
         assert_eq!(added["annotation_index"], 0);
+        Ok(())
     }
 
     #[test]
-    fn a_relayed_event_keeps_its_fields_and_numbers_but_takes_sluice_s_id() {
+    fn a_relayed_event_keeps_its_fields_and_numbers_but_takes_sluice_s_id() -> Result<(), String> {
         let mut encoder = Encoder::new(meta(Vec::new()));
         let mut out = Out::new();
         let delta = r#"{"type":"response.output_text.delta","delta":"a","obfuscation":"x7","sequence_number":4}"#;
@@ -727,8 +715,9 @@ mod tests {
         assert_eq!(seen.ended, Some(Ok(())));
         let events: Vec<_> = out.take().collect();
         assert!(events[0].ends_with(format!("data: {delta}\n\n").as_bytes()));
-        let completed = payload(&events[1]).expect("JSON");
+        let completed = payload(&events[1]).must("JSON")?;
         assert_eq!(completed["response"]["id"], "resp_1");
         assert_eq!(completed["sequence_number"], 5);
+        Ok(())
     }
 }

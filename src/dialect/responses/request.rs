@@ -187,16 +187,7 @@ fn translate(input: Input, dropped: &mut Dropped) -> Result<Vec<Value>, ApiError
                 };
                 let call = json!({"id": call_id, "type": "function", "function": {"name": name,
                     "arguments": item["arguments"].as_str().unwrap_or("{}")}});
-                match messages.last_mut() {
-                    Some(last) if last["role"] == "assistant" => {
-                        match last.get_mut("tool_calls").and_then(Value::as_array_mut) {
-                            Some(calls) => calls.push(call),
-                            None => last["tool_calls"] = json!([call]),
-                        }
-                    }
-                    _ => messages
-                        .push(json!({"role": "assistant", "content": null, "tool_calls": [call]})),
-                }
+                push_call(&mut messages, call);
             }
             "function_call_output" => {
                 let call_id = item["call_id"]
@@ -226,6 +217,20 @@ fn translate(input: Input, dropped: &mut Dropped) -> Result<Vec<Value>, ApiError
         }
     }
     Ok(messages)
+}
+
+/// A tool call joins the assistant message before it (parallel calls are one message), or
+/// opens one.
+fn push_call(messages: &mut Vec<Value>, call: Value) {
+    match messages.last_mut() {
+        Some(last) if last["role"] == "assistant" => {
+            match last.get_mut("tool_calls").and_then(Value::as_array_mut) {
+                Some(calls) => calls.push(call),
+                None => last["tool_calls"] = json!([call]),
+            }
+        }
+        _ => messages.push(json!({"role": "assistant", "content": null, "tool_calls": [call]})),
+    }
 }
 
 /// Chat messages as Responses input items (for an upstream that speaks that API).
@@ -289,16 +294,7 @@ pub fn output_messages(output: &[Value]) -> Vec<Value> {
                 };
                 let call = json!({"id": item["call_id"], "type": "function", "function": {
                     "name": name, "arguments": item["arguments"]}});
-                match messages.last_mut() {
-                    Some(last) if last["role"] == "assistant" => {
-                        match last.get_mut("tool_calls").and_then(Value::as_array_mut) {
-                            Some(calls) => calls.push(call),
-                            None => last["tool_calls"] = json!([call]),
-                        }
-                    }
-                    _ => messages
-                        .push(json!({"role": "assistant", "content": null, "tool_calls": [call]})),
-                }
+                push_call(&mut messages, call);
             }
             _ => {}
         }

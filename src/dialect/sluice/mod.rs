@@ -79,9 +79,10 @@ mod tests {
     use super::*;
     use crate::backend::{Text, Usage};
     use crate::relay::Encoder as _;
+    use crate::relay::Must;
 
     #[test]
-    fn a_reply_is_meta_tokens_then_done() {
+    fn a_reply_is_meta_tokens_then_done() -> Result<(), String> {
         let mut encoder = Encoder::new(Completion::new("mock"));
         let mut out = Out::new();
         encoder.open(&mut out);
@@ -107,19 +108,21 @@ mod tests {
             events[1],
             "id: 2\nevent: token\ndata: {\"text\":\"Hi \\\"you\\\"\"}\n\n"
         );
-        let done = crate::relay::payload(events[2].as_bytes()).expect("JSON");
+        let done = crate::relay::payload(events[2].as_bytes()).must("JSON")?;
         assert_eq!(done["finish_reason"], "stop");
         assert_eq!(done["usage"]["total_tokens"], 4);
         assert_eq!(done["ttft_ms"], 7);
+        Ok(())
     }
 
     #[test]
-    fn a_failure_is_an_error_event_with_the_openai_body() {
+    fn a_failure_is_an_error_event_with_the_openai_body() -> Result<(), String> {
         let mut out = Out::numbered_from(4);
         error(&ApiError::StreamCancelled, &mut out);
-        let event = out.take().next().expect("one event");
+        let event = out.take().next().must("one event")?;
         assert!(event.starts_with(b"id: 5\nevent: error\n"));
-        let body = crate::relay::payload(&event).expect("JSON");
+        let body = crate::relay::payload(&event).must("JSON")?;
         assert_eq!(body["error"]["code"], "stream_cancelled");
+        Ok(())
     }
 }
