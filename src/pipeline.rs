@@ -114,16 +114,26 @@ impl Admitted {
         let label = state.routes.label(&chat.model);
         exchange.set_label(label.clone());
 
-        // Relayed as sent when the route's first upstream speaks the client's API.
+        // Relayed as sent when the route's first upstream speaks the client's API; else
+        // what the translation left out, and what the chat request it became cannot carry
+        // to an upstream of a third API.
+        let api = route.targets.first().map(|t| t.backend.speaks());
         let relayed = chat
             .native
             .as_ref()
-            .zip(route.targets.first())
-            .is_some_and(|(native, target)| native.spoken_by(target.backend.speaks()));
+            .zip(api)
+            .is_some_and(|(native, api)| native.spoken_by(api));
         let dropped = if relayed {
             Vec::new()
         } else {
-            chat.dropped.into_names()
+            let mut dropped = chat.dropped;
+            let carried = api.map_or(&[][..], crate::backend::carried);
+            if !carried.is_empty() {
+                for field in chat.body.keys().filter(|f| !carried.contains(&f.as_str())) {
+                    dropped.add(field);
+                }
+            }
+            dropped.into_names()
         };
         if !dropped.is_empty() {
             tracing::warn!(

@@ -16,47 +16,190 @@ const VERSION: &str = "2023-06-01";
 const DEFAULT_MAX_TOKENS: u32 = 4096;
 
 /// The body of the call, its `anthropic-version`, and its `anthropic-beta` if any.
-pub fn body(request: ChatRequest) -> (Map<String, Value>, String, Option<String>) {
-    let (mut body, version, beta) = match request.native {
+pub fn body(mut request: ChatRequest) -> (Map<String, Value>, String, Option<String>) {
+    let model = request.model.clone();
+    let (mut body, version, beta) = match request.native.take() {
         Some(Native::Messages {
             body,
             version,
             beta,
         }) => (body, version, beta),
-        _ => {
-            let mut body = Map::new();
-            let system: Vec<&str> = request
-                .messages
-                .iter()
-                .filter(|m| matches!(m.role.as_str(), "system" | "developer"))
-                .map(|m| m.content.as_str())
-                .collect();
-            if !system.is_empty() {
-                body.insert("system".into(), json!(system.join("\n")));
-            }
-            let messages: Vec<Value> = request
-                .messages
-                .iter()
-                .filter(|m| matches!(m.role.as_str(), "user" | "assistant"))
-                .map(|m| json!({"role": m.role, "content": m.content}))
-                .collect();
-            body.insert("messages".into(), Value::Array(messages));
-            body.insert(
-                "max_tokens".into(),
-                json!(request.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS)),
-            );
-            if let Some(t) = request.temperature {
-                body.insert("temperature".into(), super::decimal(t));
-            }
-            if let Some(p) = request.top_p {
-                body.insert("top_p".into(), super::decimal(p));
-            }
-            (body, None, None)
-        }
+        _ => (from_chat(&super::chat_body(&mut request)), None, None),
     };
-    body.insert("model".into(), Value::String(request.model));
+    body.insert("model".into(), Value::String(model));
     body.insert("stream".into(), Value::Bool(true));
     (body, version.unwrap_or_else(|| VERSION.to_owned()), beta)
+}
+
+/// The chat request fields [`from_chat`] carries (or that need no carrying).
+pub const CARRIED: [&str; 15] = [
+    "model",
+    "messages",
+    "stream",
+    "stream_options",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "max_tokens",
+    "max_completion_tokens",
+    "stop",
+    "temperature",
+    "top_p",
+    "top_k",
+    "user",
+    "n",
+];
+
+/// A chat completions request as a Messages request: system and developer messages as
+/// `system`; text and image parts as blocks; an assistant's `tool_calls` as `tool_use`
+/// blocks and tool messages as `tool_result` blocks of the user turn after them; function
+/// tools, `tool_choice`, `stop`, `max_tokens` (required here), the sampling options and
+/// `user`.
+pub fn from_chat(chat: &Map<String, Value>) -> Map<String, Value> {
+    let mut body = Map::new();
+    let mut system = Vec::new();
+    let mut messages: Vec<Value> = Vec::new();
+    for m in chat
+        .get("messages")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let role = m["role"].as_str().unwrap_or("user");
+        if matches!(role, "system" | "developer") {
+            system.push(text_of(&m["content"]));
+            continue;
+        }
+        let mut blocks = Vec::new();
+        if role == "tool" {
+            blocks.push(
+                json!({"type": "tool_result", "tool_use_id": m["tool_call_id"],
+                "content": text_of(&m["content"])}),
+            );
+        } else {
+            blocks.extend(content_blocks(&m["content"]));
+            for call in m["tool_calls"].as_array().into_iter().flatten() {
+                let arguments = call["function"]["arguments"].as_str().unwrap_or("{}");
+                let input: Value = serde_json::from_str(arguments).unwrap_or_else(|_| json!({}));
+                blocks.push(json!({"type": "tool_use", "id": call["id"],
+                    "name": call["function"]["name"], "input": input}));
+            }
+        }
+        let role = if role == "assistant" {
+            "assistant"
+        } else {
+            "user"
+        };
+        // Turns alternate: a tool result and the user's words after it are one user turn.
+        match messages.last_mut() {
+            Some(last) if last["role"] == role => {
+                if let Some(content) = last["content"].as_array_mut() {
+                    content.extend(blocks);
+                }
+            }
+            _ => messages.push(json!({"role": role, "content": blocks})),
+        }
+    }
+    // A turn of text alone is a string, as clients write it.
+    for m in &mut messages {
+        if let Some([block]) = m["content"].as_array().map(Vec::as_slice)
+            && block["type"] == "text"
+        {
+            m["content"] = block["text"].clone();
+        }
+    }
+    if !system.is_empty() {
+        body.insert("system".into(), json!(system.join("\n")));
+    }
+    body.insert("messages".into(), Value::Array(messages));
+    let tools: Vec<Value> = chat
+        .get("tools")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|t| {
+            let f = t.get("function")?;
+            Some(json!({"name": f["name"], "description": f.get("description").cloned().unwrap_or(json!("")),
+                "input_schema": f.get("parameters").cloned().unwrap_or(json!({"type": "object"}))}))
+        })
+        .collect();
+    if !tools.is_empty() {
+        body.insert("tools".into(), Value::Array(tools));
+    }
+    let mut choice = match chat.get("tool_choice") {
+        Some(Value::String(c)) if c == "required" => Some(json!({"type": "any"})),
+        Some(Value::String(c)) if c == "none" => Some(json!({"type": "none"})),
+        Some(Value::Object(c)) => Some(json!({"type": "tool", "name": c["function"]["name"]})),
+        _ => None,
+    };
+    if chat.get("parallel_tool_calls") == Some(&Value::Bool(false)) {
+        let choice = choice.get_or_insert_with(|| json!({"type": "auto"}));
+        choice["disable_parallel_tool_use"] = Value::Bool(true);
+    }
+    if let Some(choice) = choice {
+        body.insert("tool_choice".into(), choice);
+    }
+    let max_tokens = chat
+        .get("max_completion_tokens")
+        .or(chat.get("max_tokens"))
+        .cloned()
+        .unwrap_or(json!(DEFAULT_MAX_TOKENS));
+    body.insert("max_tokens".into(), max_tokens);
+    match chat.get("stop") {
+        Some(Value::String(stop)) => {
+            body.insert("stop_sequences".into(), json!([stop]));
+        }
+        Some(stop @ Value::Array(_)) => {
+            body.insert("stop_sequences".into(), stop.clone());
+        }
+        _ => {}
+    }
+    for key in ["temperature", "top_p", "top_k"] {
+        if let Some(v) = chat.get(key) {
+            body.insert(key.into(), v.clone());
+        }
+    }
+    if let Some(user) = chat.get("user") {
+        body.insert("metadata".into(), json!({"user_id": user}));
+    }
+    body
+}
+
+/// The text of chat content: a string, or its text parts joined.
+fn text_of(content: &Value) -> String {
+    match content {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) => parts.iter().filter_map(|p| p["text"].as_str()).collect(),
+        _ => String::new(),
+    }
+}
+
+/// Chat content as Messages blocks: text, and images (a data URL as base64, else by URL).
+fn content_blocks(content: &Value) -> Vec<Value> {
+    match content {
+        Value::String(s) if !s.is_empty() => vec![json!({"type": "text", "text": s})],
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| match p["type"].as_str() {
+                Some("text") => Some(json!({"type": "text", "text": p["text"]})),
+                Some("image_url") => {
+                    let url = p["image_url"]["url"].as_str().unwrap_or_default();
+                    let source = match url
+                        .strip_prefix("data:")
+                        .and_then(|rest| rest.split_once(";base64,"))
+                    {
+                        Some((media_type, data)) => {
+                            json!({"type": "base64", "media_type": media_type, "data": data})
+                        }
+                        None => json!({"type": "url", "url": url}),
+                    };
+                    Some(json!({"type": "image", "source": source}))
+                }
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// What has been read of one message.

@@ -94,6 +94,43 @@ impl Native {
     }
 }
 
+/// The request as chat completions take it: the body as the client's dialect wrote it
+/// (taken out of `request`), or, when it wrote none (`/api/chat`), written from the
+/// canonical messages and options.
+pub fn chat_body(request: &mut ChatRequest) -> Map<String, Value> {
+    let mut body = std::mem::take(&mut request.body);
+    if !body.contains_key("messages") {
+        let messages = request
+            .messages
+            .iter()
+            .map(|m| serde_json::json!({"role": m.role, "content": m.content}))
+            .collect();
+        body.insert("messages".into(), Value::Array(messages));
+        let options = [
+            ("max_tokens", request.max_tokens.map(Value::from)),
+            ("temperature", request.temperature.map(decimal)),
+            ("top_p", request.top_p.map(decimal)),
+            ("seed", request.seed.map(Value::from)),
+        ];
+        for (name, value) in options {
+            if let Some(value) = value {
+                body.entry(name).or_insert(value);
+            }
+        }
+    }
+    body
+}
+
+/// The chat request fields a call in `api` carries; every one, for chat completions (an
+/// empty list).
+pub fn carried(api: openai::Api) -> &'static [&'static str] {
+    match api {
+        openai::Api::Chat => &[],
+        openai::Api::Responses => &responses::CARRIED,
+        openai::Api::Messages => &messages::CARRIED,
+    }
+}
+
 impl ChatRequest {
     /// The text of the last user message: what the mock model answers to.
     pub fn last_user_text(&self) -> &str {

@@ -162,29 +162,10 @@ impl OpenAiBackend {
 
     /// The body of a Responses API call: the client's own when it spoke that API (with the
     /// upstream's model name), else the chat request written as one.
-    fn responses_body(request: ChatRequest) -> Map<String, Value> {
-        let mut body = match request.native {
+    fn responses_body(mut request: ChatRequest) -> Map<String, Value> {
+        let mut body = match request.native.take() {
             Some(Native::Responses(native)) => native,
-            _ => {
-                let mut body = Map::new();
-                let input: Vec<Value> = request
-                    .messages
-                    .iter()
-                    .map(|m| json!({"role": m.role, "content": m.content}))
-                    .collect();
-                body.insert("input".into(), Value::Array(input));
-                body.insert("store".into(), Value::Bool(false));
-                if let Some(n) = request.max_tokens {
-                    body.insert("max_output_tokens".into(), json!(n));
-                }
-                if let Some(t) = request.temperature {
-                    body.insert("temperature".into(), super::decimal(t));
-                }
-                if let Some(p) = request.top_p {
-                    body.insert("top_p".into(), super::decimal(p));
-                }
-                body
-            }
+            _ => super::responses::from_chat(&super::chat_body(&mut request)),
         };
         body.insert("model".into(), Value::String(request.model));
         body.insert("stream".into(), Value::Bool(true));
@@ -197,28 +178,8 @@ impl OpenAiBackend {
     /// A client that spoke OpenAI's format sent its messages and options as they go
     /// upstream (content parts, tools, unknown fields pass through); for any other, they
     /// are written from the canonical request.
-    fn upstream_body(&self, request: ChatRequest) -> Map<String, Value> {
-        let mut body = request.body;
-        if !body.contains_key("messages") {
-            let messages = request
-                .messages
-                .iter()
-                .map(|m| json!({"role": m.role, "content": m.content}))
-                .collect();
-            body.insert("messages".into(), Value::Array(messages));
-            let decimal = super::decimal;
-            let options = [
-                ("max_tokens", request.max_tokens.map(Value::from)),
-                ("temperature", request.temperature.map(decimal)),
-                ("top_p", request.top_p.map(decimal)),
-                ("seed", request.seed.map(Value::from)),
-            ];
-            for (name, value) in options {
-                if let Some(value) = value {
-                    body.entry(name).or_insert(value);
-                }
-            }
-        }
+    fn upstream_body(&self, mut request: ChatRequest) -> Map<String, Value> {
+        let mut body = super::chat_body(&mut request);
         body.insert("model".into(), Value::String(request.model));
         body.insert("stream".into(), Value::Bool(true));
         let options = body.entry("stream_options").or_insert_with(|| json!({}));

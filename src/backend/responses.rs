@@ -3,11 +3,142 @@
 //! ([`Delta::Event`]); for any other, the events become canonical ones — text, function
 //! call deltas (as chat `tool_calls`), the finish and the usage.
 
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 use super::shown;
 
 use super::{BackendError, Delta, Fields, Signature, Text, Usage};
+
+/// The chat request fields [`from_chat`] carries (or that need no carrying).
+pub const CARRIED: [&str; 17] = [
+    "model",
+    "messages",
+    "stream",
+    "stream_options",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "response_format",
+    "max_tokens",
+    "max_completion_tokens",
+    "reasoning_effort",
+    "temperature",
+    "top_p",
+    "user",
+    "metadata",
+    "service_tier",
+    "n",
+];
+
+/// A chat completions request as a Responses request: messages as input items (text and
+/// image parts in the Responses API's own types), an assistant's `tool_calls` as
+/// `function_call` items and tool messages as `function_call_output` items; function tools,
+/// `tool_choice`, `response_format`, `max_tokens`, `reasoning_effort` and the options both
+/// APIs share. Never stored upstream: storage is sluice's.
+pub fn from_chat(chat: &Map<String, Value>) -> Map<String, Value> {
+    let mut body = Map::new();
+    let mut input = Vec::new();
+    for m in chat
+        .get("messages")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        match m["role"].as_str() {
+            Some("tool") => input.push(json!({"type": "function_call_output",
+                "call_id": m["tool_call_id"], "output": m["content"]})),
+            Some(role) => {
+                if let Some(content) = content(&m["content"], role == "assistant") {
+                    input.push(json!({"role": role, "content": content}));
+                }
+                for call in m["tool_calls"].as_array().into_iter().flatten() {
+                    input.push(json!({"type": "function_call", "call_id": call["id"],
+                        "name": call["function"]["name"], "arguments": call["function"]["arguments"]}));
+                }
+            }
+            None => {}
+        }
+    }
+    body.insert("input".into(), Value::Array(input));
+    let tools: Vec<Value> = chat
+        .get("tools")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|t| {
+            let mut tool = t.get("function")?.as_object()?.clone();
+            tool.insert("type".into(), json!("function"));
+            Some(Value::Object(tool))
+        })
+        .collect();
+    if !tools.is_empty() {
+        body.insert("tools".into(), Value::Array(tools));
+    }
+    if let Some(choice) = chat.get("tool_choice") {
+        let choice = match choice {
+            Value::Object(c) => json!({"type": "function", "name": c["function"]["name"]}),
+            other => other.clone(),
+        };
+        body.insert("tool_choice".into(), choice);
+    }
+    if let Some(format) = chat.get("response_format") {
+        let format = match format["type"].as_str() {
+            Some("json_schema") => {
+                let mut f = format["json_schema"]
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default();
+                f.insert("type".into(), json!("json_schema"));
+                Value::Object(f)
+            }
+            _ => format.clone(),
+        };
+        body.insert("text".into(), json!({"format": format}));
+    }
+    if let Some(n) = chat.get("max_completion_tokens").or(chat.get("max_tokens")) {
+        body.insert("max_output_tokens".into(), n.clone());
+    }
+    if let Some(effort) = chat.get("reasoning_effort") {
+        body.insert("reasoning".into(), json!({"effort": effort}));
+    }
+    for key in [
+        "temperature",
+        "top_p",
+        "parallel_tool_calls",
+        "user",
+        "metadata",
+        "service_tier",
+    ] {
+        if let Some(v) = chat.get(key) {
+            body.insert(key.into(), v.clone());
+        }
+    }
+    body.insert("store".into(), Value::Bool(false));
+    body
+}
+
+/// Chat content as Responses content: a string as it is, parts in the Responses API's
+/// types (`input_text` or, for the assistant, `output_text`; `input_image`).
+fn content(content: &Value, assistant: bool) -> Option<Value> {
+    match content {
+        Value::Null => None,
+        Value::Array(parts) => Some(Value::Array(
+            parts
+                .iter()
+                .filter_map(|p| match p["type"].as_str() {
+                    Some("text") => {
+                        let kind = if assistant { "output_text" } else { "input_text" };
+                        Some(json!({"type": kind, "text": p["text"]}))
+                    }
+                    Some("image_url") => Some(json!({"type": "input_image",
+                        "image_url": p["image_url"]["url"], "detail": p["image_url"].get("detail").cloned().unwrap_or(json!("auto"))})),
+                    _ => None,
+                })
+                .collect(),
+        )),
+        other => Some(other.clone()),
+    }
+}
 
 /// What has been read of one response.
 #[derive(Default)]

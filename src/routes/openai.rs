@@ -10,7 +10,7 @@ use axum::{Json, Router};
 use crate::admission::Principal;
 use crate::dialect::{Wire, chat};
 use crate::error::ApiError;
-use crate::http::{JsonObject, with_rate_headers};
+use crate::http::{JsonObject, with_dropped, with_rate_headers};
 use crate::pipeline;
 use crate::relay::{self, Completion};
 use crate::state::AppState;
@@ -41,6 +41,7 @@ async fn chat_completions(
     let (request, asked) = chat::request::parse(body, size)?;
     let started = pipeline::start(&state, &who, &exchange, request).await?;
     let rate = started.rate;
+    let dropped = started.dropped;
     let completion = Completion::new(&started.model);
     let mut guard = started.guard;
     let response = if !asked.stream {
@@ -71,5 +72,6 @@ async fn chat_completions(
             Err(e) => Err(ApiError::from(e)),
         }
     };
+    let response = response.map(|r| with_dropped(r, &dropped));
     Ok(with_rate_headers(response, &rate))
 }

@@ -265,3 +265,97 @@ async fn a_translated_route_carries_reasoning_and_citations_and_names_what_it_ca
             .is_some_and(|m| m.contains("Overloaded"))
     );
 }
+
+#[tokio::test]
+async fn a_chat_client_s_tools_and_history_reach_an_upstream_of_another_api() {
+    let upstream = FakeUpstream::spawn().await;
+    let base = upstream.base_url();
+    let dir = std::env::temp_dir().join(format!("sluice-cross-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("sluice.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[models.claude]\nbase_url = \"{base}\"\nmodel = \"claude-up\"\napi = \"anthropic\"\n\n\
+             [models.gpt]\nbase_url = \"{base}\"\nmodel = \"gpt-up\"\napi = \"responses\"\n"
+        ),
+    )
+    .expect("config");
+    let app = TestApp::in_front_of_with(&upstream, |c| c.config = Some(path)).await;
+    // A chat client mid tool loop: a system prompt, an image, a call and its result.
+    let request = |model: &str| {
+        json!({"model": model, "stream": true, "max_tokens": 50, "stop": "END", "tool_choice": "required",
+        "logprobs": true,
+        "tools": [{"type": "function", "function": {"name": "get_weather", "description": "Weather.",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}],
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Weather in Paris?"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBOR"}}]},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "18C"},
+            {"role": "user", "content": "And tomorrow?"},
+        ]})
+    };
+    // What an API takes no counterpart of is named (the Responses API has no `stop`).
+    for (model, dropped) in [("claude", "logprobs"), ("gpt", "logprobs,stop")] {
+        let answer = app.post("/v1/chat/completions", &request(model)).await;
+        assert_eq!(answer.status(), 200);
+        assert_eq!(answer.headers()["x-sluice-dropped"], dropped);
+        answer.bytes().await.expect("a reply");
+    }
+    let sent = upstream.request(1).await.body;
+    assert_eq!(sent["system"], "Be brief.");
+    assert_eq!(sent["tools"][0]["name"], "get_weather");
+    assert_eq!(
+        sent["tools"][0]["input_schema"]["properties"]["city"]["type"],
+        "string"
+    );
+    assert_eq!(sent["tool_choice"], json!({"type": "any"}));
+    assert_eq!(sent["stop_sequences"], json!(["END"]));
+    let messages = sent["messages"].as_array().expect("messages");
+    assert_eq!(messages.len(), 3, "{sent}");
+    assert_eq!(
+        messages[0]["content"][1]["source"],
+        json!({"type": "base64", "media_type": "image/png", "data": "iVBOR"})
+    );
+    assert_eq!(
+        messages[1]["content"][0],
+        json!({"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Paris"}})
+    );
+    // The tool's result and the user's next words are one user turn.
+    assert_eq!(messages[2]["content"][0]["type"], "tool_result");
+    assert_eq!(messages[2]["content"][1]["text"], "And tomorrow?");
+
+    let sent = upstream.request(2).await.body;
+    assert_eq!(
+        sent["tools"][0],
+        json!({"type": "function", "name": "get_weather", "description": "Weather.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}})
+    );
+    assert_eq!(sent["tool_choice"], "required");
+    assert_eq!(sent["max_output_tokens"], 50);
+    let input = sent["input"].as_array().expect("input");
+    let kinds: Vec<&str> = input
+        .iter()
+        .map(|i| {
+            i["type"]
+                .as_str()
+                .or(i["role"].as_str())
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "system",
+            "user",
+            "function_call",
+            "function_call_output",
+            "user"
+        ]
+    );
+    assert_eq!(input[1]["content"][1]["type"], "input_image");
+    assert_eq!(input[2]["arguments"], "{\"city\":\"Paris\"}");
+}
