@@ -159,14 +159,16 @@ impl Routes {
             let targets = route
                 .targets
                 .iter()
-                .map(|t| match t.model == *pattern {
+                .map(|t| {
+                    if t.model != *pattern {
+                        return t.clone();
+                    }
                     // The client's name is no fit metric label: the pattern stands for it.
-                    true => Target {
+                    Target {
                         model: model.to_owned(),
                         configured: false,
                         ..t.clone()
-                    },
-                    false => t.clone(),
+                    }
                 })
                 .collect();
             return Some(Route { targets });
