@@ -274,7 +274,7 @@ impl Entry {
         let next = log.last() + 1;
         drop(log);
         if let Some(shared) = &self.shared {
-            shared.end(next);
+            shared.end(next, self.was_cancelled());
         }
         self.progress.send_modify(|_| {});
     }

@@ -84,10 +84,14 @@ impl Keys {
     }
 }
 
+/// The value of a log's end marker when a cancel stopped the stream.
+const CANCELLED: &str = "cancelled";
+
 enum What {
     /// An event, and the first event memory still keeps of the stream.
     Event(Bytes, u64),
-    End,
+    /// The end, and whether a cancel stopped it (nothing to follow then).
+    End(bool),
     Lost,
     /// Evicted or expired where it was produced: delete its keys.
     Forget,
@@ -138,11 +142,11 @@ impl Log {
         let _ = self.writes.try_send(write);
     }
 
-    pub(super) fn end(&self, next: u64) {
+    pub(super) fn end(&self, next: u64, cancelled: bool) {
         let what = if self.broken.load(Ordering::Relaxed) {
             What::Lost
         } else {
-            What::End
+            What::End(cancelled)
         };
         let write = Write {
             keys: self.keys.clone(),
@@ -286,17 +290,17 @@ impl Shared {
                             .ignore();
                         (self.running, first)
                     }
-                    What::End | What::Lost => {
-                        let field = if matches!(write.what, What::End) {
-                            "end"
-                        } else {
-                            "lost"
+                    What::End(_) | What::Lost => {
+                        let (field, value) = match write.what {
+                            What::End(true) => ("end", CANCELLED),
+                            What::End(false) => ("end", "1"),
+                            _ => ("lost", "1"),
                         };
                         pipe.cmd("XADD")
                             .arg(&write.keys.log)
                             .arg(entry)
                             .arg(field)
-                            .arg(1)
+                            .arg(value)
                             .ignore();
                         (self.ttl, 0)
                     }
@@ -497,6 +501,14 @@ impl Shared {
                 n
             };
             let finished = ended || last.map.contains_key("lost");
+            // Stopped by a cancel: there is nothing to follow, as on the producing instance.
+            let cancelled = last
+                .map
+                .get("end")
+                .and_then(|v| redis::from_redis_value::<String>(v).ok());
+            if cancelled.as_deref() == Some(CANCELLED) {
+                return Err(ApiError::StreamCancelled);
+            }
             // A cursor ahead of a running stream waits for its events.
             if after > sent && finished {
                 return Err(super::cursor_beyond(after));

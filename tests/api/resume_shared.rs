@@ -147,6 +147,32 @@ async fn a_cancel_sent_to_another_instance_closes_the_upstream() {
             .data
             .contains("stream_cancelled")
     );
+    // Once its end is in Redis, a resume on B is what it is on A: 409, nothing to follow.
+    let started = Instant::now();
+    loop {
+        let resumed = b
+            .http
+            .get(b.url(&format!("/api/chat/{id}?last_event_id=0")))
+            .send()
+            .await
+            .expect("B answers");
+        if resumed.status() == 409 {
+            let body: serde_json::Value = resumed.json().await.expect("JSON");
+            assert_eq!(body["error"]["code"], "stream_cancelled");
+            break;
+        }
+        // Before the end marker lands, the log is replayed to its cancelled ending.
+        assert_eq!(resumed.status(), 200);
+        assert!(
+            resumed
+                .text()
+                .await
+                .expect("a body")
+                .contains("stream_cancelled")
+        );
+        assert!(started.elapsed() < DEADLINE, "no 409 within {DEADLINE:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]
