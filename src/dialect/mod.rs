@@ -47,19 +47,47 @@ pub struct Chat {
     pub dropped: Dropped,
 }
 
-/// The names of what a translation left out, each once, in the order met.
+/// The names of what a translation left out, each once, in the order met. Names can be a
+/// client's (unknown fields), so they are held to [`Dropped::MOST`] names of printable
+/// ASCII of at most [`Dropped::LONGEST`] bytes each, the rest counted: the header and the
+/// log line stay small whatever a request holds.
 #[derive(Debug, Default)]
-pub struct Dropped(Vec<String>);
+pub struct Dropped {
+    names: Vec<String>,
+    more: usize,
+}
 
 impl Dropped {
+    pub const MOST: usize = 32;
+    pub const LONGEST: usize = 64;
+
     pub fn add(&mut self, name: &str) {
-        if !self.0.iter().any(|n| n == name) {
-            self.0.push(name.to_owned());
+        let name: String = name
+            .chars()
+            .take(Self::LONGEST)
+            .map(|c| {
+                if c.is_ascii_graphic() && c != ',' {
+                    c
+                } else {
+                    '?'
+                }
+            })
+            .collect();
+        if self.names.contains(&name) {
+            return;
+        }
+        if self.names.len() < Self::MOST {
+            self.names.push(name);
+        } else {
+            self.more += 1;
         }
     }
 
-    pub fn into_names(self) -> Vec<String> {
-        self.0
+    pub fn into_names(mut self) -> Vec<String> {
+        if self.more > 0 {
+            self.names.push(format!("+{} more", self.more));
+        }
+        self.names
     }
 }
 
@@ -126,5 +154,28 @@ impl Wire {
             Wire::Anthropic => anthropic::error(error, &mut out),
         }
         out.take().next().unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Dropped;
+
+    #[test]
+    fn what_was_left_out_is_named_within_bounds() {
+        let mut dropped = Dropped::default();
+        dropped.add("web_search");
+        dropped.add("web_search");
+        dropped.add("caf\u{e9},\nx");
+        dropped.add(&"y".repeat(500));
+        for i in 0..100 {
+            dropped.add(&format!("field{i}"));
+        }
+        let names = dropped.into_names();
+        assert_eq!(names[0], "web_search");
+        assert_eq!(names[1], "caf???x");
+        assert_eq!(names[2].len(), Dropped::LONGEST);
+        assert_eq!(names.len(), Dropped::MOST + 1);
+        assert_eq!(names[Dropped::MOST], "+71 more");
     }
 }
