@@ -16,17 +16,44 @@ use crate::support::{
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 
-/// chromedriver on a free port, stopped (by its pid) when dropped.
+/// chromedriver on a free port, stopped (by its pid) when dropped, with the Chromiums it
+/// started: a session a test never closed (it failed, or returned early) would outlive the
+/// driver otherwise.
 pub(crate) struct Driver {
     child: Child,
     url: String,
+    /// The profile of every session started: each names its own Chromium processes.
+    profiles: std::sync::Mutex<Vec<std::path::PathBuf>>,
 }
 
 impl Drop for Driver {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let profiles =
+            std::mem::take(&mut *self.profiles.lock().unwrap_or_else(|e| e.into_inner()));
+        for profile in profiles {
+            let flag = format!("--user-data-dir={}", profile.display());
+            for pid in processes_with_arg(&flag) {
+                let _ = Command::new("kill").arg(pid.to_string()).status();
+            }
+            let _ = std::fs::remove_dir_all(&profile);
+        }
     }
+}
+
+/// The pids of the processes one of whose arguments is `arg` (from `/proc`).
+fn processes_with_arg(arg: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|line| line.split(|&b| b == 0).any(|a| a == arg.as_bytes()))
+        })
+        .collect()
 }
 
 pub(crate) fn start_driver() -> Option<Driver> {
@@ -50,6 +77,7 @@ pub(crate) fn start_driver() -> Option<Driver> {
     let driver = Driver {
         child,
         url: format!("http://127.0.0.1:{port}"),
+        profiles: std::sync::Mutex::default(),
     };
     wait_for_port(port, "chromedriver");
     Some(driver)
@@ -60,6 +88,11 @@ pub(crate) async fn browser(driver: &Driver) -> Client {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let profile = std::env::temp_dir().join(format!("sluice-chromium-{}-{n}", std::process::id()));
+    driver
+        .profiles
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(profile.clone());
     let caps = json!({"goog:chromeOptions": {"binary": CHROMIUM, "args": [
         "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
