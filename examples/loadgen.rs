@@ -1,23 +1,27 @@
 //! The streaming load benchmark: what sluice adds to the first token and to every chunk,
 //! at 1 to 10,000 concurrent streams, measured side by side with the upstream called
-//! directly; cancellation of 1,000 streams at once; and a soak.
+//! directly and through nginx (the floor: a plain relay); cancellation of 1,000 streams at
+//! once; and a soak.
 //!
 //!     cargo run --release --example loadgen                 # levels + cancellation
 //!     cargo run --release --example loadgen -- soak 10      # minutes at 1,000 streams
-//!     cargo run --release --example loadgen -- 2000         # one level of the plan
+//!     cargo run --release --example loadgen -- 1000 2000    # those levels of the plan
+//!     cargo run --release --example loadgen -- 1000 BIN     # BIN: another sluice beside
 //!     cargo run --release --example loadgen -- pinned       # pauses: sluice on one core
 //!     cargo run --release --example loadgen -- resumable    # CPU per chunk: direct streams,
 //!                                                           # resumable in memory, via Redis
 //!     cargo run --release --example loadgen -- dialects [BIN]  # CPU per chunk of each wire
 //!                                                           # format; BIN: another sluice too
 //!
-//! Three processes, so each one's CPU is its own: this driver (the clients), a fast fake
-//! OpenAI upstream and sluice (both this same binary, started with `upstream` / `sluice`).
-//! Every chunk's content is the time the upstream sent it (ns since the epoch, one clock
-//! for all three), so a client knows each chunk's latency; sluice's share is the latency
-//! through sluice minus the latency direct. The driver raises RLIMIT_NOFILE to 65,536
-//! (root, or a hard limit that high) for itself and its children. Results go to
-//! target/loadgen/*.json and docs/loadgen.svg.
+//! Separate processes, so each one's CPU is its own: this driver (the clients), a fast fake
+//! OpenAI upstream and sluice (both this same binary, started with `upstream` / `sluice`),
+//! and Debian's nginx (`nginx-light`; left out, with a message, when it is not installed)
+//! relaying the same upstream with `proxy_buffering off`, two workers. Every chunk's
+//! content is the time the upstream sent it (ns since the epoch, one clock for all), so a
+//! client knows each chunk's latency; a relay's share is the latency through it minus the
+//! latency direct. The driver raises RLIMIT_NOFILE to 65,536 (root, or a hard limit that
+//! high) for itself and its children. Results go to target/loadgen/*.json and
+//! docs/loadgen.svg.
 
 // The benchmark's clients and its upstream are tasks of their own; the rule against
 // spawning is for sluice's request path.
@@ -41,6 +45,16 @@ use serde_json::{Value, json};
 #[path = "common/proc.rs"]
 mod proc;
 use proc::{cpu_s, open_fds, rss_kib};
+
+/// CPU seconds of all of `pids`.
+fn cpu_all(pids: &[String]) -> f64 {
+    pids.iter().map(|p| cpu_s(p)).sum()
+}
+
+/// Resident memory of all of `pids`, KiB.
+fn rss_all(pids: &[String]) -> u64 {
+    pids.iter().map(|p| rss_kib(p)).sum()
+}
 
 /// The allocator sluice's binary uses (src/main.rs), for the sluice this binary runs.
 #[global_allocator]
@@ -66,10 +80,12 @@ fn main() -> anyhow::Result<()> {
             let minutes: f64 = args.get(1).map_or(Ok(10.0), |m| m.parse())?;
             runtime.block_on(soak(minutes))
         }
-        // A number runs only that level of the plan (for profiling).
-        only => {
-            let only = only.and_then(|n| n.parse().ok());
-            runtime.block_on(levels(only))
+        // Numbers run only those levels of the plan; a path adds another sluice binary
+        // beside this build's, for a before-and-after in one run.
+        _ => {
+            let only = args.iter().filter_map(|n| n.parse().ok()).collect();
+            let other = args.iter().find(|a| a.contains('/')).cloned();
+            runtime.block_on(levels(only, other))
         }
     }
 }
@@ -183,6 +199,125 @@ async fn sluice(upstream: &str, redis: Option<String>) -> anyhow::Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------
+// nginx: the floor. Debian's nginx (`nginx-light`) relaying the same upstream with
+// `proxy_buffering off`, two workers (one a core), upstream connections kept alive as
+// sluice's are.
+
+struct Nginx {
+    master: Child,
+    addr: String,
+}
+
+impl Nginx {
+    /// nginx in front of `upstream`, its files under target/loadgen/nginx; `None`, said on
+    /// stderr, when it is not installed.
+    fn start(upstream: &str) -> anyhow::Result<Option<Nginx>> {
+        let Some(binary) = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+        else {
+            eprintln!(
+                "nginx is not installed (Debian: apt-get install nginx-light): the nginx path is left out"
+            );
+            return Ok(None);
+        };
+        let dir = std::env::current_dir()?.join("target/loadgen/nginx");
+        std::fs::create_dir_all(&dir)?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let config = format!(
+            "daemon off;
+master_process on;
+worker_processes 2;
+worker_rlimit_nofile 65536;
+user root;
+pid nginx.pid;
+error_log error.log warn;
+events {{ worker_connections 30000; }}
+http {{
+    access_log off;
+    client_body_temp_path body;
+    proxy_temp_path proxy;
+    upstream mock {{ server {upstream}; keepalive 1024; }}
+    server {{
+        listen 127.0.0.1:{port} backlog=1024;
+        location / {{
+            proxy_pass http://mock;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+            proxy_buffering off;
+            proxy_request_buffering off;
+            tcp_nodelay on;
+        }}
+    }}
+}}
+"
+        );
+        std::fs::write(dir.join("nginx.conf"), config)?;
+        let master = Command::new(binary)
+            .arg("-p")
+            .arg(&dir)
+            .args(["-c", "nginx.conf"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let addr = format!("127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "nginx did not listen on {addr} (see {})",
+                dir.join("error.log").display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Some(Nginx { master, addr }))
+    }
+
+    /// The master and its workers.
+    fn pids(&self) -> Vec<String> {
+        let master = self.master.id().to_string();
+        let mut pids = children(&master);
+        pids.push(master);
+        pids
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGTERM would be a graceful stop; the workers go with a fast one (SIGINT) too,
+        // but a kill of the master leaves them: stop each by its pid.
+        for pid in children(&self.master.id().to_string()) {
+            let _ = Command::new("kill").arg(&pid).status();
+        }
+        let _ = self.master.kill();
+        let _ = self.master.wait();
+    }
+}
+
+/// The processes whose parent is `pid`.
+fn children(pid: &str) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|name| name.bytes().all(|b| b.is_ascii_digit()))
+        .filter(|child| {
+            std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let rest = stat.rsplit_once(')')?.1.to_owned();
+                    Some(rest.split_whitespace().nth(1)? == pid)
+                })
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
 // The driver.
 
 struct Proc {
@@ -209,7 +344,11 @@ impl Proc {
         };
         let mut child = command
             .args(args)
-            .env("MIMALLOC_PURGE_DELAY", "0")
+            // As sluice's own binary sets it, unless this run was given another value.
+            .env(
+                "MIMALLOC_PURGE_DELAY",
+                std::env::var("MIMALLOC_PURGE_DELAY").unwrap_or_else(|_| "0".into()),
+            )
             .env("SLUICE_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -461,8 +600,8 @@ impl Phase {
     }
 }
 
-async fn phase(target: &str, path: &str, c: usize, model: &str, watch_pid: &str) -> Phase {
-    phase_with(target, path, c, model, watch_pid, false).await
+async fn phase(target: &str, path: &str, c: usize, model: &str, watch: &[String]) -> Phase {
+    phase_with(target, path, c, model, watch, false).await
 }
 
 async fn phase_with(
@@ -470,7 +609,7 @@ async fn phase_with(
     path: &str,
     c: usize,
     model: &str,
-    watch_pid: &str,
+    watch: &[String],
     resumable: bool,
 ) -> Phase {
     let opened = Arc::new(AtomicUsize::new(0));
@@ -509,7 +648,7 @@ async fn phase_with(
     while opened.load(Ordering::SeqCst) < c && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let rss_open_kib = rss_kib(watch_pid);
+    let rss_open_kib = rss_all(watch);
     let mut ttft = Vec::with_capacity(c);
     let mut chunks = Vec::new();
     let mut errors = 0;
@@ -559,9 +698,18 @@ async fn pinned() -> anyhow::Result<()> {
     let mut cpu = 0.0;
     let mut wall = 0.0;
     for _ in 0..REPEATS {
-        direct.add(phase(&upstream.addr, "/v1/chat/completions", c, model, "0").await);
+        direct.add(phase(&upstream.addr, "/v1/chat/completions", c, model, &[]).await);
         let (g0, t0) = (cpu_s(&gw_pid), Instant::now());
-        through.add(phase(&gateway.addr, "/v1/chat/completions", c, model, &gw_pid).await);
+        through.add(
+            phase(
+                &gateway.addr,
+                "/v1/chat/completions",
+                c,
+                model,
+                std::slice::from_ref(&gw_pid),
+            )
+            .await,
+        );
         cpu += cpu_s(&gw_pid) - g0;
         wall += t0.elapsed().as_secs_f64();
     }
@@ -651,7 +799,15 @@ async fn dialects(other: Option<String>) -> anyhow::Result<()> {
                 let i = g * paths.len() + p;
                 let pid = gateway.pid().to_string();
                 let before = cpu_s(&pid);
-                let pass = phase_with(&gateway.addr, path, c, model, &pid, false).await;
+                let pass = phase_with(
+                    &gateway.addr,
+                    path,
+                    c,
+                    model,
+                    std::slice::from_ref(&pid),
+                    false,
+                )
+                .await;
                 cpu[i] += cpu_s(&pid) - before;
                 chunks[i] += pass.chunks.len();
                 errors[i] += pass.errors;
@@ -726,7 +882,7 @@ async fn resumable() -> anyhow::Result<()> {
                 "/v1/chat/completions",
                 c,
                 model,
-                &pid,
+                std::slice::from_ref(&pid),
                 *resumable,
             )
             .await;
@@ -772,14 +928,102 @@ async fn resumable() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn levels(only: Option<usize>) -> anyhow::Result<()> {
+/// A path's figures in one pass.
+struct Pass {
+    phase: Phase,
+    /// CPU seconds of the path's own processes (none for direct), and of the upstream.
+    cpu_s: f64,
+    upstream_cpu_s: f64,
+}
+
+impl Pass {
+    fn rate(&self) -> f64 {
+        self.phase.chunks.len() as f64 / self.phase.wall_s.max(1e-9)
+    }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.retain(|v| !v.is_nan());
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// One path's figures at one level: each the median over the passes, a latency added
+/// being the path's quantile minus the direct pass's of the same repeat.
+fn figures(passes: &[Pass], direct: &[Pass], c: usize, idle_rss_kib: u64) -> Value {
+    let added = |q: f64, ttft: bool| {
+        median(
+            passes
+                .iter()
+                .zip(direct)
+                .map(|(p, d)| {
+                    let (a, b) = if ttft {
+                        (&p.phase.ttft, &d.phase.ttft)
+                    } else {
+                        (&p.phase.chunks, &d.phase.chunks)
+                    };
+                    quantile(a, q) - quantile(b, q)
+                })
+                .collect(),
+        )
+    };
+    let chunks: usize = passes.iter().map(|p| p.phase.chunks.len()).sum();
+    let cpu: f64 = passes.iter().map(|p| p.cpu_s).sum();
+    let upstream: f64 = passes.iter().map(|p| p.upstream_cpu_s).sum();
+    let rss_open = median(passes.iter().map(|p| p.phase.rss_open_kib as f64).collect());
+    json!({
+        "ttft_ms": {"added_p50": added(0.5, true), "added_p99": added(0.99, true),
+            "p99": median(passes.iter().map(|p| quantile(&p.phase.ttft, 0.99)).collect())},
+        "chunk_ms": {"added_p50": added(0.5, false), "added_p99": added(0.99, false),
+            "added_p999": added(0.999, false),
+            "p99": median(passes.iter().map(|p| quantile(&p.phase.chunks, 0.99)).collect())},
+        "chunks": chunks,
+        "chunks_per_s": median(passes.iter().map(Pass::rate).collect()),
+        "share_of_direct": median(passes.iter().zip(direct).map(|(p, d)| p.rate() / d.rate()).collect()),
+        "errors": passes.iter().map(|p| p.phase.errors).sum::<usize>(),
+        "cpu_s": cpu,
+        "cpu_us_per_chunk": median(passes.iter().map(|p| p.cpu_s / p.phase.chunks.len().max(1) as f64 * 1e6).collect()),
+        "upstream_cpu_us_per_chunk": median(passes.iter().map(|p| p.upstream_cpu_s / p.phase.chunks.len().max(1) as f64 * 1e6).collect()),
+        "cpu_vs_upstream": cpu / upstream.max(1e-9),
+        "rss_kib": {"idle": idle_rss_kib, "open": rss_open,
+            "per_stream": (rss_open - idle_rss_kib as f64).max(0.0) / c as f64},
+    })
+}
+
+/// The plan, or the levels named on the command line (`loadgen -- 1000 2000`).
+async fn levels(only: Vec<usize>, other: Option<String>) -> anyhow::Result<()> {
     let fd_limit = raise_fd_limit();
     let upstream = Proc::start(&["upstream"])?;
     let gateway = Proc::start(&["sluice", &upstream.addr])?;
-    let (up_pid, gw_pid) = (upstream.pid().to_string(), gateway.pid().to_string());
+    let nginx = Nginx::start(&upstream.addr)?;
+    let other = match other {
+        Some(binary) => Some(Proc::binary(&binary, &upstream.addr)?),
+        None => None,
+    };
+    let up_pid = upstream.pid().to_string();
     let me = std::process::id().to_string();
-    let idle_rss = rss_kib(&gw_pid);
-    eprintln!("pids: sluice {gw_pid}, upstream {up_pid}, client {me}");
+    // (name, address, its own processes)
+    let mut paths = vec![("direct", upstream.addr.clone(), Vec::new())];
+    if let Some(nginx) = &nginx {
+        paths.push(("nginx", nginx.addr.clone(), nginx.pids()));
+    }
+    paths.push((
+        "sluice",
+        gateway.addr.clone(),
+        vec![gateway.pid().to_string()],
+    ));
+    if let Some(other) = &other {
+        paths.push(("other", other.addr.clone(), vec![other.pid().to_string()]));
+    }
+    eprintln!(
+        "pids: sluice {}, nginx {:?}, upstream {up_pid}, client {me}",
+        gateway.pid(),
+        nginx.as_ref().map(Nginx::pids).unwrap_or_default()
+    );
+    let idle: Vec<u64> = paths.iter().map(|(_, _, pids)| rss_all(pids)).collect();
     // (streams, tokens a stream, ms between tokens)
     let plan: [(usize, u64, u64); 6] = [
         (1, 40, 50),
@@ -791,17 +1035,20 @@ async fn levels(only: Option<usize>) -> anyhow::Result<()> {
     ];
     let mut rows = Vec::new();
     println!(
-        "| streams | tokens/s each | added TTFT p50 / p99 (ms) | added per chunk p50 / p99 / p99.9 (ms) | chunks/s direct → sluice | errors | sluice CPU s / 1k chunks | sluice RSS / stream | CPU s: sluice / upstream / client |"
+        "each figure the median of {REPEATS} passes a path, passes interleaved; added = the path's quantile minus the direct pass's\n"
+    );
+    println!(
+        "| streams | tokens/s each | path | added TTFT p50 / p99 (ms) | added per chunk p50 / p99 / p99.9 (ms) | chunks/s (share of direct) | errors | CPU µs / chunk (× upstream's) | RSS / open stream |"
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     for (c, tokens, interval) in plan {
-        if only.is_some_and(|only| only != c) {
+        if !only.is_empty() && !only.contains(&c) {
             continue;
         }
         let most = (fd_limit.saturating_sub(100) / 2) as usize;
         let c = if c > most {
             eprintln!(
-                "{c} streams need {} descriptors in sluice; the limit is {fd_limit}: running {most}",
+                "{c} streams need {} descriptors in a relay; the limit is {fd_limit}: running {most}",
                 2 * c + 100
             );
             most
@@ -809,72 +1056,58 @@ async fn levels(only: Option<usize>) -> anyhow::Result<()> {
             c
         };
         let model = format!("load-{tokens}-{interval}");
-        // Direct, then through sluice, three times over, each path's samples pooled: one
-        // pass alone is at the mercy of what else the two cores were doing.
-        let mut direct = Phase::default();
-        let mut through = Phase::default();
-        let (mut g, mut u, mut m) = (0.0, 0.0, 0.0);
-        let mut rss_open = Vec::new();
+        let mut passes: Vec<Vec<Pass>> = paths.iter().map(|_| Vec::new()).collect();
         for _ in 0..REPEATS {
-            direct.add(phase(&upstream.addr, "/v1/chat/completions", c, &model, &up_pid).await);
-            let (g0, u0, m0) = (cpu_s(&gw_pid), cpu_s(&up_pid), cpu_s(&me));
-            let pass = phase(&gateway.addr, "/v1/chat/completions", c, &model, &gw_pid).await;
-            g += cpu_s(&gw_pid) - g0;
-            u += cpu_s(&up_pid) - u0;
-            m += cpu_s(&me) - m0;
-            rss_open.push(pass.rss_open_kib);
-            through.add(pass);
+            for (i, (_, addr, pids)) in paths.iter().enumerate() {
+                let (c0, u0) = (cpu_all(pids), cpu_s(&up_pid));
+                let phase = phase(addr, "/v1/chat/completions", c, &model, pids).await;
+                passes[i].push(Pass {
+                    phase,
+                    cpu_s: cpu_all(pids) - c0,
+                    upstream_cpu_s: cpu_s(&up_pid) - u0,
+                });
+            }
         }
-        direct.sort();
-        through.sort();
-        rss_open.sort_unstable();
-        through.rss_open_kib = rss_open[rss_open.len() / 2];
-        let n = through.chunks.len().max(1) as f64;
-        let added = |a: &[u32], b: &[u32], q: f64| quantile(a, q) - quantile(b, q);
-        let row = json!({
-            "streams": c,
-            "tokens_per_s": 1000.0 / interval as f64,
-            "tokens_per_stream": tokens,
-            "ttft_ms": {"direct_p50": quantile(&direct.ttft, 0.5), "direct_p99": quantile(&direct.ttft, 0.99),
-                "sluice_p50": quantile(&through.ttft, 0.5), "sluice_p99": quantile(&through.ttft, 0.99),
-                "added_p50": added(&through.ttft, &direct.ttft, 0.5), "added_p99": added(&through.ttft, &direct.ttft, 0.99)},
-            "chunk_ms": {"direct_p50": quantile(&direct.chunks, 0.5), "direct_p99": quantile(&direct.chunks, 0.99),
-                "direct_p999": quantile(&direct.chunks, 0.999),
-                "sluice_p50": quantile(&through.chunks, 0.5), "sluice_p99": quantile(&through.chunks, 0.99),
-                "sluice_p999": quantile(&through.chunks, 0.999),
-                "added_p50": added(&through.chunks, &direct.chunks, 0.5),
-                "added_p99": added(&through.chunks, &direct.chunks, 0.99),
-                "added_p999": added(&through.chunks, &direct.chunks, 0.999)},
-            "chunks": through.chunks.len(),
-            "chunks_direct": direct.chunks.len(),
-            "chunks_per_s": n / through.wall_s,
-            "chunks_per_s_direct": direct.chunks.len() as f64 / direct.wall_s,
-            "errors": {"direct": direct.errors, "sluice": through.errors},
-            "sluice_cpu_s_per_1k_chunks": (g) / n * 1000.0,
-            "cpu_s": {"sluice": g, "upstream": u, "client": m},
-            "sluice_rss_kib": {"idle": idle_rss, "open": through.rss_open_kib,
-                "per_stream": (through.rss_open_kib.saturating_sub(idle_rss)) as f64 / c as f64},
-        });
-        println!(
-            "| {c} | {:.0} | {:.3} / {:.3} | {:.3} / {:.3} / {:.3} | {:.0} → {:.0} | {} | {:.3} | {:.1} KiB | {:.1} / {:.1} / {:.1} |",
-            row["tokens_per_s"].as_f64().unwrap_or(0.0),
-            row["ttft_ms"]["added_p50"].as_f64().unwrap_or(0.0),
-            row["ttft_ms"]["added_p99"].as_f64().unwrap_or(0.0),
-            row["chunk_ms"]["added_p50"].as_f64().unwrap_or(0.0),
-            row["chunk_ms"]["added_p99"].as_f64().unwrap_or(0.0),
-            row["chunk_ms"]["added_p999"].as_f64().unwrap_or(0.0),
-            row["chunks_per_s_direct"].as_f64().unwrap_or(0.0),
-            row["chunks_per_s"].as_f64().unwrap_or(0.0),
-            direct.errors + through.errors,
-            row["sluice_cpu_s_per_1k_chunks"].as_f64().unwrap_or(0.0),
-            row["sluice_rss_kib"]["per_stream"].as_f64().unwrap_or(0.0),
-            g,
-            u,
-            m,
-        );
+        let mut row = json!({"streams": c, "tokens_per_s": 1000.0 / interval as f64,
+            "tokens_per_stream": tokens});
+        for (i, (name, _, _)) in paths.iter().enumerate() {
+            let figures = figures(&passes[i], &passes[0], c, idle[i]);
+            let f = |group: &str, key: &str| figures[group][key].as_f64().unwrap_or(f64::NAN);
+            let cpu = if i == 0 {
+                format!(
+                    "({:.1} upstream)",
+                    figures["upstream_cpu_us_per_chunk"]
+                        .as_f64()
+                        .unwrap_or(f64::NAN)
+                )
+            } else {
+                format!(
+                    "{:.1} ({:.2}×)",
+                    figures["cpu_us_per_chunk"].as_f64().unwrap_or(f64::NAN),
+                    figures["cpu_vs_upstream"].as_f64().unwrap_or(f64::NAN)
+                )
+            };
+            println!(
+                "| {c} | {:.0} | {name} | {:.3} / {:.3} | {:.3} / {:.3} / {:.3} | {:.0} ({:.1} %) | {} | {cpu} | {:.1} KiB |",
+                1000.0 / interval as f64,
+                f("ttft_ms", "added_p50"),
+                f("ttft_ms", "added_p99"),
+                f("chunk_ms", "added_p50"),
+                f("chunk_ms", "added_p99"),
+                f("chunk_ms", "added_p999"),
+                figures["chunks_per_s"].as_f64().unwrap_or(0.0),
+                figures["share_of_direct"].as_f64().unwrap_or(0.0) * 100.0,
+                figures["errors"],
+                f("rss_kib", "per_stream"),
+            );
+            row[name] = figures;
+        }
         rows.push(row);
     }
-    if only.is_some() {
+    println!();
+    against_nginx(&rows);
+    if !only.is_empty() {
+        write_levels(&rows, None)?;
         return Ok(());
     }
     let cancel = cancellation(&gateway.addr, &upstream.addr, 1_000).await;
@@ -886,6 +1119,13 @@ async fn levels(only: Option<usize>) -> anyhow::Result<()> {
         cancel["closed"],
         cancel["streams"],
     );
+    write_levels(&rows, Some(cancel))?;
+    chart(&rows)?;
+    println!("wrote docs/loadgen.svg");
+    Ok(())
+}
+
+fn write_levels(rows: &[Value], cancel: Option<Value>) -> anyhow::Result<()> {
     let results = json!({"levels": rows, "cancellation": cancel,
         "machine": {"cores": std::thread::available_parallelism().map_or(0, |n| n.get())}});
     std::fs::create_dir_all("target/loadgen")?;
@@ -893,9 +1133,54 @@ async fn levels(only: Option<usize>) -> anyhow::Result<()> {
         "target/loadgen/levels.json",
         serde_json::to_string_pretty(&results)?,
     )?;
-    chart(&rows)?;
-    println!("\nwrote target/loadgen/levels.json and docs/loadgen.svg");
+    println!("wrote target/loadgen/levels.json");
     Ok(())
+}
+
+/// sluice against nginx at each level, as ratios (the issue's targets beside them), and
+/// the memory each holds per stream added from one level to the next.
+fn against_nginx(rows: &[Value]) {
+    let num = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    if rows.iter().all(|r| r["nginx"].is_null()) {
+        return;
+    }
+    println!(
+        "| streams | CPU / chunk, sluice ÷ nginx (≤ 1.25) | added chunk p99, sluice − nginx (≤ 1 ms) | added TTFT p99, sluice − nginx (≤ 2 ms) | share of direct: nginx / sluice (≥ 95 %) |"
+    );
+    println!("|---|---|---|---|---|");
+    for (row, relay) in rows
+        .iter()
+        .flat_map(|r| ["sluice", "other"].map(|relay| (r, relay)))
+        .filter(|(r, relay)| !r[*relay].is_null())
+    {
+        let (s, n) = (&row[relay], &row["nginx"]);
+        println!(
+            "| {} {relay} | {:.2}× | {:+.3} ms | {:+.3} ms | {:.1} % / {:.1} % |",
+            row["streams"],
+            num(&s["cpu_us_per_chunk"]) / num(&n["cpu_us_per_chunk"]),
+            num(&s["chunk_ms"]["added_p99"]) - num(&n["chunk_ms"]["added_p99"]),
+            num(&s["ttft_ms"]["added_p99"]) - num(&n["ttft_ms"]["added_p99"]),
+            num(&n["share_of_direct"]) * 100.0,
+            num(&s["share_of_direct"]) * 100.0,
+        );
+    }
+    for pair in rows.windows(2) {
+        let (a, b) = (&pair[0], &pair[1]);
+        let extra = num(&b["streams"]) - num(&a["streams"]);
+        let per = |path: &str| {
+            (num(&b[path]["rss_kib"]["open"]) - num(&a[path]["rss_kib"]["open"])) / extra
+        };
+        for relay in ["sluice", "other"].into_iter().filter(|r| !b[*r].is_null()) {
+            println!(
+                "RSS per extra stream, {} → {} streams: nginx {:.1} KiB, {relay} {:.1} KiB ({:.2}×; ≤ 1.5)",
+                a["streams"],
+                b["streams"],
+                per("nginx"),
+                per(relay),
+                per(relay) / per("nginx")
+            );
+        }
+    }
 }
 
 async fn cancel_only() -> anyhow::Result<()> {
@@ -991,31 +1276,76 @@ async fn fetch_closes(upstream: &str) -> HashMap<String, u64> {
 fn chart(rows: &[Value]) -> anyhow::Result<()> {
     use plotters::prelude::*;
     let series = [
-        ("added TTFT p50", "ttft_ms", "added_p50", BLUE),
-        ("added TTFT p99", "ttft_ms", "added_p99", CYAN),
-        ("added per chunk p50", "chunk_ms", "added_p50", RED),
-        ("added per chunk p99", "chunk_ms", "added_p99", MAGENTA),
-        ("added per chunk p99.9", "chunk_ms", "added_p999", BLACK),
+        (
+            "sluice: added TTFT p50",
+            "sluice",
+            "ttft_ms",
+            "added_p50",
+            BLUE,
+        ),
+        (
+            "sluice: added TTFT p99",
+            "sluice",
+            "ttft_ms",
+            "added_p99",
+            CYAN,
+        ),
+        (
+            "sluice: added per chunk p50",
+            "sluice",
+            "chunk_ms",
+            "added_p50",
+            RED,
+        ),
+        (
+            "sluice: added per chunk p99",
+            "sluice",
+            "chunk_ms",
+            "added_p99",
+            MAGENTA,
+        ),
+        (
+            "sluice: added per chunk p99.9",
+            "sluice",
+            "chunk_ms",
+            "added_p999",
+            BLACK,
+        ),
+        (
+            "nginx: added TTFT p99",
+            "nginx",
+            "ttft_ms",
+            "added_p99",
+            GREEN,
+        ),
+        (
+            "nginx: added per chunk p99",
+            "nginx",
+            "chunk_ms",
+            "added_p99",
+            YELLOW,
+        ),
     ];
-    let points = |group: &str, key: &str| -> Vec<(f64, f64)> {
+    let points = |path: &str, group: &str, key: &str| -> Vec<(f64, f64)> {
         rows.iter()
+            .filter(|r| !r[path].is_null())
             .map(|r| {
                 (
                     (r["streams"].as_f64().unwrap_or(1.0)).log10(),
-                    r[group][key].as_f64().unwrap_or(0.0),
+                    r[path][group][key].as_f64().unwrap_or(0.0),
                 )
             })
             .collect()
     };
     let top = series
         .iter()
-        .flat_map(|(_, g, k, _)| points(g, k))
+        .flat_map(|(_, p, g, k, _)| points(p, g, k))
         .map(|(_, y)| y)
         .fold(1.0_f64, f64::max)
         * 1.1;
     let bottom = series
         .iter()
-        .flat_map(|(_, g, k, _)| points(g, k))
+        .flat_map(|(_, p, g, k, _)| points(p, g, k))
         .map(|(_, y)| y)
         .fold(0.0_f64, f64::min)
         * 1.1;
@@ -1024,7 +1354,7 @@ fn chart(rows: &[Value]) -> anyhow::Result<()> {
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            "What sluice adds, by concurrent streams (2 cores, loopback)",
+            "What sluice and nginx add, by concurrent streams (2 cores, loopback)",
             ("sans-serif", 18),
         )
         .margin(12)
@@ -1038,9 +1368,12 @@ fn chart(rows: &[Value]) -> anyhow::Result<()> {
         .x_label_formatter(&|x| format!("{:.0}", 10f64.powf(*x)))
         .x_labels(5)
         .draw()?;
-    for (name, group, key, color) in series {
+    for (name, path, group, key, color) in series {
         chart
-            .draw_series(LineSeries::new(points(group, key), color.stroke_width(2)))?
+            .draw_series(LineSeries::new(
+                points(path, group, key),
+                color.stroke_width(2),
+            ))?
             .label(name)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
     }
