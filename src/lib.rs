@@ -15,9 +15,10 @@
 //! resumable stream's producer belongs to the stream registry, which drops it on cancel or
 //! when nobody has come back within the grace period.
 //!
-//! Below them: `config`, `tokens`, `prompts` (plain data and helpers), `telemetry` (metrics,
-//! the per-request log record), `admission` (identity and limits, no HTTP), `error` (what a
-//! client is told), `http` (extractors, rate headers, the observing middleware); `state` is
+//! Below them: `config`, `tokens`, `prompts`, `wake` (plain data and helpers), `telemetry`
+//! (metrics, the per-request log record), `admission` (identity and limits, no HTTP),
+//! `error` (what a client is told), `http` (extractors, rate headers, the observing
+//! middleware); `state` is
 //! what a request carries, and `startup` the one place that builds it from `Config`.
 
 pub mod admission;
@@ -38,6 +39,7 @@ pub mod state;
 pub mod streams;
 pub mod telemetry;
 pub mod tokens;
+pub mod wake;
 
 pub use app::app;
 pub use config::Config;

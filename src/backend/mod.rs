@@ -7,6 +7,7 @@
 //! connection, a generator stops at its next token).
 
 mod chunk;
+mod h1;
 #[cfg(feature = "local")]
 pub mod local;
 mod messages;

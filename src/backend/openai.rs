@@ -8,13 +8,17 @@
 //! buffer, and dropping the stream closes the upstream connection. What an upstream sends
 //! is read within caps: an error body, a line, an event.
 
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
-use reqwest::header::{CONTENT_TYPE, HeaderValue};
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use serde_json::{Map, Value, json};
 
 use super::chunk;
+use super::h1;
 use super::sse::{self, StreamError};
 use super::{Backend, BackendError, ChatRequest, Delta, DeltaStream, Native};
 
@@ -82,10 +86,15 @@ const CATALOGUE_MODELS: usize = 10_000;
 
 pub struct OpenAiBackend {
     http: reqwest::Client,
+    /// A plain-HTTP upstream's connections, read in the stream's own task (see [`h1`]);
+    /// `None` for any other (TLS, a proxy, credentials in the URL), which reqwest calls.
+    direct: Option<Arc<h1::Pool>>,
     base_url: String,
     /// `base_url` with any credentials in it masked: for logs and `/readyz`.
     shown_url: String,
     endpoint: String,
+    /// `endpoint`'s path and query, as an HTTP/1.1 request names it.
+    target: String,
     api_key: Option<HeaderValue>,
     /// The key as it goes in `x-api-key` (Anthropic's header), when there is one.
     anthropic_key: Option<HeaderValue>,
@@ -137,9 +146,12 @@ impl OpenAiBackend {
             }
             None => None,
         };
+        let endpoint = format!("{base_url}/chat/completions");
         Ok(OpenAiBackend {
             http,
-            endpoint: format!("{base_url}/chat/completions"),
+            direct: h1::Pool::for_url(&base_url, connect_timeout),
+            target: target(&endpoint),
+            endpoint,
             copy_max_tokens: !base_url.contains("api.openai.com"),
             api: Api::Chat,
             shown_url: masked_url(&base_url),
@@ -156,6 +168,7 @@ impl OpenAiBackend {
             Api::Responses => format!("{}/responses", self.base_url),
             Api::Messages => format!("{}/messages", self.base_url),
         };
+        self.target = target(&self.endpoint);
         self.api = api;
         self
     }
@@ -208,52 +221,62 @@ impl Backend for OpenAiBackend {
             (api, Some(native)) if native.spoken_by(api) => Some(true),
             _ => Some(false),
         };
-        let mut headers = Vec::new();
+        let mut headers = vec![(CONTENT_TYPE, HeaderValue::from_static("application/json"))];
+        let mut header = |name: &'static str, value: &str| {
+            if let Ok(value) = HeaderValue::from_str(value) {
+                headers.push((HeaderName::from_static(name), value));
+            }
+        };
+        header("x-request-id", &request_id);
         let body = match self.api {
             Api::Chat => Value::Object(self.upstream_body(request)).to_string(),
             Api::Responses => Value::Object(Self::responses_body(request)).to_string(),
             Api::Messages => {
                 let (body, version, beta) = super::messages::body(request);
-                headers.push(("anthropic-version", version));
+                header("anthropic-version", &version);
                 if let Some(beta) = beta {
-                    headers.push(("anthropic-beta", beta));
+                    header("anthropic-beta", &beta);
                 }
                 Value::Object(body).to_string()
             }
         };
-        let mut call = self
-            .http
-            .post(&self.endpoint)
-            .header(CONTENT_TYPE, "application/json")
-            .header("x-request-id", request_id)
-            .body(body);
-        for (name, value) in headers {
-            call = call.header(name, value);
-        }
         if let Some(key) = &self.api_key {
-            call = match self.api {
+            headers.push(match self.api {
                 // Anthropic's own key header (a Bearer token works on compatible servers).
-                Api::Messages => call.header(
-                    "x-api-key",
+                Api::Messages => (
+                    HeaderName::from_static("x-api-key"),
                     self.anthropic_key.clone().unwrap_or_else(|| key.clone()),
                 ),
-                _ => call.header(reqwest::header::AUTHORIZATION, key.clone()),
-            };
+                _ => (reqwest::header::AUTHORIZATION, key.clone()),
+            });
         }
+        let call = match &self.direct {
+            Some(pool) => Call::Direct(
+                pool.clone(),
+                pool.request(&self.target, &headers, body.as_bytes()),
+            ),
+            None => {
+                let mut call = self.http.post(&self.endpoint).body(body);
+                for (name, value) in headers {
+                    call = call.header(name, value);
+                }
+                Call::Reqwest(Box::new(call))
+            }
+        };
         let self_api = self.api;
         Box::pin(async_stream::stream! {
-            let response = match call.send().await {
-                Ok(response) => response,
+            let answer = match call.send().await {
+                Ok(answer) => answer,
                 Err(e) => {
-                    yield Err(request_error(&e));
+                    yield Err(e);
                     return;
                 }
             };
-            if !response.status().is_success() {
-                yield Err(read_error(response).await);
+            if !(200..300).contains(&answer.status) {
+                yield Err(read_error(answer).await);
                 return;
             }
-            let mut events = std::pin::pin!(sse::data(response.bytes_stream()));
+            let mut events = std::pin::pin!(sse::data(answer.body));
             // A chunk's deltas, in one buffer kept for the whole stream.
             let mut ready = Vec::with_capacity(4);
             let mut seen = chunk::Seen::default();
@@ -262,7 +285,7 @@ impl Backend for OpenAiBackend {
                 let data = match event {
                     Ok(data) => data,
                     Err(StreamError::Transport(e)) => {
-                        yield Err(BackendError::Interrupted(format!("connection lost: {}", without_url(&e))));
+                        yield Err(BackendError::Interrupted(format!("connection lost: {e}")));
                         return;
                     }
                     Err(StreamError::Parse(e)) => {
@@ -369,7 +392,7 @@ impl OpenAiBackend {
                 response.status().as_u16()
             ));
         }
-        let body = read_capped(response, CATALOGUE_BYTES).await;
+        let body = read_capped(response.bytes_stream(), CATALOGUE_BYTES).await;
         let list: Value =
             serde_json::from_slice(&body).map_err(|e| format!("not a model list: {e}"))?;
         let names = list["data"]
@@ -385,10 +408,74 @@ impl OpenAiBackend {
     }
 }
 
+/// One upstream call, made ready before its stream runs.
+enum Call {
+    /// Through reqwest's pool: TLS, proxies, credentials in the URL.
+    Reqwest(Box<reqwest::RequestBuilder>),
+    /// To a plain-HTTP upstream, on a connection read in the stream's own task.
+    Direct(Arc<h1::Pool>, Bytes),
+}
+
+/// An upstream's answer: its status and headers, and its body as it arrives.
+struct Answer {
+    status: u16,
+    headers: HeaderMap,
+    body: Pin<Box<dyn Stream<Item = Result<Bytes, String>> + Send>>,
+}
+
+impl Call {
+    async fn send(self) -> Result<Answer, BackendError> {
+        match self {
+            Call::Reqwest(call) => {
+                let response = (*call).send().await.map_err(|e| request_error(&e))?;
+                Ok(Answer {
+                    status: response.status().as_u16(),
+                    headers: response.headers().clone(),
+                    body: Box::pin(
+                        response
+                            .bytes_stream()
+                            .map(|r| r.map_err(|e| without_url(&e))),
+                    ),
+                })
+            }
+            Call::Direct(pool, request) => match pool.send(&request).await {
+                Ok(mut answer) => Ok(Answer {
+                    status: answer.status,
+                    headers: std::mem::take(&mut answer.headers),
+                    body: Box::pin(answer.body()),
+                }),
+                Err(h1::Failure::ConnectTimeout) => {
+                    Err(BackendError::Timeout(super::Wait::Connect))
+                }
+                Err(h1::Failure::Connect(e)) => Err(BackendError::Unreachable(format!(
+                    "cannot connect to the upstream: {e}"
+                ))),
+                Err(h1::Failure::Request(e)) => Err(BackendError::Unreachable(format!(
+                    "the upstream request failed: {e}"
+                ))),
+            },
+        }
+    }
+}
+
+/// A URL's path and query: what an HTTP/1.1 request line names.
+fn target(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(url) => match url.query() {
+            Some(query) => format!("{}?{query}", url.path()),
+            None => url.path().to_owned(),
+        },
+        Err(_) => "/".to_owned(),
+    }
+}
+
 /// At most `cap` bytes of a response's body; the rest is left unread (the connection goes).
-async fn read_capped(response: reqwest::Response, cap: usize) -> Vec<u8> {
+async fn read_capped<E>(
+    chunks: impl Stream<Item = Result<Bytes, E>> + Unpin,
+    cap: usize,
+) -> Vec<u8> {
     let mut body = Vec::new();
-    let mut chunks = response.bytes_stream();
+    let mut chunks = chunks;
     while let Some(Ok(chunk)) = chunks.next().await {
         let room = cap - body.len();
         body.extend_from_slice(&chunk[..chunk.len().min(room)]);
@@ -417,10 +504,10 @@ pub fn masked_url(url: &str) -> String {
 }
 
 /// An upstream's error answer: its status, message and `Retry-After`.
-async fn read_error(response: reqwest::Response) -> BackendError {
-    let status = response.status().as_u16();
-    let retry_after = retry_after(response.headers());
-    let body = read_capped(response, ERROR_BODY_BYTES).await;
+async fn read_error(answer: Answer) -> BackendError {
+    let status = answer.status;
+    let retry_after = retry_after(&answer.headers);
+    let body = read_capped(answer.body, ERROR_BODY_BYTES).await;
     if status >= 300 && !(400..500).contains(&status) {
         // Only sluice's log sees what a failing upstream said: tracebacks, host names.
         let text = String::from_utf8_lossy(&body);
@@ -460,7 +547,7 @@ async fn read_error(response: reqwest::Response) -> BackendError {
 }
 
 /// `retry-after-ms` (OpenAI's), else `Retry-After` in seconds.
-fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let number = |name: &str| headers.get(name)?.to_str().ok()?.trim().parse::<f64>().ok();
     if let Some(ms) = number("retry-after-ms").filter(|ms| *ms >= 0.0) {
         return Some(Duration::from_secs_f64(ms / 1000.0));

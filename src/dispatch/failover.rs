@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use super::Route;
 use crate::backend::{BackendError, ChatRequest, Delta, DeltaStream, Wait};
 use crate::telemetry::{Exchange, Metrics};
+use crate::wake::Woken;
 
 /// What failover needs besides the route: its limits, where it counts, and the token that
 /// ends every stream at shutdown.
@@ -49,8 +50,9 @@ pub fn upstream(
     let closing = dispatcher.closing.clone().cancelled_owned();
     let exchange = exchange.clone();
     Box::pin(async_stream::stream! {
-        let total = tokio::time::sleep(limits.total);
-        tokio::pin!(total, closing);
+        // Polled only when they go off, not at every chunk (see `wake`).
+        let mut total = Woken::new(Box::pin(tokio::time::sleep(limits.total)));
+        let mut closing = Woken::new(Box::pin(closing));
         let mut request = Some(request);
         let count = route.targets.len();
         for (i, target) in route.targets.iter().enumerate() {
@@ -61,8 +63,7 @@ pub fn upstream(
             let _call = metrics.upstream_call(target_label);
             let started = Instant::now();
             let mut inner = target.backend.stream(attempt);
-            let deadline = tokio::time::sleep(limits.first_token);
-            tokio::pin!(deadline);
+            let mut deadline = Woken::new(Box::pin(tokio::time::sleep(limits.first_token)));
             let mut waiting_for = Wait::FirstToken;
             // When the last chunk went on: the limit on silence runs from there.
             let mut moved: Option<tokio::time::Instant> = None;
@@ -85,7 +86,7 @@ pub fn upstream(
                         let due = moved.map(|at| at + limits.idle);
                         match due.filter(|due| *due > tokio::time::Instant::now()) {
                             Some(due) => {
-                                deadline.as_mut().reset(due);
+                                deadline.get_mut().as_mut().reset(due);
                                 continue;
                             }
                             None => Err(BackendError::Timeout(waiting_for)),
@@ -125,6 +126,7 @@ pub fn upstream(
                     // Moving up the queue is progress: the wait for a first token starts
                     // when the model takes the request.
                     Delta::Queued(_) => deadline
+                        .get_mut()
                         .as_mut()
                         .reset(tokio::time::Instant::now() + limits.first_token),
                     // Each comes just before the content or usage it belongs to.
@@ -144,7 +146,7 @@ pub fn upstream(
                 if waiting_for == Wait::Chunk {
                     let now = tokio::time::Instant::now();
                     if moved.is_none() {
-                        deadline.as_mut().reset(now + limits.idle);
+                        deadline.get_mut().as_mut().reset(now + limits.idle);
                     }
                     moved = Some(now);
                 }

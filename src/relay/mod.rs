@@ -27,6 +27,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 
 use crate::backend::{BackendError, Delta, DeltaStream};
+use crate::wake::Woken;
 
 /// A backend stream whose first item has been seen, so its status is known.
 pub struct Opened {
@@ -183,8 +184,8 @@ pub fn sse(
 ) -> Response {
     let body = async_stream::stream! {
         let mut events = std::pin::pin!(events);
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + keep_alive, keep_alive);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Polled when it goes off, not at every event (see `wake`).
+        let mut tick = Woken::new(Box::pin(tokio::time::sleep(keep_alive)));
         let mut quiet = true;
         loop {
             tokio::select! {
@@ -196,11 +197,12 @@ pub fn sse(
                     }
                     None => return,
                 },
-                _ = tick.tick() => {
+                () = &mut tick => {
                     if quiet {
                         yield Ok(Bytes::from_static(ping));
                     }
                     quiet = true;
+                    tick.get_mut().as_mut().reset(tokio::time::Instant::now() + keep_alive);
                 }
             }
         }

@@ -28,6 +28,7 @@ use super::deadline::{Check, Deadlines, Scoped, StreamExecutor, Tracked};
 use super::table::{Busy, Entry};
 use crate::http::Peer;
 use crate::state::ServerSettings;
+use crate::wake::Woken;
 
 /// How long a connection asked to close may take to finish what it has in flight.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
@@ -140,15 +141,20 @@ impl Connection {
                     _ => check.min(now + idle_limit),
                 },
             };
+            // The timer and the two signals are polled when they fire, not at every
+            // chunk the connection writes (see `wake`).
+            let sleep = Woken::new(Box::pin(tokio::time::sleep_until(next)));
+            let close = Woken::new(Box::pin(slot.close.notified()));
+            let stop = Woken::new(Box::pin(stopping.cancelled()));
             tokio::select! {
                 _ = &mut connection => return,
-                () = tokio::time::sleep_until(next) => {}
-                () = slot.close.notified(), if closing.is_none() => {
+                () = sleep => {}
+                () = close, if closing.is_none() => {
                     tracing::debug!(peer = %self.peer, "closing the idlest connection for a newcomer");
                     connection.task().graceful_shutdown();
                     closing = Some(Closing::Soon(tokio::time::Instant::now() + CLOSE_GRACE));
                 }
-                () = stopping.cancelled(), if closing.is_none() => {
+                () = stop, if closing.is_none() => {
                     connection.task().graceful_shutdown();
                     closing = Some(Closing::Shutdown);
                 }

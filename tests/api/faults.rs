@@ -441,9 +441,81 @@ async fn requests_in_a_row_reuse_one_upstream_connection() {
         assert_eq!((status, error), (200, None));
     }
     let connections: Vec<u64> = upstream.requests().iter().map(|s| s.connection).collect();
-    assert_eq!(
-        connections,
-        [1, 1, 1],
-        "each reply read to its end frees its connection"
+    assert_eq!(connections.len(), 3);
+    assert!(
+        connections.iter().all(|c| *c == connections[0]),
+        "each reply read to its end frees its connection: {connections:?}"
     );
+}
+
+#[tokio::test]
+async fn a_kept_connection_the_upstream_closed_is_replaced_without_an_error() {
+    // An upstream that answers one request a connection, then closes it: what sluice kept
+    // of the first connection is gone by the second request.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind port 0");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                // The head, then as much body as it says.
+                loop {
+                    let Ok(n) = tcp.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    request.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&request).to_lowercase();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let length: usize = text
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        if request.len() >= end + 4 + length {
+                            // Chat calls counted, not the model list sluice asks for.
+                            if text.starts_with("post ") {
+                                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            }
+                            break;
+                        }
+                    }
+                }
+                let events = concat!(
+                    "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"},\"finish_reason\":null}]}\n\n",
+                    "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+                    "data: [DONE]\n\n"
+                );
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{events}\r\n0\r\n\r\n",
+                    events.len()
+                );
+                let _ = tcp.write_all(answer.as_bytes()).await;
+                // Closed once answered, as an upstream's idle timeout would.
+            });
+        }
+    });
+    let app = TestApp::spawn_with(|c| {
+        c.openai_base_url = Some(format!("http://{addr}/v1"));
+        c.local_model = Some("off".into());
+    })
+    .await;
+    for _ in 0..3 {
+        let (status, error) = outcome(&app, "any", true).await;
+        assert_eq!((status, error), (200, None));
+    }
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "each request on a connection of its own"
+    );
+    settled(&app).await;
 }
