@@ -68,7 +68,17 @@ fn now_ns() -> u64 {
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let runtime = tokio::runtime::Runtime::new()?;
+    // `LOADGEN_SLUICE_WORKERS=1`: this build's sluice on a runtime of one thread (for the
+    // profile of what cross-thread wake-ups cost; the sluice binary has one a core).
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if args.first().is_some_and(|mode| mode == "sluice")
+        && let Some(n) = std::env::var("LOADGEN_SLUICE_WORKERS")
+            .ok()
+            .and_then(|n| n.parse().ok())
+    {
+        builder.worker_threads(n);
+    }
+    let runtime = builder.enable_all().build()?;
     match args.first().map(String::as_str) {
         Some("upstream") => runtime.block_on(upstream()),
         Some("sluice") => runtime.block_on(sluice(&args[1], args.get(2).cloned())),

@@ -7,22 +7,24 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
-
-use futures::task::AtomicWaker;
 
 /// `future`, polled the first time and then only after its own waker has fired.
 pub struct Woken<F> {
     future: F,
     flag: Arc<Flag>,
+    /// The waker `future` is polled with: it sets the flag and wakes the task.
     waker: Waker,
+    /// The task's waker last handed to the flag: a task's waker rarely changes, so a poll
+    /// compares, and takes the flag's lock only when it has.
+    registered: Option<Waker>,
 }
 
 struct Flag {
     woken: AtomicBool,
-    task: AtomicWaker,
+    task: Mutex<Option<Waker>>,
 }
 
 impl Wake for Flag {
@@ -32,7 +34,9 @@ impl Wake for Flag {
 
     fn wake_by_ref(self: &Arc<Self>) {
         self.woken.store(true, Ordering::Release);
-        self.task.wake();
+        if let Some(task) = self.task.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            task.wake_by_ref();
+        }
     }
 }
 
@@ -40,12 +44,13 @@ impl<F: Future + Unpin> Woken<F> {
     pub fn new(future: F) -> Self {
         let flag = Arc::new(Flag {
             woken: AtomicBool::new(true),
-            task: AtomicWaker::new(),
+            task: Mutex::new(None),
         });
         Woken {
             future,
             waker: Waker::from(flag.clone()),
             flag,
+            registered: None,
         }
     }
 
@@ -61,10 +66,21 @@ impl<F: Future + Unpin> Future for Woken<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.get_mut();
-        this.flag.task.register(cx.waker());
-        if !this.flag.woken.swap(false, Ordering::AcqRel) {
+        if !this
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            let task = cx.waker().clone();
+            *this.flag.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task.clone());
+            this.registered = Some(task);
+        }
+        // Registered before the flag is read: a wake-up in between is not lost. Cleared
+        // before the future is polled: what woke it is seen by that poll.
+        if !this.flag.woken.load(Ordering::Acquire) {
             return Poll::Pending;
         }
+        this.flag.woken.store(false, Ordering::Release);
         let mut inner = Context::from_waker(&this.waker);
         Pin::new(&mut this.future).poll(&mut inner)
     }
