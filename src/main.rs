@@ -32,6 +32,7 @@ fn main() -> ExitCode {
         // Not replaced: run as we are.
         eprintln!("sluice: could not restart with {PURGE_DELAY}=0 ({error}); running as is");
     }
+    sluice::server::reserve_descriptors();
     run()
 }
 
@@ -45,8 +46,6 @@ async fn run() -> ExitCode {
         return ExitCode::from(2);
     }
     let config = Config::parse();
-    // Every open stream holds two descriptors; take all the system allows.
-    let _ = rlimit::increase_nofile_limit(u64::MAX);
     if let Err(e) = init_tracing(&config.log) {
         eprintln!("sluice: SLUICE_LOG: {e}");
         return ExitCode::from(2);

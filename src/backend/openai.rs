@@ -2,8 +2,10 @@
 //! request fields passed through, the reply read as it arrives.
 //!
 //! One HTTP request per call, never retried here (fallbacks are the relay's, and only
-//! before the first byte), no redirect followed (it would carry the prompt, and the key,
-//! elsewhere). The event stream is parsed straight off reqwest's body, pulled only as fast
+//! before the first byte; the one exception is a kept connection found closed before any
+//! answer, see [`h1`]), no redirect followed (it would carry the prompt, and the key,
+//! elsewhere). A plain-HTTP upstream is read in the stream's own task ([`h1`]); any other
+//! through reqwest. The event stream is parsed straight off the body, pulled only as fast
 //! as the client reads: a slow client pauses the upstream through TCP instead of filling a
 //! buffer, and dropping the stream closes the upstream connection. What an upstream sends
 //! is read within caps: an error body, a line, an event.

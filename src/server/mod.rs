@@ -42,6 +42,28 @@ const H2_CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 /// How long start-up waits for the default upstream's model list.
 const CATALOGUE_AT_START: Duration = Duration::from_secs(2);
 
+/// The most descriptor-table entries [`reserve_descriptors`] makes room for.
+const RESERVED_TABLE: u64 = 65_536;
+
+/// Takes every descriptor the system allows (each open stream holds two), and grows the
+/// process's descriptor table to that size (at most [`RESERVED_TABLE`]) while the process
+/// has one thread: call it before the runtime starts. The kernel grows the table as
+/// descriptors are taken, and in a process of several threads each growth waits for an RCU
+/// grace period (11 ms on the machine of the README's figures) inside the `accept` or
+/// `socket` call that needed it, stalling every stream of that worker; grown at start, the
+/// table never shrinks.
+pub fn reserve_descriptors() {
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let (soft, _) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap_or((1024, 1024));
+    let Ok(null) = std::fs::File::open("/dev/null") else {
+        return;
+    };
+    let want = soft.min(RESERVED_TABLE).saturating_sub(64);
+    // Descriptors taken one after another fill the table to its end; all closed at once.
+    let held: Vec<std::fs::File> = (0..want).map_while(|_| null.try_clone().ok()).collect();
+    drop(held);
+}
+
 /// Serves `app(state)` on `listener` until `shutdown` completes. Then no connection is
 /// accepted; open streams may finish for `grace`, after which they end with an error event
 /// (`server_restarting`), and their last bytes get one more second to leave.
