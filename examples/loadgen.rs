@@ -300,13 +300,23 @@ http {{
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        // SIGTERM would be a graceful stop; the workers go with a fast one (SIGINT) too,
-        // but a kill of the master leaves them: stop each by its pid.
-        for pid in children(&self.master.id().to_string()) {
-            let _ = Command::new("kill").arg(&pid).status();
+        // SIGTERM to the master is nginx's fast shutdown: it stops its workers, then
+        // exits. (A worker stopped first would be started again by the master.) Any worker
+        // left once the master is gone is stopped by its pid.
+        let master = self.master.id().to_string();
+        let workers = children(&master);
+        let _ = Command::new("kill").args(["-TERM", &master]).status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !matches!(self.master.try_wait(), Ok(Some(_))) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
         }
         let _ = self.master.kill();
         let _ = self.master.wait();
+        for pid in workers {
+            if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = Command::new("kill").args(["-KILL", &pid]).status();
+            }
+        }
     }
 }
 
