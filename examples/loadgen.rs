@@ -964,6 +964,36 @@ impl Pass {
     fn rate(&self) -> f64 {
         self.phase.chunks.len() as f64 / self.phase.wall_s.max(1e-9)
     }
+
+    /// A latency quantile of this pass (ms): to the first token, or per chunk.
+    fn quantile(&self, q: f64, ttft: bool) -> f64 {
+        quantile(
+            if ttft {
+                &self.phase.ttft
+            } else {
+                &self.phase.chunks
+            },
+            q,
+        )
+    }
+
+    /// CPU seconds a chunk: the path's own, and the upstream's.
+    fn cpu_per_chunk(&self) -> (f64, f64) {
+        let chunks = self.phase.chunks.len().max(1) as f64;
+        (self.cpu_s / chunks, self.upstream_cpu_s / chunks)
+    }
+}
+
+/// The median, over the rounds, of a quantile of `passes` minus the same quantile of
+/// `base`'s pass in that round.
+fn apart(passes: &[Pass], base: &[Pass], q: f64, ttft: bool) -> f64 {
+    median(
+        passes
+            .iter()
+            .zip(base)
+            .map(|(p, b)| p.quantile(q, ttft) - b.quantile(q, ttft))
+            .collect(),
+    )
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -978,39 +1008,25 @@ fn median(mut values: Vec<f64>) -> f64 {
 /// One path's figures at one level: each the median over the passes, a latency added
 /// being the path's quantile minus the direct pass's of the same repeat.
 fn figures(passes: &[Pass], direct: &[Pass], c: usize, idle_rss_kib: u64) -> Value {
-    let added = |q: f64, ttft: bool| {
-        median(
-            passes
-                .iter()
-                .zip(direct)
-                .map(|(p, d)| {
-                    let (a, b) = if ttft {
-                        (&p.phase.ttft, &d.phase.ttft)
-                    } else {
-                        (&p.phase.chunks, &d.phase.chunks)
-                    };
-                    quantile(a, q) - quantile(b, q)
-                })
-                .collect(),
-        )
-    };
+    let added = |q: f64, ttft: bool| apart(passes, direct, q, ttft);
+    let p99 = |ttft: bool| median(passes.iter().map(|p| p.quantile(0.99, ttft)).collect());
     let chunks: usize = passes.iter().map(|p| p.phase.chunks.len()).sum();
     let cpu: f64 = passes.iter().map(|p| p.cpu_s).sum();
     let upstream: f64 = passes.iter().map(|p| p.upstream_cpu_s).sum();
     let rss_open = median(passes.iter().map(|p| p.phase.rss_open_kib as f64).collect());
     json!({
         "ttft_ms": {"added_p50": added(0.5, true), "added_p99": added(0.99, true),
-            "p99": median(passes.iter().map(|p| quantile(&p.phase.ttft, 0.99)).collect())},
+            "p99": p99(true)},
         "chunk_ms": {"added_p50": added(0.5, false), "added_p99": added(0.99, false),
             "added_p999": added(0.999, false),
-            "p99": median(passes.iter().map(|p| quantile(&p.phase.chunks, 0.99)).collect())},
+            "p99": p99(false)},
         "chunks": chunks,
         "chunks_per_s": median(passes.iter().map(Pass::rate).collect()),
         "share_of_direct": median(passes.iter().zip(direct).map(|(p, d)| p.rate() / d.rate()).collect()),
         "errors": passes.iter().map(|p| p.phase.errors).sum::<usize>(),
         "cpu_s": cpu,
-        "cpu_us_per_chunk": median(passes.iter().map(|p| p.cpu_s / p.phase.chunks.len().max(1) as f64 * 1e6).collect()),
-        "upstream_cpu_us_per_chunk": median(passes.iter().map(|p| p.upstream_cpu_s / p.phase.chunks.len().max(1) as f64 * 1e6).collect()),
+        "cpu_us_per_chunk": median(passes.iter().map(|p| p.cpu_per_chunk().0 * 1e6).collect()),
+        "upstream_cpu_us_per_chunk": median(passes.iter().map(|p| p.cpu_per_chunk().1 * 1e6).collect()),
         "cpu_vs_upstream": cpu / upstream.max(1e-9),
         "rss_kib": {"idle": idle_rss_kib, "open": rss_open,
             "per_stream": (rss_open - idle_rss_kib as f64).max(0.0) / c as f64},
@@ -1130,27 +1146,12 @@ async fn levels(only: Vec<usize>, other: Option<String>) -> anyhow::Result<()> {
         // direct pass's own tail drops out of the comparison.
         if let Some(n) = paths.iter().position(|(name, _, _)| *name == "nginx") {
             for (i, (name, _, _)) in paths.iter().enumerate().skip(n + 1) {
-                let apart = |q: f64, ttft: bool| {
-                    let of = |p: &Pass| {
-                        if ttft {
-                            quantile(&p.phase.ttft, q)
-                        } else {
-                            quantile(&p.phase.chunks, q)
-                        }
-                    };
-                    median(
-                        passes[i]
-                            .iter()
-                            .zip(&passes[n])
-                            .map(|(p, g)| of(p) - of(g))
-                            .collect(),
-                    )
-                };
-                let per_chunk = |p: &Pass| p.cpu_s / p.phase.chunks.len().max(1) as f64;
+                let (relay, floor) = (&passes[i], &passes[n]);
+                let cpu = relay.iter().zip(floor);
                 row[name]["vs_nginx"] = json!({
-                    "cpu_ratio": median(passes[i].iter().zip(&passes[n]).map(|(p, g)| per_chunk(p) / per_chunk(g)).collect()),
-                    "chunk_p99_ms": apart(0.99, false),
-                    "ttft_p99_ms": apart(0.99, true),
+                    "cpu_ratio": median(cpu.map(|(p, g)| p.cpu_per_chunk().0 / g.cpu_per_chunk().0).collect()),
+                    "chunk_p99_ms": apart(relay, floor, 0.99, false),
+                    "ttft_p99_ms": apart(relay, floor, 0.99, true),
                 });
             }
         }

@@ -53,10 +53,10 @@ pub enum Failure {
     Request(String),
 }
 
-/// An answer's status and headers; its body is [`Answer::body`].
+/// An answer's status and headers, and its body unread ([`Answer::into_parts`]).
 pub struct Answer {
-    pub status: u16,
-    pub headers: HeaderMap,
+    status: u16,
+    headers: HeaderMap,
     body: Reader,
 }
 
@@ -154,17 +154,27 @@ impl Pool {
 
     /// The most recently kept connection that is still open.
     fn take(&self) -> Option<TcpStream> {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        idle.retain(|(_, since)| now.duration_since(*since) < IDLE_FOR);
-        while let Some((tcp, _)) = idle.pop() {
-            // Nothing may be waiting on an idle connection: data or an end means it is done.
-            let mut probe = [0u8; 1];
-            if matches!(tcp.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
-                return Some(tcp);
+        // Those past their time or closed are dropped (closed) once the lock is let go.
+        let (found, _done) = {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            // Kept in the order they came back: those past their time are a prefix.
+            let now = Instant::now();
+            let expired = idle.partition_point(|(_, since)| now.duration_since(*since) >= IDLE_FOR);
+            let mut done: Vec<_> = idle.drain(..expired).collect();
+            let mut found = None;
+            while let Some((tcp, since)) = idle.pop() {
+                // Nothing may wait on an idle connection: data or an end means it is done.
+                let mut probe = [0u8; 1];
+                if matches!(tcp.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+                {
+                    found = Some(tcp);
+                    break;
+                }
+                done.push((tcp, since));
             }
-        }
-        None
+            (found, done)
+        };
+        found
     }
 
     fn keep(&self, tcp: TcpStream) {
@@ -412,11 +422,18 @@ impl Reader {
 }
 
 impl Answer {
-    /// The body, piece by piece as it arrives; an error once the connection fails or the
-    /// framing breaks. Dropping it before its end closes the connection.
-    pub fn body(self) -> impl Stream<Item = Result<Bytes, String>> + Send + 'static {
+    /// The status, the headers, and the body piece by piece as it arrives: an error once
+    /// the connection fails or the framing breaks. Dropping the body before its end closes
+    /// the connection.
+    pub fn into_parts(
+        self,
+    ) -> (
+        u16,
+        HeaderMap,
+        impl Stream<Item = Result<Bytes, String>> + Send + 'static,
+    ) {
         let mut reader = self.body;
-        async_stream::stream! {
+        let body = async_stream::stream! {
             loop {
                 match reader.decode() {
                     Ok(Next::Data(data)) => {
@@ -448,7 +465,8 @@ impl Answer {
                     }
                 }
             }
-        }
+        };
+        (self.status, self.headers, body)
     }
 }
 

@@ -441,11 +441,14 @@ impl Call {
                 })
             }
             Call::Direct(pool, request) => match pool.send(&request).await {
-                Ok(mut answer) => Ok(Answer {
-                    status: answer.status,
-                    headers: std::mem::take(&mut answer.headers),
-                    body: Box::pin(answer.body()),
-                }),
+                Ok(answer) => {
+                    let (status, headers, body) = answer.into_parts();
+                    Ok(Answer {
+                        status,
+                        headers,
+                        body: Box::pin(body),
+                    })
+                }
                 Err(h1::Failure::ConnectTimeout) => {
                     Err(BackendError::Timeout(super::Wait::Connect))
                 }
@@ -473,11 +476,10 @@ fn target(url: &str) -> String {
 
 /// At most `cap` bytes of a response's body; the rest is left unread (the connection goes).
 async fn read_capped<E>(
-    chunks: impl Stream<Item = Result<Bytes, E>> + Unpin,
+    mut chunks: impl Stream<Item = Result<Bytes, E>> + Unpin,
     cap: usize,
 ) -> Vec<u8> {
     let mut body = Vec::new();
-    let mut chunks = chunks;
     while let Some(Ok(chunk)) = chunks.next().await {
         let room = cap - body.len();
         body.extend_from_slice(&chunk[..chunk.len().min(room)]);
