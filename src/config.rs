@@ -242,6 +242,11 @@ pub struct Config {
     )]
     pub shutdown_grace_s: u64,
 
+    /// `1`: read the TOML config again when the file changes (SIGHUP always does).
+    #[arg(long, env = "SLUICE_CONFIG_WATCH", value_name = "SLUICE_CONFIG_WATCH",
+          default_value = "0", value_parser = flag)]
+    pub config_watch: bool,
+
     /// Log filter (`info`, `sluice=debug,...`); `json` for JSON lines at info.
     #[arg(
         long,
@@ -282,6 +287,14 @@ fn ip_net(value: &str) -> Result<ipnet::IpNet, String> {
         .parse::<ipnet::IpNet>()
         .or_else(|_| value.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
         .map_err(|_| format!("{value:?} is not an IP address or CIDR range"))
+}
+
+fn flag(value: &str) -> Result<bool, String> {
+    match value.trim() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "" | "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err("must be 1 or 0".into()),
+    }
 }
 
 fn non_negative(value: &str) -> Result<f64, String> {
@@ -384,18 +397,19 @@ impl Config {
 
     /// The TOML config: `SLUICE_CONFIG` (which must exist), else `sluice.toml` if present.
     pub fn file(&self) -> anyhow::Result<FileConfig> {
-        let path = match &self.config {
-            Some(path) => path.clone(),
-            None if Path::new("sluice.toml").exists() => PathBuf::from("sluice.toml"),
-            None => return Ok(FileConfig::default()),
-        };
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("SLUICE_CONFIG: cannot read {}", path.display()))?;
-        let file: FileConfig = toml::from_str(&text)
-            .with_context(|| format!("SLUICE_CONFIG: {} is not valid", path.display()))?;
-        file.validate()
-            .with_context(|| format!("SLUICE_CONFIG: {}", path.display()))?;
-        Ok(file)
+        match self.file_path() {
+            Some(path) => FileConfig::read(&path),
+            None => Ok(FileConfig::default()),
+        }
+    }
+
+    /// The TOML config's path, when there is one.
+    pub fn file_path(&self) -> Option<PathBuf> {
+        match &self.config {
+            Some(path) => Some(path.clone()),
+            None if Path::new("sluice.toml").exists() => Some(PathBuf::from("sluice.toml")),
+            None => None,
+        }
     }
 }
 
@@ -491,7 +505,33 @@ pub struct ModelRoute {
     /// connect, 5xx, 429, no first token in time). A fallback has no fallbacks of its own.
     #[serde(default)]
     pub fallbacks: Vec<ModelRoute>,
+    /// A pool: several deployments of the model, balanced, each a target with its own
+    /// `base_url`, `model`, `weight`, `max_streams`, `api_key_env` and `api`. A target
+    /// leaving out `model` or `api_key_env` has the route's.
+    #[serde(default)]
+    pub targets: Vec<ModelRoute>,
+    /// How a pool picks its target: `weighted` (smooth weighted round robin, the default),
+    /// `least-busy` (fewest open streams for its weight) or `latency` (lowest recent time
+    /// to first token).
+    pub balance: Option<String>,
+    /// A target's share of its pool's streams under `weighted`; its capacity under
+    /// `least-busy`.
+    pub weight: Option<u32>,
+    /// Streams this target may serve at once (across instances with Redis); unset: no cap.
+    pub max_streams: Option<u32>,
+    /// Requests that may wait for room when every target of the pool is at its
+    /// `max_streams`; past that, 429.
+    pub queue: Option<u32>,
+    /// How long a request may wait in that queue, in milliseconds.
+    pub queue_timeout_ms: Option<u64>,
 }
+
+/// Requests that may wait for a full pool, by default.
+pub const DEFAULT_QUEUE: u32 = 100;
+/// How long a request may wait for a full pool, by default.
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The balancing strategies a pool may name.
+pub const BALANCES: [&str; 3] = ["weighted", "least-busy", "latency"];
 
 fn default_backend() -> String {
     "openai".into()
@@ -502,14 +542,35 @@ fn default_api() -> String {
 }
 
 impl FileConfig {
+    /// Reads and checks a TOML config file.
+    pub fn read(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("SLUICE_CONFIG: cannot read {}", path.display()))?;
+        let file: FileConfig = toml::from_str(&text)
+            .with_context(|| format!("SLUICE_CONFIG: {} is not valid", path.display()))?;
+        file.validate()
+            .with_context(|| format!("SLUICE_CONFIG: {}", path.display()))?;
+        Ok(file)
+    }
+
     fn validate(&self) -> anyhow::Result<()> {
         for (name, route) in &self.models {
-            route.validate(name)?;
+            route.validate_pool(name)?;
+            if let Some(queue_timeout) = route.queue_timeout_ms
+                && queue_timeout == 0
+            {
+                bail!("model {name:?}: queue_timeout_ms must be above 0");
+            }
             for (i, fallback) in route.fallbacks.iter().enumerate() {
                 if !fallback.fallbacks.is_empty() {
                     bail!("model {name:?}: fallback {i} has fallbacks of its own");
                 }
-                fallback.validate(&format!("{name}.fallbacks[{i}]"))?;
+                if fallback.queue.is_some() || fallback.queue_timeout_ms.is_some() {
+                    bail!(
+                        "model {name:?}: fallback {i}: a queue belongs to the route, not a fallback"
+                    );
+                }
+                fallback.validate_pool(&format!("{name}.fallbacks[{i}]"))?;
             }
         }
         Ok(())
@@ -517,7 +578,39 @@ impl FileConfig {
 }
 
 impl ModelRoute {
+    /// A route or fallback: one upstream, or a pool of targets.
+    fn validate_pool(&self, name: &str) -> anyhow::Result<()> {
+        if let Some(balance) = &self.balance
+            && !BALANCES.contains(&balance.as_str())
+        {
+            bail!("model {name:?}: unknown balance {balance:?} (weighted, least-busy or latency)");
+        }
+        if self.targets.is_empty() {
+            return self.validate(name);
+        }
+        if self.base_url.is_some() || self.weight.is_some() || self.max_streams.is_some() {
+            bail!("model {name:?}: base_url, weight and max_streams belong to each of its targets");
+        }
+        for (i, target) in self.targets.iter().enumerate() {
+            let at = format!("{name}.targets[{i}]");
+            if !target.targets.is_empty() || !target.fallbacks.is_empty() {
+                bail!("model {at:?}: a target has no targets or fallbacks of its own");
+            }
+            if target.balance.is_some()
+                || target.queue.is_some()
+                || target.queue_timeout_ms.is_some()
+            {
+                bail!("model {at:?}: balance and queue belong to the route, not a target");
+            }
+            target.validate(&at)?;
+        }
+        Ok(())
+    }
+
     fn validate(&self, name: &str) -> anyhow::Result<()> {
+        if self.weight == Some(0) || self.max_streams == Some(0) {
+            bail!("model {name:?}: weight and max_streams must be above 0");
+        }
         match self.backend.as_str() {
             "openai" => {}
             // Which mock models there are is checked where the routes are built.

@@ -81,6 +81,21 @@ pub enum ApiError {
         message: String,
         retry_after: Duration,
     },
+    /// Every target of the model's pool is at its `max_streams`, and its queue is full or
+    /// the wait ran out.
+    #[error(
+        "every upstream of `{model}` is serving as many streams as it may, and the queue for it is full or the wait ran out; try again shortly"
+    )]
+    PoolFull {
+        model: String,
+        retry_after: Duration,
+    },
+    /// Every target of the model's pool is ejected for failing.
+    #[error("every upstream of `{model}` is failing and taken out for now; try again shortly")]
+    NoHealthyUpstream {
+        model: String,
+        retry_after: Duration,
+    },
     /// sluice is shutting down: the client should try again, on another instance.
     #[error("the server is restarting; retry the request")]
     Restarting,
@@ -158,9 +173,11 @@ impl ApiError {
             ApiError::UpstreamRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::UpstreamAuth | ApiError::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
             ApiError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            ApiError::Overloaded { .. } | ApiError::Busy { .. } | ApiError::Restarting => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::Overloaded { .. }
+            | ApiError::Busy { .. }
+            | ApiError::Restarting
+            | ApiError::NoHealthyUpstream { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::PoolFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::InvalidApiKey | ApiError::InvalidMetricsToken => StatusCode::UNAUTHORIZED,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
@@ -187,16 +204,17 @@ impl ApiError {
             | ApiError::MethodNotAllowed { .. }
             | ApiError::BodyTimeout(_)
             | ApiError::UpstreamRejected { .. } => "invalid_request_error",
-            ApiError::UpstreamRateLimited { .. } | ApiError::RateLimited { .. } => {
-                "rate_limit_error"
-            }
+            ApiError::UpstreamRateLimited { .. }
+            | ApiError::RateLimited { .. }
+            | ApiError::PoolFull { .. } => "rate_limit_error",
             ApiError::InvalidApiKey | ApiError::InvalidMetricsToken => "invalid_request_error",
             // OpenAI's type for what fails on the server's side, whichever part failed.
             ApiError::Busy { .. }
             | ApiError::UpstreamAuth
             | ApiError::UpstreamFailed(_)
             | ApiError::UpstreamTimeout(_)
-            | ApiError::Overloaded { .. } => "server_error",
+            | ApiError::Overloaded { .. }
+            | ApiError::NoHealthyUpstream { .. } => "server_error",
             ApiError::Restarting | ApiError::Internal => "server_error",
             ApiError::StreamNotFound(_)
             | ApiError::PreviousResponseNotFound(_)
@@ -227,6 +245,8 @@ impl ApiError {
             ApiError::InvalidApiKey | ApiError::InvalidMetricsToken => "invalid_api_key",
             ApiError::RateLimited { .. } => "rate_limit_exceeded",
             ApiError::Busy { .. } => "server_busy",
+            ApiError::PoolFull { .. } => "model_at_capacity",
+            ApiError::NoHealthyUpstream { .. } => "no_healthy_upstream",
             ApiError::Restarting => "server_restarting",
             ApiError::BodyTimeout(_) => "request_timeout",
             ApiError::Internal => "internal_error",
@@ -276,7 +296,9 @@ impl ApiError {
             }
             | ApiError::Overloaded { retry_after: d, .. }
             | ApiError::RateLimited { retry_after: d, .. }
-            | ApiError::Busy { retry_after: d, .. } => Some(*d),
+            | ApiError::Busy { retry_after: d, .. }
+            | ApiError::PoolFull { retry_after: d, .. }
+            | ApiError::NoHealthyUpstream { retry_after: d, .. } => Some(*d),
             ApiError::Restarting => Some(Duration::from_secs(1)),
             _ => None,
         }

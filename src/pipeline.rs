@@ -5,7 +5,7 @@
 
 use crate::admission::{DEFAULT_REPLY_TOKENS, Permit, Principal, Quota};
 use crate::backend::{ChatRequest, DeltaStream, MAX_MODEL_NAME};
-use crate::dispatch::{self, Route};
+use crate::dispatch::{self, Route, Unavailable};
 use crate::error::ApiError;
 use crate::relay::{Bounds, StreamGuard};
 use crate::state::AppState;
@@ -56,7 +56,7 @@ pub async fn start(
 /// continued conversation) does so only once it has one of these.
 pub struct Admitted {
     permit: Permit,
-    route: Route,
+    route: std::sync::Arc<Route>,
 }
 
 /// The request's size limits, its model, and the client's request rate and stream slot.
@@ -117,7 +117,7 @@ impl Admitted {
         // Relayed as sent when the route's first upstream speaks the client's API; else
         // what the translation left out, and what the chat request it became cannot carry
         // to an upstream of a third API.
-        let api = route.targets.first().map(|t| t.backend.speaks());
+        let api = route.first().map(|t| t.backend.speaks());
         let relayed = chat
             .native
             .as_ref()
@@ -162,7 +162,18 @@ impl Admitted {
             prompt_tokens,
             Bounds::of(sent_tokens, chat.max_tokens.unwrap_or(MAX_TOKENS)),
         );
-        let stream = dispatch::upstream(&state.dispatcher, exchange, route, &label, request);
+        // A target of the route's pool, waiting in its queue while every one is full.
+        let plan = route.begin().await.map_err(|why| match why {
+            Unavailable::Full(retry_after) => ApiError::PoolFull {
+                model: chat.model.clone(),
+                retry_after,
+            },
+            Unavailable::Down(retry_after) => ApiError::NoHealthyUpstream {
+                model: chat.model.clone(),
+                retry_after,
+            },
+        })?;
+        let stream = dispatch::upstream(&state.dispatcher, exchange, plan, &label, request);
         Ok(Started {
             stream,
             guard,

@@ -13,8 +13,13 @@ use crate::admission::{Admission, ApiKey, SharedLimits};
 use crate::backend::Backend;
 use crate::backend::mock::{self, MockBackend};
 use crate::backend::openai::{Api, OpenAiBackend};
-use crate::config::{Config, DEFAULT_LOCAL_MODEL, DEFAULT_OPENAI_BASE_URL, ModelRoute};
-use crate::dispatch::{Dispatcher, Route, Routes, Target, Timeouts};
+use crate::config::{
+    Config, DEFAULT_LOCAL_MODEL, DEFAULT_OPENAI_BASE_URL, DEFAULT_QUEUE, DEFAULT_QUEUE_TIMEOUT,
+    FileConfig, ModelRoute,
+};
+use crate::dispatch::{
+    Balance, Dispatcher, Pool, PoolSettings, Route, Routes, Target, TargetState, Timeouts,
+};
 use crate::prompts::Prompts;
 use crate::state::{AppState, ServerSettings};
 use crate::telemetry::Metrics;
@@ -45,25 +50,7 @@ impl AppState {
 
         let file = config.file()?;
         let defaults = config.default_limits();
-        let mut keys: Vec<ApiKey> = config
-            .api_keys
-            .iter()
-            .map(|k| k.trim())
-            .filter(|k| !k.is_empty())
-            .map(|secret| ApiKey {
-                name: crate::admission::key_name(secret),
-                secret: secret.to_owned(),
-                limits: None,
-            })
-            .collect();
-        for (name, key) in &file.keys {
-            let (secret, limits) = key.resolve(name, &defaults).context("SLUICE_CONFIG")?;
-            keys.push(ApiKey {
-                name: name.clone(),
-                secret,
-                limits: Some(limits),
-            });
-        }
+        let keys = keys(config, &file)?;
         let shared = config.redis_url.as_ref().map(|url| SharedLimits {
             redis_url: url.clone(),
             fail_closed: config.redis_failure == "closed",
@@ -78,25 +65,23 @@ impl AppState {
         )
         .context("SLUICE_REDIS_URL")?;
 
-        let mut named = HashMap::new();
-        for (name, route) in file.models {
-            let mut targets = vec![target(config, &name, &route, &mock)?];
-            for fallback in &route.fallbacks {
-                targets.push(target(config, &name, fallback, &mock)?);
-            }
-            named.insert(
-                name,
-                Route {
-                    targets: targets.into(),
-                },
-            );
-        }
-
+        let mut fixed = HashMap::new();
         let mut default_model = String::from("mock");
         if let Some((name, route)) = local_route(config, &metrics)? {
             default_model.clone_from(&name);
-            named.insert(name, route);
+            fixed.insert(name, route);
         }
+        let shared_pools = admission
+            .shared()
+            .map(crate::dispatch::shared::SharedPools::new);
+        let routes = Routes::new(
+            mock.clone(),
+            default_upstream,
+            fixed,
+            default_model,
+            shared_pools,
+        );
+        routes.replace(table(config, &file, &routes, &mock)?);
 
         let prompts = match &config.prompts {
             Some(dir) => Prompts::load(dir).context("SLUICE_PROMPTS")?,
@@ -149,7 +134,9 @@ impl AppState {
         Ok(AppState {
             streams,
             admission,
-            routes: Routes::new(named, mock, default_upstream, default_model),
+            routes,
+            config: Arc::new(config.clone()),
+            mock,
             prompts,
             metrics: metrics.clone(),
             dispatcher: Dispatcher {
@@ -173,46 +160,163 @@ impl AppState {
     }
 }
 
-/// One upstream of a configured route: the mock, or an OpenAI-compatible server.
-fn target(
+/// Clients' keys: `SLUICE_API_KEYS`, then the TOML config's with their own limits.
+fn keys(config: &Config, file: &FileConfig) -> anyhow::Result<Vec<ApiKey>> {
+    let defaults = config.default_limits();
+    let mut keys: Vec<ApiKey> = config
+        .api_keys
+        .iter()
+        .map(|k| k.trim())
+        .filter(|k| !k.is_empty())
+        .map(|secret| ApiKey {
+            name: crate::admission::key_name(secret),
+            secret: secret.to_owned(),
+            limits: None,
+        })
+        .collect();
+    for (name, key) in &file.keys {
+        let (secret, limits) = key.resolve(name, &defaults).context("SLUICE_CONFIG")?;
+        keys.push(ApiKey {
+            name: name.clone(),
+            secret,
+            limits: Some(limits),
+        });
+    }
+    Ok(keys)
+}
+
+impl AppState {
+    /// Reads the TOML config again (on SIGHUP, or when `SLUICE_CONFIG_WATCH=1` sees it
+    /// change): its routes and keys replace the running ones for new requests; streams in
+    /// flight finish on the targets they started on. A file that is not valid changes
+    /// nothing, and says why.
+    pub fn reload(&self) -> anyhow::Result<()> {
+        let config = &self.config;
+        let file = config.file()?;
+        let keys = keys(config, &file)?;
+        let named = table(config, &file, &self.routes, &self.mock)?;
+        let (routes, key_count) = (named.len(), keys.len());
+        self.admission.replace_keys(keys);
+        self.routes.replace(named);
+        tracing::info!(routes, keys = key_count, "configuration reloaded");
+        Ok(())
+    }
+}
+
+/// The configured routes of `file`: each a pool (of one upstream, or of its targets), then
+/// its fallbacks', with the state of every target that was there before kept.
+fn table(
+    config: &Config,
+    file: &FileConfig,
+    routes: &Routes,
+    mock: &Arc<dyn Backend>,
+) -> anyhow::Result<HashMap<String, Arc<Route>>> {
+    let mut named = HashMap::new();
+    for (name, route) in &file.models {
+        let mut pools = vec![pool(config, name, route, routes, mock, true)?];
+        for fallback in &route.fallbacks {
+            pools.push(pool(config, name, fallback, routes, mock, false)?);
+        }
+        named.insert(name.clone(), Arc::new(Route { pools }));
+    }
+    Ok(named)
+}
+
+/// A route's (or a fallback's) pool: its targets, or itself as a pool of one.
+fn pool(
     config: &Config,
     name: &str,
     route: &ModelRoute,
+    routes: &Routes,
+    mock: &Arc<dyn Backend>,
+    queued: bool,
+) -> anyhow::Result<Arc<Pool>> {
+    let targets = if route.targets.is_empty() {
+        vec![target(config, name, route, None, routes, mock)?]
+    } else {
+        route
+            .targets
+            .iter()
+            .map(|t| target(config, name, t, Some(route), routes, mock))
+            .collect::<anyhow::Result<_>>()?
+    };
+    Ok(Pool::new(
+        targets,
+        PoolSettings {
+            balance: Balance::parse(route.balance.as_deref()),
+            queue: if queued {
+                route.queue.unwrap_or(DEFAULT_QUEUE)
+            } else {
+                0
+            },
+            queue_timeout: route
+                .queue_timeout_ms
+                .map_or(DEFAULT_QUEUE_TIMEOUT, Duration::from_millis),
+            shared: routes.shared(),
+        },
+    ))
+}
+
+/// One upstream of a configured route: the mock, or an OpenAI-compatible server. A target
+/// of a pool has the `model` and `api_key_env` of its `route` when it names none.
+fn target(
+    config: &Config,
+    name: &str,
+    spec: &ModelRoute,
+    route: Option<&ModelRoute>,
+    routes: &Routes,
     mock: &Arc<dyn Backend>,
 ) -> anyhow::Result<Target> {
-    if route.backend == "mock" {
-        let model = route.model.clone().unwrap_or_else(|| "mock".to_owned());
+    let model = spec
+        .model
+        .clone()
+        .or_else(|| route.and_then(|r| r.model.clone()));
+    let key_env = spec
+        .api_key_env
+        .clone()
+        .or_else(|| route.and_then(|r| r.api_key_env.clone()));
+    let settled =
+        |backend: Arc<dyn Backend>, model: Option<String>, identity: String, label: String| {
+            let state = routes.target_state(&identity, &label);
+            Target {
+                weight: spec.weight.unwrap_or(1),
+                max_streams: spec.max_streams,
+                ..Target::new(backend, model, state)
+            }
+        };
+    if spec.backend == "mock" {
+        let model = model.unwrap_or_else(|| "mock".to_owned());
         if mock::Mode::from_model(&model).is_none() {
             anyhow::bail!("SLUICE_CONFIG: model {name:?}: the mock backend has no model {model:?}");
         }
-        return Ok(Target {
-            backend: mock.clone(),
-            model,
-            configured: true,
-        });
+        let label = format!("{model}@mock");
+        return Ok(settled(mock.clone(), Some(model), label.clone(), label));
     }
-    let model = route.model.clone().unwrap_or_else(|| name.to_owned());
-    let base = route
+    // A pattern route (`claude-*`) naming no model sends the client's.
+    let model = model.or_else(|| (!name.ends_with('*')).then(|| name.to_owned()));
+    let base = spec
         .base_url
         .as_deref()
         .or(config.openai_base_url.as_deref())
         .unwrap_or(DEFAULT_OPENAI_BASE_URL);
-    let key = match &route.api_key_env {
+    let key = match &key_env {
         Some(var) => std::env::var(var).ok(),
         None => config.openai_api_key.clone(),
     };
     let mut backend = OpenAiBackend::new(base, key.as_deref(), config.connect_timeout())
         .with_context(|| format!("SLUICE_CONFIG: model {name:?}"))?;
-    match route.api.as_str() {
+    match spec.api.as_str() {
         "responses" => backend = backend.speaking(Api::Responses),
         "anthropic" => backend = backend.speaking(Api::Messages),
         _ => {}
     }
-    Ok(Target {
-        backend: Arc::new(backend),
-        model,
-        configured: true,
-    })
+    let url = crate::backend::openai::masked_url(base);
+    let mut label = format!("{}@{url}", model.as_deref().unwrap_or(name));
+    if let Some(var) = &key_env {
+        label = format!("{label}#{var}");
+    }
+    let identity = format!("{label}|{}", spec.api);
+    Ok(settled(Arc::new(backend), model, identity, label))
 }
 
 /// How long start-up waits for the local model's weights to be fetched.
@@ -222,7 +326,7 @@ const FETCH_LIMIT: Duration = Duration::from_secs(180);
 /// exist; the default one may be missing: with no upstream configured either, sluice
 /// fetches it once (93 MB, checksum verified) so that a first `cargo run` chats with a
 /// real model; otherwise, or if that fails, one log line says how to fetch it.
-fn local_route(config: &Config, metrics: &Metrics) -> anyhow::Result<Option<(String, Route)>> {
+fn local_route(config: &Config, metrics: &Metrics) -> anyhow::Result<Option<(String, Arc<Route>)>> {
     let path = config
         .local_model
         .clone()
@@ -254,7 +358,11 @@ fn local_route(config: &Config, metrics: &Metrics) -> anyhow::Result<Option<(Str
             LocalBackend::start(&path, config.local_queue as usize, metrics.local_tokens())?;
         Ok(Some((
             MODEL_NAME.to_owned(),
-            Route::to(Arc::new(backend), MODEL_NAME),
+            Route::to(
+                Arc::new(backend),
+                Some(MODEL_NAME.to_owned()),
+                TargetState::new(&format!("{MODEL_NAME}@local")),
+            ),
         )))
     }
     #[cfg(not(feature = "local"))]

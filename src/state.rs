@@ -40,6 +40,10 @@ pub struct AppState {
     pub streams: crate::streams::Streams,
     /// Cancelled when the shutdown grace period is over: open streams end, saying so.
     pub closing: CancellationToken,
+    /// What the state was built from: a reload reads the TOML file again with it.
+    pub config: Arc<crate::config::Config>,
+    /// The built-in mock model, which configured routes may name.
+    pub mock: Arc<dyn crate::backend::Backend>,
 }
 
 /// How connections are served, from the configuration.

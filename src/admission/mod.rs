@@ -19,7 +19,7 @@ use ipnet::IpNet;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-mod shared;
+pub mod shared;
 use shared::{Decision, Release, Shared, TokenDecision};
 
 /// Reserved for the reply when a request sets no `max_tokens`.
@@ -92,7 +92,8 @@ pub struct SharedLimits {
 }
 
 pub struct Admission {
-    keys: Vec<StoredKey>,
+    /// Replaced whole on a reload ([`Admission::replace_keys`]).
+    keys: std::sync::RwLock<Arc<Vec<StoredKey>>>,
     shared: Option<Arc<Shared>>,
     releases: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Release>>>,
     fail_closed: bool,
@@ -116,16 +117,7 @@ impl Admission {
         shared: Option<SharedLimits>,
     ) -> anyhow::Result<Arc<Self>> {
         let default_policy = Policy::new(defaults);
-        let keys = keys
-            .into_iter()
-            .map(|key| StoredKey {
-                name: key.name.into(),
-                digest: Sha256::digest(key.secret.as_bytes()).into(),
-                policy: key
-                    .limits
-                    .map_or_else(|| default_policy.clone(), Policy::new),
-            })
-            .collect();
+        let keys = stored(keys, &default_policy, &[]);
         let (fail_closed, redis_errors) = shared
             .as_ref()
             .map_or((false, metrics::Counter::noop()), |s| {
@@ -139,7 +131,7 @@ impl Admission {
             None => (None, None),
         };
         Ok(Arc::new(Admission {
-            keys,
+            keys: std::sync::RwLock::new(Arc::new(keys)),
             shared,
             releases: Mutex::new(releases),
             fail_closed,
@@ -163,7 +155,8 @@ impl Admission {
         forwarded_for: impl Iterator<Item = &'a str>,
         peer: Option<IpAddr>,
     ) -> Result<Principal, Refusal> {
-        if self.keys.is_empty() {
+        let keys = self.keys();
+        if keys.is_empty() {
             let ip = self.client_ip(forwarded_for, peer);
             return Ok(Principal {
                 name: ip.map_or_else(|| "unknown".into(), |ip| client_name(ip).into()),
@@ -174,7 +167,7 @@ impl Admission {
         let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
         // Compare with every key, each in constant time, so timing tells nothing.
         let mut found = None;
-        for key in &self.keys {
+        for key in keys.iter() {
             if bool::from(key.digest.ct_eq(&digest)) {
                 found = Some(key);
             }
@@ -420,27 +413,41 @@ impl Admission {
     pub fn purge(&self) {
         self.default_policy.requests.retain_recent();
         self.default_policy.requests.shrink_to_fit();
-        for key in &self.keys {
+        for key in self.keys().iter() {
             key.policy.requests.retain_recent();
         }
-        let tpm = |name: &Arc<str>| self.policy_of(name).limits.tpm.unwrap_or(u32::MAX);
+        let keys = self.keys();
+        let tpm = |name: &Arc<str>| {
+            keys.iter()
+                .find(|k| k.name == *name)
+                .map_or(&self.default_policy, |k| &k.policy)
+                .limits
+                .tpm
+                .unwrap_or(u32::MAX)
+        };
         lock(&self.tokens).retain(|name, bucket| bucket.until_full(tpm(name)) > Duration::ZERO);
         lock(&self.streams).retain(|_, open| *open > 0);
         lock(&self.readers).retain(|_, open| *open > 0);
     }
 
-    fn policy_of(&self, name: &str) -> &Arc<Policy> {
-        self.keys
-            .iter()
-            .find(|k| &*k.name == name)
-            .map_or(&self.default_policy, |k| &k.policy)
+    fn keys(&self) -> Arc<Vec<StoredKey>> {
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Puts `keys` in place of the configured ones (a reload): a key whose name and limits
+    /// are unchanged keeps its request limiter's state; a client already admitted keeps
+    /// its permit.
+    pub fn replace_keys(&self, keys: Vec<ApiKey>) {
+        let old = self.keys();
+        let keys = stored(keys, &self.default_policy, &old);
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
     }
 
     /// How many clients sluice holds state for, in each of its tables.
     pub fn tracked(&self) -> (usize, usize, usize) {
         let requests = self.default_policy.requests.len()
             + self
-                .keys
+                .keys()
                 .iter()
                 .map(|k| k.policy.requests.len())
                 .sum::<usize>();
@@ -451,9 +458,35 @@ impl Admission {
         )
     }
 
+    /// The Redis link limits are shared through, when they are: pools share theirs on it.
+    pub fn shared(&self) -> Option<Arc<Shared>> {
+        self.shared.clone()
+    }
+
     pub fn open_streams(&self) -> usize {
         self.global_streams.load(Ordering::Acquire)
     }
+}
+
+/// Keys as admission keeps them (digests), with the policy of an `old` key of the same name
+/// and limits kept.
+fn stored(keys: Vec<ApiKey>, default_policy: &Arc<Policy>, old: &[StoredKey]) -> Vec<StoredKey> {
+    keys.into_iter()
+        .map(|key| {
+            let policy = match key.limits {
+                None => default_policy.clone(),
+                Some(limits) => old
+                    .iter()
+                    .find(|k| *k.name == *key.name && k.policy.limits == limits)
+                    .map_or_else(|| Policy::new(limits), |k| k.policy.clone()),
+            };
+            StoredKey {
+                name: key.name.into(),
+                digest: Sha256::digest(key.secret.as_bytes()).into(),
+                policy,
+            }
+        })
+        .collect()
 }
 
 /// The stable name of a key given without one (`SLUICE_API_KEYS`): `key-` and the first 16

@@ -17,7 +17,7 @@ use tokio::sync::{OnceCell, mpsc};
 use super::Limits;
 
 /// How long a permit outlives its last refresh.
-const PERMIT_TTL: Duration = Duration::from_secs(30);
+pub const PERMIT_TTL: Duration = Duration::from_secs(30);
 /// Refresh well within the TTL.
 pub const REFRESH_EVERY: Duration = Duration::from_secs(10);
 /// After a failure, how long admissions skip Redis before trying again.
@@ -326,7 +326,8 @@ impl Shared {
         })
     }
 
-    async fn invoke(
+    /// Runs a script in Redis, backing off after a failure (for every user of this link).
+    pub async fn invoke(
         &self,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<Vec<i64>, redis::RedisError> {

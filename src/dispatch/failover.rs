@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use super::Route;
+use super::Plan;
 use crate::backend::{BackendError, ChatRequest, Delta, DeltaStream, Wait};
 use crate::telemetry::{Exchange, Metrics};
 use crate::wake::Woken;
@@ -28,19 +28,20 @@ pub struct Timeouts {
     pub total: Duration,
 }
 
-/// Calls the route's targets in order, each until one answers: a target that cannot be
-/// reached, answers 5xx or 429, or sends no first token in time is followed by the next,
-/// but only while nothing of a reply has been relayed. Then it applies the limits (first
-/// token, between chunks, total: past one, the stream ends with [`BackendError::Timeout`];
-/// time spent waiting on a slow client does not count) and ends the stream when sluice
-/// shuts down.
+/// Runs a request on its route's upstreams, from the one `plan` starts on: a target that
+/// cannot be reached, answers 5xx or 429, or sends no first token in time is followed by
+/// another target of its pool, then by the fallbacks', but only while nothing of a reply
+/// has been relayed (each failure counts against the target's health). Then it applies the
+/// limits (first token, between chunks, total: past one, the stream ends with
+/// [`BackendError::Timeout`]; time spent waiting on a slow client does not count) and ends
+/// the stream when sluice shuts down.
 ///
 /// A stream it returns ends either with [`Delta::Finish`] (and perhaps usage) or with an
 /// error: one that just stops did not complete, whatever the backend thought.
 pub fn upstream(
     dispatcher: &Dispatcher,
     exchange: &Exchange,
-    route: Route,
+    mut plan: Plan,
     label: &str,
     request: ChatRequest,
 ) -> DeltaStream {
@@ -54,12 +55,18 @@ pub fn upstream(
         let mut total = Woken::new(Box::pin(tokio::time::sleep(limits.total)));
         let mut closing = Woken::new(Box::pin(closing));
         let mut request = Some(request);
-        let count = route.targets.len();
-        for (i, target) in route.targets.iter().enumerate() {
-            let last = i + 1 == count;
-            let mut attempt = if last { request.take() } else { request.clone() }.unwrap_or_default();
-            attempt.model.clone_from(&target.model);
-            let target_label = if target.configured { &target.model } else { &label };
+        let Some(mut lease) = plan.next().await else {
+            yield Err(BackendError::Unreachable("no upstream of the route can take it".into()));
+            return;
+        };
+        'attempts: loop {
+            let more = plan.more();
+            let mut attempt = if more { request.clone() } else { request.take() }.unwrap_or_default();
+            let target = lease.target().clone();
+            if let Some(model) = &target.model {
+                attempt.model.clone_from(model);
+            }
+            let target_label = target.model.as_deref().unwrap_or(&label);
             let _call = metrics.upstream_call(target_label);
             let started = Instant::now();
             let mut inner = target.backend.stream(attempt);
@@ -97,23 +104,35 @@ pub fn upstream(
                 let delta = match item {
                     Ok(delta) => delta,
                     Err(e) => {
-                        if let Some(reason) = e.fallback_reason().filter(|_| !relayed && !last) {
+                        let reason = e.fallback_reason().filter(|_| !relayed);
+                        if reason.is_some() {
+                            lease.failed(&e);
+                        }
+                        let next = match reason {
+                            Some(_) if more => plan.next().await,
+                            _ => None,
+                        };
+                        if let (Some(reason), Some(next)) = (reason, next) {
                             tracing::warn!(
                                 request_id = exchange.request_id(),
-                                model = %target.model,
+                                model = target_label,
                                 upstream = target.backend.upstream().unwrap_or("-"),
                                 error = %e,
-                                "trying the route's next upstream"
+                                "trying another upstream of the route"
                             );
                             metrics.fallback(target_label, reason.as_str());
                             exchange.fell_back(&e);
-                            break;
+                            lease = next;
+                            continue 'attempts;
                         }
                         yield Err(e);
                         return;
                     }
                 };
                 let first = !relayed && !matches!(delta, Delta::Queued(_));
+                if first {
+                    lease.succeeded(started.elapsed());
+                }
                 match delta {
                     Delta::Text(_)
                     | Delta::Fields(_)

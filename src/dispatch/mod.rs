@@ -1,8 +1,12 @@
-//! Dispatch: from a model name to the backends that serve it ([`Routes`]), and the
-//! failover between them with typed deadlines ([`upstream`]).
+//! Dispatch: from a model name to the pools that serve it ([`Routes`]), the choice of a
+//! target in a pool with its health and room ([`pool`]), shared across instances through
+//! Redis ([`shared`]), and the failover between targets with typed deadlines ([`upstream`]).
 
 mod failover;
+pub mod pool;
 mod routes;
+pub mod shared;
 
 pub use failover::{Dispatcher, Timeouts, upstream};
-pub use routes::{Route, Routes, Target};
+pub use pool::{Balance, Pool, PoolSettings, Target, TargetState};
+pub use routes::{Plan, Route, Routes, Unavailable};

@@ -1,40 +1,113 @@
-//! The model table: which backends a model name goes to, in order, with the default
-//! upstream's own model list (for `/v1/models` and bounded metric labels) and the shared
-//! readiness probes of every upstream.
+//! The model table: which pools a model name goes to, in order (the route's own, then its
+//! fallbacks), with the default upstream's own model list (for `/v1/models` and bounded
+//! metric labels), the shared readiness probes of every upstream, and the table's reload.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use super::pool::{Lease, NoRoom, Pool, Registry, Target, TargetState};
+use super::shared::SharedPools;
 use crate::backend::mock;
 use crate::backend::{Backend, Probe};
 
-/// A backend and the name it knows the model by.
-#[derive(Clone)]
-pub struct Target {
-    pub backend: Arc<dyn Backend>,
-    pub model: String,
-    /// From the configuration: its model name is a fit metric label. Otherwise the name is
-    /// the client's, and the route's label stands for it.
-    pub configured: bool,
+/// Where a model name goes: its pool, then its fallbacks' (each a pool, mostly of one),
+/// tried in order while nothing has been sent to the client.
+pub struct Route {
+    pub pools: Vec<Arc<Pool>>,
 }
 
-/// Where a model name goes: a first target, then its fallbacks, tried in order while
-/// nothing has been sent to the client.
-#[derive(Clone)]
-pub struct Route {
-    pub targets: Arc<[Target]>,
+/// Why a request could not be given an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unavailable {
+    /// Every target is at its `max_streams` and the queue is full or the wait ran out: try
+    /// again after this long.
+    Full(Duration),
+    /// Every target is ejected for failing; the first is back in this long.
+    Down(Duration),
 }
 
 impl Route {
-    pub fn to(backend: Arc<dyn Backend>, model: &str) -> Self {
-        Route {
-            targets: Arc::new([Target {
-                backend,
-                model: model.to_owned(),
-                configured: false,
-            }]),
+    /// A route of one upstream with no cap.
+    pub fn to(
+        backend: Arc<dyn Backend>,
+        model: Option<String>,
+        state: Arc<TargetState>,
+    ) -> Arc<Self> {
+        Arc::new(Route {
+            pools: vec![Pool::single(Target::new(backend, model, state))],
+        })
+    }
+
+    /// The route's first target: the API it speaks decides how a request is relayed.
+    pub fn first(&self) -> Option<&Target> {
+        self.pools.first().and_then(|p| p.targets.first())
+    }
+
+    /// The upstream a request starts on: a target of the route's pool (waiting in its queue
+    /// while every target is full), else, when they are all ejected, of a fallback.
+    pub async fn begin(self: &Arc<Self>) -> Result<Plan, Unavailable> {
+        let Some(first) = self.pools.first() else {
+            return Err(Unavailable::Down(Duration::from_secs(1)));
+        };
+        let down = match first.wait().await {
+            Ok(lease) => return Ok(self.plan(0, lease)),
+            Err((NoRoom::Full, wait)) => return Err(Unavailable::Full(wait)),
+            Err((NoRoom::Down(back), _)) => back,
+        };
+        for (i, pool) in self.pools.iter().enumerate().skip(1) {
+            if let Ok(lease) = pool.lease(&mut 0).await {
+                return Ok(self.plan(i, lease));
+            }
         }
+        Err(Unavailable::Down(down))
+    }
+
+    fn plan(self: &Arc<Self>, pool: usize, lease: Lease) -> Plan {
+        Plan {
+            route: self.clone(),
+            pool,
+            tried: 1 << lease.index(),
+            next: Some(lease),
+        }
+    }
+}
+
+/// A request's way through its route: the upstream it starts on, then, each time one fails
+/// before the first byte, another target of the same pool, then the fallbacks'.
+pub struct Plan {
+    route: Arc<Route>,
+    pool: usize,
+    /// The targets of the current pool tried so far, a bit each.
+    tried: u64,
+    next: Option<Lease>,
+}
+
+impl Plan {
+    /// The next upstream to try, holding its slot; `None` when none is left.
+    pub async fn next(&mut self) -> Option<Lease> {
+        if let Some(lease) = self.next.take() {
+            return Some(lease);
+        }
+        while let Some(pool) = self.route.pools.get(self.pool) {
+            if let Ok(lease) = pool.lease(&mut self.tried).await {
+                return Some(lease);
+            }
+            self.pool += 1;
+            self.tried = 0;
+        }
+        None
+    }
+
+    /// Whether another upstream might be tried after the current one.
+    pub fn more(&self) -> bool {
+        self.next.is_some()
+            || self
+                .route
+                .pools
+                .get(self.pool)
+                .is_some_and(|p| p.untried(self.tried))
+            || self.pool + 1 < self.route.pools.len()
     }
 }
 
@@ -42,18 +115,28 @@ impl Route {
 const CATALOGUE_EVERY: Duration = Duration::from_secs(300);
 
 /// The routing table: configured names first, then the built-in mock models, then anything
-/// else to the default upstream when one is configured.
+/// else to the default upstream when one is configured. The configured names are read
+/// again on a reload ([`Routes::replace`]); requests already routed keep what they had.
 #[derive(Clone)]
-pub struct Routes {
-    named: Arc<HashMap<String, Route>>,
-    mock: Arc<dyn Backend>,
+pub struct Routes(Arc<Inner>);
+
+struct Inner {
+    /// The configured routes, as last loaded.
+    named: RwLock<Arc<HashMap<String, Arc<Route>>>>,
+    /// Routes that do not come from the file (the local model): kept through reloads.
+    fixed: HashMap<String, Arc<Route>>,
+    mock: Arc<Route>,
     default_upstream: Option<Arc<dyn Backend>>,
+    default_route: Option<Arc<Route>>,
     default_model: Arc<str>,
     /// The default upstream's own model list, as last fetched.
-    catalogue: Arc<RwLock<Arc<HashSet<String>>>>,
+    catalogue: RwLock<Arc<HashSet<String>>>,
     /// The last readiness probe of every upstream: one probe at a time, shared by every
     /// caller, reused for a few seconds.
-    probes: Arc<Mutex<Option<(Instant, SharedProbes)>>>,
+    probes: Mutex<Option<(Instant, SharedProbes)>>,
+    /// Every target's state by its identity, through reloads.
+    registry: Registry,
+    shared: Option<Arc<SharedPools>>,
 }
 
 type SharedProbes = futures::future::Shared<futures::future::BoxFuture<'static, Arc<Vec<Probe>>>>;
@@ -63,32 +146,98 @@ const PROBES_SERVE: Duration = Duration::from_secs(5);
 
 impl Routes {
     pub fn new(
-        named: HashMap<String, Route>,
         mock: Arc<dyn Backend>,
         default_upstream: Option<Arc<dyn Backend>>,
+        fixed: HashMap<String, Arc<Route>>,
         default_model: String,
+        shared: Option<Arc<SharedPools>>,
     ) -> Self {
-        Routes {
-            named: Arc::new(named),
-            mock,
+        let registry = Registry::default();
+        let default_route = default_upstream
+            .as_ref()
+            .map(|backend| Route::to(backend.clone(), None, registry.state("default", "default")));
+        Routes(Arc::new(Inner {
+            named: RwLock::default(),
+            fixed,
+            mock: Route::to(mock, None, registry.state("mock", "mock")),
             default_upstream,
+            default_route,
             default_model: default_model.into(),
-            catalogue: Arc::default(),
-            probes: Arc::default(),
-        }
+            catalogue: RwLock::default(),
+            probes: Mutex::default(),
+            registry,
+            shared,
+        }))
+    }
+
+    /// The state of the target `identity` names, the same through reloads.
+    pub fn target_state(&self, identity: &str, name: &str) -> Arc<TargetState> {
+        self.0.registry.state(identity, name)
+    }
+
+    /// The Redis link pools share their targets' caps and ejections on, when there is one.
+    pub fn shared(&self) -> Option<Arc<SharedPools>> {
+        self.0.shared.clone()
+    }
+
+    /// Puts `named` in place of the configured routes: new requests use it at once.
+    pub fn replace(&self, named: HashMap<String, Arc<Route>>) {
+        *self.0.named.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(named);
+        *self.0.probes.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    fn named(&self) -> Arc<HashMap<String, Arc<Route>>> {
+        self.0
+            .named
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Every pool of a configured route, by route name, fallbacks' after the route's own.
+    pub fn pools(&self) -> Vec<(String, Arc<Pool>)> {
+        let named = self.named();
+        let mut names: Vec<&String> = named.keys().collect();
+        names.sort();
+        names
+            .into_iter()
+            .flat_map(|name| {
+                named[name]
+                    .pools
+                    .iter()
+                    .map(move |p| (name.clone(), p.clone()))
+            })
+            .collect()
+    }
+
+    /// The state of every target that health applies to (a pool of several), each once.
+    pub fn guarded_targets(&self) -> Vec<Arc<TargetState>> {
+        let mut seen = HashSet::new();
+        self.pools()
+            .into_iter()
+            .filter(|(_, pool)| pool.targets.len() > 1)
+            .flat_map(|(_, pool)| {
+                pool.targets
+                    .iter()
+                    .map(|t| t.state.clone())
+                    .collect::<Vec<_>>()
+            })
+            .filter(|state| seen.insert(state.name.clone()))
+            .collect()
     }
 
     /// Every upstream's readiness, probed at most once every few seconds however often
     /// it is asked for.
     pub async fn probe(&self) -> Arc<Vec<Probe>> {
         let shared = {
-            let mut cached = self.probes.lock().unwrap_or_else(|e| e.into_inner());
+            let mut cached = self.0.probes.lock().unwrap_or_else(|e| e.into_inner());
             match &*cached {
                 Some((at, probes)) if at.elapsed() < PROBES_SERVE => probes.clone(),
                 _ => {
                     let mut seen = HashSet::new();
                     let probes: Vec<_> = self
                         .backends()
+                        .into_iter()
                         .filter(|b| b.upstream().is_some_and(|url| seen.insert(url.to_owned())))
                         .filter_map(|b| b.probe())
                         .collect();
@@ -103,23 +252,27 @@ impl Routes {
         shared.await
     }
 
-    fn backends(&self) -> impl Iterator<Item = &Arc<dyn Backend>> {
-        self.named
+    fn backends(&self) -> Vec<Arc<dyn Backend>> {
+        let named = self.named();
+        named
             .values()
-            .flat_map(|r| r.targets.iter().map(|t| &t.backend))
-            .chain(self.default_upstream.iter())
+            .chain(self.0.fixed.values())
+            .flat_map(|r| r.pools.iter())
+            .flat_map(|p| p.targets.iter().map(|t| t.backend.clone()))
+            .chain(self.0.default_upstream.iter().cloned())
+            .collect()
     }
 
     /// Fetches the default upstream's model list; a failure keeps the last good one.
     pub async fn refresh_catalogue(&self) {
-        let Some(fetch) = self.default_upstream.as_ref().and_then(|b| b.models()) else {
+        let Some(fetch) = self.0.default_upstream.as_ref().and_then(|b| b.models()) else {
             return;
         };
         match fetch.await {
             Ok(names) => {
                 let names: HashSet<String> = names.into_iter().collect();
                 tracing::debug!(models = names.len(), "the default upstream's model list");
-                *self.catalogue.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(names);
+                *self.0.catalogue.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(names);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list the default upstream's models; keeping the last list")
@@ -129,98 +282,83 @@ impl Routes {
 
     /// The default upstream's models, as last fetched.
     pub fn catalogue(&self) -> Arc<HashSet<String>> {
-        self.catalogue
+        self.0
+            .catalogue
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
 
-    /// Keeps the catalogue fresh until `stop`.
+    /// Keeps the catalogue fresh and, with Redis, the pools' shared state, until `stop`.
     pub async fn maintain(self, stop: tokio_util::sync::CancellationToken) {
-        let mut every = tokio::time::interval(CATALOGUE_EVERY);
-        every.tick().await;
-        loop {
-            tokio::select! {
-                () = stop.cancelled() => return,
-                _ = every.tick() => self.refresh_catalogue().await,
+        let shared = self.0.shared.clone().map(|shared| {
+            let routes = self.clone();
+            shared.maintain(move || routes.guarded_targets(), stop.clone())
+        });
+        let catalogue = async {
+            let mut every = tokio::time::interval(CATALOGUE_EVERY);
+            every.tick().await;
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = every.tick() => self.refresh_catalogue().await,
+                }
             }
+        };
+        match shared {
+            Some(shared) => {
+                tokio::join!(shared, catalogue);
+            }
+            None => catalogue.await,
         }
     }
 
-    pub fn resolve(&self, model: &str) -> Option<Route> {
-        if let Some(route) = self.named.get(model) {
+    pub fn resolve(&self, model: &str) -> Option<Arc<Route>> {
+        let named = self.named();
+        if let Some(route) = named.get(model).or_else(|| self.0.fixed.get(model)) {
             return Some(route.clone());
         }
         if mock::Mode::from_model(model).is_some() {
-            return Some(Route::to(self.mock.clone(), model));
+            return Some(self.0.mock.clone());
         }
-        if let Some((pattern, route)) = self.pattern(model) {
-            // A target that names no model of its own gets the client's name.
-            let targets = route
-                .targets
-                .iter()
-                .map(|t| {
-                    if t.model != *pattern {
-                        return t.clone();
-                    }
-                    // The client's name is no fit metric label: the pattern stands for it.
-                    Target {
-                        model: model.to_owned(),
-                        configured: false,
-                        ..t.clone()
-                    }
-                })
-                .collect();
-            return Some(Route { targets });
+        if let Some((_, route)) = pattern(&named, model) {
+            return Some(route.clone());
         }
-        self.default_upstream
-            .as_ref()
-            .map(|backend| Route::to(backend.clone(), model))
-    }
-
-    /// The configured route whose name is a pattern (`claude-*`) that `model` matches: the
-    /// longest such prefix.
-    fn pattern(&self, model: &str) -> Option<(&String, &Route)> {
-        self.named
-            .iter()
-            .filter(|(name, _)| {
-                name.strip_suffix('*')
-                    .is_some_and(|prefix| model.starts_with(prefix))
-            })
-            .max_by_key(|(name, _)| name.len())
+        self.0.default_route.clone()
     }
 
     /// Every name sluice routes by itself, the default first, then sorted (the default
     /// upstream takes any other name).
     pub fn model_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.named.keys().cloned().collect();
+        let mut names: Vec<String> = self.named().keys().cloned().collect();
+        names.extend(self.0.fixed.keys().cloned());
         names.extend(mock::Mode::MODEL_NAMES.iter().map(|s| (*s).to_owned()));
         names.sort();
         names.dedup();
-        names.sort_by_key(|name| **name != *self.default_model);
+        names.sort_by_key(|name| **name != *self.0.default_model);
         names
     }
 
     /// The model of a request that names none: the local model when it is loaded.
     pub fn default_model(&self) -> &str {
-        &self.default_model
+        &self.0.default_model
     }
 
     pub fn has_default_upstream(&self) -> bool {
-        self.default_upstream.is_some()
+        self.0.default_upstream.is_some()
     }
 
     /// The name a model's metrics are labelled with: its own when sluice routes it by
     /// itself, else `other` (the default upstream takes any name; labels must stay few).
     pub fn label(&self, model: &str) -> String {
-        if !self.named.contains_key(model)
-            && let Some((pattern, _)) = self.pattern(model)
-        {
+        let named = self.named();
+        let known_name = named.contains_key(model) || self.0.fixed.contains_key(model);
+        if !known_name && let Some((pattern, _)) = pattern(&named, model) {
             return pattern.clone();
         }
-        let known = self.named.contains_key(model)
+        let known = known_name
             || mock::Mode::from_model(model).is_some()
-            || model == &*self.default_model
+            || model == &*self.0.default_model
             || self.catalogue().contains(model);
         if known { model } else { "other" }.to_owned()
     }
@@ -229,10 +367,26 @@ impl Routes {
     pub fn upstreams(&self) -> Vec<String> {
         let mut urls: Vec<String> = self
             .backends()
+            .iter()
             .filter_map(|b| b.upstream().map(str::to_owned))
             .collect();
         urls.sort();
         urls.dedup();
         urls
     }
+}
+
+/// The configured route whose name is a pattern (`claude-*`) that `model` matches: the
+/// longest such prefix.
+fn pattern<'a>(
+    named: &'a HashMap<String, Arc<Route>>,
+    model: &str,
+) -> Option<(&'a String, &'a Arc<Route>)> {
+    named
+        .iter()
+        .filter(|(name, _)| {
+            name.strip_suffix('*')
+                .is_some_and(|prefix| model.starts_with(prefix))
+        })
+        .max_by_key(|(name, _)| name.len())
 }
