@@ -203,6 +203,66 @@ impl AppState {
     }
 }
 
+/// How often `SLUICE_CONFIG_WATCH` looks at the file.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
+
+impl AppState {
+    /// Reloads the configuration on SIGHUP and, with `SLUICE_CONFIG_WATCH=1`, when the
+    /// TOML file changes (its size or time of change, looked at every second: editors that
+    /// write a new file and rename it are seen too), until `stop`.
+    pub async fn reloads(self, stop: CancellationToken) {
+        #[cfg(unix)]
+        let mut hangup =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let watched = self
+            .config
+            .config_watch
+            .then(|| self.config.file_path())
+            .flatten();
+        let stamp = |path: &Path| {
+            std::fs::metadata(path)
+                .ok()
+                .map(|m| (m.len(), m.modified().ok()))
+        };
+        let mut seen = watched.as_deref().map(stamp);
+        let mut every = tokio::time::interval(WATCH_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            #[cfg(unix)]
+            let signal = async {
+                match hangup.as_mut() {
+                    Some(hangup) => hangup.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            #[cfg(not(unix))]
+            let signal = std::future::pending::<Option<()>>();
+            let why = tokio::select! {
+                () = stop.cancelled() => return,
+                Some(()) = signal => "SIGHUP",
+                _ = every.tick(), if watched.is_some() => {
+                    let now = watched.as_deref().map(stamp);
+                    if now == seen {
+                        continue;
+                    }
+                    seen = now;
+                    "the file changed"
+                }
+            };
+            match self.reload() {
+                Ok(()) => self.metrics.config_reloaded(true),
+                Err(e) => {
+                    self.metrics.config_reloaded(false);
+                    tracing::error!(
+                        why,
+                        "the configuration was not reloaded, the running one is kept: {e:#}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// The configured routes of `file`: each a pool (of one upstream, or of its targets), then
 /// its fallbacks', with the state of every target that was there before kept.
 fn table(

@@ -79,6 +79,8 @@ pub struct TargetState {
     /// `model@url`: its name in `/readyz` and its metric label (from the configuration).
     pub name: Arc<str>,
     open: AtomicU32,
+    /// Streams started on it, ever.
+    started: AtomicU64,
     health: Mutex<Health>,
     /// Recent time to first token in µs (a moving average); 0 before the first.
     ttft_us: AtomicU64,
@@ -115,6 +117,7 @@ impl TargetState {
         Arc::new(TargetState {
             name: name.into(),
             open: AtomicU32::new(0),
+            started: AtomicU64::new(0),
             health: Mutex::default(),
             ttft_us: AtomicU64::new(0),
             room: Notify::new(),
@@ -127,6 +130,11 @@ impl TargetState {
 
     pub fn open(&self) -> u32 {
         self.open.load(Ordering::Acquire)
+    }
+
+    /// Streams started on it, ever.
+    pub fn started(&self) -> u64 {
+        self.started.load(Ordering::Relaxed)
     }
 
     /// Recent time to first token; zero before the first.
@@ -310,6 +318,7 @@ impl Pool {
                 }
             }
             *tried |= 1 << lease.index;
+            lease.target().state.started.fetch_add(1, Ordering::Relaxed);
             return Ok(lease);
         }
     }

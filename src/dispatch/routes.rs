@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use super::pool::{Lease, NoRoom, Pool, Registry, Target, TargetState};
+use super::pool::{self, Lease, NoRoom, Pool, Registry, Target, TargetState};
 use super::shared::SharedPools;
 use crate::backend::mock;
 use crate::backend::{Backend, Probe};
@@ -194,20 +194,76 @@ impl Routes {
             .clone()
     }
 
-    /// Every pool of a configured route, by route name, fallbacks' after the route's own.
-    pub fn pools(&self) -> Vec<(String, Arc<Pool>)> {
+    /// Every pool of a configured route, by route name, with its place in the route (0: the
+    /// route's own, then its fallbacks').
+    pub fn pools(&self) -> Vec<(String, usize, Arc<Pool>)> {
         let named = self.named();
         let mut names: Vec<&String> = named.keys().collect();
         names.sort();
         names
             .into_iter()
             .flat_map(|name| {
-                named[name]
-                    .pools
-                    .iter()
-                    .map(move |p| (name.clone(), p.clone()))
+                let pools = named[name].pools.iter().enumerate();
+                pools.map(move |(i, p)| (name.clone(), i, p.clone()))
             })
             .collect()
+    }
+
+    /// Each pool's state, for `/readyz`, and its series in the metrics.
+    pub fn report(&self, metrics: &crate::telemetry::Metrics) -> serde_json::Value {
+        let now = Instant::now();
+        let pools: Vec<serde_json::Value> = self
+            .pools()
+            .into_iter()
+            .map(|(model, place, pool)| {
+                let targets: Vec<serde_json::Value> = pool
+                    .targets
+                    .iter()
+                    .map(|t| {
+                        let state = &t.state;
+                        let labels = [("model", model.as_str()), ("target", &*state.name)];
+                        let condition = state.condition(now);
+                        let ttft = state.ttft();
+                        metrics
+                            .gauge_with("sluice_pool_target_open_streams", &labels)
+                            .set(f64::from(state.open()));
+                        metrics
+                            .gauge_with("sluice_pool_target_healthy", &labels)
+                            .set(f64::from(u8::from(condition == pool::Condition::Healthy)));
+                        metrics
+                            .gauge_with("sluice_pool_target_ttft_seconds", &labels)
+                            .set(ttft.as_secs_f64());
+                        metrics
+                            .counter("sluice_pool_target_streams_total", &labels)
+                            .absolute(state.started());
+                        serde_json::json!({
+                            "target": &*state.name,
+                            "state": condition,
+                            "open_streams": state.open(),
+                            "max_streams": t.max_streams,
+                            "weight": t.weight,
+                            "streams": state.started(),
+                            "ttft_ms": (!ttft.is_zero()).then_some(ttft.as_millis() as u64),
+                            "back_in_s": state.ejected_for(now).map(|d| d.as_secs_f64().ceil() as u64),
+                        })
+                    })
+                    .collect();
+                if place == 0 {
+                    metrics
+                        .gauge_with("sluice_pool_queue_waiting", &[("model", model.as_str())])
+                        .set(f64::from(pool.waiting()));
+                }
+                serde_json::json!({
+                    "model": model,
+                    "fallback": place,
+                    "balance": pool.balance,
+                    "waiting": pool.waiting(),
+                    "queue": pool.queue_limit(),
+                    "targets": targets,
+                })
+            })
+            .collect();
+        serde_json::Value::Array(pools)
     }
 
     /// The state of every target that health applies to (a pool of several), each once.
@@ -215,8 +271,8 @@ impl Routes {
         let mut seen = HashSet::new();
         self.pools()
             .into_iter()
-            .filter(|(_, pool)| pool.targets.len() > 1)
-            .flat_map(|(_, pool)| {
+            .filter(|(_, _, pool)| pool.targets.len() > 1)
+            .flat_map(|(_, _, pool)| {
                 pool.targets
                     .iter()
                     .map(|t| t.state.clone())

@@ -47,9 +47,9 @@ return {0}
 const EJECT: &str = r"
 local time = redis.call('TIME')
 local now = time[1] * 1000 + math.floor(time[2] / 1000)
-local until = now + tonumber(ARGV[2])
+local back = now + tonumber(ARGV[2])
 local was = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or 0)
-if until > was then redis.call('HSET', KEYS[1], ARGV[1], until) end
+if back > was then redis.call('HSET', KEYS[1], ARGV[1], back) end
 redis.call('PEXPIRE', KEYS[1], 600000)
 return {0}
 ";
@@ -66,8 +66,8 @@ local time = redis.call('TIME')
 local now = time[1] * 1000 + math.floor(time[2] / 1000)
 local out = {}
 for i = 1, #ARGV do
-  local until = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or -1)
-  if until < 0 then out[i] = -1 elseif until > now then out[i] = until - now else out[i] = 0 end
+  local back = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or -1)
+  if back < 0 then out[i] = -1 elseif back > now then out[i] = back - now else out[i] = 0 end
 end
 return out
 ";

@@ -38,6 +38,7 @@ async fn readyz(
         "default_upstream": state.routes.has_default_upstream(),
         "models": state.routes.model_names(),
         "upstreams": *upstreams,
+        "pools": state.routes.report(&state.metrics),
     })))
 }
 
@@ -46,6 +47,8 @@ async fn metrics(
     headers: HeaderMap,
 ) -> Result<impl IntoResponse, ApiError> {
     operator(&state, &headers)?;
+    // The pools' gauges are set from their state as it is now.
+    let _ = state.routes.report(&state.metrics);
     Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),

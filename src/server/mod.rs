@@ -80,11 +80,12 @@ pub async fn serve(
     let admission = state.admission.clone().maintain(upkeep.clone());
     let metrics = state.metrics.clone().maintain(upkeep.clone());
     let catalogue = state.routes.clone().maintain(upkeep.clone());
+    let reloads = state.clone().reloads(upkeep.clone());
     #[expect(
         clippy::disallowed_methods,
-        reason = "the one background task: admission's, metrics' and the model list's upkeep, ends with serve"
+        reason = "the one background task: admission's, metrics', the routes' and the configuration's upkeep, ends with serve"
     )]
-    tokio::spawn(async move { tokio::join!(admission, metrics, catalogue) });
+    tokio::spawn(async move { tokio::join!(admission, metrics, catalogue, reloads) });
     state.streams.spawn_shared(upkeep.clone());
     let _upkeep = upkeep.drop_guard();
 

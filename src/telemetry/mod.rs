@@ -168,6 +168,14 @@ impl Metrics {
             "Times a route moved on to its next upstream before the first byte, by model and reason.",
         );
         describe(
+            "sluice_config_reloads_total",
+            "Reloads of the TOML config (SIGHUP, SLUICE_CONFIG_WATCH): `ok`, or `refused` (invalid: the running one kept).",
+        );
+        describe(
+            "sluice_pool_target_streams_total",
+            "Streams started on each target of a pool, by route and target.",
+        );
+        describe(
             "sluice_slow_clients_dropped_total",
             "Connections dropped because the client took nothing for SLUICE_SLOW_CLIENT_TIMEOUT_MS.",
         );
@@ -328,6 +336,20 @@ impl Metrics {
             duration: self.model(model).upstream_duration.clone(),
             started: Instant::now(),
         }
+    }
+
+    /// A reload of the configuration: taken, or refused (the running one kept).
+    pub fn config_reloaded(&self, taken: bool) {
+        let outcome = if taken { "ok" } else { "refused" };
+        self.counter("sluice_config_reloads_total", &[("outcome", outcome)])
+            .increment(1);
+    }
+
+    /// A gauge with labels.
+    pub fn gauge_with(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Gauge {
+        self.0
+            .recorder
+            .register_gauge(&Self::key(name, labels), &META)
     }
 
     pub fn fallback(&self, model: &str, reason: &str) {

@@ -20,6 +20,7 @@ mod js;
 mod local;
 mod openai;
 mod page;
+mod pools;
 mod reconnect;
 mod responses;
 mod resume;

@@ -47,6 +47,8 @@ pub struct FakeUpstream {
     changed: Arc<Notify>,
     /// Bytes of response bodies that went out (handed to the connection), all requests.
     sent: Arc<std::sync::atomic::AtomicUsize>,
+    /// While set, every chat request is answered 500.
+    failing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 type Body = UnsyncBoxBody<Bytes, std::io::Error>;
@@ -61,6 +63,7 @@ impl FakeUpstream {
             record: Arc::default(),
             changed: Arc::default(),
             sent: Arc::default(),
+            failing: Arc::default(),
         };
         let server = upstream.clone();
         tokio::spawn(async move {
@@ -84,6 +87,17 @@ impl FakeUpstream {
             }
         });
         upstream
+    }
+
+    /// From now on, every chat request is answered 500 (`true`), or as its model says.
+    pub fn set_failing(&self, failing: bool) {
+        self.failing
+            .store(failing, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Chat requests seen so far.
+    pub fn count(&self) -> usize {
+        self.lock().requests.len()
     }
 
     pub fn base_url(&self) -> String {
@@ -178,6 +192,9 @@ impl FakeUpstream {
             headers,
         });
         self.changed.notify_waiters();
+        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+            return error(500, None, "The replica is down");
+        }
         if let Some(name) = body["model"]
             .as_str()
             .and_then(|m| m.strip_prefix("fixture:"))
@@ -439,6 +456,12 @@ async fn behave(body: &Value, sent: Arc<std::sync::atomic::AtomicUsize>) -> Resp
             futures::future::pending::<()>().await;
         }
         "hang-body" => steps.push(Step::Hang),
+        // A replica whose first token comes late, then as fast as another's.
+        "slow-first" => {
+            steps.insert(0, Step::Wait(Duration::from_millis(250)));
+            steps.extend(tokens.iter().map(|t| Step::Send(text(t))));
+            steps.extend([Step::Send(finish), Step::Send(done)]);
+        }
         "stall" => steps.extend([Step::Send(text("Hello")), Step::Hang]),
         // A whole reply at a steady pace: 30 tokens, 30 ms apart.
         "paced" => {

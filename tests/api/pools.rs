@@ -1,0 +1,422 @@
+//! Upstream pools, against three fake replicas (fast, slow to its first token, answering
+//! 500): no client error while one fails, its ejection and return, what each balance sends
+//! to the slow one, the queue and its 429 at `max_streams`, a reload under 100 open streams,
+//! and two instances sharing ejections and caps through Redis.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+use crate::shared::Redis;
+use crate::support::{
+    DEADLINE, FakeUpstream, REPLY_DEADLINE, TestApp, all_events, content, events, paced_reply,
+    payloads,
+};
+
+/// A TOML config in a file of its own; a fresh path each call.
+fn config_file(text: &str) -> std::path::PathBuf {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("sluice-pools-{}-{n}.toml", std::process::id()));
+    std::fs::write(&path, text).expect("write the config");
+    path
+}
+
+/// `[[models.<route>.targets]]` for each `(upstream, model, extra lines)`.
+fn targets(route: &str, targets: &[(&FakeUpstream, &str, &str)]) -> String {
+    targets
+        .iter()
+        .map(|(upstream, model, extra)| {
+            format!(
+                "[[models.{route}.targets]]\nbase_url = \"{}\"\nmodel = \"{model}\"\n{extra}\n",
+                upstream.base_url()
+            )
+        })
+        .collect()
+}
+
+async fn app_with(config: &std::path::Path, adjust: impl FnOnce(&mut sluice::Config)) -> TestApp {
+    let path = config.to_owned();
+    TestApp::spawn_with(|c| {
+        c.config = Some(path);
+        c.openai_api_key = Some("sk-test".into());
+        c.max_streams = 1_000;
+        adjust(c);
+    })
+    .await
+}
+
+fn chat(model: &str) -> Value {
+    json!({"model": model, "stream": true, "messages": [{"role": "user", "content": "Hi"}]})
+}
+
+/// A streamed reply read whole: its status and text.
+async fn ask(app: &TestApp, model: &str) -> (u16, String) {
+    let response = app.post("/v1/chat/completions", &chat(model)).await;
+    let status = response.status().as_u16();
+    if status != 200 {
+        return (status, response.text().await.unwrap_or_default());
+    }
+    let payloads = payloads(&all_events(response).await);
+    assert_eq!(
+        payloads.last(),
+        Some(&json!("[DONE]")),
+        "the stream finished"
+    );
+    (status, content(&payloads))
+}
+
+/// The state `/readyz` gives the target at `base_url` of route `model`'s own pool.
+async fn target_state(app: &TestApp, model: &str, base_url: &str) -> Value {
+    let ready = app.get_json("/readyz").await;
+    let pool = ready["pools"]
+        .as_array()
+        .expect("pools")
+        .iter()
+        .find(|p| p["model"] == model && p["fallback"] == 0)
+        .cloned()
+        .expect("the route's pool");
+    let url = base_url.trim_end_matches('/');
+    pool["targets"]
+        .as_array()
+        .expect("targets")
+        .iter()
+        .find(|t| t["target"].as_str().is_some_and(|n| n.ends_with(url)))
+        .cloned()
+        .expect("the target")
+}
+
+/// Waits, up to `limit`, until the target's state is `want`.
+async fn wait_state(app: &TestApp, model: &str, base_url: &str, want: &str, limit: Duration) {
+    let started = Instant::now();
+    loop {
+        let state = target_state(app, model, base_url).await;
+        if state["state"] == want {
+            return;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "the target is {state}, expected {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_failing_target_costs_no_client_an_error_is_ejected_and_comes_back() {
+    let (fast, other, failing) = (
+        FakeUpstream::spawn().await,
+        FakeUpstream::spawn().await,
+        FakeUpstream::spawn().await,
+    );
+    failing.set_failing(true);
+    let file = config_file(&targets(
+        "llama",
+        &[
+            (&fast, "gpt-test", ""),
+            (&other, "gpt-test", ""),
+            (&failing, "gpt-test", ""),
+        ],
+    ));
+    let app = app_with(&file, |_| {}).await;
+    for _ in 0..30 {
+        let (status, text) = ask(&app, "llama").await;
+        assert_eq!(
+            (status, text.as_str()),
+            (200, "Hello from the fake upstream")
+        );
+    }
+    // Three failures in a row took it out; the rest went to the others.
+    assert_eq!(failing.count(), 3);
+    assert_eq!(fast.count() + other.count(), 30);
+    let out = target_state(&app, "llama", &failing.base_url()).await;
+    assert_eq!(out["state"], "ejected", "{out}");
+    assert!(out["back_in_s"].as_u64().is_some_and(|s| s <= 10), "{out}");
+
+    // Recovered: once its back-off is over, the next request probes it and brings it back.
+    failing.set_failing(false);
+    wait_state(
+        &app,
+        "llama",
+        &failing.base_url(),
+        "probing",
+        Duration::from_secs(15),
+    )
+    .await;
+    assert_eq!(ask(&app, "llama").await.0, 200);
+    assert_eq!(failing.count(), 4, "the probe went to the recovered target");
+    wait_state(&app, "llama", &failing.base_url(), "healthy", DEADLINE).await;
+}
+
+#[tokio::test]
+async fn an_upstream_429_takes_its_target_out_for_its_retry_after() {
+    let (limited, fast) = (FakeUpstream::spawn().await, FakeUpstream::spawn().await);
+    let file = config_file(&targets(
+        "llama",
+        &[
+            (&limited, "status-429", "weight = 100"),
+            (&fast, "gpt-test", ""),
+        ],
+    ));
+    let app = app_with(&file, |_| {}).await;
+    for _ in 0..5 {
+        assert_eq!(ask(&app, "llama").await.0, 200);
+    }
+    assert_eq!(limited.count(), 1, "out after its 429, whatever its weight");
+    let out = target_state(&app, "llama", &limited.base_url()).await;
+    assert_eq!(out["state"], "ejected");
+    // The fake upstream says Retry-After: 7.
+    assert!(
+        out["back_in_s"]
+            .as_u64()
+            .is_some_and(|s| (6..=7).contains(&s)),
+        "{out}"
+    );
+}
+
+/// Streams each target got of `n` requests, `parallel` at a time, under `balance`.
+async fn distribution(balance: &str, n: usize, parallel: usize) -> [usize; 3] {
+    let (fast, slow, failing) = (
+        FakeUpstream::spawn().await,
+        FakeUpstream::spawn().await,
+        FakeUpstream::spawn().await,
+    );
+    let mut text = format!("[models.llama]\nbalance = \"{balance}\"\n");
+    text += &targets(
+        "llama",
+        &[
+            (&fast, "gpt-test", ""),
+            (&slow, "slow-first", ""),
+            (&failing, "status-500", ""),
+        ],
+    );
+    let app = app_with(&config_file(&text), |_| {}).await;
+    let answers: Vec<u16> = futures::stream::iter(0..n)
+        .map(|_| async { ask(&app, "llama").await.0 })
+        .buffer_unordered(parallel)
+        .collect()
+        .await;
+    assert!(answers.iter().all(|s| *s == 200), "{balance}: {answers:?}");
+    let seen = [fast.count(), slow.count(), failing.count()];
+    println!(
+        "{balance}: fast {} slow {} failing {}",
+        seen[0], seen[1], seen[2]
+    );
+    seen
+}
+
+#[tokio::test]
+async fn least_busy_and_latency_send_fewer_streams_to_the_slow_target_than_weighted() {
+    let weighted = distribution("weighted", 60, 6).await;
+    let least_busy = distribution("least-busy", 60, 6).await;
+    let latency = distribution("latency", 60, 6).await;
+    // Weighted splits evenly what the failing one does not get.
+    assert!(weighted[1] >= 20, "weighted {weighted:?}");
+    assert!(
+        least_busy[1] * 2 <= weighted[1],
+        "least-busy {least_busy:?}, weighted {weighted:?}"
+    );
+    assert!(
+        latency[1] * 2 <= weighted[1],
+        "latency {latency:?}, weighted {weighted:?}"
+    );
+    // Ejected after three failures in a row; more may have been on their way by then.
+    for seen in [weighted, least_busy, latency] {
+        assert!(seen[2] <= 6, "the failing target was ejected: {seen:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_full_pool_queues_then_answers_429_with_retry_after() {
+    let upstream = FakeUpstream::spawn().await;
+    let mut text = "[models.capped]\nqueue = 1\nqueue_timeout_ms = 10000\n".to_owned();
+    text += &targets("capped", &[(&upstream, "paced", "max_streams = 2")]);
+    text += "[models.brief]\nqueue = 5\nqueue_timeout_ms = 200\n";
+    text += &targets("brief", &[(&upstream, "slow", "max_streams = 1")]);
+    let app = app_with(&config_file(&text), |_| {}).await;
+
+    // Two streams fill the target; a third waits; a fourth finds the queue full.
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let response = app.post("/v1/chat/completions", &chat("capped")).await;
+        assert_eq!(response.status(), 200);
+        open.push(events(response));
+    }
+    let body = chat("capped");
+    let waiting = app.post("/v1/chat/completions", &body);
+    let refused = async {
+        let started = Instant::now();
+        while app
+            .metric("sluice_pool_queue_waiting{model=\"capped\"}")
+            .await
+            < 1.0
+        {
+            assert!(
+                started.elapsed() < DEADLINE,
+                "the third request never queued"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let refused = app.post("/v1/chat/completions", &chat("capped")).await;
+        assert_eq!(refused.status(), 429);
+        let retry_after: u64 = refused.headers()["retry-after"]
+            .to_str()
+            .expect("text")
+            .parse()
+            .expect("seconds");
+        assert!((1..=300).contains(&retry_after));
+        let body: Value = refused.json().await.expect("JSON");
+        assert_eq!(body["error"]["code"], "model_at_capacity");
+        // The streams end; the waiting request gets its turn.
+        for stream in open.drain(..) {
+            let events: Vec<_> = stream.collect().await;
+            assert_eq!(content(&payloads(&events)), paced_reply());
+        }
+    };
+    let (waited, ()) = tokio::join!(waiting, refused);
+    assert_eq!(waited.status(), 200);
+    assert_eq!(content(&payloads(&all_events(waited).await)), paced_reply());
+
+    // A wait that runs out is a 429 too, as soon as it does.
+    let held = events(app.post("/v1/chat/completions", &chat("brief")).await);
+    let started = Instant::now();
+    let timed_out = app.post("/v1/chat/completions", &chat("brief")).await;
+    assert_eq!(timed_out.status(), 429);
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    assert!(started.elapsed() < Duration::from_secs(3));
+    drop(held);
+}
+
+#[tokio::test]
+async fn a_waiting_client_that_leaves_is_out_of_the_queue_at_once() {
+    let upstream = FakeUpstream::spawn().await;
+    let mut text = "[models.capped]\nqueue = 4\nqueue_timeout_ms = 30000\n".to_owned();
+    text += &targets("capped", &[(&upstream, "slow", "max_streams = 1")]);
+    let app = app_with(&config_file(&text), |_| {}).await;
+    let _held = events(app.post("/v1/chat/completions", &chat("capped")).await);
+    let series = "sluice_pool_queue_waiting{model=\"capped\"}";
+    {
+        let body = chat("capped");
+        let waiting = app.post("/v1/chat/completions", &body);
+        tokio::pin!(waiting);
+        let started = Instant::now();
+        loop {
+            tokio::select! {
+                _ = &mut waiting => panic!("answered while the target is full"),
+                () = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+            if app.metric(series).await == 1.0 {
+                break;
+            }
+            assert!(started.elapsed() < DEADLINE, "the request never queued");
+        }
+        // The client gives up: its request is dropped with its connection.
+    }
+    app.wait_metric(series, 0.0).await;
+}
+
+#[tokio::test]
+async fn a_reload_during_100_open_streams_loses_none_and_an_invalid_file_changes_nothing() {
+    let (before, after) = (FakeUpstream::spawn().await, FakeUpstream::spawn().await);
+    let path = config_file(&targets("pooled", &[(&before, "paced", "")]));
+    let app = app_with(&path, |c| c.config_watch = true).await;
+    let mut open = Vec::new();
+    for _ in 0..100 {
+        let response = app.post("/v1/chat/completions", &chat("pooled")).await;
+        assert_eq!(response.status(), 200);
+        open.push(events(response));
+    }
+    assert_eq!(before.count(), 100);
+
+    let mut text = targets("pooled", &[(&after, "gpt-test", "")]);
+    text += "[models.added]\nbackend = \"mock\"\nmodel = \"mock\"\n";
+    std::fs::write(&path, text).expect("rewrite the config");
+    app.wait_metric_at_least("sluice_config_reloads_total{outcome=\"ok\"}", 1.0)
+        .await;
+    // New requests use the new table at once.
+    assert_eq!(
+        ask(&app, "pooled").await,
+        (200, "Hello from the fake upstream".into())
+    );
+    assert_eq!(after.count(), 1);
+    assert_eq!(ask(&app, "added").await.0, 200);
+    // The streams that started before it finish where they started, whole.
+    let replies = futures::future::join_all(open.into_iter().map(|s| s.collect::<Vec<_>>()));
+    let replies = tokio::time::timeout(REPLY_DEADLINE, replies)
+        .await
+        .expect("they end");
+    for events in replies {
+        let payloads = payloads(&events);
+        assert_eq!(content(&payloads), paced_reply());
+        assert_eq!(payloads.last(), Some(&json!("[DONE]")));
+    }
+    assert_eq!(before.count(), 100);
+
+    // A file that is not valid is refused; the running table stays.
+    std::fs::write(&path, "[models.pooled]\nbalance = \"fastest\"\n").expect("rewrite");
+    app.wait_metric_at_least("sluice_config_reloads_total{outcome=\"refused\"}", 1.0)
+        .await;
+    assert_eq!(ask(&app, "pooled").await.0, 200);
+    assert_eq!(after.count(), 2);
+    assert_eq!(ask(&app, "added").await.0, 200);
+}
+
+#[tokio::test]
+async fn two_instances_share_ejections_and_caps_through_redis() {
+    let Some(redis) = Redis::start() else { return };
+    let (fast, failing, capped) = (
+        FakeUpstream::spawn().await,
+        FakeUpstream::spawn().await,
+        FakeUpstream::spawn().await,
+    );
+    failing.set_failing(true);
+    let mut text = targets(
+        "llama",
+        &[(&fast, "gpt-test", ""), (&failing, "gpt-test", "")],
+    );
+    text += "[models.capped]\nqueue = 0\n";
+    text += &targets("capped", &[(&capped, "slow", "max_streams = 1")]);
+    let file = config_file(&text);
+    let url = redis.url.clone();
+    let a = app_with(&file, |c| c.redis_url = Some(url.clone())).await;
+    let b = app_with(&file, |c| c.redis_url = Some(url)).await;
+
+    // Instance a finds the failing target out; b sees it within a second, having sent it
+    // nothing.
+    for _ in 0..6 {
+        assert_eq!(ask(&a, "llama").await.0, 200);
+    }
+    assert_eq!(failing.count(), 3);
+    wait_state(
+        &b,
+        "llama",
+        &failing.base_url(),
+        "ejected",
+        Duration::from_secs(2),
+    )
+    .await;
+    for _ in 0..6 {
+        assert_eq!(ask(&b, "llama").await.0, 200);
+    }
+    assert_eq!(
+        failing.count(),
+        3,
+        "instance b sent the ejected target nothing"
+    );
+
+    // One stream on a fills the target's cap of 1 for b too; b has room once it ends.
+    let held = events(a.post("/v1/chat/completions", &chat("capped")).await);
+    let refused = b.post("/v1/chat/completions", &chat("capped")).await;
+    assert_eq!(refused.status(), 429);
+    drop(held);
+    let started = Instant::now();
+    loop {
+        let response = b.post("/v1/chat/completions", &chat("capped")).await;
+        if response.status() == 200 {
+            break;
+        }
+        assert!(started.elapsed() < DEADLINE, "b never got the slot back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
