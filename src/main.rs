@@ -76,6 +76,10 @@ async fn run() -> ExitCode {
     } else {
         tracing::info!(model = %default_model, "the chat page and requests without a model use {default_model}");
     }
+    // SIGHUP reloads the TOML config (`serve` listens for it); taken from here on, so one
+    // sent as soon as sluice says it listens does not end the process.
+    #[cfg(unix)]
+    let _hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     let bound = listener.local_addr().unwrap_or(config.addr);
     let scheme = if config.tls_cert.is_some() {
         "https"

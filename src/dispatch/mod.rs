@@ -6,7 +6,9 @@ mod failover;
 pub mod pool;
 mod routes;
 pub mod shared;
+pub mod target;
 
 pub use failover::{Dispatcher, Timeouts, upstream};
-pub use pool::{Balance, Pool, PoolSettings, Target, TargetState};
+pub use pool::{Balance, Pool, PoolSettings, Target};
 pub use routes::{Plan, Route, Routes, Unavailable};
+pub use target::TargetState;

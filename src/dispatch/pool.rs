@@ -8,28 +8,20 @@
 //! kept by its identity across reloads of the configuration, so a stream that started
 //! before a reload still counts against its target's cap, and an ejected target stays out.
 
-use std::collections::HashMap;
 use std::hash::{BuildHasher as _, Hasher as _};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tokio::sync::Notify;
 
 use super::shared::SharedPools;
+use super::target::{Availability, TargetState, ewma};
 use crate::backend::{Backend, BackendError};
 
-/// Failures in a row that take a target out of its pool.
-pub const EJECT_AFTER: u32 = 3;
-/// The first ejection's length; each one in a row doubles it, up to [`MAX_BACKOFF`].
-pub const FIRST_BACKOFF: Duration = Duration::from_secs(10);
-pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// Under `latency`, one request in this many goes to another target, so that a target
 /// that got faster is seen to.
 const EXPLORE_ONE_IN: u64 = 20;
-/// Weight of the newest sample in the moving averages (time to first token, stream length).
-const EWMA_NEW: f64 = 0.3;
 
 /// How a pool picks a target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -71,147 +63,6 @@ impl Target {
             max_streams: None,
             state,
         }
-    }
-}
-
-/// What a target is doing now: the part of it that outlives a reload.
-pub struct TargetState {
-    /// `model@url`: its name in `/readyz` and its metric label (from the configuration).
-    pub name: Arc<str>,
-    open: AtomicU32,
-    /// Streams started on it, ever.
-    started: AtomicU64,
-    health: Mutex<Health>,
-    /// Recent time to first token in µs (a moving average); 0 before the first.
-    ttft_us: AtomicU64,
-    /// Told when a stream of this target ends or it comes back: queued requests look again.
-    room: Notify,
-}
-
-#[derive(Default)]
-struct Health {
-    /// Failures in a row.
-    failures: u32,
-    /// Ejections in a row: the next back-off is `FIRST_BACKOFF << level`.
-    level: u32,
-    /// Out until then; once past, the next request is its probe.
-    ejected_until: Option<Instant>,
-    /// Its probe is in flight.
-    probing: bool,
-    /// The ejection came from another instance, through Redis.
-    remote: bool,
-}
-
-/// A target's health as `/readyz` shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Condition {
-    Healthy,
-    Ejected,
-    /// Its back-off is over: the next request to it is its probe.
-    Probing,
-}
-
-impl TargetState {
-    pub fn new(name: &str) -> Arc<Self> {
-        Arc::new(TargetState {
-            name: name.into(),
-            open: AtomicU32::new(0),
-            started: AtomicU64::new(0),
-            health: Mutex::default(),
-            ttft_us: AtomicU64::new(0),
-            room: Notify::new(),
-        })
-    }
-
-    fn health(&self) -> std::sync::MutexGuard<'_, Health> {
-        self.health.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub fn open(&self) -> u32 {
-        self.open.load(Ordering::Acquire)
-    }
-
-    /// Streams started on it, ever.
-    pub fn started(&self) -> u64 {
-        self.started.load(Ordering::Relaxed)
-    }
-
-    /// Recent time to first token; zero before the first.
-    pub fn ttft(&self) -> Duration {
-        Duration::from_micros(self.ttft_us.load(Ordering::Relaxed))
-    }
-
-    pub fn condition(&self, now: Instant) -> Condition {
-        match self.health().ejected_until {
-            None => Condition::Healthy,
-            Some(until) if until > now => Condition::Ejected,
-            Some(_) => Condition::Probing,
-        }
-    }
-
-    /// How long it stays out, when it is out.
-    pub fn ejected_for(&self, now: Instant) -> Option<Duration> {
-        self.health()
-            .ejected_until
-            .map(|until| until.saturating_duration_since(now))
-    }
-
-    /// Ejected (by this instance or another) for `wait` from now: the longer of that and
-    /// what it is already out for.
-    pub fn eject(&self, wait: Duration, remote: bool) {
-        let until = Instant::now() + wait;
-        let mut health = self.health();
-        if health.ejected_until.is_none_or(|now| now < until) {
-            health.ejected_until = Some(until);
-            health.remote = remote;
-        }
-    }
-
-    /// Back, as another instance found it (its ejection is gone from Redis).
-    pub fn restore_remote(&self) {
-        let mut health = self.health();
-        if health.remote && !health.probing {
-            *health = Health::default();
-            drop(health);
-            self.room.notify_waiters();
-        }
-    }
-
-    fn record_ttft(&self, ttft: Duration) {
-        let sample = ttft.as_micros().min(u128::from(u32::MAX)) as f64;
-        let old = self.ttft_us.load(Ordering::Relaxed);
-        let new = if old == 0 {
-            sample
-        } else {
-            old as f64 * (1.0 - EWMA_NEW) + sample * EWMA_NEW
-        };
-        self.ttft_us.store(new.max(1.0) as u64, Ordering::Relaxed);
-    }
-}
-
-/// A target's back-off after `level` ejections in a row.
-pub fn backoff(level: u32) -> Duration {
-    FIRST_BACKOFF
-        .saturating_mul(1 << level.min(16))
-        .min(MAX_BACKOFF)
-}
-
-/// Target states by identity, for as long as something (a pool, a stream) holds them.
-#[derive(Default)]
-pub struct Registry(Mutex<HashMap<String, Weak<TargetState>>>);
-
-impl Registry {
-    /// The state of the target `identity` names: the one it had, or a new one named `name`.
-    pub fn state(&self, identity: &str, name: &str) -> Arc<TargetState> {
-        let mut known = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        known.retain(|_, state| state.strong_count() > 0);
-        if let Some(state) = known.get(identity).and_then(Weak::upgrade) {
-            return state;
-        }
-        let state = TargetState::new(name);
-        known.insert(identity.to_owned(), Arc::downgrade(&state));
-        state
     }
 }
 
@@ -404,16 +255,7 @@ impl Pool {
                 excluded |= 1 << index;
                 continue;
             }
-            let probe = self.guarded && {
-                let mut health = target.state.health();
-                match health.ejected_until {
-                    Some(until) if until <= now && !health.probing => {
-                        health.probing = true;
-                        true
-                    }
-                    _ => false,
-                }
-            };
+            let probe = self.guarded && target.state.take_probe(now);
             return Ok(Lease {
                 pool: self.clone(),
                 index,
@@ -436,23 +278,17 @@ impl Pool {
                 continue;
             }
             if self.guarded {
-                let health = target.state.health();
-                match health.ejected_until {
-                    Some(until) if until > now => {
-                        let wait = until - now;
+                match target.state.availability(now) {
+                    Availability::Out(wait) => {
                         back = Some(back.map_or(wait, |b| b.min(wait)));
                         continue;
                     }
-                    Some(_) if health.probing => {
-                        back = Some(Duration::from_secs(1));
-                        continue;
-                    }
-                    Some(_)
+                    // Due a probe: it goes first, so that a recovered target is seen.
+                    Availability::ProbeDue
                         if target
                             .max_streams
                             .is_none_or(|max| target.state.open() < max) =>
                     {
-                        // Due a probe: it goes first, so that a recovered target is seen.
                         return Ok(i);
                     }
                     _ => {}
@@ -520,11 +356,11 @@ impl Pool {
                     all[((roll / EXPLORE_ONE_IN) % all.len() as u64) as usize]
                 } else {
                     let fastest = candidates()
-                        .map(|(_, t)| t.state.ttft_us.load(Ordering::Relaxed))
+                        .map(|(_, t)| t.state.ttft())
                         .min()
-                        .unwrap_or(0);
+                        .unwrap_or_default();
                     let tied: Vec<usize> = candidates()
-                        .filter(|(_, t)| t.state.ttft_us.load(Ordering::Relaxed) == fastest)
+                        .filter(|(_, t)| t.state.ttft() == fastest)
                         .map(|(i, _)| i)
                         .collect();
                     tied[((roll / EXPLORE_ONE_IN) % tied.len().max(1) as u64) as usize]
@@ -583,17 +419,8 @@ impl Lease {
     pub fn succeeded(&mut self, ttft: Duration) {
         self.settled = true;
         let state = &self.target().state;
-        state.record_ttft(ttft);
-        if !self.pool.guarded {
-            return;
-        }
-        let mut health = state.health();
-        let was_out = health.ejected_until.is_some();
-        *health = Health::default();
-        drop(health);
-        if was_out {
+        if state.succeeded(ttft, self.pool.guarded) {
             tracing::info!(target = %state.name, "the upstream answered its probe: back in its pool");
-            state.room.notify_waiters();
             if let Some(shared) = &self.pool.shared {
                 shared.restored(&state.name);
             }
@@ -607,33 +434,7 @@ impl Lease {
             return;
         }
         let state = &self.target().state;
-        let mut health = state.health();
-        health.failures += 1;
-        let told = match error {
-            BackendError::RateLimited {
-                retry_after: Some(wait),
-                ..
-            }
-            | BackendError::Overloaded {
-                retry_after: wait, ..
-            } if !wait.is_zero() => Some((*wait).min(MAX_BACKOFF)),
-            _ => None,
-        };
-        let wait = if let Some(wait) = told {
-            Some(wait)
-        } else if self.probe || health.failures >= EJECT_AFTER {
-            let wait = backoff(health.level);
-            health.level += 1;
-            Some(wait)
-        } else {
-            None
-        };
-        health.probing = false;
-        if let Some(wait) = wait {
-            health.failures = 0;
-            health.ejected_until = Some(Instant::now() + wait);
-            health.remote = false;
-            drop(health);
+        if let Some(wait) = state.failed(error, self.probe) {
             tracing::warn!(target = %state.name, error = %error, seconds = wait.as_secs(), "upstream ejected from its pool");
             if let Some(shared) = &self.pool.shared {
                 shared.ejected(&state.name, wait);
@@ -645,7 +446,7 @@ impl Lease {
     fn abandon(mut self) {
         self.settled = true;
         if self.probe {
-            self.target().state.health().probing = false;
+            self.target().state.probe_dropped();
             self.probe = false;
         }
     }
@@ -657,18 +458,13 @@ impl Drop for Lease {
         state.open.fetch_sub(1, Ordering::AcqRel);
         if self.probe && !self.settled {
             // Cancelled before it told anything: another request may probe.
-            state.health().probing = false;
+            state.probe_dropped();
         }
         if self.settled {
             let held = self.since.elapsed().as_micros().min(u128::from(u32::MAX)) as f64;
             let queue = &self.pool.queue;
-            let old = queue.held_us.load(Ordering::Relaxed) as f64;
-            let new = if old == 0.0 {
-                held
-            } else {
-                old * (1.0 - EWMA_NEW) + held * EWMA_NEW
-            };
-            queue.held_us.store(new as u64, Ordering::Relaxed);
+            let old = queue.held_us.load(Ordering::Relaxed);
+            queue.held_us.store(ewma(old, held), Ordering::Relaxed);
         }
         if let (Some(shared), Some(id)) = (&self.pool.shared, self.held.take()) {
             shared.release(&state.name, id);
@@ -681,6 +477,7 @@ impl Drop for Lease {
 mod tests {
     use super::*;
     use crate::backend::mock::MockBackend;
+    use crate::dispatch::target::{Condition, EJECT_AFTER, FIRST_BACKOFF};
 
     fn pool(balance: Balance, weights: &[u32], max: Option<u32>) -> Arc<Pool> {
         let backend: Arc<dyn Backend> =

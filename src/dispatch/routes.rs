@@ -6,8 +6,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use super::pool::{self, Lease, NoRoom, Pool, Registry, Target, TargetState};
+use super::pool::{Lease, NoRoom, Pool, Target};
 use super::shared::SharedPools;
+use super::target::{self, Registry, TargetState};
 use crate::backend::mock;
 use crate::backend::{Backend, Probe};
 
@@ -229,7 +230,7 @@ impl Routes {
                             .set(f64::from(state.open()));
                         metrics
                             .gauge_with("sluice_pool_target_healthy", &labels)
-                            .set(f64::from(u8::from(condition == pool::Condition::Healthy)));
+                            .set(f64::from(u8::from(condition == target::Condition::Healthy)));
                         metrics
                             .gauge_with("sluice_pool_target_ttft_seconds", &labels)
                             .set(ttft.as_secs_f64());

@@ -10,7 +10,7 @@ use std::time::Duration;
 use redis::Script;
 use tokio::sync::mpsc;
 
-use super::pool::TargetState;
+use super::target::TargetState;
 use crate::admission::shared::{PERMIT_TTL, REFRESH_EVERY, Shared};
 
 /// How often an instance reads the ejections the others made.

@@ -420,3 +420,59 @@ async fn two_instances_share_ejections_and_caps_through_redis() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn sighup_reloads_the_routes_and_an_invalid_file_is_refused_naming_the_problem() {
+    use crate::startup::Running;
+    let path = config_file("[models.first]\nbackend = \"mock\"\n");
+    let sluice = Running::start(&[("SLUICE_CONFIG", path.to_str().expect("a path"))]);
+    let http = reqwest::Client::new();
+    let models = || async {
+        let models: Value = http
+            .get(sluice.url("/v1/models"))
+            .send()
+            .await
+            .expect("/v1/models answers")
+            .json()
+            .await
+            .expect("JSON");
+        models["data"]
+            .as_array()
+            .expect("a list")
+            .iter()
+            .filter_map(|m| m["id"].as_str().map(str::to_owned))
+            .collect::<Vec<_>>()
+    };
+    let hangup = || {
+        let sent = std::process::Command::new("kill")
+            .args(["-HUP", &sluice.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success());
+    };
+    assert!(models().await.contains(&"first".to_owned()));
+
+    std::fs::write(&path, "[models.second]\nbackend = \"mock\"\n").expect("rewrite");
+    hangup();
+    assert!(
+        sluice
+            .line(|l| l.contains("configuration reloaded"))
+            .is_some()
+    );
+    let now = models().await;
+    assert!(
+        now.contains(&"second".to_owned()) && !now.contains(&"first".to_owned()),
+        "{now:?}"
+    );
+
+    std::fs::write(&path, "[models.third]\nbackend = \"mock\"\nweight = 0\n").expect("rewrite");
+    hangup();
+    let refused = sluice
+        .line(|l| l.contains("not reloaded"))
+        .expect("a line saying why");
+    assert!(refused.contains("weight"), "{refused}");
+    assert!(
+        models().await.contains(&"second".to_owned()),
+        "the running table is kept"
+    );
+}

@@ -1,0 +1,253 @@
+//! A target's state, the part of it that outlives a reload of the configuration: its open
+//! streams, its recent time to first token, and its health — failures in a row, ejection
+//! with a back-off that doubles (10 s to 5 min), the one probe that brings it back, an
+//! upstream's `Retry-After`. Kept by the target's identity ([`Registry`]), so a stream that
+//! started before a reload still counts against its target, and an ejected one stays out.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::Notify;
+
+use crate::backend::BackendError;
+
+/// Failures in a row that take a target out of its pool.
+pub const EJECT_AFTER: u32 = 3;
+/// The first ejection's length; each one in a row doubles it, up to [`MAX_BACKOFF`].
+pub const FIRST_BACKOFF: Duration = Duration::from_secs(10);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// Weight of the newest sample in a moving average.
+pub const EWMA_NEW: f64 = 0.3;
+
+/// `old` moved towards `sample` by [`EWMA_NEW`]; the sample itself when there was none.
+pub fn ewma(old: u64, sample: f64) -> u64 {
+    if old == 0 {
+        sample as u64
+    } else {
+        (old as f64 * (1.0 - EWMA_NEW) + sample * EWMA_NEW) as u64
+    }
+}
+
+/// What a target is doing now: the part of it that outlives a reload.
+pub struct TargetState {
+    /// `model@url`: its name in `/readyz` and its metric label (from the configuration).
+    pub name: Arc<str>,
+    pub(super) open: AtomicU32,
+    /// Streams started on it, ever.
+    pub(super) started: AtomicU64,
+    health: Mutex<Health>,
+    /// Recent time to first token in µs (a moving average); 0 before the first.
+    ttft_us: AtomicU64,
+    /// Told when a stream of this target ends or it comes back: queued requests look again.
+    pub(super) room: Notify,
+}
+
+#[derive(Default)]
+struct Health {
+    /// Failures in a row.
+    failures: u32,
+    /// Ejections in a row: the next back-off is `FIRST_BACKOFF << level`.
+    level: u32,
+    /// Out until then; once past, the next request is its probe.
+    ejected_until: Option<Instant>,
+    /// Its probe is in flight.
+    probing: bool,
+    /// The ejection came from another instance, through Redis.
+    remote: bool,
+}
+
+/// Whether a new stream may go to a target, as its health has it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Availability {
+    In,
+    /// Out for this long yet.
+    Out(Duration),
+    /// Its back-off is over and no probe is in flight: the next stream is its probe.
+    ProbeDue,
+}
+
+/// A target's health as `/readyz` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Condition {
+    Healthy,
+    Ejected,
+    /// Its back-off is over: the next request to it is its probe.
+    Probing,
+}
+
+impl TargetState {
+    pub fn new(name: &str) -> Arc<Self> {
+        Arc::new(TargetState {
+            name: name.into(),
+            open: AtomicU32::new(0),
+            started: AtomicU64::new(0),
+            health: Mutex::default(),
+            ttft_us: AtomicU64::new(0),
+            room: Notify::new(),
+        })
+    }
+
+    fn health(&self) -> std::sync::MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn open(&self) -> u32 {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Streams started on it, ever.
+    pub fn started(&self) -> u64 {
+        self.started.load(Ordering::Relaxed)
+    }
+
+    /// Recent time to first token; zero before the first.
+    pub fn ttft(&self) -> Duration {
+        Duration::from_micros(self.ttft_us.load(Ordering::Relaxed))
+    }
+
+    pub fn condition(&self, now: Instant) -> Condition {
+        match self.health().ejected_until {
+            None => Condition::Healthy,
+            Some(until) if until > now => Condition::Ejected,
+            Some(_) => Condition::Probing,
+        }
+    }
+
+    /// How long it stays out, when it is out.
+    pub fn ejected_for(&self, now: Instant) -> Option<Duration> {
+        self.health()
+            .ejected_until
+            .map(|until| until.saturating_duration_since(now))
+    }
+
+    /// Ejected (by this instance or another) for `wait` from now: the longer of that and
+    /// what it is already out for.
+    pub fn eject(&self, wait: Duration, remote: bool) {
+        let until = Instant::now() + wait;
+        let mut health = self.health();
+        if health.ejected_until.is_none_or(|now| now < until) {
+            health.ejected_until = Some(until);
+            health.remote = remote;
+        }
+    }
+
+    /// Back, as another instance found it (its ejection is gone from Redis).
+    pub fn restore_remote(&self) {
+        let mut health = self.health();
+        if health.remote && !health.probing {
+            *health = Health::default();
+            drop(health);
+            self.room.notify_waiters();
+        }
+    }
+
+    /// Whether a stream may go to it now.
+    pub fn availability(&self, now: Instant) -> Availability {
+        let health = self.health();
+        match health.ejected_until {
+            None => Availability::In,
+            Some(until) if until > now => Availability::Out(until - now),
+            // Its probe is on its way: the others wait for what it finds.
+            Some(_) if health.probing => Availability::Out(Duration::from_secs(1)),
+            Some(_) => Availability::ProbeDue,
+        }
+    }
+
+    /// Makes the stream about to start its probe, when one is due: whether it is.
+    pub fn take_probe(&self, now: Instant) -> bool {
+        let mut health = self.health();
+        match health.ejected_until {
+            Some(until) if until <= now && !health.probing => {
+                health.probing = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A probe that ended before it told anything: another stream may probe.
+    pub fn probe_dropped(&self) {
+        self.health().probing = false;
+    }
+
+    /// The first token came after `ttft`; with `guarded` (health applies), the target is
+    /// well: whether that brought it back.
+    pub fn succeeded(&self, ttft: Duration, guarded: bool) -> bool {
+        let sample = ttft.as_micros().min(u128::from(u32::MAX)) as f64;
+        let old = self.ttft_us.load(Ordering::Relaxed);
+        self.ttft_us
+            .store(ewma(old, sample).max(1), Ordering::Relaxed);
+        if !guarded {
+            return false;
+        }
+        let mut health = self.health();
+        let was_out = health.ejected_until.is_some();
+        *health = Health::default();
+        drop(health);
+        if was_out {
+            self.room.notify_waiters();
+        }
+        was_out
+    }
+
+    /// A failure before the first byte (of a `probe`, or not): how long it is out for,
+    /// when this ejects it. Three in a row do, as a probe's does, with the back-off
+    /// doubling each time; an upstream's `Retry-After` does for that long.
+    pub fn failed(&self, error: &BackendError, probe: bool) -> Option<Duration> {
+        let mut health = self.health();
+        health.failures += 1;
+        health.probing = false;
+        let told = match error {
+            BackendError::RateLimited {
+                retry_after: Some(wait),
+                ..
+            }
+            | BackendError::Overloaded {
+                retry_after: wait, ..
+            } if !wait.is_zero() => Some((*wait).min(MAX_BACKOFF)),
+            _ => None,
+        };
+        let wait = match told {
+            Some(wait) => wait,
+            None if probe || health.failures >= EJECT_AFTER => {
+                let wait = backoff(health.level);
+                health.level += 1;
+                wait
+            }
+            None => return None,
+        };
+        health.failures = 0;
+        health.ejected_until = Some(Instant::now() + wait);
+        health.remote = false;
+        Some(wait)
+    }
+}
+
+/// A target's back-off after `level` ejections in a row.
+pub fn backoff(level: u32) -> Duration {
+    FIRST_BACKOFF
+        .saturating_mul(1 << level.min(16))
+        .min(MAX_BACKOFF)
+}
+
+/// Target states by identity, for as long as something (a pool, a stream) holds them.
+#[derive(Default)]
+pub struct Registry(Mutex<HashMap<String, Weak<TargetState>>>);
+
+impl Registry {
+    /// The state of the target `identity` names: the one it had, or a new one named `name`.
+    pub fn state(&self, identity: &str, name: &str) -> Arc<TargetState> {
+        let mut known = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        known.retain(|_, state| state.strong_count() > 0);
+        if let Some(state) = known.get(identity).and_then(Weak::upgrade) {
+            return state;
+        }
+        let state = TargetState::new(name);
+        known.insert(identity.to_owned(), Arc::downgrade(&state));
+        state
+    }
+}
