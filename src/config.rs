@@ -1,5 +1,6 @@
 //! Configuration: flags and environment variables (names fixed by DESIGN.md), plus the TOML
-//! file for what does not fit a variable (model routes). Read and checked once at start-up.
+//! file for what does not fit a variable (model routes, pools, keys). Read and checked at
+//! start-up; the file again on a reload (SIGHUP, `SLUICE_CONFIG_WATCH`).
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -244,7 +245,7 @@ pub struct Config {
 
     /// `1`: read the TOML config again when the file changes (SIGHUP always does).
     #[arg(long, env = "SLUICE_CONFIG_WATCH", value_name = "SLUICE_CONFIG_WATCH",
-          default_value = "0", value_parser = flag)]
+          default_value = "0", value_parser = flag, action = clap::ArgAction::Set)]
     pub config_watch: bool,
 
     /// Log filter (`info`, `sluice=debug,...`); `json` for JSON lines at info.
@@ -530,6 +531,8 @@ pub struct ModelRoute {
 pub const DEFAULT_QUEUE: u32 = 100;
 /// How long a request may wait for a full pool, by default.
 pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most targets one pool may list.
+pub const MAX_TARGETS: usize = 64;
 /// The balancing strategies a pool may name.
 pub const BALANCES: [&str; 3] = ["weighted", "least-busy", "latency"];
 
@@ -587,6 +590,9 @@ impl ModelRoute {
         }
         if self.targets.is_empty() {
             return self.validate(name);
+        }
+        if self.targets.len() > MAX_TARGETS {
+            bail!("model {name:?}: at most {MAX_TARGETS} targets in a pool");
         }
         if self.base_url.is_some() || self.weight.is_some() || self.max_streams.is_some() {
             bail!("model {name:?}: base_url, weight and max_streams belong to each of its targets");

@@ -476,3 +476,48 @@ async fn sighup_reloads_the_routes_and_an_invalid_file_is_refused_naming_the_pro
         "the running table is kept"
     );
 }
+
+#[tokio::test]
+async fn a_pool_whose_every_target_fails_is_a_503_with_retry_after_not_a_hang() {
+    let (one, two) = (FakeUpstream::spawn().await, FakeUpstream::spawn().await);
+    let file = config_file(&targets(
+        "llama",
+        &[(&one, "status-500", ""), (&two, "status-500", "")],
+    ));
+    let app = app_with(&file, |_| {}).await;
+    // Each request tries both, then gets the last failure; three take both out.
+    for _ in 0..3 {
+        assert_eq!(ask(&app, "llama").await.0, 502);
+    }
+    assert_eq!((one.count(), two.count()), (3, 3));
+    let response = app.post("/v1/chat/completions", &chat("llama")).await;
+    assert_eq!(response.status(), 503);
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .expect("text")
+        .parse()
+        .expect("seconds");
+    assert!((1..=10).contains(&retry_after), "{retry_after}");
+    let body: Value = response.json().await.expect("JSON");
+    assert_eq!(body["error"]["code"], "no_healthy_upstream");
+    assert_eq!((one.count(), two.count()), (3, 3), "nothing was sent");
+}
+
+#[tokio::test]
+async fn a_reload_replaces_the_keys_too() {
+    let path = config_file("[keys.old]\nkey = \"sk-old\"\n");
+    let app = app_with(&path, |c| c.config_watch = true).await;
+    let status = |key: &'static str| {
+        let request = app
+            .http
+            .post(app.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&chat("mock"));
+        async move { request.send().await.expect("answers").status().as_u16() }
+    };
+    assert_eq!((status("sk-old").await, status("sk-new").await), (200, 401));
+    std::fs::write(&path, "[keys.new]\nkey = \"sk-new\"\n").expect("rewrite");
+    app.wait_metric_at_least("sluice_config_reloads_total{outcome=\"ok\"}", 1.0)
+        .await;
+    assert_eq!((status("sk-old").await, status("sk-new").await), (401, 200));
+}
