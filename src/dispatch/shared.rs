@@ -113,14 +113,8 @@ impl SharedPools {
             sync: Script::new(SYNC),
             live: Mutex::default(),
             changes,
-            inbox: Mutex::default(),
+            inbox: Mutex::new(Some(inbox)),
         })
-        .with_inbox(inbox)
-    }
-
-    fn with_inbox(self: Arc<Self>, inbox: mpsc::UnboundedReceiver<Change>) -> Arc<Self> {
-        *self.inbox.lock().unwrap_or_else(|e| e.into_inner()) = Some(inbox);
-        self
     }
 
     /// A slot of `target`'s cap of `max` across instances: its id, `None` when full, or

@@ -9,7 +9,9 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::{DEADLINE, FakeUpstream, TestApp, all_events, free_port, payloads};
+use crate::support::{
+    DEADLINE, FakeUpstream, TestApp, all_events, config_file, free_port, payloads,
+};
 
 fn chat(model: &str, stream: bool) -> Value {
     json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "Hi"}]})
@@ -45,15 +47,6 @@ async fn outcome(app: &TestApp, model: &str, stream: bool) -> (u16, Option<Value
         );
     }
     (status, error)
-}
-
-/// A TOML config in a file of its own.
-fn config_file(toml: &str) -> std::path::PathBuf {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let path = std::env::temp_dir().join(format!("sluice-faults-{}-{n}.toml", std::process::id()));
-    std::fs::write(&path, toml).expect("write the config");
-    path
 }
 
 #[tokio::test]

@@ -10,18 +10,9 @@ use serde_json::{Value, json};
 
 use crate::shared::Redis;
 use crate::support::{
-    DEADLINE, FakeUpstream, REPLY_DEADLINE, TestApp, all_events, content, events, paced_reply,
-    payloads,
+    DEADLINE, FakeUpstream, REPLY_DEADLINE, TestApp, all_events, config_file, content, events,
+    paced_reply, payloads,
 };
-
-/// A TOML config in a file of its own; a fresh path each call.
-fn config_file(text: &str) -> std::path::PathBuf {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let path = std::env::temp_dir().join(format!("sluice-pools-{}-{n}.toml", std::process::id()));
-    std::fs::write(&path, text).expect("write the config");
-    path
-}
 
 /// `[[models.<route>.targets]]` for each `(upstream, model, extra lines)`.
 fn targets(route: &str, targets: &[(&FakeUpstream, &str, &str)]) -> String {

@@ -267,6 +267,15 @@ pub fn fixtures(pattern: &str, reply: &str) -> std::path::PathBuf {
     path
 }
 
+/// A TOML config in a file of its own; a fresh path each call.
+pub fn config_file(toml: &str) -> std::path::PathBuf {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("sluice-config-{}-{n}.toml", std::process::id()));
+    std::fs::write(&path, toml).expect("write the config");
+    path
+}
+
 /// Whether a test needing `what` may skip here; under `SLUICE_TEST_STRICT=1` (CI) it may not.
 pub fn skip_without(what: &str) -> bool {
     assert!(
