@@ -4,9 +4,8 @@
 //! then one request probes it; an upstream's `Retry-After` ejects it for that long) and room
 //! (each target's `max_streams`; a bounded queue per route when every target is full).
 //!
-//! A target's state ([`TargetState`]: open streams, health, recent time to first token) is
-//! kept by its identity across reloads of the configuration, so a stream that started
-//! before a reload still counts against its target's cap, and an ejected target stays out.
+//! What a target's health decides, and the state it keeps through reloads, is in
+//! `target.rs`; this file is the choice, the slot ([`Lease`]) and the queue.
 
 use std::hash::{BuildHasher as _, Hasher as _};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -255,7 +254,14 @@ impl Pool {
                 excluded |= 1 << index;
                 continue;
             }
-            let probe = self.guarded && target.state.take_probe(now);
+            // A target that is out is taken only as its probe, by one stream at a time.
+            let due = self.guarded && target.state.availability(now) != Availability::In;
+            let probe = due && target.state.take_probe(now);
+            if due && !probe {
+                target.state.open.fetch_sub(1, Ordering::AcqRel);
+                excluded |= 1 << index;
+                continue;
+            }
             return Ok(Lease {
                 pool: self.clone(),
                 index,
@@ -546,6 +552,8 @@ mod tests {
         let mut probe = pool.take(0, later).expect("the probe");
         assert!(probe.probe && probe.index == 0);
         assert_eq!(pool.choose(0, later), Ok(1));
+        let other = pool.take(0, later).expect("another target");
+        assert!(!other.probe && other.index == 1);
         probe.succeeded(Duration::from_millis(5));
         assert_eq!(pool.targets[0].state.condition(later), Condition::Healthy);
     }
