@@ -136,6 +136,7 @@ impl AppState {
             admission,
             routes,
             config: Arc::new(config.clone()),
+            config_file: config.file_path(),
             mock,
             prompts,
             metrics: metrics.clone(),
@@ -192,7 +193,12 @@ impl AppState {
     /// nothing, and says why.
     pub fn reload(&self) -> anyhow::Result<()> {
         let config = &self.config;
-        let file = config.file()?;
+        // The file read at start, which must still be there: one that is gone is more
+        // likely an editor's save in progress than a wish to drop every route.
+        let file = match &self.config_file {
+            Some(path) => FileConfig::read(path)?,
+            None => FileConfig::default(),
+        };
         let keys = keys(config, &file)?;
         let named = table(config, &file, &self.routes, &self.mock)?;
         let (routes, key_count) = (named.len(), keys.len());

@@ -42,6 +42,8 @@ pub struct AppState {
     pub closing: CancellationToken,
     /// What the state was built from: a reload reads the TOML file again with it.
     pub config: Arc<crate::config::Config>,
+    /// The TOML file read at start, when there was one: what a reload reads.
+    pub config_file: Option<std::path::PathBuf>,
     /// The built-in mock model, which configured routes may name.
     pub mock: Arc<dyn crate::backend::Backend>,
 }

@@ -351,6 +351,12 @@ async fn a_reload_during_100_open_streams_loses_none_and_an_invalid_file_changes
     assert_eq!(ask(&app, "pooled").await.0, 200);
     assert_eq!(after.count(), 2);
     assert_eq!(ask(&app, "added").await.0, 200);
+
+    // Nor does a file that is gone (an editor's save in progress, as likely as not).
+    std::fs::remove_file(&path).expect("remove the config");
+    app.wait_metric_at_least("sluice_config_reloads_total{outcome=\"refused\"}", 2.0)
+        .await;
+    assert_eq!(ask(&app, "added").await.0, 200);
 }
 
 #[tokio::test]
