@@ -55,7 +55,7 @@ pub fn upstream(
         let mut total = Woken::new(Box::pin(tokio::time::sleep(limits.total)));
         let mut closing = Woken::new(Box::pin(closing));
         let mut request = Some(request);
-        let Some(mut lease) = plan.next().await else {
+        let Some(mut lease) = plan.first() else {
             yield Err(BackendError::Unreachable("no upstream of the route can take it".into()));
             return;
         };
@@ -109,7 +109,9 @@ pub fn upstream(
                             lease.failed(&e);
                         }
                         let next = match reason {
-                            Some(_) if more => plan.next().await,
+                            // Boxed: the choice's future (a Redis call among it) would
+                            // make every stream's state as large as it, for a rare path.
+                            Some(_) if more => Box::pin(plan.next()).await,
                             _ => None,
                         };
                         if let (Some(reason), Some(next)) = (reason, next) {

@@ -85,6 +85,11 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// The upstream the request starts on.
+    pub fn first(&mut self) -> Option<Lease> {
+        self.next.take()
+    }
+
     /// The next upstream to try, holding its slot; `None` when none is left.
     pub async fn next(&mut self) -> Option<Lease> {
         if let Some(lease) = self.next.take() {
