@@ -212,9 +212,10 @@ async fn least_busy_and_latency_send_fewer_streams_to_the_slow_target_than_weigh
         latency[1] * 2 <= weighted[1],
         "latency {latency:?}, weighted {weighted:?}"
     );
-    // Ejected after three failures in a row; more may have been on their way by then.
+    // Ejected after three failures in a row; up to one a request in flight may have been on
+    // its way by then (each retried elsewhere).
     for seen in [weighted, least_busy, latency] {
-        assert!(seen[2] <= 6, "the failing target was ejected: {seen:?}");
+        assert!(seen[2] <= 3 + 6, "the failing target was ejected: {seen:?}");
     }
 }
 
