@@ -9,16 +9,11 @@ use serde_json::{Value, json};
 
 use crate::support::{FakeUpstream, TestApp, all_events, events, skip_without};
 
-fn python_has_anthropic() -> bool {
-    std::process::Command::new("python3")
-        .args(["-c", "import anthropic.lib.streaming"])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
 #[tokio::test]
 async fn the_python_sdk_uses_the_messages_api_on_the_mock_model() {
-    if !python_has_anthropic() && skip_without("python3 with the anthropic package") {
+    if !crate::support::python_has("anthropic.lib.streaming")
+        && skip_without("python3 with the anthropic package")
+    {
         return;
     }
     let app = TestApp::spawn_with(|c| c.mock_tokens_per_s = 200.0).await;
@@ -28,18 +23,7 @@ async fn the_python_sdk_uses_the_messages_api_on_the_mock_model() {
         c.rpm_burst = Some(1);
     })
     .await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/messages.py");
-    let output = tokio::process::Command::new("python3")
-        .args([script, &app.url(""), &limited.url("")])
-        .output()
-        .await
-        .expect("python3 runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = crate::support::python("messages.py", &[&app.url(""), &limited.url("")]).await;
     let found: Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
     let stream = &found["stream"];
     let kinds: Vec<&str> = stream["types"]

@@ -5,13 +5,6 @@ use serde_json::{Value, json};
 
 use crate::support::{DEADLINE, FakeUpstream, TestApp, all_events, events, skip_without};
 
-fn python_has_openai() -> bool {
-    std::process::Command::new("python3")
-        .args(["-c", "import openai.resources.responses"])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
 /// The `data:` of each event, parsed.
 fn payloads(events: &[eventsource_stream::Event]) -> Vec<Value> {
     events
@@ -38,22 +31,11 @@ fn assert_numbered(events: &[eventsource_stream::Event]) {
 
 #[tokio::test]
 async fn the_python_sdk_uses_the_responses_api_on_the_mock_model() {
-    if !python_has_openai() && skip_without("python3 with the openai package") {
+    if !crate::support::python_has("openai") && skip_without("python3 with the openai package") {
         return;
     }
     let app = TestApp::spawn_with(|c| c.mock_tokens_per_s = 200.0).await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/responses.py");
-    let output = tokio::process::Command::new("python3")
-        .args([script, &app.url("/v1")])
-        .output()
-        .await
-        .expect("python3 runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = crate::support::python("responses.py", &[&app.url("/v1")]).await;
     let found: Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
 
     let stream = &found["stream"];

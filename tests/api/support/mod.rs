@@ -267,6 +267,37 @@ pub fn fixtures(pattern: &str, reply: &str) -> std::path::PathBuf {
     path
 }
 
+/// Whether `python3` can import `module` (an SDK the tests drive).
+pub fn python_has(module: &str) -> bool {
+    std::process::Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Runs `tests/sdk/<script>` with `args`: what it printed, or a failure showing it all.
+pub async fn python(script: &str, args: &[&str]) -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/sdk")
+        .join(script);
+    let run = tokio::process::Command::new("python3")
+        .arg(path)
+        .args(args)
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(REPLY_DEADLINE, run)
+        .await
+        .expect("the script ends")
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
 /// A TOML config in a file of its own; a fresh path each call.
 pub fn config_file(toml: &str) -> std::path::PathBuf {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
