@@ -163,7 +163,13 @@ impl Admitted {
             Bounds::of(sent_tokens, chat.max_tokens.unwrap_or(MAX_TOKENS)),
         );
         // A target of the route's pool, waiting in its queue while every one is full.
-        let plan = route.begin().await.map_err(|why| match why {
+        // A request still waiting when the shutdown grace period ends is told so.
+        let begun = tokio::select! {
+            biased;
+            begun = route.begin() => begun,
+            () = state.closing.cancelled() => return Err(ApiError::Restarting),
+        };
+        let plan = begun.map_err(|why| match why {
             Unavailable::Full(retry_after) => ApiError::PoolFull {
                 model: chat.model.clone(),
                 retry_after,
