@@ -540,3 +540,57 @@ async fn the_python_sdk_gets_a_clean_429_from_a_full_pool() {
         "{line}"
     );
 }
+
+#[tokio::test]
+async fn a_request_still_queued_when_the_grace_period_ends_gets_a_503() {
+    use crate::startup::Running;
+    let text = "[models.capped]\nqueue = 5\nqueue_timeout_ms = 60000\n\
+        [[models.capped.targets]]\nbackend = \"mock\"\nmodel = \"mock-hang\"\nmax_streams = 1\n";
+    let path = config_file(text);
+    let sluice = Running::start(&[
+        ("SLUICE_CONFIG", path.to_str().expect("a path")),
+        ("SLUICE_SHUTDOWN_GRACE_S", "1"),
+    ]);
+    let http = reqwest::Client::new();
+    let url = sluice.url("/v1/chat/completions");
+    let pool = || async {
+        let ready: Value = http
+            .get(sluice.url("/readyz"))
+            .send()
+            .await
+            .expect("readyz")
+            .json()
+            .await
+            .expect("JSON");
+        ready["pools"][0].clone()
+    };
+    let until = |what: &'static str, done: fn(&Value) -> bool| async move {
+        let started = Instant::now();
+        while !done(&pool().await) {
+            assert!(started.elapsed() < DEADLINE, "{what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    // One request holds the target's one slot (its first token never comes); the next waits.
+    let held = tokio::spawn(http.post(&url).json(&chat("capped")).send());
+    until("the first request never started", |p| {
+        p["targets"][0]["open_streams"] == 1
+    })
+    .await;
+    let queued = tokio::spawn(http.post(&url).json(&chat("capped")).send());
+    until("the second request never queued", |p| p["waiting"] == 1).await;
+    let signalled = std::process::Command::new("kill")
+        .args(["-TERM", &sluice.child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(signalled.success());
+    let queued = tokio::time::timeout(Duration::from_secs(10), queued)
+        .await
+        .expect("answered within the grace period and a second")
+        .expect("joined")
+        .expect("an answer, not a reset");
+    assert_eq!(queued.status(), 503);
+    let body: Value = queued.json().await.expect("JSON");
+    assert_eq!(body["error"]["code"], "server_restarting");
+    drop(held);
+}
