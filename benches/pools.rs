@@ -52,8 +52,8 @@ fn pools(c: &mut Criterion) {
     for (name, route) in cases {
         c.bench_function(name, |b| {
             b.to_async(&runtime).iter(|| async {
-                let plan = route.begin().await.expect("a target");
-                drop(plan);
+                let start = route.begin().await.expect("a target");
+                drop(start);
             })
         });
     }

@@ -396,15 +396,8 @@ impl Config {
         Some((base, self.openai_api_key.as_deref()))
     }
 
-    /// The TOML config: `SLUICE_CONFIG` (which must exist), else `sluice.toml` if present.
-    pub fn file(&self) -> anyhow::Result<FileConfig> {
-        match self.file_path() {
-            Some(path) => FileConfig::read(&path),
-            None => Ok(FileConfig::default()),
-        }
-    }
-
-    /// The TOML config's path, when there is one.
+    /// The TOML config's path, when there is one: `SLUICE_CONFIG` (which must exist), else
+    /// `sluice.toml` if present.
     pub fn file_path(&self) -> Option<PathBuf> {
         match &self.config {
             Some(path) => Some(path.clone()),
@@ -545,8 +538,15 @@ fn default_api() -> String {
 }
 
 impl FileConfig {
-    /// Reads and checks a TOML config file.
-    pub fn read(path: &Path) -> anyhow::Result<Self> {
+    /// The TOML config at `path`, read and checked; with none, the empty one.
+    pub fn at(path: Option<&Path>) -> anyhow::Result<Self> {
+        match path {
+            Some(path) => Self::read(path),
+            None => Ok(Self::default()),
+        }
+    }
+
+    fn read(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("SLUICE_CONFIG: cannot read {}", path.display()))?;
         let file: FileConfig = toml::from_str(&text)

@@ -169,7 +169,7 @@ impl Admitted {
             begun = route.begin() => begun,
             () = state.closing.cancelled() => return Err(ApiError::Restarting),
         };
-        let plan = begun.map_err(|why| match why {
+        let start = begun.map_err(|why| match why {
             Unavailable::Full(retry_after) => ApiError::PoolFull {
                 model: chat.model.clone(),
                 retry_after,
@@ -179,7 +179,7 @@ impl Admitted {
                 retry_after,
             },
         })?;
-        let stream = dispatch::upstream(&state.dispatcher, exchange, plan, &label, request);
+        let stream = dispatch::upstream(&state.dispatcher, exchange, start, &label, request);
         Ok(Started {
             stream,
             guard,

@@ -24,6 +24,9 @@ use crate::prompts::Prompts;
 use crate::state::{AppState, ServerSettings};
 use crate::telemetry::Metrics;
 
+/// How often `SLUICE_CONFIG_WATCH` looks at the file.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
+
 /// Descriptors kept back from client connections: the listener, logs, Redis, the model.
 const RESERVED_FDS: u64 = 64;
 
@@ -48,7 +51,8 @@ impl AppState {
             None => None,
         };
 
-        let file = config.file()?;
+        let config_file = config.file_path();
+        let file = FileConfig::at(config_file.as_deref())?;
         let defaults = config.default_limits();
         let keys = keys(config, &file)?;
         let shared = config.redis_url.as_ref().map(|url| SharedLimits {
@@ -136,7 +140,7 @@ impl AppState {
             admission,
             routes,
             config: Arc::new(config.clone()),
-            config_file: config.file_path(),
+            config_file,
             mock,
             prompts,
             metrics: metrics.clone(),
@@ -195,10 +199,7 @@ impl AppState {
         let config = &self.config;
         // The file read at start, which must still be there: one that is gone is more
         // likely an editor's save in progress than a wish to drop every route.
-        let file = match &self.config_file {
-            Some(path) => FileConfig::read(path)?,
-            None => FileConfig::default(),
-        };
+        let file = FileConfig::at(self.config_file.as_deref())?;
         let keys = keys(config, &file)?;
         let named = table(config, &file, &self.routes, &self.mock)?;
         let (routes, key_count) = (named.len(), keys.len());
@@ -207,12 +208,7 @@ impl AppState {
         tracing::info!(routes, keys = key_count, "configuration reloaded");
         Ok(())
     }
-}
 
-/// How often `SLUICE_CONFIG_WATCH` looks at the file.
-const WATCH_EVERY: Duration = Duration::from_secs(1);
-
-impl AppState {
     /// Reloads the configuration on SIGHUP and, with `SLUICE_CONFIG_WATCH=1`, when the
     /// TOML file changes (its size or time of change, looked at every second: editors that
     /// write a new file and rename it are seen too), until `stop`.
@@ -223,7 +219,7 @@ impl AppState {
         let watched = self
             .config
             .config_watch
-            .then(|| self.config.file_path())
+            .then(|| self.config_file.clone())
             .flatten();
         let stamp = |path: &Path| {
             std::fs::metadata(path)

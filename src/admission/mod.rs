@@ -413,10 +413,10 @@ impl Admission {
     pub fn purge(&self) {
         self.default_policy.requests.retain_recent();
         self.default_policy.requests.shrink_to_fit();
-        for key in self.keys().iter() {
+        let keys = self.keys();
+        for key in keys.iter() {
             key.policy.requests.retain_recent();
         }
-        let keys = self.keys();
         let tpm = |name: &Arc<str>| {
             keys.iter()
                 .find(|k| k.name == *name)

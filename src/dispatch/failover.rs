@@ -8,6 +8,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::Plan;
+use super::pool::Lease;
 use crate::backend::{BackendError, ChatRequest, Delta, DeltaStream, Wait};
 use crate::telemetry::{Exchange, Metrics};
 use crate::wake::Woken;
@@ -28,7 +29,7 @@ pub struct Timeouts {
     pub total: Duration,
 }
 
-/// Runs a request on its route's upstreams, from the one `plan` starts on: a target that
+/// Runs a request on its route's upstreams, from the one `lease` holds, on by `plan`: a target that
 /// cannot be reached, answers 5xx or 429, or sends no first token in time is followed by
 /// another target of its pool, then by the fallbacks', but only while nothing of a reply
 /// has been relayed (each failure counts against the target's health). Then it applies the
@@ -41,7 +42,7 @@ pub struct Timeouts {
 pub fn upstream(
     dispatcher: &Dispatcher,
     exchange: &Exchange,
-    mut plan: Plan,
+    (mut plan, mut lease): (Plan, Lease),
     label: &str,
     request: ChatRequest,
 ) -> DeltaStream {
@@ -55,14 +56,10 @@ pub fn upstream(
         let mut total = Woken::new(Box::pin(tokio::time::sleep(limits.total)));
         let mut closing = Woken::new(Box::pin(closing));
         let mut request = Some(request);
-        let Some(mut lease) = plan.first() else {
-            yield Err(BackendError::Unreachable("no upstream of the route can take it".into()));
-            return;
-        };
         'attempts: loop {
             let more = plan.more();
             let mut attempt = if more { request.clone() } else { request.take() }.unwrap_or_default();
-            let target = lease.target().clone();
+            let target = lease.target();
             if let Some(model) = &target.model {
                 attempt.model.clone_from(model);
             }

@@ -8,7 +8,7 @@
 //! `target.rs`; this file is the choice, the slot ([`Lease`]) and the queue.
 
 use std::hash::{BuildHasher as _, Hasher as _};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -255,18 +255,21 @@ impl Pool {
                 continue;
             }
             // A target that is out is taken only as its probe, by one stream at a time.
-            let due = self.guarded && target.state.availability(now) != Availability::In;
-            let probe = due && target.state.take_probe(now);
-            if due && !probe {
+            let claimed = if self.guarded {
+                target.state.claim(now)
+            } else {
+                Some(false)
+            };
+            let Some(probe) = claimed else {
                 target.state.open.fetch_sub(1, Ordering::AcqRel);
                 excluded |= 1 << index;
                 continue;
-            }
+            };
             return Ok(Lease {
                 pool: self.clone(),
                 index,
                 probe,
-                settled: false,
+                settled: AtomicBool::new(false),
                 held: None,
                 since: Instant::now(),
             });
@@ -406,7 +409,7 @@ pub struct Lease {
     /// This stream is the target's probe.
     probe: bool,
     /// Its outcome was told.
-    settled: bool,
+    settled: AtomicBool,
     /// Its permit id in Redis, when the cap is shared.
     held: Option<String>,
     since: Instant,
@@ -422,8 +425,8 @@ impl Lease {
     }
 
     /// The first token came after `ttft`: the target is well.
-    pub fn succeeded(&mut self, ttft: Duration) {
-        self.settled = true;
+    pub fn succeeded(&self, ttft: Duration) {
+        self.settled.store(true, Ordering::Relaxed);
         let state = &self.target().state;
         if state.succeeded(ttft, self.pool.guarded) {
             tracing::info!(target = %state.name, "the upstream answered its probe: back in its pool");
@@ -434,8 +437,8 @@ impl Lease {
     }
 
     /// Failed before the first byte with `error`: a failure in a row, perhaps an ejection.
-    pub fn failed(&mut self, error: &BackendError) {
-        self.settled = true;
+    pub fn failed(&self, error: &BackendError) {
+        self.settled.store(true, Ordering::Relaxed);
         if !self.pool.guarded {
             return;
         }
@@ -450,7 +453,7 @@ impl Lease {
 
     /// Given back before it was used (full in Redis).
     fn abandon(mut self) {
-        self.settled = true;
+        self.settled.store(true, Ordering::Relaxed);
         if self.probe {
             self.target().state.probe_dropped();
             self.probe = false;
@@ -462,11 +465,12 @@ impl Drop for Lease {
     fn drop(&mut self) {
         let state = &self.pool.targets[self.index].state;
         state.open.fetch_sub(1, Ordering::AcqRel);
-        if self.probe && !self.settled {
+        let settled = self.settled.load(Ordering::Relaxed);
+        if self.probe && !settled {
             // Cancelled before it told anything: another request may probe.
             state.probe_dropped();
         }
-        if self.settled {
+        if settled {
             let held = self.since.elapsed().as_micros().min(u128::from(u32::MAX)) as f64;
             let queue = &self.pool.queue;
             let old = queue.held_us.load(Ordering::Relaxed);
@@ -538,7 +542,7 @@ mod tests {
         let pool = pool(Balance::Weighted, &[1, 1], None);
         let error = BackendError::Unreachable("refused".into());
         for _ in 0..EJECT_AFTER {
-            let mut lease = pool.lease(&mut 2).await.expect("target 0");
+            let lease = pool.lease(&mut 2).await.expect("target 0");
             assert_eq!(lease.index, 0);
             lease.failed(&error);
         }
@@ -549,7 +553,7 @@ mod tests {
         }
         // Past its back-off, the next request is its probe, and only one is.
         let later = now + FIRST_BACKOFF + Duration::from_millis(1);
-        let mut probe = pool.take(0, later).expect("the probe");
+        let probe = pool.take(0, later).expect("the probe");
         assert!(probe.probe && probe.index == 0);
         assert_eq!(pool.choose(0, later), Ok(1));
         let other = pool.take(0, later).expect("another target");
@@ -566,7 +570,7 @@ mod tests {
             pool.lease(&mut 2).await.expect("target 0").failed(&error);
         }
         let later = Instant::now() + FIRST_BACKOFF + Duration::from_millis(1);
-        let mut probe = pool.take(0, later).expect("the probe");
+        let probe = pool.take(0, later).expect("the probe");
         probe.failed(&error);
         let out = pool.targets[0]
             .state

@@ -45,56 +45,47 @@ impl Route {
         self.pools.first().and_then(|p| p.targets.first())
     }
 
-    /// The upstream a request starts on: a target of the route's pool (waiting in its queue
-    /// while every target is full), else, when they are all ejected, of a fallback.
-    pub async fn begin(self: &Arc<Self>) -> Result<Plan, Unavailable> {
+    /// The upstream a request starts on, holding its slot, and the way on from it: a
+    /// target of the route's pool (waiting in its queue while every target is full), else,
+    /// when they are all ejected, of a fallback.
+    pub async fn begin(self: &Arc<Self>) -> Result<(Plan, Lease), Unavailable> {
         let Some(first) = self.pools.first() else {
             return Err(Unavailable::Down(Duration::from_secs(1)));
         };
         let down = match first.wait().await {
-            Ok(lease) => return Ok(self.plan(0, lease)),
+            Ok(lease) => return Ok((self.plan(0, &lease), lease)),
             Err((NoRoom::Full, wait)) => return Err(Unavailable::Full(wait)),
             Err((NoRoom::Down(back), _)) => back,
         };
         for (i, pool) in self.pools.iter().enumerate().skip(1) {
             if let Ok(lease) = pool.lease(&mut 0).await {
-                return Ok(self.plan(i, lease));
+                return Ok((self.plan(i, &lease), lease));
             }
         }
         Err(Unavailable::Down(down))
     }
 
-    fn plan(self: &Arc<Self>, pool: usize, lease: Lease) -> Plan {
+    fn plan(self: &Arc<Self>, pool: usize, lease: &Lease) -> Plan {
         Plan {
             route: self.clone(),
             pool,
             tried: 1 << lease.index(),
-            next: Some(lease),
         }
     }
 }
 
-/// A request's way through its route: the upstream it starts on, then, each time one fails
-/// before the first byte, another target of the same pool, then the fallbacks'.
+/// A request's way on through its route after the upstream it started on: each time one
+/// fails before the first byte, another target of the same pool, then the fallbacks'.
 pub struct Plan {
     route: Arc<Route>,
     pool: usize,
     /// The targets of the current pool tried so far, a bit each.
     tried: u64,
-    next: Option<Lease>,
 }
 
 impl Plan {
-    /// The upstream the request starts on.
-    pub fn first(&mut self) -> Option<Lease> {
-        self.next.take()
-    }
-
     /// The next upstream to try, holding its slot; `None` when none is left.
     pub async fn next(&mut self) -> Option<Lease> {
-        if let Some(lease) = self.next.take() {
-            return Some(lease);
-        }
         while let Some(pool) = self.route.pools.get(self.pool) {
             if let Ok(lease) = pool.lease(&mut self.tried).await {
                 return Some(lease);
@@ -107,12 +98,10 @@ impl Plan {
 
     /// Whether another upstream might be tried after the current one.
     pub fn more(&self) -> bool {
-        self.next.is_some()
-            || self
-                .route
-                .pools
-                .get(self.pool)
-                .is_some_and(|p| p.untried(self.tried))
+        self.route
+            .pools
+            .get(self.pool)
+            .is_some_and(|p| p.untried(self.tried))
             || self.pool + 1 < self.route.pools.len()
     }
 }

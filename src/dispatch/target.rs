@@ -157,15 +157,17 @@ impl TargetState {
         }
     }
 
-    /// Makes the stream about to start its probe, when one is due: whether it is.
-    pub fn take_probe(&self, now: Instant) -> bool {
+    /// Claims it for a stream about to start: `Some(false)` when it is in, `Some(true)`
+    /// when that stream is its probe (due, and none in flight), `None` when it is out.
+    pub fn claim(&self, now: Instant) -> Option<bool> {
         let mut health = self.health();
         match health.ejected_until {
+            None => Some(false),
             Some(until) if until <= now && !health.probing => {
                 health.probing = true;
-                true
+                Some(true)
             }
-            _ => false,
+            Some(_) => None,
         }
     }
 
