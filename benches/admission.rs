@@ -90,7 +90,7 @@ fn admission(c: &mut Criterion) {
         std::thread::sleep(Duration::from_millis(10));
     }
     let shared = SharedLimits {
-        redis_url: format!("redis://127.0.0.1:{port}"),
+        link: sluice::link::Link::open(&format!("redis://127.0.0.1:{port}")).expect("url"),
         fail_closed: true, // a failure must not be measured as a fast local admission
         errors: metrics::Counter::noop(),
     };

@@ -15,7 +15,8 @@
 //! resumable stream's producer belongs to the stream registry, which drops it on cancel or
 //! when nobody has come back within the grace period.
 //!
-//! Below them: `config`, `tokens`, `prompts`, `wake` (plain data and helpers), `telemetry`
+//! Below them: `config`, `tokens`, `prompts`, `wake` (plain data and helpers), `link` (the
+//! Redis link, one server or a Cluster, that the shared parts use), `telemetry`
 //! (metrics, the per-request log record), `admission` (identity and limits, no HTTP),
 //! `error` (what a client is told), `http` (extractors, rate headers, the observing
 //! middleware); `state` is
@@ -29,6 +30,7 @@ pub mod dialect;
 pub mod dispatch;
 pub mod error;
 pub mod http;
+pub mod link;
 pub mod pipeline;
 pub mod prompts;
 pub mod relay;

@@ -55,8 +55,12 @@ impl AppState {
         let file = FileConfig::at(config_file.as_deref())?;
         let defaults = config.default_limits();
         let keys = keys(config, &file)?;
-        let shared = config.redis_url.as_ref().map(|url| SharedLimits {
-            redis_url: url.clone(),
+        let link = match &config.redis_url {
+            Some(urls) => Some(crate::link::Link::open(urls).context("SLUICE_REDIS_URL")?),
+            None => None,
+        };
+        let shared = link.clone().map(|link| SharedLimits {
+            link,
             fail_closed: config.redis_failure == "closed",
             errors: metrics.redis_errors(),
         });
@@ -127,7 +131,7 @@ impl AppState {
                 keep_alive: config.keep_alive(),
                 idle: config.idle_timeout(),
                 total: config.total_timeout(),
-                redis_url: config.redis_url.clone(),
+                redis: link,
                 redis_fail_closed: config.redis_failure == "closed",
             },
             &metrics,

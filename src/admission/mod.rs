@@ -85,7 +85,7 @@ impl Principal {
 
 /// Limits shared through Redis, and what to do when it cannot be reached.
 pub struct SharedLimits {
-    pub redis_url: String,
+    pub link: crate::link::Link,
     /// Refuse (503) rather than fall back to this instance's own limits.
     pub fail_closed: bool,
     pub errors: metrics::Counter,
@@ -125,7 +125,7 @@ impl Admission {
             });
         let (shared, releases) = match shared {
             Some(config) => {
-                let (shared, releases) = Shared::new(&config.redis_url)?;
+                let (shared, releases) = Shared::new(config.link);
                 (Some(shared), Some(releases))
             }
             None => (None, None),
@@ -220,6 +220,15 @@ impl Admission {
                 Ok(decision) => return self.decided(who, decision, id),
                 Err(e) => self.redis_failed(&e)?,
             }
+            // Admitted here while Redis fails: its permit goes into Redis too once Redis
+            // is back (the next refresh adds it), so the shared caps count it again.
+            let mut permit = self.admit_locally(who)?;
+            shared.adopt(&id, &who.name);
+            permit.hold = Hold::Local {
+                stream: true,
+                shared: Some(id),
+            };
+            return Ok(permit);
         }
         self.admit_locally(who)
     }
@@ -357,7 +366,10 @@ impl Admission {
             client: who.name.clone(),
             tpm: limits.tpm,
             reserved: 0,
-            hold: Hold::Local { stream: false },
+            hold: Hold::Local {
+                stream: false,
+                shared: None,
+            },
             quota: Quota::default(),
         };
 
@@ -375,7 +387,10 @@ impl Admission {
         }
         *open += 1;
         drop(streams);
-        permit.hold = Hold::Local { stream: true };
+        permit.hold = Hold::Local {
+            stream: true,
+            shared: None,
+        };
         Ok(permit)
     }
 
@@ -398,6 +413,7 @@ impl Admission {
                 _ = refresh.tick() => {
                     if let Some(shared) = &self.shared {
                         shared.refresh().await;
+                        shared.retry_releases().await;
                     }
                 }
                 Some(release) = release => {
@@ -593,8 +609,12 @@ pub struct Permit {
 
 /// Where the permit's stream slot is held.
 enum Hold {
-    /// In this instance: always a global slot, and the client's once `stream` is set.
-    Local { stream: bool },
+    /// In this instance: always a global slot, and the client's once `stream` is set;
+    /// admitted while Redis failed, also in Redis under `shared` once it is back.
+    Local {
+        stream: bool,
+        shared: Option<String>,
+    },
     /// In Redis, under `id`; `give_back` is what settling returns, applied on release.
     Shared { id: String, give_back: i64 },
 }
@@ -683,11 +703,19 @@ impl Drop for Permit {
             self.settle(0);
         }
         match &mut self.hold {
-            Hold::Local { stream } => {
+            Hold::Local { stream, shared } => {
                 if *stream && let Some(open) = lock(&self.admission.streams).get_mut(&self.client) {
                     *open = open.saturating_sub(1);
                 }
                 self.admission.global_streams.fetch_sub(1, Ordering::AcqRel);
+                if let (Some(id), Some(redis)) = (shared.take(), &self.admission.shared) {
+                    redis.release(Release {
+                        client: self.client.clone(),
+                        id,
+                        tpm: 0,
+                        give_back: 0,
+                    });
+                }
             }
             Hold::Shared { id, give_back } => {
                 if let Some(shared) = &self.admission.shared {

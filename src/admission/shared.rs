@@ -10,16 +10,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use redis::aio::ConnectionManager;
-use redis::{Client, Script};
-use tokio::sync::{OnceCell, mpsc};
+use redis::Script;
+use tokio::sync::mpsc;
 
 use super::Limits;
+use crate::link::{Connection, Lazy, Link};
 
 /// How long a permit outlives its last refresh.
 pub const PERMIT_TTL: Duration = Duration::from_secs(30);
 /// Refresh well within the TTL.
 pub const REFRESH_EVERY: Duration = Duration::from_secs(10);
+/// Every instance's stream permits. All the keys of limits share the hash tag `{limits}`:
+/// each admission touches this one set anyway, and one slot keeps each script whole (in
+/// a Redis Cluster, one script may only touch one slot).
+const GLOBAL_STREAMS: &str = "sluice:{limits}:streams";
 /// After a failure, how long admissions skip Redis before trying again.
 const BACKOFF: Duration = Duration::from_secs(1);
 
@@ -177,8 +181,7 @@ pub struct Release {
 }
 
 pub struct Shared {
-    client: Client,
-    connection: OnceCell<ConnectionManager>,
+    connection: Lazy,
     /// Until when (ms since `epoch`) to skip Redis after a failure.
     down_until: AtomicU64,
     epoch: Instant,
@@ -190,16 +193,17 @@ pub struct Shared {
     /// Live permits this instance holds: id → client.
     live: Mutex<HashMap<String, Arc<str>>>,
     releases: mpsc::UnboundedSender<Release>,
+    /// Releases Redis failed to take, and when they were first tried: tried again at each
+    /// refresh until their permits would have expired anyway.
+    retries: Mutex<Vec<(Release, Instant)>>,
 }
 
 impl Shared {
-    pub fn new(url: &str) -> anyhow::Result<(Arc<Self>, mpsc::UnboundedReceiver<Release>)> {
-        let client = Client::open(url)?;
+    pub fn new(link: Link) -> (Arc<Self>, mpsc::UnboundedReceiver<Release>) {
         let (releases, inbox) = mpsc::unbounded_channel();
-        Ok((
+        (
             Arc::new(Shared {
-                client,
-                connection: OnceCell::new(),
+                connection: Lazy::new(link, Duration::from_millis(500)),
                 down_until: AtomicU64::new(0),
                 epoch: Instant::now(),
                 admit: Script::new(ADMIT),
@@ -209,12 +213,18 @@ impl Shared {
                 refresh: Script::new(REFRESH),
                 live: Mutex::default(),
                 releases,
+                retries: Mutex::default(),
             }),
             inbox,
-        ))
+        )
     }
 
-    async fn connection(&self) -> Result<ConnectionManager, redis::RedisError> {
+    /// The link this is on: pools share theirs through it too.
+    pub fn link(&self) -> &Link {
+        self.connection.link()
+    }
+
+    async fn connection(&self) -> Result<Connection, redis::RedisError> {
         let since = self.epoch.elapsed().as_millis() as u64;
         if since < self.down_until.load(Ordering::Relaxed) {
             return Err(redis::RedisError::from((
@@ -222,18 +232,7 @@ impl Shared {
                 "Redis failed a moment ago",
             )));
         }
-        let client = self.client.clone();
-        let result = self
-            .connection
-            .get_or_try_init(|| async move {
-                let config = redis::aio::ConnectionManagerConfig::new()
-                    .set_connection_timeout(Duration::from_millis(500))
-                    .set_response_timeout(Duration::from_millis(500))
-                    .set_number_of_retries(1);
-                ConnectionManager::new_with_config(client, config).await
-            })
-            .await
-            .cloned();
+        let result = self.connection.get().await;
         if result.is_err() {
             self.failed();
         }
@@ -248,10 +247,10 @@ impl Shared {
 
     fn keys(client: &str) -> [String; 4] {
         [
-            format!("sluice:requests:{client}"),
-            format!("sluice:tokens:{client}"),
-            format!("sluice:streams:{client}"),
-            "sluice:streams".to_owned(),
+            format!("sluice:{{limits}}:requests:{client}"),
+            format!("sluice:{{limits}}:tokens:{client}"),
+            format!("sluice:{{limits}}:streams:{client}"),
+            GLOBAL_STREAMS.to_owned(),
         ]
     }
 
@@ -350,21 +349,50 @@ impl Shared {
         let _ = self.releases.send(release);
     }
 
+    /// A permit admitted by this instance's own limits while Redis failed: refreshed into
+    /// Redis from now on, like one Redis admitted.
+    pub fn adopt(&self, id: &str, client: &Arc<str>) {
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_owned(), client.clone());
+    }
+
     pub async fn apply(&self, r: Release) {
-        let Ok(mut connection) = self.connection().await else {
-            return; // The permit expires by itself.
+        self.apply_since(r, Instant::now()).await;
+    }
+
+    /// Applies a release; one Redis fails to take is kept to be tried again, until its
+    /// permit has expired by itself.
+    async fn apply_since(&self, r: Release, since: Instant) {
+        let result = match self.connection().await {
+            Ok(mut connection) => {
+                let mut invocation = self.release.prepare_invoke();
+                for key in Self::keys(&r.client) {
+                    invocation.key(key);
+                }
+                invocation.arg(r.tpm).arg(r.give_back).arg(&r.id);
+                let result = invocation.invoke_async::<i64>(&mut connection).await;
+                if result.is_err() {
+                    self.failed();
+                }
+                result.is_ok()
+            }
+            Err(_) => false,
         };
-        let mut invocation = self.release.prepare_invoke();
-        for key in Self::keys(&r.client) {
-            invocation.key(key);
+        if !result && since.elapsed() < PERMIT_TTL {
+            self.retries
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((r, since));
         }
-        invocation.arg(r.tpm).arg(r.give_back).arg(&r.id);
-        if invocation
-            .invoke_async::<i64>(&mut connection)
-            .await
-            .is_err()
-        {
-            self.failed();
+    }
+
+    /// Tries again the releases Redis failed to take.
+    pub async fn retry_releases(&self) {
+        let retries = std::mem::take(&mut *self.retries.lock().unwrap_or_else(|e| e.into_inner()));
+        for (release, since) in retries {
+            self.apply_since(release, since).await;
         }
     }
 
@@ -385,10 +413,12 @@ impl Shared {
         };
         let mut invocation = self.refresh.prepare_invoke();
         invocation
-            .key("sluice:streams")
+            .key(GLOBAL_STREAMS)
             .arg(PERMIT_TTL.as_millis() as u64);
         for (id, client) in &live {
-            invocation.key(format!("sluice:streams:{client}")).arg(id);
+            invocation
+                .key(format!("sluice:{{limits}}:streams:{client}"))
+                .arg(id);
         }
         if invocation
             .invoke_async::<i64>(&mut connection)

@@ -72,10 +72,12 @@ end
 return out
 ";
 
-const EJECTED: &str = "sluice:pools:ejected";
+/// Hash-tagged, as every key is: each script touches one key, so one slot.
+const EJECTED: &str = "sluice:{pools}:ejected";
 
+/// A target's slots, in a slot of its own (a hash tag of its name, so pools spread).
 fn slots(target: &str) -> String {
-    format!("sluice:pools:streams:{target}")
+    format!("sluice:{{pool:{target}}}:streams")
 }
 
 /// What a stream's end or a health change asks of Redis: done by the upkeep task, since

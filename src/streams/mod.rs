@@ -51,7 +51,7 @@ pub struct Settings {
     /// running stream is kept.
     pub total: Duration,
     /// Redis, for logs any instance can read (`SLUICE_REDIS_URL`).
-    pub redis_url: Option<String>,
+    pub redis: Option<crate::link::Link>,
     /// When Redis cannot be reached: refuse (503) rather than serve without resumption.
     pub redis_fail_closed: bool,
 }
@@ -171,8 +171,12 @@ pub enum Cancelled {
 
 impl Streams {
     pub fn new(settings: Settings, metrics: &Metrics) -> anyhow::Result<Self> {
-        let shared = match &settings.redis_url {
-            Some(url) if !settings.grace.is_zero() => Some(shared::Shared::new(url, &settings)?),
+        let shared = match &settings.redis {
+            Some(link) if !settings.grace.is_zero() => Some(shared::Shared::new(
+                link.clone(),
+                &settings,
+                metrics.redis_errors(),
+            )),
             _ => None,
         };
         let metrics = StreamMetrics {

@@ -9,23 +9,32 @@
 //! instance's one connection and wait on that channel between reads. Every instance keeps
 //! a heartbeat key alive: a reader whose producer's key has gone ends with
 //! `producer_lost`. Cancels travel on the channel `sluice:cancel`.
+//!
+//! Every key is hash-tagged, so in a Redis Cluster each stream's writes (one script per
+//! stream and batch) and reads stay in one slot. A failure (a primary killed, its replica
+//! not yet promoted) is ridden out for as long as a stream may be silent
+//! (`SLUICE_IDLE_TIMEOUT_MS`): the writer keeps the writes that failed and sends them again
+//! first, the script adding only what Redis lacks, and a reader elsewhere retries its reads.
+//! Entries Redis lost (a primary's last writes not yet on its replica) are never skipped in
+//! silence: the log is closed `lost` where they were, and its readers get
+//! `stream_events_lost`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use redis::aio::ConnectionManager;
 use redis::streams::{StreamId, StreamRangeReply, StreamReadReply};
-use redis::{AsyncCommands, Client, RedisResult};
-use tokio::sync::{OnceCell, mpsc, watch};
+use redis::{AsyncCommands, RedisResult, Script};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::{Attached, Cancelled, Settings, Stored, lock};
 use crate::dialect::Wire;
 use crate::error::ApiError;
+use crate::link::{Connection, Lazy, Link};
 
 /// Writes queued for Redis at most (and their bytes at most the instance's log memory);
 /// past either a stream's shared log is abandoned (and marked `lost`) rather than memory
@@ -40,8 +49,7 @@ const CANCEL_CHANNEL: &str = "sluice:cancel";
 const PROGRESS_CHANNEL: &str = "sluice:progress";
 
 pub(super) struct Shared {
-    client: Client,
-    connection: OnceCell<ConnectionManager>,
+    connection: Lazy,
     /// This instance's name in Redis.
     instance: Arc<str>,
     writes: mpsc::Sender<Write>,
@@ -61,7 +69,11 @@ pub(super) struct Shared {
     /// Until when (ms since `epoch`) new streams skip Redis after it failed: a dead Redis
     /// costs one connect timeout a second, not one per stream.
     down_until: AtomicU64,
-    epoch: std::time::Instant,
+    epoch: Instant,
+    /// How long a Redis failure is ridden out before a write is given up or a reader told.
+    patience: Duration,
+    append: Script,
+    errors: metrics::Counter,
 }
 
 /// How long new streams skip Redis after a failure.
@@ -72,6 +84,53 @@ struct Keys {
     log: String,
     meta: String,
 }
+
+/// A stream's log as its producer mirrors it: its keys, what its meta hash says (put back
+/// if Redis lost it), and whether the mirror is broken (nothing more is written but a
+/// `lost` end).
+struct Mirror {
+    keys: Keys,
+    owner: String,
+    wire: Wire,
+    broken: AtomicBool,
+}
+
+/// Appends one stream's writes of a batch (ARGV from 6: number, field, value), after the
+/// entries Redis has already, so sending them again after a failure adds nothing twice.
+/// A gap before them (entries Redis lost) closes the log `lost` there. Trims what memory
+/// no longer keeps (ARGV[2]), puts the meta hash back if it is gone (ARGV[3..5]), and sets
+/// both keys' TTL (ARGV[1]). Returns the last entry's number, or -1 once the log is `lost`.
+const APPEND: &str = r"
+local log, meta = KEYS[1], KEYS[2]
+local ttl, first = tonumber(ARGV[1]), tonumber(ARGV[2])
+local top = 0
+local last = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 1)[1]
+if last then
+  top = tonumber(string.match(last[1], '%d+$'))
+  if last[2][1] == 'end' then return top end
+  if last[2][1] == 'lost' then return -1 end
+end
+for i = 6, #ARGV, 3 do
+  local n = tonumber(ARGV[i])
+  if n > top then
+    if n > math.max(top, first - 1) + 1 then
+      redis.call('XADD', log, '0-' .. (top + 1), 'lost', '1')
+      top = -1
+      break
+    end
+    redis.call('XADD', log, '0-' .. n, ARGV[i + 1], ARGV[i + 2])
+    top = n
+    if ARGV[i + 1] == 'lost' then top = -1 break end
+  end
+end
+if first > 1 and top > 0 then redis.call('XTRIM', log, 'MINID', '0-' .. first) end
+if redis.call('EXISTS', meta) == 0 then
+  redis.call('HSET', meta, 'owner', ARGV[3], 'wire', ARGV[4], 'instance', ARGV[5])
+end
+redis.call('PEXPIRE', log, ttl)
+redis.call('PEXPIRE', meta, ttl)
+return top
+";
 
 impl Keys {
     /// Hash-tagged, so a stream's keys share a Redis Cluster slot.
@@ -98,43 +157,52 @@ enum What {
 }
 
 struct Write {
-    keys: Arc<Keys>,
+    mirror: Arc<Mirror>,
     id: u64,
     what: What,
 }
 
+impl Write {
+    fn bytes(&self) -> usize {
+        match &self.what {
+            What::Event(event, _) => event.len(),
+            _ => 0,
+        }
+    }
+}
+
 /// One stream's log in Redis, as its producer writes it.
 pub(super) struct Log {
-    keys: Arc<Keys>,
+    mirror: Arc<Mirror>,
     writes: mpsc::Sender<Write>,
     queued: Arc<AtomicUsize>,
     budget: usize,
-    /// An event could not be queued: the rest are not written, the log ends `lost`.
-    broken: AtomicBool,
 }
 
 impl Log {
     pub(super) fn event(&self, id: u64, event: Bytes, first: u64) {
-        if self.broken.load(Ordering::Relaxed) {
+        // Broken (an event could not be queued, or Redis failed for too long): the rest
+        // are not written, and the log ends `lost`.
+        if self.mirror.broken.load(Ordering::Relaxed) {
             return;
         }
         let len = event.len();
         let queued = self.queued.fetch_add(len, Ordering::Relaxed);
         let write = Write {
-            keys: self.keys.clone(),
+            mirror: self.mirror.clone(),
             id,
             what: What::Event(event, first),
         };
         if queued + len > self.budget || self.writes.try_send(write).is_err() {
             self.queued.fetch_sub(len, Ordering::Relaxed);
-            tracing::warn!(stream = %self.keys.log, "the Redis writer is behind: this stream's shared log is abandoned");
-            self.broken.store(true, Ordering::Relaxed);
+            tracing::warn!(stream = %self.mirror.keys.log, "the Redis writer is behind: this stream's shared log is abandoned");
+            self.mirror.broken.store(true, Ordering::Relaxed);
         }
     }
 
     pub(super) fn forget(&self) {
         let write = Write {
-            keys: self.keys.clone(),
+            mirror: self.mirror.clone(),
             id: 0,
             what: What::Forget,
         };
@@ -143,13 +211,13 @@ impl Log {
     }
 
     pub(super) fn end(&self, next: u64, cancelled: bool) {
-        let what = if self.broken.load(Ordering::Relaxed) {
+        let what = if self.mirror.broken.load(Ordering::Relaxed) {
             What::Lost
         } else {
             What::End(cancelled)
         };
         let write = Write {
-            keys: self.keys.clone(),
+            mirror: self.mirror.clone(),
             id: next,
             what,
         };
@@ -168,13 +236,28 @@ fn millis(d: Duration) -> u64 {
     d.as_millis().min(u128::from(u64::MAX)) as u64
 }
 
+/// Writes by stream, each stream's in the order they came.
+fn group(writes: Vec<Write>) -> Vec<Vec<Write>> {
+    let mut at: HashMap<*const Mirror, usize> = HashMap::new();
+    let mut groups: Vec<Vec<Write>> = Vec::new();
+    for write in writes {
+        let key = Arc::as_ptr(&write.mirror);
+        match at.get(&key) {
+            Some(&i) => groups[i].push(write),
+            None => {
+                at.insert(key, groups.len());
+                groups.push(vec![write]);
+            }
+        }
+    }
+    groups
+}
+
 impl Shared {
-    pub(super) fn new(url: &str, settings: &Settings) -> anyhow::Result<Arc<Self>> {
-        let client = Client::open(url)?;
+    pub(super) fn new(link: Link, settings: &Settings, errors: metrics::Counter) -> Arc<Self> {
         let (writes, inbox) = mpsc::channel(QUEUE);
-        Ok(Arc::new(Shared {
-            client,
-            connection: OnceCell::new(),
+        Arc::new(Shared {
+            connection: Lazy::new(link, Duration::from_millis(1000)),
             instance: uuid::Uuid::new_v4().simple().to_string().into(),
             writes,
             inbox: std::sync::Mutex::new(Some(inbox)),
@@ -188,26 +271,19 @@ impl Shared {
             ttl: settings.ttl,
             running: settings.total + settings.grace + settings.ttl,
             down_until: AtomicU64::new(0),
-            epoch: std::time::Instant::now(),
-        }))
+            epoch: Instant::now(),
+            patience: settings.idle,
+            append: Script::new(APPEND),
+            errors,
+        })
     }
 
-    async fn connection(&self) -> RedisResult<ConnectionManager> {
-        let client = self.client.clone();
-        self.connection
-            .get_or_try_init(|| async move {
-                let config = redis::aio::ConnectionManagerConfig::new()
-                    .set_connection_timeout(Duration::from_millis(500))
-                    .set_response_timeout(Duration::from_millis(1000))
-                    .set_number_of_retries(1);
-                ConnectionManager::new_with_config(client, config).await
-            })
-            .await
-            .cloned()
+    async fn connection(&self) -> RedisResult<Connection> {
+        self.connection.get().await
     }
 
     fn instance_key(instance: &str) -> String {
-        format!("sluice:instance:{instance}")
+        format!("sluice:instance:{{{instance}}}")
     }
 
     /// The writer, the heartbeat and the cancel listener; `on_cancel` gets the ids other
@@ -239,11 +315,12 @@ impl Shared {
                 }
             }
         }));
-        let client = self.client.clone();
+        let link = self.connection.link().clone();
         let shared = self.clone();
         tokio::spawn(upkeep.run_until_cancelled_owned(async move {
-            loop {
-                match client.get_async_pubsub().await {
+            // In a Cluster, any node hears every PUBLISH: after a failure, try the next one.
+            for attempt in 0.. {
+                match link.pubsub(attempt).await {
                     Ok(mut pubsub) => {
                         if pubsub.subscribe(&[CANCEL_CHANNEL, PROGRESS_CHANNEL]).await.is_ok() {
                             // Readers may have missed progress while unsubscribed.
@@ -269,96 +346,123 @@ impl Shared {
         }));
     }
 
-    /// Writes whatever is queued, in one pipeline per wake-up, in order, and then says on
-    /// the progress channel which streams have new events.
+    /// Writes whatever is queued, one script per stream, all sent at once (the connection
+    /// pipelines them), in order; then says on the progress channel which streams have new
+    /// events. Writes that failed go first in the next round, after a pause, until Redis
+    /// has been failing for `patience`: then their streams' mirrors are given up.
     async fn writer(self: Arc<Self>, mut inbox: mpsc::Receiver<Write>) {
         let mut batch = Vec::with_capacity(512);
-        while inbox.recv_many(&mut batch, 512).await > 0 {
-            let mut pipe = redis::pipe();
-            let mut touched: Vec<(Arc<Keys>, Duration, u64)> = Vec::new();
-            let mut bytes = 0;
-            for write in batch.drain(..) {
-                let entry = format!("0-{}", write.id);
-                let (ttl, first) = match write.what {
-                    What::Event(event, first) => {
-                        bytes += event.len();
-                        pipe.cmd("XADD")
-                            .arg(&write.keys.log)
-                            .arg(entry)
-                            .arg("e")
-                            .arg(event.as_ref())
-                            .ignore();
-                        (self.running, first)
-                    }
-                    What::End(_) | What::Lost => {
-                        let (field, value) = match write.what {
-                            What::End(true) => ("end", CANCELLED),
-                            What::End(false) => ("end", "1"),
-                            _ => ("lost", "1"),
-                        };
-                        pipe.cmd("XADD")
-                            .arg(&write.keys.log)
-                            .arg(entry)
-                            .arg(field)
-                            .arg(value)
-                            .ignore();
-                        (self.ttl, 0)
-                    }
-                    What::Forget => {
-                        touched.retain(|(k, ..)| !Arc::ptr_eq(k, &write.keys));
-                        pipe.del(&[&write.keys.log, &write.keys.meta]).ignore();
-                        continue;
-                    }
-                };
-                match touched
-                    .iter_mut()
-                    .find(|(k, ..)| Arc::ptr_eq(k, &write.keys))
+        let mut pending: Vec<Write> = Vec::new();
+        let mut failing: Option<Instant> = None;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            if pending.is_empty() {
+                if inbox.recv_many(&mut batch, 512).await == 0 {
+                    return;
+                }
+            } else {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+                while batch.len() < 4096
+                    && let Ok(write) = inbox.try_recv()
                 {
-                    Some(slot) => {
-                        slot.1 = ttl;
-                        slot.2 = slot.2.max(first);
-                    }
-                    None => touched.push((write.keys, ttl, first)),
+                    batch.push(write);
                 }
             }
+            pending.append(&mut batch);
+            let groups = group(std::mem::take(&mut pending));
+            let results = futures::future::join_all(groups.iter().map(|g| self.apply(g))).await;
             let mut progress = String::new();
-            for (keys, ttl, first) in &touched {
-                // Memory dropped the events before `first`: so does Redis.
-                if *first > 1 {
-                    pipe.cmd("XTRIM")
-                        .arg(&keys.log)
-                        .arg("MINID")
-                        .arg(format!("0-{first}"))
-                        .ignore();
+            let mut done = 0;
+            let mut failed = false;
+            for (group, result) in groups.into_iter().zip(results) {
+                let mirror = &group[0].mirror;
+                match result {
+                    Ok(top) => {
+                        if top < 0 {
+                            mirror.broken.store(true, Ordering::Relaxed);
+                        }
+                        if !progress.is_empty() {
+                            progress.push(' ');
+                        }
+                        progress.push_str(&mirror.keys.id);
+                        done += group.iter().map(Write::bytes).sum::<usize>();
+                    }
+                    Err(e) => {
+                        if !failed {
+                            tracing::warn!(error = %e, "could not write stream events to Redis; retrying");
+                            self.errors.increment(1);
+                        }
+                        failed = true;
+                        pending.extend(group);
+                    }
                 }
-                pipe.cmd("PEXPIRE")
-                    .arg(&keys.log)
-                    .arg(millis(*ttl))
-                    .ignore();
-                pipe.cmd("PEXPIRE")
-                    .arg(&keys.meta)
-                    .arg(millis(*ttl))
-                    .ignore();
-                if !progress.is_empty() {
-                    progress.push(' ');
+            }
+            if failed {
+                let since = *failing.get_or_insert_with(Instant::now);
+                if since.elapsed() >= self.patience {
+                    tracing::warn!(
+                        streams = pending.len(),
+                        "Redis failed for too long: these streams are no longer logged there"
+                    );
+                    for write in pending.drain(..) {
+                        write.mirror.broken.store(true, Ordering::Relaxed);
+                        done += write.bytes();
+                    }
                 }
-                progress.push_str(&keys.id);
+            } else {
+                failing = None;
+                pause = Duration::from_millis(50);
             }
-            if !progress.is_empty() {
-                pipe.cmd("PUBLISH")
-                    .arg(PROGRESS_CHANNEL)
-                    .arg(progress)
-                    .ignore();
-            }
-            let result = match self.connection().await {
-                Ok(mut conn) => pipe.query_async::<()>(&mut conn).await,
-                Err(e) => Err(e),
-            };
-            self.queued.fetch_sub(bytes, Ordering::Relaxed);
-            if let Err(e) = result {
-                tracing::warn!(error = %e, "could not write stream events to Redis");
+            self.queued.fetch_sub(done, Ordering::Relaxed);
+            if !progress.is_empty()
+                && let Ok(mut conn) = self.connection().await
+            {
+                let _: RedisResult<i64> = conn.publish(PROGRESS_CHANNEL, progress).await;
             }
         }
+    }
+
+    /// One stream's writes of a round, in order: a delete, or one APPEND.
+    async fn apply(&self, writes: &[Write]) -> RedisResult<i64> {
+        let mut conn = self.connection().await?;
+        let mirror = &writes[0].mirror;
+        let keys = &mirror.keys;
+        if writes.iter().any(|w| matches!(w.what, What::Forget)) {
+            let _: () = conn.del(&[&keys.log, &keys.meta]).await?;
+            return Ok(0);
+        }
+        let mut invocation = self.append.key(&keys.log);
+        invocation.key(&keys.meta);
+        let ended = writes
+            .iter()
+            .any(|w| matches!(w.what, What::End(_) | What::Lost));
+        let ttl = if ended { self.ttl } else { self.running };
+        let first = writes
+            .iter()
+            .filter_map(|w| match w.what {
+                What::Event(_, first) => Some(first),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0);
+        invocation
+            .arg(millis(ttl))
+            .arg(first)
+            .arg(&mirror.owner)
+            .arg(mirror.wire.as_str())
+            .arg(&*self.instance);
+        for write in writes {
+            invocation.arg(write.id);
+            match &write.what {
+                What::Event(event, _) => invocation.arg("e").arg(event.as_ref()),
+                What::End(true) => invocation.arg("end").arg(CANCELLED),
+                What::End(false) => invocation.arg("end").arg("1"),
+                What::Lost => invocation.arg("lost").arg("1"),
+                What::Forget => continue,
+            };
+        }
+        invocation.invoke_async(&mut conn).await
     }
 
     /// Wakes the readers here of the streams named in a progress message.
@@ -429,7 +533,7 @@ impl Shared {
         wire: Wire,
         context: Option<&[u8]>,
     ) -> RedisResult<Log> {
-        let keys = Arc::new(Keys::of(id));
+        let keys = Keys::of(id);
         let mut conn = self.connection().await?;
         let mut pipe = redis::pipe();
         pipe.hset_multiple(
@@ -449,18 +553,22 @@ impl Shared {
             .query_async::<()>(&mut conn)
             .await?;
         Ok(Log {
-            keys,
+            mirror: Arc::new(Mirror {
+                keys,
+                owner: owner.to_owned(),
+                wire,
+                broken: AtomicBool::new(false),
+            }),
             writes: self.writes.clone(),
             queued: self.queued.clone(),
             budget: self.budget,
-            broken: AtomicBool::new(false),
         })
     }
 
     /// The producing instance of `id`, when `who` may read it in `wire`'s format.
     async fn find(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Connection,
         keys: &Keys,
         id: &str,
         who: &str,
@@ -529,7 +637,7 @@ impl Shared {
                 wire,
                 after,
                 instance,
-                self.lease,
+                (self.lease, self.patience),
             )
             .boxed(),
         ))
@@ -717,24 +825,27 @@ fn event_of(entry: &StreamId) -> Option<Bytes> {
 
 /// A reader on an instance that does not produce the stream: the events after `after`
 /// from Redis, page by page, then new ones as the producer says it added them; when nothing
-/// comes for a lease, it checks that the producer still lives. A Redis failure ends it with
-/// `shared_log_unavailable` (the producer may well run on), a producer gone with
-/// `producer_lost`.
+/// comes for a lease, it checks that the producer still lives. A Redis failure is retried
+/// for `patience`, then ends it with `shared_log_unavailable` (the producer may well run
+/// on); a producer gone (its heartbeat key missing twice, half a lease apart: a failover
+/// may lose it for a moment) with `producer_lost`.
 #[allow(clippy::too_many_arguments)]
 fn follow(
-    mut conn: ConnectionManager,
+    mut conn: Connection,
     mut progress: watch::Receiver<()>,
     id: String,
     keys: Keys,
     wire: Wire,
     after: u64,
     instance: String,
-    lease: Duration,
+    (lease, patience): (Duration, Duration),
 ) -> impl futures::Stream<Item = Bytes> + Send {
     async_stream::stream! {
         let mut cursor = after;
         let alive_key = Shared::instance_key(&instance);
         let options = redis::streams::StreamReadOptions::default().count(PAGE);
+        let mut retry = Retry::new(patience);
+        let mut missing = false;
         loop {
             progress.borrow_and_update();
             let reply: RedisResult<Option<StreamReadReply>> = conn
@@ -743,39 +854,63 @@ fn follow(
             let entries = match reply {
                 Ok(reply) => reply.map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect::<Vec<_>>()).unwrap_or_default(),
                 Err(e) => {
-                    tracing::warn!(error = %e, "Redis failed under a resumed stream");
+                    if retry.wait(&e).await {
+                        continue;
+                    }
                     yield wire.error_event(&id, cursor + 1, &ApiError::SharedLogUnavailable);
                     return;
                 }
             };
+            retry = Retry::new(patience);
             if entries.is_empty() {
-                if tokio::time::timeout(lease, progress.changed()).await.is_ok() {
+                if !missing && tokio::time::timeout(lease, progress.changed()).await.is_ok() {
                     continue;
                 }
                 // A cursor ahead of the stream never sees its end marker come after it.
                 let last: RedisResult<StreamRangeReply> =
                     conn.xrevrange_count(&keys.log, "+", "-", 1).await;
-                if let Ok(last) = &last
-                    && last.ids.first().is_some_and(|e| {
-                        entry_number(&e.id) <= cursor + 1
-                            && (e.map.contains_key("end") || e.map.contains_key("lost"))
-                    })
+                let last = match last {
+                    Ok(last) => last,
+                    Err(e) => {
+                        if retry.wait(&e).await {
+                            continue;
+                        }
+                        yield wire.error_event(&id, cursor + 1, &ApiError::SharedLogUnavailable);
+                        return;
+                    }
+                };
+                if let Some(e) = last.ids.first()
+                    && entry_number(&e.id) <= cursor + 1
                 {
-                    return;
+                    if e.map.contains_key("end") {
+                        return;
+                    }
+                    if e.map.contains_key("lost") {
+                        yield wire.error_event(&id, cursor + 1, &ApiError::StreamEventsLost);
+                        return;
+                    }
                 }
                 let alive: RedisResult<bool> = conn.exists(&alive_key).await;
                 match alive {
-                    Ok(true) => continue,
+                    Ok(true) => missing = false,
+                    Ok(false) if !missing => {
+                        missing = true;
+                        tokio::time::sleep(lease / 2).await;
+                    }
                     Ok(false) => {
                         yield wire.error_event(&id, cursor + 1, &ApiError::ProducerLost);
+                        return;
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "Redis failed under a resumed stream");
-                        yield wire.error_event(&id, cursor + 1, &ApiError::SharedLogUnavailable);
+                        if !retry.wait(&e).await {
+                            yield wire.error_event(&id, cursor + 1, &ApiError::SharedLogUnavailable);
+                            return;
+                        }
                     }
                 }
-                return;
+                continue;
             }
+            missing = false;
             for entry in entries {
                 let n = entry_number(&entry.id);
                 if entry.map.contains_key("end") {
@@ -794,5 +929,34 @@ fn follow(
                 }
             }
         }
+    }
+}
+
+/// A reader's patience with a failing Redis: pauses growing from 50 ms to 1 s between tries.
+struct Retry {
+    since: Option<Instant>,
+    pause: Duration,
+    patience: Duration,
+}
+
+impl Retry {
+    fn new(patience: Duration) -> Retry {
+        Retry {
+            since: None,
+            pause: Duration::from_millis(50),
+            patience,
+        }
+    }
+
+    /// Waits before the next try, or says (false) that patience has run out.
+    async fn wait(&mut self, error: &redis::RedisError) -> bool {
+        let since = *self.since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= self.patience {
+            tracing::warn!(%error, "Redis failed under a resumed stream");
+            return false;
+        }
+        tokio::time::sleep(self.pause).await;
+        self.pause = (self.pause * 2).min(Duration::from_secs(1));
+        true
     }
 }

@@ -64,9 +64,7 @@ async fn start_on_a(a: &Running, model: &str, n: usize) -> (Vec<Event>, String) 
     (seen, id)
 }
 
-#[tokio::test]
-async fn a_stream_started_on_one_instance_resumes_on_another() {
-    let Some(redis) = Redis::start() else { return };
+async fn a_stream_started_on_one_instance_resumes_on_another(redis: Redis) {
     let upstream = FakeUpstream::spawn().await;
     let a = instance_a(&redis, &upstream);
     let b = instance_b(&redis, &upstream).await;
@@ -105,9 +103,7 @@ async fn a_stream_started_on_one_instance_resumes_on_another() {
     assert_eq!(unknown.status(), 404);
 }
 
-#[tokio::test]
-async fn a_cancel_sent_to_another_instance_closes_the_upstream() {
-    let Some(redis) = Redis::start() else { return };
+async fn a_cancel_sent_to_another_instance_closes_the_upstream(redis: Redis) {
     let upstream = FakeUpstream::spawn().await;
     let a = instance_a(&redis, &upstream);
     let b = instance_b(&redis, &upstream).await;
@@ -175,9 +171,7 @@ async fn a_cancel_sent_to_another_instance_closes_the_upstream() {
     }
 }
 
-#[tokio::test]
-async fn when_the_producing_instance_dies_readers_elsewhere_get_producer_lost() {
-    let Some(redis) = Redis::start() else { return };
+async fn when_the_producing_instance_dies_readers_elsewhere_get_producer_lost(redis: Redis) {
     let upstream = FakeUpstream::spawn().await;
     let mut a = instance_a(&redis, &upstream);
     let b = instance_b(&redis, &upstream).await;
@@ -213,9 +207,7 @@ async fn when_the_producing_instance_dies_readers_elsewhere_get_producer_lost() 
     assert!(after.as_millis() < 3000 + 1000, "{after:?}");
 }
 
-#[tokio::test]
-async fn a_background_response_started_on_one_instance_is_read_on_another() {
-    let Some(redis) = Redis::start() else { return };
+async fn a_background_response_started_on_one_instance_is_read_on_another(redis: Redis) {
     let upstream = FakeUpstream::spawn().await;
     let a = instance_a(&redis, &upstream);
     let b = instance_b(&redis, &upstream).await;
@@ -259,3 +251,10 @@ async fn a_background_response_started_on_one_instance_is_read_on_another() {
     assert_eq!(done["output"][0]["content"][0]["text"], json!(expected));
     assert_eq!(upstream.requests().len(), 1);
 }
+
+crate::shared::on_one_server_and_a_cluster!(
+    a_stream_started_on_one_instance_resumes_on_another,
+    a_cancel_sent_to_another_instance_closes_the_upstream,
+    when_the_producing_instance_dies_readers_elsewhere_get_producer_lost,
+    a_background_response_started_on_one_instance_is_read_on_another,
+);

@@ -1,79 +1,98 @@
 //! Limits shared through a real Redis: two sluice instances admit together what one quota
 //! allows, hold one stream cap, and behave as configured when Redis dies.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{DEADLINE, TestApp, all_events, events, free_port, skip_without};
+use crate::support::{DEADLINE, TestApp, all_events, events, skip_without};
 
-/// A redis-server of this test's own, on a free port; stopped (by its pid) when dropped.
-pub(crate) struct Redis {
-    child: Child,
-    pub(crate) url: String,
+#[path = "../../examples/common/redis.rs"]
+mod nodes;
+
+/// Redis of this test's own (see `examples/common/redis.rs`), or a skip when the machine
+/// lacks it.
+pub(crate) struct Redis(nodes::Redis);
+
+impl std::ops::Deref for Redis {
+    type Target = nodes::Redis;
+    fn deref(&self) -> &nodes::Redis {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Redis {
+    fn deref_mut(&mut self) -> &mut nodes::Redis {
+        &mut self.0
+    }
 }
 
 impl Redis {
     pub(crate) fn start() -> Option<Redis> {
-        let found = Command::new("redis-server")
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !found && skip_without("redis-server (Debian package redis-server)") {
+        if !nodes::available(&["redis-server"])
+            && skip_without("redis-server (Debian package redis-server)")
+        {
             return None;
         }
-        let port = free_port();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server starts");
-        let redis = Redis {
-            child,
-            url: format!("redis://127.0.0.1:{port}"),
-        };
-        let started = Instant::now();
-        while !ping(port) {
-            assert!(started.elapsed() < DEADLINE, "redis-server did not answer");
-            std::thread::sleep(Duration::from_millis(10));
+        Some(Redis(nodes::Redis::single()))
+    }
+
+    pub(crate) fn cluster() -> Option<Redis> {
+        if !nodes::available(&["redis-server", "redis-cli"])
+            && skip_without("redis-server and redis-cli (Debian package redis-server)")
+        {
+            return None;
         }
-        Some(redis)
+        Some(Redis(nodes::Redis::cluster()))
     }
 
-    pub(crate) fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    /// A connection of the test's own, on the same link sluice uses.
+    pub(crate) async fn connection(&self) -> sluice::link::Connection {
+        sluice::link::Link::open(&self.url)
+            .expect("url")
+            .connect(Duration::from_secs(2))
+            .await
+            .expect("connects")
+    }
+
+    /// Waits until a replica serves `key`'s slot in place of the dead primary `dead`.
+    pub(crate) async fn wait_failover(&self, key: &str, dead: u16) {
+        let started = Instant::now();
+        while !self.failed_over(key, dead) {
+            assert!(started.elapsed() < DEADLINE * 6, "no replica took over");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
 
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn ping(port: u16) -> bool {
-    let Ok(mut tcp) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
+/// Runs each named test (an `async fn(Redis)`) twice: against one redis-server
+/// (`one_server::…`) and against a Redis Cluster of three primaries and three replicas
+/// (`cluster::…`).
+macro_rules! on_one_server_and_a_cluster {
+    ($($test:ident),* $(,)?) => {
+        mod one_server {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    if let Some(redis) = crate::shared::Redis::start() {
+                        super::$test(redis).await;
+                    }
+                }
+            )*
+        }
+        mod cluster {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    if let Some(redis) = crate::shared::Redis::cluster() {
+                        super::$test(redis).await;
+                    }
+                }
+            )*
+        }
     };
-    let mut reply = [0u8; 7];
-    tcp.write_all(b"PING\r\n").is_ok()
-        && tcp.read_exact(&mut reply).is_ok()
-        && &reply == b"+PONG\r\n"
 }
+pub(crate) use on_one_server_and_a_cluster;
 
 fn chat(max_tokens: u32) -> Value {
     json!({"model": "mock", "stream": true, "max_tokens": max_tokens,
@@ -89,9 +108,7 @@ async fn instance(redis: &Redis, adjust: impl FnOnce(&mut sluice::Config)) -> Te
     .await
 }
 
-#[tokio::test]
-async fn two_instances_share_one_request_quota() {
-    let Some(redis) = Redis::start() else { return };
+async fn two_instances_share_one_request_quota(redis: Redis) {
     let limits = |c: &mut sluice::Config| {
         c.rpm = 6; // one request every 10 s, after...
         c.rpm_burst = Some(4); // ...a burst of four, for both instances together
@@ -118,9 +135,7 @@ async fn two_instances_share_one_request_quota() {
     assert_eq!(a.metric("sluice_redis_errors_total").await, 0.0);
 }
 
-#[tokio::test]
-async fn two_instances_share_one_stream_cap() {
-    let Some(redis) = Redis::start() else { return };
+async fn two_instances_share_one_stream_cap(redis: Redis) {
     let limits = |c: &mut sluice::Config| {
         c.max_streams = 1;
         c.mock_tokens_per_s = 2.0;
@@ -136,23 +151,17 @@ async fn two_instances_share_one_stream_cap() {
     all_events(admitted_soon(&b, &chat(2)).await).await;
 }
 
-#[tokio::test]
-async fn a_crashed_instance_cannot_hold_permits() {
-    let Some(redis) = Redis::start() else { return };
+async fn a_crashed_instance_cannot_hold_permits(redis: Redis) {
     let app = instance(&redis, |c| c.max_streams = 1).await;
     // A permit left by an instance that crashed: nobody refreshes it, it expires in 300 ms.
-    let client = redis::Client::open(redis.url.as_str()).expect("url");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connects");
+    let mut conn = redis.connection().await;
     let (secs, micros): (u64, u64) = redis::cmd("TIME")
         .query_async(&mut conn)
         .await
         .expect("TIME");
     let expiry = secs * 1000 + micros / 1000 + 300;
     let _: i64 = redis::cmd("ZADD")
-        .arg("sluice:streams:127.0.0.1")
+        .arg("sluice:{limits}:streams:127.0.0.1")
         .arg(expiry)
         .arg("crashed-instance")
         .query_async(&mut conn)
@@ -167,11 +176,7 @@ async fn a_crashed_instance_cannot_hold_permits() {
     all_events(admitted_soon(&app, &chat(2)).await).await;
 }
 
-#[tokio::test]
-async fn when_redis_dies_each_instance_fails_as_configured() {
-    let Some(mut redis) = Redis::start() else {
-        return;
-    };
+async fn when_redis_dies_each_instance_fails_as_configured(mut redis: Redis) {
     let open = instance(&redis, |c| c.redis_failure = "open".into()).await;
     let closed = instance(&redis, |c| c.redis_failure = "closed".into()).await;
     for app in [&open, &closed] {
@@ -229,9 +234,7 @@ async fn admitted_soon(app: &TestApp, body: &Value) -> reqwest::Response {
     }
 }
 
-#[tokio::test]
-async fn token_budgets_are_shared_and_settled() {
-    let Some(redis) = Redis::start() else { return };
+async fn token_budgets_are_shared_and_settled(redis: Redis) {
     let limits = |c: &mut sluice::Config| c.tpm = Some(1000);
     let a = instance(&redis, limits).await;
     let b = instance(&redis, limits).await;
@@ -241,3 +244,11 @@ async fn token_budgets_are_shared_and_settled() {
         all_events(admitted_soon(app, &chat(600)).await).await;
     }
 }
+
+crate::shared::on_one_server_and_a_cluster!(
+    two_instances_share_one_request_quota,
+    two_instances_share_one_stream_cap,
+    a_crashed_instance_cannot_hold_permits,
+    when_redis_dies_each_instance_fails_as_configured,
+    token_budgets_are_shared_and_settled,
+);
