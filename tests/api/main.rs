@@ -10,6 +10,7 @@ mod anthropic;
 mod browser;
 mod cancel;
 mod chat;
+mod cluster;
 mod corpus;
 mod failures;
 mod faults;
