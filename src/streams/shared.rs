@@ -827,8 +827,8 @@ fn event_of(entry: &StreamId) -> Option<Bytes> {
 /// from Redis, page by page, then new ones as the producer says it added them; when nothing
 /// comes for a lease, it checks that the producer still lives. A Redis failure is retried
 /// for `patience`, then ends it with `shared_log_unavailable` (the producer may well run
-/// on); a producer gone (its heartbeat key missing twice, half a lease apart: a failover
-/// may lose it for a moment) with `producer_lost`.
+/// on); a producer gone (its heartbeat key missing for a lease of a working Redis) with
+/// `producer_lost`.
 #[allow(clippy::too_many_arguments)]
 fn follow(
     mut conn: Connection,
@@ -845,7 +845,11 @@ fn follow(
         let alive_key = Shared::instance_key(&instance);
         let options = redis::streams::StreamReadOptions::default().count(PAGE);
         let mut retry = Retry::new(patience);
-        let mut missing = false;
+        // Since when the producer's heartbeat key has been missing, Redis answering every
+        // time: a failover may let it expire before the producer can write it again, so
+        // the producer is lost only once its key has stayed missing for a whole lease
+        // (three heartbeats) of a Redis that works.
+        let mut missing: Option<Instant> = None;
         loop {
             progress.borrow_and_update();
             let reply: RedisResult<Option<StreamReadReply>> = conn
@@ -854,6 +858,7 @@ fn follow(
             let entries = match reply {
                 Ok(reply) => reply.map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect::<Vec<_>>()).unwrap_or_default(),
                 Err(e) => {
+                    missing = None;
                     if retry.wait(&e).await {
                         continue;
                     }
@@ -863,7 +868,7 @@ fn follow(
             };
             retry = Retry::new(patience);
             if entries.is_empty() {
-                if !missing && tokio::time::timeout(lease, progress.changed()).await.is_ok() {
+                if missing.is_none() && tokio::time::timeout(lease, progress.changed()).await.is_ok() {
                     continue;
                 }
                 // A cursor ahead of the stream never sees its end marker come after it.
@@ -872,6 +877,7 @@ fn follow(
                 let last = match last {
                     Ok(last) => last,
                     Err(e) => {
+                        missing = None;
                         if retry.wait(&e).await {
                             continue;
                         }
@@ -892,16 +898,17 @@ fn follow(
                 }
                 let alive: RedisResult<bool> = conn.exists(&alive_key).await;
                 match alive {
-                    Ok(true) => missing = false,
-                    Ok(false) if !missing => {
-                        missing = true;
-                        tokio::time::sleep(lease / 2).await;
-                    }
-                    Ok(false) => {
+                    Ok(true) => missing = None,
+                    Ok(false) if missing.is_some_and(|since| since.elapsed() >= lease) => {
                         yield wire.error_event(&id, cursor + 1, &ApiError::ProducerLost);
                         return;
                     }
+                    Ok(false) => {
+                        missing.get_or_insert_with(Instant::now);
+                        tokio::time::sleep(lease / 3).await;
+                    }
                     Err(e) => {
+                        missing = None;
                         if !retry.wait(&e).await {
                             yield wire.error_event(&id, cursor + 1, &ApiError::SharedLogUnavailable);
                             return;
@@ -910,7 +917,7 @@ fn follow(
                 }
                 continue;
             }
-            missing = false;
+            missing = None;
             for entry in entries {
                 let n = entry_number(&entry.id);
                 if entry.map.contains_key("end") {

@@ -87,13 +87,20 @@ async fn a_primary_killed_while_streams_run_is_ridden_out() {
         followers.push(tokio::spawn(read_all(follower)));
     }
 
-    let dead = redis.primary_of(LIMITS).expect("a primary serves the limits");
+    let dead = redis
+        .primary_of(LIMITS)
+        .expect("a primary serves the limits");
     redis.kill_node(dead);
 
     // During the failover: `open` admits on its own limits and counts the failure; `closed`
     // refuses with 503 and a time to retry.
-    let response = open.post("/v1/chat/completions", &json!({"model": "mock",
-        "stream": true, "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]})).await;
+    let response = open
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": "mock",
+        "stream": true, "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]}),
+        )
+        .await;
     assert_eq!(response.status(), 200);
     drop(response);
     assert!(open.metric("sluice_redis_errors_total").await >= 1.0);
@@ -111,7 +118,10 @@ async fn a_primary_killed_while_streams_run_is_ridden_out() {
             break;
         }
         assert_eq!(response.status(), 503);
-        assert!(started.elapsed() < DEADLINE * 4, "never back to shared mode");
+        assert!(
+            started.elapsed() < DEADLINE * 4,
+            "never back to shared mode"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let errors = closed.metric("sluice_redis_errors_total").await;
@@ -141,8 +151,14 @@ async fn a_primary_killed_while_streams_run_is_ridden_out() {
             );
         } else {
             assert_eq!(
-                followed.iter().map(|e| (&e.id, &e.data)).collect::<Vec<_>>(),
-                produced.iter().map(|e| (&e.id, &e.data)).collect::<Vec<_>>(),
+                followed
+                    .iter()
+                    .map(|e| (&e.id, &e.data))
+                    .collect::<Vec<_>>(),
+                produced
+                    .iter()
+                    .map(|e| (&e.id, &e.data))
+                    .collect::<Vec<_>>(),
                 "a follower on another instance got exactly what was produced"
             );
         }
