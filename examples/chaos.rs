@@ -18,6 +18,9 @@
 //! the instances' RSS and Redis's memory every 30 s; it fails on an error or on growth after
 //! warm-up. `--seed n` replays a run's random choices.
 
+// A harness: its servers and clients are tasks of their own, ended with the process.
+#![allow(clippy::disallowed_methods)]
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
