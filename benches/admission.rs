@@ -7,11 +7,12 @@
 //! port, and is skipped with a message when the binary is missing.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
+
+#[path = "../examples/common/redis.rs"]
+mod redis_nodes;
 use sluice::admission::{Admission, Limits, SharedLimits};
 
 fn limits() -> Limits {
@@ -55,50 +56,20 @@ fn admission(c: &mut Criterion) {
         Admission::new(Vec::new(), limits(), Vec::new(), 1_000_000, None).expect("admission");
     bench(c, "admission in process", local, &runtime);
 
-    let has_redis = Command::new("redis-server")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has_redis {
+    if !redis_nodes::available(&["redis-server"]) {
         eprintln!("skipped: admission through Redis (no redis-server on this machine)");
         return;
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let mut server = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("redis-server starts");
-    let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "redis-server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let server = redis_nodes::Redis::single();
     let shared = SharedLimits {
-        link: sluice::link::Link::open(&format!("redis://127.0.0.1:{port}")).expect("url"),
+        link: sluice::link::Link::open(&server.url).expect("url"),
         fail_closed: true, // a failure must not be measured as a fast local admission
         errors: metrics::Counter::noop(),
     };
     let through_redis = Admission::new(Vec::new(), limits(), Vec::new(), 1_000_000, Some(shared))
         .expect("admission");
     bench(c, "admission through Redis", through_redis, &runtime);
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
 }
 
 fn counting(c: &mut Criterion) {

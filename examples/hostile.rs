@@ -21,7 +21,7 @@
 #![allow(clippy::disallowed_methods)]
 
 use std::convert::Infallible;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -39,6 +39,8 @@ use serde_json::{Value, json};
 #[path = "common/proc.rs"]
 #[expect(dead_code, reason = "the descriptor count is loadgen's")]
 mod proc;
+#[path = "common/redis.rs"]
+mod redis_nodes;
 use proc::cpu_s;
 
 fn main() -> anyhow::Result<()> {
@@ -342,64 +344,13 @@ async fn m1(binary: &str, upstream: &str) -> anyhow::Result<String> {
     ))
 }
 
-/// A redis-server of the probe's own on a free port.
-struct Redis(Child, u16);
-
-impl Redis {
-    fn start() -> anyhow::Result<Redis> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .spawn()?;
-        let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            anyhow::ensure!(
-                started.elapsed() < Duration::from_secs(5),
-                "redis-server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(Redis(child, port))
-    }
-
-    /// `used_memory` from `INFO memory`, in bytes.
-    fn used_memory(&self) -> f64 {
-        let Ok(mut tcp) = std::net::TcpStream::connect(("127.0.0.1", self.1)) else {
-            return 0.0;
-        };
-        let _ = tcp.write_all(b"INFO memory\r\n");
-        let _ = tcp.set_read_timeout(Some(Duration::from_secs(2)));
-        let mut buf = vec![0u8; 16 * 1024];
-        let n = tcp.read(&mut buf).unwrap_or(0);
-        String::from_utf8_lossy(&buf[..n])
-            .lines()
-            .find_map(|l| l.strip_prefix("used_memory:")?.trim().parse().ok())
-            .unwrap_or(0.0)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 async fn m2(binary: &str, upstream: &str) -> anyhow::Result<String> {
-    let redis = Redis::start()?;
-    let url = format!("redis://127.0.0.1:{}", redis.1);
+    anyhow::ensure!(
+        redis_nodes::available(&["redis-server"]),
+        "redis-server is not installed (Debian package redis-server)"
+    );
+    let redis = redis_nodes::Redis::single();
+    let url = redis.url.clone();
     let sluice = Sluice::start(
         binary,
         &[
@@ -408,7 +359,7 @@ async fn m2(binary: &str, upstream: &str) -> anyhow::Result<String> {
             ("SLUICE_RESUME_MEMORY_MB", "4"),
         ],
     )?;
-    let baseline = redis.used_memory();
+    let baseline = redis.used_memory() as f64;
     let http = reqwest::Client::new();
     for _ in 0..4 {
         http.post(sluice.url("/v1/responses"))
@@ -419,7 +370,7 @@ async fn m2(binary: &str, upstream: &str) -> anyhow::Result<String> {
     let mut peak = 0.0f64;
     let until = Instant::now() + Duration::from_secs(10);
     while Instant::now() < until {
-        peak = peak.max(redis.used_memory() - baseline);
+        peak = peak.max((redis.used_memory() as f64) - baseline);
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     Ok(format!(

@@ -44,6 +44,8 @@ use serde_json::{Value, json};
 
 #[path = "common/proc.rs"]
 mod proc;
+#[path = "common/redis.rs"]
+mod redis_nodes;
 use proc::{cpu_s, open_fds, rss_kib};
 
 /// CPU seconds of all of `pids`.
@@ -763,35 +765,14 @@ async fn pinned() -> anyhow::Result<()> {
 }
 
 /// A redis-server of the benchmark's own on a free port (killed with the guard).
-fn redis_server() -> anyhow::Result<(Proc, String)> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| anyhow::anyhow!("redis-server (Debian package redis-server): {e}"))?;
-    let addr = format!("127.0.0.1:{port}");
-    let started = Instant::now();
-    while std::net::TcpStream::connect(&addr).is_err() {
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(5),
-            "redis-server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Ok((Proc { child, addr }, format!("redis://127.0.0.1:{port}")))
+fn redis_server() -> anyhow::Result<(redis_nodes::Redis, String)> {
+    anyhow::ensure!(
+        redis_nodes::available(&["redis-server"]),
+        "redis-server is not installed (Debian package redis-server)"
+    );
+    let redis = redis_nodes::Redis::single();
+    let url = redis.url.clone();
+    Ok((redis, url))
 }
 
 /// CPU per chunk of each wire format on one chat upstream, 1,000 streams each, passes
@@ -896,7 +877,7 @@ async fn resumable() -> anyhow::Result<()> {
     let mut chunks = [0usize; 3];
     let mut errors = [0usize; 3];
     let mut latency: [Vec<u32>; 3] = Default::default();
-    let redis_pid = redis.pid().to_string();
+    let redis_pid = redis.pid().unwrap_or(0).to_string();
     for _ in 0..REPEATS {
         for (i, (_, gateway, resumable)) in paths.iter().enumerate() {
             let pid = gateway.pid().to_string();

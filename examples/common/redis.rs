@@ -167,6 +167,11 @@ impl Redis {
         self.nodes.len() > 1
     }
 
+    /// The first node's process id (the one server's).
+    pub fn pid(&self) -> Option<u32> {
+        self.nodes.first()?.child.as_ref().map(Child::id)
+    }
+
     /// Every node's port.
     pub fn ports(&self) -> Vec<u16> {
         self.nodes.iter().map(|n| n.port).collect()
