@@ -49,10 +49,6 @@ impl Link {
         Ok(Link { nodes })
     }
 
-    pub fn is_cluster(&self) -> bool {
-        self.nodes.len() > 1
-    }
-
     /// A multiplexed connection, answering within `response` or failing. To a Cluster, it
     /// is made on its first request.
     pub async fn connect(&self, response: Duration) -> RedisResult<Connection> {

@@ -22,9 +22,9 @@ pub struct Redis {
 }
 
 struct Node {
+    /// None once killed.
     child: Option<Child>,
     port: u16,
-    args: Vec<String>,
 }
 
 /// Whether each of `tools` runs here.
@@ -45,42 +45,23 @@ fn free_port() -> u16 {
 }
 
 impl Node {
-    fn start(port: u16, extra: &[String]) -> Node {
-        let mut args: Vec<String> = [
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.extend_from_slice(extra);
-        let mut node = Node {
-            child: None,
-            port,
-            args,
-        };
-        node.restart();
-        node
-    }
-
-    fn restart(&mut self) {
+    fn start(port: u16, extra: &[&str]) -> Node {
         let child = Command::new("redis-server")
-            .args(&self.args)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server starts");
-        self.child = Some(child);
         let started = Instant::now();
-        while !ping(self.port) {
+        while !ping(port) {
             assert!(started.elapsed() < START, "redis-server did not answer");
             std::thread::sleep(Duration::from_millis(10));
+        }
+        Node {
+            child: Some(child),
+            port,
         }
     }
 
@@ -113,21 +94,23 @@ impl Redis {
             .map(|_| {
                 let (port, bus) = (free_port(), free_port());
                 let conf = dir.join(format!("nodes-{port}.conf"));
-                let extra: Vec<String> = [
+                let (bus, conf, dir) = (
+                    bus.to_string(),
+                    conf.to_string_lossy(),
+                    dir.to_string_lossy(),
+                );
+                let extra = [
                     "--cluster-enabled",
                     "yes",
                     "--cluster-port",
-                    &bus.to_string(),
+                    &bus,
                     "--cluster-config-file",
-                    &conf.to_string_lossy(),
+                    &conf,
                     "--cluster-node-timeout",
                     "2000",
                     "--dir",
-                    &dir.to_string_lossy(),
-                ]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
+                    &dir,
+                ];
                 Node::start(port, &extra)
             })
             .collect();
@@ -163,18 +146,9 @@ impl Redis {
         redis
     }
 
-    pub fn is_cluster(&self) -> bool {
-        self.nodes.len() > 1
-    }
-
     /// The first node's process id (the one server's).
     pub fn pid(&self) -> Option<u32> {
         self.nodes.first()?.child.as_ref().map(Child::id)
-    }
-
-    /// Every node's port.
-    pub fn ports(&self) -> Vec<u16> {
-        self.nodes.iter().map(|n| n.port).collect()
     }
 
     pub fn kill(&mut self) {
@@ -187,14 +161,6 @@ impl Redis {
     pub fn kill_node(&mut self, port: u16) {
         if let Some(node) = self.nodes.iter_mut().find(|n| n.port == port) {
             node.kill();
-        }
-    }
-
-    /// Starts a killed node again: it rejoins its cluster (as a replica, once another took
-    /// its place).
-    pub fn restart_node(&mut self, port: u16) {
-        if let Some(node) = self.nodes.iter_mut().find(|n| n.port == port) {
-            node.restart();
         }
     }
 

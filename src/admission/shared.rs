@@ -219,11 +219,6 @@ impl Shared {
         )
     }
 
-    /// The link this is on: pools share theirs through it too.
-    pub fn link(&self) -> &Link {
-        self.connection.link()
-    }
-
     async fn connection(&self) -> Result<Connection, redis::RedisError> {
         let since = self.epoch.elapsed().as_millis() as u64;
         if since < self.down_until.load(Ordering::Relaxed) {
@@ -275,10 +270,7 @@ impl Shared {
             .arg(PERMIT_TTL.as_millis() as u64);
         let decision = decision(&self.invoke(&invocation).await?);
         if let Decision::Admitted { .. } = decision {
-            self.live
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(id.to_owned(), client.clone());
+            self.adopt(id, client);
         }
         Ok(decision)
     }
@@ -349,8 +341,8 @@ impl Shared {
         let _ = self.releases.send(release);
     }
 
-    /// A permit admitted by this instance's own limits while Redis failed: refreshed into
-    /// Redis from now on, like one Redis admitted.
+    /// A permit this instance holds, refreshed into Redis while it lives: one Redis
+    /// admitted, or one admitted by this instance's own limits while Redis failed.
     pub fn adopt(&self, id: &str, client: &Arc<str>) {
         self.live
             .lock()

@@ -353,16 +353,14 @@ impl Shared {
     async fn writer(self: Arc<Self>, mut inbox: mpsc::Receiver<Write>) {
         let mut batch = Vec::with_capacity(512);
         let mut pending: Vec<Write> = Vec::new();
-        let mut failing: Option<Instant> = None;
-        let mut pause = Duration::from_millis(50);
+        let mut retry = Retry::new(self.patience);
         loop {
             if pending.is_empty() {
                 if inbox.recv_many(&mut batch, 512).await == 0 {
                     return;
                 }
             } else {
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(1));
+                // After the pause `retry` waited: what came meanwhile goes too.
                 while batch.len() < 4096
                     && let Ok(write) = inbox.try_recv()
                 {
@@ -374,7 +372,7 @@ impl Shared {
             let results = futures::future::join_all(groups.iter().map(|g| self.apply(g))).await;
             let mut progress = String::new();
             let mut done = 0;
-            let mut failed = false;
+            let mut failed = None;
             for (group, result) in groups.into_iter().zip(results) {
                 let mirror = &group[0].mirror;
                 match result {
@@ -389,30 +387,28 @@ impl Shared {
                         done += group.iter().map(Write::bytes).sum::<usize>();
                     }
                     Err(e) => {
-                        if !failed {
-                            tracing::warn!(error = %e, "could not write stream events to Redis; retrying");
-                            self.errors.increment(1);
-                        }
-                        failed = true;
+                        failed.get_or_insert(e);
                         pending.extend(group);
                     }
                 }
             }
-            if failed {
-                let since = *failing.get_or_insert_with(Instant::now);
-                if since.elapsed() >= self.patience {
-                    tracing::warn!(
-                        streams = pending.len(),
-                        "Redis failed for too long: these streams are no longer logged there"
-                    );
-                    for write in pending.drain(..) {
-                        write.mirror.broken.store(true, Ordering::Relaxed);
-                        done += write.bytes();
+            match failed {
+                Some(e) => {
+                    tracing::warn!(error = %e, "could not write stream events to Redis; retrying");
+                    self.errors.increment(1);
+                    if !retry.wait().await {
+                        tracing::warn!(
+                            streams = pending.len(),
+                            "Redis failed for too long: these streams are no longer logged there"
+                        );
+                        for write in pending.drain(..) {
+                            write.mirror.broken.store(true, Ordering::Relaxed);
+                            done += write.bytes();
+                        }
+                        retry = Retry::new(self.patience);
                     }
                 }
-            } else {
-                failing = None;
-                pause = Duration::from_millis(50);
+                None => retry = Retry::new(self.patience),
             }
             self.queued.fetch_sub(done, Ordering::Relaxed);
             if !progress.is_empty()
@@ -843,7 +839,6 @@ fn follow(
     async_stream::stream! {
         let mut cursor = after;
         let alive_key = Shared::instance_key(&instance);
-        let options = redis::streams::StreamReadOptions::default().count(PAGE);
         let mut retry = Retry::new(patience);
         // Since when the producer's heartbeat key has been missing, Redis answering every
         // time: a failover may let it expire before the producer can write it again, so
@@ -851,95 +846,121 @@ fn follow(
         // (three heartbeats) of a Redis that works.
         let mut missing: Option<Instant> = None;
         loop {
-            progress.borrow_and_update();
-            let reply: RedisResult<Option<StreamReadReply>> = conn
-                .xread_options(&[&keys.log], &[format!("0-{cursor}")], &options)
-                .await;
-            let entries = match reply {
-                Ok(reply) => reply.map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect::<Vec<_>>()).unwrap_or_default(),
+            // Nothing new for a lease: look at the log's end and the producer. While its
+            // key is missing, look again without waiting for progress.
+            let wait = if missing.is_none() { Some(lease) } else { None };
+            let found = match look(&mut conn, &mut progress, &keys, &alive_key, cursor, wait).await {
+                Ok(found) => {
+                    retry = Retry::new(patience);
+                    found
+                }
                 Err(e) => {
                     missing = None;
-                    if retry.wait(&e).await {
+                    if retry.wait().await {
                         continue;
                     }
+                    tracing::warn!(error = %e, "Redis failed under a resumed stream");
                     yield wire.error_event(&id, cursor + 1, &ApiError::SharedLogUnavailable);
                     return;
                 }
             };
-            retry = Retry::new(patience);
-            if entries.is_empty() {
-                if missing.is_none() && tokio::time::timeout(lease, progress.changed()).await.is_ok() {
-                    continue;
-                }
-                // A cursor ahead of the stream never sees its end marker come after it.
-                let last: RedisResult<StreamRangeReply> =
-                    conn.xrevrange_count(&keys.log, "+", "-", 1).await;
-                let last = match last {
-                    Ok(last) => last,
-                    Err(e) => {
-                        missing = None;
-                        if retry.wait(&e).await {
-                            continue;
-                        }
-                        yield wire.error_event(&id, cursor + 1, &ApiError::SharedLogUnavailable);
-                        return;
-                    }
-                };
-                if let Some(e) = last.ids.first()
-                    && entry_number(&e.id) <= cursor + 1
-                {
-                    if e.map.contains_key("end") {
-                        return;
-                    }
-                    if e.map.contains_key("lost") {
-                        yield wire.error_event(&id, cursor + 1, &ApiError::StreamEventsLost);
-                        return;
-                    }
-                }
-                let alive: RedisResult<bool> = conn.exists(&alive_key).await;
-                match alive {
-                    Ok(true) => missing = None,
-                    Ok(false) if missing.is_some_and(|since| since.elapsed() >= lease) => {
-                        yield wire.error_event(&id, cursor + 1, &ApiError::ProducerLost);
-                        return;
-                    }
-                    Ok(false) => {
-                        missing.get_or_insert_with(Instant::now);
-                        tokio::time::sleep(lease / 3).await;
-                    }
-                    Err(e) => {
-                        missing = None;
-                        if !retry.wait(&e).await {
-                            yield wire.error_event(&id, cursor + 1, &ApiError::SharedLogUnavailable);
+            match found {
+                Found::Events(entries) => {
+                    missing = None;
+                    for entry in entries {
+                        let n = entry_number(&entry.id);
+                        if entry.map.contains_key("end") {
                             return;
                         }
+                        let event = if n == cursor + 1 { event_of(&entry) } else { None };
+                        match event {
+                            Some(event) => {
+                                cursor = n;
+                                yield event;
+                            }
+                            None => {
+                                yield wire.error_event(&id, cursor + 1, &ApiError::StreamEventsLost);
+                                return;
+                            }
+                        }
                     }
                 }
-                continue;
-            }
-            missing = None;
-            for entry in entries {
-                let n = entry_number(&entry.id);
-                if entry.map.contains_key("end") {
+                Found::Ended => return,
+                Found::Lost => {
+                    yield wire.error_event(&id, cursor + 1, &ApiError::StreamEventsLost);
                     return;
                 }
-                let event = if n == cursor + 1 { event_of(&entry) } else { None };
-                match event {
-                    Some(event) => {
-                        cursor = n;
-                        yield event;
-                    }
-                    None => {
-                        yield wire.error_event(&id, cursor + 1, &ApiError::StreamEventsLost);
-                        return;
-                    }
+                Found::Producer { alive: true } => missing = None,
+                Found::Producer { alive: false } if missing.is_some_and(|since| since.elapsed() >= lease) => {
+                    yield wire.error_event(&id, cursor + 1, &ApiError::ProducerLost);
+                    return;
+                }
+                Found::Producer { alive: false } => {
+                    missing.get_or_insert_with(Instant::now);
+                    tokio::time::sleep(lease / 3).await;
                 }
             }
         }
     }
 }
 
-/// A reader's patience with a failing Redis: pauses growing from 50 ms to 1 s between tries.
+/// What a reader finds next in Redis.
+enum Found {
+    /// Entries after its cursor (none: the producer said it wrote, look again).
+    Events(Vec<StreamId>),
+    /// The log ended at or before the cursor: nothing will come after it.
+    Ended,
+    /// The log was closed `lost` at or before the cursor.
+    Lost,
+    /// Nothing for a lease: whether the producer's heartbeat key is there.
+    Producer { alive: bool },
+}
+
+/// The entries after `cursor`; if none, waits up to `wait` for the producer's word, then
+/// looks at the log's last entry and the producer's heartbeat.
+async fn look(
+    conn: &mut Connection,
+    progress: &mut watch::Receiver<()>,
+    keys: &Keys,
+    alive_key: &str,
+    cursor: u64,
+    wait: Option<Duration>,
+) -> RedisResult<Found> {
+    progress.borrow_and_update();
+    let options = redis::streams::StreamReadOptions::default().count(PAGE);
+    let reply: Option<StreamReadReply> = conn
+        .xread_options(&[&keys.log], &[format!("0-{cursor}")], &options)
+        .await?;
+    let entries: Vec<StreamId> = reply
+        .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
+        .unwrap_or_default();
+    if !entries.is_empty() {
+        return Ok(Found::Events(entries));
+    }
+    if let Some(wait) = wait
+        && tokio::time::timeout(wait, progress.changed()).await.is_ok()
+    {
+        return Ok(Found::Events(entries));
+    }
+    // A cursor ahead of the stream never sees its end marker come after it.
+    let last: StreamRangeReply = conn.xrevrange_count(&keys.log, "+", "-", 1).await?;
+    if let Some(e) = last.ids.first()
+        && entry_number(&e.id) <= cursor + 1
+    {
+        if e.map.contains_key("end") {
+            return Ok(Found::Ended);
+        }
+        if e.map.contains_key("lost") {
+            return Ok(Found::Lost);
+        }
+    }
+    Ok(Found::Producer {
+        alive: conn.exists(alive_key).await?,
+    })
+}
+
+/// Patience with a failing Redis (the writer's, a reader's): pauses growing from 50 ms to
+/// 1 s between tries, for as long as `patience`.
 struct Retry {
     since: Option<Instant>,
     pause: Duration,
@@ -956,10 +977,9 @@ impl Retry {
     }
 
     /// Waits before the next try, or says (false) that patience has run out.
-    async fn wait(&mut self, error: &redis::RedisError) -> bool {
+    async fn wait(&mut self) -> bool {
         let since = *self.since.get_or_insert_with(Instant::now);
         if since.elapsed() >= self.patience {
-            tracing::warn!(%error, "Redis failed under a resumed stream");
             return false;
         }
         tokio::time::sleep(self.pause).await;
