@@ -10,11 +10,12 @@ use fantoccini::key::Key;
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
 
-use crate::support::{
-    DEADLINE, REPLY_DEADLINE, TestApp, fixtures, free_port, skip_without, wait_for_port,
-};
+use crate::support::{DEADLINE, REPLY_DEADLINE, TestApp, fixtures, free_port, skip_without};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// How long chromedriver may take to listen while the whole suite runs beside it.
+const DRIVER_START: Duration = Duration::from_secs(30);
 
 /// chromedriver on a free port, stopped (by its pid) when dropped, with the Chromiums it
 /// started: a session a test never closed (it failed, or returned early) would outlive the
@@ -67,20 +68,37 @@ pub(crate) fn start_driver() -> Option<Driver> {
     {
         return None;
     }
-    let port = free_port();
-    let child = Command::new("chromedriver")
-        .args([format!("--port={port}"), "--allowed-ips=127.0.0.1".into()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("chromedriver starts");
-    let driver = Driver {
-        child,
-        url: format!("http://127.0.0.1:{port}"),
-        profiles: std::sync::Mutex::default(),
-    };
-    wait_for_port(port, "chromedriver");
-    Some(driver)
+    // A busy machine can be slow to start it, and another process can take the port
+    // between `free_port` and its bind: a driver that exits is started again elsewhere.
+    for _ in 0..3 {
+        let port = free_port();
+        let child = Command::new("chromedriver")
+            .args([format!("--port={port}"), "--allowed-ips=127.0.0.1".into()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver starts");
+        let mut driver = Driver {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            profiles: std::sync::Mutex::default(),
+        };
+        let started = Instant::now();
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Some(driver);
+            }
+            if driver.child.try_wait().ok().flatten().is_some() {
+                break;
+            }
+            assert!(
+                started.elapsed() < DRIVER_START,
+                "chromedriver did not listen on {port} within {DRIVER_START:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    panic!("chromedriver exited at start three times")
 }
 
 pub(crate) async fn browser(driver: &Driver) -> Client {

@@ -246,15 +246,6 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Waits until something accepts connections on `port`, or panics naming `what`.
-pub fn wait_for_port(port: u16, what: &str) {
-    let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(started.elapsed() < DEADLINE, "{what} did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// A mock fixtures file with one scripted reply; a fresh path each call.
 pub fn fixtures(pattern: &str, reply: &str) -> std::path::PathBuf {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
