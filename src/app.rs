@@ -22,10 +22,11 @@ use crate::state::AppState;
 /// sluice's HTTP app. A request passes, in order:
 /// 1. request id: `x-request-id` kept from the client when it is a short plain token, else
 ///    made anew; returned on the response and sent upstream;
-/// 2. trace: a span per request carrying that id;
+/// 2. trace: a span per request carrying that id (and, with OpenTelemetry, the trace's);
 /// 3. panic guard: a panic becomes a 500 with OpenAI's error body, logged;
 /// 4. observe: the request's [`Exchange`](crate::telemetry::Exchange), which writes its log
-///    line at the end, and `sluice_requests_total` by route, model and status;
+///    line at the end (and ends its OpenTelemetry server span, continuing the client's
+///    `traceparent`), and `sluice_requests_total` by route, model and status;
 /// 5. `X-Content-Type-Options: nosniff` on every answer;
 /// 6. CORS, only for the origins in `SLUICE_CORS_ORIGINS` (none: same origin only);
 /// 7. body limit: a declared `Content-Length` over 1 MiB is refused (413) before anything
@@ -46,7 +47,13 @@ pub fn app(state: AppState) -> Router {
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("-");
                 // No path: it may hold a stream's id, which is logged only for its owner.
-                tracing::info_span!("request", method = %req.method(), request_id = %id)
+                tracing::info_span!(
+                    "request",
+                    method = %req.method(),
+                    request_id = %id,
+                    trace_id = tracing::field::Empty,
+                    span_id = tracing::field::Empty,
+                )
             }),
         )
         .layer(CatchPanicLayer::custom(panicked))

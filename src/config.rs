@@ -256,6 +256,67 @@ pub struct Config {
         default_value = "info"
     )]
     pub log: String,
+
+    /// OpenTelemetry's collector (OTLP): traces and metrics go there. Unset: none.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "OTEL_EXPORTER_OTLP_ENDPOINT",
+          value_parser = http_url)]
+    pub otel_endpoint: Option<String>,
+
+    /// `http/protobuf` or `grpc`.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_PROTOCOL", value_name = "OTEL_EXPORTER_OTLP_PROTOCOL",
+          default_value = "http/protobuf", value_parser = ["http/protobuf", "grpc"])]
+    pub otel_protocol: String,
+
+    /// The service's name on its spans and metrics.
+    #[arg(
+        long,
+        env = "OTEL_SERVICE_NAME",
+        value_name = "OTEL_SERVICE_NAME",
+        default_value = "sluice"
+    )]
+    pub otel_service_name: String,
+
+    /// Which traces are kept, by the specification's names (`parentbased_always_on`…).
+    #[arg(
+        long,
+        env = "OTEL_TRACES_SAMPLER",
+        value_name = "OTEL_TRACES_SAMPLER",
+        default_value = "parentbased_always_on"
+    )]
+    pub otel_traces_sampler: String,
+
+    /// The ratio of a `traceidratio` sampler.
+    #[arg(
+        long,
+        env = "OTEL_TRACES_SAMPLER_ARG",
+        value_name = "OTEL_TRACES_SAMPLER_ARG"
+    )]
+    pub otel_traces_sampler_arg: Option<String>,
+
+    /// `true`: prompts and replies are recorded on spans (`gen_ai.input.messages`,
+    /// `gen_ai.output.messages`). Off by default: no message text leaves sluice.
+    #[arg(long, env = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT",
+          value_name = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT",
+          default_value = "false", value_parser = flag, action = clap::ArgAction::Set)]
+    pub otel_capture_content: bool,
+
+    /// Milliseconds between two exports of finished spans.
+    #[arg(
+        long,
+        env = "OTEL_BSP_SCHEDULE_DELAY",
+        value_name = "OTEL_BSP_SCHEDULE_DELAY",
+        default_value_t = 5000
+    )]
+    pub otel_bsp_schedule_delay_ms: u64,
+
+    /// Milliseconds between two exports of metrics.
+    #[arg(
+        long,
+        env = "OTEL_METRIC_EXPORT_INTERVAL",
+        value_name = "OTEL_METRIC_EXPORT_INTERVAL",
+        default_value_t = 60000
+    )]
+    pub otel_metric_export_interval_ms: u64,
 }
 
 /// Seconds as a duration, capped at ten years so that no deadline overflows.
@@ -292,8 +353,8 @@ fn ip_net(value: &str) -> Result<ipnet::IpNet, String> {
 
 fn flag(value: &str) -> Result<bool, String> {
     match value.trim() {
-        "1" | "true" | "yes" | "on" => Ok(true),
-        "" | "0" | "false" | "no" | "off" => Ok(false),
+        "1" | "true" | "TRUE" | "True" | "yes" | "on" => Ok(true),
+        "" | "0" | "false" | "FALSE" | "False" | "no" | "off" => Ok(false),
         _ => Err("must be 1 or 0".into()),
     }
 }

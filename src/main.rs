@@ -92,7 +92,14 @@ async fn run() -> ExitCode {
     );
 
     let grace = Duration::from_secs(config.shutdown_grace_s);
-    if let Err(e) = sluice::serve(listener, state, shutdown_signal(), grace).await {
+    let metrics = state.metrics.clone();
+    if let Some(endpoint) = &config.otel_endpoint {
+        tracing::info!(endpoint = %endpoint, protocol = %config.otel_protocol, "OpenTelemetry: traces and metrics go to the collector");
+    }
+    let served = sluice::serve(listener, state, shutdown_signal(), grace).await;
+    // What OpenTelemetry still holds goes out before the process ends.
+    metrics.shutdown();
+    if let Err(e) = served {
         eprintln!("sluice: {e}");
         return ExitCode::FAILURE;
     }

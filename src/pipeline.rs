@@ -86,7 +86,9 @@ pub async fn admit(
         .routes
         .resolve(model)
         .ok_or_else(|| ApiError::ModelNotFound(model.to_owned()))?;
+    let asked = std::time::Instant::now();
     let permit = state.admission.admit(who, model).await?;
+    exchange.admitted(asked.elapsed());
     Ok(Admitted { permit, route })
 }
 
@@ -101,6 +103,7 @@ impl Admitted {
         chat: Chat,
     ) -> Result<Started, ApiError> {
         let Admitted { mut permit, route } = self;
+        exchange.set_max_tokens(chat.max_tokens);
         let text_bytes: usize = chat.messages.iter().map(|m| m.content.len()).sum();
         let (messages, prompt_tokens) = state.tokens.prompt(chat.messages).await;
         let rest = u32::try_from(chat.size.saturating_sub(text_bytes) / 4).unwrap_or(u32::MAX);
@@ -152,6 +155,7 @@ impl Admitted {
             seed: chat.seed,
             body: chat.body,
             request_id: exchange.request_id().to_owned(),
+            trace: Vec::new(),
             native: chat.native,
         };
         let guard = StreamGuard::new(
@@ -164,11 +168,13 @@ impl Admitted {
         );
         // A target of the route's pool, waiting in its queue while every one is full.
         // A request still waiting when the shutdown grace period ends is told so.
+        let queued = std::time::Instant::now();
         let begun = tokio::select! {
             biased;
             begun = route.begin() => begun,
             () = state.closing.cancelled() => return Err(ApiError::Restarting),
         };
+        exchange.admitted(queued.elapsed());
         let start = begun.map_err(|why| match why {
             Unavailable::Full(retry_after) => ApiError::PoolFull {
                 model: chat.model.clone(),

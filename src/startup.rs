@@ -22,7 +22,7 @@ use crate::dispatch::{
 };
 use crate::prompts::Prompts;
 use crate::state::{AppState, ServerSettings};
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, Otel, OtelSettings};
 
 /// How often `SLUICE_CONFIG_WATCH` looks at the file.
 const WATCH_EVERY: Duration = Duration::from_secs(1);
@@ -33,7 +33,8 @@ const RESERVED_FDS: u64 = 64;
 impl AppState {
     /// Builds the state, or says what in the configuration is wrong.
     pub fn build(config: &Config) -> anyhow::Result<Self> {
-        let metrics = Metrics::new();
+        let otel = Otel::start(&otel_settings(config)).context("OpenTelemetry")?;
+        let metrics = Metrics::with(otel);
         let fixtures = match &config.mock_fixtures {
             Some(path) => mock::load_fixtures(path).context("SLUICE_MOCK_FIXTURES")?,
             None => Vec::new(),
@@ -170,6 +171,20 @@ impl AppState {
 }
 
 /// Clients' keys: `SLUICE_API_KEYS`, then the TOML config's with their own limits.
+/// What the standard `OTEL_*` variables ask of OpenTelemetry.
+fn otel_settings(config: &Config) -> OtelSettings {
+    OtelSettings {
+        endpoint: config.otel_endpoint.clone(),
+        protocol: config.otel_protocol.clone(),
+        service_name: config.otel_service_name.clone(),
+        sampler: config.otel_traces_sampler.clone(),
+        sampler_arg: config.otel_traces_sampler_arg.clone(),
+        capture_content: config.otel_capture_content,
+        span_delay: Duration::from_millis(config.otel_bsp_schedule_delay_ms.max(1)),
+        metric_interval: Duration::from_millis(config.otel_metric_export_interval_ms.max(1)),
+    }
+}
+
 fn keys(config: &Config, file: &FileConfig) -> anyhow::Result<Vec<ApiKey>> {
     let defaults = config.default_limits();
     let mut keys: Vec<ApiKey> = config

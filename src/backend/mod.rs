@@ -64,6 +64,8 @@ pub struct ChatRequest {
     pub body: Map<String, Value>,
     /// sluice's id for the request, sent upstream as `x-request-id`.
     pub request_id: String,
+    /// `traceparent` (and `tracestate`) of the attempt's span, sent upstream as they are.
+    pub trace: Vec<(&'static str, String)>,
     /// The request as the client sent it, in an API other than chat completions: what an
     /// upstream that speaks that API itself receives (and relays back event by event, as
     /// [`Delta::Event`]s).
@@ -423,6 +425,16 @@ pub trait Backend: Send + Sync {
     /// relayed as it sent it; any other client's is translated.
     fn speaks(&self) -> openai::Api {
         openai::Api::Chat
+    }
+
+    /// `gen_ai.provider.name` (OpenTelemetry) of what it calls: the maker of the API an
+    /// upstream is called with, or `sluice` for a model sluice runs itself.
+    fn provider(&self) -> &'static str {
+        match (self.upstream(), self.speaks()) {
+            (None, _) => "sluice",
+            (Some(_), openai::Api::Messages) => "anthropic",
+            (Some(_), _) => "openai",
+        }
     }
 
     /// The upstream's own model list, for a backend that has one to ask.

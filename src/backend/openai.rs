@@ -230,6 +230,9 @@ impl Backend for OpenAiBackend {
             }
         };
         header("x-request-id", &request_id);
+        for (name, value) in &request.trace {
+            header(name, value);
+        }
         let body = match self.api {
             Api::Chat => Value::Object(self.upstream_body(request)).to_string(),
             Api::Responses => Value::Object(Self::responses_body(request)).to_string(),

@@ -114,6 +114,16 @@ impl Wire {
         }
     }
 
+    /// `gen_ai.provider.name` (OpenTelemetry) of the API: the maker of the API a client
+    /// speaks, `sluice` for sluice's own.
+    pub fn provider(self) -> &'static str {
+        match self {
+            Wire::Chat => "sluice",
+            Wire::OpenAi | Wire::Responses => "openai",
+            Wire::Anthropic => "anthropic",
+        }
+    }
+
     pub fn parse(name: &str) -> Option<Wire> {
         match name {
             "chat" => Some(Wire::Chat),

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use super::Plan;
 use super::pool::Lease;
 use crate::backend::{BackendError, ChatRequest, Delta, DeltaStream, Wait};
-use crate::telemetry::{Exchange, Metrics};
+use crate::telemetry::{Call, Exchange, Metrics};
 use crate::wake::Woken;
 
 /// What failover needs besides the route: its limits, where it counts, and the token that
@@ -64,7 +64,17 @@ pub fn upstream(
                 attempt.model.clone_from(model);
             }
             let target_label = target.model.as_deref().unwrap_or(&label);
-            let _call = metrics.upstream_call(target_label);
+            // The attempt's meter and, with OpenTelemetry, its span, named upstream.
+            let mut call = metrics.upstream_call(
+                Call {
+                    label: target_label,
+                    provider: target.backend.provider(),
+                    server: target.backend.upstream(),
+                    request: &attempt,
+                },
+                &exchange,
+            );
+            attempt.trace = call.trace_headers();
             let started = Instant::now();
             let mut inner = target.backend.stream(attempt);
             let mut deadline = Woken::new(Box::pin(tokio::time::sleep(limits.first_token)));
@@ -101,6 +111,7 @@ pub fn upstream(
                 let delta = match item {
                     Ok(delta) => delta,
                     Err(e) => {
+                        call.failed(&e);
                         let reason = e.fallback_reason().filter(|_| !relayed);
                         if reason.is_some() {
                             lease.failed(&e);
@@ -131,25 +142,32 @@ pub fn upstream(
                 let first = !relayed && !matches!(delta, Delta::Queued(_));
                 if first {
                     lease.succeeded(started.elapsed());
+                    call.first_chunk();
                 }
-                match delta {
-                    Delta::Text(_)
-                    | Delta::Fields(_)
+                match &delta {
+                    Delta::Text(text) => {
+                        call.text(text);
+                        waiting_for = Wait::Chunk;
+                    }
+                    Delta::Fields(_)
                     | Delta::Event(_)
                     | Delta::Signature(_)
                     | Delta::Redacted(_)
                     | Delta::Annotation(_)
                     | Delta::Untranslated(_) => waiting_for = Wait::Chunk,
-                    Delta::Finish(_) => finished = true,
+                    Delta::Finish(reason) => {
+                        call.finished(reason);
+                        finished = true;
+                    }
                     // Moving up the queue is progress: the wait for a first token starts
                     // when the model takes the request.
                     Delta::Queued(_) => deadline
                         .get_mut()
                         .as_mut()
                         .reset(tokio::time::Instant::now() + limits.first_token),
+                    Delta::Usage(usage) => call.usage(*usage),
                     // Each comes just before the content or usage it belongs to.
-                    Delta::Usage(_)
-                    | Delta::UsageDetails(_)
+                    Delta::UsageDetails(_)
                     | Delta::Identity(_)
                     | Delta::Logprobs(_) => {}
                 }

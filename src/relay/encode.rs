@@ -250,6 +250,7 @@ fn steps<E: Encoder>(
                             size = size.saturating_add(fields.json().len());
                         }
                         Delta::Usage(usage) => guard.reported = Some(*usage),
+                        Delta::Finish(reason) => guard.exchange.set_finish(reason),
                         _ => {}
                     }
                     if size > max_bytes {

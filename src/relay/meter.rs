@@ -103,7 +103,13 @@ impl Drop for StreamGuard {
         // A cancelled stream is charged what it delivered; a failed one, what it used.
         self.permit.settle(usage.total_tokens);
         self.exchange.ended(outcome, self.times.first, usage);
-        self.metrics
-            .stream_ended(outcome, &self.model, usage, &self.times);
+        self.metrics.stream_ended(
+            outcome,
+            &self.model,
+            self.exchange.provider(),
+            usage,
+            &self.times,
+            self.exchange.arrived().elapsed(),
+        );
     }
 }

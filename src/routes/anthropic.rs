@@ -90,10 +90,14 @@ async fn messages(
         header("anthropic-beta"),
     )?;
     let resumable = crate::http::asks_resumable(&headers);
+    exchange.set_chat(Wire::Anthropic.provider(), stream);
     let started = pipeline::start(&state, &who, &exchange, request).await?;
     let rate = started.rate;
     let completion = Completion::new(&started.model);
     let id = Wire::Anthropic.stream_id(&completion);
+    if stream {
+        exchange.set_stream(&id);
+    }
     let meta = Meta {
         id: id.clone(),
         model: completion.model,
@@ -107,7 +111,14 @@ async fn messages(
             let events = relay::encode(opened, encoder, guard);
             return state
                 .streams
-                .respond(events, id, &who.name, Wire::Anthropic, resumable)
+                .respond(
+                    events,
+                    id,
+                    &who.name,
+                    Wire::Anthropic,
+                    resumable,
+                    exchange.span_context(),
+                )
                 .await;
         }
         let mut events = Vec::new();

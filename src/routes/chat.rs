@@ -31,10 +31,12 @@ async fn chat(
 ) -> Result<Response, ApiError> {
     let default_model = state.routes.default_model().to_owned();
     let chat = sluice::request::parse(body, size, &state.prompts, &default_model)?;
+    exchange.set_chat(Wire::Chat.provider(), true);
     let started = pipeline::start(&state, &who, &exchange, chat).await?;
     let mut guard = started.guard;
     let completion = Completion::new(&started.model);
     let id = Wire::Chat.stream_id(&completion);
+    exchange.set_stream(&id);
     let response = match relay::open(started.stream, state.keep_alive, &mut guard).await {
         Ok(opened) => {
             let events = relay::encode(opened, sluice::Encoder::new(completion), guard);
@@ -42,7 +44,14 @@ async fn chat(
             let resumable = state.streams.enabled();
             state
                 .streams
-                .respond(events, id, &who.name, Wire::Chat, resumable)
+                .respond(
+                    events,
+                    id,
+                    &who.name,
+                    Wire::Chat,
+                    resumable,
+                    exchange.span_context(),
+                )
                 .await
         }
         Err(e) => Err(ApiError::from(e)),

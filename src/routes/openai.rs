@@ -39,6 +39,7 @@ async fn chat_completions(
     // A stream that outlives its connection, when asked for.
     let resumable = crate::http::asks_resumable(&headers);
     let (request, asked) = chat::request::parse(body, size)?;
+    exchange.set_chat(Wire::OpenAi.provider(), asked.stream);
     let started = pipeline::start(&state, &who, &exchange, request).await?;
     let rate = started.rate;
     let dropped = started.dropped;
@@ -60,13 +61,21 @@ async fn chat_completions(
     } else {
         // Peek before committing, so a failure before the first token is a real status.
         let id = Wire::OpenAi.stream_id(&completion);
+        exchange.set_stream(&id);
         match relay::open(started.stream, state.keep_alive, &mut guard).await {
             Ok(opened) => {
                 let encoder = chat::Encoder::new(completion, asked.include_usage);
                 let events = relay::encode(opened, encoder, guard);
                 state
                     .streams
-                    .respond(events, id, &who.name, Wire::OpenAi, resumable)
+                    .respond(
+                        events,
+                        id,
+                        &who.name,
+                        Wire::OpenAi,
+                        resumable,
+                        exchange.span_context(),
+                    )
                     .await
             }
             Err(e) => Err(ApiError::from(e)),

@@ -89,6 +89,7 @@ async fn create(
     if fields.input.is_none() {
         return Err(invalid("`input` is required", "input"));
     }
+    exchange.set_chat(Wire::Responses.provider(), fields.stream);
     // Admitted before any stored state is loaded: a refused client costs nothing more.
     let admitted = pipeline::admit(
         &state,
@@ -126,6 +127,7 @@ async fn create(
     let dropped = started.dropped;
     let completion = Completion::new(&started.model);
     let id = Wire::Responses.stream_id(&completion);
+    exchange.set_stream(&id);
     let meta = Meta {
         id: id.clone(),
         created_at: completion.created,
@@ -142,7 +144,13 @@ async fn create(
             let queued = meta.object("queued", &[], Value::Null);
             let slot = state
                 .streams
-                .slot(&id, &who.name, Wire::Responses, context)
+                .slot(
+                    &id,
+                    &who.name,
+                    Wire::Responses,
+                    context,
+                    exchange.span_context(),
+                )
                 .await?
                 .ok_or_else(no_room)?;
             let opened = relay::Opened::unpeeked(started.stream);
@@ -163,7 +171,13 @@ async fn create(
         let slot = if store || resumable {
             state
                 .streams
-                .slot(&id, &who.name, Wire::Responses, context)
+                .slot(
+                    &id,
+                    &who.name,
+                    Wire::Responses,
+                    context,
+                    exchange.span_context(),
+                )
                 .await?
         } else {
             None

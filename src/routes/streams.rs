@@ -114,6 +114,8 @@ pub(super) async fn follow(
     };
     if response.is_ok() {
         exchange.set_stream(id);
+        // The reader's span links to the span of the request that started the stream.
+        exchange.resumed(state.streams.producer(id));
     }
     Ok(with_rate_headers(response, &quota))
 }

@@ -2,6 +2,7 @@
 //! readers attached to it, and the control its producer obeys (readers come and go, a
 //! cancel). Readers wait on the log's progress, not on a timer.
 
+use opentelemetry::trace::SpanContext;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,6 +32,8 @@ pub(super) struct Entry {
     shared: Option<shared::Log>,
     /// What the stream's creator keeps beside it (a response's conversation).
     pub(super) context: Option<Bytes>,
+    /// The span of the request that started it, which its readers' spans link to.
+    pub(super) trace: Option<SpanContext>,
     /// The reply it adds up to, once built.
     reply: std::sync::OnceLock<super::Reply>,
 }
@@ -97,6 +100,7 @@ impl Entry {
         memory: Memory,
         shared: Option<shared::Log>,
         context: Option<Bytes>,
+        trace: Option<SpanContext>,
     ) -> Self {
         Entry {
             id,
@@ -116,6 +120,7 @@ impl Entry {
             memory,
             shared,
             context,
+            trace,
             reply: std::sync::OnceLock::new(),
         }
     }

@@ -11,6 +11,7 @@
 mod log;
 mod shared;
 
+use opentelemetry::trace::SpanContext;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -235,12 +236,13 @@ impl Streams {
         owner: &Arc<str>,
         wire: Wire,
         resumable: bool,
+        trace: Option<SpanContext>,
     ) -> Result<Response, ApiError> {
         let keep_alive = self.0.settings.keep_alive;
         if !resumable {
             return Ok(relay::sse(events, wire.keep_alive(), &id, keep_alive));
         }
-        let Some(slot) = self.slot(&id, owner, wire, None).await? else {
+        let Some(slot) = self.slot(&id, owner, wire, None, trace).await? else {
             let mut response = relay::sse(events, wire.keep_alive(), &id, keep_alive);
             response
                 .headers_mut()
@@ -267,6 +269,7 @@ impl Streams {
         owner: &Arc<str>,
         wire: Wire,
         context: Option<Bytes>,
+        trace: Option<SpanContext>,
     ) -> Result<Option<Slot>, ApiError> {
         let registry = &self.0;
         if !self.enabled() {
@@ -309,6 +312,7 @@ impl Streams {
             },
             shared,
             context,
+            trace,
         ));
         entry.account(needs as isize);
         lock(&registry.live).insert(id, entry.clone());
@@ -576,6 +580,11 @@ impl Streams {
         let attached = shared.attach(id, who, wire, after).await?;
         self.0.metrics.resumes.increment(1);
         Ok(attached)
+    }
+
+    /// The span of the request that started stream `id`, when it runs on this instance.
+    pub fn producer(&self, id: &str) -> Option<SpanContext> {
+        lock(&self.0.live).get(id).and_then(|e| e.trace.clone())
     }
 
     /// What is kept of stream `id`: its context and events, wherever it is logged.

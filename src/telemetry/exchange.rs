@@ -1,10 +1,15 @@
-//! One request as its log line tells it: made when the request arrives, filled in by the
-//! handler and the stream, written when the last of them lets go.
+//! One request as its log line and, with OpenTelemetry, its server span tell it: made when
+//! the request arrives, filled in by the handler and the stream, written (the span ended)
+//! when the last of them lets go.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::Outcome;
+use opentelemetry::Context;
+use opentelemetry::trace::{SpanContext, Status, TraceContextExt as _};
+
+use super::otel::{finish_reasons, kv};
+use super::{OPERATION, Outcome};
 use crate::backend::{BackendError, Usage};
 
 /// One request as the log line at its end tells it. The middleware makes it, the handler
@@ -17,6 +22,8 @@ struct ExchangeInner {
     request_id: String,
     method: String,
     path: String,
+    /// The server span, with OpenTelemetry (and never for health and metrics requests).
+    span: Option<Context>,
     record: Mutex<Record>,
 }
 
@@ -35,18 +42,78 @@ struct Record {
     error: Option<String>,
     /// A stored stream's id, once it is known to be the client's.
     stream: Option<String>,
+    /// A chat request: `gen_ai.provider.name` of the API the client speaks, and whether
+    /// it asked for a stream.
+    chat: Option<(&'static str, bool)>,
+    max_tokens: Option<u32>,
+    finish: Option<String>,
+    /// How long admission took (limits, Redis, a pool's queue).
+    admission: Option<Duration>,
+    /// A reader of a stream produced by another request (whose span it links to).
+    resumed: bool,
 }
 
 impl Exchange {
-    /// A request that has just arrived.
-    pub fn new(request_id: String, method: String, path: String) -> Self {
+    /// A request that has just arrived, with its server span when it is traced.
+    pub fn new(request_id: String, method: String, path: String, span: Option<Context>) -> Self {
         Exchange(Arc::new(ExchangeInner {
             arrived: Instant::now(),
             request_id,
             method,
             path,
+            span,
             record: Mutex::new(Record::default()),
         }))
+    }
+
+    /// The server span's context: the parent of the request's upstream attempts.
+    pub fn span(&self) -> Option<&Context> {
+        self.0.span.as_ref()
+    }
+
+    /// The server span's identity, for a stream that later readers link to.
+    pub fn span_context(&self) -> Option<SpanContext> {
+        self.span().map(|cx| cx.span().span_context().clone())
+    }
+
+    /// `trace_id` and `span_id` of the server span, for log lines.
+    pub fn trace_ids(&self) -> Option<(String, String)> {
+        self.span().and_then(ids)
+    }
+
+    /// A chat request in an API of `provider`, streamed or not.
+    pub fn set_chat(&self, provider: &'static str, stream: bool) {
+        self.record().chat = Some((provider, stream));
+    }
+
+    /// `gen_ai.provider.name` of the API the client speaks (`sluice` until it is known).
+    pub fn provider(&self) -> &'static str {
+        self.record()
+            .chat
+            .map_or("sluice", |(provider, _)| provider)
+    }
+
+    pub fn set_max_tokens(&self, max_tokens: Option<u32>) {
+        self.record().max_tokens = max_tokens;
+    }
+
+    /// Admission (limits, then a pool's queue) took `wait` more.
+    pub fn admitted(&self, wait: Duration) {
+        let mut record = self.record();
+        record.admission = Some(record.admission.unwrap_or_default() + wait);
+    }
+
+    /// The reply's finish reason.
+    pub fn set_finish(&self, reason: &str) {
+        self.record().finish = Some(reason.to_owned());
+    }
+
+    /// This request reads a stream that `producer`'s request started: its span links there.
+    pub fn resumed(&self, producer: Option<SpanContext>) {
+        self.record().resumed = true;
+        if let (Some(cx), Some(producer)) = (self.span(), producer) {
+            cx.span().add_link(producer, Vec::new());
+        }
     }
 
     /// The answer's status is known: returns the route's name and the model's label.
@@ -105,8 +172,9 @@ impl Exchange {
         record.usage = Some(usage);
     }
 
-    /// The stored stream the request read or stopped: logged only once it was the
-    /// client's (the path is logged as its route, so an id never appears before that).
+    /// The stream the request started, or the stored one it read or stopped: logged only
+    /// once it was the client's (the path is logged as its route, so an id never appears
+    /// before that).
     pub fn set_stream(&self, id: &str) {
         self.record().stream = Some(id.to_owned());
     }
@@ -129,11 +197,18 @@ impl Drop for ExchangeInner {
         let usage = r.usage.unwrap_or_default();
         // The route as it is written (`/v1/responses/{id}`), not the path the client sent.
         let path = r.route.as_deref().unwrap_or(&self.path);
+        let ids = self.span.as_ref().and_then(ids);
+        let (trace_id, span_id) = match &ids {
+            Some((trace, span)) => (Some(trace.as_str()), Some(span.as_str())),
+            None => (None, None),
+        };
         macro_rules! line {
             ($level:expr) => {
                 tracing::event!(
                     $level,
                     request_id = %self.request_id,
+                    trace_id,
+                    span_id,
                     method = %self.method,
                     path = %path,
                     stream = r.stream.as_deref(),
@@ -156,5 +231,83 @@ impl Drop for ExchangeInner {
         } else {
             line!(tracing::Level::INFO);
         }
+        if let Some(cx) = &self.span {
+            end_span(cx, &self.method, path, r);
+        }
     }
+}
+
+/// `trace_id` and `span_id` of a valid span.
+fn ids(cx: &Context) -> Option<(String, String)> {
+    let span = cx.span();
+    let sc = span.span_context();
+    sc.is_valid()
+        .then(|| (sc.trace_id().to_string(), sc.span_id().to_string()))
+}
+
+/// The server span's attributes, from the record, and its end.
+fn end_span(cx: &Context, method: &str, route: &str, r: &Record) {
+    let span = cx.span();
+    if !span.is_recording() {
+        return;
+    }
+    span.set_attributes([
+        kv("http.request.method", method.to_owned()),
+        kv("http.route", route.to_owned()),
+    ]);
+    if let Some(status) = r.status {
+        span.set_attribute(kv("http.response.status_code", i64::from(status)));
+    }
+    if let Some(stream) = &r.stream {
+        span.set_attribute(kv("sluice.stream.id", stream.clone()));
+    }
+    span.set_attribute(kv("sluice.stream.resumed", r.resumed));
+    if let Some(wait) = r.admission {
+        span.set_attribute(kv("sluice.admission.wait_ms", wait.as_secs_f64() * 1000.0));
+    }
+    let error = match r.outcome {
+        Some(outcome) => outcome.error_type(),
+        None => r.status.filter(|s| *s >= 400).map(|_| "http_error"),
+    };
+    match (r.chat, &r.model) {
+        (Some((provider, stream)), Some(model)) => {
+            span.update_name(format!("{OPERATION} {model}"));
+            span.set_attributes([
+                kv("gen_ai.operation.name", OPERATION),
+                kv("gen_ai.provider.name", provider),
+                kv("gen_ai.request.model", model.clone()),
+                kv("gen_ai.response.model", model.clone()),
+                kv("gen_ai.request.stream", stream),
+                kv("sluice.cancelled", r.outcome == Some(Outcome::Cancelled)),
+            ]);
+            if let Some(n) = r.max_tokens {
+                span.set_attribute(kv("gen_ai.request.max_tokens", i64::from(n)));
+            }
+            if let Some(usage) = r.usage {
+                span.set_attribute(kv(
+                    "gen_ai.usage.input_tokens",
+                    i64::from(usage.prompt_tokens),
+                ));
+                span.set_attribute(kv(
+                    "gen_ai.usage.output_tokens",
+                    i64::from(usage.completion_tokens),
+                ));
+            }
+            if let Some(ttft) = r.ttft {
+                span.set_attribute(kv(
+                    "gen_ai.response.time_to_first_chunk",
+                    ttft.as_secs_f64(),
+                ));
+            }
+            if let Some(finish) = &r.finish {
+                span.set_attribute(finish_reasons(finish));
+            }
+        }
+        _ => span.update_name(format!("{method} {route}")),
+    }
+    if let Some(error) = error {
+        span.set_attribute(kv("error.type", error));
+        span.set_status(Status::error(r.error.clone().unwrap_or_default()));
+    }
+    span.end();
 }

@@ -1,14 +1,20 @@
-//! What sluice tells its operators: Prometheus series here, and the per-request log record
-//! ([`Exchange`]) in `exchange.rs`.
+//! What sluice tells its operators: Prometheus series here (sluice's own and the GenAI
+//! conventions' under their Prometheus names), the per-request log record and server span
+//! ([`Exchange`]) in `exchange.rs`, an upstream attempt's meter and client span
+//! ([`UpstreamCall`]) in `call.rs`, and OpenTelemetry's exporters in `otel.rs`.
 //!
 //! Each app owns its recorder (not the process-global one), so several apps in one
 //! process, as in the tests, count apart. The series are listed in the README.
 
+mod call;
 mod exchange;
+mod otel;
+pub use call::{Call, UpstreamCall};
 pub use exchange::Exchange;
+pub use otel::{DURATION_BUCKETS, Otel, Settings as OtelSettings, TPOT_BUCKETS, TTFT_BUCKETS};
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder};
 use metrics_exporter_prometheus::{
@@ -48,6 +54,17 @@ impl Outcome {
         }
     }
 
+    /// `error.type` of a request that ended so: none for one completed, or cancelled by
+    /// its client.
+    pub fn error_type(self) -> Option<&'static str> {
+        match self {
+            Outcome::Completed | Outcome::Cancelled => None,
+            Outcome::TimedOut => Some("timeout"),
+            Outcome::UpstreamError => Some("upstream_error"),
+            Outcome::Shutdown => Some("server_restarting"),
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Completed => "completed",
@@ -69,7 +86,7 @@ const SMALL_SECONDS: [f64; 14] = [
 ];
 
 /// Every histogram: its name, its buckets and what it measures.
-const HISTOGRAMS: [(&str, &[f64], &str); 4] = [
+const HISTOGRAMS: [(&str, &[f64], &str); 9] = [
     (
         "sluice_time_to_first_token_seconds",
         &HUMAN_SECONDS,
@@ -90,7 +107,35 @@ const HISTOGRAMS: [(&str, &[f64], &str); 4] = [
         &SMALL_SECONDS,
         "sluice's own share of the time to first byte: before the upstream call, and from the upstream's first chunk to its relay.",
     ),
+    (
+        "gen_ai_server_request_duration_seconds",
+        &otel::DURATION_BUCKETS,
+        "gen_ai.server.request.duration: from a chat request's arrival to its last byte.",
+    ),
+    (
+        "gen_ai_server_time_to_first_token_seconds",
+        &otel::TTFT_BUCKETS,
+        "gen_ai.server.time_to_first_token: from arrival to the first token, successful responses.",
+    ),
+    (
+        "gen_ai_server_time_per_output_token_seconds",
+        &otel::TPOT_BUCKETS,
+        "gen_ai.server.time_per_output_token: per output token after the first, successful responses.",
+    ),
+    (
+        "gen_ai_client_inference_duration_seconds",
+        &otel::DURATION_BUCKETS,
+        "gen_ai.client.inference.duration: an upstream call from sending to its last byte.",
+    ),
+    (
+        "gen_ai_client_inference_time_to_first_chunk_seconds",
+        &otel::DURATION_BUCKETS,
+        "gen_ai.client.inference.time_to_first_chunk: an upstream call from sending to its first chunk.",
+    ),
 ];
+
+/// `gen_ai.operation.name` of every request sluice traces as a GenAI operation.
+pub const OPERATION: &str = "chat";
 
 /// A sluice's metrics: fixed series as handles, labelled ones registered on use.
 #[derive(Clone)]
@@ -111,7 +156,24 @@ struct Inner {
     idle_closed: Counter,
     /// Each model's series, registered once: a stream's end takes one lookup, not four.
     per_model: Mutex<std::collections::HashMap<String, Arc<ModelSeries>>>,
+    /// The GenAI series of each provider and model, likewise.
+    genai: Mutex<std::collections::HashMap<(&'static str, String), Arc<GenAi>>>,
     overhead: Histogram,
+    /// OpenTelemetry's exporters, when an endpoint is configured.
+    otel: Option<Otel>,
+}
+
+/// The GenAI conventions' series of one provider and model, under their Prometheus names.
+struct GenAi {
+    provider: &'static str,
+    model: String,
+    server_duration: Histogram,
+    server_ttft: Histogram,
+    server_per_token: Histogram,
+    client_duration: Histogram,
+    client_first_chunk: Histogram,
+    input_tokens: Counter,
+    output_tokens: Counter,
 }
 
 struct ModelSeries {
@@ -126,6 +188,11 @@ const META: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, Some(
 
 impl Metrics {
     pub fn new() -> Self {
+        Self::with(None)
+    }
+
+    /// Metrics that also go to OpenTelemetry when `otel` is set.
+    pub fn with(otel: Option<Otel>) -> Self {
         let builder =
             HISTOGRAMS
                 .iter()
@@ -174,6 +241,14 @@ impl Metrics {
         describe(
             "sluice_pool_target_streams_total",
             "Streams started on each target of a pool, by route and target.",
+        );
+        describe(
+            "gen_ai_client_inference_usage_input_tokens_total",
+            "gen_ai.client.inference.usage.input_tokens: input tokens upstream calls used.",
+        );
+        describe(
+            "gen_ai_client_inference_usage_output_tokens_total",
+            "gen_ai.client.inference.usage.output_tokens: output tokens upstream calls used.",
         );
         describe(
             "sluice_slow_clients_dropped_total",
@@ -259,6 +334,8 @@ impl Metrics {
             accept_errors: counter("sluice_accept_errors_total", vec![]),
             idle_closed: counter("sluice_idle_connections_closed_total", vec![]),
             per_model: Mutex::default(),
+            genai: Mutex::default(),
+            otel,
             overhead: recorder
                 .register_histogram(&Key::from_name("sluice_overhead_seconds"), &META),
             handle: recorder.handle(),
@@ -308,8 +385,68 @@ impl Metrics {
         self.0.active.increment(1.0);
     }
 
-    /// A chat request's end: its outcome, tokens and timings.
-    pub fn stream_ended(&self, outcome: Outcome, model: &str, usage: Usage, times: &TokenTimes) {
+    /// The GenAI series of `provider` and `model` (a bounded label).
+    fn genai(&self, provider: &'static str, model: &str) -> Arc<GenAi> {
+        let mut known = self.0.genai.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(series) = known.get(&(provider, model.to_owned())) {
+            return series.clone();
+        }
+        let labels = [
+            ("gen_ai_operation_name", OPERATION),
+            ("gen_ai_provider_name", provider),
+            ("gen_ai_request_model", model),
+        ];
+        let tokens = [
+            ("gen_ai_operation_name", OPERATION),
+            ("gen_ai_provider_name", provider),
+            ("gen_ai_request_model", model),
+            ("gen_ai_token_modality", "text"),
+        ];
+        let series = Arc::new(GenAi {
+            provider,
+            model: model.to_owned(),
+            server_duration: self.histogram("gen_ai_server_request_duration_seconds", &labels),
+            server_ttft: self.histogram("gen_ai_server_time_to_first_token_seconds", &labels),
+            server_per_token: self
+                .histogram("gen_ai_server_time_per_output_token_seconds", &labels),
+            client_duration: self.histogram("gen_ai_client_inference_duration_seconds", &labels),
+            client_first_chunk: self.histogram(
+                "gen_ai_client_inference_time_to_first_chunk_seconds",
+                &labels,
+            ),
+            input_tokens: self.counter("gen_ai_client_inference_usage_input_tokens_total", &tokens),
+            output_tokens: self
+                .counter("gen_ai_client_inference_usage_output_tokens_total", &tokens),
+        });
+        known.insert((provider, model.to_owned()), series.clone());
+        series
+    }
+
+    /// OpenTelemetry, when it is configured.
+    pub fn otel(&self) -> Option<&Otel> {
+        self.0.otel.as_ref()
+    }
+
+    /// Sends what OpenTelemetry holds and stops its exporters (at shutdown).
+    pub fn shutdown(&self) {
+        if let Some(otel) = self.otel() {
+            otel.shutdown();
+        }
+    }
+
+    /// A chat request's end: its outcome, tokens and timings, in sluice's series and the
+    /// GenAI conventions' (which count time to first token and per token only for
+    /// successful responses, and name a failure's kind in `error.type`).
+    pub fn stream_ended(
+        &self,
+        outcome: Outcome,
+        model: &str,
+        provider: &'static str,
+        usage: Usage,
+        times: &TokenTimes,
+        duration: Duration,
+    ) {
+        self.genai_server(outcome, model, provider, times, duration);
         self.0.active.decrement(1.0);
         let index = Outcome::ALL.iter().position(|o| *o == outcome).unwrap_or(0);
         self.0.ended[index].increment(1);
@@ -328,13 +465,47 @@ impl Metrics {
         }
     }
 
-    /// Counts a backend call open until the returned guard drops, then records its duration.
-    pub fn upstream_call(&self, model: &str) -> UpstreamCall {
-        self.0.upstream_in_flight.increment(1.0);
-        UpstreamCall {
-            in_flight: self.0.upstream_in_flight.clone(),
-            duration: self.model(model).upstream_duration.clone(),
-            started: Instant::now(),
+    fn genai_server(
+        &self,
+        outcome: Outcome,
+        model: &str,
+        provider: &'static str,
+        times: &TokenTimes,
+        duration: Duration,
+    ) {
+        let series = self.genai(provider, model);
+        let error = outcome.error_type();
+        let ok = outcome == Outcome::Completed;
+        let ttft = times.first.filter(|_| ok).map(|d| d.as_secs_f64());
+        let per_token = times.per_token().filter(|_| ok).map(|d| d.as_secs_f64());
+        match error {
+            None => series.server_duration.record(duration.as_secs_f64()),
+            Some(error) => self
+                .error_histogram("gen_ai_server_request_duration_seconds", &series, error)
+                .record(duration.as_secs_f64()),
+        }
+        if let Some(ttft) = ttft {
+            series.server_ttft.record(ttft);
+        }
+        if let Some(per_token) = per_token {
+            series.server_per_token.record(per_token);
+        }
+        if let Some(otel) = self.otel() {
+            let mut attrs = vec![
+                otel::kv("gen_ai.operation.name", OPERATION),
+                otel::kv("gen_ai.provider.name", provider),
+                otel::kv("gen_ai.request.model", model.to_owned()),
+            ];
+            if let Some(ttft) = ttft {
+                otel.server_ttft.record(ttft, &attrs);
+            }
+            if let Some(per_token) = per_token {
+                otel.server_per_token.record(per_token, &attrs);
+            }
+            if let Some(error) = error {
+                attrs.push(otel::kv("error.type", error));
+            }
+            otel.server_duration.record(duration.as_secs_f64(), &attrs);
         }
     }
 
@@ -409,20 +580,6 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
-    }
-}
-
-/// One open backend call; see [`Metrics::upstream_call`].
-pub struct UpstreamCall {
-    in_flight: Gauge,
-    duration: Histogram,
-    started: Instant,
-}
-
-impl Drop for UpstreamCall {
-    fn drop(&mut self) {
-        self.in_flight.decrement(1.0);
-        self.duration.record(self.started.elapsed().as_secs_f64());
     }
 }
 

@@ -20,6 +20,7 @@ mod js;
 #[cfg(feature = "local")]
 mod local;
 mod openai;
+mod otel;
 mod page;
 mod pools;
 mod reconnect;

@@ -1,6 +1,7 @@
 //! What every test uses: sluice on port 0, a fake upstream that records what it saw, and
 //! an SSE reader that parses the stream the way clients do.
 
+pub mod otlp;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -71,6 +72,8 @@ impl TestApp {
         config.resume_grace_s = 30.0;
         config.resume_ttl_s = 300.0;
         config.resume_memory_mb = 64.0;
+        config.otel_endpoint = None;
+        config.otel_capture_content = false;
         adjust(&mut config);
         let state = AppState::build(&config).expect("the test configuration is valid");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

@@ -1,0 +1,487 @@
+//! OpenTelemetry as a collector sees it: the tests' own OTLP/HTTP receiver decodes what
+//! sluice exports (spans and metrics, protobuf), and the fake upstream records the
+//! `traceparent` each attempt carried.
+
+use serde_json::{Value, json};
+
+use crate::support::otlp::{Collector, flag, float, hex, int, text, texts};
+use crate::support::{FakeUpstream, TestApp, all_events, config_file};
+
+/// `kind` of a span in OTLP: 2 server, 3 client.
+const SERVER: i32 = 2;
+const CLIENT: i32 = 3;
+
+/// sluice exporting to `collector` every 100 ms (spans) and 200 ms (metrics).
+async fn traced(
+    upstream: &FakeUpstream,
+    collector: &Collector,
+    adjust: impl FnOnce(&mut sluice::Config),
+) -> TestApp {
+    let endpoint = collector.endpoint();
+    TestApp::in_front_of_with(upstream, |c| {
+        c.otel_endpoint = Some(endpoint);
+        c.otel_service_name = "sluice-under-test".into();
+        c.otel_bsp_schedule_delay_ms = 100;
+        c.otel_metric_export_interval_ms = 200;
+        adjust(c);
+    })
+    .await
+}
+
+/// A client's W3C trace context: trace `n` (as 32 hex digits), its span `0…0n`.
+fn client_context(n: u8) -> (String, String, String) {
+    let trace = format!("{:032x}", 0xabc0_0000_u128 + u128::from(n));
+    let span = format!("{:016x}", 0x1000 + u64::from(n));
+    (format!("00-{trace}-{span}-01"), trace, span)
+}
+
+/// One streamed request on each API, each continuing a client's trace.
+fn requests() -> Vec<(&'static str, &'static str, Value)> {
+    let messages = json!([{"role": "user", "content": "Tell me about otters"}]);
+    vec![
+        (
+            "/v1/chat/completions",
+            "openai",
+            json!({"model": "gpt-test", "stream": true, "max_tokens": 50, "messages": messages}),
+        ),
+        (
+            "/v1/responses",
+            "openai",
+            json!({"model": "gpt-test", "stream": true, "max_output_tokens": 50, "input": "Tell me about otters"}),
+        ),
+        (
+            "/v1/messages",
+            "anthropic",
+            json!({"model": "gpt-test", "stream": true, "max_tokens": 50, "messages": messages}),
+        ),
+        (
+            "/api/chat",
+            "sluice",
+            json!({"model": "gpt-test", "prompt": "Tell me about otters", "max_tokens": 50}),
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn each_api_s_stream_is_a_server_span_over_a_client_span_whose_traceparent_went_upstream() {
+    let upstream = FakeUpstream::spawn().await;
+    let collector = Collector::spawn().await;
+    let app = traced(&upstream, &collector, |_| {}).await;
+    for (n, (path, provider, body)) in requests().into_iter().enumerate() {
+        let (traceparent, trace, parent) = client_context(n as u8);
+        let response = app
+            .http
+            .post(app.url(path))
+            .header("traceparent", &traceparent)
+            .json(&body)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), 200, "{path}");
+        let events = all_events(response).await;
+        assert!(!events.is_empty(), "{path}: a stream");
+
+        let spans = collector
+            .wait(&format!("the spans of {path}"), |r| {
+                let ours: Vec<_> = r
+                    .spans
+                    .iter()
+                    .filter(|s| hex(&s.trace_id) == trace)
+                    .cloned()
+                    .collect();
+                (ours.len() >= 2).then_some(ours)
+            })
+            .await;
+        let server = spans
+            .iter()
+            .find(|s| s.kind == SERVER)
+            .expect("a server span");
+        let client = spans
+            .iter()
+            .find(|s| s.kind == CLIENT)
+            .expect("a client span");
+        // The client's trace goes on: sluice's span is a child of the client's.
+        assert_eq!(hex(&server.parent_span_id), parent, "{path}");
+        assert_eq!(
+            client.parent_span_id, server.span_id,
+            "{path}: the attempt under the request"
+        );
+        assert_eq!(
+            spans.len(),
+            2,
+            "{path}: one request, one attempt, no span per chunk"
+        );
+
+        assert_eq!(server.name, "chat gpt-test", "{path}");
+        assert_eq!(
+            text(server, "gen_ai.operation.name").as_deref(),
+            Some("chat")
+        );
+        assert_eq!(
+            text(server, "gen_ai.provider.name").as_deref(),
+            Some(provider),
+            "{path}"
+        );
+        assert_eq!(
+            text(server, "gen_ai.request.model").as_deref(),
+            Some("gpt-test")
+        );
+        assert_eq!(
+            text(server, "gen_ai.response.model").as_deref(),
+            Some("gpt-test")
+        );
+        assert_eq!(int(server, "gen_ai.request.max_tokens"), Some(50), "{path}");
+        assert_eq!(flag(server, "gen_ai.request.stream"), Some(true), "{path}");
+        assert_eq!(int(server, "gen_ai.usage.input_tokens"), Some(11), "{path}");
+        assert_eq!(int(server, "gen_ai.usage.output_tokens"), Some(5), "{path}");
+        assert_eq!(
+            texts(server, "gen_ai.response.finish_reasons"),
+            Some(vec!["stop".to_owned()]),
+            "{path}"
+        );
+        let ttft = float(server, "gen_ai.response.time_to_first_chunk").expect("a ttft");
+        assert!(ttft > 0.0 && ttft < 5.0, "{path}: {ttft}");
+        assert!(text(server, "error.type").is_none(), "{path}");
+        assert_eq!(flag(server, "sluice.cancelled"), Some(false));
+        assert_eq!(flag(server, "sluice.stream.resumed"), Some(false));
+        assert!(
+            text(server, "sluice.stream.id").is_some(),
+            "{path}: the stream's id"
+        );
+        assert!(
+            float(server, "sluice.admission.wait_ms").is_some(),
+            "{path}"
+        );
+
+        assert_eq!(client.name, "chat gpt-test");
+        assert_eq!(
+            text(client, "gen_ai.provider.name").as_deref(),
+            Some("openai")
+        );
+        assert_eq!(
+            text(client, "gen_ai.request.model").as_deref(),
+            Some("gpt-test")
+        );
+        assert_eq!(int(client, "gen_ai.usage.output_tokens"), Some(5));
+        assert_eq!(text(client, "server.address").as_deref(), Some("127.0.0.1"));
+        assert!(int(client, "server.port").is_some());
+        assert!(float(client, "gen_ai.response.time_to_first_chunk").is_some());
+
+        // What the upstream received names the attempt's span.
+        let seen = upstream.request(n + 1).await;
+        assert_eq!(
+            seen.headers.get("traceparent"),
+            Some(&format!("00-{trace}-{}-01", hex(&client.span_id))),
+            "{path}"
+        );
+    }
+    assert!(
+        collector
+            .services()
+            .iter()
+            .all(|s| s == "sluice-under-test")
+    );
+}
+
+#[tokio::test]
+async fn a_request_that_fails_over_shows_each_attempt_and_each_upstream_saw_its_own() {
+    let failing = FakeUpstream::spawn().await;
+    failing.set_failing(true);
+    let good = FakeUpstream::spawn().await;
+    let collector = Collector::spawn().await;
+    let file = config_file(&format!(
+        "[models.resilient]\nbase_url = \"{}\"\nmodel = \"gpt-test\"\nfallbacks = [{{ base_url = \"{}\", model = \"gpt-test\" }}]\n",
+        failing.base_url(),
+        good.base_url()
+    ));
+    let app = traced(&good, &collector, |c| c.config = Some(file)).await;
+    let response = app
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": "resilient", "stream": true, "messages": [{"role": "user", "content": "Hi"}]}),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    all_events(response).await;
+
+    let spans = collector.trace("chat resilient", 3).await;
+    let server = spans
+        .iter()
+        .find(|s| s.kind == SERVER)
+        .expect("a server span");
+    let mut attempts: Vec<_> = spans.iter().filter(|s| s.kind == CLIENT).collect();
+    attempts.sort_by_key(|s| s.start_time_unix_nano);
+    assert_eq!(attempts.len(), 2, "two attempts");
+    for attempt in &attempts {
+        assert_eq!(attempt.parent_span_id, server.span_id);
+    }
+    let (first, second) = (attempts[0], attempts[1]);
+    assert_eq!(text(first, "error.type").as_deref(), Some("500"));
+    assert_eq!(
+        first.status.as_ref().map(|s| s.code),
+        Some(2),
+        "an error status"
+    );
+    assert!(text(second, "error.type").is_none());
+    assert_eq!(int(second, "gen_ai.usage.output_tokens"), Some(5));
+    assert!(
+        text(server, "error.type").is_none(),
+        "the request itself succeeded"
+    );
+
+    let trace = hex(&server.trace_id);
+    let saw = |upstream: &FakeUpstream| {
+        upstream.requests()[0]
+            .headers
+            .get("traceparent")
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        saw(&failing),
+        format!("00-{trace}-{}-01", hex(&first.span_id))
+    );
+    assert_eq!(
+        saw(&good),
+        format!("00-{trace}-{}-01", hex(&second.span_id))
+    );
+}
+
+#[tokio::test]
+async fn the_genai_metrics_go_out_by_otlp_and_on_metrics_under_their_current_names() {
+    let upstream = FakeUpstream::spawn().await;
+    let collector = Collector::spawn().await;
+    let app = traced(&upstream, &collector, |_| {}).await;
+    for _ in 0..2 {
+        let response = app
+            .post(
+                "/v1/chat/completions",
+                &json!({"model": "gpt-test", "stream": true, "messages": [{"role": "user", "content": "Hi"}]}),
+            )
+            .await;
+        all_events(response).await;
+    }
+    use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+    use opentelemetry_proto::tonic::metrics::v1::number_data_point::Value as Number;
+    let ours = |attrs: &[opentelemetry_proto::tonic::common::v1::KeyValue]| {
+        let get = |k| crate::support::otlp::attribute(attrs, k);
+        use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
+        get("gen_ai.operation.name") == Some(Any::StringValue("chat".into()))
+            && get("gen_ai.provider.name") == Some(Any::StringValue("openai".into()))
+            && get("gen_ai.request.model") == Some(Any::StringValue("gpt-test".into()))
+    };
+    for (name, bounds) in [
+        (
+            "gen_ai.server.time_to_first_token",
+            &sluice::telemetry::TTFT_BUCKETS[..],
+        ),
+        (
+            "gen_ai.server.time_per_output_token",
+            &sluice::telemetry::TPOT_BUCKETS[..],
+        ),
+        (
+            "gen_ai.server.request.duration",
+            &sluice::telemetry::DURATION_BUCKETS[..],
+        ),
+        (
+            "gen_ai.client.inference.duration",
+            &sluice::telemetry::DURATION_BUCKETS[..],
+        ),
+        (
+            "gen_ai.client.inference.time_to_first_chunk",
+            &sluice::telemetry::DURATION_BUCKETS[..],
+        ),
+    ] {
+        let (unit, points) = collector
+            .metric(name, |m| match &m.data {
+                Some(Data::Histogram(h)) => {
+                    let point = h.data_points.iter().find(|p| ours(&p.attributes))?;
+                    (point.count == 2).then(|| (m.unit.clone(), point.clone()))
+                }
+                _ => None,
+            })
+            .await;
+        assert_eq!(unit, "s", "{name}");
+        assert_eq!(
+            points.explicit_bounds, bounds,
+            "{name}: the conventions' buckets"
+        );
+        let sum = points.sum.expect("a sum");
+        assert!(sum > 0.0 && sum < 10.0, "{name}: {sum}");
+    }
+    for (name, value) in [
+        ("gen_ai.client.inference.usage.input_tokens", 22),
+        ("gen_ai.client.inference.usage.output_tokens", 10),
+    ] {
+        let unit = collector
+            .metric(name, |m| match &m.data {
+                Some(Data::Sum(s)) if s.is_monotonic => {
+                    let point = s.data_points.iter().find(|p| ours(&p.attributes))?;
+                    (point.value == Some(Number::AsInt(value))).then(|| m.unit.clone())
+                }
+                _ => None,
+            })
+            .await;
+        assert_eq!(unit, "{token}", "{name}");
+    }
+    // The same measurements on /metrics, beside sluice's own series.
+    let text = app.metrics().await;
+    let labels = r#"gen_ai_operation_name="chat",gen_ai_provider_name="openai",gen_ai_request_model="gpt-test""#;
+    for series in [
+        "gen_ai_server_time_to_first_token_seconds_count",
+        "gen_ai_server_time_per_output_token_seconds_count",
+        "gen_ai_server_request_duration_seconds_count",
+        "gen_ai_client_inference_duration_seconds_count",
+        "gen_ai_client_inference_time_to_first_chunk_seconds_count",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(series) && l.contains(labels) && l.ends_with(" 2")),
+            "{series} in\n{text}"
+        );
+    }
+    assert!(text.contains(r#"gen_ai_server_time_to_first_token_seconds_bucket{"#));
+    assert!(text.contains(r#"le="0.001""#), "the conventions' buckets");
+    assert!(
+        text.lines().any(
+            |l| l.starts_with("gen_ai_client_inference_usage_output_tokens_total")
+                && l.contains(r#"gen_ai_token_modality="text""#)
+                && l.ends_with(" 10")
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("sluice_time_to_first_token_seconds"),
+        "sluice's own stay"
+    );
+}
+
+#[tokio::test]
+async fn no_prompt_or_reply_text_leaves_sluice_unless_content_capture_is_asked_for() {
+    let upstream = FakeUpstream::spawn().await;
+    let prompt = "the secret word is periwinkle-42";
+    async fn ask(app: &TestApp, prompt: &str) {
+        let response = app
+            .post(
+                "/v1/chat/completions",
+                &json!({"model": "gpt-test", "stream": true, "messages": [{"role": "user", "content": prompt}]}),
+            )
+            .await;
+        all_events(response).await;
+    }
+
+    let quiet = Collector::spawn().await;
+    let app = traced(&upstream, &quiet, |_| {}).await;
+    ask(&app, prompt).await;
+    let spans = quiet.trace("chat gpt-test", 2).await;
+    // Metrics went out too by now, and nothing anywhere holds the text.
+    quiet
+        .metric("gen_ai.server.request.duration", |_| Some(()))
+        .await;
+    assert!(
+        !quiet.received_bytes(prompt.as_bytes()),
+        "the prompt left sluice"
+    );
+    assert!(
+        !quiet.received_bytes(b"fake upstream"),
+        "the reply left sluice"
+    );
+    assert!(
+        spans
+            .iter()
+            .all(|s| text(s, "gen_ai.input.messages").is_none())
+    );
+
+    let capturing = Collector::spawn().await;
+    let app = traced(&upstream, &capturing, |c| c.otel_capture_content = true).await;
+    ask(&app, prompt).await;
+    let spans = capturing.trace("chat gpt-test", 2).await;
+    let client = spans
+        .iter()
+        .find(|s| s.kind == CLIENT)
+        .expect("a client span");
+    let input: Value =
+        serde_json::from_str(&text(client, "gen_ai.input.messages").expect("input")).expect("json");
+    assert_eq!(input[0]["parts"][0]["content"], prompt);
+    let output: Value =
+        serde_json::from_str(&text(client, "gen_ai.output.messages").expect("output"))
+            .expect("json");
+    assert_eq!(
+        output[0]["parts"][0]["content"],
+        "Hello from the fake upstream"
+    );
+    assert_eq!(output[0]["finish_reason"], "stop");
+}
+
+#[tokio::test]
+async fn a_resumed_stream_s_span_links_to_the_span_that_started_it() {
+    let upstream = FakeUpstream::spawn().await;
+    let collector = Collector::spawn().await;
+    let app = traced(&upstream, &collector, |_| {}).await;
+    let response = app
+        .http
+        .post(app.url("/v1/chat/completions"))
+        .header("x-sluice-resumable", "true")
+        .json(&json!({"model": "gpt-test", "stream": true, "messages": [{"role": "user", "content": "Hi"}]}))
+        .send()
+        .await
+        .expect("request");
+    let id = response.headers()["x-sluice-stream-id"]
+        .to_str()
+        .expect("an id")
+        .to_owned();
+    all_events(response).await;
+    let response = app
+        .http
+        .get(app.url(&format!("/v1/chat/completions/{id}?stream=true")))
+        .header("last-event-id", "2")
+        .send()
+        .await
+        .expect("resume");
+    assert_eq!(response.status(), 200);
+    all_events(response).await;
+
+    let producer = collector.trace("chat gpt-test", 2).await;
+    let server = producer
+        .iter()
+        .find(|s| s.kind == SERVER)
+        .expect("server span");
+    let reader = collector
+        .wait("the reader's span", |r| {
+            r.spans
+                .iter()
+                .find(|s| s.name.starts_with("GET /v1/chat/completions/"))
+                .cloned()
+        })
+        .await;
+    assert_eq!(flag(&reader, "sluice.stream.resumed"), Some(true));
+    assert_eq!(
+        text(&reader, "sluice.stream.id").as_deref(),
+        Some(id.as_str())
+    );
+    assert_eq!(reader.links.len(), 1, "a link to the stream's trace");
+    assert_eq!(reader.links[0].trace_id, server.trace_id);
+    assert_eq!(reader.links[0].span_id, server.span_id);
+}
+
+#[tokio::test]
+async fn without_an_endpoint_nothing_is_traced_and_no_traceparent_goes_upstream() {
+    let upstream = FakeUpstream::spawn().await;
+    let app = TestApp::in_front_of(&upstream).await;
+    let (traceparent, _, _) = client_context(9);
+    let response = app
+        .http
+        .post(app.url("/v1/chat/completions"))
+        .header("traceparent", &traceparent)
+        .json(&json!({"model": "gpt-test", "stream": true, "messages": [{"role": "user", "content": "Hi"}]}))
+        .send()
+        .await
+        .expect("request");
+    all_events(response).await;
+    let seen = upstream.request(1).await;
+    assert!(
+        !seen.headers.contains_key("traceparent"),
+        "{:?}",
+        seen.headers
+    );
+}
