@@ -12,6 +12,8 @@
 //!                                                           # resumable in memory, via Redis
 //!     cargo run --release --example loadgen -- dialects [BIN]  # CPU per chunk of each wire
 //!                                                           # format; BIN: another sluice too
+//!     cargo run --release --example loadgen -- otel         # CPU per chunk with and without
+//!                                                           # an OpenTelemetry exporter
 //!
 //! Separate processes, so each one's CPU is its own: this driver (the clients), a fast fake
 //! OpenAI upstream and sluice (both this same binary, started with `upstream` / `sluice`),
@@ -87,7 +89,9 @@ fn main() -> anyhow::Result<()> {
     let runtime = builder.enable_all().build()?;
     match args.first().map(String::as_str) {
         Some("upstream") => runtime.block_on(upstream()),
-        Some("sluice") => runtime.block_on(sluice(&args[1], args.get(2).cloned())),
+        Some("sluice") => runtime.block_on(sluice(&args[1], args.get(2).cloned(), None)),
+        Some("sluice-otel") => runtime.block_on(sluice(&args[1], None, args.get(2).cloned())),
+        Some("otel") => runtime.block_on(otel()),
         Some("resumable") => runtime.block_on(resumable()),
         Some("dialects") => runtime.block_on(dialects(args.get(1).cloned())),
         Some("cancel") => runtime.block_on(cancel_only()),
@@ -196,9 +200,12 @@ async fn answer(
 // ---------------------------------------------------------------------------------------
 // sluice, in front of the upstream, with limits out of the way.
 
-async fn sluice(upstream: &str, redis: Option<String>) -> anyhow::Result<()> {
+async fn sluice(upstream: &str, redis: Option<String>, otel: Option<String>) -> anyhow::Result<()> {
     let mut config = sluice::Config::defaults();
     config.redis_url = redis;
+    // Every request traced (sample ratio 1.0), exported as it would be in production.
+    config.otel_endpoint = otel;
+    config.otel_traces_sampler = "always_on".into();
     config.openai_base_url = Some(format!("http://{upstream}/v1"));
     config.local_model = Some("off".into());
     config.rpm = 10_000_000;
@@ -854,6 +861,109 @@ async fn dialects(other: Option<String>) -> anyhow::Result<()> {
         serde_json::to_vec_pretty(&rows)?,
     )?;
     Ok(())
+}
+
+/// What OpenTelemetry costs: 1,000 streams x 20 tokens/s through two sluices side by side,
+/// one without an exporter and one tracing every request (sample ratio 1.0) to a collector
+/// (a sink in this process that counts what it is sent), passes interleaved; sluice's CPU
+/// per chunk for each, its exporter thread included.
+async fn otel() -> anyhow::Result<()> {
+    raise_fd_limit();
+    let (sink, received) = otlp_sink().await?;
+    let upstream = Proc::start(&["upstream"])?;
+    let plain = Proc::start(&["sluice", &upstream.addr])?;
+    let traced = Proc::start(&["sluice-otel", &upstream.addr, &format!("http://{sink}")])?;
+    let (c, model) = (1_000, "load-40-50");
+    let paths = [
+        ("no exporter", &plain),
+        ("OTLP exporter, every request traced", &traced),
+    ];
+    let mut per_pass: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+    let (mut chunks, mut errors) = (vec![0usize; paths.len()], vec![0usize; paths.len()]);
+    for _ in 0..REPEATS {
+        for (i, (_, gateway)) in paths.iter().enumerate() {
+            let pid = gateway.pid().to_string();
+            let before = cpu_s(&pid);
+            let pass = phase_with(
+                &gateway.addr,
+                "/v1/chat/completions",
+                c,
+                model,
+                std::slice::from_ref(&pid),
+                false,
+            )
+            .await;
+            per_pass[i].push((cpu_s(&pid) - before) / pass.chunks.len().max(1) as f64);
+            chunks[i] += pass.chunks.len();
+            errors[i] += pass.errors;
+        }
+    }
+    // The exporter sends its last batch within its schedule (5 s).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let (exports, bytes) = {
+        let r = received.lock().unwrap_or_else(|e| e.into_inner());
+        (r.0, r.1)
+    };
+    println!(
+        "1,000 streams x 20 tokens/s (40 tokens each), /v1/chat/completions, {REPEATS} passes each, interleaved\n"
+    );
+    println!("| sluice | chunks | errors | CPU µs / chunk (median of passes) | vs no exporter |");
+    println!("|---|---|---|---|---|");
+    let medians: Vec<f64> = per_pass.into_iter().map(median).collect();
+    let mut rows = Vec::new();
+    for (i, (name, _)) in paths.iter().enumerate() {
+        let ratio = medians[i] / medians[0];
+        println!(
+            "| {name} | {} | {} | {:.1} | {ratio:.3}x |",
+            chunks[i],
+            errors[i],
+            medians[i] * 1e6
+        );
+        rows.push(
+            json!({"sluice": name, "chunks": chunks[i], "errors": errors[i],
+            "cpu_us_per_chunk": medians[i] * 1e6, "vs_no_exporter": ratio}),
+        );
+    }
+    println!(
+        "\nthe collector received {exports} exports, {:.1} MiB",
+        bytes as f64 / 1_048_576.0
+    );
+    std::fs::create_dir_all("target/loadgen")?;
+    std::fs::write(
+        "target/loadgen/otel.json",
+        serde_json::to_vec_pretty(&rows)?,
+    )?;
+    Ok(())
+}
+
+/// A collector that takes OTLP/HTTP exports and counts them (exports, bytes).
+async fn otlp_sink() -> anyhow::Result<(std::net::SocketAddr, Arc<Mutex<(usize, usize)>>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let received: Arc<Mutex<(usize, usize)>> = Arc::default();
+    let counts = received.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let counts = counts.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let counts = counts.clone();
+                    async move {
+                        let body = req.into_body().collect().await.map(|b| b.to_bytes());
+                        let n = body.map_or(0, |b| b.len());
+                        let mut c = counts.lock().unwrap_or_else(|e| e.into_inner());
+                        c.0 += 1;
+                        c.1 += n;
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    Ok((addr, received))
 }
 
 /// What resumption costs: 1,000 streams x 20 tokens/s through three sluices side by side

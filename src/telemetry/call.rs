@@ -56,7 +56,8 @@ impl Metrics {
         self.0.upstream_in_flight.increment(1.0);
         let span = self.otel().zip(exchange.span()).map(|(otel, parent)| {
             let model = &call.request.model;
-            let mut span = otel.client_span(format!("{OPERATION} {model}"), parent);
+            let name = format!("{OPERATION} {model}");
+            let mut span = otel.client_span(name, parent, call.server.is_none());
             let attrs = vec![
                 kv("gen_ai.operation.name", OPERATION),
                 kv("gen_ai.provider.name", call.provider),

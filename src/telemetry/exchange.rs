@@ -265,9 +265,11 @@ fn end_span(cx: &Context, method: &str, route: &str, r: &Record) {
     if let Some(wait) = r.admission {
         span.set_attribute(kv("sluice.admission.wait_ms", wait.as_secs_f64() * 1000.0));
     }
+    // A stream's failure by its kind; else a 5xx answer by its status (a 4xx is the
+    // client's, not an error of the server's, as OpenTelemetry's HTTP conventions say).
     let error = match r.outcome {
-        Some(outcome) => outcome.error_type(),
-        None => r.status.filter(|s| *s >= 400).map(|_| "http_error"),
+        Some(outcome) => outcome.error_type().map(str::to_owned),
+        None => r.status.filter(|s| *s >= 500).map(|s| s.to_string()),
     };
     match (r.chat, &r.model) {
         (Some((provider, stream)), Some(model)) => {

@@ -156,8 +156,8 @@ struct Inner {
     idle_closed: Counter,
     /// Each model's series, registered once: a stream's end takes one lookup, not four.
     per_model: Mutex<std::collections::HashMap<String, Arc<ModelSeries>>>,
-    /// The GenAI series of each provider and model, likewise.
-    genai: Mutex<std::collections::HashMap<(&'static str, String), Arc<GenAi>>>,
+    /// The GenAI series of each model, by provider, likewise.
+    genai: Mutex<std::collections::HashMap<String, Vec<Arc<GenAi>>>>,
     overhead: Histogram,
     /// OpenTelemetry's exporters, when an endpoint is configured.
     otel: Option<Otel>,
@@ -388,7 +388,10 @@ impl Metrics {
     /// The GenAI series of `provider` and `model` (a bounded label).
     fn genai(&self, provider: &'static str, model: &str) -> Arc<GenAi> {
         let mut known = self.0.genai.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(series) = known.get(&(provider, model.to_owned())) {
+        let found = known
+            .get(model)
+            .and_then(|by| by.iter().find(|s| s.provider == provider));
+        if let Some(series) = found {
             return series.clone();
         }
         let labels = [
@@ -418,7 +421,10 @@ impl Metrics {
             output_tokens: self
                 .counter("gen_ai_client_inference_usage_output_tokens_total", &tokens),
         });
-        known.insert((provider, model.to_owned()), series.clone());
+        known
+            .entry(model.to_owned())
+            .or_default()
+            .push(series.clone());
         series
     }
 

@@ -210,11 +210,17 @@ impl Otel {
         parent.with_span(span)
     }
 
-    /// An upstream attempt's span, a child of its request's.
-    pub fn client_span(&self, name: String, parent: &Context) -> Span {
+    /// An upstream attempt's span, a child of its request's: `CLIENT`, or `INTERNAL` for a
+    /// model sluice runs in its own process.
+    pub fn client_span(&self, name: String, parent: &Context, in_process: bool) -> Span {
+        let kind = if in_process {
+            SpanKind::Internal
+        } else {
+            SpanKind::Client
+        };
         self.tracer
             .span_builder(name)
-            .with_kind(SpanKind::Client)
+            .with_kind(kind)
             .start_with_context(&self.tracer, parent)
     }
 
@@ -227,12 +233,21 @@ impl Otel {
         out.0
     }
 
-    /// Sends what is buffered and stops the exporters (at shutdown).
+    /// Sends what is buffered and stops the exporters (at shutdown), waiting two seconds
+    /// at most: a collector that is down does not hold the process.
     pub fn shutdown(&self) {
-        let _ = self.traces.force_flush();
-        let _ = self.meters.force_flush();
-        let _ = self.traces.shutdown();
-        let _ = self.meters.shutdown();
+        let (traces, meters) = (self.traces.clone(), self.meters.clone());
+        let (done, stopped) = std::sync::mpsc::channel();
+        let stopping = std::thread::Builder::new()
+            .name("otel-shutdown".into())
+            .spawn(move || {
+                let _ = traces.shutdown();
+                let _ = meters.shutdown();
+                let _ = done.send(());
+            });
+        if stopping.is_ok() {
+            let _ = stopped.recv_timeout(Duration::from_secs(2));
+        }
     }
 }
 

@@ -485,3 +485,35 @@ async fn without_an_endpoint_nothing_is_traced_and_no_traceparent_goes_upstream(
         seen.headers
     );
 }
+
+#[tokio::test]
+async fn a_collector_that_is_down_costs_a_client_nothing_on_either_protocol() {
+    let upstream = FakeUpstream::spawn().await;
+    for protocol in ["http/protobuf", "grpc"] {
+        // A port nobody listens on.
+        let endpoint = format!("http://127.0.0.1:{}", crate::support::free_port());
+        let app = TestApp::in_front_of_with(&upstream, |c| {
+            c.otel_endpoint = Some(endpoint);
+            c.otel_protocol = protocol.into();
+            c.otel_bsp_schedule_delay_ms = 50;
+            c.otel_metric_export_interval_ms = 50;
+        })
+        .await;
+        for _ in 0..3 {
+            let before = upstream.count();
+            let response = app
+                .post(
+                    "/v1/chat/completions",
+                    &json!({"model": "gpt-test", "stream": true, "messages": [{"role": "user", "content": "Hi"}]}),
+                )
+                .await;
+            assert_eq!(response.status(), 200, "{protocol}");
+            let events = all_events(response).await;
+            let text = crate::support::content(&crate::support::payloads(&events));
+            assert_eq!(text, "Hello from the fake upstream", "{protocol}");
+            // The trace still goes upstream: only its export is lost.
+            let seen = upstream.request(before + 1).await;
+            assert!(seen.headers["traceparent"].starts_with("00-"), "{protocol}");
+        }
+    }
+}
