@@ -517,3 +517,85 @@ async fn a_collector_that_is_down_costs_a_client_nothing_on_either_protocol() {
         }
     }
 }
+
+#[tokio::test]
+async fn the_binary_s_request_log_line_carries_its_trace_and_span_ids() {
+    use crate::startup::Running;
+    let collector = Collector::spawn().await;
+    let endpoint = collector.endpoint();
+    let sluice = Running::start(&[
+        ("SLUICE_LOG", "json"),
+        ("SLUICE_MOCK_TOKENS_PER_S", "0"),
+        ("SLUICE_SHUTDOWN_GRACE_S", "0"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ]);
+    let (traceparent, trace, _) = client_context(7);
+    let response = reqwest::Client::new()
+        .post(sluice.url("/v1/chat/completions"))
+        .header("traceparent", &traceparent)
+        .header("x-request-id", "traced-1")
+        .json(&json!({"model": "mock", "stream": true, "max_tokens": 3,
+            "messages": [{"role": "user", "content": "Hi"}]}))
+        .send()
+        .await
+        .expect("answers");
+    all_events(response).await;
+    let line = sluice
+        .line(|line| {
+            line.contains("\"request_id\":\"traced-1\"") && line.contains("\"message\":\"request\"")
+        })
+        .expect("the request's line");
+    let line: Value = serde_json::from_str(&line).expect("JSON");
+    let spans = collector
+        .wait("the server span", |r| {
+            r.spans
+                .iter()
+                .find(|s| s.kind == SERVER && hex(&s.trace_id) == trace)
+                .cloned()
+        })
+        .await;
+    assert_eq!(line["fields"]["trace_id"], trace, "{line}");
+    assert_eq!(line["fields"]["span_id"], hex(&spans.span_id), "{line}");
+}
+
+#[tokio::test]
+async fn a_collector_that_is_down_does_not_hold_the_binary_s_exit() {
+    use crate::startup::Running;
+    let endpoint = format!("http://127.0.0.1:{}", crate::support::free_port());
+    let mut sluice = Running::start(&[
+        ("SLUICE_MOCK_TOKENS_PER_S", "0"),
+        ("SLUICE_SHUTDOWN_GRACE_S", "0"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+    ]);
+    // Spans and metrics are waiting to go when the signal comes.
+    let response = reqwest::Client::new()
+        .post(sluice.url("/v1/chat/completions"))
+        .json(&json!({"model": "mock", "stream": true, "max_tokens": 3,
+            "messages": [{"role": "user", "content": "Hi"}]}))
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(response.status(), 200);
+    all_events(response).await;
+    let signalled = std::time::Instant::now();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &sluice.child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(killed.success());
+    // The exporters get two seconds; a busy machine some slack.
+    let deadline = signalled + std::time::Duration::from_secs(6);
+    loop {
+        if let Some(status) = sluice.child.try_wait().expect("wait") {
+            assert!(status.success(), "{status:?}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running {:?} after SIGTERM",
+            signalled.elapsed()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
