@@ -599,3 +599,35 @@ async fn a_collector_that_is_down_does_not_hold_the_binary_s_exit() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+#[tokio::test]
+async fn over_grpc_the_same_spans_and_metrics_reach_the_collector() {
+    let upstream = FakeUpstream::spawn().await;
+    let collector = Collector::spawn_grpc().await;
+    let app = traced(&upstream, &collector, |c| c.otel_protocol = "grpc".into()).await;
+    let response = app
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": "gpt-test", "stream": true, "messages": [{"role": "user", "content": "Hi"}]}),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    all_events(response).await;
+    let spans = collector.trace("chat gpt-test", 2).await;
+    let server = spans
+        .iter()
+        .find(|s| s.kind == SERVER)
+        .expect("a server span");
+    let client = spans
+        .iter()
+        .find(|s| s.kind == CLIENT)
+        .expect("a client span");
+    assert_eq!(client.parent_span_id, server.span_id);
+    assert_eq!(int(server, "gen_ai.usage.output_tokens"), Some(5));
+    let unit = collector
+        .metric("gen_ai.server.time_to_first_token", |m| {
+            Some(m.unit.clone())
+        })
+        .await;
+    assert_eq!(unit, "s");
+}

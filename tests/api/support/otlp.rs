@@ -119,40 +119,115 @@ impl Collector {
 }
 
 async fn traces(State(collector): State<Collector>, body: Bytes) -> Vec<u8> {
-    if let Ok(request) = ExportTraceServiceRequest::decode(body.clone()) {
-        let mut received = collector.lock();
-        received.raw.extend_from_slice(&body);
-        for resource in request.resource_spans {
-            if let Some(service) = resource
-                .resource
-                .as_ref()
-                .and_then(|r| service(&r.attributes))
-            {
-                received.services.push(service);
-            }
-            for scope in resource.scope_spans {
-                received.spans.extend(scope.spans);
-            }
-        }
-    }
-    collector.changed.notify_waiters();
+    collector.take_traces(&body);
     Vec::new()
 }
 
 async fn metrics(State(collector): State<Collector>, body: Bytes) -> Vec<u8> {
-    if let Ok(request) = ExportMetricsServiceRequest::decode(body.clone()) {
-        let mut received = collector.lock();
-        received.raw.extend_from_slice(&body);
-        let metrics = request
-            .resource_metrics
-            .into_iter()
-            .flat_map(|r| r.scope_metrics)
-            .flat_map(|s| s.metrics)
-            .collect();
-        received.metrics.push(metrics);
-    }
-    collector.changed.notify_waiters();
+    collector.take_metrics(&body);
     Vec::new()
+}
+
+impl Collector {
+    /// The same collector over gRPC (HTTP/2 without TLS): each export is one message
+    /// behind gRPC's five-byte prefix, answered with an empty one and `grpc-status: 0`.
+    pub async fn spawn_grpc() -> Collector {
+        use http_body_util::{BodyExt as _, StreamBody};
+        use hyper::body::Frame;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind port 0");
+        let collector = Collector {
+            addr: listener.local_addr().expect("addr"),
+            received: Arc::default(),
+            changed: Arc::default(),
+        };
+        let server = collector.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let server = server.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| {
+                            let server = server.clone();
+                            async move {
+                                let path = req.uri().path().to_owned();
+                                let body = req
+                                    .into_body()
+                                    .collect()
+                                    .await
+                                    .map(|b| b.to_bytes())
+                                    .unwrap_or_default();
+                                let message = body.get(5..).unwrap_or_default();
+                                if path.ends_with("TraceService/Export") {
+                                    server.take_traces(message);
+                                } else if path.ends_with("MetricsService/Export") {
+                                    server.take_metrics(message);
+                                }
+                                let mut trailers = hyper::HeaderMap::new();
+                                trailers.insert(
+                                    "grpc-status",
+                                    hyper::header::HeaderValue::from_static("0"),
+                                );
+                                let frames = futures::stream::iter([
+                                    Ok::<_, std::convert::Infallible>(Frame::data(
+                                        Bytes::from_static(&[0, 0, 0, 0, 0]),
+                                    )),
+                                    Ok(Frame::trailers(trailers)),
+                                ]);
+                                let response = hyper::Response::builder()
+                                    .header("content-type", "application/grpc")
+                                    .body(StreamBody::new(frames))
+                                    .unwrap_or_else(|_| unreachable!());
+                                Ok::<_, std::convert::Infallible>(response)
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                    .await;
+                });
+            }
+        });
+        collector
+    }
+
+    fn take_traces(&self, body: &[u8]) {
+        if let Ok(request) = ExportTraceServiceRequest::decode(body) {
+            let mut received = self.lock();
+            received.raw.extend_from_slice(body);
+            for resource in request.resource_spans {
+                if let Some(service) = resource
+                    .resource
+                    .as_ref()
+                    .and_then(|r| service(&r.attributes))
+                {
+                    received.services.push(service);
+                }
+                for scope in resource.scope_spans {
+                    received.spans.extend(scope.spans);
+                }
+            }
+        }
+        self.changed.notify_waiters();
+    }
+
+    fn take_metrics(&self, body: &[u8]) {
+        if let Ok(request) = ExportMetricsServiceRequest::decode(body) {
+            let mut received = self.lock();
+            received.raw.extend_from_slice(body);
+            let metrics = request
+                .resource_metrics
+                .into_iter()
+                .flat_map(|r| r.scope_metrics)
+                .flat_map(|s| s.metrics)
+                .collect();
+            received.metrics.push(metrics);
+        }
+        self.changed.notify_waiters();
+    }
 }
 
 fn service(attributes: &[opentelemetry_proto::tonic::common::v1::KeyValue]) -> Option<String> {
