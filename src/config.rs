@@ -262,6 +262,11 @@ pub struct Config {
           value_parser = http_url)]
     pub otel_endpoint: Option<String>,
 
+    /// `true`: OpenTelemetry off, whatever else is set.
+    #[arg(long, env = "OTEL_SDK_DISABLED", value_name = "OTEL_SDK_DISABLED",
+          default_value = "false", value_parser = flag, action = clap::ArgAction::Set)]
+    pub otel_sdk_disabled: bool,
+
     /// `http/protobuf` or `grpc`.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_PROTOCOL", value_name = "OTEL_EXPORTER_OTLP_PROTOCOL",
           default_value = "http/protobuf", value_parser = ["http/protobuf", "grpc"])]

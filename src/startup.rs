@@ -174,7 +174,10 @@ impl AppState {
 /// What the standard `OTEL_*` variables ask of OpenTelemetry.
 fn otel_settings(config: &Config) -> OtelSettings {
     OtelSettings {
-        endpoint: config.otel_endpoint.clone(),
+        endpoint: config
+            .otel_endpoint
+            .clone()
+            .filter(|_| !config.otel_sdk_disabled),
         protocol: config.otel_protocol.clone(),
         service_name: config.otel_service_name.clone(),
         sampler: config.otel_traces_sampler.clone(),

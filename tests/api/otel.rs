@@ -465,25 +465,29 @@ async fn a_resumed_stream_s_span_links_to_the_span_that_started_it() {
 }
 
 #[tokio::test]
-async fn without_an_endpoint_nothing_is_traced_and_no_traceparent_goes_upstream() {
+async fn without_an_endpoint_or_when_disabled_nothing_is_traced_and_no_traceparent_goes_upstream() {
     let upstream = FakeUpstream::spawn().await;
-    let app = TestApp::in_front_of(&upstream).await;
-    let (traceparent, _, _) = client_context(9);
-    let response = app
-        .http
-        .post(app.url("/v1/chat/completions"))
-        .header("traceparent", &traceparent)
-        .json(&json!({"model": "gpt-test", "stream": true, "messages": [{"role": "user", "content": "Hi"}]}))
-        .send()
-        .await
-        .expect("request");
-    all_events(response).await;
-    let seen = upstream.request(1).await;
-    assert!(
-        !seen.headers.contains_key("traceparent"),
-        "{:?}",
-        seen.headers
-    );
+    let collector = Collector::spawn().await;
+    let plain = TestApp::in_front_of(&upstream).await;
+    let disabled = traced(&upstream, &collector, |c| c.otel_sdk_disabled = true).await;
+    for (n, app) in [plain, disabled].iter().enumerate() {
+        let (traceparent, _, _) = client_context(9);
+        let response = app
+            .http
+            .post(app.url("/v1/chat/completions"))
+            .header("traceparent", &traceparent)
+            .json(&json!({"model": "gpt-test", "stream": true, "messages": [{"role": "user", "content": "Hi"}]}))
+            .send()
+            .await
+            .expect("request");
+        all_events(response).await;
+        let seen = upstream.request(n + 1).await;
+        assert!(
+            !seen.headers.contains_key("traceparent"),
+            "{:?}",
+            seen.headers
+        );
+    }
 }
 
 #[tokio::test]

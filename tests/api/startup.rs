@@ -35,6 +35,29 @@ fn a_bad_value_stops_start_up_naming_the_variable() {
         "SLUICE_CONFIG",
     );
     fails_naming(&[("SLUICE_LOG", "info,[[[")], "SLUICE_LOG");
+    fails_naming(
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318")],
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    );
+    fails_naming(
+        &[("OTEL_EXPORTER_OTLP_PROTOCOL", "thrift")],
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+    );
+    fails_naming(
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318"),
+            ("OTEL_TRACES_SAMPLER", "sometimes"),
+        ],
+        "OTEL_TRACES_SAMPLER",
+    );
+    fails_naming(
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318"),
+            ("OTEL_TRACES_SAMPLER", "traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "2"),
+        ],
+        "OTEL_TRACES_SAMPLER_ARG",
+    );
 }
 
 #[test]

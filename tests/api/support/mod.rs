@@ -73,6 +73,7 @@ impl TestApp {
         config.resume_ttl_s = 300.0;
         config.resume_memory_mb = 64.0;
         config.otel_endpoint = None;
+        config.otel_sdk_disabled = false;
         config.otel_capture_content = false;
         adjust(&mut config);
         let state = AppState::build(&config).expect("the test configuration is valid");
