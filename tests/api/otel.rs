@@ -4,6 +4,8 @@
 
 use serde_json::{Value, json};
 
+use opentelemetry_proto::tonic::trace::v1::Span;
+
 use crate::support::otlp::{Collector, flag, float, hex, int, text, texts};
 use crate::support::{FakeUpstream, TestApp, all_events, config_file};
 
@@ -33,6 +35,31 @@ fn client_context(n: u8) -> (String, String, String) {
     let trace = format!("{:032x}", 0xabc0_0000_u128 + u128::from(n));
     let span = format!("{:016x}", 0x1000 + u64::from(n));
     (format!("00-{trace}-{span}-01"), trace, span)
+}
+
+/// A streamed chat completion of `model`, read to its end.
+async fn stream_chat(app: &TestApp, model: &str, content: &str) {
+    let response = app
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": model, "stream": true, "messages": [{"role": "user", "content": content}]}),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    all_events(response).await;
+}
+
+/// The server span of `spans`, and its first client span.
+fn server_and_client(spans: &[Span]) -> (&Span, &Span) {
+    let server = spans
+        .iter()
+        .find(|s| s.kind == SERVER)
+        .expect("a server span");
+    let client = spans
+        .iter()
+        .find(|s| s.kind == CLIENT)
+        .expect("a client span");
+    (server, client)
 }
 
 /// One streamed request on each API, each continuing a client's trace.
@@ -92,14 +119,7 @@ async fn each_api_s_stream_is_a_server_span_over_a_client_span_whose_traceparent
                 (ours.len() >= 2).then_some(ours)
             })
             .await;
-        let server = spans
-            .iter()
-            .find(|s| s.kind == SERVER)
-            .expect("a server span");
-        let client = spans
-            .iter()
-            .find(|s| s.kind == CLIENT)
-            .expect("a client span");
+        let (server, client) = server_and_client(&spans);
         // The client's trace goes on: sluice's span is a child of the client's.
         assert_eq!(hex(&server.parent_span_id), parent, "{path}");
         assert_eq!(
@@ -195,14 +215,7 @@ async fn a_request_that_fails_over_shows_each_attempt_and_each_upstream_saw_its_
         good.base_url()
     ));
     let app = traced(&good, &collector, |c| c.config = Some(file)).await;
-    let response = app
-        .post(
-            "/v1/chat/completions",
-            &json!({"model": "resilient", "stream": true, "messages": [{"role": "user", "content": "Hi"}]}),
-        )
-        .await;
-    assert_eq!(response.status(), 200);
-    all_events(response).await;
+    stream_chat(&app, "resilient", "Hi").await;
 
     let spans = collector.trace("chat resilient", 3).await;
     let server = spans
@@ -253,13 +266,7 @@ async fn the_genai_metrics_go_out_by_otlp_and_on_metrics_under_their_current_nam
     let collector = Collector::spawn().await;
     let app = traced(&upstream, &collector, |_| {}).await;
     for _ in 0..2 {
-        let response = app
-            .post(
-                "/v1/chat/completions",
-                &json!({"model": "gpt-test", "stream": true, "messages": [{"role": "user", "content": "Hi"}]}),
-            )
-            .await;
-        all_events(response).await;
+        stream_chat(&app, "gpt-test", "Hi").await;
     }
     use opentelemetry_proto::tonic::metrics::v1::metric::Data;
     use opentelemetry_proto::tonic::metrics::v1::number_data_point::Value as Number;
@@ -360,19 +367,10 @@ async fn the_genai_metrics_go_out_by_otlp_and_on_metrics_under_their_current_nam
 async fn no_prompt_or_reply_text_leaves_sluice_unless_content_capture_is_asked_for() {
     let upstream = FakeUpstream::spawn().await;
     let prompt = "the secret word is periwinkle-42";
-    async fn ask(app: &TestApp, prompt: &str) {
-        let response = app
-            .post(
-                "/v1/chat/completions",
-                &json!({"model": "gpt-test", "stream": true, "messages": [{"role": "user", "content": prompt}]}),
-            )
-            .await;
-        all_events(response).await;
-    }
 
     let quiet = Collector::spawn().await;
     let app = traced(&upstream, &quiet, |_| {}).await;
-    ask(&app, prompt).await;
+    stream_chat(&app, "gpt-test", prompt).await;
     let spans = quiet.trace("chat gpt-test", 2).await;
     // Metrics went out too by now, and nothing anywhere holds the text.
     quiet
@@ -394,12 +392,9 @@ async fn no_prompt_or_reply_text_leaves_sluice_unless_content_capture_is_asked_f
 
     let capturing = Collector::spawn().await;
     let app = traced(&upstream, &capturing, |c| c.otel_capture_content = true).await;
-    ask(&app, prompt).await;
+    stream_chat(&app, "gpt-test", prompt).await;
     let spans = capturing.trace("chat gpt-test", 2).await;
-    let client = spans
-        .iter()
-        .find(|s| s.kind == CLIENT)
-        .expect("a client span");
+    let (_, client) = server_and_client(&spans);
     let input: Value =
         serde_json::from_str(&text(client, "gen_ai.input.messages").expect("input")).expect("json");
     assert_eq!(input[0]["parts"][0]["content"], prompt);
@@ -609,23 +604,9 @@ async fn over_grpc_the_same_spans_and_metrics_reach_the_collector() {
     let upstream = FakeUpstream::spawn().await;
     let collector = Collector::spawn_grpc().await;
     let app = traced(&upstream, &collector, |c| c.otel_protocol = "grpc".into()).await;
-    let response = app
-        .post(
-            "/v1/chat/completions",
-            &json!({"model": "gpt-test", "stream": true, "messages": [{"role": "user", "content": "Hi"}]}),
-        )
-        .await;
-    assert_eq!(response.status(), 200);
-    all_events(response).await;
+    stream_chat(&app, "gpt-test", "Hi").await;
     let spans = collector.trace("chat gpt-test", 2).await;
-    let server = spans
-        .iter()
-        .find(|s| s.kind == SERVER)
-        .expect("a server span");
-    let client = spans
-        .iter()
-        .find(|s| s.kind == CLIENT)
-        .expect("a client span");
+    let (server, client) = server_and_client(&spans);
     assert_eq!(client.parent_span_id, server.span_id);
     assert_eq!(int(server, "gen_ai.usage.output_tokens"), Some(5));
     let unit = collector
