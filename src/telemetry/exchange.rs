@@ -40,7 +40,7 @@ struct Record {
     usage: Option<Usage>,
     fallbacks: u32,
     error: Option<String>,
-    /// A stored stream's id, once it is known to be the client's.
+    /// The id of the stream the request started, or of the stored one it read or stopped.
     stream: Option<String>,
     /// A chat request: `gen_ai.provider.name` of the API the client speaks, and whether
     /// it asked for a stream.
