@@ -93,7 +93,11 @@ pub(super) async fn follow(
 ) -> Result<Response, ApiError> {
     let reader = state.admission.admit_read(who).await?;
     let quota = reader.quota().clone();
-    let response = match state.streams.attach(id, &who.name, wire, at.after).await {
+    let (attached, producer) = match state.streams.attach(id, &who.name, wire, at.after).await {
+        Ok((attached, producer)) => (Ok(attached), producer),
+        Err(e) => (Err(e), None),
+    };
+    let response = match attached {
         Err(e) => Err(e.cursor_beyond(at.param, at.sent)),
         // Nothing left: 204 tells an `EventSource` to stop reconnecting.
         Ok(Attached::Complete) => Ok(StatusCode::NO_CONTENT.into_response()),
@@ -115,7 +119,7 @@ pub(super) async fn follow(
     if response.is_ok() {
         exchange.set_stream(id);
         // The reader's span links to the span of the request that started the stream.
-        exchange.resumed(state.streams.producer(id));
+        exchange.resumed(producer);
     }
     Ok(with_rate_headers(response, &quota))
 }

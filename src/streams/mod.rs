@@ -285,7 +285,16 @@ impl Streams {
         let id: Arc<str> = id.into();
         let shared = match &registry.shared {
             None => None,
-            Some(shared) => match shared.open(&id, owner, wire, context.as_deref()).await {
+            Some(shared) => match shared
+                .open(
+                    &id,
+                    owner,
+                    wire,
+                    context.as_deref(),
+                    trace.as_ref().map(crate::telemetry::traceparent).as_deref(),
+                )
+                .await
+            {
                 Ok(log) => Some(log),
                 Err(e) => {
                     registry.metrics.unavailable_redis.increment(1);
@@ -542,16 +551,18 @@ impl Streams {
     }
 
     /// A reader for stream `id` from after event `after` (0: from the start), wherever the
-    /// stream is logged. Another client's stream is as unknown as one that never was.
+    /// stream is logged, and the span of the request that started it (for the reader's to
+    /// link to). Another client's stream is as unknown as one that never was.
     pub async fn attach(
         &self,
         id: &str,
         who: &str,
         wire: Wire,
         after: u64,
-    ) -> Result<Attached, ApiError> {
+    ) -> Result<(Attached, Option<SpanContext>), ApiError> {
         self.check(id)?;
         if let Some(entry) = self.local(id, who, wire) {
+            let producer = entry.trace.clone();
             // Stopped by a cancel: there is nothing to follow (a stream the grace period
             // ended is replayed, to its `stream_cancelled` ending).
             if entry.has_ended() && entry.was_cancelled() {
@@ -572,19 +583,15 @@ impl Streams {
                 }
             };
             self.0.metrics.resumes.increment(1);
-            return Ok(attached);
+            return Ok((attached, producer));
         }
         let Some(shared) = &self.0.shared else {
             return Err(ApiError::StreamNotFound(id.to_owned()));
         };
-        let attached = shared.attach(id, who, wire, after).await?;
+        let (attached, trace) = shared.attach(id, who, wire, after).await?;
         self.0.metrics.resumes.increment(1);
-        Ok(attached)
-    }
-
-    /// The span of the request that started stream `id`, when it runs on this instance.
-    pub fn producer(&self, id: &str) -> Option<SpanContext> {
-        lock(&self.0.live).get(id).and_then(|e| e.trace.clone())
+        let producer = trace.as_deref().and_then(crate::telemetry::span_of);
+        Ok((attached, producer))
     }
 
     /// What is kept of stream `id`: its context and events, wherever it is logged.

@@ -2,7 +2,7 @@
 //! resumes there. Each resumable stream is a Redis Stream `sluice:{id}:log` whose entry
 //! `0-n` holds event `n` (field `e`), closed by an entry with `end` (or `lost`, when this
 //! instance could not log every event), beside a hash `sluice:{id}:meta` (owner, format,
-//! producing instance). Both expire with the TTL, and hold no more than the producer's memory
+//! producing instance, the producer's `traceparent` when traced). Both expire with the TTL, and hold no more than the producer's memory
 //! does: what it trims or evicts is trimmed (`XTRIM MINID`) or deleted here too. The
 //! producer's writes go through one writer task that pipelines whatever is queued, then
 //! names the streams it wrote to on `sluice:progress`; readers elsewhere share their
@@ -505,6 +505,7 @@ impl Shared {
         owner: &str,
         wire: Wire,
         context: Option<&[u8]>,
+        trace: Option<&str>,
     ) -> RedisResult<Log> {
         let now = self.epoch.elapsed().as_millis() as u64;
         if now < self.down_until.load(Ordering::Relaxed) {
@@ -513,7 +514,7 @@ impl Shared {
                 "Redis failed a moment ago",
             )));
         }
-        let result = self.register(id, owner, wire, context).await;
+        let result = self.register(id, owner, wire, context, trace).await;
         if result.is_err() {
             let until = self.epoch.elapsed() + BACKOFF;
             self.down_until
@@ -528,6 +529,7 @@ impl Shared {
         owner: &str,
         wire: Wire,
         context: Option<&[u8]>,
+        trace: Option<&str>,
     ) -> RedisResult<Log> {
         let keys = Keys::of(id);
         let mut conn = self.connection().await?;
@@ -543,6 +545,10 @@ impl Shared {
         .ignore();
         if let Some(context) = context {
             pipe.hset(&keys.meta, "context", context).ignore();
+        }
+        // The producer's span, for readers' spans on any instance to link to.
+        if let Some(trace) = trace {
+            pipe.hset(&keys.meta, "trace", trace).ignore();
         }
         pipe.pexpire(&keys.meta, millis(self.running) as i64)
             .ignore()
@@ -561,7 +567,8 @@ impl Shared {
         })
     }
 
-    /// The producing instance of `id`, when `who` may read it in `wire`'s format.
+    /// The producing instance of `id` and its span's `traceparent`, when `who` may read it
+    /// in `wire`'s format.
     async fn find(
         &self,
         conn: &mut Connection,
@@ -569,14 +576,14 @@ impl Shared {
         id: &str,
         who: &str,
         wire: Wire,
-    ) -> Result<String, ApiError> {
-        let meta: std::collections::HashMap<String, String> =
+    ) -> Result<(String, Option<String>), ApiError> {
+        let mut meta: std::collections::HashMap<String, String> =
             conn.hgetall(&keys.meta).await.map_err(unreachable)?;
         match (meta.get("owner"), meta.get("wire"), meta.get("instance")) {
             (Some(owner), Some(w), Some(instance))
                 if owner == who && Wire::parse(w) == Some(wire) =>
             {
-                Ok(instance.clone())
+                Ok((instance.clone(), meta.remove("trace")))
             }
             _ => Err(ApiError::StreamNotFound(id.to_owned())),
         }
@@ -588,10 +595,10 @@ impl Shared {
         who: &str,
         wire: Wire,
         after: u64,
-    ) -> Result<Attached, ApiError> {
+    ) -> Result<(Attached, Option<String>), ApiError> {
         let keys = Keys::of(id);
         let mut conn = self.connection().await.map_err(unreachable)?;
-        let instance = self.find(&mut conn, &keys, id, who, wire).await?;
+        let (instance, trace) = self.find(&mut conn, &keys, id, who, wire).await?;
         let last: StreamRangeReply = conn
             .xrevrange_count(&keys.log, "+", "-", 1)
             .await
@@ -618,25 +625,23 @@ impl Shared {
                 return Err(super::cursor_beyond(after));
             }
             if ended && after == sent {
-                return Ok(Attached::Complete);
+                return Ok((Attached::Complete, trace));
             }
         }
         // Every reader here shares the one connection: it reads without blocking, and
         // waits for the producer's word on the progress channel (or a lease) in between.
         let progress = self.follow_progress(id)?;
-        Ok(Attached::Events(
-            follow(
-                conn,
-                progress,
-                id.to_owned(),
-                keys,
-                wire,
-                after,
-                instance,
-                (self.lease, self.patience),
-            )
-            .boxed(),
-        ))
+        let events = follow(
+            conn,
+            progress,
+            id.to_owned(),
+            keys,
+            wire,
+            after,
+            instance,
+            (self.lease, self.patience),
+        );
+        Ok((Attached::Events(events.boxed()), trace))
     }
 
     pub(super) async fn events(

@@ -11,7 +11,10 @@ mod exchange;
 mod otel;
 pub use call::{Call, UpstreamCall};
 pub use exchange::Exchange;
-pub use otel::{DURATION_BUCKETS, Otel, Settings as OtelSettings, TPOT_BUCKETS, TTFT_BUCKETS};
+pub use otel::{
+    DURATION_BUCKETS, Otel, Settings as OtelSettings, TPOT_BUCKETS, TTFT_BUCKETS, span_of,
+    traceparent,
+};
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -308,6 +308,25 @@ impl Injector for Carrier {
     }
 }
 
+/// A span's `traceparent` (W3C Trace Context), as a stream keeps its producer's in Redis.
+pub fn traceparent(span: &opentelemetry::trace::SpanContext) -> String {
+    format!(
+        "00-{}-{}-{:02x}",
+        span.trace_id(),
+        span.span_id(),
+        span.trace_flags().to_u8()
+    )
+}
+
+/// The span a `traceparent` names, when it is a valid one.
+pub fn span_of(traceparent: &str) -> Option<opentelemetry::trace::SpanContext> {
+    let carrier =
+        std::collections::HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
+    let cx = TraceContextPropagator::new().extract(&carrier);
+    let span = cx.span().span_context().clone();
+    span.is_valid().then_some(span)
+}
+
 /// `gen_ai.response.finish_reasons`: one reply, one reason.
 pub fn finish_reasons(reason: &str) -> KeyValue {
     let reasons = opentelemetry::Array::String(vec![reason.to_owned().into()]);

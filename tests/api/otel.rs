@@ -616,3 +616,58 @@ async fn over_grpc_the_same_spans_and_metrics_reach_the_collector() {
         .await;
     assert_eq!(unit, "s");
 }
+
+#[tokio::test]
+async fn a_reader_on_another_instance_links_to_the_span_that_started_the_stream() {
+    let Some(redis) = crate::shared::Redis::start() else {
+        return;
+    };
+    let upstream = FakeUpstream::spawn().await;
+    let collector = Collector::spawn().await;
+    let url = redis.url.clone();
+    let a = traced(&upstream, &collector, |c| c.redis_url = Some(url)).await;
+    let url = redis.url.clone();
+    let b = traced(&upstream, &collector, |c| c.redis_url = Some(url)).await;
+    let response = a
+        .http
+        .post(a.url("/v1/chat/completions"))
+        .header("x-sluice-resumable", "true")
+        .json(&json!({"model": "gpt-test", "stream": true, "messages": [{"role": "user", "content": "Hi"}]}))
+        .send()
+        .await
+        .expect("A answers");
+    let id = response.headers()["x-sluice-stream-id"]
+        .to_str()
+        .expect("an id")
+        .to_owned();
+    all_events(response).await;
+    let response = b
+        .http
+        .get(b.url(&format!("/v1/chat/completions/{id}?stream=true")))
+        .header("last-event-id", "2")
+        .send()
+        .await
+        .expect("B answers");
+    assert_eq!(response.status(), 200);
+    let events = all_events(response).await;
+    assert!(!events.is_empty(), "the rest of the stream, from Redis");
+
+    let producer = collector.trace("chat gpt-test", 2).await;
+    let (server, _) = server_and_client(&producer);
+    let reader = collector
+        .wait("B's reader span", |r| {
+            r.spans
+                .iter()
+                .find(|s| s.name.starts_with("GET /v1/chat/completions/"))
+                .cloned()
+        })
+        .await;
+    assert_eq!(flag(&reader, "sluice.stream.resumed"), Some(true));
+    assert_eq!(
+        reader.links.len(),
+        1,
+        "a link to the stream's trace, through Redis"
+    );
+    assert_eq!(reader.links[0].trace_id, server.trace_id);
+    assert_eq!(reader.links[0].span_id, server.span_id);
+}
