@@ -2,13 +2,14 @@
 //! resumes there. Each resumable stream is a Redis Stream `sluice:{id}:log` whose entry
 //! `0-n` holds event `n` (field `e`), closed by an entry with `end` (or `lost`, when this
 //! instance could not log every event), beside a hash `sluice:{id}:meta` (owner, format,
-//! producing instance, the producer's `traceparent` when traced). Both expire with the TTL, and hold no more than the producer's memory
-//! does: what it trims or evicts is trimmed (`XTRIM MINID`) or deleted here too. The
-//! producer's writes go through one writer task that pipelines whatever is queued, then
-//! names the streams it wrote to on `sluice:progress`; readers elsewhere share their
-//! instance's one connection and wait on that channel between reads. Every instance keeps
-//! a heartbeat key alive: a reader whose producer's key has gone ends with
-//! `producer_lost`. Cancels travel on the channel `sluice:cancel`.
+//! producing instance, the producer's `traceparent` when traced). Both expire with the TTL,
+//! and hold no more than the producer's memory does: what it trims or evicts is trimmed
+//! (`XTRIM MINID`) or deleted here too. The producer's writes go through one writer task
+//! that pipelines whatever is queued, then names the streams it wrote to on
+//! `sluice:progress`; readers elsewhere share their instance's one connection and wait on
+//! that channel between reads. Every instance keeps a heartbeat key alive: a reader whose
+//! producer's key has gone ends with `producer_lost`. Cancels travel on the channel
+//! `sluice:cancel`.
 //!
 //! Every key is hash-tagged, so in a Redis Cluster each stream's writes (one script per
 //! stream and batch) and reads stay in one slot. A failure (a primary killed, its replica
