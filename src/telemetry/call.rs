@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use metrics::{Gauge, Histogram};
+use metrics::Histogram;
 use opentelemetry::KeyValue;
 use opentelemetry::trace::{Span as _, Status};
 use opentelemetry_sdk::trace::Span;
@@ -30,7 +30,6 @@ pub struct Call<'a> {
 /// One open upstream attempt; see [`Metrics::upstream_call`]. Dropping it ends it.
 pub struct UpstreamCall {
     metrics: Metrics,
-    in_flight: Gauge,
     duration: Histogram,
     genai: Arc<GenAi>,
     started: Instant,
@@ -93,7 +92,6 @@ impl Metrics {
         });
         UpstreamCall {
             metrics: self.clone(),
-            in_flight: self.0.upstream_in_flight.clone(),
             duration: self.model(call.label).upstream_duration.clone(),
             genai: self.genai(call.provider, call.label),
             started: Instant::now(),
@@ -162,7 +160,7 @@ fn error_type(error: &BackendError) -> String {
 
 impl Drop for UpstreamCall {
     fn drop(&mut self) {
-        self.in_flight.decrement(1.0);
+        self.metrics.0.upstream_in_flight.decrement(1.0);
         let duration = self.started.elapsed().as_secs_f64();
         self.duration.record(duration);
         let usage = self.usage.unwrap_or_default();
@@ -234,26 +232,6 @@ impl Drop for UpstreamCall {
         }
         otel.client_duration.record(duration, &attrs);
         span.end();
-    }
-}
-
-impl Metrics {
-    /// `name` for one failure kind: registered on use (failures are rare, kinds few).
-    pub(super) fn error_histogram(
-        &self,
-        name: &'static str,
-        series: &GenAi,
-        error: &str,
-    ) -> Histogram {
-        self.histogram(
-            name,
-            &[
-                ("gen_ai_operation_name", OPERATION),
-                ("gen_ai_provider_name", series.provider),
-                ("gen_ai_request_model", &series.model),
-                ("error_type", error),
-            ],
-        )
     }
 }
 

@@ -431,6 +431,19 @@ impl Metrics {
         series
     }
 
+    /// `name` for one failure kind: registered on use (failures are rare, kinds few).
+    fn error_histogram(&self, name: &'static str, series: &GenAi, error: &str) -> Histogram {
+        self.histogram(
+            name,
+            &[
+                ("gen_ai_operation_name", OPERATION),
+                ("gen_ai_provider_name", series.provider),
+                ("gen_ai_request_model", &series.model),
+                ("error_type", error),
+            ],
+        )
+    }
+
     /// OpenTelemetry, when it is configured.
     pub fn otel(&self) -> Option<&Otel> {
         self.0.otel.as_ref()

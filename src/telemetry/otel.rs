@@ -85,17 +85,23 @@ impl Otel {
         let resource = Resource::builder()
             .with_service_name(settings.service_name.clone())
             .build();
-        let spans = if grpc {
-            opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .with_endpoint(endpoint)
-                .build()?
-        } else {
-            opentelemetry_otlp::SpanExporter::builder()
-                .with_http()
-                .with_endpoint(format!("{endpoint}/v1/traces"))
-                .build()?
-        };
+        // An exporter of one signal: over gRPC to the endpoint, over HTTP to its path there.
+        macro_rules! exporter {
+            ($kind:ident, $path:literal) => {
+                if grpc {
+                    opentelemetry_otlp::$kind::builder()
+                        .with_tonic()
+                        .with_endpoint(endpoint)
+                        .build()?
+                } else {
+                    opentelemetry_otlp::$kind::builder()
+                        .with_http()
+                        .with_endpoint(format!("{endpoint}{}", $path))
+                        .build()?
+                }
+            };
+        }
+        let spans = exporter!(SpanExporter, "/v1/traces");
         let batch = BatchConfigBuilder::default()
             .with_scheduled_delay(settings.span_delay)
             .build();
@@ -108,17 +114,7 @@ impl Otel {
             .with_sampler(sampler(&settings.sampler, settings.sampler_arg.as_deref())?)
             .with_resource(resource.clone())
             .build();
-        let metrics = if grpc {
-            opentelemetry_otlp::MetricExporter::builder()
-                .with_tonic()
-                .with_endpoint(endpoint)
-                .build()?
-        } else {
-            opentelemetry_otlp::MetricExporter::builder()
-                .with_http()
-                .with_endpoint(format!("{endpoint}/v1/metrics"))
-                .build()?
-        };
+        let metrics = exporter!(MetricExporter, "/v1/metrics");
         let meters = SdkMeterProvider::builder()
             .with_reader(
                 PeriodicReader::builder(metrics)

@@ -413,35 +413,44 @@ async fn a_resumed_stream_s_span_links_to_the_span_that_started_it() {
     let upstream = FakeUpstream::spawn().await;
     let collector = Collector::spawn().await;
     let app = traced(&upstream, &collector, |_| {}).await;
-    let response = app
+    resumed_reader_links_to_its_producer(&app, &app, &collector).await;
+}
+
+/// A resumable stream started on `producer` and read to its end, then resumed on `reader`
+/// after event 2: the reader's span is marked resumed, names the stream, and links to the
+/// span of the request that started it.
+async fn resumed_reader_links_to_its_producer(
+    producer: &TestApp,
+    reader: &TestApp,
+    collector: &Collector,
+) {
+    let response = producer
         .http
-        .post(app.url("/v1/chat/completions"))
+        .post(producer.url("/v1/chat/completions"))
         .header("x-sluice-resumable", "true")
         .json(&json!({"model": "gpt-test", "stream": true, "messages": [{"role": "user", "content": "Hi"}]}))
         .send()
         .await
-        .expect("request");
+        .expect("the producer answers");
     let id = response.headers()["x-sluice-stream-id"]
         .to_str()
         .expect("an id")
         .to_owned();
     all_events(response).await;
-    let response = app
+    let response = reader
         .http
-        .get(app.url(&format!("/v1/chat/completions/{id}?stream=true")))
+        .get(reader.url(&format!("/v1/chat/completions/{id}?stream=true")))
         .header("last-event-id", "2")
         .send()
         .await
-        .expect("resume");
+        .expect("the reader answers");
     assert_eq!(response.status(), 200);
-    all_events(response).await;
+    let events = all_events(response).await;
+    assert!(!events.is_empty(), "the rest of the stream");
 
-    let producer = collector.trace("chat gpt-test", 2).await;
-    let server = producer
-        .iter()
-        .find(|s| s.kind == SERVER)
-        .expect("server span");
-    let reader = collector
+    let started = collector.trace("chat gpt-test", 2).await;
+    let (server, _) = server_and_client(&started);
+    let span = collector
         .wait("the reader's span", |r| {
             r.spans
                 .iter()
@@ -449,14 +458,14 @@ async fn a_resumed_stream_s_span_links_to_the_span_that_started_it() {
                 .cloned()
         })
         .await;
-    assert_eq!(flag(&reader, "sluice.stream.resumed"), Some(true));
+    assert_eq!(flag(&span, "sluice.stream.resumed"), Some(true));
     assert_eq!(
-        text(&reader, "sluice.stream.id").as_deref(),
+        text(&span, "sluice.stream.id").as_deref(),
         Some(id.as_str())
     );
-    assert_eq!(reader.links.len(), 1, "a link to the stream's trace");
-    assert_eq!(reader.links[0].trace_id, server.trace_id);
-    assert_eq!(reader.links[0].span_id, server.span_id);
+    assert_eq!(span.links.len(), 1, "a link to the stream's trace");
+    assert_eq!(span.links[0].trace_id, server.trace_id);
+    assert_eq!(span.links[0].span_id, server.span_id);
 }
 
 #[tokio::test]
@@ -628,46 +637,6 @@ async fn a_reader_on_another_instance_links_to_the_span_that_started_the_stream(
     let a = traced(&upstream, &collector, |c| c.redis_url = Some(url)).await;
     let url = redis.url.clone();
     let b = traced(&upstream, &collector, |c| c.redis_url = Some(url)).await;
-    let response = a
-        .http
-        .post(a.url("/v1/chat/completions"))
-        .header("x-sluice-resumable", "true")
-        .json(&json!({"model": "gpt-test", "stream": true, "messages": [{"role": "user", "content": "Hi"}]}))
-        .send()
-        .await
-        .expect("A answers");
-    let id = response.headers()["x-sluice-stream-id"]
-        .to_str()
-        .expect("an id")
-        .to_owned();
-    all_events(response).await;
-    let response = b
-        .http
-        .get(b.url(&format!("/v1/chat/completions/{id}?stream=true")))
-        .header("last-event-id", "2")
-        .send()
-        .await
-        .expect("B answers");
-    assert_eq!(response.status(), 200);
-    let events = all_events(response).await;
-    assert!(!events.is_empty(), "the rest of the stream, from Redis");
-
-    let producer = collector.trace("chat gpt-test", 2).await;
-    let (server, _) = server_and_client(&producer);
-    let reader = collector
-        .wait("B's reader span", |r| {
-            r.spans
-                .iter()
-                .find(|s| s.name.starts_with("GET /v1/chat/completions/"))
-                .cloned()
-        })
-        .await;
-    assert_eq!(flag(&reader, "sluice.stream.resumed"), Some(true));
-    assert_eq!(
-        reader.links.len(),
-        1,
-        "a link to the stream's trace, through Redis"
-    );
-    assert_eq!(reader.links[0].trace_id, server.trace_id);
-    assert_eq!(reader.links[0].span_id, server.span_id);
+    // B has no stream of its own: it reads A's through Redis, the link too.
+    resumed_reader_links_to_its_producer(&a, &b, &collector).await;
 }
