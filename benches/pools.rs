@@ -32,6 +32,7 @@ fn route(balance: Balance, targets: usize) -> Arc<Route> {
             balance,
             queue: 100,
             queue_timeout: Duration::from_secs(5),
+            waitlist: Arc::default(),
             shared: None,
         },
     );
@@ -52,7 +53,7 @@ fn pools(c: &mut Criterion) {
     for (name, route) in cases {
         c.bench_function(name, |b| {
             b.to_async(&runtime).iter(|| async {
-                let start = route.begin().await.expect("a target");
+                let start = route.begin(1).await.expect("a target");
                 drop(start);
             })
         });

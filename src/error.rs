@@ -341,6 +341,7 @@ impl From<BackendError> for ApiError {
             },
             BackendError::TooLarge(_) => ApiError::UpstreamFailed(e.to_string()),
             BackendError::Unreachable(m)
+            | BackendError::Unanswered(m)
             | BackendError::Interrupted(m)
             | BackendError::Protocol(m) => ApiError::UpstreamFailed(m),
             BackendError::Overloaded {

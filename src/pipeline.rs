@@ -57,6 +57,8 @@ pub async fn start(
 pub struct Admitted {
     permit: Permit,
     route: std::sync::Arc<Route>,
+    /// The client, as a pool's health and queue tell clients apart.
+    who: dispatch::target::Who,
 }
 
 /// The request's size limits, its model, and the client's request rate and stream slot.
@@ -89,7 +91,11 @@ pub async fn admit(
     let asked = std::time::Instant::now();
     let permit = state.admission.admit(who, model).await?;
     exchange.admitted(asked.elapsed());
-    Ok(Admitted { permit, route })
+    Ok(Admitted {
+        permit,
+        route,
+        who: dispatch::target::who(&who.name),
+    })
 }
 
 impl Admitted {
@@ -102,7 +108,11 @@ impl Admitted {
         exchange: &Exchange,
         chat: Chat,
     ) -> Result<Started, ApiError> {
-        let Admitted { mut permit, route } = self;
+        let Admitted {
+            mut permit,
+            route,
+            who,
+        } = self;
         exchange.set_max_tokens(chat.max_tokens);
         let text_bytes: usize = chat.messages.iter().map(|m| m.content.len()).sum();
         let (messages, prompt_tokens) = state.tokens.prompt(chat.messages).await;
@@ -171,7 +181,7 @@ impl Admitted {
         let queued = std::time::Instant::now();
         let begun = tokio::select! {
             biased;
-            begun = route.begin() => begun,
+            begun = route.begin(who) => begun,
             () = state.closing.cancelled() => return Err(ApiError::Restarting),
         };
         exchange.admitted(queued.elapsed());

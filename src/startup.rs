@@ -336,6 +336,12 @@ fn pool(
             queue_timeout: route
                 .queue_timeout_ms
                 .map_or(DEFAULT_QUEUE_TIMEOUT, Duration::from_millis),
+            // A fallback queues nothing: only the route's own pool keeps a queue.
+            waitlist: if queued {
+                routes.waitlist(name)
+            } else {
+                Default::default()
+            },
             shared: routes.shared(),
         },
     ))

@@ -299,6 +299,9 @@ pub enum BackendError {
     /// No connection could be made.
     #[error("upstream unreachable: {0}")]
     Unreachable(String),
+    /// Connected, but the upstream closed the connection or failed before any answer.
+    #[error("upstream gave no answer: {0}")]
+    Unanswered(String),
     /// The stream broke off: connection lost, an in-band error object, no finish.
     #[error("upstream stream interrupted: {0}")]
     Interrupted(String),
@@ -377,17 +380,37 @@ impl BackendError {
     /// reached, failed (5xx), was at its limit (429, a full queue), or sent no first token.
     pub fn fallback_reason(&self) -> Option<FallbackReason> {
         match self {
-            BackendError::Unreachable(_) => Some(FallbackReason::Unreachable),
+            BackendError::Unreachable(_) | BackendError::Unanswered(_) => {
+                Some(FallbackReason::Unreachable)
+            }
             BackendError::Timeout(Wait::Connect) => Some(FallbackReason::ConnectTimeout),
             BackendError::Timeout(Wait::FirstToken) => Some(FallbackReason::FirstTokenTimeout),
             BackendError::Rejected { status, .. } if *status >= 500 => {
                 Some(FallbackReason::ServerError)
             }
+            // One that names the request's own size fails the same way everywhere.
+            BackendError::RateLimited { message, .. } if names_request_size(message) => None,
             BackendError::RateLimited { .. } => Some(FallbackReason::RateLimited),
             BackendError::Overloaded { .. } => Some(FallbackReason::Overloaded),
             _ => None,
         }
     }
+}
+
+/// Whether a 429's message says the request is larger than the limit it met (OpenAI's
+/// and Azure's "Request too large … Requested N", a prompt over a tokens-per-minute limit):
+/// the request's doing, not the upstream's state.
+pub fn names_request_size(message: &str) -> bool {
+    let message = message.to_ascii_lowercase();
+    [
+        "request too large",
+        "too large for",
+        "requested ",
+        "reduce the length",
+        "maximum context",
+    ]
+    .iter()
+    .any(|words| message.contains(words))
 }
 
 /// What a readiness probe found of one upstream.

@@ -458,7 +458,7 @@ impl Call {
                 Err(h1::Failure::Connect(e)) => Err(BackendError::Unreachable(format!(
                     "cannot connect to the upstream: {e}"
                 ))),
-                Err(h1::Failure::Request(e)) => Err(BackendError::Unreachable(format!(
+                Err(h1::Failure::Request(e)) => Err(BackendError::Unanswered(format!(
                     "the upstream request failed: {e}"
                 ))),
             },
@@ -568,8 +568,10 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 fn request_error(e: &reqwest::Error) -> BackendError {
     if e.is_timeout() {
         BackendError::Timeout(super::Wait::Connect)
-    } else {
+    } else if e.is_connect() {
         BackendError::Unreachable(without_url(e))
+    } else {
+        BackendError::Unanswered(without_url(e))
     }
 }
 

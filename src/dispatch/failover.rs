@@ -56,6 +56,9 @@ pub fn upstream(
         let mut total = Woken::new(Box::pin(tokio::time::sleep(limits.total)));
         let mut closing = Woken::new(Box::pin(closing));
         let mut request = Some(request);
+        // Targets that failed this request before its first byte: theirs to answer for
+        // only if another serves it.
+        let mut suspects = Vec::new();
         'attempts: loop {
             let more = plan.more();
             let mut attempt = if more { request.clone() } else { request.take() }.unwrap_or_default();
@@ -132,6 +135,7 @@ pub fn upstream(
                             );
                             metrics.fallback(target_label, reason.as_str());
                             exchange.fell_back(&e);
+                            suspects.push(lease.suspect());
                             lease = next;
                             continue 'attempts;
                         }
@@ -143,6 +147,9 @@ pub fn upstream(
                 if first {
                     lease.succeeded(started.elapsed());
                     call.first_chunk();
+                    for suspect in suspects.drain(..) {
+                        suspect.confirm();
+                    }
                 }
                 match &delta {
                     Delta::Text(text) => {

@@ -6,9 +6,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use super::pool::{Lease, NoRoom, Pool, Target};
+use super::pool::{Lease, NoRoom, Pool, Target, Waitlist};
 use super::shared::SharedPools;
-use super::target::{self, Registry, TargetState};
+use super::target::{self, Registry, TargetState, Who};
 use crate::backend::mock;
 use crate::backend::{Backend, Probe};
 
@@ -45,20 +45,20 @@ impl Route {
         self.pools.first().and_then(|p| p.targets.first())
     }
 
-    /// The upstream a request starts on, holding its slot, and the way on from it: a
+    /// The upstream `who`'s request starts on, holding its slot, and the way on from it: a
     /// target of the route's pool (waiting in its queue while every target is full), else,
     /// when they are all ejected, of a fallback.
-    pub async fn begin(self: &Arc<Self>) -> Result<(Plan, Lease), Unavailable> {
+    pub async fn begin(self: &Arc<Self>, who: Who) -> Result<(Plan, Lease), Unavailable> {
         let Some(first) = self.pools.first() else {
             return Err(Unavailable::Down(Duration::from_secs(1)));
         };
-        let down = match first.wait().await {
+        let down = match first.wait(who).await {
             Ok(lease) => return Ok((self.plan(0, &lease), lease)),
             Err((NoRoom::Full, wait)) => return Err(Unavailable::Full(wait)),
             Err((NoRoom::Down(back), _)) => back,
         };
         for (i, pool) in self.pools.iter().enumerate().skip(1) {
-            if let Ok(lease) = pool.lease(&mut 0).await {
+            if let Ok(lease) = pool.lease(&mut 0, who).await {
                 return Ok((self.plan(i, &lease), lease));
             }
         }
@@ -70,6 +70,7 @@ impl Route {
             route: self.clone(),
             pool,
             tried: 1 << lease.index(),
+            who: lease.who(),
         }
     }
 }
@@ -81,13 +82,14 @@ pub struct Plan {
     pool: usize,
     /// The targets of the current pool tried so far, a bit each.
     tried: u64,
+    who: Who,
 }
 
 impl Plan {
     /// The next upstream to try, holding its slot; `None` when none is left.
     pub async fn next(&mut self) -> Option<Lease> {
         while let Some(pool) = self.route.pools.get(self.pool) {
-            if let Ok(lease) = pool.lease(&mut self.tried).await {
+            if let Ok(lease) = pool.lease(&mut self.tried, self.who).await {
                 return Some(lease);
             }
             self.pool += 1;
@@ -170,6 +172,11 @@ impl Routes {
         self.0.registry.state(identity, name)
     }
 
+    /// The queue of the route `name`, the same through reloads.
+    pub fn waitlist(&self, name: &str) -> Arc<Waitlist> {
+        self.0.registry.waitlist(name)
+    }
+
     /// The Redis link pools share their targets' caps and ejections on, when there is one.
     pub fn shared(&self) -> Option<Arc<SharedPools>> {
         self.0.shared.clone()
@@ -204,8 +211,10 @@ impl Routes {
             .collect()
     }
 
-    /// Each pool's state, for `/readyz`, and its series in the metrics.
-    pub fn report(&self, metrics: &crate::telemetry::Metrics) -> serde_json::Value {
+    /// Each pool's state, for `/readyz`, and its series in the metrics. Without `timing`
+    /// (an open `/readyz`) it leaves out when an ejected target is back and its recent time
+    /// to first token: what would let a client time failures to keep a target out.
+    pub fn report(&self, metrics: &crate::telemetry::Metrics, timing: bool) -> serde_json::Value {
         let now = Instant::now();
         let pools: Vec<serde_json::Value> = self
             .pools()
@@ -238,8 +247,8 @@ impl Routes {
                             "max_streams": t.max_streams,
                             "weight": t.weight,
                             "streams": state.started(),
-                            "ttft_ms": (!ttft.is_zero()).then_some(ttft.as_millis() as u64),
-                            "back_in_s": state.ejected_for(now).map(|d| d.as_secs_f64().ceil() as u64),
+                            "ttft_ms": (timing && !ttft.is_zero()).then_some(ttft.as_millis() as u64),
+                            "back_in_s": state.ejected_for(now).filter(|_| timing).map(|d| d.as_secs_f64().ceil() as u64),
                         })
                     })
                     .collect();

@@ -1,8 +1,15 @@
 //! A target's state, the part of it that outlives a reload of the configuration: its open
 //! streams, its recent time to first token, and its health — failures in a row, ejection
 //! with a back-off that doubles (10 s to 5 min), the one probe that brings it back, an
-//! upstream's `Retry-After`. Kept by the target's identity ([`Registry`]), so a stream that
-//! started before a reload still counts against its target, and an ejected one stays out.
+//! upstream's `Retry-After` (capped). Kept by the target's identity ([`Registry`]), so a
+//! stream that started before a reload still counts against its target, and an ejected one
+//! stays out.
+//!
+//! Health is shared by every client of a pool, so it counts only what the target is to
+//! blame for ([`Blame`]): a failure to connect at once; a 5xx, a 429 or a first-token
+//! timeout only once a second client saw one in the same run, or once the same request
+//! was served by another target. One client's requests, however they fail, never take a
+//! target out for everyone else.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -19,6 +26,10 @@ pub const EJECT_AFTER: u32 = 3;
 /// The first ejection's length; each one in a row doubles it, up to [`MAX_BACKOFF`].
 pub const FIRST_BACKOFF: Duration = Duration::from_secs(10);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// The longest an upstream's `Retry-After` keeps a target out: past it, a probe asks again.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+/// Unconfirmed failures remembered in a run (one client's each).
+const SUSPECTS: usize = 8;
 /// Weight of the newest sample in a moving average.
 pub const EWMA_NEW: f64 = 0.3;
 
@@ -45,10 +56,52 @@ pub struct TargetState {
     pub(super) room: Notify,
 }
 
+/// Who is asking, as health and the queue tell clients apart: a hash of the principal's name.
+pub type Who = u64;
+
+/// The [`Who`] of a principal's name.
+pub fn who(name: &str) -> Who {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    name.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// Whom a failure before the first byte is laid at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blame {
+    /// The target: no connection could be made.
+    Target,
+    /// Either: a 5xx, a 429, a connection closed unanswered, no first token in time. The
+    /// request itself may be the cause (a prompt that crashes a worker, one too large for
+    /// the upstream's limit), so it counts once another client saw the same, or once the
+    /// request was served elsewhere.
+    Unknown,
+    /// The request: never counted.
+    Request,
+}
+
+impl Blame {
+    pub fn of(error: &BackendError) -> Blame {
+        match error {
+            BackendError::Unreachable(_) | BackendError::Timeout(crate::backend::Wait::Connect) => {
+                Blame::Target
+            }
+            _ if error.fallback_reason().is_some() => Blame::Unknown,
+            _ => Blame::Request,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Health {
-    /// Failures in a row.
+    /// Failures in a row the target is to blame for.
     failures: u32,
+    /// The clients whose requests failed in this run in a way not yet laid at the target,
+    /// each once.
+    suspects: Vec<Who>,
+    /// The longest `Retry-After` of the run (capped): an ejection lasts at least that.
+    retry_after: Duration,
     /// Ejections in a row: the next back-off is `FIRST_BACKOFF << level`.
     level: u32,
     /// Out until then; once past, the next request is its probe.
@@ -196,12 +249,13 @@ impl TargetState {
         was_out
     }
 
-    /// A failure before the first byte (of a `probe`, or not): how long it is out for,
-    /// when this ejects it. Three in a row do, as a probe's does, with the back-off
-    /// doubling each time; an upstream's `Retry-After` does for that long.
-    pub fn failed(&self, error: &BackendError, probe: bool) -> Option<Duration> {
+    /// A failure before the first byte of `who`'s request (a `probe`, or not): how long it
+    /// is out for, when this ejects it. Three failures in a row that are the target's do
+    /// (a failed probe at once), the back-off doubling each time; an upstream's
+    /// `Retry-After` is one failure, and makes that ejection last at least as long, up to
+    /// [`MAX_RETRY_AFTER`]. A failure only one client has seen is not the target's yet.
+    pub fn failed(&self, error: &BackendError, probe: bool, who: Who) -> Option<Duration> {
         let mut health = self.health();
-        health.failures += 1;
         health.probing = false;
         let told = match error {
             BackendError::RateLimited {
@@ -210,23 +264,66 @@ impl TargetState {
             }
             | BackendError::Overloaded {
                 retry_after: wait, ..
-            } if !wait.is_zero() => Some((*wait).min(MAX_BACKOFF)),
-            _ => None,
+            } => (*wait).min(MAX_RETRY_AFTER),
+            _ => Duration::ZERO,
         };
-        let wait = match told {
-            Some(wait) => wait,
-            None if probe || health.failures >= EJECT_AFTER => {
-                let wait = backoff(health.level);
-                health.level += 1;
-                wait
+        health.retry_after = health.retry_after.max(told);
+        let counted = match Blame::of(error) {
+            Blame::Request => return None,
+            Blame::Target => {
+                health.failures += 1;
+                true
             }
-            None => return None,
+            Blame::Unknown => {
+                if !health.suspects.contains(&who) && health.suspects.len() < SUSPECTS {
+                    health.suspects.push(who);
+                }
+                health.suspects.len() >= 2
+            }
         };
-        health.failures = 0;
-        health.ejected_until = Some(Instant::now() + wait);
-        health.remote = false;
-        Some(wait)
+        if (probe && counted) || health.run() >= EJECT_AFTER {
+            return Some(eject(&mut health));
+        }
+        None
     }
+
+    /// `who`'s request, which failed here before its first byte (as a `probe`, or not),
+    /// was served by another target: that failure was this target's.
+    pub fn confirm(&self, who: Who, probe: bool) -> Option<Duration> {
+        let mut health = self.health();
+        let at = health.suspects.iter().position(|w| *w == who)?;
+        health.suspects.swap_remove(at);
+        health.failures += 1;
+        // Out already: the back-off it has stands.
+        if health
+            .ejected_until
+            .is_some_and(|until| until > Instant::now())
+        {
+            return None;
+        }
+        (probe || health.run() >= EJECT_AFTER).then(|| eject(&mut health))
+    }
+}
+
+impl Health {
+    /// The failures of the run laid at the target: its own, and one for each client that
+    /// saw one once two have.
+    fn run(&self) -> u32 {
+        let seen = self.suspects.len() as u32;
+        self.failures + if seen >= 2 { seen } else { 0 }
+    }
+}
+
+/// Takes a target out: for its back-off, or its `Retry-After` when that is longer.
+fn eject(health: &mut Health) -> Duration {
+    let wait = backoff(health.level).max(health.retry_after);
+    health.level += 1;
+    health.failures = 0;
+    health.suspects.clear();
+    health.retry_after = Duration::ZERO;
+    health.ejected_until = Some(Instant::now() + wait);
+    health.remote = false;
+    wait
 }
 
 /// A target's back-off after `level` ejections in a row.
@@ -236,11 +333,27 @@ pub fn backoff(level: u32) -> Duration {
         .min(MAX_BACKOFF)
 }
 
-/// Target states by identity, for as long as something (a pool, a stream) holds them.
+/// Target states by identity, and routes' queues by name, for as long as something (a
+/// pool, a stream, a waiting request) holds them.
 #[derive(Default)]
-pub struct Registry(Mutex<HashMap<String, Weak<TargetState>>>);
+pub struct Registry(
+    Mutex<HashMap<String, Weak<TargetState>>>,
+    Mutex<HashMap<String, Weak<super::pool::Waitlist>>>,
+);
 
 impl Registry {
+    /// The queue of the route `name`: the one it had, or a new one.
+    pub fn waitlist(&self, name: &str) -> Arc<super::pool::Waitlist> {
+        let mut known = self.1.lock().unwrap_or_else(|e| e.into_inner());
+        known.retain(|_, list| list.strong_count() > 0);
+        if let Some(list) = known.get(name).and_then(Weak::upgrade) {
+            return list;
+        }
+        let list = Arc::default();
+        known.insert(name.to_owned(), Arc::downgrade(&list));
+        list
+    }
+
     /// The state of the target `identity` names: the one it had, or a new one named `name`.
     pub fn state(&self, identity: &str, name: &str) -> Arc<TargetState> {
         let mut known = self.0.lock().unwrap_or_else(|e| e.into_inner());

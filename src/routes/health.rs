@@ -38,7 +38,7 @@ async fn readyz(
         "default_upstream": state.routes.has_default_upstream(),
         "models": state.routes.model_names(),
         "upstreams": *upstreams,
-        "pools": state.routes.report(&state.metrics),
+        "pools": state.routes.report(&state.metrics, state.metrics_token.is_some()),
     })))
 }
 
@@ -48,7 +48,7 @@ async fn metrics(
 ) -> Result<impl IntoResponse, ApiError> {
     operator(&state, &headers)?;
     // The pools' gauges are set from their state as it is now.
-    let _ = state.routes.report(&state.metrics);
+    let _ = state.routes.report(&state.metrics, false);
     Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),

@@ -149,6 +149,7 @@ fn error_type(error: &BackendError) -> String {
         BackendError::Rejected { status, .. } => status.to_string(),
         BackendError::RateLimited { .. } => "429".into(),
         BackendError::Unreachable(_) => "unreachable".into(),
+        BackendError::Unanswered(_) => "unanswered".into(),
         BackendError::Interrupted(_) => "interrupted".into(),
         BackendError::Protocol(_) => "protocol".into(),
         BackendError::Timeout(_) => "timeout".into(),

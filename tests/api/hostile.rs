@@ -103,6 +103,7 @@ async fn slow_and_idle_sockets_neither_block_others_nor_stay_open() {
     let fresh = TestApp {
         addr: app.addr,
         http: reqwest::Client::new(),
+        operator: None,
     };
     let closed = fresh.metric("sluice_idle_connections_closed_total").await;
     assert!(closed >= 500.0, "{closed} idle connections counted");
@@ -175,6 +176,7 @@ async fn with_256_descriptors_300_idle_sockets_do_not_stop_it() {
         let running = TestApp {
             addr: sluice.addr.parse().expect("an address"),
             http: reqwest::Client::new(),
+            operator: None,
         };
         let errors = running.metric("sluice_accept_errors_total").await;
         if errors_expected {

@@ -33,6 +33,8 @@ async fn app_with(config: &std::path::Path, adjust: impl FnOnce(&mut sluice::Con
         c.config = Some(path);
         c.openai_api_key = Some("sk-test".into());
         c.max_streams = 1_000;
+        // `/readyz` tells when an ejected target is back only to the operator.
+        c.metrics_token = Some("operator-token".into());
         adjust(c);
     })
     .await
@@ -141,27 +143,108 @@ async fn a_failing_target_costs_no_client_an_error_is_ejected_and_comes_back() {
 }
 
 #[tokio::test]
-async fn an_upstream_429_takes_its_target_out_for_its_retry_after() {
+async fn an_upstream_429_is_one_failure_and_its_retry_after_is_capped() {
     let (limited, fast) = (FakeUpstream::spawn().await, FakeUpstream::spawn().await);
     let file = config_file(&targets(
         "llama",
         &[
-            (&limited, "status-429", "weight = 100"),
+            (&limited, "status-429-300", "weight = 100"),
             (&fast, "gpt-test", ""),
         ],
     ));
     let app = app_with(&file, |_| {}).await;
-    for _ in 0..5 {
+    for _ in 0..6 {
         assert_eq!(ask(&app, "llama").await.0, 200);
     }
-    assert_eq!(limited.count(), 1, "out after its 429, whatever its weight");
+    // Each 429 is one failure (laid at the target once the other target served the
+    // request): three take it out, whatever its weight.
+    assert_eq!(limited.count(), 3, "out after three 429s");
     let out = target_state(&app, "llama", &limited.base_url()).await;
     assert_eq!(out["state"], "ejected");
-    // The fake upstream says Retry-After: 7.
+    // It said Retry-After: 300; an ejection lasts 30 s at the most.
     assert!(
         out["back_in_s"]
             .as_u64()
-            .is_some_and(|s| (4..=7).contains(&s)),
+            .is_some_and(|s| (20..=30).contains(&s)),
+        "{out}"
+    );
+}
+
+/// A streamed chat of `content` to `model` with `key`: its status.
+async fn ask_as(app: &TestApp, key: &str, model: &str, content: &str) -> u16 {
+    let body = json!({"model": model, "stream": true,
+        "messages": [{"role": "user", "content": content}]});
+    let response = app
+        .http
+        .post(app.url("/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await
+        .expect("sluice answers");
+    let status = response.status().as_u16();
+    let _ = response.bytes().await;
+    status
+}
+
+#[tokio::test]
+async fn one_key_cannot_take_a_pools_targets_out_for_another() {
+    let (a, b) = (FakeUpstream::spawn().await, FakeUpstream::spawn().await);
+    let file = config_file(&targets(
+        "llama",
+        &[(&a, "gpt-test", ""), (&b, "gpt-test", "")],
+    ));
+    let app = app_with(&file, |c| {
+        c.api_keys = vec!["sk-attacker".into(), "sk-victim".into()];
+    })
+    .await;
+    // A 429 with Retry-After: 300 from every target, for the attacker's requests only;
+    // then failures of every kind, as fast as it likes, between the victim's requests.
+    for told in [
+        "status-429-300",
+        "status-429-too-large",
+        "status-500",
+        "status-429",
+    ] {
+        for _ in 0..3 {
+            let status = ask_as(&app, "sk-attacker", "llama", &format!("behave:{told}")).await;
+            assert!(status >= 429, "{told}: {status}");
+        }
+        for _ in 0..5 {
+            assert_eq!(
+                ask_as(&app, "sk-victim", "llama", "Hi").await,
+                200,
+                "after {told}"
+            );
+        }
+    }
+    for upstream in [&a, &b] {
+        let state = target_state(&app, "llama", &upstream.base_url()).await;
+        assert_eq!(state["state"], "healthy", "{state}");
+    }
+    // A 429 that names the request's size went to one target, not to each in turn.
+    let before = a.count() + b.count();
+    let status = ask_as(&app, "sk-attacker", "llama", "behave:status-429-too-large").await;
+    assert_eq!(status, 429);
+    assert_eq!(a.count() + b.count(), before + 1, "not spread by failover");
+}
+
+#[tokio::test]
+async fn readyz_tells_no_timing_without_the_metrics_token() {
+    let (a, b) = (FakeUpstream::spawn().await, FakeUpstream::spawn().await);
+    a.set_failing(true);
+    let file = config_file(&targets(
+        "llama",
+        &[(&a, "gpt-test", ""), (&b, "gpt-test", "")],
+    ));
+    let app = app_with(&file, |c| c.metrics_token = None).await;
+    for _ in 0..6 {
+        assert_eq!(ask(&app, "llama").await.0, 200);
+    }
+    let out = target_state(&app, "llama", &a.base_url()).await;
+    assert_eq!(out["state"], "ejected", "{out}");
+    assert!(
+        out["back_in_s"].is_null() && out["ttft_ms"].is_null(),
         "{out}"
     );
 }
@@ -482,13 +565,22 @@ async fn a_pool_whose_every_target_fails_is_a_503_with_retry_after_not_a_hang() 
         "llama",
         &[(&one, "status-500", ""), (&two, "status-500", "")],
     ));
-    let app = app_with(&file, |_| {}).await;
-    // Each request tries both, then gets the last failure; three take both out.
-    for _ in 0..3 {
-        assert_eq!(ask(&app, "llama").await.0, 502);
+    let keys = ["sk-a", "sk-b", "sk-c"];
+    let app = app_with(&file, |c| c.api_keys = keys.map(str::to_owned).to_vec()).await;
+    // Each request tries both, then gets the last failure. One client's failures are not
+    // laid at the targets (its requests may be the cause); three clients' take both out.
+    for key in keys {
+        assert_eq!(ask_as(&app, key, "llama", "Hi").await, 502);
     }
     assert_eq!((one.count(), two.count()), (3, 3));
-    let response = app.post("/v1/chat/completions", &chat("llama")).await;
+    let response = app
+        .http
+        .post(app.url("/v1/chat/completions"))
+        .bearer_auth("sk-a")
+        .json(&chat("llama"))
+        .send()
+        .await
+        .expect("answers");
     assert_eq!(response.status(), 503);
     let retry_after: u64 = response.headers()["retry-after"]
         .to_str()
@@ -593,4 +685,66 @@ async fn a_request_still_queued_when_the_grace_period_ends_gets_a_503() {
     let body: Value = queued.json().await.expect("JSON");
     assert_eq!(body["error"]["code"], "server_restarting");
     drop(held);
+}
+
+/// Requests waiting in route `model`'s queue, as `/readyz` counts them.
+async fn queued(app: &TestApp, model: &str) -> u64 {
+    let ready = app.get_json("/readyz").await;
+    ready["pools"]
+        .as_array()
+        .expect("pools")
+        .iter()
+        .find(|p| p["model"] == model && p["fallback"] == 0)
+        .and_then(|p| p["waiting"].as_u64())
+        .expect("the route's pool")
+}
+
+/// Waits, up to the deadline, until `n` requests wait in route `model`'s queue.
+async fn wait_queued(app: &TestApp, model: &str, n: u64) {
+    let started = Instant::now();
+    while queued(app, model).await != n {
+        assert!(started.elapsed() < DEADLINE, "{n} never queued");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_key_filling_a_pool_and_its_queue_does_not_lock_another_out() {
+    let (a, b) = (FakeUpstream::spawn().await, FakeUpstream::spawn().await);
+    let mut text = "[models.llama]\nqueue = 2\nqueue_timeout_ms = 30000\n".to_owned();
+    text += &targets(
+        "llama",
+        &[
+            (&a, "hold-3000", "max_streams = 1"),
+            (&b, "hold-3000", "max_streams = 1"),
+        ],
+    );
+    let path = config_file(&text);
+    let app = app_with(&path, |c| {
+        c.api_keys = vec!["sk-hog".into(), "sk-victim".into()];
+        c.config_watch = true;
+    })
+    .await;
+    // The hog takes both slots and both places in the queue; its fifth is refused.
+    let hog = futures::future::join_all((0..4).map(|_| ask_as(&app, "sk-hog", "llama", "Hi")));
+    let victim = async {
+        wait_queued(&app, "llama", 2).await;
+        assert_eq!(ask_as(&app, "sk-hog", "llama", "Hi").await, 429);
+        // A reload carries the queue over: the same two wait, and no more may.
+        std::fs::write(&path, format!("{text}\n# edited\n")).expect("rewrite");
+        app.wait_metric_at_least("sluice_config_reloads_total{outcome=\"ok\"}", 1.0)
+            .await;
+        assert_eq!(queued(&app, "llama").await, 2);
+        // The victim arriving now takes the hog's newest place, and the next slot.
+        let started = Instant::now();
+        let status = ask_as(&app, "sk-victim", "llama", "Hi").await;
+        (status, started.elapsed())
+    };
+    let (hogs, (victim, waited)) = tokio::join!(hog, victim);
+    assert_eq!(victim, 200, "the victim waited its turn");
+    let mut hogs = hogs;
+    hogs.sort_unstable();
+    assert_eq!(hogs, [200, 200, 200, 429], "the hog gave one place up");
+    println!("the victim waited {waited:?}");
+    assert_eq!((a.count() + b.count()), 4);
 }

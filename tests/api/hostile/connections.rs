@@ -154,6 +154,7 @@ async fn two_thousand_idle_connections_do_not_lock_out_a_victim() {
     let victim = TestApp {
         addr: app.addr,
         http: reqwest::Client::new(),
+        operator: None,
     };
     for _ in 0..3 {
         let started = Instant::now();

@@ -183,6 +183,7 @@ async fn an_event_larger_than_a_log_ends_its_stream_instead_of_outgrowing_memory
             TestApp {
                 addr: app.addr,
                 http: app.http.clone(),
+                operator: None,
             },
             peak.clone(),
         );

@@ -22,6 +22,8 @@ pub const REPLY_DEADLINE: Duration = Duration::from_secs(120);
 pub struct TestApp {
     pub addr: SocketAddr,
     pub http: reqwest::Client,
+    /// `SLUICE_METRICS_TOKEN`: sent to `/readyz` and `/metrics`.
+    pub operator: Option<String>,
 }
 
 impl TestApp {
@@ -91,6 +93,7 @@ impl TestApp {
         TestApp {
             addr,
             http: reqwest::Client::new(),
+            operator: config.metrics_token.clone(),
         }
     }
 
@@ -136,14 +139,22 @@ impl TestApp {
     }
 
     pub async fn get_json(&self, path: &str) -> Value {
-        let response = self.http.get(self.url(path)).send().await.expect("answers");
+        let response = self.operator(path).send().await.expect("answers");
         response.json().await.expect("JSON")
+    }
+
+    /// A GET of `path`, with the metrics token when it is an operator's route.
+    fn operator(&self, path: &str) -> reqwest::RequestBuilder {
+        let get = self.http.get(self.url(path));
+        match &self.operator {
+            Some(token) if ["/readyz", "/metrics"].contains(&path) => get.bearer_auth(token),
+            _ => get,
+        }
     }
 
     /// `/metrics` as text.
     pub async fn metrics(&self) -> String {
-        self.http
-            .get(self.url("/metrics"))
+        self.operator("/metrics")
             .send()
             .await
             .expect("metrics")

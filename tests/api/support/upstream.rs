@@ -361,7 +361,14 @@ enum Step {
 
 /// The behaviour the request's model name selects.
 async fn behave(body: &Value, sent: Arc<std::sync::atomic::AtomicUsize>) -> Response<Body> {
-    let model = body["model"].as_str().unwrap_or("");
+    // A last message `behave:<model>` behaves as that model would, whatever the model's
+    // name at this upstream: one client's requests can fail where another's succeed.
+    let told = body["messages"]
+        .as_array()
+        .and_then(|m| m.last())
+        .and_then(|m| m["content"].as_str())
+        .and_then(|c| c.strip_prefix("behave:"));
+    let model = told.unwrap_or(body["model"].as_str().unwrap_or(""));
     // "no-usage" is an upstream that never reports usage, asked or not.
     let usage = body["stream_options"]["include_usage"] == json!(true) && model != "no-usage";
     let tokens = ["Hello", " from", " the", " fake", " upstream"];
@@ -385,6 +392,14 @@ async fn behave(body: &Value, sent: Arc<std::sync::atomic::AtomicUsize>) -> Resp
                 Full::new(Bytes::new()).map_err(|never: Infallible| match never {}),
             ))
             .unwrap_or_else(|_| unreachable!());
+    }
+    if let Some(ms) = model.strip_prefix("hold-") {
+        // A first token, then the reply's end after `ms`.
+        let ms: u64 = ms.parse().unwrap_or(0);
+        steps.push(Step::Send(text("Hello")));
+        steps.push(Step::Wait(Duration::from_millis(ms)));
+        steps.extend([Step::Send(finish), Step::Send(done)]);
+        return stream_steps(steps, sent);
     }
     if let Some(size) = model.strip_prefix("long-line-") {
         // One chunk whose `data:` line is `size` bytes and more, then a normal reply.
@@ -451,6 +466,16 @@ async fn behave(body: &Value, sent: Arc<std::sync::atomic::AtomicUsize>) -> Resp
         "status-400" => return error(400, None, "temperature must be at most 2"),
         "status-404" => return error(404, None, "The model `nope` does not exist"),
         "status-429" => return error(429, Some("7"), "Rate limit reached for requests"),
+        // What OpenAI answers a request larger than what is left of a tokens-per-minute
+        // limit, and Azure a minute's worth of them: a long Retry-After.
+        "status-429-300" => return error(429, Some("300"), "Rate limit reached for requests"),
+        "status-429-too-large" => {
+            return error(
+                429,
+                Some("300"),
+                "Request too large for gpt-4o on tokens per min (TPM): Limit 30000, Requested 50000.",
+            );
+        }
         "status-500" => return error(500, None, "The server had an error"),
         "hang-headers" => {
             futures::future::pending::<()>().await;
