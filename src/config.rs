@@ -494,6 +494,11 @@ pub struct FileConfig {
     /// Key name → the key and its own limits.
     #[serde(default)]
     pub keys: BTreeMap<String, KeyConfig>,
+    /// `open = true`: a reload may leave sluice with no keys at all (open to anyone). Without
+    /// it, a file with no keys is refused while the running configuration has some: more
+    /// likely a file caught half written than a wish to open the door.
+    #[serde(default)]
+    pub open: bool,
 }
 
 /// An API key in the TOML config; limits it leaves out are the defaults.
@@ -610,6 +615,22 @@ impl FileConfig {
             Some(path) => Self::read(path),
             None => Ok(Self::default()),
         }
+    }
+
+    /// The file at `path` for a reload: as at start, and refused when it is empty (a file
+    /// caught as it is written, as one that is gone is).
+    pub fn again(path: Option<&Path>) -> anyhow::Result<Self> {
+        if let Some(path) = path {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("SLUICE_CONFIG: cannot read {}", path.display()))?;
+            let blank = text
+                .lines()
+                .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'));
+            if blank {
+                bail!("SLUICE_CONFIG: {} is empty", path.display());
+            }
+        }
+        Self::at(path)
     }
 
     fn read(path: &Path) -> anyhow::Result<Self> {

@@ -53,6 +53,7 @@ impl AppState {
         };
 
         let config_file = config.file_path();
+        let config_stamp = config_file.as_deref().and_then(stamp);
         let file = FileConfig::at(config_file.as_deref())?;
         let defaults = config.default_limits();
         let keys = keys(config, &file)?;
@@ -146,6 +147,7 @@ impl AppState {
             routes,
             config: Arc::new(config.clone()),
             config_file,
+            config_stamp,
             mock,
             prompts,
             metrics: metrics.clone(),
@@ -216,13 +218,20 @@ impl AppState {
     /// Reads the TOML config again (on SIGHUP, or when `SLUICE_CONFIG_WATCH=1` sees it
     /// change): its routes and keys replace the running ones for new requests; streams in
     /// flight finish on the targets they started on. A file that is not valid changes
-    /// nothing, and says why.
+    /// nothing, and says why; so does one that would open sluice to anyone.
     pub fn reload(&self) -> anyhow::Result<()> {
         let config = &self.config;
-        // The file read at start, which must still be there: one that is gone is more
-        // likely an editor's save in progress than a wish to drop every route.
-        let file = FileConfig::at(self.config_file.as_deref())?;
+        // The file read at start, which must still be there and hold something: one that
+        // is gone or empty is more likely an editor's save in progress than a wish to drop
+        // every route.
+        let file = FileConfig::again(self.config_file.as_deref())?;
         let keys = keys(config, &file)?;
+        if keys.is_empty() && !self.admission.is_open() && !file.open {
+            anyhow::bail!(
+                "SLUICE_CONFIG: the file has no keys while sluice requires them; a reload \
+                 does not open sluice to anyone unless the file says `open = true`"
+            );
+        }
         let named = table(config, &file, &self.routes, &self.mock)?;
         let (routes, key_count) = (named.len(), keys.len());
         self.admission.replace_keys(keys);
@@ -233,22 +242,22 @@ impl AppState {
 
     /// Reloads the configuration on SIGHUP and, with `SLUICE_CONFIG_WATCH=1`, when the
     /// TOML file changes (its size or time of change, looked at every second: editors that
-    /// write a new file and rename it are seen too), until `stop`.
+    /// write a new file and rename it are seen too), until `stop`. Either way, only once
+    /// the file has stopped changing: it must look the same one look (a second) later, so a
+    /// file caught while it is written is not read.
     pub async fn reloads(self, stop: CancellationToken) {
         #[cfg(unix)]
         let mut hangup =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-        let watched = self
-            .config
-            .config_watch
-            .then(|| self.config_file.clone())
-            .flatten();
-        let stamp = |path: &Path| {
-            std::fs::metadata(path)
-                .ok()
-                .map(|m| (m.len(), m.modified().ok()))
-        };
-        let mut seen = watched.as_deref().map(stamp);
+        let path = self.config_file.clone();
+        let watched = self.config.config_watch && path.is_some();
+        let stamp = || path.as_deref().and_then(stamp);
+        // As it was when it was read at start: a change made before this task first ran
+        // is seen too.
+        let mut seen = self.config_stamp;
+        // A reload asked for, and why: it happens once the file looks as it did at the
+        // last look.
+        let mut due: Option<&str> = None;
         let mut every = tokio::time::interval(WATCH_EVERY);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -261,18 +270,24 @@ impl AppState {
             };
             #[cfg(not(unix))]
             let signal = std::future::pending::<Option<()>>();
-            let why = tokio::select! {
+            tokio::select! {
                 () = stop.cancelled() => return,
-                Some(()) = signal => "SIGHUP",
-                _ = every.tick(), if watched.is_some() => {
-                    let now = watched.as_deref().map(stamp);
-                    if now == seen {
-                        continue;
-                    }
-                    seen = now;
-                    "the file changed"
+                Some(()) = signal => {
+                    seen = stamp();
+                    due = Some("SIGHUP");
+                    every.reset();
+                    continue;
                 }
-            };
+                _ = every.tick(), if watched || due.is_some() => {}
+            }
+            let now = stamp();
+            if now != seen {
+                // Changed since the last look: look again before reading it.
+                seen = now;
+                due = due.or(Some("the file changed"));
+                continue;
+            }
+            let Some(why) = due.take() else { continue };
             match self.reload() {
                 Ok(()) => self.metrics.config_reloaded(true),
                 Err(e) => {
@@ -285,6 +300,15 @@ impl AppState {
             }
         }
     }
+}
+
+/// What tells a file's versions apart without reading it: its size and time of change.
+pub type Stamp = (u64, Option<std::time::SystemTime>);
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| (m.len(), m.modified().ok()))
 }
 
 /// The configured routes of `file`: each a pool (of one upstream, or of its targets), then

@@ -450,6 +450,11 @@ impl Admission {
         self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// Whether no key is required: anyone may call.
+    pub fn is_open(&self) -> bool {
+        self.keys().is_empty()
+    }
+
     /// Puts `keys` in place of the configured ones (a reload): a key whose name and limits
     /// are unchanged keeps its request limiter's state; a client already admitted keeps
     /// its permit.

@@ -748,3 +748,63 @@ async fn a_key_filling_a_pool_and_its_queue_does_not_lock_another_out() {
     println!("the victim waited {waited:?}");
     assert_eq!((a.count() + b.count()), 4);
 }
+
+#[tokio::test]
+async fn a_reload_never_opens_the_door() {
+    let keyed =
+        "[models.llama]\nbackend = \"mock\"\nmodel = \"mock\"\n\n[keys.team]\nkey = \"sk-team\"\n";
+    let path = config_file(keyed);
+    let app = app_with(&path, |c| c.config_watch = true).await;
+    let status = |key: Option<&'static str>, model: &'static str| {
+        let mut request = app.http.post(app.url("/v1/chat/completions"));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        let request = request.json(&chat(model));
+        async move { request.send().await.expect("answers").status().as_u16() }
+    };
+    let refused = "sluice_config_reloads_total{outcome=\"refused\"}";
+    let reloaded = "sluice_config_reloads_total{outcome=\"ok\"}";
+    let keyless = std::sync::Mutex::new(Vec::new());
+    let probe = async {
+        for _ in 0..200 {
+            for model in ["llama", "mock"] {
+                let got = status(None, model).await;
+                keyless.lock().expect("lock").push(got);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let edits = async {
+        // A file caught before its keys (written in place), then caught empty.
+        std::fs::write(&path, "[models.llama]\nbackend = \"mock\"\n").expect("write");
+        app.wait_metric_at_least(refused, 1.0).await;
+        std::fs::write(&path, "").expect("write");
+        app.wait_metric_at_least(refused, 2.0).await;
+        // A generator writing the file over three seconds: read once, when it is whole.
+        let lines: Vec<String> = (0..30)
+            .map(|i| format!("# line {i} of a generated file"))
+            .chain(keyed.lines().map(str::to_owned))
+            .chain(["[keys.more]".into(), "key = \"sk-more\"".into()])
+            .collect();
+        std::fs::write(&path, "").expect("truncate");
+        let mut text = String::new();
+        for line in &lines {
+            text += line;
+            text += "\n";
+            std::fs::write(&path, &text).expect("write");
+            tokio::time::sleep(Duration::from_millis(90)).await;
+        }
+        app.wait_metric_at_least(reloaded, 1.0).await;
+    };
+    tokio::join!(probe, edits);
+    let keyless = keyless.into_inner().expect("lock");
+    assert!(keyless.iter().all(|s| *s == 401), "{keyless:?}");
+    assert_eq!(app.metric(reloaded).await, 1.0, "read once, whole");
+    assert_eq!(app.metric(refused).await, 2.0);
+    assert_eq!(status(Some("sk-more"), "llama").await, 200);
+    // Opening the door is said in so many words.
+    std::fs::write(&path, "open = true\n[models.llama]\nbackend = \"mock\"\n").expect("write");
+    app.wait_metric_at_least(reloaded, 2.0).await;
+    assert_eq!(status(None, "llama").await, 200);
+}
