@@ -5,11 +5,14 @@
 //! channel: two task wake-ups a chunk.) The response head and the chunked framing are
 //! parsed by `httparse`, hyper's own parser.
 //!
-//! Connections are kept for the next request once a reply has been read to its end, and
-//! checked before they are used again: one the upstream closed while it was idle is
-//! dropped, and a request that finds its kept connection gone before any answer is sent
-//! again once, on a new one. A stream dropped before its end closes its connection: that
-//! is how the upstream learns the client went away.
+//! Connections are kept for the next request once a 2xx reply has been read to its end with
+//! nothing after it, and checked before they are used again: one the upstream closed or
+//! wrote to while it was idle is dropped, and so is one on which anything has arrived by
+//! the time the next request is written (an answer nobody asked for must not become the
+//! next request's). A request whose kept connection could not take it (the write failed)
+//! is sent once more, on a new connection; one that was written is never sent again, since
+//! the upstream may have begun on it. A stream dropped before its end closes its
+//! connection: that is how the upstream learns the client went away.
 
 use std::io;
 use std::sync::{Arc, Mutex};
@@ -31,6 +34,9 @@ const IDLE_FOR: Duration = Duration::from_secs(90);
 const MAX_IDLE: usize = 4096;
 /// What each read makes room for.
 const READ_SIZE: usize = 4096;
+/// Interim (`1xx`) answers taken before the final one (HTTP allows any number; an
+/// upstream sending them without end would hold the request forever).
+const MAX_INTERIM: usize = 8;
 
 /// The kept connections to one upstream, and how to open another.
 pub struct Pool {
@@ -111,8 +117,9 @@ impl Pool {
 
     /// Sends `request` (from [`Pool::request`]) and reads the head of its answer.
     pub async fn send(self: &Arc<Self>, request: &[u8]) -> Result<Answer, Failure> {
+        let mut resent = false;
         loop {
-            let (mut tcp, kept) = match self.take() {
+            let (mut tcp, kept) = match self.take().filter(|_| !resent) {
                 Some(tcp) => (tcp, true),
                 None => (self.connect().await?, false),
             };
@@ -131,8 +138,14 @@ impl Pool {
                         },
                     });
                 }
-                // A kept connection the upstream closed as the request went: a new one.
-                Err(Exchange::Closed) if kept => continue,
+                // A kept connection the upstream closed before it took the request: once
+                // more, on a new one.
+                Err(Exchange::NotSent) if kept && !resent => resent = true,
+                Err(Exchange::NotSent) => {
+                    return Err(Failure::Request(
+                        "the upstream closed the connection before the request was sent".into(),
+                    ));
+                }
                 Err(Exchange::Closed) => {
                     return Err(Failure::Request(
                         "the upstream closed the connection without answering".into(),
@@ -164,9 +177,7 @@ impl Pool {
             let mut found = None;
             while let Some((tcp, since)) = idle.pop() {
                 // Nothing may wait on an idle connection: data or an end means it is done.
-                let mut probe = [0u8; 1];
-                if matches!(tcp.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-                {
+                if quiet(&tcp) == Quiet::Yes {
                     found = Some(tcp);
                     break;
                 }
@@ -185,6 +196,26 @@ impl Pool {
     }
 }
 
+#[derive(Debug, PartialEq)]
+enum Quiet {
+    /// Nothing has arrived, and the connection is open.
+    Yes,
+    /// Bytes have arrived.
+    Spoke,
+    /// The upstream closed it (or it failed).
+    Closed,
+}
+
+/// What has arrived on `tcp`, asked of the socket itself without taking anything.
+fn quiet(tcp: &TcpStream) -> Quiet {
+    let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    match socket2::SockRef::from(tcp).peek(&mut probe) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Quiet::Yes,
+        Ok(0) | Err(_) => Quiet::Closed,
+        Ok(_) => Quiet::Spoke,
+    }
+}
+
 /// Whether the environment names a proxy, which reqwest honours for plain HTTP.
 fn proxied() -> bool {
     ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"]
@@ -193,7 +224,9 @@ fn proxied() -> bool {
 }
 
 enum Exchange {
-    /// The connection ended before any of an answer came.
+    /// The request could not be written: the upstream has not seen it whole.
+    NotSent,
+    /// The connection ended, after the request was written, before any of an answer came.
     Closed,
     Failed(String),
 }
@@ -236,13 +269,25 @@ async fn exchange(
     buf: &mut BytesMut,
 ) -> Result<Head, Exchange> {
     if tcp.write_all(request).await.is_err() {
-        return Err(Exchange::Closed);
+        return Err(Exchange::NotSent);
     }
+    // Nothing can be this request's answer yet: bytes already here were sent before it
+    // (a late answer to an earlier request), and must not be taken for its answer.
+    match quiet(tcp) {
+        Quiet::Yes | Quiet::Closed => {}
+        Quiet::Spoke => {
+            return Err(Exchange::Failed(
+                "the upstream sent bytes before the request was written".into(),
+            ));
+        }
+    }
+    // Interim answers taken, and the bytes they took: both bounded, whatever the upstream.
+    let mut interim = (0, 0);
     loop {
-        if let Some(head) = parse_head(buf)? {
+        if let Some(head) = parse_head(buf, &mut interim)? {
             return Ok(head);
         }
-        if buf.len() > MAX_HEAD {
+        if buf.len() + interim.1 > MAX_HEAD {
             return Err(Exchange::Failed(format!(
                 "an answer whose head is over {MAX_HEAD} bytes"
             )));
@@ -263,8 +308,9 @@ async fn exchange(
 }
 
 /// The head at the start of `buf`, taken from it, once it is whole; interim (`1xx`)
-/// answers are skipped.
-fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Exchange> {
+/// answers are skipped, counted in `interim` (how many, and their bytes) up to
+/// [`MAX_INTERIM`].
+fn parse_head(buf: &mut BytesMut, interim: &mut (usize, usize)) -> Result<Option<Head>, Exchange> {
     loop {
         let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut response = httparse::Response::new(&mut slots);
@@ -275,6 +321,12 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Exchange> {
         };
         let status = response.code.unwrap_or(0);
         if (100..200).contains(&status) {
+            *interim = (interim.0 + 1, interim.1 + len);
+            if interim.0 > MAX_INTERIM || interim.1 > MAX_HEAD {
+                return Err(Exchange::Failed(format!(
+                    "more than {MAX_INTERIM} interim (1xx) answers before the final one"
+                )));
+            }
             buf.advance(len);
             continue;
         }
@@ -305,8 +357,15 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Exchange> {
         } else {
             Framing::Close
         };
-        let keep_alive =
-            response.version == Some(1) && !has("connection", "close") && framing != Framing::Close;
+        // Kept only after an answer whose end is beyond doubt: a 2xx with one framing.
+        let lengths = headers.get_all("content-length").iter().count();
+        let plain = (200..300).contains(&status)
+            && !(lengths > 0 && has("transfer-encoding", "chunked"))
+            && lengths <= 1;
+        let keep_alive = plain
+            && response.version == Some(1)
+            && !has("connection", "close")
+            && framing != Framing::Close;
         buf.advance(len);
         return Ok(Some(Head {
             status,
@@ -538,7 +597,11 @@ mod tests {
 
     #[test]
     fn heads_are_read_with_their_framing() {
-        let head = |text: &[u8]| parse_head(&mut BytesMut::from(text)).ok().flatten();
+        let head = |text: &[u8]| {
+            parse_head(&mut BytesMut::from(text), &mut (0, 0))
+                .ok()
+                .flatten()
+        };
         let chunked = head(
             b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
         );
@@ -547,8 +610,27 @@ mod tests {
             && h.keep_alive));
         let closed = head(b"HTTP/1.1 500 Oops\r\nContent-Length: 3\r\nConnection: close\r\n\r\n");
         assert!(closed.is_some_and(|h| h.framing == Framing::Length(3) && !h.keep_alive));
+        // An error's connection is not kept, nor one whose framing is in doubt.
+        let failed = head(b"HTTP/1.1 500 Oops\r\nContent-Length: 3\r\n\r\n");
+        assert!(failed.is_some_and(|h| !h.keep_alive));
+        let both =
+            head(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert!(both.is_some_and(|h| !h.keep_alive));
         let old = head(b"HTTP/1.0 200 OK\r\n\r\n");
         assert!(old.is_some_and(|h| h.framing == Framing::Close && !h.keep_alive));
         assert!(head(b"HTTP/1.1 200 OK\r\nContent-").is_none());
+    }
+
+    #[test]
+    fn interim_answers_without_end_are_refused() {
+        let mut flood = BytesMut::new();
+        for _ in 0..=MAX_INTERIM {
+            flood.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+        }
+        flood.extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        assert!(matches!(
+            parse_head(&mut flood, &mut (0, 0)),
+            Err(Exchange::Failed(_))
+        ));
     }
 }

@@ -87,16 +87,12 @@ pub fn upstream(
             let mut finished = false;
             let mut relayed = false;
             loop {
+                // The limits before the stream: an upstream that is always ready (an
+                // endless run of bytes) must not keep them from being looked at.
                 let item = tokio::select! {
                     biased;
                     () = &mut closing => Err(BackendError::ShuttingDown),
-                    item = inner.next() => match item {
-                        Some(item) => item,
-                        None if finished => return,
-                        None => Err(BackendError::Interrupted(
-                            "the stream ended before the reply was finished".into(),
-                        )),
-                    },
+                    () = &mut total => Err(BackendError::Timeout(Wait::End)),
                     () = &mut deadline => {
                         // Between chunks the deadline moves lazily: each chunk only notes its
                         // time, and the timer is set again only when it goes off early.
@@ -109,7 +105,13 @@ pub fn upstream(
                             None => Err(BackendError::Timeout(waiting_for)),
                         }
                     }
-                    () = &mut total => Err(BackendError::Timeout(Wait::End)),
+                    item = inner.next() => match item {
+                        Some(item) => item,
+                        None if finished => return,
+                        None => Err(BackendError::Interrupted(
+                            "the stream ended before the reply was finished".into(),
+                        )),
+                    },
                 };
                 let delta = match item {
                     Ok(delta) => delta,

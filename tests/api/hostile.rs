@@ -6,6 +6,7 @@
 mod connections;
 mod costs;
 mod streams;
+mod upstreams;
 
 use std::time::{Duration, Instant};
 
