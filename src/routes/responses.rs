@@ -50,16 +50,53 @@ async fn previous(state: &AppState, who: &Principal, id: &str) -> Result<Vec<Val
             "previous_response_id",
         ));
     }
-    let mut conversation: Vec<Value> = stored
-        .context
-        .and_then(|c| serde_json::from_slice(&c).ok())
-        .unwrap_or_default();
+    let mut conversation = Kept::read(stored.context.as_deref()).conversation();
     let response = snapshot(stored.events.iter().map(|e| &e[..]))
         .ok_or_else(|| ApiError::PreviousResponseNotFound(id.to_owned()))?;
     if let Some(output) = response["output"].as_array() {
         conversation.extend(output_messages(output));
     }
     Ok(conversation)
+}
+
+/// What a stored response keeps beside its events: the conversation up to its reply (what
+/// `previous_response_id` continues) and, for a background response, the response object
+/// it was created as, answered while no event of it is logged yet.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum Kept {
+    Conversation(Vec<Value>),
+    Background {
+        conversation: Vec<Value>,
+        created: Value,
+    },
+    Nothing,
+}
+
+impl Kept {
+    fn read(context: Option<&[u8]>) -> Kept {
+        context
+            .and_then(|c| serde_json::from_slice(c).ok())
+            .unwrap_or(Kept::Nothing)
+    }
+
+    fn conversation(self) -> Vec<Value> {
+        match self {
+            Kept::Conversation(conversation) | Kept::Background { conversation, .. } => {
+                conversation
+            }
+            Kept::Nothing => Vec::new(),
+        }
+    }
+
+    /// `context` (a conversation) with the response object `created`.
+    fn background(context: Option<Bytes>, created: &Value) -> Option<Bytes> {
+        let conversation = context.as_deref().unwrap_or(b"[]");
+        let conversation = String::from_utf8_lossy(conversation);
+        Some(Bytes::from(format!(
+            "{{\"conversation\":{conversation},\"created\":{created}}}"
+        )))
+    }
 }
 
 /// What the answer depends on once the request is built.
@@ -148,7 +185,7 @@ async fn create(
                     &id,
                     &who.name,
                     Wire::Responses,
-                    context,
+                    Kept::background(context, &queued),
                     exchange.span_context(),
                 )
                 .await?
@@ -289,8 +326,13 @@ async fn as_it_stands(state: &AppState, who: &Principal, id: &str) -> Result<Res
         Err(e) => return Err(e),
     }
     let stored = state.streams.stored(id, &who.name, Wire::Responses).await?;
-    let response = snapshot(stored.events.iter().map(|e| &e[..]))
-        .ok_or_else(|| ApiError::StreamEventsGone(id.to_owned()))?;
+    let response = snapshot(stored.events.iter().map(|e| &e[..]));
+    let response = match (response, Kept::read(stored.context.as_deref())) {
+        (Some(response), _) => response,
+        // Created, and nothing logged of it yet: as it was created.
+        (None, Kept::Background { created, .. }) if stored.events.is_empty() => created,
+        (None, _) => return Err(ApiError::StreamEventsGone(id.to_owned())),
+    };
     Ok(Json(response).into_response())
 }
 

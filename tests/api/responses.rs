@@ -673,3 +673,39 @@ async fn codex_s_tools_are_flattened_or_left_out_and_named_back() {
         "multi_agent_v1__spawn_agent"
     );
 }
+
+#[tokio::test]
+async fn a_background_response_is_there_from_the_moment_it_is_created() {
+    let upstream = FakeUpstream::spawn().await;
+    let app = TestApp::in_front_of(&upstream).await;
+    // Created and read at once, many times over: never "gone" for events never logged.
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..32 {
+        let created = app
+            .post_json(
+                "/v1/responses",
+                &json!({"model": "slow", "input": "Hi", "background": true}),
+            )
+            .await;
+        assert_eq!(created["status"], "queued", "{created}");
+        let id = created["id"].as_str().expect("an id");
+        let response = app
+            .http
+            .get(app.url(&format!("/v1/responses/{id}")))
+            .send()
+            .await
+            .expect("answers");
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().await.expect("JSON");
+        assert_eq!(body["id"], id);
+        *seen.entry(body["status"].to_string()).or_insert(0) += 1;
+        let cancel = app.url(&format!("/v1/responses/{id}/cancel"));
+        app.http.post(cancel).send().await.expect("cancelled");
+    }
+    println!("statuses right after creation: {seen:?}");
+    assert!(
+        seen.keys()
+            .all(|s| s == "\"queued\"" || s == "\"in_progress\""),
+        "{seen:?}"
+    );
+}
