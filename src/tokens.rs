@@ -20,33 +20,51 @@ const SEGMENT_BYTES: usize = 256;
 /// ...and where there is none (one long "word"), after this many.
 const HARD_CUT_BYTES: usize = 32;
 
-/// Counts prompts; large ones one at a time, off the async workers.
+/// Lanes of large work by client: a client's large requests wait in its own lane (one at a
+/// time) before the shared one, so one client sending a stream of megabytes takes its turn
+/// with the others instead of the whole lane. Clients are spread over them by a hash.
+const LANES: usize = 64;
+
+/// Counts prompts; large ones one at a time, off the async workers, each client's in turn.
 #[derive(Clone)]
 pub struct Counter {
     large: Arc<Semaphore>,
+    lanes: Arc<[Semaphore]>,
+}
+
+/// The lane of large work of the client `name` (a key's name, an address).
+pub fn lane(name: &str) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    name.hash(&mut hasher);
+    (hasher.finish() % LANES as u64) as usize
 }
 
 impl Default for Counter {
     fn default() -> Self {
         Counter {
             large: Arc::new(Semaphore::new(1)),
+            lanes: (0..LANES).map(|_| Semaphore::new(1)).collect(),
         }
     }
 }
 
 impl Counter {
-    /// Runs `work` on a request of `size` bytes: where it is asked when the request is
-    /// small, else on the blocking pool, one at a time (as large prompts are counted), so
-    /// that a megabyte to translate or count never holds an async worker. `None`: it
-    /// panicked.
+    /// Runs `work` on a request of `size` bytes from the client in `lane` ([`lane`]): where
+    /// it is asked when the request is small, else on the blocking pool, one at a time (as
+    /// large prompts are counted) and one of each client's at a time, so that a megabyte to
+    /// translate or count never holds an async worker and one client's megabytes do not
+    /// hold the others'. `None`: it panicked.
     pub async fn heavy<T: Send + 'static>(
         &self,
+        lane: usize,
         size: usize,
         work: impl FnOnce() -> T + Send + 'static,
     ) -> Option<T> {
         if size <= INLINE_BYTES {
             return Some(work());
         }
+        let _own = self.lanes[lane % LANES].acquire().await;
         let _turn = self.large.acquire().await;
         tokio::task::spawn_blocking(work).await.ok()
     }
@@ -140,6 +158,41 @@ fn first_char_len(s: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_clients_large_work_waits_in_its_own_lane() {
+        let counter = Counter::default();
+        let big = INLINE_BYTES + 1;
+        let (hog, other) = (lane("hog"), lane("someone else"));
+        assert_ne!(hog, other);
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let job = |who: &'static str, gate: Option<std::sync::mpsc::Receiver<()>>| {
+            let order = order.clone();
+            move || {
+                if let Some(gate) = gate {
+                    let _ = gate.recv();
+                }
+                order.lock().unwrap_or_else(|e| e.into_inner()).push(who);
+            }
+        };
+        // The hog's first job holds the shared lane until the others are all waiting.
+        let mut first = Box::pin(counter.heavy(hog, big, job("hog", Some(wait))));
+        assert!(futures::poll!(&mut first).is_pending());
+        let mut more: Vec<_> = (0..2)
+            .map(|_| Box::pin(counter.heavy(hog, big, job("hog", None))))
+            .collect();
+        for job in &mut more {
+            assert!(futures::poll!(job).is_pending());
+        }
+        let mut theirs = Box::pin(counter.heavy(other, big, job("other", None)));
+        assert!(futures::poll!(&mut theirs).is_pending());
+        go.send(()).expect("the first job waits");
+        let more = futures::future::join_all(more);
+        let _ = tokio::join!(first, more, theirs);
+        let order = order.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        assert_eq!(order, ["hog", "other", "hog", "hog"]);
+    }
 
     #[test]
     fn ordinary_text_counts_as_tiktoken_does() {

@@ -270,6 +270,19 @@ impl Routes {
         serde_json::Value::Array(pools)
     }
 
+    /// The labels the pool series of the configured routes carry: each route's name, and
+    /// each of its targets as `model NUL target`.
+    pub fn live_pool_labels(&self) -> HashSet<String> {
+        let mut live = HashSet::new();
+        for (model, _, pool) in self.pools() {
+            for target in &pool.targets {
+                live.insert(format!("{model}\u{0}{}", target.state.name));
+            }
+            live.insert(model);
+        }
+        live
+    }
+
     /// The state of every target that health applies to (a pool of several), each once.
     pub fn guarded_targets(&self) -> Vec<Arc<TargetState>> {
         let mut seen = HashSet::new();

@@ -55,6 +55,12 @@ where
         if !is_json {
             return Err(ApiError::UnsupportedMediaType);
         }
+        // The client's lane of large work: its key, else its address.
+        let client = bearer(req.headers()).map(str::to_owned).or_else(|| {
+            let peer = req.extensions().get::<ConnectInfo<Peer>>();
+            peer.map(|c| c.0.0.ip().to_string())
+        });
+        let lane = crate::tokens::lane(client.as_deref().unwrap_or(""));
         let BodyTimeout(limit) = BodyTimeout::from_ref(state);
         let bytes = tokio::time::timeout(limit, Bytes::from_request(req, state))
             .await
@@ -70,7 +76,7 @@ where
         // counted): a megabyte of JSON takes milliseconds that other requests must not wait.
         let size = bytes.len();
         let parsed = crate::tokens::Counter::from_ref(state)
-            .heavy(size, move || serde_json::from_slice::<Value>(&bytes))
+            .heavy(lane, size, move || serde_json::from_slice::<Value>(&bytes))
             .await
             .ok_or(ApiError::Internal)?;
         match parsed {

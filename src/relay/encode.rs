@@ -158,14 +158,18 @@ pub struct Relayed {
     pub ended: Option<Result<(), String>>,
 }
 
-/// `raw` with the first occurrence of the JSON string `old` written as `new`: an id
-/// substituted without writing the rest of a relayed event again (its bytes stay the
-/// upstream's). `None` when `old` is not there as written.
+/// `raw` with every occurrence of the JSON string `old` written as `new`: an id substituted
+/// without writing the rest of a relayed event again (its bytes stay the upstream's), in
+/// each place the upstream wrote it (a copy in `metadata` too). A string value is matched
+/// whole, quotes and all: inside another string its quotes would be escaped. `None` when
+/// `old` is not there as written.
 fn swap_string(raw: &str, old: Option<&str>, new: &str) -> Option<String> {
     let old = serde_json::to_string(old?).ok()?;
-    let at = raw.find(&old)?;
+    if !raw.contains(&old) {
+        return None;
+    }
     let new = serde_json::to_string(new).ok()?;
-    Some(format!("{}{new}{}", &raw[..at], &raw[at + old.len()..]))
+    Some(raw.replace(&old, &new))
 }
 
 /// One step of the loop: an event, or (after the event that says so) the failure that
@@ -352,3 +356,19 @@ pub const CANNED_END: End = End {
     first_token: Some(Duration::from_millis(5)),
     duration: Duration::from_millis(9),
 };
+
+#[cfg(test)]
+mod tests {
+    use super::swap_string;
+
+    #[test]
+    fn every_copy_of_the_upstreams_id_is_swapped_and_nothing_else() {
+        let raw = r#"{"response":{"id":"resp_up","metadata":{"copy":"resp_up"},"text":"say \"resp_up\" resp_up"}}"#;
+        let swapped = swap_string(raw, Some("resp_up"), "resp_sluice").expect("there");
+        assert_eq!(
+            swapped,
+            r#"{"response":{"id":"resp_sluice","metadata":{"copy":"resp_sluice"},"text":"say \"resp_up\" resp_up"}}"#
+        );
+        assert!(swap_string(raw, Some("other"), "x").is_none());
+    }
+}

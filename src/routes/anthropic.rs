@@ -147,9 +147,11 @@ async fn count_tokens(
     let JsonObject(body, size) = JsonObject::from_request(request, &state).await?;
     let counted = state
         .tokens
-        .heavy(size, move || -> Result<u32, ApiError> {
-            anthropic::request::count(body)
-        })
+        .heavy(
+            crate::tokens::lane(&who.name),
+            size,
+            move || -> Result<u32, ApiError> { anthropic::request::count(body) },
+        )
         .await
         .unwrap_or(Err(ApiError::Internal));
     let response = counted.map(|count| Json(json!({"input_tokens": count})).into_response());

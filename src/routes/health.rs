@@ -49,10 +49,35 @@ async fn metrics(
     operator(&state, &headers)?;
     // The pools' gauges are set from their state as it is now.
     let _ = state.routes.report(&state.metrics, false);
-    Ok((
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
-    ))
+    let text = live_pools(&state.metrics.render(), &state.routes.live_pool_labels());
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text))
+}
+
+/// `text` without the pool series of targets and routes a reload removed (the recorder
+/// keeps every label set it has seen): a dashboard shows only what is configured.
+fn live_pools(text: &str, live: &std::collections::HashSet<String>) -> String {
+    let stale = |line: &str| {
+        line.starts_with("sluice_pool_")
+            && line.split_once('{').is_some_and(|(_, labels)| {
+                let labels = labels.split_once('}').map_or(labels, |(l, _)| l);
+                let label = |name: &str| {
+                    let start = labels.find(&format!("{name}=\""))? + name.len() + 2;
+                    let end = labels[start..].find('"')? + start;
+                    Some(&labels[start..end])
+                };
+                let key = match label("target") {
+                    Some(target) => format!("{}\u{0}{target}", label("model").unwrap_or("")),
+                    None => label("model").unwrap_or("").to_owned(),
+                };
+                !live.contains(&key)
+            })
+    };
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines().filter(|line| !stale(line)) {
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
 
 /// With `SLUICE_METRICS_TOKEN` set, the request must carry it as `Authorization: Bearer`.

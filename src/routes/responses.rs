@@ -150,7 +150,7 @@ async fn create(
         namespaces,
     } = state
         .tokens
-        .heavy(size, move || {
+        .heavy(crate::tokens::lane(&who.name), size, move || {
             responses::request::request(fields, body, previous, size, store)
         })
         .await

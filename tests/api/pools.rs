@@ -808,3 +808,22 @@ async fn a_reload_never_opens_the_door() {
     app.wait_metric_at_least(reloaded, 2.0).await;
     assert_eq!(status(None, "llama").await, 200);
 }
+
+#[tokio::test]
+async fn a_target_removed_by_a_reload_leaves_metrics() {
+    let (a, b) = (FakeUpstream::spawn().await, FakeUpstream::spawn().await);
+    let both = targets("llama", &[(&a, "gpt-test", ""), (&b, "gpt-test", "")]);
+    let path = config_file(&both);
+    let app = app_with(&path, |c| c.config_watch = true).await;
+    for _ in 0..2 {
+        assert_eq!(ask(&app, "llama").await.0, 200);
+    }
+    let port = |u: &FakeUpstream| u.base_url().trim_end_matches("/v1").to_owned();
+    assert!(app.metrics().await.contains(&port(&b)));
+    std::fs::write(&path, targets("llama", &[(&a, "gpt-test", "")])).expect("rewrite");
+    app.wait_metric_at_least("sluice_config_reloads_total{outcome=\"ok\"}", 1.0)
+        .await;
+    let text = app.metrics().await;
+    assert!(text.contains(&port(&a)), "the remaining target is there");
+    assert!(!text.contains(&port(&b)), "{text}");
+}

@@ -36,12 +36,21 @@ fn invalid(message: impl Into<String>, param: &str) -> ApiError {
 }
 
 /// The text of a `tool_result`'s content (a string, or text blocks).
-fn result_text(content: &Value) -> String {
+fn result_text(content: &Value, dropped: &mut Dropped) -> String {
     match content {
         Value::String(s) => s.clone(),
         Value::Array(blocks) => blocks
             .iter()
-            .filter_map(|b| b["text"].as_str())
+            .filter_map(|b| match b["text"].as_str() {
+                Some(text) => Some(text),
+                // A chat tool message carries text only: an image (or any other block) in
+                // a result is named, never silently lost.
+                None => {
+                    let kind = b["type"].as_str().unwrap_or("block");
+                    dropped.add(&format!("tool_result.{kind}"));
+                    None
+                }
+            })
             .collect::<Vec<_>>()
             .join("\n"),
         Value::Null => String::new(),
@@ -85,12 +94,26 @@ fn translate(
             "messages",
         ));
     }
+    // System messages that came between an assistant's tool calls and their results: a
+    // chat API refuses anything between the two, so they follow the results.
+    let mut deferred: Vec<Value> = Vec::new();
     for (i, m) in messages.iter().enumerate() {
         let role = m["role"].as_str().unwrap_or_default();
         if role == "system" {
             let at = format!("messages.{i}.content");
-            out.push(json!({"role": "system", "content": system_text(&m["content"], &at)?}));
+            let system = json!({"role": "system", "content": system_text(&m["content"], &at)?});
+            let calls_open = out.last().is_some_and(|last: &Value| {
+                last["role"] == "assistant" && last.get("tool_calls").is_some()
+            });
+            if calls_open || !deferred.is_empty() {
+                deferred.push(system);
+            } else {
+                out.push(system);
+            }
             continue;
+        }
+        if role == "assistant" {
+            out.append(&mut deferred);
         }
         if !matches!(role, "user" | "assistant") {
             return Err(invalid(
@@ -100,6 +123,7 @@ fn translate(
         }
         let blocks = match &m["content"] {
             Value::String(s) => {
+                out.append(&mut deferred);
                 out.push(json!({"role": role, "content": s}));
                 continue;
             }
@@ -122,7 +146,9 @@ fn translate(
             }
             match block["type"].as_str() {
                 Some("text") => {
-                    parts.push(json!({"type": "text", "text": block["text"].as_str().unwrap_or_default()}));
+                    parts.push(
+                        json!({"type": "text", "text": block["text"].as_str().unwrap_or_default()}),
+                    );
                 }
                 Some("image") => {
                     let source = &block["source"];
@@ -133,23 +159,39 @@ fn translate(
                             source["data"].as_str().unwrap_or_default()
                         ),
                         Some("url") => source["url"].as_str().unwrap_or_default().to_owned(),
-                        _ => return Err(invalid(format!("{at}.source: an image source is base64 or url"), &at)),
+                        _ => {
+                            return Err(invalid(
+                                format!("{at}.source: an image source is base64 or url"),
+                                &at,
+                            ));
+                        }
                     };
                     parts.push(json!({"type": "image_url", "image_url": {"url": url}}));
                 }
                 Some("tool_use") if role == "assistant" => calls.push(json!({
                     "id": block["id"], "type": "function",
                     "function": {"name": block["name"], "arguments": block["input"].to_string()}})),
-                Some("tool_result") if role == "user" => out.push(json!({"role": "tool",
-                    "tool_call_id": block["tool_use_id"], "content": result_text(&block["content"])})),
+                Some("tool_result") if role == "user" => {
+                    // A chat tool message has no error flag: named, not silently lost.
+                    if block["is_error"] == json!(true) {
+                        dropped.add("tool_result.is_error");
+                    }
+                    let content = result_text(&block["content"], dropped);
+                    out.push(json!({"role": "tool", "tool_call_id": block["tool_use_id"], "content": content}));
+                }
                 // Signed reasoning, documents, server tools' calls and results, and any block
                 // to come: nothing a chat upstream takes. Named, never silently lost.
                 Some(kind) => dropped.add(kind),
                 None => {
-                    return Err(invalid(format!("{at}.type: Field required"), &format!("{at}.type")));
+                    return Err(invalid(
+                        format!("{at}.type: Field required"),
+                        &format!("{at}.type"),
+                    ));
                 }
             }
         }
+        // The results are in: what waited for them follows.
+        out.append(&mut deferred);
         if parts.is_empty() && calls.is_empty() {
             continue;
         }
@@ -168,6 +210,7 @@ fn translate(
         }
         out.push(message);
     }
+    out.append(&mut deferred);
     Ok(out)
 }
 
@@ -258,11 +301,16 @@ fn chat(
     let mut body = Map::new();
     body.insert("messages".into(), Value::Array(messages.clone()));
     let chat_tools = tools(&fields.tools, fields.tool_choice.as_ref(), dropped)?;
-    if !chat_tools.is_empty() {
-        body.insert("tools".into(), Value::Array(chat_tools));
-    }
     if let Some(choice) = &fields.tool_choice {
         let chosen = match choice["type"].as_str() {
+            // Every tool offered was a server tool, left out: a call cannot be required.
+            Some("any") if chat_tools.is_empty() && !fields.tools.is_empty() => {
+                return Err(invalid(
+                    "tool_choice: any requires a tool call, but every tool offered is a server \
+                     tool this model's upstream cannot run",
+                    "tool_choice",
+                ));
+            }
             Some("auto") => json!("auto"),
             Some("any") => json!("required"),
             Some("none") => json!("none"),
@@ -274,10 +322,16 @@ fn chat(
                 ));
             }
         };
-        body.insert("tool_choice".into(), chosen);
+        // A chat upstream refuses a tool_choice with no tools.
+        if !chat_tools.is_empty() {
+            body.insert("tool_choice".into(), chosen);
+        }
         if choice["disable_parallel_tool_use"] == json!(true) {
             body.insert("parallel_tool_calls".into(), json!(false));
         }
+    }
+    if !chat_tools.is_empty() {
+        body.insert("tools".into(), Value::Array(chat_tools));
     }
     if let Some(stop) = &fields.stop_sequences {
         body.insert("stop".into(), json!(stop));
@@ -350,4 +404,65 @@ pub fn count(mut body: Map<String, Value>) -> Result<u32, ApiError> {
         }
     }
     Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roles(messages: &[Value]) -> Vec<&str> {
+        messages
+            .iter()
+            .map(|m| m["role"].as_str().unwrap_or_default())
+            .collect()
+    }
+
+    #[test]
+    fn a_system_message_between_a_call_and_its_result_follows_the_result() {
+        let messages = [
+            json!({"role": "user", "content": "list files"}),
+            json!({"role": "assistant", "content": [
+                {"type": "tool_use", "id": "t1", "name": "ls", "input": {}}]}),
+            json!({"role": "system", "content": "be brief"}),
+            json!({"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "t1", "content": "a.txt"},
+                {"type": "text", "text": "and now?"}]}),
+        ];
+        let mut dropped = Dropped::default();
+        let out = translate(None, &messages, &mut dropped).expect("translated");
+        assert_eq!(roles(&out), ["user", "assistant", "tool", "system", "user"]);
+        assert!(dropped.into_names().is_empty());
+    }
+
+    #[test]
+    fn what_a_tool_message_cannot_carry_is_named() {
+        let messages = [
+            json!({"role": "assistant", "content": [
+                {"type": "tool_use", "id": "t1", "name": "shot", "input": {}}]}),
+            json!({"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1",
+                "is_error": true, "content": [
+                    {"type": "text", "text": "failed"},
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}]}]}),
+        ];
+        let mut dropped = Dropped::default();
+        let out = translate(None, &messages, &mut dropped).expect("translated");
+        assert_eq!(out[1]["content"], "failed");
+        assert_eq!(
+            dropped.into_names(),
+            ["tool_result.is_error", "tool_result.image"]
+        );
+    }
+
+    #[test]
+    fn any_with_every_tool_left_out_is_refused_not_sent_without_tools() {
+        let fields: Fields = serde_json::from_value(json!({
+            "model": "m", "max_tokens": 10,
+            "messages": [{"role": "user", "content": "search"}],
+            "tools": [{"type": "web_search_20250305", "name": "web_search"}],
+            "tool_choice": {"type": "any"},
+        }))
+        .expect("fields");
+        let error = chat(&fields, &Map::new(), &mut Dropped::default()).expect_err("refused");
+        assert!(error.to_string().contains("tool_choice"), "{error}");
+    }
 }

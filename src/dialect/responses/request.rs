@@ -383,13 +383,39 @@ fn tools(
             }
         }
     }
+    // Joined names can meet (`a` + `b__c`, `a__b` + `c`, a plain `a__b__c`): the model
+    // would see one tool where the client offered several, and its call could not be
+    // told apart.
+    let mut seen = std::collections::HashSet::new();
+    for tool in &out {
+        let name = tool["function"]["name"].as_str().unwrap_or_default();
+        if !seen.insert(name) {
+            return Err(invalid(
+                format!(
+                    "two tools reach the model as `{name}` (a namespace's functions are named \
+                     `namespace__function`): rename one"
+                ),
+                "tools",
+            ));
+        }
+    }
     Ok(out)
 }
 
-/// `tool_choice` in chat terms. Forcing a tool that was left out (a built-in one) is refused:
-/// a chat upstream would answer without it, and the client could not tell.
-fn tool_choice(choice: &Value) -> Result<Value, ApiError> {
+/// `tool_choice` in chat terms, with the chat `tools` it may narrow (`allowed_tools`).
+/// Forcing a tool that was left out (a built-in or custom one), or requiring a call when
+/// every tool offered was left out, is refused: a chat upstream would answer without it,
+/// and the client could not tell.
+fn tool_choice(choice: &Value, offered: usize, tools: &mut Vec<Value>) -> Result<Value, ApiError> {
+    let none_left = || {
+        invalid(
+            "tool_choice requires a tool call, but every tool offered is one this model's \
+             upstream cannot run",
+            "tool_choice",
+        )
+    };
     match choice {
+        Value::String(s) if s == "required" && offered > 0 && tools.is_empty() => Err(none_left()),
         Value::String(s) if matches!(s.as_str(), "auto" | "none" | "required") => {
             Ok(choice.clone())
         }
@@ -403,12 +429,40 @@ fn tool_choice(choice: &Value) -> Result<Value, ApiError> {
             };
             Ok(json!({"type": "function", "function": {"name": name}}))
         }
-        // The tools allowed are all there is: what a chat upstream has.
+        // Only the tools allowed go upstream: a chat upstream has no other way to say it.
         Value::Object(o) if o.get("type").and_then(Value::as_str) == Some("allowed_tools") => {
+            let allowed: std::collections::HashSet<String> = o
+                .get("tools")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|t| {
+                    let name = t.get("name")?.as_str()?;
+                    Some(match t.get("namespace").and_then(Value::as_str) {
+                        Some(namespace) => flat_name(namespace, name),
+                        None => name.to_owned(),
+                    })
+                })
+                .collect();
+            tools.retain(|t| {
+                t["function"]["name"]
+                    .as_str()
+                    .is_some_and(|name| allowed.contains(name))
+            });
             match o.get("mode").and_then(Value::as_str) {
+                Some("required") if tools.is_empty() => Err(none_left()),
                 Some("required") => Ok(json!("required")),
                 _ => Ok(json!("auto")),
             }
+        }
+        Value::Object(o) if o.get("type").and_then(Value::as_str) == Some("custom") => {
+            Err(invalid(
+                format!(
+                    "tool_choice forces the custom tool {}, which this model's upstream cannot carry",
+                    shown(o.get("name").and_then(Value::as_str))
+                ),
+                "tool_choice",
+            ))
         }
         Value::Object(o) if o.get("type").and_then(Value::as_str).is_some() => Err(invalid(
             format!(
@@ -519,12 +573,16 @@ pub fn request(
     let canonical_messages = canonical(&messages);
     upstream.insert("messages".into(), Value::Array(messages));
     let mut namespaces = Vec::new();
-    let chat_tools = tools(&fields.tools, &mut namespaces, &mut dropped)?;
+    let mut chat_tools = tools(&fields.tools, &mut namespaces, &mut dropped)?;
+    if let Some(choice) = &fields.tool_choice {
+        let choice = tool_choice(choice, fields.tools.len(), &mut chat_tools)?;
+        // A chat upstream refuses a tool_choice with no tools.
+        if !chat_tools.is_empty() {
+            upstream.insert("tool_choice".into(), choice);
+        }
+    }
     if !chat_tools.is_empty() {
         upstream.insert("tools".into(), Value::Array(chat_tools));
-    }
-    if let Some(choice) = &fields.tool_choice {
-        upstream.insert("tool_choice".into(), tool_choice(choice)?);
     }
     if let Some(format) = fields
         .text
@@ -622,4 +680,76 @@ pub fn request(
         context,
         namespaces,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The chat body a Responses request becomes, or its refusal.
+    fn translated(body: Value) -> Result<Map<String, Value>, ApiError> {
+        let Value::Object(map) = body.clone() else {
+            unreachable!("an object")
+        };
+        let fields: Fields = serde_json::from_value(body).expect("fields");
+        request(fields, map, Vec::new(), 0, false).map(|r| r.chat.body)
+    }
+
+    fn function(name: &str) -> Value {
+        json!({"type": "function", "name": name, "parameters": {"type": "object"}})
+    }
+
+    #[test]
+    fn namespaced_tools_whose_joined_names_meet_are_refused() {
+        let namespace = |name: &str, inner: &str| json!({"type": "namespace", "name": name, "tools": [function(inner)]});
+        for tools in [
+            json!([namespace("a", "b__c"), namespace("a__b", "c")]),
+            json!([namespace("a", "b__c"), function("a__b__c")]),
+        ] {
+            let error = translated(json!({"model": "m", "input": "x", "tools": tools}))
+                .expect_err("refused");
+            assert!(error.to_string().contains("a__b__c"), "{error}");
+        }
+        let fine = translated(json!({"model": "m", "input": "x",
+            "tools": [namespace("a", "b"), function("a_b")]}));
+        assert!(fine.is_ok());
+    }
+
+    #[test]
+    fn allowed_tools_narrow_what_goes_upstream() {
+        let body = translated(json!({"model": "m", "input": "x",
+            "tools": [function("read"), function("write"), function("delete")],
+            "tool_choice": {"type": "allowed_tools", "mode": "required",
+                "tools": [{"type": "function", "name": "read"}, {"type": "function", "name": "write"}]}}))
+        .expect("translated");
+        let names: Vec<&str> = body["tools"]
+            .as_array()
+            .expect("tools")
+            .iter()
+            .filter_map(|t| t["function"]["name"].as_str())
+            .collect();
+        assert_eq!(names, ["read", "write"]);
+        assert_eq!(body["tool_choice"], "required");
+    }
+
+    #[test]
+    fn a_required_call_with_every_tool_left_out_is_refused() {
+        let error = translated(json!({"model": "m", "input": "x",
+            "tools": [{"type": "web_search"}], "tool_choice": "required"}))
+        .expect_err("refused");
+        assert!(error.to_string().contains("tool_choice"), "{error}");
+    }
+
+    #[test]
+    fn forcing_a_custom_tool_is_refused_by_its_name() {
+        let error = translated(json!({"model": "m", "input": "x",
+            "tools": [{"type": "custom", "name": "apply_patch"}],
+            "tool_choice": {"type": "custom", "name": "apply_patch"}}))
+        .expect_err("refused");
+        let message = error.to_string();
+        assert!(
+            message.contains("custom tool") && message.contains("apply_patch"),
+            "{message}"
+        );
+    }
 }
