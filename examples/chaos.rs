@@ -47,8 +47,11 @@ mod redis_nodes;
 /// Tokens a stream's upstream sends, and the pause before each.
 const TOKENS: u64 = 100;
 const TOKEN_EVERY: Duration = Duration::from_millis(80);
-/// The key whose slot holds the limits: its primary is the one killed.
-const LIMITS: &str = "sluice:{limits}:streams";
+/// The key whose slot holds the limits of the clients here (127.0.0.1, with no key): the
+/// primary killed is the one serving it.
+fn limits() -> String {
+    sluice::admission::shared::shard_streams(sluice::admission::shared::shard("127.0.0.1"))
+}
 
 struct Options {
     instances: usize,
@@ -789,7 +792,7 @@ async fn run(options: Options) -> anyhow::Result<bool> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let primary = world
         .redis
-        .primary_of(LIMITS)
+        .primary_of(&limits())
         .ok_or_else(|| anyhow::anyhow!("no primary serves the limits"))?;
     world.redis.kill_node(primary);
     println!(
@@ -806,7 +809,7 @@ async fn run(options: Options) -> anyhow::Result<bool> {
             Err(_) => anyhow::bail!("the run went past {} s", deadline.as_secs()),
         }
     }
-    let failed_over = world.redis.failed_over(LIMITS, primary);
+    let failed_over = world.redis.failed_over(&limits(), primary);
     let record = world
         .record
         .lock()

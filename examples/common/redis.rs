@@ -220,6 +220,30 @@ impl Redis {
         }) && self.primary_of(key).is_some_and(|p| p != dead)
     }
 
+    /// Scripts each live node has run (`EVALSHA` and `EVAL` calls), by port.
+    pub fn scripts_run(&self) -> Vec<(u16, u64)> {
+        self.nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(|n| {
+                let stats = cli(n.port, &["INFO", "commandstats"]);
+                let calls = stats
+                    .lines()
+                    .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+                    .filter_map(|l| {
+                        l.split("calls=")
+                            .nth(1)?
+                            .split(',')
+                            .next()?
+                            .parse::<u64>()
+                            .ok()
+                    })
+                    .sum();
+                (n.port, calls)
+            })
+            .collect()
+    }
+
     /// Memory Redis uses, in bytes, summed over the live nodes.
     pub fn used_memory(&self) -> u64 {
         self.nodes

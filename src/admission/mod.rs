@@ -399,6 +399,7 @@ impl Admission {
     pub async fn maintain(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
         let mut purge = tokio::time::interval(Duration::from_secs(60));
         let mut refresh = tokio::time::interval(shared::REFRESH_EVERY);
+        let mut count = tokio::time::interval(shared::COUNT_EVERY);
         let mut releases = lock(&self.releases).take();
         loop {
             let release = async {
@@ -414,6 +415,11 @@ impl Admission {
                     if let Some(shared) = &self.shared {
                         shared.refresh().await;
                         shared.retry_releases().await;
+                    }
+                }
+                _ = count.tick(), if self.shared.is_some() => {
+                    if let Some(shared) = &self.shared {
+                        shared.count().await;
                     }
                 }
                 Some(release) = release => {

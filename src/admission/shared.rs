@@ -4,6 +4,12 @@
 //! Stream permits are sorted sets of permit ids scored by their expiry: each admission drops
 //! the expired ones first, and the instance that holds a permit refreshes it while its
 //! stream lives, so an instance that crashes cannot hold permits for longer than the TTL.
+//!
+//! Keys spread over a Redis Cluster: each client's keys carry the hash tag of one of
+//! [`SHARDS`] shards (`{limits:7}`), and the global count of streams is kept per shard
+//! beside them, so each admission stays one script in one slot while the clients' work
+//! spreads over the nodes. A shard may hold what the global cap leaves once the other
+//! shards' streams are counted (each instance counts them every second).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,10 +26,29 @@ use crate::link::{Connection, Lazy, Link};
 pub const PERMIT_TTL: Duration = Duration::from_secs(30);
 /// Refresh well within the TTL.
 pub const REFRESH_EVERY: Duration = Duration::from_secs(10);
-/// Every instance's stream permits. All the keys of limits share the hash tag `{limits}`:
-/// each admission touches this one set anyway, and one slot keeps each script whole (in
-/// a Redis Cluster, one script may only touch one slot).
-const GLOBAL_STREAMS: &str = "sluice:{limits}:streams";
+/// Shards of the limits' keys (see the module's doc).
+pub const SHARDS: usize = 16;
+/// How often the shards' streams are counted.
+pub const COUNT_EVERY: Duration = Duration::from_secs(1);
+
+/// The shard of `client`'s limits: FNV-1a of its name, the same in every instance and
+/// every version.
+pub fn shard(client: &str) -> usize {
+    let hash = client.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    (hash % SHARDS as u64) as usize
+}
+
+/// The key of `client`'s `what` (`requests`, `tokens`, `streams`).
+pub fn client_key(client: &str, what: &str) -> String {
+    format!("sluice:{{limits:{}}}:{what}:{client}", shard(client))
+}
+
+/// Every instance's stream permits in shard `shard`.
+pub fn shard_streams(shard: usize) -> String {
+    format!("sluice:{{limits:{shard}}}:streams")
+}
 /// After a failure, how long admissions skip Redis before trying again.
 const BACKOFF: Duration = Duration::from_secs(1);
 
@@ -193,6 +218,8 @@ pub struct Shared {
     /// Live permits this instance holds: id → client.
     live: Mutex<HashMap<String, Arc<str>>>,
     releases: mpsc::UnboundedSender<Release>,
+    /// Each shard's streams, as last counted.
+    counted: [AtomicU64; SHARDS],
     /// Releases Redis failed to take, and when they were first tried: tried again at each
     /// refresh until their permits would have expired anyway.
     retries: Mutex<Vec<(Release, Instant)>>,
@@ -213,6 +240,7 @@ impl Shared {
                 refresh: Script::new(REFRESH),
                 live: Mutex::default(),
                 releases,
+                counted: std::array::from_fn(|_| AtomicU64::new(0)),
                 retries: Mutex::default(),
             }),
             inbox,
@@ -242,11 +270,43 @@ impl Shared {
 
     fn keys(client: &str) -> [String; 4] {
         [
-            format!("sluice:{{limits}}:requests:{client}"),
-            format!("sluice:{{limits}}:tokens:{client}"),
-            format!("sluice:{{limits}}:streams:{client}"),
-            GLOBAL_STREAMS.to_owned(),
+            client_key(client, "requests"),
+            client_key(client, "tokens"),
+            client_key(client, "streams"),
+            shard_streams(shard(client)),
         ]
+    }
+
+    /// What the global cap leaves `shard`: the cap less the other shards' streams.
+    fn allowance(&self, shard: usize, global_max: usize) -> u64 {
+        let others: u64 = self
+            .counted
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != shard)
+            .map(|(_, n)| n.load(Ordering::Relaxed))
+            .sum();
+        (global_max as u64).saturating_sub(others)
+    }
+
+    /// Counts each shard's streams (the global cap's share of each shard).
+    pub async fn count(&self) {
+        let Ok(mut connection) = self.connection().await else {
+            return;
+        };
+        for (i, counted) in self.counted.iter().enumerate() {
+            let n: Result<u64, _> = redis::cmd("ZCARD")
+                .arg(shard_streams(i))
+                .query_async(&mut connection)
+                .await;
+            match n {
+                Ok(n) => counted.store(n, Ordering::Relaxed),
+                Err(_) => {
+                    self.failed();
+                    return;
+                }
+            }
+        }
     }
 
     pub async fn admit(
@@ -265,7 +325,7 @@ impl Shared {
             .arg(period_ms)
             .arg(limits.burst)
             .arg(limits.max_streams)
-            .arg(global_max)
+            .arg(self.allowance(shard(client), global_max))
             .arg(id)
             .arg(PERMIT_TTL.as_millis() as u64);
         let decision = decision(&self.invoke(&invocation).await?);
@@ -403,21 +463,30 @@ impl Shared {
         let Ok(mut connection) = self.connection().await else {
             return;
         };
-        let mut invocation = self.refresh.prepare_invoke();
-        invocation
-            .key(GLOBAL_STREAMS)
-            .arg(PERMIT_TTL.as_millis() as u64);
-        for (id, client) in &live {
-            invocation
-                .key(format!("sluice:{{limits}}:streams:{client}"))
-                .arg(id);
+        // One script per shard: each touches one slot.
+        let mut by_shard: Vec<Vec<(String, Arc<str>)>> = vec![Vec::new(); SHARDS];
+        for (id, client) in live {
+            by_shard[shard(&client)].push((id, client));
         }
-        if invocation
-            .invoke_async::<i64>(&mut connection)
-            .await
-            .is_err()
-        {
-            self.failed();
+        for (i, permits) in by_shard.iter().enumerate() {
+            if permits.is_empty() {
+                continue;
+            }
+            let mut invocation = self.refresh.prepare_invoke();
+            invocation
+                .key(shard_streams(i))
+                .arg(PERMIT_TTL.as_millis() as u64);
+            for (id, client) in permits {
+                invocation.key(client_key(client, "streams")).arg(id);
+            }
+            if invocation
+                .invoke_async::<i64>(&mut connection)
+                .await
+                .is_err()
+            {
+                self.failed();
+                return;
+            }
         }
     }
 }

@@ -6,10 +6,10 @@
 //! parsed by `httparse`, hyper's own parser.
 //!
 //! Connections are kept for the next request once a 2xx reply has been read to its end with
-//! nothing after it, and checked before they are used again: one the upstream closed or
-//! wrote to while it was idle is dropped, and so is one on which anything has arrived by
-//! the time the next request is written (an answer nobody asked for must not become the
-//! next request's). A request whose kept connection could not take it (the write failed)
+//! nothing after it, and checked (on the socket itself) just before they are used again:
+//! one the upstream closed or wrote to while it was idle is dropped (an answer nobody asked
+//! for must not become the next request's). A request whose kept connection could not take
+//! it (the write failed)
 //! is sent once more, on a new connection; one that was written is never sent again, since
 //! the upstream may have begun on it. A stream dropped before its end closes its
 //! connection: that is how the upstream learns the client went away.
@@ -177,7 +177,7 @@ impl Pool {
             let mut found = None;
             while let Some((tcp, since)) = idle.pop() {
                 // Nothing may wait on an idle connection: data or an end means it is done.
-                if quiet(&tcp) == Quiet::Yes {
+                if quiet(&tcp) {
                     found = Some(tcp);
                     break;
                 }
@@ -196,24 +196,14 @@ impl Pool {
     }
 }
 
-#[derive(Debug, PartialEq)]
-enum Quiet {
-    /// Nothing has arrived, and the connection is open.
-    Yes,
-    /// Bytes have arrived.
-    Spoke,
-    /// The upstream closed it (or it failed).
-    Closed,
-}
-
-/// What has arrived on `tcp`, asked of the socket itself without taking anything.
-fn quiet(tcp: &TcpStream) -> Quiet {
+/// Whether nothing has arrived on `tcp` and it is open: asked of the socket itself,
+/// without taking anything (tokio's reads go by the readiness they last saw).
+fn quiet(tcp: &TcpStream) -> bool {
     let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-    match socket2::SockRef::from(tcp).peek(&mut probe) {
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Quiet::Yes,
-        Ok(0) | Err(_) => Quiet::Closed,
-        Ok(_) => Quiet::Spoke,
-    }
+    matches!(
+        socket2::SockRef::from(tcp).peek(&mut probe),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock
+    )
 }
 
 /// Whether the environment names a proxy, which reqwest honours for plain HTTP.
@@ -270,16 +260,6 @@ async fn exchange(
 ) -> Result<Head, Exchange> {
     if tcp.write_all(request).await.is_err() {
         return Err(Exchange::NotSent);
-    }
-    // Nothing can be this request's answer yet: bytes already here were sent before it
-    // (a late answer to an earlier request), and must not be taken for its answer.
-    match quiet(tcp) {
-        Quiet::Yes | Quiet::Closed => {}
-        Quiet::Spoke => {
-            return Err(Exchange::Failed(
-                "the upstream sent bytes before the request was written".into(),
-            ));
-        }
     }
     // Interim answers taken, and the bytes they took: both bounded, whatever the upstream.
     let mut interim = (0, 0);

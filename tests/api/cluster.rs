@@ -12,8 +12,11 @@ use serde_json::{Value, json};
 use crate::shared::Redis;
 use crate::support::{DEADLINE, TestApp, events};
 
-/// The key whose slot holds every limit: the primary killed is the one serving it.
-const LIMITS: &str = "sluice:{limits}:streams";
+/// The key whose slot holds the limits of the clients here (127.0.0.1, with no key): the
+/// primary killed is the one serving it.
+fn limits() -> String {
+    sluice::admission::shared::shard_streams(sluice::admission::shared::shard("127.0.0.1"))
+}
 const STREAMS: usize = 12;
 const MAX_STREAMS: u32 = 30;
 
@@ -88,7 +91,7 @@ async fn a_primary_killed_while_streams_run_is_ridden_out() {
     }
 
     let dead = redis
-        .primary_of(LIMITS)
+        .primary_of(&limits())
         .expect("a primary serves the limits");
     redis.kill_node(dead);
 
@@ -109,7 +112,7 @@ async fn a_primary_killed_while_streams_run_is_ridden_out() {
     assert!(response.headers().contains_key("retry-after"));
 
     // A replica takes over; `closed` admits again by itself, through Redis.
-    redis.wait_failover(LIMITS, dead).await;
+    redis.wait_failover(&limits(), dead).await;
     let started = Instant::now();
     loop {
         let response = closed.post("/api/chat", &chat(2)).await;
@@ -174,7 +177,7 @@ async fn a_primary_killed_while_streams_run_is_ridden_out() {
             .await
             .expect("TIME");
         let live: u64 = redis::cmd("ZCOUNT")
-            .arg(LIMITS)
+            .arg(&limits())
             .arg(secs * 1000 + micros / 1000)
             .arg("+inf")
             .query_async(&mut conn)

@@ -161,7 +161,10 @@ async fn a_crashed_instance_cannot_hold_permits(redis: Redis) {
         .expect("TIME");
     let expiry = secs * 1000 + micros / 1000 + 300;
     let _: i64 = redis::cmd("ZADD")
-        .arg("sluice:{limits}:streams:127.0.0.1")
+        .arg(sluice::admission::shared::client_key(
+            "127.0.0.1",
+            "streams",
+        ))
         .arg(expiry)
         .arg("crashed-instance")
         .query_async(&mut conn)

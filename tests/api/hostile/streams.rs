@@ -579,7 +579,10 @@ async fn a_flushed_redis_gets_live_permits_back_and_a_dead_one_is_named_as_such(
     let started = Instant::now();
     loop {
         let held: u64 = redis::cmd("ZCARD")
-            .arg("sluice:{limits}:streams:127.0.0.1")
+            .arg(sluice::admission::shared::client_key(
+                "127.0.0.1",
+                "streams",
+            ))
             .query_async(&mut conn)
             .await
             .expect("ZCARD");
