@@ -177,7 +177,7 @@ async fn a_primary_killed_while_streams_run_is_ridden_out() {
             .await
             .expect("TIME");
         let live: u64 = redis::cmd("ZCOUNT")
-            .arg(&limits())
+            .arg(limits())
             .arg(secs * 1000 + micros / 1000)
             .arg("+inf")
             .query_async(&mut conn)
