@@ -608,6 +608,16 @@ fn default_api() -> String {
     "chat".into()
 }
 
+/// What tells a file's versions apart without reading it: its size and time of change.
+pub type Stamp = (u64, Option<std::time::SystemTime>);
+
+/// The stamp of the file at `path`, when it is there.
+pub fn stamp(path: &Path) -> Option<Stamp> {
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| (m.len(), m.modified().ok()))
+}
+
 impl FileConfig {
     /// The TOML config at `path`, read and checked; with none, the empty one.
     pub fn at(path: Option<&Path>) -> anyhow::Result<Self> {

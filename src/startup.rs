@@ -53,7 +53,7 @@ impl AppState {
         };
 
         let config_file = config.file_path();
-        let config_stamp = config_file.as_deref().and_then(stamp);
+        let config_stamp = config_file.as_deref().and_then(crate::config::stamp);
         let file = FileConfig::at(config_file.as_deref())?;
         let defaults = config.default_limits();
         let keys = keys(config, &file)?;
@@ -251,7 +251,7 @@ impl AppState {
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         let path = self.config_file.clone();
         let watched = self.config.config_watch && path.is_some();
-        let stamp = || path.as_deref().and_then(stamp);
+        let stamp = || path.as_deref().and_then(crate::config::stamp);
         // As it was when it was read at start: a change made before this task first ran
         // is seen too.
         let mut seen = self.config_stamp;
@@ -300,15 +300,6 @@ impl AppState {
             }
         }
     }
-}
-
-/// What tells a file's versions apart without reading it: its size and time of change.
-pub type Stamp = (u64, Option<std::time::SystemTime>);
-
-fn stamp(path: &Path) -> Option<Stamp> {
-    std::fs::metadata(path)
-        .ok()
-        .map(|m| (m.len(), m.modified().ok()))
 }
 
 /// The configured routes of `file`: each a pool (of one upstream, or of its targets), then

@@ -45,7 +45,7 @@ pub struct AppState {
     /// The TOML file read at start, when there was one: what a reload reads.
     pub config_file: Option<std::path::PathBuf>,
     /// The file's stamp when it was read at start.
-    pub config_stamp: Option<crate::startup::Stamp>,
+    pub config_stamp: Option<crate::config::Stamp>,
     /// The built-in mock model, which configured routes may name.
     pub mock: Arc<dyn crate::backend::Backend>,
 }

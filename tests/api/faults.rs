@@ -455,32 +455,13 @@ async fn a_kept_connection_the_upstream_closed_is_replaced_without_an_error() {
         while let Ok((mut tcp, _)) = listener.accept().await {
             let counter = counter.clone();
             tokio::spawn(async move {
-                let mut request = Vec::new();
-                let mut buf = [0u8; 4096];
-                // The head, then as much body as it says.
-                loop {
-                    let Ok(n) = tcp.read(&mut buf).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
+                // Chat calls counted, not the model list sluice asks for.
+                match crate::support::read_request(&mut tcp).await {
+                    Some(true) => {
+                        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     }
-                    request.extend_from_slice(&buf[..n]);
-                    let text = String::from_utf8_lossy(&request).to_lowercase();
-                    if let Some(end) = text.find("\r\n\r\n") {
-                        let length: usize = text
-                            .lines()
-                            .find_map(|l| l.strip_prefix("content-length:"))
-                            .and_then(|v| v.trim().parse().ok())
-                            .unwrap_or(0);
-                        if request.len() >= end + 4 + length {
-                            // Chat calls counted, not the model list sluice asks for.
-                            if text.starts_with("post ") {
-                                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                            }
-                            break;
-                        }
-                    }
+                    Some(false) => {}
+                    None => return,
                 }
                 let events = concat!(
                     "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"},\"finish_reason\":null}]}\n\n",

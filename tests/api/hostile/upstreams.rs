@@ -7,11 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncWriteExt;
 
 use super::chat;
-use crate::support::{DEADLINE, TestApp, all_events, payloads};
+use crate::support::{DEADLINE, TestApp, all_events, payloads, read_request};
 
 /// What the raw upstream does with the `n`th POST it reads (from 1).
 #[derive(Clone, Copy, PartialEq)]
@@ -46,30 +45,6 @@ fn answer(text: &str) -> String {
         "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     )
-}
-
-/// Reads one request (head and body); false when the connection ended first.
-async fn read_request(tcp: &mut TcpStream) -> Option<bool> {
-    let mut request = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = tcp.read(&mut buf).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        request.extend_from_slice(&buf[..n]);
-        let text = String::from_utf8_lossy(&request).to_lowercase();
-        if let Some(end) = text.find("\r\n\r\n") {
-            let length: usize = text
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            if request.len() >= end + 4 + length {
-                return Some(text.starts_with("post "));
-            }
-        }
-    }
 }
 
 impl Raw {

@@ -332,3 +332,29 @@ fn init_logging() {
             .try_init();
     }
 }
+
+/// Reads one HTTP/1.1 request (its head, and as much body as it says) from a raw upstream's
+/// connection: whether it was a POST; `None` when the connection ended first.
+pub async fn read_request(tcp: &mut tokio::net::TcpStream) -> Option<bool> {
+    use tokio::io::AsyncReadExt;
+    let mut request = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tcp.read(&mut buf).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        request.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&request).to_lowercase();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length: usize = text
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if request.len() >= end + 4 + length {
+                return Some(text.starts_with("post "));
+            }
+        }
+    }
+}
