@@ -469,7 +469,11 @@ impl IntoResponse for ApiError {
             tracing::warn!(error = %self, detail = ?self, "request failed");
         }
         let retry_after = self.retry_after();
-        let answered = Answered(format!("{}: {}", self.code().unwrap_or_default(), self));
+        // `code: message`, or the message alone when it has no code.
+        let answered = Answered(match self.code() {
+            Some(code) if !code.is_empty() => format!("{code}: {self}"),
+            _ => self.to_string(),
+        });
         let mut response = (status, axum::Json(self.body())).into_response();
         response.extensions_mut().insert(answered);
         let headers = response.headers_mut();

@@ -148,11 +148,14 @@ impl Admitted {
             }
             dropped.into_names()
         };
+        // Documented and named to the client (`x-sluice-dropped`): a debug line and a
+        // count by name, not a warning on every request of an agent that sends them.
         if !dropped.is_empty() {
-            tracing::warn!(
+            tracing::debug!(
                 dropped = %dropped.join(","),
                 "the upstream does not speak the client's API: these request fields were left out"
             );
+            state.metrics.dropped(&dropped);
         }
         let request = ChatRequest {
             // Each target of the route has its own name for the model: dispatch sets it.

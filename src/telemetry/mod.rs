@@ -159,6 +159,9 @@ struct Inner {
     idle_closed: Counter,
     /// Each model's series, registered once: a stream's end takes one lookup, not four.
     per_model: Mutex<std::collections::HashMap<String, Arc<ModelSeries>>>,
+    /// The request fields a translation left out, by name: the first few dozen names seen
+    /// are labels of their own, the rest `other` (names come from clients' requests).
+    dropped: Mutex<std::collections::HashMap<String, Counter>>,
     /// The GenAI series of each model, by provider, likewise.
     genai: Mutex<std::collections::HashMap<String, Vec<Arc<GenAi>>>>,
     overhead: Histogram,
@@ -290,6 +293,10 @@ impl Metrics {
             "Resumable streams cancelled because no reader came back within SLUICE_RESUME_GRACE_S.",
         );
         describe(
+            "sluice_dropped_fields_total",
+            "Request fields and tools not sent upstream because its API cannot carry them, by name (as x-sluice-dropped names them; the first 64 names, then other).",
+        );
+        describe(
             "sluice_stream_cancels_total",
             "Resumable streams cancelled by a cancel request.",
         );
@@ -337,6 +344,7 @@ impl Metrics {
             accept_errors: counter("sluice_accept_errors_total", vec![]),
             idle_closed: counter("sluice_idle_connections_closed_total", vec![]),
             per_model: Mutex::default(),
+            dropped: Mutex::default(),
             genai: Mutex::default(),
             otel,
             overhead: recorder
@@ -543,6 +551,30 @@ impl Metrics {
         self.0
             .recorder
             .register_gauge(&Self::key(name, labels), &META)
+    }
+
+    /// Counts the request fields a translation left out (as `x-sluice-dropped` names them).
+    pub fn dropped(&self, fields: &[String]) {
+        const NAMES: usize = 64;
+        let mut known = self.0.dropped.lock().unwrap_or_else(|e| e.into_inner());
+        for field in fields {
+            if !known.contains_key(field) {
+                let label = if known.len() < NAMES {
+                    field.as_str()
+                } else {
+                    "other"
+                };
+                let counter = self.counter("sluice_dropped_fields_total", &[("field", label)]);
+                if known.len() >= NAMES {
+                    counter.increment(1);
+                    continue;
+                }
+                known.insert(field.clone(), counter);
+            }
+            if let Some(counter) = known.get(field) {
+                counter.increment(1);
+            }
+        }
     }
 
     pub fn fallback(&self, model: &str, reason: &str) {

@@ -555,6 +555,12 @@ async fn claude_code_s_requests_are_accepted_and_what_a_chat_upstream_cannot_tak
         "thinking,cache_control,context_management,output_config,web_search_20250305"
     );
     all_events(answer).await;
+    // Counted by name for the operator, not logged as a warning.
+    assert_eq!(
+        app.metric("sluice_dropped_fields_total{field=\"thinking\"}")
+            .await,
+        1.0
+    );
     let sent = upstream.request(1).await.body;
     let roles: Vec<&str> = sent["messages"]
         .as_array()
