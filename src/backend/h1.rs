@@ -5,8 +5,8 @@
 //! channel: two task wake-ups a chunk.) The response head and the chunked framing are
 //! parsed by `httparse`, hyper's own parser.
 //!
-//! Connections are kept for the next request once a 2xx reply has been read to its end with
-//! nothing after it, and checked (on the socket itself) just before they are used again:
+//! Connections are kept for the next request once a 2xx reply (an event stream only when
+//! chunked) has been read to its end with nothing after it, and checked (on the socket itself) just before they are used again:
 //! one the upstream closed or wrote to while it was idle is dropped (an answer nobody asked
 //! for must not become the next request's). A request whose kept connection could not take
 //! it (the write failed)
@@ -337,11 +337,18 @@ fn parse_head(buf: &mut BytesMut, interim: &mut (usize, usize)) -> Result<Option
         } else {
             Framing::Close
         };
-        // Kept only after an answer whose end is beyond doubt: a 2xx with one framing.
+        // Kept only after an answer whose end is beyond doubt: a 2xx with one framing. An
+        // event stream of a fixed length is not what a streaming server writes (they chunk
+        // it): what follows it on the connection cannot be trusted to be the next answer.
         let lengths = headers.get_all("content-length").iter().count();
+        let event_stream = headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
         let plain = (200..300).contains(&status)
             && !(lengths > 0 && has("transfer-encoding", "chunked"))
-            && lengths <= 1;
+            && lengths <= 1
+            && !(event_stream && matches!(framing, Framing::Length(_)));
         let keep_alive = plain
             && response.version == Some(1)
             && !has("connection", "close")

@@ -230,7 +230,14 @@ async fn late_answer(pause: u64) {
     .await;
     let app = app(&raw, |_| {}).await;
     assert_eq!(ask(&app).await, (200, "FOR-THIS-REQUEST".to_owned()));
-    // The late answer is on the kept connection before the next request goes.
+    // At once, before the late answer is written (when it is late): its own answer.
+    let (status, text) = ask(&app).await;
+    assert_eq!(
+        (status, text.as_str()),
+        (200, "FOR-THIS-REQUEST"),
+        "{pause} ms, at once"
+    );
+    // And once the late answer has been written.
     let started = Instant::now();
     while raw.late.load(Ordering::SeqCst) == 0 {
         assert!(
