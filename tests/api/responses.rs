@@ -709,3 +709,20 @@ async fn a_background_response_is_there_from_the_moment_it_is_created() {
         "{seen:?}"
     );
 }
+
+#[tokio::test]
+async fn the_python_sdk_polls_a_background_response_the_moment_it_is_created() {
+    if !crate::support::python_has("openai") && skip_without("python3 with the openai package") {
+        return;
+    }
+    let upstream = FakeUpstream::spawn().await;
+    let app = TestApp::in_front_of(&upstream).await;
+    let stdout = crate::support::python("background.py", &[&app.url("/v1"), "slow"]).await;
+    let line = stdout.trim();
+    println!("statuses the SDK saw: {line}");
+    assert!(
+        line.split(' ')
+            .all(|s| s.starts_with("queued=") || s.starts_with("in_progress=")),
+        "{line}"
+    );
+}
