@@ -199,6 +199,22 @@ impl Admitted {
             },
         })?;
         let stream = dispatch::upstream(&state.dispatcher, exchange, start, &label, request);
+        // A name a pattern route served is one `/v1/models` lists from then on.
+        let stream = match state.routes.pattern_of(&chat.model) {
+            Some(pattern) => {
+                let (routes, model) = (state.routes.clone(), chat.model.clone());
+                let mut told = false;
+                Box::pin(futures::StreamExt::inspect(stream, move |item| {
+                    if !told
+                        && matches!(item, Ok(d) if !matches!(d, crate::backend::Delta::Queued(_)))
+                    {
+                        told = true;
+                        routes.served(&pattern, &model);
+                    }
+                })) as DeltaStream
+            }
+            None => stream,
+        };
         Ok(Started {
             stream,
             guard,

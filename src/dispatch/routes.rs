@@ -108,6 +108,9 @@ impl Plan {
     }
 }
 
+/// The most names a pattern route records as served (names come from clients).
+const SERVED_NAMES: usize = 256;
+
 /// How often the default upstream's model list is fetched again.
 const CATALOGUE_EVERY: Duration = Duration::from_secs(300);
 
@@ -128,6 +131,9 @@ struct Inner {
     default_model: Arc<str>,
     /// The default upstream's own model list, as last fetched.
     catalogue: RwLock<Arc<HashSet<String>>>,
+    /// The names each pattern route (`claude-*`) is known to serve: from its upstream's
+    /// model list, and the names requests it served used (at most [`SERVED_NAMES`] each).
+    pattern_names: RwLock<HashMap<String, HashSet<String>>>,
     /// The last readiness probe of every upstream: one probe at a time, shared by every
     /// caller, reused for a few seconds.
     probes: Mutex<Option<(Instant, SharedProbes)>>,
@@ -161,6 +167,7 @@ impl Routes {
             default_route,
             default_model: default_model.into(),
             catalogue: RwLock::default(),
+            pattern_names: RwLock::default(),
             probes: Mutex::default(),
             registry,
             shared,
@@ -336,8 +343,31 @@ impl Routes {
             .collect()
     }
 
-    /// Fetches the default upstream's model list; a failure keeps the last good one.
+    /// Fetches the default upstream's model list, and each pattern route's upstream's (the
+    /// names it matches); a failure keeps the last good one.
     pub async fn refresh_catalogue(&self) {
+        for (pattern, route) in self.named().iter().filter(|(name, _)| name.ends_with('*')) {
+            let prefix = pattern.trim_end_matches('*');
+            let Some(fetch) = route.first().and_then(|t| t.backend.models()) else {
+                continue;
+            };
+            if let Ok(names) = fetch.await {
+                let matching = names
+                    .into_iter()
+                    .filter(|n| n.starts_with(prefix) && n != prefix);
+                let mut known = self
+                    .0
+                    .pattern_names
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner());
+                let names = known.entry(pattern.clone()).or_default();
+                for name in matching {
+                    if names.len() < SERVED_NAMES {
+                        names.insert(name);
+                    }
+                }
+            }
+        }
         let Some(fetch) = self.0.default_upstream.as_ref().and_then(|b| b.models()) else {
             return;
         };
@@ -388,6 +418,10 @@ impl Routes {
 
     pub fn resolve(&self, model: &str) -> Option<Arc<Route>> {
         let named = self.named();
+        // A pattern (`claude-*`) names the models it serves, not a model of its own.
+        if model.ends_with('*') {
+            return None;
+        }
         if let Some(route) = named.get(model).or_else(|| self.0.fixed.get(model)) {
             return Some(route.clone());
         }
@@ -400,10 +434,71 @@ impl Routes {
         self.0.default_route.clone()
     }
 
+    /// The pattern route `model` would go to (its name), when it would go to one.
+    pub fn pattern_of(&self, model: &str) -> Option<String> {
+        let named = self.named();
+        if model.ends_with('*') || named.contains_key(model) || self.0.fixed.contains_key(model) {
+            return None;
+        }
+        pattern(&named, model).map(|(name, _)| name.clone())
+    }
+
+    /// `model` was served through the pattern route `pattern`: a name it is known to serve.
+    pub fn served(&self, pattern: &str, model: &str) {
+        let known = self
+            .0
+            .pattern_names
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        if known.get(pattern).is_some_and(|n| n.contains(model)) {
+            return;
+        }
+        drop(known);
+        let mut known = self
+            .0
+            .pattern_names
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        let names = known.entry(pattern.to_owned()).or_default();
+        if names.len() < SERVED_NAMES {
+            names.insert(model.to_owned());
+        }
+    }
+
+    /// Each configured pattern route with the names it is known to serve, sorted.
+    pub fn patterns(&self) -> Vec<(String, Vec<String>)> {
+        let known = self
+            .0
+            .pattern_names
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut patterns: Vec<(String, Vec<String>)> = self
+            .named()
+            .keys()
+            .filter(|name| name.ends_with('*'))
+            .map(|pattern| {
+                let mut names: Vec<String> = known
+                    .get(pattern)
+                    .map(|n| n.iter().cloned().collect())
+                    .unwrap_or_default();
+                names.sort();
+                (pattern.clone(), names)
+            })
+            .collect();
+        patterns.sort();
+        patterns
+    }
+
     /// Every name sluice routes by itself, the default first, then sorted (the default
-    /// upstream takes any other name).
+    /// upstream takes any other name; a pattern route, see [`Routes::patterns`], any name
+    /// it matches).
     pub fn model_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.named().keys().cloned().collect();
+        let mut names: Vec<String> = self
+            .named()
+            .keys()
+            .filter(|name| !name.ends_with('*'))
+            .cloned()
+            .collect();
         names.extend(self.0.fixed.keys().cloned());
         names.extend(mock::Mode::MODEL_NAMES.iter().map(|s| (*s).to_owned()));
         names.sort();

@@ -200,3 +200,65 @@ async fn pattern_routes_take_every_claude_and_gpt_name_an_agent_asks_for() {
             .join("\n")
     );
 }
+
+#[tokio::test]
+async fn pattern_routes_are_listed_as_the_names_they_serve() {
+    let upstream = crate::support::FakeUpstream::spawn().await;
+    let base = upstream.base_url();
+    let path = crate::support::config_file(&format!(
+        "[models.\"claude-*\"]\nbase_url = \"{base}\"\n\n[models.\"gpt-*\"]\nbase_url = \"{base}\"\n"
+    ));
+    let app = TestApp::spawn_with(|c| {
+        c.config = Some(path);
+        c.openai_api_key = Some("sk-test".into());
+    })
+    .await;
+    let ids = |list: &serde_json::Value| -> Vec<String> {
+        list["data"]
+            .as_array()
+            .expect("data")
+            .iter()
+            .filter_map(|m| m["id"].as_str().map(str::to_owned))
+            .collect()
+    };
+    // From the upstream's own list: `gpt-test` is a name `gpt-*` serves.
+    let started = std::time::Instant::now();
+    let list = loop {
+        let list = app.get_json("/v1/models").await;
+        if ids(&list).contains(&"gpt-test".to_owned()) {
+            break list;
+        }
+        assert!(started.elapsed() < crate::support::DEADLINE, "{list}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!(ids(&list).iter().all(|id| !id.ends_with('*')), "{list}");
+    assert_eq!(list["sluice_patterns"][0]["pattern"], "claude-*", "{list}");
+    // Any name a pattern serves is a model; the pattern itself is not.
+    let one = app.get_json("/v1/models/claude-sonnet-4-5").await;
+    assert_eq!(one["id"], "claude-sonnet-4-5", "{one}");
+    let literal = app
+        .http
+        .get(app.url("/v1/models/claude-*"))
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(literal.status(), 404);
+    let ask = serde_json::json!({"model": "claude-*", "max_tokens": 5,
+        "messages": [{"role": "user", "content": "Hi"}]});
+    assert_eq!(app.post("/v1/messages", &ask).await.status(), 404);
+    // A name served is listed from then on.
+    let ask = serde_json::json!({"model": "claude-haiku-4-5", "max_tokens": 5,
+        "messages": [{"role": "user", "content": "Hi"}]});
+    let answer = app.post("/v1/messages", &ask).await;
+    assert_eq!(answer.status(), 200);
+    answer.bytes().await.expect("a reply");
+    let list = app.get_json("/v1/models").await;
+    assert!(
+        ids(&list).contains(&"claude-haiku-4-5".to_owned()),
+        "{list}"
+    );
+    assert_eq!(
+        list["sluice_patterns"][0]["serves"][0], "claude-haiku-4-5",
+        "{list}"
+    );
+}
