@@ -83,14 +83,21 @@ async fn through_sluice() -> (Vec<Duration>, Vec<f64>) {
     for run in 0..=RUNS {
         let started = Instant::now();
         let response = http.post(&url).json(&body).send().await.expect("answers");
+        let status = response.status();
         let mut body = response.bytes_stream();
+        let mut seen = String::new();
         let (mut first, mut usage) = (None, Value::Null);
         let mut buffer = String::new();
         while let Some(bytes) = body.next().await {
-            buffer.push_str(&String::from_utf8_lossy(&bytes.expect("bytes")));
+            let text = String::from_utf8_lossy(&bytes.expect("bytes")).into_owned();
+            if seen.len() < 2048 {
+                seen.push_str(&text);
+            }
+            buffer.push_str(&text);
             while let Some(end) = buffer.find("\n\n") {
                 let event: String = buffer.drain(..end + 2).collect();
-                let Some(data) = event.trim().strip_prefix("data: ") else {
+                // Each event carries its `id:` (and the first a `retry:`) before its data.
+                let Some(data) = event.lines().find_map(|l| l.strip_prefix("data: ")) else {
                     continue;
                 };
                 let Ok(chunk) = serde_json::from_str::<Value>(data) else {
@@ -107,7 +114,9 @@ async fn through_sluice() -> (Vec<Duration>, Vec<f64>) {
                 }
             }
         }
-        let first = first.expect("content arrived");
+        let Some(first) = first else {
+            panic!("no content came through sluice ({status}): {seen}");
+        };
         let tokens = usage["completion_tokens"].as_f64().unwrap_or(0.0);
         if run == 0 {
             println!(
