@@ -42,6 +42,21 @@ function needKey() { $('key-box').hidden = false; $('key').focus(); }
 // Model output is untrusted. Only what markdown produces survives: no style, form, input
 // or frame, and no image that loads by itself (an image is a link the user may click, so
 // nothing leaves the page unasked). Links open in a new tab and send no referrer.
+// Icons drawn inline (no emoji font needed): SVG path data on a 24-unit grid.
+const PENCIL = 'M4 20h4L19 9l-4-4L4 16v4zM14 6l4 4';
+const TRASH = 'M4 7h16M9 7V4h6v3M6 7l1 13h10l1-13M10 11v6M14 11v6';
+function icon(path) {
+  const ns = 'http://www.w3.org/2000/svg';
+  const svg = document.createElementNS(ns, 'svg');
+  svg.setAttribute('viewBox', '0 0 24 24'); svg.setAttribute('width', '16'); svg.setAttribute('height', '16');
+  svg.setAttribute('aria-hidden', 'true'); svg.setAttribute('focusable', 'false');
+  const line = document.createElementNS(ns, 'path');
+  line.setAttribute('d', path); line.setAttribute('fill', 'none'); line.setAttribute('stroke', 'currentColor');
+  line.setAttribute('stroke-width', '2'); line.setAttribute('stroke-linecap', 'round'); line.setAttribute('stroke-linejoin', 'round');
+  svg.append(line);
+  return svg;
+}
+
 const escapeHtml = (s) => String(s).replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
 marked.use({ renderer: {
   image({ href, text }) { return `<a href="${escapeHtml(href)}">[image: ${escapeHtml(text || href)}]</a>`; },
@@ -200,7 +215,7 @@ function showChats() {
     if (c.id === state.current) open.setAttribute('aria-current', 'page');
     open.onclick = () => { if (live) return; state.current = c.id; save(); showChat(); closeSidebar(); };
     const rename = document.createElement('button');
-    rename.type = 'button'; rename.className = 'rename icon'; rename.textContent = '✎';
+    rename.type = 'button'; rename.className = 'rename icon'; rename.append(icon(PENCIL));
     rename.setAttribute('aria-label', `Rename “${c.title || 'New chat'}”`);
     rename.onclick = () => {
       const input = document.createElement('input');
@@ -211,7 +226,7 @@ function showChats() {
       open.replaceWith(input); input.focus(); input.select();
     };
     const remove = document.createElement('button');
-    remove.type = 'button'; remove.className = 'delete icon'; remove.textContent = '🗑';
+    remove.type = 'button'; remove.className = 'delete icon'; remove.append(icon(TRASH));
     remove.setAttribute('aria-label', `Delete “${c.title || 'New chat'}”`);
     remove.onclick = () => {
       if (live && c.id === state.current) return;

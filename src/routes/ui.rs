@@ -12,6 +12,7 @@ use crate::state::AppState;
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/", get(index))
+        .route("/favicon.ico", get(favicon))
         .route("/ui/{*path}", get(file))
 }
 
@@ -72,6 +73,19 @@ const PAGE_HEADERS: [(header::HeaderName, &str); 4] = [
 
 async fn index() -> Response {
     (PAGE_HEADERS, Html(include_str!("../../web/index.html"))).into_response()
+}
+
+/// The page's icon (an SVG, which browsers take at this path too): no 404 on every load.
+async fn favicon() -> Response {
+    (
+        PAGE_HEADERS,
+        [
+            (header::CONTENT_TYPE, "image/svg+xml"),
+            (header::CACHE_CONTROL, "public, max-age=86400"),
+        ],
+        include_str!("../../web/favicon.svg"),
+    )
+        .into_response()
 }
 
 async fn file(Path(path): Path<String>) -> Response {

@@ -127,6 +127,15 @@ async fn conversations_are_listed_switched_renamed_and_deleted() {
         js(&client, titles).await,
         json!(["Second topic", "First topic"])
     );
+    // Its icons are drawn, not characters of a font that may be missing; it has a favicon.
+    let icons = "return [...document.querySelectorAll('#chats .icon')].every((b) => b.querySelector('svg') && b.textContent === '')";
+    assert_eq!(js(&client, icons).await, json!(true));
+    let favicon = "const done = arguments[arguments.length - 1]; fetch('/favicon.ico').then((r) => done([r.status, r.headers.get('content-type')]))";
+    let fetched = client
+        .execute_async(favicon, vec![])
+        .await
+        .expect("script runs");
+    assert_eq!(fetched, json!([200, "image/svg+xml"]));
     // Switch to the first.
     js(
         &client,
