@@ -12,7 +12,7 @@ const STORE = 'sluice.chats.v2';
 const newId = () => Math.random().toString(36).slice(2, 10);
 const blank = () => ({ id: newId(), title: '', turns: [], settings: {} });
 
-// Conversations: {id, title, turns: [{role, content, meta?, error?}], settings: {system,
+// Conversations: {id, title, turns: [{role, content, meta?, error?, cut?}], settings: {system,
 // temperature, max_tokens}}; the current one, the model, the template and its values.
 const saved = JSON.parse(localStorage.getItem(STORE) || 'null');
 const old = JSON.parse(localStorage.getItem('sluice.chat.v1') || 'null');
@@ -150,6 +150,9 @@ view.addEventListener('scroll', () => {
 $('jump').onclick = () => { stick = true; toBottom(); $('jump').hidden = true; $('prompt').focus(); };
 const follow = () => { if (stick) toBottom(); else if (live) $('jump').hidden = false; };
 
+// What a reply the token limit ended says (it would otherwise look finished).
+const CUT = 'Stopped at the token limit.';
+
 function note(el, cls, text) {
   const p = document.createElement('p');
   p.className = cls; p.textContent = text; el.append(p);
@@ -170,7 +173,10 @@ function actions(el, turn, index) {
   } else {
     const copy = button('Copy', 'Copy this reply as markdown', () => copyText(turn.content, copy));
     copy.classList.add('copy-reply');
-    if (index === chat().turns.length - 1) button('Regenerate', 'Regenerate this reply', regenerate).classList.add('regenerate');
+    const last = index === chat().turns.length - 1;
+    if (last) button('Regenerate', 'Regenerate this reply', regenerate).classList.add('regenerate');
+    // Cut by the token limit: ask for the rest.
+    if (last && turn.cut) button('Continue', 'Ask for the rest of this reply', () => { if (!live) send('Continue.'); }).classList.add('continue');
   }
   el.append(bar);
 }
@@ -185,6 +191,7 @@ function addTurn(turn, index) {
   el.append(body);
   if (turn.role === 'user') body.textContent = turn.content;
   else render(body, turn.content);
+  if (turn.cut) note(el, 'cut', CUT);
   if (turn.meta) note(el, 'meta', turn.meta);
   if (turn.error) note(el, 'error', turn.error);
   if (index !== undefined) actions(el, turn, index);
@@ -327,6 +334,7 @@ async function send(prompt) {
         const seconds = first ? (performance.now() - first) / 1000 : 0;
         const rate = seconds > 0 && tokens > 1 ? ` · ${((tokens - 1) / seconds).toFixed(1)} tokens/s` : '';
         reply.meta = `${payload.usage ? tokens + ' tokens' : ''}${ttft !== null ? ` · first token after ${ttft} ms` : ''}${rate}`;
+        if (payload.finish_reason === 'length') reply.cut = true;
         return true;
       } else if (event === 'error') {
         if (payload.error.code === 'stream_cancelled') reply.meta = 'Stopped.';
@@ -398,13 +406,14 @@ async function send(prompt) {
     // The tail once more: what is settled stays as it is (no re-parse of a long reply).
     growing.update(reply.content);
     el.classList.remove('streaming');
+    if (reply.cut) note(el, 'cut', CUT);
     if (reply.meta) note(el, 'meta', reply.meta);
     if (reply.error) note(el, 'error', reply.error);
     // The turns it answered may have been edited away meanwhile: only a reply to them stays.
     if (c.turns.at(-1) === user) c.turns.push(reply);
     save();
     // Once, when done: a screen reader hears the reply, not every word of it.
-    $('announce').textContent = reply.error || `Reply: ${reply.content}`;
+    $('announce').textContent = reply.error || `Reply: ${reply.content}${reply.cut ? ` (${CUT})` : ''}`;
     if (chat() === c) {
       for (const a of view.querySelectorAll('.turn .actions')) a.remove();
       view.querySelectorAll('.turn').forEach((t, i) => { if (c.turns[i]) actions(t, c.turns[i], i); });

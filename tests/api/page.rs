@@ -290,6 +290,40 @@ async fn a_conversations_settings_reach_the_model() {
 }
 
 #[tokio::test]
+async fn a_reply_cut_by_the_token_limit_says_so_and_continues() {
+    let Some(driver) = start_driver() else { return };
+    let app = TestApp::spawn_with(|c| c.mock_tokens_per_s = 200.0).await;
+    let client = open_page(&driver, &app.url("/")).await;
+    click(&client, "#settings-toggle").await;
+    let field = client
+        .find(Locator::Id("max-tokens"))
+        .await
+        .expect("a setting");
+    field.send_keys("4").await.expect("typing");
+    type_and_send(&client, "Tell me about deltas").await;
+    wait_for_reply(&client, "You said").await;
+    let cut =
+        "return [...document.querySelectorAll('.turn.assistant .cut')].map((p) => p.textContent)";
+    assert_eq!(
+        js(&client, cut).await,
+        json!(["Stopped at the token limit."])
+    );
+    // Continue asks for more: a new turn, and the notice stays with the reply it belongs to.
+    click(&client, ".turn.assistant .continue").await;
+    wait_for(
+        &client,
+        "return document.querySelectorAll('.turn.assistant').length === 2 && !document.querySelector('.streaming')",
+        crate::support::REPLY_DEADLINE,
+    )
+    .await;
+    let asked = "return document.querySelectorAll('.turn.user .body')[1].textContent";
+    assert_eq!(js(&client, asked).await, json!("Continue."));
+    // A reply the model finished has no such notice.
+    let finished = "return document.querySelectorAll('.turn.assistant')[0].querySelector('.continue') === null";
+    assert_eq!(js(&client, finished).await, json!(true));
+}
+
+#[tokio::test]
 async fn tables_code_and_links_render_as_people_expect() {
     let Some(driver) = start_driver() else { return };
     let reply = "See [the docs](https://example.com/docs).\n\n| river | length |\n|---|---|\n| Nile | 6650 |\n\n```python\ndef flow(x):\n    return x + 1\n```\n\nInline `$E = mc^2$` stays code.";
