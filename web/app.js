@@ -214,7 +214,8 @@ function showChat() {
 function showChats() {
   const list = $('chats');
   list.replaceChildren();
-  for (const c of state.chats) {
+  // A conversation is listed once something is typed in it.
+  for (const c of state.chats.filter((c) => c.turns.length || c.title)) {
     const li = document.createElement('li');
     li.className = 'chat';
     const open = document.createElement('button');
@@ -246,6 +247,15 @@ function showChats() {
     list.append(li);
   }
 }
+
+// On a phone there is no Enter to send with a keyboard's Shift beside it: the placeholder
+// says only what the box is for.
+const narrow = matchMedia('(max-width: 560px)');
+const placeholder = () => {
+  $('prompt').placeholder = narrow.matches ? 'Message sluice…' : 'Message sluice… (Enter sends, Shift+Enter for a new line)';
+};
+narrow.addEventListener('change', placeholder);
+placeholder();
 
 function newChat() {
   if (live) return;

@@ -323,6 +323,15 @@ async fn the_chat_page_in_chromium() {
         .await,
         json!(true)
     );
+    // Its placeholder names no keys a phone does not have.
+    assert_eq!(
+        js(
+            &client,
+            "return document.getElementById('prompt').placeholder"
+        )
+        .await,
+        json!("Message sluice…")
+    );
     screenshot("phone.png", &client.screenshot().await.expect("png"));
     client.close().await.expect("closes");
 }

@@ -115,6 +115,11 @@ async fn conversations_are_listed_switched_renamed_and_deleted() {
     let client = open_page(&driver, &app.url("/")).await;
     type_and_send(&client, "First topic").await;
     wait_for_reply(&client, "You said: First topic").await;
+    // A one-paragraph reply's text starts where any reply's does: at its bubble's padding.
+    let gap = format!(
+        "const t = {LAST_REPLY}.parentElement; const p = t.querySelector('.body p'); return Math.round(p.getBoundingClientRect().top - t.getBoundingClientRect().top - parseFloat(getComputedStyle(t).paddingTop))"
+    );
+    assert_eq!(js(&client, &gap).await, json!(0));
     click(&client, "#new-chat").await;
     assert_eq!(
         js(&client, "return document.querySelectorAll('.turn').length").await,
@@ -455,7 +460,8 @@ async fn the_page_works_by_keyboard_and_with_a_screen_reader() {
         ))
         .await
         .expect("keys");
-    wait_for(&client, "return document.querySelectorAll('#chats .chat').length === 2 && document.querySelectorAll('.turn').length === 0", DEADLINE).await;
+    // A new, empty conversation: open, and not listed until something is typed in it.
+    wait_for(&client, "return document.querySelectorAll('#chats .chat').length === 1 && document.querySelectorAll('.turn').length === 0", DEADLINE).await;
     // The theme toggle overrides the system's choice, and the colours follow.
     let before = js(
         &client,
