@@ -45,8 +45,10 @@ fn free_port() -> u16 {
 }
 
 impl Node {
-    fn start(port: u16, extra: &[&str]) -> Node {
-        let child = Command::new("redis-server")
+    /// A redis-server on `port`; `None` when it exits before answering (its port, or its
+    /// cluster bus port, was taken meanwhile by something else on a busy machine).
+    fn start(port: u16, extra: &[&str]) -> Option<Node> {
+        let mut child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .args(extra)
@@ -56,13 +58,30 @@ impl Node {
             .expect("redis-server starts");
         let started = Instant::now();
         while !ping(port) {
+            if child.try_wait().ok().flatten().is_some() {
+                return None;
+            }
             assert!(started.elapsed() < START, "redis-server did not answer");
             std::thread::sleep(Duration::from_millis(10));
         }
-        Node {
+        Some(Node {
             child: Some(child),
             port,
+        })
+    }
+
+    /// A node started on free ports, `extra(port, bus port)` its settings: tried again on
+    /// other ports when one exits at start.
+    fn start_free(extra: impl Fn(u16, u16) -> Vec<String>) -> Node {
+        for _ in 0..5 {
+            let (port, bus) = (free_port(), free_port());
+            let extra = extra(port, bus);
+            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+            if let Some(node) = Node::start(port, &extra) {
+                return node;
+            }
         }
+        panic!("redis-server exited at start five times (ports taken?)");
     }
 
     fn kill(&mut self) {
@@ -75,10 +94,10 @@ impl Node {
 
 impl Redis {
     pub fn single() -> Redis {
-        let port = free_port();
+        let node = Node::start_free(|_, _| Vec::new());
         Redis {
-            nodes: vec![Node::start(port, &[])],
-            url: format!("redis://127.0.0.1:{port}"),
+            url: format!("redis://127.0.0.1:{}", node.port),
+            nodes: vec![node],
             dir: None,
         }
     }
@@ -92,26 +111,23 @@ impl Redis {
         std::fs::create_dir_all(&dir).expect("a directory for the nodes' files");
         let nodes: Vec<Node> = (0..6)
             .map(|_| {
-                let (port, bus) = (free_port(), free_port());
-                let conf = dir.join(format!("nodes-{port}.conf"));
-                let (bus, conf, dir) = (
-                    bus.to_string(),
-                    conf.to_string_lossy(),
-                    dir.to_string_lossy(),
-                );
-                let extra = [
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-port",
-                    &bus,
-                    "--cluster-config-file",
-                    &conf,
-                    "--cluster-node-timeout",
-                    "2000",
-                    "--dir",
-                    &dir,
-                ];
-                Node::start(port, &extra)
+                Node::start_free(|port, bus| {
+                    let conf = dir.join(format!("nodes-{port}.conf"));
+                    [
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-port",
+                        &bus.to_string(),
+                        "--cluster-config-file",
+                        &conf.to_string_lossy(),
+                        "--cluster-node-timeout",
+                        "2000",
+                        "--dir",
+                        &dir.to_string_lossy(),
+                    ]
+                    .map(str::to_owned)
+                    .to_vec()
+                })
             })
             .collect();
         let addresses: Vec<String> = nodes
