@@ -852,6 +852,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn one_clients_failures_at_once_are_each_confirmed() {
+        let pool = pool(Balance::Weighted, &[1, 1], None);
+        // Three of its requests fail on target 0 at the same time, then are served elsewhere.
+        let mut suspects = Vec::new();
+        for _ in 0..EJECT_AFTER {
+            let lease = pool.lease(&mut 2, HOG).await.expect("target 0");
+            lease.failed(&server_error());
+            suspects.push(lease.suspect());
+        }
+        let state = &pool.targets[0].state;
+        assert_eq!(state.condition(Instant::now()), Condition::Healthy);
+        for suspect in &suspects {
+            suspect.confirm();
+        }
+        assert_eq!(state.condition(Instant::now()), Condition::Ejected);
+    }
+
+    #[tokio::test]
     async fn a_freed_slot_goes_to_the_client_with_the_fewest_streams() {
         let pool = queued(Balance::Weighted, &[1], Some(2), 4, DEADLINE);
         let first = pool.lease(&mut 0, HOG).await.expect("room");

@@ -98,8 +98,8 @@ struct Health {
     /// Failures in a row the target is to blame for.
     failures: u32,
     /// The clients whose requests failed in this run in a way not yet laid at the target,
-    /// each once.
-    suspects: Vec<Who>,
+    /// each with how many of its failures wait for a word on their requests.
+    suspects: Vec<(Who, u32)>,
     /// The longest `Retry-After` of the run (capped): an ejection lasts at least that.
     retry_after: Duration,
     /// Ejections in a row: the next back-off is `FIRST_BACKOFF << level`.
@@ -275,8 +275,13 @@ impl TargetState {
                 true
             }
             Blame::Unknown => {
-                if !health.suspects.contains(&who) && health.suspects.len() < SUSPECTS {
-                    health.suspects.push(who);
+                // Each failure is remembered, to be laid at the target if its request is
+                // served elsewhere; the clients are counted each once.
+                let known = health.suspects.len();
+                match health.suspects.iter_mut().find(|(w, _)| *w == who) {
+                    Some((_, n)) => *n += 1,
+                    None if known < SUSPECTS => health.suspects.push((who, 1)),
+                    None => {}
                 }
                 health.suspects.len() >= 2
             }
@@ -291,8 +296,11 @@ impl TargetState {
     /// was served by another target: that failure was this target's.
     pub fn confirm(&self, who: Who, probe: bool) -> Option<Duration> {
         let mut health = self.health();
-        let at = health.suspects.iter().position(|w| *w == who)?;
-        health.suspects.swap_remove(at);
+        let at = health.suspects.iter().position(|(w, _)| *w == who)?;
+        health.suspects[at].1 -= 1;
+        if health.suspects[at].1 == 0 {
+            health.suspects.swap_remove(at);
+        }
         health.failures += 1;
         // Out already: the back-off it has stands.
         if health
