@@ -621,6 +621,14 @@ impl Shared {
             if cancelled.as_deref() == Some(CANCELLED) {
                 return Err(ApiError::StreamCancelled);
             }
+            // A cursor past what Redis kept of a stream whose log was lost: the reader had
+            // events the producer served from memory before they reached Redis. It is told
+            // the rest is lost, as a reader behind the loss is.
+            if after > sent && !ended && last.map.contains_key("lost") {
+                let lost = wire.error_event(id, after + 1, &ApiError::StreamEventsLost);
+                let events = futures::stream::once(async move { lost });
+                return Ok((Attached::Events(events.boxed()), trace));
+            }
             // A cursor ahead of a running stream waits for its events.
             if after > sent && finished {
                 return Err(super::cursor_beyond(after));
