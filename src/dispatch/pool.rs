@@ -556,6 +556,15 @@ impl Lease {
         self.ejected(ejected, error);
     }
 
+    /// Given back before it was used (full in Redis).
+    fn abandon(mut self) {
+        self.settled.store(true, Ordering::Relaxed);
+        if self.probe {
+            self.target().state.probe_dropped();
+            self.probe = false;
+        }
+    }
+
     /// What is needed to lay this failure at the target later ([`Suspect::confirm`]),
     /// once the slot is given back.
     pub fn suspect(&self) -> Suspect {
@@ -605,17 +614,6 @@ fn ejected(pool: &Pool, index: usize, wait: Option<Duration>, why: &dyn std::fmt
     tracing::warn!(target = %state.name, error = %why, seconds = wait.as_secs(), "upstream ejected from its pool");
     if let Some(shared) = &pool.shared {
         shared.ejected(&state.name, wait);
-    }
-}
-
-impl Lease {
-    /// Given back before it was used (full in Redis).
-    fn abandon(mut self) {
-        self.settled.store(true, Ordering::Relaxed);
-        if self.probe {
-            self.target().state.probe_dropped();
-            self.probe = false;
-        }
     }
 }
 
