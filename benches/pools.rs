@@ -36,7 +36,10 @@ fn route(balance: Balance, targets: usize) -> Arc<Route> {
             shared: None,
         },
     );
-    Arc::new(Route { pools: vec![pool] })
+    Arc::new(Route {
+        pools: vec![pool],
+        unset: Vec::new(),
+    })
 }
 
 fn pools(c: &mut Criterion) {

@@ -32,6 +32,12 @@ pub enum ApiError {
     UnsupportedMediaType,
     #[error("The model `{0}` does not exist or you do not have access to it.")]
     ModelNotFound(String),
+    /// A configured route whose every upstream names a key variable that is not set.
+    #[error(
+        "The model `{model}` is routed to an upstream whose key is not set where sluice runs ({}); set it and start sluice again.",
+        unset.join(", ")
+    )]
+    ModelOff { model: String, unset: Vec<String> },
     #[error("Unknown request URL: {method} {path}")]
     RouteNotFound { method: String, path: String },
     #[error("Method {method} is not allowed for {path}")]
@@ -167,7 +173,9 @@ impl ApiError {
             ApiError::InvalidRequest { .. } | ApiError::CursorBeyond(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::ModelNotFound(_) | ApiError::RouteNotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::ModelNotFound(_)
+            | ApiError::ModelOff { .. }
+            | ApiError::RouteNotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::UpstreamRejected { status, .. } => *status,
             ApiError::UpstreamRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -200,6 +208,7 @@ impl ApiError {
             | ApiError::PayloadTooLarge { .. }
             | ApiError::UnsupportedMediaType
             | ApiError::ModelNotFound(_)
+            | ApiError::ModelOff { .. }
             | ApiError::RouteNotFound { .. }
             | ApiError::MethodNotAllowed { .. }
             | ApiError::BodyTimeout(_)
@@ -234,7 +243,7 @@ impl ApiError {
             ApiError::UpstreamRejected { code, .. } => return code.clone(),
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::UnsupportedMediaType => "unsupported_media_type",
-            ApiError::ModelNotFound(_) => "model_not_found",
+            ApiError::ModelNotFound(_) | ApiError::ModelOff { .. } => "model_not_found",
             ApiError::RouteNotFound { .. } => "unknown_url",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::UpstreamRateLimited { .. } => "rate_limit_exceeded",
@@ -269,7 +278,7 @@ impl ApiError {
             ApiError::InvalidRequest { param, .. } | ApiError::UpstreamRejected { param, .. } => {
                 param.as_deref()
             }
-            ApiError::ModelNotFound(_) => Some("model"),
+            ApiError::ModelNotFound(_) | ApiError::ModelOff { .. } => Some("model"),
             ApiError::CursorBeyond(_) => Some("Last-Event-ID"),
             ApiError::PreviousResponseNotFound(_) => Some("previous_response_id"),
             _ => None,

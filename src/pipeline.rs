@@ -88,6 +88,12 @@ pub async fn admit(
         .routes
         .resolve(model)
         .ok_or_else(|| ApiError::ModelNotFound(model.to_owned()))?;
+    if let Some(unset) = route.off() {
+        return Err(ApiError::ModelOff {
+            model: model.to_owned(),
+            unset: unset.to_vec(),
+        });
+    }
     let asked = std::time::Instant::now();
     let permit = state.admission.admit(who, model).await?;
     exchange.admitted(asked.elapsed());

@@ -312,16 +312,44 @@ fn table(
 ) -> anyhow::Result<HashMap<String, Arc<Route>>> {
     let mut named = HashMap::new();
     for (name, route) in &file.models {
-        let mut pools = vec![pool(config, name, route, routes, mock, true)?];
+        let mut unset = Vec::new();
+        let mut pools = Vec::new();
+        pools.extend(pool(config, name, route, routes, mock, true, &mut unset)?);
         for fallback in &route.fallbacks {
-            pools.push(pool(config, name, fallback, routes, mock, false)?);
+            pools.extend(pool(
+                config, name, fallback, routes, mock, false, &mut unset,
+            )?);
         }
-        named.insert(name.clone(), Arc::new(Route { pools }));
+        if pools.is_empty() {
+            tracing::warn!(
+                model = %name,
+                "the route is off: its upstreams' keys are not set ({})",
+                unset.join(", ")
+            );
+        } else if !unset.is_empty() {
+            tracing::warn!(
+                model = %name,
+                "upstreams left out of the route: their keys are not set ({})",
+                unset.join(", ")
+            );
+        }
+        named.insert(name.clone(), Arc::new(Route { pools, unset }));
     }
     Ok(named)
 }
 
-/// A route's (or a fallback's) pool: its targets, or itself as a pool of one.
+/// The key variable an upstream names (its own, else its route's) when it is not set.
+fn unset_key(spec: &ModelRoute, route: Option<&ModelRoute>) -> Option<String> {
+    let var = spec
+        .api_key_env
+        .as_ref()
+        .or_else(|| route.and_then(|r| r.api_key_env.as_ref()))?;
+    (spec.backend != "mock" && std::env::var_os(var).is_none()).then(|| var.clone())
+}
+
+/// A route's (or a fallback's) pool: its targets, or itself as a pool of one. An upstream
+/// whose key variable is not set is left out, its variable added to `unset`; a pool with
+/// none left is none.
 fn pool(
     config: &Config,
     name: &str,
@@ -329,17 +357,28 @@ fn pool(
     routes: &Routes,
     mock: &Arc<dyn Backend>,
     queued: bool,
-) -> anyhow::Result<Arc<Pool>> {
-    let targets = if route.targets.is_empty() {
-        vec![target(config, name, route, None, routes, mock)?]
+    unset: &mut Vec<String>,
+) -> anyhow::Result<Option<Arc<Pool>>> {
+    let specs: Vec<(&ModelRoute, Option<&ModelRoute>)> = if route.targets.is_empty() {
+        vec![(route, None)]
     } else {
-        route
-            .targets
-            .iter()
-            .map(|t| target(config, name, t, Some(route), routes, mock))
-            .collect::<anyhow::Result<_>>()?
+        route.targets.iter().map(|t| (t, Some(route))).collect()
     };
-    Ok(Pool::new(
+    let mut targets = Vec::new();
+    for (spec, of) in specs {
+        match unset_key(spec, of) {
+            Some(var) => {
+                if !unset.contains(&var) {
+                    unset.push(var);
+                }
+            }
+            None => targets.push(target(config, name, spec, of, routes, mock)?),
+        }
+    }
+    if targets.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(Pool::new(
         targets,
         PoolSettings {
             balance: Balance::parse(route.balance.as_deref()),
@@ -359,7 +398,7 @@ fn pool(
             },
             shared: routes.shared(),
         },
-    ))
+    )))
 }
 
 /// One upstream of a configured route: the mock, or an OpenAI-compatible server. A target

@@ -16,6 +16,9 @@ use crate::backend::{Backend, Probe};
 /// tried in order while nothing has been sent to the client.
 pub struct Route {
     pub pools: Vec<Arc<Pool>>,
+    /// The key variables, unset where sluice runs, whose upstreams were left out of the
+    /// route; with no pool left, the route is off and a request for it is told which.
+    pub unset: Vec<String>,
 }
 
 /// Why a request could not be given an upstream.
@@ -37,7 +40,14 @@ impl Route {
     ) -> Arc<Self> {
         Arc::new(Route {
             pools: vec![Pool::single(Target::new(backend, model, state))],
+            unset: Vec::new(),
         })
+    }
+
+    /// The key variables that leave this route with no upstream, when they do: every one
+    /// of its upstreams names a variable that is not set.
+    pub fn off(&self) -> Option<&[String]> {
+        self.pools.is_empty().then_some(self.unset.as_slice())
     }
 
     /// The route's first target: the API it speaks decides how a request is relayed.
@@ -440,7 +450,9 @@ impl Routes {
         if model.ends_with('*') || named.contains_key(model) || self.0.fixed.contains_key(model) {
             return None;
         }
-        pattern(&named, model).map(|(name, _)| name.clone())
+        pattern(&named, model)
+            .filter(|(_, route)| route.off().is_none())
+            .map(|(name, _)| name.clone())
     }
 
     /// `model` was served through the pattern route `pattern`: a name it is known to serve.
@@ -474,9 +486,9 @@ impl Routes {
             .unwrap_or_else(|e| e.into_inner());
         let mut patterns: Vec<(String, Vec<String>)> = self
             .named()
-            .keys()
-            .filter(|name| name.ends_with('*'))
-            .map(|pattern| {
+            .iter()
+            .filter(|(name, route)| name.ends_with('*') && route.off().is_none())
+            .map(|(pattern, _)| {
                 let mut names: Vec<String> = known
                     .get(pattern)
                     .map(|n| n.iter().cloned().collect())
@@ -495,9 +507,9 @@ impl Routes {
     pub fn model_names(&self) -> Vec<String> {
         let mut names: Vec<String> = self
             .named()
-            .keys()
-            .filter(|name| !name.ends_with('*'))
-            .cloned()
+            .iter()
+            .filter(|(name, route)| !name.ends_with('*') && route.off().is_none())
+            .map(|(name, _)| name.clone())
             .collect();
         names.extend(self.0.fixed.keys().cloned());
         names.extend(mock::Mode::MODEL_NAMES.iter().map(|s| (*s).to_owned()));

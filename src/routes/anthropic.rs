@@ -55,10 +55,12 @@ async fn anthropic_errors(response: Response) -> Response {
     // Anthropic's own words where its clients match on them.
     let message = match error["error"]["code"].as_str() {
         Some("invalid_api_key") => "invalid x-api-key".to_owned(),
-        Some("model_not_found") => match message.split('`').nth(1) {
-            Some(model) => format!("model: {model}"),
-            None => message,
-        },
+        Some("model_not_found") if message.contains("does not exist") => {
+            match message.split('`').nth(1) {
+                Some(model) => format!("model: {model}"),
+                None => message,
+            }
+        }
         _ => message,
     };
     let body = json!({"type": "error", "error": {"type": error_type(status.as_u16()), "message": message}});
