@@ -45,6 +45,8 @@ function needKey() { $('key-box').hidden = false; $('key').focus(); }
 // Icons drawn inline (no emoji font needed): SVG path data on a 24-unit grid.
 const PENCIL = 'M4 20h4L19 9l-4-4L4 16v4zM14 6l4 4';
 const TRASH = 'M4 7h16M9 7V4h6v3M6 7l1 13h10l1-13M10 11v6M14 11v6';
+const CROSS = 'M6 6l12 12M18 6L6 18';
+const SLIDERS = 'M4 6h16M4 12h16M4 18h16M9 4v4M15 10v4M7 16v4';
 function icon(path) {
   const ns = 'http://www.w3.org/2000/svg';
   const svg = document.createElementNS(ns, 'svg');
@@ -76,11 +78,38 @@ DOMPurify.addHook('afterSanitizeAttributes', (node) => {
   if (node.nodeName === 'A') { node.setAttribute('target', '_blank'); node.setAttribute('rel', 'noopener noreferrer'); }
 });
 
+// A table written on one line ("| a | b | |---|---| | 1 | 2 |", as small models and
+// scripted replies write it) gets its lines back; any other line is left as it is.
+const DELIMITER = /^\s*:?-{3,}:?\s*$/;
+function unfoldTable(line) {
+  const t = line.trim();
+  if (!t.startsWith('|') || !t.endsWith('|') || !/\|\s*\|\s*:?-{3,}/.test(t)) return line;
+  const cells = t.slice(1, -1).split('|');
+  const width = cells.findIndex((c) => DELIMITER.test(c)) - 1;
+  if (width < 1 || cells[width].trim() !== '') return line;
+  const rows = [];
+  for (let i = 0; i < cells.length; i += width + 1) {
+    const row = cells.slice(i, i + width);
+    if (row.length !== width || (i + width < cells.length && cells[i + width].trim() !== '')) return line;
+    rows.push(row);
+  }
+  if (rows.length < 2 || !rows[1].every((c) => DELIMITER.test(c))) return line;
+  return rows.map((row) => `|${row.join('|')}|`).join('\n');
+}
+function unfoldTables(markdown) {
+  if (!markdown.includes('|')) return markdown;
+  let fenced = false;
+  return markdown.split('\n').map((line) => {
+    if (/^\s*(```|~~~)/.test(line)) fenced = !fenced;
+    return fenced ? line : unfoldTable(line);
+  }).join('\n');
+}
+
 // Markdown → sanitised nodes: tables in a scrolling frame, code highlighted (Prism, with a
 // language) and given a copy button. Math is left as the text it is.
 function fragment(markdown) {
   const box = document.createElement('div');
-  box.innerHTML = DOMPurify.sanitize(marked.parse(markdown), SANITIZE);
+  box.innerHTML = DOMPurify.sanitize(marked.parse(unfoldTables(markdown)), SANITIZE);
   for (const table of box.querySelectorAll('table')) {
     const frame = document.createElement('div');
     frame.className = 'table'; table.replaceWith(frame); frame.append(table);
@@ -552,6 +581,10 @@ $('theme').onclick = () => {
 applyTheme();
 
 function closeSidebar() { document.body.classList.remove('sidebar-open'); $('toggle-sidebar').setAttribute('aria-expanded', 'false'); }
+$('close-sidebar').append(icon(CROSS));
+$('close-sidebar').onclick = () => { closeSidebar(); $('toggle-sidebar').focus(); };
+$('settings-toggle').prepend(icon(SLIDERS));
+$('key-box').onsubmit = (e) => { e.preventDefault(); $('key').dispatchEvent(new Event('change')); };
 $('toggle-sidebar').onclick = () => {
   const open = document.body.classList.toggle('sidebar-open');
   $('toggle-sidebar').setAttribute('aria-expanded', String(open));

@@ -332,7 +332,64 @@ async fn the_chat_page_in_chromium() {
         .await,
         json!("Message sluice…")
     );
+    // The header is one row: every control in it sits on the same line.
+    let header = js(
+        &client,
+        r#"const bar = document.querySelector('.bar').getBoundingClientRect();
+           const middles = [...document.querySelectorAll('.bar > *, .bar .key > *')]
+             .map((e) => e.getBoundingClientRect()).filter((r) => r.height > 1)
+             .map((r) => r.top + r.height / 2);
+           const rows = middles.filter((m) => Math.abs(m - middles[0]) > 6).length;
+           return { height: bar.height, rows, middles };"#,
+    )
+    .await;
+    assert_eq!(header["rows"], json!(0), "{header}");
+    assert!(
+        header["height"].as_f64().is_some_and(|h| h < 56.0),
+        "{header}"
+    );
+    // A code block's Copy button covers none of the code.
+    let covered = js(
+        &client,
+        r#"return [...document.querySelectorAll('pre')].filter((pre) => {
+             const copy = pre.querySelector('.copy'), code = pre.querySelector('code');
+             if (!copy || !code) return false;
+             const c = copy.getBoundingClientRect(), t = code.getClientRects()[0];
+             return c.bottom > t.top + 1 && c.left < t.right;
+           }).length"#,
+    )
+    .await;
+    assert_eq!(covered, json!(0));
     screenshot("phone.png", &client.screenshot().await.expect("png"));
+    // The drawer opens from the menu and closes from its own button.
+    client
+        .find(Locator::Css("#toggle-sidebar"))
+        .await
+        .expect("menu")
+        .click()
+        .await
+        .expect("opens");
+    wait_for(
+        &client,
+        "return document.getElementById('sidebar').getBoundingClientRect().left >= 0",
+        DEADLINE,
+    )
+    .await;
+    screenshot("phone-drawer.png", &client.screenshot().await.expect("png"));
+    client
+        .find(Locator::Css("#close-sidebar"))
+        .await
+        .expect("a close button in the drawer")
+        .click()
+        .await
+        .expect("closes");
+    wait_for(
+        &client,
+        "return document.getElementById('sidebar').getBoundingClientRect().right <= 0 \
+         && document.getElementById('toggle-sidebar').getAttribute('aria-expanded') === 'false'",
+        DEADLINE,
+    )
+    .await;
     client.close().await.expect("closes");
 }
 

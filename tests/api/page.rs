@@ -331,7 +331,7 @@ async fn a_reply_cut_by_the_token_limit_says_so_and_continues() {
 #[tokio::test]
 async fn tables_code_and_links_render_as_people_expect() {
     let Some(driver) = start_driver() else { return };
-    let reply = "See [the docs](https://example.com/docs).\n\n| river | length |\n|---|---|\n| Nile | 6650 |\n\n```python\ndef flow(x):\n    return x + 1\n```\n\nInline `$E = mc^2$` stays code.";
+    let reply = "See [the docs](https://example.com/docs).\n\n| river | length |\n|---|---|\n| Nile | 6650 |\n\n| sea | depth | |---|---| | Baltic | 459 | | Black | 2212 |\n\n```python\ndef flow(x):\n    return x + 1\n```\n\nInline `$E = mc^2$` stays code.";
     let path = fixtures("(?i)render", reply);
     let app = TestApp::spawn_with(|c| {
         c.mock_tokens_per_s = 200.0;
@@ -350,7 +350,18 @@ async fn tables_code_and_links_render_as_people_expect() {
           tokens: b.querySelectorAll('pre code .token').length,
           keyword: b.querySelector('pre code .token.keyword')?.textContent,
           target: a.getAttribute('target'), rel: a.getAttribute('rel'),
+          oneLine: [...b.querySelectorAll('table')].map((t) => [...t.querySelectorAll('tr')]
+            .map((r) => [...r.cells].map((c) => c.textContent.trim()).join('/'))),
         }};"#)).await;
+    // A table written on one line renders as the same table written on several.
+    assert_eq!(
+        found["oneLine"],
+        json!([
+            ["river/length", "Nile/6650"],
+            ["sea/depth", "Baltic/459", "Black/2212"]
+        ]),
+        "{found}"
+    );
     assert_eq!(found["border"], "1px", "{found}");
     assert_eq!(found["scroll"], "auto");
     assert!(found["tokens"].as_u64().is_some_and(|n| n > 2), "{found}");
