@@ -63,7 +63,8 @@ fn main() -> anyhow::Result<()> {
         Some(i) if i + 1 < args.len() => {
             let path = args.remove(i + 1);
             args.remove(i);
-            path
+            // The probes start it from folders of their own.
+            std::fs::canonicalize(&path).map_or(path, |p| p.display().to_string())
         }
         _ => concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/sluice").to_owned(),
     };

@@ -23,7 +23,7 @@
 //! client knows each chunk's latency; a relay's share is the latency through it minus the
 //! latency direct. The driver raises RLIMIT_NOFILE to 65,536 (root, or a hard limit that
 //! high) for itself and its children. Results go to target/loadgen/*.json and
-//! docs/loadgen.svg.
+//! docs/src/images/loadgen.svg.
 
 // The benchmark's clients and its upstream are tasks of their own; the rule against
 // spawning is for sluice's request path.
@@ -1265,7 +1265,7 @@ async fn levels(only: Vec<usize>, other: Option<String>) -> anyhow::Result<()> {
     );
     write_levels(&rows, Some(cancel))?;
     chart(&rows)?;
-    println!("wrote docs/loadgen.svg");
+    println!("wrote docs/src/images/loadgen.svg");
     Ok(())
 }
 
@@ -1416,7 +1416,7 @@ async fn fetch_closes(upstream: &str) -> HashMap<String, u64> {
     out
 }
 
-/// docs/loadgen.svg: added latency per level (ms), TTFT and per chunk, p50 and p99.
+/// docs/src/images/loadgen.svg: added latency per level (ms), TTFT and per chunk, p50 and p99.
 fn chart(rows: &[Value]) -> anyhow::Result<()> {
     use plotters::prelude::*;
     let series = [
@@ -1494,7 +1494,7 @@ fn chart(rows: &[Value]) -> anyhow::Result<()> {
         .fold(0.0_f64, f64::min)
         * 1.1;
     std::fs::create_dir_all("docs")?;
-    let root = SVGBackend::new("docs/loadgen.svg", (760, 420)).into_drawing_area();
+    let root = SVGBackend::new("docs/src/images/loadgen.svg", (760, 420)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
         .caption(

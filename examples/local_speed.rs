@@ -4,7 +4,8 @@
 //! - time to first token and tokens per second through sluice's HTTP API, as a client
 //!   sees them, for a 40-token prompt.
 //!
-//! `cargo run --release --example local_speed` (needs `scripts/fetch-model.sh` first).
+//! `cargo run --release --example local_speed` (needs `scripts/fetch-model.sh` first);
+//! `-- --short`: one run of each, 32 tokens (CI runs it so, to keep it working).
 
 use std::time::{Duration, Instant};
 
@@ -55,7 +56,7 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
-async fn through_sluice() -> (Vec<Duration>, Vec<f64>) {
+async fn through_sluice(runs: usize, tokens: usize) -> (Vec<Duration>, Vec<f64>) {
     let mut config = sluice::Config::defaults();
     config.local_model = Some(WEIGHTS.into());
     let state = sluice::AppState::build(&config).expect("config");
@@ -75,12 +76,12 @@ async fn through_sluice() -> (Vec<Duration>, Vec<f64>) {
     ));
     let http = reqwest::Client::new();
     // 40 prompt tokens after the chat template.
-    let body = json!({"model": "smollm2", "stream": true, "temperature": 0, "max_tokens": 128,
+    let body = json!({"model": "smollm2", "stream": true, "temperature": 0, "max_tokens": tokens,
         "stream_options": {"include_usage": true},
         "messages": [{"role": "system", "content": "You are a helpful assistant."},
                      {"role": "user", "content": "Write a short story, in five sentences, about a river that flows through an old city at night."}]});
     let (mut ttft, mut rates) = (Vec::new(), Vec::new());
-    for run in 0..=RUNS {
+    for run in 0..=runs {
         let started = Instant::now();
         let response = http.post(&url).json(&body).send().await.expect("answers");
         let status = response.status();
@@ -133,6 +134,11 @@ async fn through_sluice() -> (Vec<Duration>, Vec<f64>) {
 
 #[tokio::main]
 async fn main() {
+    let (runs, tokens) = if std::env::args().any(|a| a == "--short") {
+        (1, 32)
+    } else {
+        (RUNS, 128)
+    };
     let tokenizer = load_tokenizer(WEIGHTS.as_ref()).expect("run scripts/fetch-model.sh first");
     let prompt = tokenizer
         .encode(PROMPT, false)
@@ -145,16 +151,16 @@ async fn main() {
         let load = started.elapsed();
         run(&mut model, &prompt, 16); // warm-up
         let (prefill, decode): (Vec<f64>, Vec<f64>) =
-            (0..RUNS).map(|_| run(&mut model, &prompt, 128)).unzip();
+            (0..runs).map(|_| run(&mut model, &prompt, tokens)).unzip();
         println!(
-            "{name:<22} load {:>5.2} s   prefill {:>6.1} tok/s   decode {:>5.1} tok/s   (median of {RUNS}, {}-token prompt)",
+            "{name:<22} load {:>5.2} s   prefill {:>6.1} tok/s   decode {:>5.1} tok/s   (median of {runs}, {}-token prompt)",
             load.as_secs_f64(),
             median(prefill),
             median(decode),
             prompt.len()
         );
     }
-    let (ttft, rates) = through_sluice().await;
+    let (ttft, rates) = through_sluice(runs, tokens).await;
     let ms: Vec<f64> = ttft.iter().map(|d| d.as_secs_f64() * 1e3).collect();
     println!(
         "through sluice's HTTP API: time to first token {:.0} ms (median; max {:.0} ms), {:.1} tok/s as the client sees them",

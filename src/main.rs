@@ -8,7 +8,7 @@ use sluice::{AppState, Config};
 use tracing_subscriber::EnvFilter;
 
 /// mimalloc: with many streams starting and ending, glibc's allocator let RSS creep up
-/// (see the soak in the README); mimalloc returns freed memory.
+/// (see the soak in docs/src/measured.md); mimalloc returns freed memory.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

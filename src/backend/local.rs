@@ -387,7 +387,7 @@ pub fn load_weights(path: &Path, requantize: bool) -> anyhow::Result<ModelWeight
 }
 
 /// Loads the weights, re-quantising 4- and 5-bit blocks to Q8_0 when asked: candle has no
-/// SIMD kernel for Q4_1, and its Q8_0 kernel runs about 2.6 times as fast here (README).
+/// SIMD kernel for Q4_1, and its Q8_0 kernel runs about 2.6 times as fast here (docs/src/local-model.md).
 fn weights(
     content: gguf_file::Content,
     file: &mut std::fs::File,

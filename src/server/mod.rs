@@ -49,7 +49,7 @@ const RESERVED_TABLE: u64 = 65_536;
 /// process's descriptor table to that size (at most [`RESERVED_TABLE`]) while the process
 /// has one thread: call it before the runtime starts. The kernel grows the table as
 /// descriptors are taken, and in a process of several threads each growth waits for an RCU
-/// grace period (11 ms on the machine of the README's figures) inside the `accept` or
+/// grace period (11 ms on the machine of the book's figures, docs/src/measured.md) inside the `accept` or
 /// `socket` call that needed it, stalling every stream of that worker; grown at start, the
 /// table never shrinks.
 pub fn reserve_descriptors() {

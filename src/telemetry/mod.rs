@@ -4,7 +4,7 @@
 //! ([`UpstreamCall`]) in `call.rs`, and OpenTelemetry's exporters in `otel.rs`.
 //!
 //! Each app owns its recorder (not the process-global one), so several apps in one
-//! process, as in the tests, count apart. The series are listed in the README.
+//! process, as in the tests, count apart. The series are listed in docs/src/operating.md.
 
 mod call;
 mod exchange;

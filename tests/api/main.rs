@@ -23,6 +23,7 @@ mod openai;
 mod otel;
 mod page;
 mod pools;
+mod readme;
 mod reconnect;
 mod responses;
 mod resume;
