@@ -64,7 +64,7 @@ async fn codex_exec_answers_and_runs_a_tool_through_the_responses_api() {
     let home = home("codex");
     // Only what Codex's documentation asks for a custom provider.
     let config = format!(
-        "model = \"mock\"\nmodel_provider = \"sluice\"\n\n[model_providers.sluice]\nname = \"sluice\"\nbase_url = \"{}\"\nenv_key = \"SLUICE_API_KEY\"\nwire_api = \"responses\"\n",
+        "model = \"mock\"\nmodel_provider = \"sluice\"\n\n[model_providers.sluice]\nname = \"sluice\"\nbase_url = \"{}\"\nenv_key = \"SLUICE_CLIENT_KEY\"\nwire_api = \"responses\"\n",
         app.url("/v1")
     );
     std::fs::write(home.join("config.toml"), config).expect("config");
@@ -77,7 +77,7 @@ async fn codex_exec_answers_and_runs_a_tool_through_the_responses_api() {
             .arg(prompt)
             .env("CODEX_HOME", &home)
             .env("HOME", &home)
-            .env("SLUICE_API_KEY", "sk-any")
+            .env("SLUICE_CLIENT_KEY", "sk-any")
             .current_dir(&home);
         command
     };

@@ -141,6 +141,11 @@ async fn conversations_are_listed_switched_renamed_and_deleted() {
         .await
         .expect("script runs");
     assert_eq!(fetched, json!([200, "image/svg+xml"]));
+    // The API key's password field is in a form (Chrome warns of one that is not), and the
+    // drawer's close button is an icon too.
+    let key = "return document.getElementById('key').form?.id === 'key-box' \
+               && document.querySelector('#close-sidebar svg') !== null";
+    assert_eq!(js(&client, key).await, json!(true));
     // Switch to the first.
     js(
         &client,
