@@ -202,6 +202,11 @@ pub struct Config {
     )]
     pub metrics_token: Option<String>,
 
+    /// A JSON price file in the format of LiteLLM's `model_prices_and_context_window.json`
+    /// (read at start and on reload, never fetched); the TOML config's `[prices]` win.
+    #[arg(long, env = "SLUICE_PRICES", value_name = "SLUICE_PRICES")]
+    pub prices: Option<PathBuf>,
+
     /// Cap on a non-streamed reply assembled from an upstream, in bytes.
     #[arg(long, env = "SLUICE_MAX_REPLY_BYTES", value_name = "SLUICE_MAX_REPLY_BYTES",
           default_value_t = 16 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
@@ -499,6 +504,10 @@ pub struct FileConfig {
     /// likely a file caught half written than a wish to open the door.
     #[serde(default)]
     pub open: bool,
+    /// Model name or pattern → its prices, USD per million tokens (each entry read by
+    /// `prices::Prices::load`, which names the one that is wrong).
+    #[serde(default)]
+    pub prices: BTreeMap<String, toml::Value>,
 }
 
 /// An API key in the TOML config; limits it leaves out are the defaults.

@@ -15,7 +15,7 @@
 //! resumable stream's producer belongs to the stream registry, which drops it on cancel or
 //! when nobody has come back within the grace period.
 //!
-//! Below them: `config`, `tokens`, `prompts`, `wake` (plain data and helpers), `link` (the
+//! Below them: `config`, `prices` (what tokens cost), `tokens`, `prompts`, `wake` (plain data and helpers), `link` (the
 //! Redis link, one server or a Cluster, that the shared parts use), `telemetry`
 //! (metrics, the per-request log record), `admission` (identity and limits, no HTTP),
 //! `error` (what a client is told), `http` (extractors, rate headers, the observing
@@ -32,6 +32,7 @@ pub mod error;
 pub mod http;
 pub mod link;
 pub mod pipeline;
+pub mod prices;
 pub mod prompts;
 pub mod relay;
 pub mod routes;

@@ -20,6 +20,7 @@ use crate::config::{
 use crate::dispatch::{
     Balance, Dispatcher, Pool, PoolSettings, Route, Routes, Target, TargetState, Timeouts,
 };
+use crate::prices::Prices;
 use crate::prompts::Prompts;
 use crate::state::{AppState, ServerSettings};
 use crate::telemetry::{Metrics, Otel, OtelSettings};
@@ -92,6 +93,8 @@ impl AppState {
             shared_pools,
         );
         routes.replace(table(config, &file, &routes, &mock)?);
+        let prices =
+            crate::prices::PriceTable::new(Prices::load(&file.prices, config.prices.as_deref())?);
 
         let prompts = match &config.prompts {
             Some(dir) => Prompts::load(dir).context("SLUICE_PROMPTS")?,
@@ -167,6 +170,7 @@ impl AppState {
             cors_origins: config.cors_origins.clone().into(),
             metrics_token: config.metrics_token.as_deref().map(Arc::from),
             tokens: crate::tokens::Counter::default(),
+            prices,
             closing,
         })
     }
@@ -233,9 +237,11 @@ impl AppState {
             );
         }
         let named = table(config, &file, &self.routes, &self.mock)?;
+        let prices = Prices::load(&file.prices, config.prices.as_deref())?;
         let (routes, key_count) = (named.len(), keys.len());
         self.admission.replace_keys(keys);
         self.routes.replace(named);
+        self.prices.replace(prices);
         tracing::info!(routes, keys = key_count, "configuration reloaded");
         Ok(())
     }

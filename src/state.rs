@@ -46,6 +46,8 @@ pub struct AppState {
     pub config_file: Option<std::path::PathBuf>,
     /// The file's stamp when it was read at start.
     pub config_stamp: Option<crate::config::Stamp>,
+    /// What each model's tokens cost.
+    pub prices: crate::prices::PriceTable,
     /// The built-in mock model, which configured routes may name.
     pub mock: Arc<dyn crate::backend::Backend>,
 }

@@ -372,7 +372,9 @@ async function send(prompt) {
         const ttft = first ? Math.round(first - started) : null;
         const seconds = first ? (performance.now() - first) / 1000 : 0;
         const rate = seconds > 0 && tokens > 1 ? ` · ${((tokens - 1) / seconds).toFixed(1)} tokens/s` : '';
-        reply.meta = `${payload.usage ? tokens + ' tokens' : ''}${ttft !== null ? ` · first token after ${ttft} ms` : ''}${rate}`;
+        // What it cost, when its model has a price (to the millionth of a dollar, at least two places).
+        const cost = payload.cost > 0 ? ` · $${Number(payload.cost.toFixed(6)).toLocaleString('en-US', { minimumFractionDigits: 2, maximumFractionDigits: 6 })}` : '';
+        reply.meta = `${payload.usage ? tokens + ' tokens' : ''}${ttft !== null ? ` · first token after ${ttft} ms` : ''}${rate}${cost}`;
         if (payload.finish_reason === 'length') reply.cut = true;
         return true;
       } else if (event === 'error') {

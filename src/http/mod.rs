@@ -144,6 +144,24 @@ pub fn with_dropped(mut response: Response, dropped: &[String]) -> Response {
     response
 }
 
+/// `response` (a reply answered whole) with `x-sluice-cost-usd`: what it cost, when its
+/// model has a price.
+pub fn with_cost(mut response: Response, cost: Option<f64>) -> Response {
+    if let Some(cost) = cost
+        && let Ok(value) = HeaderValue::from_str(&dollars(cost))
+    {
+        response.headers_mut().insert("x-sluice-cost-usd", value);
+    }
+    response
+}
+
+/// `cost` as a plain decimal, to the billionth of a dollar (`0.000062`, not `6.2e-5`).
+fn dollars(cost: f64) -> String {
+    let text = format!("{cost:.9}");
+    let text = text.trim_end_matches('0');
+    text.strip_suffix('.').unwrap_or(text).to_owned()
+}
+
 /// The token of an `Authorization: Bearer <token>` header (the scheme in any case, RFC 9110).
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers

@@ -16,6 +16,8 @@ use futures::{Stream, StreamExt};
 use serde_json::Value;
 
 use super::{Opened, SseWriter, StreamGuard};
+use std::sync::{Arc, OnceLock};
+
 use crate::backend::{BackendError, Delta, Usage};
 use crate::error::ApiError;
 use crate::telemetry::Outcome;
@@ -141,6 +143,8 @@ impl Out {
 pub struct End {
     /// The upstream's counts (within the request's bounds), else sluice's.
     pub usage: Usage,
+    /// What they cost, in USD, when the model has a price.
+    pub cost: Option<f64>,
     /// From the request's arrival to its first token.
     pub first_token: Option<Duration>,
     /// From the request's arrival to now.
@@ -182,7 +186,7 @@ pub fn encode<E: Encoder>(
     encoder: E,
     guard: StreamGuard,
 ) -> impl Stream<Item = Bytes> + Send + 'static {
-    steps(opened, encoder, guard, usize::MAX).filter_map(|step| std::future::ready(step.ok()))
+    steps(opened, encoder, guard, usize::MAX, None).filter_map(|step| std::future::ready(step.ok()))
 }
 
 /// Runs a stream to its end for a reply answered whole, each event handed to `each` as it
@@ -195,19 +199,23 @@ pub async fn collect<E: Encoder>(
     guard: StreamGuard,
     max_bytes: usize,
     mut each: impl FnMut(Bytes),
-) -> Result<(), ApiError> {
-    let mut steps = std::pin::pin!(steps(opened, encoder, guard, max_bytes));
+) -> Result<Option<f64>, ApiError> {
+    let cost = Arc::new(OnceLock::new());
+    let mut steps = std::pin::pin!(steps(opened, encoder, guard, max_bytes, Some(cost.clone())));
     while let Some(step) = steps.next().await {
         each(step?);
     }
-    Ok(())
+    Ok(cost.get().copied())
 }
 
+/// The loop; `cost`, when given, is told what the finished reply cost (when it has a
+/// price).
 fn steps<E: Encoder>(
     mut opened: Opened,
     mut encoder: E,
     mut guard: StreamGuard,
     max_bytes: usize,
+    cost: Option<Arc<OnceLock<f64>>>,
 ) -> impl Stream<Item = Step> + Send + 'static {
     async_stream::stream! {
         let mut out = Out::new();
@@ -254,6 +262,9 @@ fn steps<E: Encoder>(
                             size = size.saturating_add(fields.json().len());
                         }
                         Delta::Usage(usage) => guard.reported = Some(*usage),
+                        Delta::UsageDetails(fields) => {
+                            guard.details = crate::prices::Details::of_fields(fields);
+                        }
                         Delta::Finish(reason) => guard.exchange.set_finish(reason),
                         _ => {}
                     }
@@ -283,11 +294,15 @@ fn steps<E: Encoder>(
             yield Err(error);
             return;
         }
+        if let Some((cell, spent)) = cost.zip(guard.cost()) {
+            let _ = cell.set(spent);
+        }
         if relayed {
             return;
         }
         let end = End {
             usage: guard.usage(),
+            cost: guard.cost(),
             first_token: guard.times.first,
             duration: guard.exchange.arrived().elapsed(),
         };
@@ -353,6 +368,7 @@ pub const CANNED_END: End = End {
         completion_tokens: 2,
         total_tokens: 5,
     },
+    cost: None,
     first_token: Some(Duration::from_millis(5)),
     duration: Duration::from_millis(9),
 };

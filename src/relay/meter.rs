@@ -4,6 +4,7 @@
 
 use crate::admission::Permit;
 use crate::backend::{BackendError, Usage};
+use crate::prices::{Details, Price};
 use crate::telemetry::{Exchange, Metrics, Outcome, TokenTimes};
 
 /// Which stream this is, for logs and metrics, and the running count of what it delivered.
@@ -21,6 +22,10 @@ pub struct StreamGuard {
     /// The most an upstream's own counts are believed (see [`Bounds`]).
     bounds: Bounds,
     outcome: Option<Outcome>,
+    /// The model's price, when it has one.
+    price: Option<Price>,
+    /// The upstream's cached and reasoning tokens, when it said.
+    pub(super) details: Details,
 }
 
 /// The most usage an upstream may report for a request: a count past these is not what it
@@ -63,7 +68,28 @@ impl StreamGuard {
             reported: None,
             bounds,
             outcome: None,
+            price: None,
+            details: Details::default(),
         }
+    }
+
+    /// The stream's tokens are charged at `price` (none: it costs nothing, and is unpriced).
+    pub fn priced(mut self, price: Option<Price>) -> Self {
+        self.price = price;
+        self
+    }
+
+    /// What the stream has cost so far, in USD, from [`StreamGuard::usage`]; `None` when
+    /// the model has no price.
+    pub fn cost(&self) -> Option<f64> {
+        let usage = self.usage();
+        let details = if self.reported.is_some() {
+            self.details
+        } else {
+            Details::default()
+        };
+        self.price
+            .map(|p| p.cost(usage.prompt_tokens, usage.completion_tokens, details))
     }
 
     /// A token (one chunk of text) went to the client. Chunks are counted, not re-tokenised:

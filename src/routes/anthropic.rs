@@ -125,10 +125,10 @@ async fn messages(
         }
         let mut events = Vec::new();
         let max = state.max_reply_bytes;
-        relay::collect(opened, encoder, guard, max, |e| events.push(e)).await?;
+        let cost = relay::collect(opened, encoder, guard, max, |e| events.push(e)).await?;
         let message =
             anthropic::assemble(events.iter().map(|e| &e[..])).map_err(|_| ApiError::Internal)?;
-        Ok(Json(message).into_response())
+        Ok(crate::http::with_cost(Json(message).into_response(), cost))
     }
     .await;
     let response = response.map(|r| with_dropped(r, &started.dropped));

@@ -52,9 +52,9 @@ async fn chat_completions(
         let mut reply = chat::Assembler::default();
         let max = state.max_reply_bytes;
         match relay::collect(opened, encoder, guard, max, |e| reply.push(&e)).await {
-            Ok(()) => reply
+            Ok(cost) => reply
                 .finish()
-                .map(|reply| Json(reply).into_response())
+                .map(|reply| crate::http::with_cost(Json(reply).into_response(), cost))
                 .map_err(|_| ApiError::Internal),
             Err(e) => Err(e),
         }

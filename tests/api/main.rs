@@ -30,5 +30,6 @@ mod resume;
 mod resume_shared;
 mod sdk;
 mod shared;
+mod spend;
 mod startup;
 mod support;

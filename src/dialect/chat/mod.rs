@@ -76,20 +76,22 @@ impl ChunkWriter {
         put(buf, self.tail);
     }
 
-    fn usage(&self, buf: &mut BytesMut, usage: Usage) {
+    /// The usage chunk: the counts, the upstream's details, and `cost` (USD) when the model
+    /// has a price (the field OpenRouter's clients read).
+    fn usage(&self, buf: &mut BytesMut, usage: Usage, cost: Option<f64>) {
         put(buf, &self.head);
         put(buf, "[],\"usage\":");
         let counts = json!(usage).to_string();
-        match &self.usage_details {
-            Some(details) => {
-                put(buf, counts.trim_end_matches('}'));
-                put(buf, ",");
-                put(buf, details);
-                put(buf, "}");
-            }
-            None => put(buf, &counts),
+        put(buf, counts.trim_end_matches('}'));
+        if let Some(details) = &self.usage_details {
+            put(buf, ",");
+            put(buf, details);
         }
-        put(buf, "}");
+        if let Some(cost) = cost {
+            put(buf, ",\"cost\":");
+            put(buf, &json!(cost).to_string());
+        }
+        put(buf, "}}");
     }
 }
 
@@ -155,7 +157,7 @@ impl crate::relay::Encoder for Encoder {
     fn end(&mut self, end: &End, out: &mut Out) {
         if self.include_usage {
             let writer = &self.writer;
-            out.event(None, |b| writer.usage(b, end.usage));
+            out.event(None, |b| writer.usage(b, end.usage, end.cost));
         }
         out.json(None, "[DONE]");
     }
@@ -438,10 +440,11 @@ mod tests {
         assert_eq!(chunk["model"], "m\"odel");
         assert_eq!(chunk["choices"][0]["delta"]["content"], "a\n\"b");
         assert!(chunk["usage"].is_null() && chunk.get("usage").is_some());
-        writer.usage(&mut buf, Usage::new(2, 3));
+        writer.usage(&mut buf, Usage::new(2, 3), Some(0.25));
         let usage: Value = serde_json::from_slice(&buf).must("JSON")?;
         assert_eq!(usage["choices"], json!([]));
         assert_eq!(usage["usage"]["total_tokens"], 5);
+        assert_eq!(usage["usage"]["cost"], 0.25);
         Ok(())
     }
 }

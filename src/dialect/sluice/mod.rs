@@ -53,12 +53,16 @@ impl crate::relay::Encoder for Encoder {
     }
 
     fn end(&mut self, end: &End, out: &mut Out) {
-        let done = json!({
+        let mut done = json!({
             "finish_reason": self.finish,
             "usage": end.usage,
             "ttft_ms": end.first_token.map(|d| d.as_millis() as u64),
             "duration_ms": end.duration.as_millis() as u64,
         });
+        // A model with no price has no `cost`: unpriced is not free.
+        if let Some(cost) = end.cost {
+            done["cost"] = json!(cost);
+        }
         out.json(Some("done"), &done.to_string());
     }
 
@@ -90,6 +94,7 @@ mod tests {
         encoder.event(Delta::Finish("stop".into()), &mut out);
         let end = End {
             usage: Usage::new(3, 1),
+            cost: Some(0.5),
             first_token: Some(Duration::from_millis(7)),
             duration: Duration::from_millis(9),
         };
@@ -112,6 +117,7 @@ mod tests {
         assert_eq!(done["finish_reason"], "stop");
         assert_eq!(done["usage"]["total_tokens"], 4);
         assert_eq!(done["ttft_ms"], 7);
+        assert_eq!(done["cost"], 0.5);
         Ok(())
     }
 
