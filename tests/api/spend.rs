@@ -191,3 +191,62 @@ async fn the_page_shows_what_a_priced_reply_cost() {
     assert!(meta.contains(" · $0.0"), "{meta}");
     client.close().await.expect("closes");
 }
+
+/// SIGHUP reads the price table again; a bad entry is refused, naming it, and the running
+/// table is kept.
+#[tokio::test]
+async fn a_reload_replaces_the_price_table_and_refuses_a_bad_one() {
+    use crate::startup::Running;
+    let path = config_file("[prices.mock]\ninput = 1\noutput = 1000\n");
+    let sluice = Running::start(&[("SLUICE_CONFIG", path.to_str().expect("a path"))]);
+    let cost = || async {
+        let events = all_events(
+            reqwest::Client::new()
+                .post(sluice.url("/api/chat"))
+                .json(&json!({"model": "mock", "prompt": "Hi"}))
+                .send()
+                .await
+                .expect("sluice answers"),
+        )
+        .await;
+        let done: Value = events
+            .iter()
+            .find(|e| e.event == "done")
+            .and_then(|e| serde_json::from_str(&e.data).ok())
+            .expect("a done event");
+        let tokens = |field: &str| done["usage"][field].as_f64().unwrap_or(-1.0);
+        (
+            done["cost"].as_f64(),
+            tokens("prompt_tokens"),
+            tokens("completion_tokens"),
+        )
+    };
+    let hangup = || {
+        let sent = std::process::Command::new("kill")
+            .args(["-HUP", &sluice.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success());
+    };
+    let (before, prompt, completion) = cost().await;
+    assert!(before.is_some_and(|c| close(c, (prompt + completion * 1000.0) / 1e6)));
+
+    std::fs::write(&path, "[prices.mock]\ninput = 1\noutput = 2000\n").expect("rewrite");
+    hangup();
+    assert!(
+        sluice
+            .line(|l| l.contains("configuration reloaded"))
+            .is_some()
+    );
+    let (after, prompt, completion) = cost().await;
+    assert!(after.is_some_and(|c| close(c, (prompt + completion * 2000.0) / 1e6)));
+
+    std::fs::write(&path, "[prices.mock]\ninput = -1\noutput = 2000\n").expect("rewrite");
+    hangup();
+    let refused = sluice
+        .line(|l| l.contains("not reloaded"))
+        .expect("a line saying why");
+    assert!(refused.contains("mock"), "{refused}");
+    let (kept, prompt, completion) = cost().await;
+    assert!(kept.is_some_and(|c| close(c, (prompt + completion * 2000.0) / 1e6)));
+}
