@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::{Arc, RwLock};
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
@@ -150,21 +151,15 @@ impl Prices {
                 .map(|(_, price)| *price)
         })
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.exact.is_empty() && self.patterns.is_empty()
-    }
 }
 
 /// The price table in force: read at start, replaced whole by a reload.
 #[derive(Clone, Default)]
-pub struct PriceTable(std::sync::Arc<std::sync::RwLock<std::sync::Arc<Prices>>>);
+pub struct PriceTable(Arc<RwLock<Arc<Prices>>>);
 
 impl PriceTable {
     pub fn new(prices: Prices) -> Self {
-        PriceTable(std::sync::Arc::new(std::sync::RwLock::new(
-            std::sync::Arc::new(prices),
-        )))
+        PriceTable(Arc::new(RwLock::new(Arc::new(prices))))
     }
 
     /// The price of `model` in the table as it stands.
@@ -173,7 +168,7 @@ impl PriceTable {
     }
 
     pub fn replace(&self, prices: Prices) {
-        *self.0.write().unwrap_or_else(|e| e.into_inner()) = std::sync::Arc::new(prices);
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(prices);
     }
 }
 

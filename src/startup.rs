@@ -344,12 +344,16 @@ fn table(
     Ok(named)
 }
 
-/// The key variable an upstream names (its own, else its route's) when it is not set.
-fn unset_key(spec: &ModelRoute, route: Option<&ModelRoute>) -> Option<String> {
-    let var = spec
-        .api_key_env
+/// The key variable an upstream names: its own, else its route's.
+fn key_var<'a>(spec: &'a ModelRoute, route: Option<&'a ModelRoute>) -> Option<&'a String> {
+    spec.api_key_env
         .as_ref()
-        .or_else(|| route.and_then(|r| r.api_key_env.as_ref()))?;
+        .or_else(|| route.and_then(|r| r.api_key_env.as_ref()))
+}
+
+/// The key variable an upstream names when it is not set.
+fn unset_key(spec: &ModelRoute, route: Option<&ModelRoute>) -> Option<String> {
+    let var = key_var(spec, route)?;
     (spec.backend != "mock" && std::env::var_os(var).is_none()).then(|| var.clone())
 }
 
@@ -421,10 +425,7 @@ fn target(
         .model
         .clone()
         .or_else(|| route.and_then(|r| r.model.clone()));
-    let key_env = spec
-        .api_key_env
-        .clone()
-        .or_else(|| route.and_then(|r| r.api_key_env.clone()));
+    let key_env = key_var(spec, route).cloned();
     let settled =
         |backend: Arc<dyn Backend>, model: Option<String>, identity: String, label: String| {
             let state = routes.target_state(&identity, &label);

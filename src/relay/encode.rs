@@ -294,7 +294,8 @@ fn steps<E: Encoder>(
             yield Err(error);
             return;
         }
-        if let Some((cell, spent)) = cost.zip(guard.cost()) {
+        let spent = guard.cost();
+        if let Some((cell, spent)) = cost.zip(spent) {
             let _ = cell.set(spent);
         }
         if relayed {
@@ -302,7 +303,7 @@ fn steps<E: Encoder>(
         }
         let end = End {
             usage: guard.usage(),
-            cost: guard.cost(),
+            cost: spent,
             first_token: guard.times.first,
             duration: guard.exchange.arrived().elapsed(),
         };

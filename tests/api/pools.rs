@@ -524,17 +524,10 @@ async fn sighup_reloads_the_routes_and_an_invalid_file_is_refused_naming_the_pro
             .filter_map(|m| m["id"].as_str().map(str::to_owned))
             .collect::<Vec<_>>()
     };
-    let hangup = || {
-        let sent = std::process::Command::new("kill")
-            .args(["-HUP", &sluice.child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(sent.success());
-    };
     assert!(models().await.contains(&"first".to_owned()));
 
     std::fs::write(&path, "[models.second]\nbackend = \"mock\"\n").expect("rewrite");
-    hangup();
+    sluice.hangup();
     assert!(
         sluice
             .line(|l| l.contains("configuration reloaded"))
@@ -547,7 +540,7 @@ async fn sighup_reloads_the_routes_and_an_invalid_file_is_refused_naming_the_pro
     );
 
     std::fs::write(&path, "[models.third]\nbackend = \"mock\"\nweight = 0\n").expect("rewrite");
-    hangup();
+    sluice.hangup();
     let refused = sluice
         .line(|l| l.contains("not reloaded"))
         .expect("a line saying why");

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::browser::{browser, js, start_driver};
+use crate::browser::{browser, start_driver};
 use crate::js::npm_installed;
 use crate::startup::{Running, sluice};
 use crate::support::skip_without;
@@ -472,7 +472,6 @@ async fn in_the_page(driver: &crate::browser::Driver, reader: &Reader, code: &st
         .execute_async(&script, vec![])
         .await
         .expect("the block runs");
-    let _ = js(&client, "1").await;
     let _ = client.close().await;
     out.as_str().unwrap_or_default().to_owned()
 }

@@ -221,18 +221,11 @@ async fn a_reload_replaces_the_price_table_and_refuses_a_bad_one() {
             tokens("completion_tokens"),
         )
     };
-    let hangup = || {
-        let sent = std::process::Command::new("kill")
-            .args(["-HUP", &sluice.child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(sent.success());
-    };
     let (before, prompt, completion) = cost().await;
     assert!(before.is_some_and(|c| close(c, (prompt + completion * 1000.0) / 1e6)));
 
     std::fs::write(&path, "[prices.mock]\ninput = 1\noutput = 2000\n").expect("rewrite");
-    hangup();
+    sluice.hangup();
     assert!(
         sluice
             .line(|l| l.contains("configuration reloaded"))
@@ -242,7 +235,7 @@ async fn a_reload_replaces_the_price_table_and_refuses_a_bad_one() {
     assert!(after.is_some_and(|c| close(c, (prompt + completion * 2000.0) / 1e6)));
 
     std::fs::write(&path, "[prices.mock]\ninput = -1\noutput = 2000\n").expect("rewrite");
-    hangup();
+    sluice.hangup();
     let refused = sluice
         .line(|l| l.contains("not reloaded"))
         .expect("a line saying why");

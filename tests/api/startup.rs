@@ -150,6 +150,15 @@ impl Running {
         format!("http://{}{path}", self.addr)
     }
 
+    /// Sends it SIGHUP: read the TOML config again.
+    pub(crate) fn hangup(&self) {
+        let sent = Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success());
+    }
+
     /// The first log line `matches` accepts, within a deadline.
     pub(crate) fn line(&self, matches: impl Fn(&str) -> bool) -> Option<String> {
         let deadline = Instant::now() + Duration::from_secs(10);

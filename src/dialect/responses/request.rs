@@ -388,7 +388,7 @@ fn tools(
     // told apart.
     let mut seen = std::collections::HashSet::new();
     for tool in &out {
-        let name = tool["function"]["name"].as_str().unwrap_or_default();
+        let name = chat_tool_name(tool).unwrap_or_default();
         if !seen.insert(name) {
             return Err(invalid(
                 format!(
@@ -400,6 +400,20 @@ fn tools(
         }
     }
     Ok(out)
+}
+
+/// The name of a chat tool this translation wrote.
+fn chat_tool_name(tool: &Value) -> Option<&str> {
+    tool["function"]["name"].as_str()
+}
+
+/// A tool an `allowed_tools` choice names: a function, perhaps of a namespace.
+#[derive(Deserialize)]
+struct AllowedTool {
+    name: String,
+    /// Not a string: no namespace, as before.
+    #[serde(default)]
+    namespace: Value,
 }
 
 /// `tool_choice` in chat terms, with the chat `tools` it may narrow (`allowed_tools`).
@@ -436,19 +450,13 @@ fn tool_choice(choice: &Value, offered: usize, tools: &mut Vec<Value>) -> Result
                 .and_then(Value::as_array)
                 .into_iter()
                 .flatten()
-                .filter_map(|t| {
-                    let name = t.get("name")?.as_str()?;
-                    Some(match t.get("namespace").and_then(Value::as_str) {
-                        Some(namespace) => flat_name(namespace, name),
-                        None => name.to_owned(),
-                    })
+                .filter_map(|t| AllowedTool::deserialize(t).ok())
+                .map(|t| match t.namespace.as_str() {
+                    Some(namespace) => flat_name(namespace, &t.name),
+                    None => t.name,
                 })
                 .collect();
-            tools.retain(|t| {
-                t["function"]["name"]
-                    .as_str()
-                    .is_some_and(|name| allowed.contains(name))
-            });
+            tools.retain(|t| chat_tool_name(t).is_some_and(|name| allowed.contains(name)));
             match o.get("mode").and_then(Value::as_str) {
                 Some("required") if tools.is_empty() => Err(none_left()),
                 Some("required") => Ok(json!("required")),

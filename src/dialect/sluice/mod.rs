@@ -4,7 +4,7 @@
 
 pub mod request;
 
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::backend::Delta;
 use crate::error::ApiError;
@@ -53,22 +53,36 @@ impl crate::relay::Encoder for Encoder {
     }
 
     fn end(&mut self, end: &End, out: &mut Out) {
-        let mut done = json!({
-            "finish_reason": self.finish,
-            "usage": end.usage,
-            "ttft_ms": end.first_token.map(|d| d.as_millis() as u64),
-            "duration_ms": end.duration.as_millis() as u64,
-        });
-        // A model with no price has no `cost`: unpriced is not free.
-        if let Some(cost) = end.cost {
-            done["cost"] = json!(cost);
-        }
-        out.json(Some("done"), &done.to_string());
+        let done = Done {
+            cost: end.cost,
+            duration_ms: end.duration.as_millis() as u64,
+            finish_reason: self.finish.as_deref(),
+            ttft_ms: end.first_token.map(|d| d.as_millis() as u64),
+            usage: json!(end.usage),
+        };
+        out.json(
+            Some("done"),
+            &serde_json::to_string(&done).unwrap_or_default(),
+        );
     }
 
     fn fail(&mut self, error: &ApiError, out: &mut Out) {
         self::error(error, out);
     }
+}
+
+/// The `done` event: how the reply ended, its usage and, when its model has a price, its
+/// cost (a model with none has no `cost`: unpriced is not free). Its fields in the order
+/// they have always been written: alphabetical.
+#[derive(serde::Serialize)]
+struct Done<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cost: Option<f64>,
+    duration_ms: u64,
+    finish_reason: Option<&'a str>,
+    ttft_ms: Option<u64>,
+    /// As a JSON object, so that its counts are alphabetical too.
+    usage: Value,
 }
 
 /// The `error` event that ends a stream: the OpenAI error body.
@@ -118,6 +132,15 @@ mod tests {
         assert_eq!(done["usage"]["total_tokens"], 4);
         assert_eq!(done["ttft_ms"], 7);
         assert_eq!(done["cost"], 0.5);
+        // Written as it always was: keys in alphabetical order, the counts' too.
+        assert!(
+            events[2].contains(
+                "{\"cost\":0.5,\"duration_ms\":9,\"finish_reason\":\"stop\",\"ttft_ms\":7,\
+                 \"usage\":{\"completion_tokens\":1,\"prompt_tokens\":3,\"total_tokens\":4}}"
+            ),
+            "{}",
+            events[2]
+        );
         Ok(())
     }
 
