@@ -31,7 +31,8 @@ use crate::state::AppState;
 /// 6. CORS, only for the origins in `SLUICE_CORS_ORIGINS` (none: same origin only);
 /// 7. body limit: a declared `Content-Length` over 1 MiB is refused (413) before anything
 ///    is read (so `Expect: 100-continue` gets no `100`), and a longer body while it is read;
-/// 8. the route's handler: parse and validate → route → backend → relay.
+/// 8. the route's handler: parse and validate → route → backend → relay (the `/admin`
+///    reports only when `SLUICE_ADMIN_KEY` is set).
 pub fn app(state: AppState) -> Router {
     let request_id = HeaderName::from_static("x-request-id");
     let cors = (!state.cors_origins.is_empty()).then(|| cors(&state.cors_origins));
@@ -69,7 +70,13 @@ pub fn app(state: AppState) -> Router {
         .layer(middleware::from_fn(declared_length))
         .layer(DefaultBodyLimit::max(BODY_LIMIT));
 
+    // The admin API exists only with its key: without it, its routes are 404s.
+    let admin = match &state.admin_key {
+        Some(_) => routes::admin::router(),
+        None => Router::new(),
+    };
     Router::new()
+        .merge(admin)
         .merge(routes::openai::router())
         .merge(routes::responses::router())
         .merge(routes::anthropic::router())

@@ -202,6 +202,27 @@ pub struct Config {
     )]
     pub metrics_token: Option<String>,
 
+    /// The ledger's database: `sqlite://path` (created when missing), `postgres://…` (what
+    /// several instances share), or `off`.
+    #[arg(
+        long,
+        env = "SLUICE_DATABASE_URL",
+        value_name = "SLUICE_DATABASE_URL",
+        default_value = "sqlite://sluice.db",
+        hide_env_values = true
+    )]
+    pub database_url: String,
+
+    /// Bearer key of the `/admin` API (reports); it cannot call inference. Unset: no admin
+    /// routes.
+    #[arg(
+        long,
+        env = "SLUICE_ADMIN_KEY",
+        value_name = "SLUICE_ADMIN_KEY",
+        hide_env_values = true
+    )]
+    pub admin_key: Option<String>,
+
     /// A JSON price file in the format of LiteLLM's `model_prices_and_context_window.json`
     /// (read at start and on reload, never fetched); the TOML config's `[prices]` win.
     #[arg(long, env = "SLUICE_PRICES", value_name = "SLUICE_PRICES")]

@@ -74,6 +74,13 @@ pub enum ApiError {
         "`/metrics` and `/readyz` want SLUICE_METRICS_TOKEN as `Authorization: Bearer <token>`."
     )]
     InvalidMetricsToken,
+    #[error("`/admin` wants SLUICE_ADMIN_KEY as `Authorization: Bearer <key>`.")]
+    InvalidAdminKey,
+    #[error("The admin key (SLUICE_ADMIN_KEY) cannot call inference: send one of sluice's keys.")]
+    AdminKeyForInference,
+    /// The ledger is off, or its database cannot be read.
+    #[error("{0}")]
+    LedgerUnavailable(String),
     /// The client is over one of its limits.
     #[error("{message}")]
     RateLimited {
@@ -186,7 +193,10 @@ impl ApiError {
             | ApiError::Restarting
             | ApiError::NoHealthyUpstream { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::PoolFull { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::InvalidApiKey | ApiError::InvalidMetricsToken => StatusCode::UNAUTHORIZED,
+            ApiError::InvalidApiKey
+            | ApiError::InvalidMetricsToken
+            | ApiError::InvalidAdminKey
+            | ApiError::AdminKeyForInference => StatusCode::UNAUTHORIZED,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -196,7 +206,9 @@ impl ApiError {
             ApiError::StreamRunning(_) | ApiError::StreamCancelled => StatusCode::CONFLICT,
             ApiError::StreamEventsGone(_) => StatusCode::GONE,
             ApiError::ProducerLost | ApiError::StreamEventsLost => StatusCode::BAD_GATEWAY,
-            ApiError::SharedLogUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::SharedLogUnavailable | ApiError::LedgerUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::StreamTooLarge(_) => StatusCode::INSUFFICIENT_STORAGE,
         }
     }
@@ -216,7 +228,10 @@ impl ApiError {
             ApiError::UpstreamRateLimited { .. }
             | ApiError::RateLimited { .. }
             | ApiError::PoolFull { .. } => "rate_limit_error",
-            ApiError::InvalidApiKey | ApiError::InvalidMetricsToken => "invalid_request_error",
+            ApiError::InvalidApiKey
+            | ApiError::InvalidMetricsToken
+            | ApiError::InvalidAdminKey
+            | ApiError::AdminKeyForInference => "invalid_request_error",
             // OpenAI's type for what fails on the server's side, whichever part failed.
             ApiError::Busy { .. }
             | ApiError::UpstreamAuth
@@ -233,6 +248,7 @@ impl ApiError {
             ApiError::ProducerLost
             | ApiError::StreamEventsLost
             | ApiError::SharedLogUnavailable
+            | ApiError::LedgerUnavailable(_)
             | ApiError::StreamTooLarge(_) => "server_error",
         }
     }
@@ -251,7 +267,10 @@ impl ApiError {
             ApiError::UpstreamFailed(_) => "upstream_failed",
             ApiError::UpstreamTimeout(_) => "upstream_timeout",
             ApiError::Overloaded { .. } => "model_overloaded",
-            ApiError::InvalidApiKey | ApiError::InvalidMetricsToken => "invalid_api_key",
+            ApiError::InvalidApiKey
+            | ApiError::InvalidMetricsToken
+            | ApiError::InvalidAdminKey
+            | ApiError::AdminKeyForInference => "invalid_api_key",
             ApiError::RateLimited { .. } => "rate_limit_exceeded",
             ApiError::Busy { .. } => "server_busy",
             ApiError::PoolFull { .. } => "model_at_capacity",
@@ -268,6 +287,7 @@ impl ApiError {
             ApiError::ProducerLost => "producer_lost",
             ApiError::StreamEventsLost => "stream_events_lost",
             ApiError::SharedLogUnavailable => "shared_log_unavailable",
+            ApiError::LedgerUnavailable(_) => "ledger_unavailable",
             ApiError::StreamTooLarge(_) => "stream_too_large",
         };
         Some(code.to_owned())
@@ -373,6 +393,7 @@ impl From<Refusal> for ApiError {
         let again = Duration::from_secs(1);
         match refusal {
             Refusal::InvalidKey => ApiError::InvalidApiKey,
+            Refusal::AdminKey => ApiError::AdminKeyForInference,
             Refusal::ModelNotAllowed(model) => ApiError::ModelNotFound(model),
             Refusal::Full { max_streams } => ApiError::Busy {
                 message: format!("sluice is at its limit of {max_streams} streams"),

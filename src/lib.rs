@@ -18,6 +18,7 @@
 //! Below them: `config`, `prices` (what tokens cost), `tokens`, `prompts`, `wake` (plain data and helpers), `link` (the
 //! Redis link, one server or a Cluster, that the shared parts use), `telemetry`
 //! (metrics, the per-request log record), `admission` (identity and limits, no HTTP),
+//! `ledger` (a record of every request in a database, written off the hot path),
 //! `error` (what a client is told), `http` (extractors, rate headers, the observing
 //! middleware); `state` is
 //! what a request carries, and `startup` the one place that builds it from `Config`.
@@ -30,6 +31,7 @@ pub mod dialect;
 pub mod dispatch;
 pub mod error;
 pub mod http;
+pub mod ledger;
 pub mod link;
 pub mod pipeline;
 pub mod prices;

@@ -185,7 +185,8 @@ impl Admitted {
             prompt_tokens,
             Bounds::of(sent_tokens, chat.max_tokens.unwrap_or(MAX_TOKENS)),
         )
-        .priced(state.prices.of(&chat.model));
+        .priced(state.prices.of(&chat.model))
+        .recorded(state.ledger.clone());
         // A target of the route's pool, waiting in its queue while every one is full.
         // A request still waiting when the shutdown grace period ends is told so.
         let queued = std::time::Instant::now();

@@ -33,6 +33,9 @@ pub struct Price {
 pub struct Details {
     /// Prompt tokens read from a cache (within `prompt_tokens`).
     pub cached: u32,
+    /// Prompt tokens written to a cache (within `prompt_tokens`): Anthropic's
+    /// `cache_creation_input_tokens`, relayed as `prompt_tokens_details.cache_write_tokens`.
+    pub cache_write: u32,
     /// Reply tokens spent reasoning (within `completion_tokens`).
     pub reasoning: u32,
 }
@@ -45,6 +48,8 @@ impl Details {
         struct Prompt {
             #[serde(default)]
             cached_tokens: Option<u32>,
+            #[serde(default)]
+            cache_write_tokens: Option<u32>,
         }
         #[derive(Deserialize, Default)]
         struct Completion {
@@ -59,11 +64,10 @@ impl Details {
             completion_tokens_details: Option<Completion>,
         }
         let fields: Fields = serde_json::from_str(&format!("{{{fields}}}")).unwrap_or_default();
+        let prompt = fields.prompt_tokens_details.unwrap_or_default();
         Details {
-            cached: fields
-                .prompt_tokens_details
-                .and_then(|p| p.cached_tokens)
-                .unwrap_or(0),
+            cached: prompt.cached_tokens.unwrap_or(0),
+            cache_write: prompt.cache_write_tokens.unwrap_or(0),
             reasoning: fields
                 .completion_tokens_details
                 .and_then(|c| c.reasoning_tokens)
@@ -76,10 +80,12 @@ impl Price {
     /// What `prompt` and `completion` tokens cost at this price, in USD.
     pub fn cost(&self, prompt: u32, completion: u32, details: Details) -> f64 {
         let cached = details.cached.min(prompt);
+        let written = details.cache_write.min(prompt - cached);
         let reasoning = details.reasoning.min(completion);
         let per_token = |tokens: u32, price: f64| f64::from(tokens) * price;
-        let micro = per_token(prompt - cached, self.input)
+        let micro = per_token(prompt - cached - written, self.input)
             + per_token(cached, self.cache_read.unwrap_or(self.input))
+            + per_token(written, self.cache_write.unwrap_or(self.input))
             + per_token(completion - reasoning, self.output)
             + per_token(reasoning, self.reasoning.unwrap_or(self.output));
         // Whole billionths of a dollar: no float noise in what a client reads.
@@ -263,9 +269,22 @@ mod tests {
         let details = Details {
             cached: 400,
             reasoning: 100,
+            ..Details::default()
         };
         let cost = gpt.cost(1000, 500, details);
         let expected = (600.0 * 2.0 + 400.0 * 0.5 + 400.0 * 8.0 + 100.0 * 10.0) / 1e6;
+        assert!((cost - expected).abs() < 1e-12, "{cost} vs {expected}");
+        // 300 of the prompt written to a cache, at its price.
+        let claude = Price {
+            cache_write: Some(3.75),
+            ..price(3.0, 15.0)
+        };
+        let written = Details {
+            cache_write: 300,
+            ..Details::default()
+        };
+        let cost = claude.cost(1000, 0, written);
+        let expected = (700.0 * 3.0 + 300.0 * 3.75) / 1e6;
         assert!((cost - expected).abs() < 1e-12, "{cost} vs {expected}");
         assert_eq!(price(3.0, 15.0).cost(0, 0, Details::default()), 0.0);
     }
@@ -298,12 +317,13 @@ mod tests {
     #[test]
     fn usage_details_name_cached_and_reasoning_tokens() {
         let details = Details::of_fields(
-            r#""prompt_tokens_details":{"cached_tokens":7},"completion_tokens_details":{"reasoning_tokens":3}"#,
+            r#""prompt_tokens_details":{"cached_tokens":7,"cache_write_tokens":2},"completion_tokens_details":{"reasoning_tokens":3}"#,
         );
         assert_eq!(
             details,
             Details {
                 cached: 7,
+                cache_write: 2,
                 reasoning: 3
             }
         );

@@ -143,9 +143,22 @@ impl AppState {
         )
         .context("SLUICE_REDIS_URL")?;
 
+        let admin_key = config
+            .admin_key
+            .as_deref()
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .map(Arc::<str>::from);
+        if let Some(key) = &admin_key {
+            admission.refuse_admin_key(key);
+        }
+        let ledger = ledger(config, &metrics);
+
         let closing = CancellationToken::new();
         Ok(AppState {
             streams,
+            ledger,
+            admin_key,
             admission,
             routes,
             config: Arc::new(config.clone()),
@@ -176,7 +189,25 @@ impl AppState {
     }
 }
 
-/// Clients' keys: `SLUICE_API_KEYS`, then the TOML config's with their own limits.
+/// The ledger on `SLUICE_DATABASE_URL`, unless it is `off`. A URL sluice cannot use does not
+/// stop it: serving matters more than the record, so the ledger queues and says why.
+fn ledger(config: &Config, metrics: &Metrics) -> Option<crate::ledger::Ledger> {
+    let url = config.database_url.trim();
+    if url.eq_ignore_ascii_case("off") {
+        tracing::info!("SLUICE_DATABASE_URL=off: no ledger of requests is kept");
+        return None;
+    }
+    Some(crate::ledger::Ledger::new(
+        url,
+        crate::ledger::Counters {
+            written: metrics.counter("sluice_ledger_records_written_total", &[]),
+            dropped: metrics.counter("sluice_ledger_records_dropped_total", &[]),
+            failed_writes: metrics.counter("sluice_ledger_write_errors_total", &[]),
+            queued: metrics.gauge("sluice_ledger_records_queued"),
+        },
+    ))
+}
+
 /// What the standard `OTEL_*` variables ask of OpenTelemetry.
 fn otel_settings(config: &Config) -> OtelSettings {
     OtelSettings {
@@ -194,6 +225,7 @@ fn otel_settings(config: &Config) -> OtelSettings {
     }
 }
 
+/// Clients' keys: `SLUICE_API_KEYS`, then the TOML config's with their own limits.
 fn keys(config: &Config, file: &FileConfig) -> anyhow::Result<Vec<ApiKey>> {
     let defaults = config.default_limits();
     let mut keys: Vec<ApiKey> = config

@@ -46,6 +46,10 @@ pub struct AppState {
     pub config_file: Option<std::path::PathBuf>,
     /// The file's stamp when it was read at start.
     pub config_stamp: Option<crate::config::Stamp>,
+    /// The record of every request, when `SLUICE_DATABASE_URL` is not `off`.
+    pub ledger: Option<crate::ledger::Ledger>,
+    /// `SLUICE_ADMIN_KEY`: the `/admin` routes exist only with it.
+    pub admin_key: Option<Arc<str>>,
     /// What each model's tokens cost.
     pub prices: crate::prices::PriceTable,
     /// The built-in mock model, which configured routes may name.

@@ -70,6 +70,8 @@ struct StoredKey {
 pub struct Principal {
     pub name: Arc<str>,
     policy: Arc<Policy>,
+    /// Whether `name` is a key's (else it is the client's address: sluice has no keys).
+    pub keyed: bool,
 }
 
 impl Principal {
@@ -106,6 +108,8 @@ pub struct Admission {
     readers: Mutex<HashMap<Arc<str>, u32>>,
     global_streams: AtomicUsize,
     global_max: usize,
+    /// The digest of `SLUICE_ADMIN_KEY`, which inference refuses.
+    admin: std::sync::OnceLock<[u8; 32]>,
 }
 
 impl Admission {
@@ -143,7 +147,13 @@ impl Admission {
             readers: Mutex::default(),
             global_streams: AtomicUsize::new(0),
             global_max,
+            admin: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// `key` is the admin key: inference refuses it, keys or not.
+    pub fn refuse_admin_key(&self, key: &str) {
+        let _ = self.admin.set(Sha256::digest(key.as_bytes()).into());
     }
 
     /// The principal of a request: its key when keys are configured, else its IP.
@@ -156,11 +166,18 @@ impl Admission {
         peer: Option<IpAddr>,
     ) -> Result<Principal, Refusal> {
         let keys = self.keys();
+        if let (Some(admin), Some(presented)) = (self.admin.get(), key) {
+            let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+            if bool::from(admin.ct_eq(&digest)) {
+                return Err(Refusal::AdminKey);
+            }
+        }
         if keys.is_empty() {
             let ip = self.client_ip(forwarded_for, peer);
             return Ok(Principal {
                 name: ip.map_or_else(|| "unknown".into(), |ip| client_name(ip).into()),
                 policy: self.default_policy.clone(),
+                keyed: false,
             });
         }
         let presented = key.ok_or(Refusal::InvalidKey)?;
@@ -176,6 +193,7 @@ impl Admission {
         Ok(Principal {
             name: key.name.clone(),
             policy: key.policy.clone(),
+            keyed: true,
         })
     }
 
@@ -769,6 +787,8 @@ impl Drop for Reader {
 pub enum Refusal {
     /// No key, or a key sluice does not know.
     InvalidKey,
+    /// The admin key, which cannot call inference.
+    AdminKey,
     /// The key may not use this model.
     ModelNotAllowed(String),
     /// sluice as a whole has `max_streams` open.

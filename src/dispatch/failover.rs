@@ -67,6 +67,7 @@ pub fn upstream(
                 attempt.model.clone_from(model);
             }
             let target_label = target.model.as_deref().unwrap_or(&label);
+            exchange.set_target(target.state.name.clone(), &attempt.model);
             // The attempt's meter and, with OpenTelemetry, its span, named upstream.
             let mut call = metrics.upstream_call(
                 Call {

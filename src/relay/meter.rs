@@ -1,9 +1,11 @@
 //! The meter of one stream: what it delivered, its usage, and how it ended. Dropping it
-//! records the outcome (a stream dropped before it finished was cancelled) and settles the
-//! client's token reservation to what was really used.
+//! records the outcome (a stream dropped before it finished was cancelled), settles the
+//! client's token reservation to what was really used, counts the spend, and hands the
+//! request's record to the ledger.
 
 use crate::admission::Permit;
 use crate::backend::{BackendError, Usage};
+use crate::ledger::Ledger;
 use crate::prices::{Details, Price};
 use crate::telemetry::{Exchange, Metrics, Outcome, TokenTimes};
 
@@ -26,6 +28,8 @@ pub struct StreamGuard {
     price: Option<Price>,
     /// The upstream's cached and reasoning tokens, when it said.
     pub(super) details: Details,
+    /// Where the request's record goes when the stream ends.
+    ledger: Option<Ledger>,
 }
 
 /// The most usage an upstream may report for a request: a count past these is not what it
@@ -70,6 +74,22 @@ impl StreamGuard {
             outcome: None,
             price: None,
             details: Details::default(),
+            ledger: None,
+        }
+    }
+
+    /// The stream's record goes to `ledger` when it ends.
+    pub fn recorded(mut self, ledger: Option<Ledger>) -> Self {
+        self.ledger = ledger;
+        self
+    }
+
+    /// The upstream's details, when its own counts are the usage.
+    fn reported_details(&self) -> Details {
+        if self.reported.is_some() {
+            self.details
+        } else {
+            Details::default()
         }
     }
 
@@ -83,11 +103,7 @@ impl StreamGuard {
     /// the model has no price.
     pub fn cost(&self) -> Option<f64> {
         let usage = self.usage();
-        let details = if self.reported.is_some() {
-            self.details
-        } else {
-            Details::default()
-        };
+        let details = self.reported_details();
         self.price
             .map(|p| p.cost(usage.prompt_tokens, usage.completion_tokens, details))
     }
@@ -126,9 +142,11 @@ impl Drop for StreamGuard {
     fn drop(&mut self) {
         let outcome = self.outcome.unwrap_or(Outcome::Cancelled);
         let usage = self.usage();
+        let details = self.reported_details();
+        let cost = self.cost();
         // A cancelled stream is charged what it delivered; a failed one, what it used.
         self.permit.settle(usage.total_tokens);
-        self.exchange.ended(outcome, self.times.first, usage);
+        self.exchange.ended(outcome, self.times.first, usage, cost);
         self.metrics.stream_ended(
             outcome,
             &self.model,
@@ -137,5 +155,25 @@ impl Drop for StreamGuard {
             &self.times,
             self.exchange.arrived().elapsed(),
         );
+        self.metrics.spent(
+            &self.exchange.key_label(),
+            &self.model,
+            usage,
+            details,
+            cost,
+        );
+        if let Some(ledger) = &self.ledger {
+            let cached = details.cached.min(usage.prompt_tokens);
+            ledger.record(crate::ledger::Record {
+                input_tokens: i64::from(usage.prompt_tokens),
+                cached_tokens: i64::from(cached),
+                cache_write_tokens: i64::from(
+                    details.cache_write.min(usage.prompt_tokens - cached),
+                ),
+                output_tokens: i64::from(usage.completion_tokens),
+                reasoning_tokens: i64::from(details.reasoning.min(usage.completion_tokens)),
+                ..self.exchange.ledger_record()
+            });
+        }
     }
 }

@@ -26,7 +26,8 @@ async fn healthz() -> Json<Value> {
 /// The configuration loaded at start-up, so a running sluice is ready (200) whatever its
 /// upstreams do; each upstream is reported reachable or not, with why, so one that is down
 /// shows here without taking sluice out of a load balancer. Probes are shared and reused
-/// for a few seconds: asking often costs the upstreams nothing more.
+/// for a few seconds: asking often costs the upstreams nothing more. The ledger is reported
+/// the same way: a database that is down leaves sluice ready, its records queued.
 async fn readyz(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -39,6 +40,8 @@ async fn readyz(
         "models": state.routes.model_names(),
         "upstreams": *upstreams,
         "pools": state.routes.report(&state.metrics, state.metrics_token.is_some()),
+        // Serving goes on while the ledger's database is down: it says so here.
+        "ledger": state.ledger.as_ref().map(crate::ledger::Ledger::status),
     })))
 }
 

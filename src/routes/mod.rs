@@ -1,6 +1,7 @@
 //! The HTTP surfaces, one module each: each parses its wire format, hands the request to
 //! the pipeline and answers with its encoder. Here: the 404/405 fallbacks they share.
 
+pub mod admin;
 pub mod anthropic;
 pub mod chat;
 pub mod health;

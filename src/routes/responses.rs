@@ -229,7 +229,8 @@ async fn create(
                 None => events.collect().await,
             };
             let reply = snapshot(logged.iter().map(|e| &e[..])).ok_or(ApiError::Internal)?;
-            return Ok(Json(reply).into_response());
+            let cost = reply["usage"]["cost"].as_f64();
+            return Ok(crate::http::with_cost(Json(reply).into_response(), cost));
         }
         Ok(match slot {
             Some(slot) => {

@@ -88,6 +88,19 @@ pub async fn serve(
     tokio::spawn(async move { tokio::join!(admission, metrics, catalogue, reloads) });
     state.streams.spawn_shared(upkeep.clone());
     let _upkeep = upkeep.drop_guard();
+    // The ledger's writer outlives the connections: it stops last, once the streams' ends
+    // are queued, and writes what is queued within the grace period (at least two seconds).
+    let flush = grace.max(Duration::from_secs(2));
+    let stop_ledger = CancellationToken::new();
+    let ledger = state
+        .ledger
+        .as_ref()
+        .and_then(|ledger| ledger.writer(stop_ledger.clone(), flush));
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "the ledger's writer: records reach the database off every request's path; it ends after the connections, flushing"
+    )]
+    let ledger = ledger.map(tokio::spawn);
 
     let settings = state.server.clone();
     let counters = Counters {
@@ -187,17 +200,25 @@ pub async fn serve(
     );
     stopping.cancel();
     tracker.close();
-    tokio::select! {
-        () = tracker.wait() => return Ok(()),
-        () = tokio::time::sleep(grace) => {}
+    let finished = tokio::select! {
+        () = tracker.wait() => true,
+        () = tokio::time::sleep(grace) => false,
+    };
+    if !finished {
+        tracing::warn!("grace period over: ending open streams with `server_restarting`");
+        closing.cancel();
+        if tokio::time::timeout(Duration::from_secs(1), tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "connections still open one second after the grace period: leaving them"
+            );
+        }
     }
-    tracing::warn!("grace period over: ending open streams with `server_restarting`");
-    closing.cancel();
-    if tokio::time::timeout(Duration::from_secs(1), tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("connections still open one second after the grace period: leaving them");
+    stop_ledger.cancel();
+    if let Some(writer) = ledger {
+        let _ = tokio::time::timeout(flush + Duration::from_secs(1), writer).await;
     }
     Ok(())
 }

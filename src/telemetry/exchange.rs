@@ -3,7 +3,7 @@
 //! when the last of them lets go.
 
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use opentelemetry::Context;
 use opentelemetry::trace::{SpanContext, Status, TraceContextExt as _};
@@ -19,6 +19,8 @@ pub struct Exchange(Arc<ExchangeInner>);
 
 struct ExchangeInner {
     arrived: Instant,
+    /// The same moment on the wall clock, for the ledger.
+    wall: SystemTime,
     request_id: String,
     method: String,
     path: String,
@@ -32,7 +34,14 @@ struct Record {
     route: Option<String>,
     status: Option<u16>,
     key: Option<Arc<str>>,
+    /// Whether `key` is a key's name (else the client's address: sluice has no keys).
+    keyed: bool,
     model: Option<String>,
+    /// The target that served the request (the last one tried), and its name for the model.
+    target: Option<Arc<str>>,
+    served: Option<String>,
+    /// What the request cost, when its model has a price.
+    cost: Option<f64>,
     /// The model's metric label, once admitted.
     label: Option<String>,
     outcome: Option<Outcome>,
@@ -58,6 +67,7 @@ impl Exchange {
     pub fn new(request_id: String, method: String, path: String, span: Option<Context>) -> Self {
         Exchange(Arc::new(ExchangeInner {
             arrived: Instant::now(),
+            wall: SystemTime::now(),
             request_id,
             method,
             path,
@@ -143,9 +153,30 @@ impl Exchange {
         self.0.record.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The client's key name (or address), once identified.
-    pub fn set_key(&self, key: Arc<str>) {
-        self.record().key = Some(key);
+    /// The client's key name (or address, when `keyed` is false), once identified.
+    pub fn set_key(&self, key: Arc<str>, keyed: bool) {
+        let mut record = self.record();
+        record.key = Some(key);
+        record.keyed = keyed;
+    }
+
+    /// The client as a metric labels it: its key's name, or `open` (addresses are not a
+    /// bounded set).
+    pub fn key_label(&self) -> Arc<str> {
+        let record = self.record();
+        match &record.key {
+            Some(key) if record.keyed => key.clone(),
+            _ => Arc::from("open"),
+        }
+    }
+
+    /// An attempt went to `target`, which knows the model as `served`.
+    pub fn set_target(&self, target: Arc<str>, served: &str) {
+        let mut record = self.record();
+        record.target = Some(target);
+        if record.served.as_deref() != Some(served) {
+            record.served = Some(served.to_owned());
+        }
     }
 
     /// The model asked for, once it is known to route somewhere.
@@ -164,12 +195,42 @@ impl Exchange {
         record.error = Some(error.to_string());
     }
 
-    /// How the chat stream ended.
-    pub fn ended(&self, outcome: Outcome, ttft: Option<Duration>, usage: Usage) {
+    /// How the chat stream ended, and what it cost.
+    pub fn ended(&self, outcome: Outcome, ttft: Option<Duration>, usage: Usage, cost: Option<f64>) {
         let mut record = self.record();
         record.outcome = Some(outcome);
         record.ttft = ttft;
         record.usage = Some(usage);
+        record.cost = cost;
+    }
+
+    /// The ledger's record of the request as it stands: who, where, which model, how it
+    /// ended (after [`Exchange::ended`]); the tokens are the meter's to fill in.
+    pub fn ledger_record(&self) -> crate::ledger::Record {
+        let r = self.record();
+        let at_ms = self
+            .0
+            .wall
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        crate::ledger::Record {
+            request_id: self.0.request_id.clone(),
+            at_ms,
+            key: r.key.as_deref().unwrap_or("unknown").to_owned(),
+            route: r.route.clone().unwrap_or_else(|| self.0.path.clone()),
+            model: r.model.clone().unwrap_or_default(),
+            served_model: r.served.clone(),
+            target: r.target.as_deref().map(str::to_owned),
+            api: r.chat.map_or("sluice", |(provider, _)| provider).to_owned(),
+            stream_id: r.stream.clone(),
+            outcome: r.outcome.unwrap_or(Outcome::Cancelled).as_str().to_owned(),
+            error: r.error.as_deref().map(|e| e.chars().take(512).collect()),
+            cost_usd: r.cost,
+            ttft_ms: r.ttft.map(|d| d.as_secs_f64() * 1000.0),
+            duration_ms: self.0.arrived.elapsed().as_secs_f64() * 1000.0,
+            trace_id: self.span().and_then(ids).map(|(trace, _)| trace),
+            ..Default::default()
+        }
     }
 
     /// The stream the request started, or the stored one it read or stopped: logged only
@@ -219,6 +280,7 @@ impl Drop for ExchangeInner {
                     ttft_ms = r.ttft.map(|d| d.as_secs_f64() * 1000.0),
                     prompt_tokens = r.usage.map(|_| usage.prompt_tokens),
                     completion_tokens = r.usage.map(|_| usage.completion_tokens),
+                    cost_usd = r.cost,
                     fallbacks = r.fallbacks,
                     error = r.error.as_deref(),
                     duration_ms = self.arrived.elapsed().as_secs_f64() * 1000.0,
@@ -294,6 +356,9 @@ fn end_span(cx: &Context, method: &str, route: &str, r: &Record) {
                     "gen_ai.usage.output_tokens",
                     i64::from(usage.completion_tokens),
                 ));
+            }
+            if let Some(cost) = r.cost {
+                span.set_attribute(kv("sluice.usage.cost_usd", cost));
             }
             if let Some(ttft) = r.ttft {
                 span.set_attribute(kv(

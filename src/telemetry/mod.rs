@@ -79,6 +79,20 @@ impl Outcome {
     }
 }
 
+/// A key's name and a model's label.
+type SpendKey = (Arc<str>, String);
+
+/// The spend series of one key and model.
+struct Spend {
+    usd: Gauge,
+    input: Counter,
+    output: Counter,
+    cached: Counter,
+    cache_write: Counter,
+    reasoning: Counter,
+    unpriced: Counter,
+}
+
 /// Buckets for latencies a person notices: first token, whole upstream requests.
 const HUMAN_SECONDS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
@@ -159,6 +173,8 @@ struct Inner {
     idle_closed: Counter,
     /// Each model's series, registered once: a stream's end takes one lookup, not four.
     per_model: Mutex<std::collections::HashMap<String, Arc<ModelSeries>>>,
+    /// The spend series of each key and model label.
+    spend: Mutex<std::collections::HashMap<SpendKey, Arc<Spend>>>,
     /// The request fields a translation left out, by name: the first few dozen names seen
     /// are labels of their own, the rest `other` (names come from clients' requests).
     dropped: Mutex<std::collections::HashMap<String, Counter>>,
@@ -304,6 +320,36 @@ impl Metrics {
             "sluice_streams_not_resumable_total",
             "Streams that asked to be resumable but were served directly: no log memory left, or Redis unreachable.",
         );
+        describe(
+            "sluice_tokens_total",
+            "Tokens of chat requests by key (its name; `open` when sluice has no keys), model and type: input, output, and of those cached (read from a cache), cache_write and reasoning.",
+        );
+        describe(
+            "sluice_unpriced_requests_total",
+            "Chat requests whose model has no price: their cost is unknown, not zero.",
+        );
+        describe(
+            "sluice_ledger_records_written_total",
+            "Ledger records the database took.",
+        );
+        describe(
+            "sluice_ledger_records_dropped_total",
+            "Ledger records dropped because the queue for a slow or stopped database was full.",
+        );
+        describe(
+            "sluice_ledger_write_errors_total",
+            "Batches of ledger records the database refused or could not take (retried).",
+        );
+        recorder.describe_gauge(
+            "sluice_spend_usd_total".into(),
+            None,
+            "USD spent by key and model, from the price table (a running total, kept as a gauge: counters count whole numbers).".into(),
+        );
+        recorder.describe_gauge(
+            "sluice_ledger_records_queued".into(),
+            None,
+            "Ledger records waiting for the database.".into(),
+        );
         recorder.describe_gauge(
             "sluice_stream_log_bytes".into(),
             None,
@@ -344,6 +390,7 @@ impl Metrics {
             accept_errors: counter("sluice_accept_errors_total", vec![]),
             idle_closed: counter("sluice_idle_connections_closed_total", vec![]),
             per_model: Mutex::default(),
+            spend: Mutex::default(),
             dropped: Mutex::default(),
             genai: Mutex::default(),
             otel,
@@ -536,6 +583,54 @@ impl Metrics {
                 attrs.push(otel::kv("error.type", error));
             }
             otel.server_duration.record(duration.as_secs_f64(), &attrs);
+        }
+    }
+
+    /// What a chat request spent: its tokens by type and its cost, by key and model (both
+    /// bounded labels); a request of a model with no price is counted as unpriced.
+    pub fn spent(
+        &self,
+        key: &Arc<str>,
+        model: &str,
+        usage: Usage,
+        details: crate::prices::Details,
+        cost: Option<f64>,
+    ) {
+        let series = {
+            let mut known = self.0.spend.lock().unwrap_or_else(|e| e.into_inner());
+            known
+                .entry((key.clone(), model.to_owned()))
+                .or_insert_with(|| {
+                    let tokens = |kind| {
+                        self.counter(
+                            "sluice_tokens_total",
+                            &[("key", key), ("model", model), ("type", kind)],
+                        )
+                    };
+                    Arc::new(Spend {
+                        usd: self.0.recorder.register_gauge(
+                            &Self::key("sluice_spend_usd_total", &[("key", key), ("model", model)]),
+                            &META,
+                        ),
+                        input: tokens("input"),
+                        output: tokens("output"),
+                        cached: tokens("cached"),
+                        cache_write: tokens("cache_write"),
+                        reasoning: tokens("reasoning"),
+                        unpriced: self
+                            .counter("sluice_unpriced_requests_total", &[("model", model)]),
+                    })
+                })
+                .clone()
+        };
+        series.input.increment(u64::from(usage.prompt_tokens));
+        series.output.increment(u64::from(usage.completion_tokens));
+        series.cached.increment(u64::from(details.cached));
+        series.cache_write.increment(u64::from(details.cache_write));
+        series.reasoning.increment(u64::from(details.reasoning));
+        match cost {
+            Some(cost) => series.usd.increment(cost),
+            None => series.unpriced.increment(1),
         }
     }
 

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 pub(crate) fn sluice(vars: &[(&str, &str)]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_sluice"));
     command.env_clear().current_dir(env!("CARGO_MANIFEST_DIR"));
+    // No ledger file in the checkout unless a test names one.
+    command.env("SLUICE_DATABASE_URL", "off");
     for (name, value) in vars {
         command.env(name, value);
     }
@@ -157,6 +159,27 @@ impl Running {
             .status()
             .expect("kill runs");
         assert!(sent.success());
+    }
+
+    /// Sends it SIGTERM and waits (within a deadline) until it has exited: what it logged
+    /// meanwhile is in [`Running::line`].
+    pub(crate) fn terminate(&mut self) -> std::process::ExitStatus {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waits") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sluice did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The first log line `matches` accepts, within a deadline.

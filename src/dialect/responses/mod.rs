@@ -441,7 +441,11 @@ impl crate::relay::Encoder for Encoder {
 
     fn end(&mut self, end: &End, out: &mut Out) {
         self.close(out);
-        let usage = usage(end.usage, self.details.as_deref());
+        let mut usage = usage(end.usage, self.details.as_deref());
+        // What it cost, as a chat completion's usage says it (`cost`, USD), when priced.
+        if let Some(cost) = end.cost {
+            usage["cost"] = json!(cost);
+        }
         if self.finish.as_deref() == Some("length") {
             let mut object = self.meta.object("incomplete", &self.output, usage);
             object["incomplete_details"] = json!({"reason": "max_output_tokens"});

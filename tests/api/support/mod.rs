@@ -52,6 +52,9 @@ impl TestApp {
         config.trusted_proxies = Vec::new();
         config.redis_url = None;
         config.redis_failure = "open".into();
+        // No ledger unless a test asks for one (tests/api/ledger.rs).
+        config.database_url = "off".into();
+        config.admin_key = None;
         config.mock_tokens_per_s = 0.0;
         config.connect_timeout_ms = 10_000;
         config.first_token_timeout_ms = 60_000;
