@@ -115,6 +115,8 @@ fn main() -> anyhow::Result<()> {
 
 async fn instance(addr: &str, upstream: &str, redis: &str, ttl: &str) -> anyhow::Result<()> {
     let mut config = sluice::Config::defaults();
+    // No ledger: what is measured here is the stream.
+    config.database_url = "off".into();
     config.redis_url = Some(redis.to_owned());
     config.openai_base_url = Some(format!("http://{upstream}/v1"));
     config.openai_api_key = Some("sk-chaos".into());

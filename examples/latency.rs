@@ -86,6 +86,8 @@ async fn serve_upstream() -> (String, Upstream) {
 
 async fn serve_sluice(upstream: &str) -> String {
     let mut config = sluice::Config::defaults();
+    // No ledger: what is measured here is the stream.
+    config.database_url = "off".into();
     config.openai_base_url = Some(upstream.to_owned());
     // Over 600 requests in a minute: the default request rate would refuse some.
     config.rpm = 1_000_000;

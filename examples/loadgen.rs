@@ -14,6 +14,9 @@
 //!                                                           # format; BIN: another sluice too
 //!     cargo run --release --example loadgen -- otel         # CPU per chunk with and without
 //!                                                           # an OpenTelemetry exporter
+//!     cargo run --release --example loadgen -- ledger       # CPU per chunk and RSS with the
+//!                                                           # ledger off, on SQLite, on
+//!                                                           # PostgreSQL; records/s each takes
 //!
 //! Separate processes, so each one's CPU is its own: this driver (the clients), a fast fake
 //! OpenAI upstream and sluice (both this same binary, started with `upstream` / `sluice`),
@@ -44,6 +47,8 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 
+#[path = "common/postgres.rs"]
+mod postgres;
 #[path = "common/proc.rs"]
 mod proc;
 #[path = "common/redis.rs"]
@@ -89,8 +94,12 @@ fn main() -> anyhow::Result<()> {
     let runtime = builder.enable_all().build()?;
     match args.first().map(String::as_str) {
         Some("upstream") => runtime.block_on(upstream()),
-        Some("sluice") => runtime.block_on(sluice(&args[1], args.get(2).cloned(), None)),
-        Some("sluice-otel") => runtime.block_on(sluice(&args[1], None, args.get(2).cloned())),
+        Some("sluice") => runtime.block_on(sluice(&args[1], args.get(2).cloned(), None, None)),
+        Some("sluice-otel") => runtime.block_on(sluice(&args[1], None, args.get(2).cloned(), None)),
+        Some("sluice-ledger") => {
+            runtime.block_on(sluice(&args[1], None, None, args.get(2).cloned()))
+        }
+        Some("ledger") => runtime.block_on(ledger()),
         Some("otel") => runtime.block_on(otel()),
         Some("resumable") => runtime.block_on(resumable()),
         Some("dialects") => runtime.block_on(dialects(args.get(1).cloned())),
@@ -200,8 +209,15 @@ async fn answer(
 // ---------------------------------------------------------------------------------------
 // sluice, in front of the upstream, with limits out of the way.
 
-async fn sluice(upstream: &str, redis: Option<String>, otel: Option<String>) -> anyhow::Result<()> {
+async fn sluice(
+    upstream: &str,
+    redis: Option<String>,
+    otel: Option<String>,
+    database: Option<String>,
+) -> anyhow::Result<()> {
     let mut config = sluice::Config::defaults();
+    // No ledger but where one is measured (`ledger`).
+    config.database_url = database.unwrap_or_else(|| "off".into());
     config.redis_url = redis;
     // Every request traced (sample ratio 1.0), exported as it would be in production.
     config.otel_endpoint = otel;
@@ -934,6 +950,162 @@ async fn otel() -> anyhow::Result<()> {
         serde_json::to_vec_pretty(&rows)?,
     )?;
     Ok(())
+}
+
+/// What the ledger costs: 1,000 streams x 20 tokens/s through three sluices side by side
+/// (ledger off; on SQLite; on PostgreSQL, when Debian's server is installed), passes
+/// interleaved: CPU per chunk and RSS after each pass; then the records per second each
+/// database takes, written in the ledger's batches, and each sluice's count of what it wrote.
+async fn ledger() -> anyhow::Result<()> {
+    raise_fd_limit();
+    let pg = postgres::Postgres::start();
+    if pg.is_none() {
+        eprintln!("PostgreSQL is not installed (Debian's postgresql): measured without it");
+    }
+    std::fs::create_dir_all("target/loadgen")?;
+    let sqlite_path = std::env::current_dir()?.join("target/loadgen/ledger.db");
+    for end in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{end}", sqlite_path.display()));
+    }
+    let sqlite_url = format!("sqlite://{}", sqlite_path.display());
+    let upstream = Proc::start(&["upstream"])?;
+    let mut paths = vec![
+        ("ledger off", Proc::start(&["sluice", &upstream.addr])?),
+        (
+            "ledger on SQLite",
+            Proc::start(&["sluice-ledger", &upstream.addr, &sqlite_url])?,
+        ),
+    ];
+    if let Some(pg) = &pg {
+        paths.push((
+            "ledger on PostgreSQL",
+            Proc::start(&["sluice-ledger", &upstream.addr, &pg.url()])?,
+        ));
+    }
+    let (c, model) = (1_000, "load-40-50");
+    // More passes than elsewhere: the difference sought is a few per cent.
+    let passes = 2 * REPEATS;
+    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+    let mut rss: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+    let (mut chunks, mut errors) = (vec![0usize; paths.len()], vec![0usize; paths.len()]);
+    for _ in 0..passes {
+        for (i, (_, gateway)) in paths.iter().enumerate() {
+            let pid = gateway.pid().to_string();
+            let before = cpu_s(&pid);
+            let pass = phase_with(
+                &gateway.addr,
+                "/v1/chat/completions",
+                c,
+                model,
+                std::slice::from_ref(&pid),
+                false,
+            )
+            .await;
+            // The ledger writes a pass's records a moment after its last stream ends.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            cpu[i].push((cpu_s(&pid) - before) / pass.chunks.len().max(1) as f64);
+            rss[i].push(rss_kib(&pid) as f64 / 1024.0);
+            chunks[i] += pass.chunks.len();
+            errors[i] += pass.errors;
+        }
+    }
+    println!(
+        "1,000 streams x 20 tokens/s (40 tokens each), /v1/chat/completions, {passes} passes each, interleaved\n"
+    );
+    println!(
+        "| sluice | chunks | errors | CPU µs / chunk (median) | vs off | RSS MiB (median) | records written |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let medians: Vec<f64> = cpu.into_iter().map(median).collect();
+    let mut rows = Vec::new();
+    for (i, (name, gateway)) in paths.iter().enumerate() {
+        let ratio = medians[i] / medians[0];
+        let rss = median(rss[i].clone());
+        let written = metric(&gateway.addr, "sluice_ledger_records_written_total").await;
+        println!(
+            "| {name} | {} | {} | {:.2} | {ratio:.3}x | {rss:.0} | {written} |",
+            chunks[i],
+            errors[i],
+            medians[i] * 1e6
+        );
+        rows.push(
+            json!({"sluice": name, "chunks": chunks[i], "errors": errors[i],
+            "cpu_us_per_chunk": medians[i] * 1e6, "vs_off": ratio, "rss_mib": rss,
+            "records_written": written}),
+        );
+    }
+
+    // The write rate: records in the ledger's batches (256), one after another.
+    let mut rates = vec![("SQLite", sqlite_url.clone())];
+    if let Some(pg) = &pg {
+        rates.push(("PostgreSQL", pg.url()));
+    }
+    println!("\n| database | records | seconds | records / s |");
+    println!("|---|---|---|---|");
+    for (name, url) in rates {
+        let db = sluice::ledger::Db::open(&url).await?;
+        let n = 50_000;
+        let started = Instant::now();
+        for batch in 0..n / 250 {
+            let records: Vec<sluice::ledger::Record> = (0..250)
+                .map(|i| sluice::ledger::Record {
+                    id: format!("rate-{batch}-{i}-{}", now_ns()),
+                    request_id: format!("{batch}-{i}"),
+                    at_ms: (now_ns() / 1_000_000) as i64,
+                    key: "loadgen".into(),
+                    route: "/v1/chat/completions".into(),
+                    model: model.into(),
+                    api: "openai".into(),
+                    outcome: "completed".into(),
+                    input_tokens: 12,
+                    output_tokens: 40,
+                    duration_ms: 2000.0,
+                    ..Default::default()
+                })
+                .collect();
+            db.insert("loadgen", &records).await?;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        println!(
+            "| {name} | {n} | {seconds:.2} | {:.0} |",
+            n as f64 / seconds
+        );
+        rows.push(json!({"database": name, "records": n, "seconds": seconds,
+            "records_per_s": n as f64 / seconds}));
+    }
+    std::fs::write(
+        "target/loadgen/ledger.json",
+        serde_json::to_vec_pretty(&rows)?,
+    )?;
+    Ok(())
+}
+
+/// One series' value in the `/metrics` of the sluice at `addr` (0 when absent).
+async fn metric(addr: &str, series: &str) -> f64 {
+    let Ok(tcp) = tokio::net::TcpStream::connect(addr).await else {
+        return 0.0;
+    };
+    let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await
+    else {
+        return 0.0;
+    };
+    let driver = tokio::spawn(conn);
+    let request = Request::get("/metrics")
+        .header("host", addr)
+        .body(Full::new(Bytes::new()));
+    let mut value = 0.0;
+    if let Ok(request) = request
+        && let Ok(response) = sender.send_request(request).await
+        && let Ok(body) = response.into_body().collect().await
+    {
+        let text = String::from_utf8_lossy(&body.to_bytes()).into_owned();
+        value = text
+            .lines()
+            .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0.0);
+    }
+    driver.abort();
+    value
 }
 
 /// A collector that takes OTLP/HTTP exports and counts them (exports, bytes).

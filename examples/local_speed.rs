@@ -58,6 +58,8 @@ fn median(mut xs: Vec<f64>) -> f64 {
 
 async fn through_sluice(runs: usize, tokens: usize) -> (Vec<Duration>, Vec<f64>) {
     let mut config = sluice::Config::defaults();
+    // No ledger: what is measured here is the stream.
+    config.database_url = "off".into();
     config.local_model = Some(WEIGHTS.into());
     let state = sluice::AppState::build(&config).expect("config");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

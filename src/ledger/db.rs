@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use sqlx::postgres::{PgPool, PgPoolOptions};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 use sqlx::{QueryBuilder, Row};
 
 use super::Record;
@@ -54,9 +56,15 @@ impl Db {
             let options = SqliteConnectOptions::from_str(&format!("sqlite:{rest}"))?
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
+                // In WAL mode a commit survives sluice's crash; only the system's crash
+                // may lose the last ones, and each commit does not wait on the disk.
+                .synchronous(SqliteSynchronous::Normal)
+                // The ledger appends and reports scan: a small page cache serves both
+                // (SQLite's default is 2 MiB a connection, in sluice's memory).
+                .pragma("cache_size", "-512")
                 .busy_timeout(ACQUIRE);
             let pool = SqlitePoolOptions::new()
-                .max_connections(4)
+                .max_connections(2)
                 .acquire_timeout(ACQUIRE)
                 .connect_with(options)
                 .await
@@ -64,7 +72,7 @@ impl Db {
             Db::Sqlite(pool)
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let pool = PgPoolOptions::new()
-                .max_connections(4)
+                .max_connections(2)
                 .acquire_timeout(ACQUIRE)
                 .connect(url)
                 .await
@@ -107,7 +115,9 @@ impl Db {
                     .push_bind(r.trace_id.clone());
             });
             query.push(" ON CONFLICT (id) DO NOTHING");
-            query.build().execute(pool).await?;
+            // Not kept prepared: each batch size is its own statement of thousands of
+            // parameters, and a cache of them would hold memory for nothing.
+            query.build().persistent(false).execute(pool).await?;
         });
         Ok(())
     }

@@ -23,6 +23,8 @@ use tokio_util::sync::CancellationToken;
 pub const QUEUE: usize = 100_000;
 /// Records written in one statement at most.
 const BATCH: usize = 256;
+/// How long the first record of a batch waits for others.
+const LINGER: Duration = Duration::from_millis(100);
 /// The longest wait between attempts on a database that failed.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
@@ -237,6 +239,14 @@ impl Writer {
                     biased;
                     () = stop.cancelled() => break,
                     n = self.queue.recv_many(&mut self.batch, BATCH) => if n == 0 { break },
+                }
+                // Records come as streams end, one at a time: waiting a moment for those
+                // that follow makes one commit of many (a commit costs far more than a row).
+                if self.batch.len() < BATCH {
+                    tokio::select! {
+                        () = stop.cancelled() => {}
+                        () = tokio::time::sleep(LINGER) => {}
+                    }
                 }
             }
             while self.batch.len() < BATCH

@@ -131,7 +131,8 @@ async fn usage(
         unpriced: 0,
     };
     let mut data = Vec::with_capacity(rows.len());
-    for row in rows {
+    for mut row in rows {
+        row.cost_usd = (row.cost_usd * 1e9).round() / 1e9;
         total.requests += row.requests;
         total.input_tokens += row.input_tokens;
         total.cached_tokens += row.cached_tokens;
