@@ -209,7 +209,24 @@ pub struct Reader {
     blocks: Vec<Option<u64>>,
     calls: u64,
     input_tokens: u32,
+    /// Prompt tokens read from, and written to, the upstream's cache (not in `input_tokens`).
+    cache: (u32, u32),
     finish: Option<&'static str>,
+}
+
+/// The prompt tokens an Anthropic usage object counts apart from `input_tokens`: those read
+/// from its cache and those written to it, when it says.
+pub fn cache_tokens(usage: &Value) -> Option<(u32, u32)> {
+    let read = usage["cache_read_input_tokens"].as_u64();
+    let written = usage["cache_creation_input_tokens"].as_u64();
+    (read.is_some() || written.is_some())
+        .then(|| (clamp(read.unwrap_or(0)), clamp(written.unwrap_or(0))))
+}
+
+/// The usage fields that carry `cache` as chat completions say it (`cached_tokens`, and
+/// `cache_write_tokens` for what was written).
+pub fn cache_details((read, written): (u32, u32)) -> String {
+    format!(r#""prompt_tokens_details":{{"cached_tokens":{read},"cache_write_tokens":{written}}}"#)
 }
 
 fn clamp(n: u64) -> u32 {
@@ -231,6 +248,7 @@ impl Reader {
             "message_start" => {
                 let usage = &event["message"]["usage"];
                 self.input_tokens = clamp(usage["input_tokens"].as_u64().unwrap_or(0));
+                self.cache = cache_tokens(usage).unwrap_or_default();
             }
             "content_block_start" => {
                 let block = &event["content_block"];
@@ -294,8 +312,20 @@ impl Reader {
                 if let Some(input) = usage["input_tokens"].as_u64() {
                     self.input_tokens = clamp(input);
                 }
+                if let Some(cache) = cache_tokens(usage) {
+                    self.cache = cache;
+                }
                 if let Some(output) = usage["output_tokens"].as_u64() {
-                    ready.push(Delta::Usage(Usage::new(self.input_tokens, clamp(output))));
+                    // The whole prompt, as chat completions count it, cached parts within.
+                    let (read, written) = self.cache;
+                    if read > 0 || written > 0 {
+                        ready.push(Delta::UsageDetails(cache_details(self.cache).into()));
+                    }
+                    let prompt = self
+                        .input_tokens
+                        .saturating_add(read)
+                        .saturating_add(written);
+                    ready.push(Delta::Usage(Usage::new(prompt, clamp(output))));
                 }
             }
             "message_stop" => ready.push(Delta::Finish(self.finish.unwrap_or("stop").into())),
@@ -308,5 +338,33 @@ impl Reader {
             _ => {}
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cached_prompt_is_counted_whole_with_its_cached_parts_named() {
+        let mut reader = Reader::default();
+        let mut ready = Vec::new();
+        let start = json!({"type": "message_start", "message": {"usage": {"input_tokens": 9,
+            "cache_read_input_tokens": 100, "cache_creation_input_tokens": 20}}});
+        let delta = json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+            "usage": {"output_tokens": 4}});
+        for event in [start, delta] {
+            let kind = event["type"].as_str().unwrap_or_default().to_owned();
+            assert!(reader.translate(&kind, &event, &mut ready).is_ok());
+        }
+        assert_eq!(
+            ready,
+            [
+                Delta::UsageDetails(cache_details((100, 20)).into()),
+                Delta::Usage(Usage::new(129, 4)),
+            ]
+        );
+        let details = crate::prices::Details::of_fields(&cache_details((100, 20)));
+        assert_eq!((details.cached, details.cache_write), (100, 20));
     }
 }

@@ -15,6 +15,7 @@ pub mod mock;
 pub mod openai;
 mod responses;
 pub mod sse;
+pub use messages::cache_tokens as anthropic_cache_tokens;
 
 use std::pin::Pin;
 use std::time::Duration;

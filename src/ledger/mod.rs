@@ -151,6 +151,14 @@ impl Ledger {
         lock(&self.0.db).clone()
     }
 
+    /// Why the database cannot take records, while it cannot.
+    pub fn error(&self) -> Option<String> {
+        match &*lock(&self.0.state) {
+            State::Down { error, .. } => Some(error.clone()),
+            _ => None,
+        }
+    }
+
     /// The ledger as `/readyz` shows it.
     pub fn status(&self) -> serde_json::Value {
         let state = lock(&self.0.state).clone();

@@ -158,6 +158,8 @@ pub struct Relayed {
     pub text: bool,
     /// The usage it reports, whole.
     pub usage: Option<Usage>,
+    /// The parts of that usage priced apart (cached prompt tokens…), when it says.
+    pub details: Option<crate::prices::Details>,
     /// It ends the upstream's reply: completed, or failed with this message.
     pub ended: Option<Result<(), String>>,
 }
@@ -242,6 +244,9 @@ fn steps<E: Encoder>(
                     }
                     if let Some(usage) = seen.usage {
                         guard.reported = Some(usage);
+                    }
+                    if let Some(details) = seen.details {
+                        guard.details = details;
                     }
                     if let Some(end) = seen.ended {
                         ended = true;

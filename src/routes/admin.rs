@@ -91,8 +91,7 @@ async fn db(state: &AppState) -> Result<Db, ApiError> {
         ApiError::LedgerUnavailable("the ledger is off (SLUICE_DATABASE_URL=off)".into())
     })?;
     ledger.db().await.ok_or_else(|| {
-        let status = ledger.status();
-        let why = status["error"].as_str().unwrap_or("not connected yet");
+        let why = ledger.error().unwrap_or_else(|| "not connected yet".into());
         ApiError::LedgerUnavailable(format!("the ledger's database cannot be read: {why}"))
     })
 }

@@ -78,6 +78,9 @@ pub struct Encoder {
     finish: Option<String>,
     /// A relayed message's input tokens, from its `message_start`.
     relayed_input: Option<u32>,
+    /// A relayed message's prompt tokens read from and written to the cache (counted apart
+    /// from its input tokens).
+    relayed_cache: Option<(u32, u32)>,
 }
 
 /// Writes event `name` with `data`.
@@ -94,7 +97,24 @@ impl Encoder {
             next: 0,
             finish: None,
             relayed_input: None,
+            relayed_cache: None,
         }
+    }
+
+    /// A relayed message's whole prompt: its input tokens and those of its cache.
+    fn whole_prompt(&self, input: u32) -> u32 {
+        let (read, written) = self.relayed_cache.unwrap_or_default();
+        input.saturating_add(read).saturating_add(written)
+    }
+
+    /// The cached parts of a relayed message's prompt, priced apart.
+    fn relayed_details(&self) -> Option<crate::prices::Details> {
+        self.relayed_cache
+            .map(|(cached, cache_write)| crate::prices::Details {
+                cached,
+                cache_write,
+                reasoning: 0,
+            })
     }
 
     fn stop(&mut self, out: &mut Out) {
@@ -283,9 +303,12 @@ impl crate::relay::Encoder for Encoder {
                 if event["message"].is_object() {
                     id_at = Some("/message/id");
                 }
-                if let Some(input) = clamp(&event["message"]["usage"]["input_tokens"]) {
+                let usage = &event["message"]["usage"];
+                self.relayed_cache = crate::backend::anthropic_cache_tokens(usage);
+                if let Some(input) = clamp(&usage["input_tokens"]) {
                     self.relayed_input = Some(input);
-                    seen.usage = Some(Usage::new(input, 0));
+                    seen.usage = Some(Usage::new(self.whole_prompt(input), 0));
+                    seen.details = self.relayed_details();
                 }
             }
             "content_block_delta" if event["delta"]["type"] == "text_delta" => seen.text = true,
@@ -293,8 +316,12 @@ impl crate::relay::Encoder for Encoder {
                 let input = clamp(&event["usage"]["input_tokens"])
                     .or(self.relayed_input)
                     .unwrap_or(0);
+                if let Some(cache) = crate::backend::anthropic_cache_tokens(&event["usage"]) {
+                    self.relayed_cache = Some(cache);
+                }
                 if let Some(output) = clamp(&event["usage"]["output_tokens"]) {
-                    seen.usage = Some(Usage::new(input, output));
+                    seen.usage = Some(Usage::new(self.whole_prompt(input), output));
+                    seen.details = self.relayed_details();
                 }
             }
             "message_stop" => seen.ended = Some(Ok(())),
@@ -531,5 +558,25 @@ mod tests {
         assert!(events[1].ends_with(format!("data: {signature}\n\n").as_bytes()));
         assert!(events[3].starts_with(b"id: 4\nevent: error\n"));
         Ok(())
+    }
+
+    #[test]
+    fn a_relayed_prompt_counts_its_cached_tokens_and_prices_them_apart() {
+        let mut encoder = encoder();
+        let mut out = Out::new();
+        let start = r#"{"type":"message_start","message":{"id":"msg_up","usage":{"input_tokens":9,"cache_read_input_tokens":100,"cache_creation_input_tokens":20,"output_tokens":1}}}"#;
+        let seen = encoder.relay(start, &mut out);
+        assert_eq!(seen.usage, Some(Usage::new(129, 0)));
+        let delta = r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":4}}"#;
+        let seen = encoder.relay(delta, &mut out);
+        assert_eq!(seen.usage, Some(Usage::new(129, 4)));
+        assert_eq!(
+            seen.details,
+            Some(crate::prices::Details {
+                cached: 100,
+                cache_write: 20,
+                reasoning: 0
+            })
+        );
     }
 }
