@@ -58,6 +58,14 @@ impl AppState {
         let file = FileConfig::at(config_file.as_deref())?;
         let defaults = config.default_limits();
         let keys = keys(config, &file)?;
+        if let Some(admin) = config.admin_key.as_deref().map(str::trim)
+            && let Some(key) = keys.iter().find(|k| k.secret == admin)
+        {
+            anyhow::bail!(
+                "SLUICE_ADMIN_KEY is also the inference key {:?}: the admin key must be a key of its own",
+                key.name
+            );
+        }
         let link = match &config.redis_url {
             Some(urls) => Some(crate::link::Link::open(urls).context("SLUICE_REDIS_URL")?),
             None => None,

@@ -38,6 +38,13 @@ fn a_bad_value_stops_start_up_naming_the_variable() {
     );
     fails_naming(&[("SLUICE_LOG", "info,[[[")], "SLUICE_LOG");
     fails_naming(
+        &[
+            ("SLUICE_API_KEYS", "sk-a,sk-b"),
+            ("SLUICE_ADMIN_KEY", "sk-b"),
+        ],
+        "SLUICE_ADMIN_KEY",
+    );
+    fails_naming(
         &[("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318")],
         "OTEL_EXPORTER_OTLP_ENDPOINT",
     );
