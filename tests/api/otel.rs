@@ -93,7 +93,8 @@ fn requests() -> Vec<(&'static str, &'static str, Value)> {
 async fn each_api_s_stream_is_a_server_span_over_a_client_span_whose_traceparent_went_upstream() {
     let upstream = FakeUpstream::spawn().await;
     let collector = Collector::spawn().await;
-    let app = traced(&upstream, &collector, |_| {}).await;
+    let prices = config_file("[prices.\"gpt-test\"]\ninput = 2\noutput = 8\n");
+    let app = traced(&upstream, &collector, |c| c.config = Some(prices)).await;
     for (n, (path, provider, body)) in requests().into_iter().enumerate() {
         let (traceparent, trace, parent) = client_context(n as u8);
         let response = app
@@ -154,6 +155,12 @@ async fn each_api_s_stream_is_a_server_span_over_a_client_span_whose_traceparent
         assert_eq!(flag(server, "gen_ai.request.stream"), Some(true), "{path}");
         assert_eq!(int(server, "gen_ai.usage.input_tokens"), Some(11), "{path}");
         assert_eq!(int(server, "gen_ai.usage.output_tokens"), Some(5), "{path}");
+        // What the request cost: 11 tokens in at $2/M, 5 out at $8/M.
+        assert_eq!(
+            float(server, "sluice.usage.cost_usd"),
+            Some(0.000062),
+            "{path}"
+        );
         assert_eq!(
             texts(server, "gen_ai.response.finish_reasons"),
             Some(vec!["stop".to_owned()]),
