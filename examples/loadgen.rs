@@ -879,6 +879,25 @@ async fn dialects(other: Option<String>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One pass of `c` streams of `model` through `gateway` on /v1/chat/completions: its CPU
+/// per chunk (what it spent until `settle` after the pass), and the pass.
+async fn cpu_pass(gateway: &Proc, c: usize, model: &str, settle: Duration) -> (f64, Phase) {
+    let pid = gateway.pid().to_string();
+    let before = cpu_s(&pid);
+    let pass = phase_with(
+        &gateway.addr,
+        "/v1/chat/completions",
+        c,
+        model,
+        std::slice::from_ref(&pid),
+        false,
+    )
+    .await;
+    tokio::time::sleep(settle).await;
+    let cpu = (cpu_s(&pid) - before) / pass.chunks.len().max(1) as f64;
+    (cpu, pass)
+}
+
 /// What OpenTelemetry costs: 1,000 streams x 20 tokens/s through two sluices side by side,
 /// one without an exporter and one tracing every request (sample ratio 1.0) to a collector
 /// (a sink in this process that counts what it is sent), passes interleaved; sluice's CPU
@@ -898,18 +917,8 @@ async fn otel() -> anyhow::Result<()> {
     let (mut chunks, mut errors) = (vec![0usize; paths.len()], vec![0usize; paths.len()]);
     for _ in 0..REPEATS {
         for (i, (_, gateway)) in paths.iter().enumerate() {
-            let pid = gateway.pid().to_string();
-            let before = cpu_s(&pid);
-            let pass = phase_with(
-                &gateway.addr,
-                "/v1/chat/completions",
-                c,
-                model,
-                std::slice::from_ref(&pid),
-                false,
-            )
-            .await;
-            per_pass[i].push((cpu_s(&pid) - before) / pass.chunks.len().max(1) as f64);
+            let (cpu, pass) = cpu_pass(gateway, c, model, Duration::ZERO).await;
+            per_pass[i].push(cpu);
             chunks[i] += pass.chunks.len();
             errors[i] += pass.errors;
         }
@@ -990,21 +999,10 @@ async fn ledger() -> anyhow::Result<()> {
     let (mut chunks, mut errors) = (vec![0usize; paths.len()], vec![0usize; paths.len()]);
     for _ in 0..passes {
         for (i, (_, gateway)) in paths.iter().enumerate() {
-            let pid = gateway.pid().to_string();
-            let before = cpu_s(&pid);
-            let pass = phase_with(
-                &gateway.addr,
-                "/v1/chat/completions",
-                c,
-                model,
-                std::slice::from_ref(&pid),
-                false,
-            )
-            .await;
             // The ledger writes a pass's records a moment after its last stream ends.
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            cpu[i].push((cpu_s(&pid) - before) / pass.chunks.len().max(1) as f64);
-            rss[i].push(rss_kib(&pid) as f64 / 1024.0);
+            let (per_chunk, pass) = cpu_pass(gateway, c, model, Duration::from_millis(500)).await;
+            cpu[i].push(per_chunk);
+            rss[i].push(rss_kib(&gateway.pid().to_string()) as f64 / 1024.0);
             chunks[i] += pass.chunks.len();
             errors[i] += pass.errors;
         }
