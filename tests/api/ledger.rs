@@ -204,7 +204,7 @@ async fn every_way_a_mock_reply_ends_is_recorded_once_at_its_price() {
     let url = sqlite_url();
     let app = app_on(&url, None, |c| {
         c.mock_tokens_per_s = 200.0;
-        c.idle_timeout_ms = 500;
+        c.idle_timeout_ms = 2_000;
     })
     .await;
     let chat = |stream: bool| {
@@ -368,7 +368,7 @@ async fn a_reply_cut_after_ten_tokens_costs_what_was_generated() {
 async fn the_same_request_costs_the_same_on_every_api_streamed_or_not() {
     let upstream = FakeUpstream::spawn().await;
     let url = sqlite_url();
-    let app = app_on(&url, Some(&upstream), |c| c.idle_timeout_ms = 500).await;
+    let app = app_on(&url, Some(&upstream), |c| c.idle_timeout_ms = 2_000).await;
     let message = [json!({"role": "user", "content": "Hi"})];
     // The fake upstream reports 11 prompt and 5 completion tokens.
     let expected = (11.0 * 2.0 + 5.0 * 8.0) / 1e6;
