@@ -1049,7 +1049,7 @@ async fn ledger() -> anyhow::Result<()> {
                 .map(|i| sluice::ledger::Record {
                     id: format!("rate-{batch}-{i}-{}", now_ns()),
                     request_id: format!("{batch}-{i}"),
-                    at_ms: (now_ns() / 1_000_000) as i64,
+                    at_us: (now_ns() / 1_000) as i64,
                     key: "loadgen".into(),
                     route: "/v1/chat/completions".into(),
                     model: model.into(),

@@ -5,8 +5,8 @@ CREATE TABLE IF NOT EXISTS requests (
     -- sluice's own id for the record (a request's x-request-id may come from its client).
     id TEXT PRIMARY KEY,
     request_id TEXT NOT NULL,
-    -- When the request arrived: milliseconds since 1970-01-01 UTC.
-    at_ms BIGINT NOT NULL,
+    -- When the request arrived: microseconds since 1970-01-01 UTC.
+    at_us BIGINT NOT NULL,
     -- The instance that served it (its host name and process id).
     instance TEXT NOT NULL,
     -- The key's name (sluice with no keys: the client's address), and its team.
@@ -34,5 +34,5 @@ CREATE TABLE IF NOT EXISTS requests (
     duration_ms DOUBLE PRECISION NOT NULL,
     trace_id TEXT
 );
-CREATE INDEX IF NOT EXISTS requests_at ON requests (at_ms, id);
-CREATE INDEX IF NOT EXISTS requests_key_at ON requests (key_name, at_ms);
+CREATE INDEX IF NOT EXISTS requests_at ON requests (at_us, id);
+CREATE INDEX IF NOT EXISTS requests_key_at ON requests (key_name, at_us);

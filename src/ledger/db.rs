@@ -38,7 +38,7 @@ macro_rules! on {
 }
 
 /// The columns a record fills, in order.
-const COLUMNS: &str = "id, request_id, at_ms, instance, key_name, team, route, model, served_model, \
+const COLUMNS: &str = "id, request_id, at_us, instance, key_name, team, route, model, served_model, \
      target, api, stream_id, outcome, error, input_tokens, cached_tokens, cache_write_tokens, \
      output_tokens, reasoning_tokens, cost_usd, ttft_ms, duration_ms, trace_id";
 
@@ -92,7 +92,7 @@ impl Db {
             query.push_values(records, |mut row, r| {
                 row.push_bind(r.id.clone())
                     .push_bind(r.request_id.clone())
-                    .push_bind(r.at_ms)
+                    .push_bind(r.at_us)
                     .push_bind(instance.to_owned())
                     .push_bind(r.key.clone())
                     .push_bind(r.team.clone())
@@ -143,7 +143,7 @@ impl Db {
              CAST(COALESCE(SUM(reasoning_tokens), 0) AS BIGINT) AS reasoning_tokens, \
              CAST(COALESCE(SUM(cost_usd), 0) AS DOUBLE PRECISION) AS cost_usd, \
              CAST(SUM(CASE WHEN cost_usd IS NULL THEN 1 ELSE 0 END) AS BIGINT) AS unpriced \
-             FROM requests WHERE at_ms >= $1 AND at_ms < $2",
+             FROM requests WHERE at_us >= $1 AND at_us < $2",
         );
         if filter.key.is_some() {
             sql.push_str(" AND key_name = $3");
@@ -154,7 +154,7 @@ impl Db {
         }
         let usage = on!(self, pool => {
             // Built from constants and the whitelisted columns of `Grouped`; values are bound.
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql.as_str())).bind(filter.from_ms).bind(filter.to_ms);
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql.as_str())).bind(filter.from_us).bind(filter.to_us);
             if let Some(key) = &filter.key {
                 query = query.bind(key.clone());
             }
@@ -196,7 +196,7 @@ impl Db {
         limit: i64,
     ) -> anyhow::Result<Vec<(Record, String)>> {
         let mut sql =
-            format!("SELECT {COLUMNS}, instance FROM requests WHERE at_ms >= $1 AND at_ms < $2");
+            format!("SELECT {COLUMNS}, instance FROM requests WHERE at_us >= $1 AND at_us < $2");
         let mut n = 2;
         if filter.key.is_some() {
             n += 1;
@@ -205,15 +205,15 @@ impl Db {
         if after.is_some() {
             n += 1;
             sql.push_str(&format!(
-                " AND (at_ms < (SELECT at_ms FROM requests WHERE id = ${n}) \
-                 OR (at_ms = (SELECT at_ms FROM requests WHERE id = ${n}) AND id < ${n}))"
+                " AND (at_us < (SELECT at_us FROM requests WHERE id = ${n}) \
+                 OR (at_us = (SELECT at_us FROM requests WHERE id = ${n}) AND id < ${n}))"
             ));
         }
         n += 1;
-        sql.push_str(&format!(" ORDER BY at_ms DESC, id DESC LIMIT ${n}"));
+        sql.push_str(&format!(" ORDER BY at_us DESC, id DESC LIMIT ${n}"));
         let records = on!(self, pool => {
             // Built from constants and the whitelisted columns of `Grouped`; values are bound.
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql.as_str())).bind(filter.from_ms).bind(filter.to_ms);
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql.as_str())).bind(filter.from_us).bind(filter.to_us);
             if let Some(key) = &filter.key {
                 query = query.bind(key.clone());
             }
@@ -226,7 +226,7 @@ impl Db {
                     let record = Record {
                         id: row.try_get("id")?,
                         request_id: row.try_get("request_id")?,
-                        at_ms: row.try_get("at_ms")?,
+                        at_us: row.try_get("at_us")?,
                         key: row.try_get("key_name")?,
                         team: row.try_get("team")?,
                         route: row.try_get("route")?,

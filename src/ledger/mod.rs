@@ -34,8 +34,9 @@ pub struct Record {
     /// sluice's own id for the record (a request's `x-request-id` may be its client's).
     pub id: String,
     pub request_id: String,
-    /// When the request arrived, in milliseconds since 1970-01-01 UTC.
-    pub at_ms: i64,
+    /// When the request arrived, in microseconds since 1970-01-01 UTC (requests a moment
+    /// apart keep their order).
+    pub at_us: i64,
     /// The key's name, or the client's address when sluice has no keys.
     pub key: String,
     pub team: Option<String>,
@@ -269,6 +270,13 @@ impl Writer {
                 continue;
             }
             // Down: the records wait while the database does.
+            let held = self.batch.len();
+            self.ledger.0.holding.store(held as u64, Ordering::Relaxed);
+            self.ledger
+                .0
+                .counters
+                .queued
+                .set((self.queue.len() + held) as f64);
             self.backoff = (self.backoff * 2).clamp(Duration::from_millis(100), MAX_BACKOFF);
             tokio::select! {
                 () = stop.cancelled() => break,

@@ -7,14 +7,14 @@ use time::format_description::well_known::Rfc3339;
 use time::macros::format_description;
 use time::{Date, OffsetDateTime, Time};
 
-/// Milliseconds in a day.
-const DAY_MS: i64 = 86_400_000;
+/// Microseconds in a day.
+const DAY_US: i64 = 86_400_000_000;
 
-/// Records from `from_ms` (included) to `to_ms` (excluded), of one key when given.
+/// Records from `from_us` (included) to `to_us` (excluded), in microseconds since 1970,, of one key when given.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Filter {
-    pub from_ms: i64,
-    pub to_ms: i64,
+    pub from_us: i64,
+    pub to_us: i64,
     pub key: Option<String>,
 }
 
@@ -26,17 +26,17 @@ impl Filter {
         to: Option<&str>,
         key: Option<&str>,
     ) -> Result<Filter, String> {
-        let from_ms = match from {
+        let from_us = match from {
             Some(from) => instant(from, false).ok_or_else(|| bad("from", from))?,
             None => i64::MIN,
         };
-        let to_ms = match to {
+        let to_us = match to {
             Some(to) => instant(to, true).ok_or_else(|| bad("to", to))?,
             None => i64::MAX,
         };
         Ok(Filter {
-            from_ms,
-            to_ms,
+            from_us,
+            to_us,
             key: key.map(str::to_owned),
         })
     }
@@ -49,7 +49,7 @@ fn bad(name: &str, value: &str) -> String {
     )
 }
 
-/// Milliseconds since 1970 of a date (its start, or with `end` the next day's) or a time.
+/// Microseconds since 1970 of a date (its start, or with `end` the next day's) or a time.
 fn instant(text: &str, end: bool) -> Option<i64> {
     let at = if let Ok(date) = Date::parse(text, format_description!("[year]-[month]-[day]")) {
         let day = date.with_time(Time::MIDNIGHT).assume_utc();
@@ -57,7 +57,7 @@ fn instant(text: &str, end: bool) -> Option<i64> {
     } else {
         OffsetDateTime::parse(text, &Rfc3339).ok()?
     };
-    i64::try_from(at.unix_timestamp_nanos() / 1_000_000).ok()
+    i64::try_from(at.unix_timestamp_nanos() / 1_000).ok()
 }
 
 /// A column usage may be grouped by.
@@ -128,21 +128,21 @@ impl Grouped {
             Grouped::Api => "api",
             Grouped::Outcome => "outcome",
             Grouped::Instance => "instance",
-            Grouped::Day => "(at_ms / 86400000)",
+            Grouped::Day => "(at_us / 86400000000)",
         }
     }
 }
 
 /// The date of a day number (days since 1970-01-01, UTC).
 pub fn day(days: i64) -> String {
-    OffsetDateTime::from_unix_timestamp(days.saturating_mul(DAY_MS / 1000))
+    OffsetDateTime::from_unix_timestamp(days.saturating_mul(DAY_US / 1_000_000))
         .map(|at| at.date().to_string())
         .unwrap_or_default()
 }
 
-/// An RFC 3339 time of milliseconds since 1970.
-pub fn rfc3339(ms: i64) -> String {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+/// An RFC 3339 time of microseconds since 1970.
+pub fn rfc3339(us: i64) -> String {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1_000)
         .ok()
         .and_then(|at| at.format(&Rfc3339).ok())
         .unwrap_or_default()
@@ -171,11 +171,11 @@ mod tests {
     #[test]
     fn dates_and_times_bound_a_report() {
         let f = Filter::parse(Some("2026-12-01"), Some("2026-12-01"), None).expect("parses");
-        assert_eq!(f.to_ms - f.from_ms, DAY_MS);
-        assert_eq!(day(f.from_ms / DAY_MS), "2026-12-01");
+        assert_eq!(f.to_us - f.from_us, DAY_US);
+        assert_eq!(day(f.from_us / DAY_US), "2026-12-01");
         let f = Filter::parse(Some("2026-12-01T09:00:00Z"), None, Some("k")).expect("parses");
-        assert_eq!(rfc3339(f.from_ms), "2026-12-01T09:00:00Z");
-        assert_eq!(f.to_ms, i64::MAX);
+        assert_eq!(rfc3339(f.from_us), "2026-12-01T09:00:00Z");
+        assert_eq!(f.to_us, i64::MAX);
         assert!(Filter::parse(Some("yesterday"), None, None).is_err());
         assert!(Filter::parse(None, Some("2026-13-01"), None).is_err());
     }

@@ -194,7 +194,7 @@ async fn requests(
     let data: Vec<Value> = records
         .into_iter()
         .map(|(record, instance)| {
-            let time = report::rfc3339(record.at_ms);
+            let time = report::rfc3339(record.at_us);
             let mut value = json!(record);
             if let Value::Object(object) = &mut value {
                 object.insert("object".into(), json!("sluice.request"));

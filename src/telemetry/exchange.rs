@@ -208,14 +208,14 @@ impl Exchange {
     /// ended (after [`Exchange::ended`]); the tokens are the meter's to fill in.
     pub fn ledger_record(&self) -> crate::ledger::Record {
         let r = self.record();
-        let at_ms = self
+        let at_us = self
             .0
             .wall
             .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+            .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
         crate::ledger::Record {
             request_id: self.0.request_id.clone(),
-            at_ms,
+            at_us,
             key: r.key.as_deref().unwrap_or("unknown").to_owned(),
             route: r.route.clone().unwrap_or_else(|| self.0.path.clone()),
             model: r.model.clone().unwrap_or_default(),

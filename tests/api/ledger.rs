@@ -634,7 +634,7 @@ async fn a_batch_written_twice_is_recorded_once() {
             .map(|n| sluice::ledger::Record {
                 id: format!("twice-{n}"),
                 request_id: format!("r{n}"),
-                at_ms: 1_800_000_000_000 + n,
+                at_us: 1_800_000_000_000_000 + n,
                 key: "k".into(),
                 route: "/v1/chat/completions".into(),
                 model: "m".into(),
