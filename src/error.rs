@@ -81,6 +81,12 @@ pub enum ApiError {
     /// The ledger is off, or its database cannot be read.
     #[error("{0}")]
     LedgerUnavailable(String),
+    /// An admin request names something that is not there.
+    #[error("{0}")]
+    NotFound(String),
+    /// An admin request conflicts with what is there (a name taken, a key revoked).
+    #[error("{0}")]
+    Conflict(String),
     /// The client is over one of its limits.
     #[error("{message}")]
     RateLimited {
@@ -209,6 +215,8 @@ impl ApiError {
             ApiError::SharedLogUnavailable | ApiError::LedgerUnavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::StreamTooLarge(_) => StatusCode::INSUFFICIENT_STORAGE,
         }
     }
@@ -224,6 +232,8 @@ impl ApiError {
             | ApiError::RouteNotFound { .. }
             | ApiError::MethodNotAllowed { .. }
             | ApiError::BodyTimeout(_)
+            | ApiError::NotFound(_)
+            | ApiError::Conflict(_)
             | ApiError::UpstreamRejected { .. } => "invalid_request_error",
             ApiError::UpstreamRateLimited { .. }
             | ApiError::RateLimited { .. }
@@ -288,6 +298,8 @@ impl ApiError {
             ApiError::StreamEventsLost => "stream_events_lost",
             ApiError::SharedLogUnavailable => "shared_log_unavailable",
             ApiError::LedgerUnavailable(_) => "ledger_unavailable",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::Conflict(_) => "conflict",
             ApiError::StreamTooLarge(_) => "stream_too_large",
         };
         Some(code.to_owned())

@@ -259,6 +259,99 @@ fn keys(config: &Config, file: &FileConfig) -> anyhow::Result<Vec<ApiKey>> {
 }
 
 impl AppState {
+    /// Takes the keys made through the admin API from the ledger's database every second
+    /// (when they changed: their number or latest change), until `stop`. Every instance on
+    /// the database does, so a key made, changed or revoked on one holds on all within a
+    /// second.
+    pub async fn refresh_keys(self, stop: CancellationToken) {
+        let Some(ledger) = self.ledger.clone() else {
+            return;
+        };
+        let mut seen = None;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let Some(db) = ledger.db().await else {
+                continue;
+            };
+            match db.keys_version().await {
+                Ok(version) if seen != Some(version) => {
+                    if self.apply_keys(&db).await {
+                        seen = Some(version);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(error = %format!("{e:#}"), "keys: the database cannot be read")
+                }
+            }
+        }
+    }
+
+    /// Puts the database's live keys in admission's hands now: whether they were read.
+    pub async fn apply_keys(&self, db: &crate::ledger::Db) -> bool {
+        let keys = match db.keys().await {
+            Ok(keys) => keys,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "keys: the database cannot be read; the keys in use are kept");
+                return false;
+            }
+        };
+        let defaults = self.config.default_limits();
+        let micros =
+            |us: i64| std::time::UNIX_EPOCH + Duration::from_micros(u64::try_from(us).unwrap_or(0));
+        let mut managed = Vec::new();
+        for key in keys
+            .iter()
+            .filter(|k| k.revoked_at_us.is_none() && !k.disabled)
+        {
+            let limit = |value: Option<i64>, default: u32| {
+                value.map_or(default, |v| u32::try_from(v).unwrap_or(u32::MAX))
+            };
+            let rpm = limit(key.rpm, defaults.rpm);
+            let limits = crate::config::Limits {
+                rpm,
+                burst: if key.rpm.is_some() {
+                    rpm
+                } else {
+                    defaults.burst
+                },
+                tpm: key
+                    .tpm
+                    .map(|v| u32::try_from(v).unwrap_or(u32::MAX))
+                    .or(defaults.tpm),
+                max_streams: limit(key.max_streams, defaults.max_streams),
+                models: key.models.as_ref().map(|m| m.iter().cloned().collect()),
+            };
+            let expires = key.expires_at_us.map(micros);
+            let secrets = [
+                (Some(key.digest.as_str()), expires),
+                (
+                    key.previous_digest.as_deref(),
+                    key.previous_until_us
+                        .map(micros)
+                        .map(|until| expires.map_or(until, |e| e.min(until))),
+                ),
+            ];
+            for (digest, until) in secrets {
+                if let Some(digest) = digest.and_then(crate::ledger::keys::digest_bytes) {
+                    managed.push(crate::admission::ManagedKey {
+                        name: key.name.clone(),
+                        digest,
+                        limits: limits.clone(),
+                        until,
+                    });
+                }
+            }
+        }
+        self.admission.replace_managed(managed, !keys.is_empty());
+        true
+    }
+
     /// Reads the TOML config again (on SIGHUP, or when `SLUICE_CONFIG_WATCH=1` sees it
     /// change): its routes and keys replace the running ones for new requests; streams in
     /// flight finish on the targets they started on. A file that is not valid changes
@@ -270,7 +363,11 @@ impl AppState {
         // every route.
         let file = FileConfig::again(self.config_file.as_deref())?;
         let keys = keys(config, &file)?;
-        if keys.is_empty() && !self.admission.is_open() && !file.open {
+        if keys.is_empty()
+            && !self.admission.is_open()
+            && !self.admission.manages_keys()
+            && !file.open
+        {
             anyhow::bail!(
                 "SLUICE_CONFIG: the file has no keys while sluice requires them; a reload \
                  does not open sluice to anyone unless the file says `open = true`"

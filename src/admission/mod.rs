@@ -63,6 +63,16 @@ struct StoredKey {
     name: Arc<str>,
     digest: [u8; 32],
     policy: Arc<Policy>,
+    /// When it stops working (its expiry, or the end of a rotation's grace), if ever.
+    until: Option<std::time::SystemTime>,
+}
+
+/// A key made through the admin API, as its store gives it: its secret's digest only.
+pub struct ManagedKey {
+    pub name: String,
+    pub digest: [u8; 32],
+    pub limits: Limits,
+    pub until: Option<std::time::SystemTime>,
 }
 
 /// Who is asking: a key's name or an IP, and the policy that applies.
@@ -94,8 +104,15 @@ pub struct SharedLimits {
 }
 
 pub struct Admission {
-    /// Replaced whole on a reload ([`Admission::replace_keys`]).
+    /// Every key: the configured ones, then those made through the admin API.
     keys: std::sync::RwLock<Arc<Vec<StoredKey>>>,
+    /// The configured keys, replaced whole on a reload ([`Admission::replace_keys`]).
+    configured: std::sync::RwLock<Arc<Vec<StoredKey>>>,
+    /// The keys made through the admin API ([`Admission::replace_managed`]).
+    managed: std::sync::RwLock<Arc<Vec<StoredKey>>>,
+    /// Keys have been made through the admin API: a key is required even when none of
+    /// them is live now (disabling the last one must not open sluice to anyone).
+    managing: std::sync::atomic::AtomicBool,
     shared: Option<Arc<Shared>>,
     releases: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Release>>>,
     fail_closed: bool,
@@ -134,8 +151,12 @@ impl Admission {
             }
             None => (None, None),
         };
+        let keys = Arc::new(keys);
         Ok(Arc::new(Admission {
-            keys: std::sync::RwLock::new(Arc::new(keys)),
+            keys: std::sync::RwLock::new(keys.clone()),
+            configured: std::sync::RwLock::new(keys),
+            managed: std::sync::RwLock::new(Arc::new(Vec::new())),
+            managing: std::sync::atomic::AtomicBool::new(false),
             shared,
             releases: Mutex::new(releases),
             fail_closed,
@@ -172,7 +193,7 @@ impl Admission {
                 return Err(Refusal::AdminKey);
             }
         }
-        if keys.is_empty() {
+        if keys.is_empty() && !self.managing.load(Ordering::Relaxed) {
             let ip = self.client_ip(forwarded_for, peer);
             return Ok(Principal {
                 name: ip.map_or_else(|| "unknown".into(), |ip| client_name(ip).into()),
@@ -190,6 +211,12 @@ impl Admission {
             }
         }
         let key = found.ok_or(Refusal::InvalidKey)?;
+        if key
+            .until
+            .is_some_and(|until| until <= std::time::SystemTime::now())
+        {
+            return Err(Refusal::InvalidKey);
+        }
         Ok(Principal {
             name: key.name.clone(),
             policy: key.policy.clone(),
@@ -476,7 +503,7 @@ impl Admission {
 
     /// Whether no key is required: anyone may call.
     pub fn is_open(&self) -> bool {
-        self.keys().is_empty()
+        self.keys().is_empty() && !self.managing.load(Ordering::Relaxed)
     }
 
     /// Puts `keys` in place of the configured ones (a reload): a key whose name and limits
@@ -485,7 +512,63 @@ impl Admission {
     pub fn replace_keys(&self, keys: Vec<ApiKey>) {
         let old = self.keys();
         let keys = stored(keys, &self.default_policy, &old);
-        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
+        *self.configured.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
+        self.merge();
+    }
+
+    /// Puts `keys` in place of the keys made through the admin API (as for
+    /// [`Admission::replace_keys`], a key whose name and limits are unchanged keeps its
+    /// state). Once any key has been made (`made`, live or not), sluice asks every client
+    /// for one.
+    pub fn replace_managed(&self, keys: Vec<ManagedKey>, made: bool) {
+        self.managing.fetch_or(made, Ordering::Relaxed);
+        let old = self.keys();
+        let keys = keys
+            .into_iter()
+            .map(|key| StoredKey {
+                policy: kept_policy(&old, &key.name, key.limits),
+                name: key.name.into(),
+                digest: key.digest,
+                until: key.until,
+            })
+            .collect();
+        *self.managed.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
+        self.merge();
+    }
+
+    /// Whether keys have been made through the admin API (then a key is always required).
+    pub fn manages_keys(&self) -> bool {
+        self.managing.load(Ordering::Relaxed)
+    }
+
+    /// The names of the configured keys.
+    pub fn configured_names(&self) -> Vec<Arc<str>> {
+        let configured = self.configured.read().unwrap_or_else(|e| e.into_inner());
+        configured.iter().map(|k| k.name.clone()).collect()
+    }
+
+    fn merge(&self) {
+        let configured = self
+            .configured
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let managed = self
+            .managed
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let all = configured
+            .iter()
+            .chain(managed.iter())
+            .map(|k| StoredKey {
+                name: k.name.clone(),
+                digest: k.digest,
+                policy: k.policy.clone(),
+                until: k.until,
+            })
+            .collect();
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(all);
     }
 
     /// How many clients sluice holds state for, in each of its tables.
@@ -520,18 +603,24 @@ fn stored(keys: Vec<ApiKey>, default_policy: &Arc<Policy>, old: &[StoredKey]) ->
         .map(|key| {
             let policy = match key.limits {
                 None => default_policy.clone(),
-                Some(limits) => old
-                    .iter()
-                    .find(|k| *k.name == *key.name && k.policy.limits == limits)
-                    .map_or_else(|| Policy::new(limits), |k| k.policy.clone()),
+                Some(limits) => kept_policy(old, &key.name, limits),
             };
             StoredKey {
                 name: key.name.into(),
                 digest: Sha256::digest(key.secret.as_bytes()).into(),
                 policy,
+                until: None,
             }
         })
         .collect()
+}
+
+/// The policy of the `old` key of this name and limits (its limiter's state kept), else a
+/// new one.
+fn kept_policy(old: &[StoredKey], name: &str, limits: Limits) -> Arc<Policy> {
+    old.iter()
+        .find(|k| *k.name == *name && k.policy.limits == limits)
+        .map_or_else(|| Policy::new(limits), |k| k.policy.clone())
 }
 
 /// The stable name of a key given without one (`SLUICE_API_KEYS`): `key-` and the first 16

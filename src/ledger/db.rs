@@ -27,16 +27,6 @@ pub enum Db {
     Postgres(PgPool),
 }
 
-/// The same code on either pool (the body is compiled once for each).
-macro_rules! on {
-    ($db:expr, $pool:ident => $body:expr) => {
-        match $db {
-            Db::Sqlite($pool) => $body,
-            Db::Postgres($pool) => $body,
-        }
-    };
-}
-
 /// The columns a record fills, in order.
 const COLUMNS: &str = "id, request_id, at_us, instance, key_name, team, route, model, served_model, \
      target, api, stream_id, outcome, error, input_tokens, cached_tokens, cache_write_tokens, \

@@ -6,7 +6,18 @@
 //! take, and drops (counting them) only what overflows the queue. Each record has its own id,
 //! the table's key, so a batch written again after a failure adds nothing twice.
 
+/// The same code on either pool (the body is compiled once for each).
+macro_rules! on {
+    ($db:expr, $pool:ident => $body:expr) => {
+        match $db {
+            Db::Sqlite($pool) => $body,
+            Db::Postgres($pool) => $body,
+        }
+    };
+}
+
 mod db;
+pub mod keys;
 pub mod report;
 
 pub use db::Db;

@@ -49,6 +49,11 @@ fn bad(name: &str, value: &str) -> String {
     )
 }
 
+/// Microseconds since 1970 of a date (its start) or an RFC 3339 time.
+pub fn micros(text: &str) -> Option<i64> {
+    instant(text, false)
+}
+
 /// Microseconds since 1970 of a date (its start, or with `end` the next day's) or a time.
 fn instant(text: &str, end: bool) -> Option<i64> {
     let at = if let Ok(date) = Date::parse(text, format_description!("[year]-[month]-[day]")) {

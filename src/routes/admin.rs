@@ -24,6 +24,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/admin/usage", get(usage))
         .route("/admin/requests", get(requests))
+        .merge(super::keys::router())
 }
 
 /// A request that presented `SLUICE_ADMIN_KEY` as its bearer key.
@@ -86,7 +87,7 @@ fn filter(from: Option<&str>, to: Option<&str>, key: Option<&str>) -> Result<Fil
 }
 
 /// The ledger's database, or why there is none to read.
-async fn db(state: &AppState) -> Result<Db, ApiError> {
+pub(super) async fn db(state: &AppState) -> Result<Db, ApiError> {
     let ledger = state.ledger.as_ref().ok_or_else(|| {
         ApiError::LedgerUnavailable("the ledger is off (SLUICE_DATABASE_URL=off)".into())
     })?;

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod anthropic;
 pub mod chat;
 pub mod health;
+pub mod keys;
 pub mod models;
 pub mod openai;
 pub mod prompts;

@@ -81,11 +81,12 @@ pub async fn serve(
     let metrics = state.metrics.clone().maintain(upkeep.clone());
     let catalogue = state.routes.clone().maintain(upkeep.clone());
     let reloads = state.clone().reloads(upkeep.clone());
+    let keys = state.clone().refresh_keys(upkeep.clone());
     #[expect(
         clippy::disallowed_methods,
-        reason = "the one background task: admission's, metrics', the routes' and the configuration's upkeep, ends with serve"
+        reason = "the one background task: admission's, metrics', the routes', the configuration's and the keys' upkeep, ends with serve"
     )]
-    tokio::spawn(async move { tokio::join!(admission, metrics, catalogue, reloads) });
+    tokio::spawn(async move { tokio::join!(admission, metrics, catalogue, reloads, keys) });
     state.streams.spawn_shared(upkeep.clone());
     let _upkeep = upkeep.drop_guard();
     // The ledger's writer outlives the connections: it stops last, once the streams' ends

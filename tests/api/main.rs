@@ -17,6 +17,7 @@ mod faults;
 mod hostile;
 mod input;
 mod js;
+mod keys;
 mod ledger;
 #[cfg(feature = "local")]
 mod local;
