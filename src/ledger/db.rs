@@ -71,8 +71,20 @@ impl Db {
         } else {
             bail!("SLUICE_DATABASE_URL: not sqlite://, postgres:// or off");
         };
-        on!(&db, pool => MIGRATIONS.run(pool).await).context("migrating the ledger's schema")?;
-        Ok(db)
+        // Two processes starting on one SQLite file may both migrate it at once (SQLite has
+        // no lock for that, PostgreSQL does): the one that loses tries again, and finds it
+        // done.
+        let mut tries = 0;
+        loop {
+            match on!(&db, pool => MIGRATIONS.run(pool).await) {
+                Ok(()) => return Ok(db),
+                Err(_) if tries < 5 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e).context("migrating the ledger's schema"),
+            }
+        }
     }
 
     /// Writes `records` in one statement; one already there (by id) is left as it is.

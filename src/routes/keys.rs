@@ -98,6 +98,22 @@ impl Body {
                 Some("name"),
             ));
         }
+        if let Some(Some(models)) = &self.models
+            && (models.len() > 1024 || models.iter().any(|m| m.is_empty() || m.len() > 256))
+        {
+            return Err(ApiError::invalid(
+                "`models` holds at most 1,024 names of 1 to 256 bytes",
+                Some("models"),
+            ));
+        }
+        if let Some(Some(metadata)) = &self.metadata
+            && serde_json::to_string(metadata).map_or(0, |m| m.len()) > 16 * 1024
+        {
+            return Err(ApiError::invalid(
+                "`metadata` is at most 16 KiB",
+                Some("metadata"),
+            ));
+        }
         let expires_at_us = match self.expires_at {
             Some(Some(text)) => Some(Some(report::micros(&text).ok_or_else(|| {
                 ApiError::invalid(

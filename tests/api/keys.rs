@@ -177,6 +177,11 @@ async fn bad_key_requests_are_refused_naming_what_is_wrong() {
         (json!({"rpm": 5}), "name"),
         (json!({"name": "x", "expires_at": "soon"}), "expires_at"),
         (json!({"name": "", "rpm": 5}), "name"),
+        (
+            json!({"name": "x", "metadata": {"big": "x".repeat(20_000)}}),
+            "metadata",
+        ),
+        (json!({"name": "x", "models": [""]}), "models"),
     ] {
         let (status, error) = admin(&app, "POST", "/admin/keys", Some(body.clone())).await;
         assert_eq!(status, 400, "{body}: {error}");
