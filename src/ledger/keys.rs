@@ -142,6 +142,19 @@ impl Db {
         Ok(keys)
     }
 
+    /// When each key's latest request arrived, from the ledger (by key name).
+    pub async fn last_used(&self) -> anyhow::Result<std::collections::HashMap<String, i64>> {
+        let sql =
+            "SELECT key_name, CAST(MAX(at_us) AS BIGINT) AS at FROM requests GROUP BY key_name";
+        let used = on!(self, pool => {
+            let rows = sqlx::query(sql).fetch_all(pool).await?;
+            rows.iter()
+                .map(|row| Ok((row.try_get::<String, _>("key_name")?, row.try_get::<i64, _>("at")?)))
+                .collect::<Result<std::collections::HashMap<_, _>, sqlx::Error>>()?
+        });
+        Ok(used)
+    }
+
     /// The keys' version: their number and their latest change. Polled every second.
     pub async fn keys_version(&self) -> anyhow::Result<(i64, i64)> {
         let sql = "SELECT COUNT(*) AS n, CAST(COALESCE(MAX(updated_us), 0) AS BIGINT) AS at FROM api_keys";

@@ -162,8 +162,8 @@ fn failed(error: anyhow::Error) -> ApiError {
     ApiError::LedgerUnavailable(format!("the keys' database failed: {error:#}"))
 }
 
-/// A key as the API shows it: never a secret or a digest.
-fn shown(key: &Key) -> Value {
+/// A key as the API shows it, with when it was last used: never a secret or a digest.
+fn shown(key: &Key, last_used_us: Option<i64>) -> Value {
     let time = |us: Option<i64>| us.map(report::rfc3339);
     let now = now_us();
     let state = if key.revoked_at_us.is_some() {
@@ -183,8 +183,15 @@ fn shown(key: &Key) -> Value {
         object.insert("expires_at".into(), json!(time(key.expires_at_us)));
         object.insert("created_at".into(), json!(report::rfc3339(key.created_us)));
         object.insert("revoked_at".into(), json!(time(key.revoked_at_us)));
+        object.insert("last_used_at".into(), json!(time(last_used_us)));
     }
     value
+}
+
+/// A key as the API shows it, with when the ledger last saw it used.
+async fn shown_now(state: &AppState, key: &Key) -> Result<Value, ApiError> {
+    let used = db(state).await?.last_used().await.map_err(failed)?;
+    Ok(shown(key, used.get(&key.name).copied()))
 }
 
 /// The key of `id`, or a 404.
@@ -261,20 +268,26 @@ async fn create(
     };
     db(&state).await?.create_key(&key).await.map_err(failed)?;
     applied(&state).await;
-    let mut shown = shown(&key);
+    let mut shown = shown(&key, None);
     shown["key"] = json!(secret);
     Ok((StatusCode::CREATED, Json(shown)).into_response())
 }
 
 async fn list(_: Admin, State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let keys = db(&state).await?.keys().await.map_err(failed)?;
+    let db = db(&state).await?;
+    let keys = db.keys().await.map_err(failed)?;
+    let used = db.last_used().await.map_err(failed)?;
     let mut data: Vec<Value> = state
         .admission
         .configured_names()
         .iter()
-        .map(|name| json!({"object": "sluice.key", "name": name, "source": "config", "read_only": true, "state": "active"}))
+        .map(|name| {
+            let last = used.get(&**name).copied().map(report::rfc3339);
+            json!({"object": "sluice.key", "name": name, "source": "config", "read_only": true,
+                "state": "active", "last_used_at": last})
+        })
         .collect();
-    data.extend(keys.iter().map(shown));
+    data.extend(keys.iter().map(|k| shown(k, used.get(&k.name).copied())));
     Ok(Json(json!({"object": "list", "data": data})))
 }
 
@@ -283,7 +296,8 @@ async fn one(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(shown(&find(&state, &id).await?)))
+    let key = find(&state, &id).await?;
+    Ok(Json(shown_now(&state, &key).await?))
 }
 
 async fn change(
@@ -310,7 +324,8 @@ async fn change(
         return Err(ApiError::Conflict("the key is revoked".into()));
     }
     applied(&state).await;
-    Ok(Json(shown(&find(&state, &id).await?)))
+    let key = find(&state, &id).await?;
+    Ok(Json(shown_now(&state, &key).await?))
 }
 
 async fn revoke(
@@ -325,7 +340,8 @@ async fn revoke(
         .await
         .map_err(failed)?;
     applied(&state).await;
-    Ok(Json(shown(&find(&state, &id).await?)))
+    let key = find(&state, &id).await?;
+    Ok(Json(shown_now(&state, &key).await?))
 }
 
 async fn rotate(
@@ -349,7 +365,8 @@ async fn rotate(
         .await
         .map_err(failed)?;
     applied(&state).await;
-    let mut shown = shown(&find(&state, &id).await?);
+    let key = find(&state, &id).await?;
+    let mut shown = shown_now(&state, &key).await?;
     shown["key"] = json!(secret);
     Ok(Json(shown))
 }

@@ -110,6 +110,16 @@ async fn a_key_made_changed_and_revoked_on_one_instance_holds_on_another() {
     assert_eq!(one["rpm"], 100);
     assert_eq!(one["metadata"]["team"], "research");
     assert!(one.get("key").is_none());
+    // When it was last used, from the ledger (its record is written within a moment).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, now) = admin(&b, "GET", &format!("/admin/keys/{id}"), None).await;
+        if now["last_used_at"].is_string() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{now}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // Disabled, then enabled again.
     let (status, _) = admin(
