@@ -4,6 +4,7 @@
 //! ([`Delta::Event`]), for any other the events become canonical ones — text, thinking (as
 //! `reasoning_content`), tool use (as chat `tool_calls`), the finish and the usage.
 
+use serde::Deserialize as _;
 use serde_json::{Map, Value, json};
 
 use super::shown;
@@ -217,8 +218,16 @@ pub struct Reader {
 /// The prompt tokens an Anthropic usage object counts apart from `input_tokens`: those read
 /// from its cache and those written to it, when it says.
 pub fn cache_tokens(usage: &Value) -> Option<(u32, u32)> {
-    let read = usage["cache_read_input_tokens"].as_u64();
-    let written = usage["cache_creation_input_tokens"].as_u64();
+    #[derive(serde::Deserialize)]
+    struct Cache {
+        cache_read_input_tokens: Option<u64>,
+        cache_creation_input_tokens: Option<u64>,
+    }
+    let cache = Cache::deserialize(usage).ok()?;
+    let (read, written) = (
+        cache.cache_read_input_tokens,
+        cache.cache_creation_input_tokens,
+    );
     (read.is_some() || written.is_some())
         .then(|| (clamp(read.unwrap_or(0)), clamp(written.unwrap_or(0))))
 }

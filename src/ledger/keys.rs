@@ -167,37 +167,25 @@ impl Db {
 
     /// Applies `change` to key `id` (not revoked) at `now_us`: whether there was one.
     pub async fn change_key(&self, id: &str, change: &Change, now_us: i64) -> anyhow::Result<bool> {
-        let mut sets = Vec::new();
-        let mut n = 0;
-        let mut next = |column: &str| {
-            n += 1;
-            sets.push(format!("{column} = ${n}"));
-        };
-        if change.name.is_some() {
-            next("name");
-        }
-        if change.rpm.is_some() {
-            next("rpm");
-        }
-        if change.tpm.is_some() {
-            next("tpm");
-        }
-        if change.max_streams.is_some() {
-            next("max_streams");
-        }
-        if change.models.is_some() {
-            next("models");
-        }
-        if change.expires_at_us.is_some() {
-            next("expires_at_us");
-        }
-        if change.disabled.is_some() {
-            next("disabled");
-        }
-        if change.metadata.is_some() {
-            next("metadata");
-        }
-        next("updated_us");
+        let columns = [
+            ("name", change.name.is_some()),
+            ("rpm", change.rpm.is_some()),
+            ("tpm", change.tpm.is_some()),
+            ("max_streams", change.max_streams.is_some()),
+            ("models", change.models.is_some()),
+            ("expires_at_us", change.expires_at_us.is_some()),
+            ("disabled", change.disabled.is_some()),
+            ("metadata", change.metadata.is_some()),
+            ("updated_us", true),
+        ];
+        // The parameters in this order: the values are bound below in the same one.
+        let sets: Vec<String> = columns
+            .iter()
+            .filter(|(_, set)| *set)
+            .enumerate()
+            .map(|(i, (column, _))| format!("{column} = ${}", i + 1))
+            .collect();
+        let n = sets.len();
         let id_at = n + 1;
         let sql = format!(
             "UPDATE api_keys SET {} WHERE id = ${id_at} AND revoked_at_us IS NULL",

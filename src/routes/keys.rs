@@ -162,8 +162,9 @@ fn failed(error: anyhow::Error) -> ApiError {
     ApiError::LedgerUnavailable(format!("the keys' database failed: {error:#}"))
 }
 
-/// A key as the API shows it, with when it was last used: never a secret or a digest.
-fn shown(key: &Key, last_used_us: Option<i64>) -> Value {
+/// A key as the API shows it, with when it was last used: never a digest, and its secret
+/// only in the answer that made it (`secret`).
+fn shown(key: &Key, last_used_us: Option<i64>, secret: Option<&str>) -> Value {
     let time = |us: Option<i64>| us.map(report::rfc3339);
     let now = now_us();
     let state = if key.revoked_at_us.is_some() {
@@ -184,14 +185,28 @@ fn shown(key: &Key, last_used_us: Option<i64>) -> Value {
         object.insert("created_at".into(), json!(report::rfc3339(key.created_us)));
         object.insert("revoked_at".into(), json!(time(key.revoked_at_us)));
         object.insert("last_used_at".into(), json!(time(last_used_us)));
+        if let Some(secret) = secret {
+            object.insert("key".into(), json!(secret));
+        }
     }
     value
 }
 
-/// A key as the API shows it, with when the ledger last saw it used.
-async fn shown_now(state: &AppState, key: &Key) -> Result<Value, ApiError> {
+/// Key `id` after a change: taken by this instance at once, shown as it is now.
+async fn changed(state: &AppState, id: &str, secret: Option<&str>) -> Result<Value, ApiError> {
+    applied(state).await;
+    let key = find(state, id).await?;
     let used = db(state).await?.last_used().await.map_err(failed)?;
-    Ok(shown(key, used.get(&key.name).copied()))
+    Ok(shown(&key, used.get(&key.name).copied(), secret))
+}
+
+/// The key of `id` unless it is revoked (a 409) or not there (a 404).
+async fn live(state: &AppState, id: &str) -> Result<Key, ApiError> {
+    let key = find(state, id).await?;
+    if key.revoked_at_us.is_some() {
+        return Err(ApiError::Conflict("the key is revoked".into()));
+    }
+    Ok(key)
 }
 
 /// The key of `id`, or a 404.
@@ -268,9 +283,7 @@ async fn create(
     };
     db(&state).await?.create_key(&key).await.map_err(failed)?;
     applied(&state).await;
-    let mut shown = shown(&key, None);
-    shown["key"] = json!(secret);
-    Ok((StatusCode::CREATED, Json(shown)).into_response())
+    Ok((StatusCode::CREATED, Json(shown(&key, None, Some(&secret)))).into_response())
 }
 
 async fn list(_: Admin, State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
@@ -287,7 +300,10 @@ async fn list(_: Admin, State(state): State<AppState>) -> Result<Json<Value>, Ap
                 "state": "active", "last_used_at": last})
         })
         .collect();
-    data.extend(keys.iter().map(|k| shown(k, used.get(&k.name).copied())));
+    data.extend(
+        keys.iter()
+            .map(|k| shown(k, used.get(&k.name).copied(), None)),
+    );
     Ok(Json(json!({"object": "list", "data": data})))
 }
 
@@ -297,7 +313,8 @@ async fn one(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let key = find(&state, &id).await?;
-    Ok(Json(shown_now(&state, &key).await?))
+    let used = db(&state).await?.last_used().await.map_err(failed)?;
+    Ok(Json(shown(&key, used.get(&key.name).copied(), None)))
 }
 
 async fn change(
@@ -308,10 +325,7 @@ async fn change(
 ) -> Result<Json<Value>, ApiError> {
     let body: Body = parse(&body)?;
     let change = body.change()?;
-    let key = find(&state, &id).await?;
-    if key.revoked_at_us.is_some() {
-        return Err(ApiError::Conflict("the key is revoked".into()));
-    }
+    live(&state, &id).await?;
     if let Some(name) = &change.name {
         check_name(&state, name, Some(&id)).await?;
     }
@@ -323,9 +337,7 @@ async fn change(
     {
         return Err(ApiError::Conflict("the key is revoked".into()));
     }
-    applied(&state).await;
-    let key = find(&state, &id).await?;
-    Ok(Json(shown_now(&state, &key).await?))
+    Ok(Json(changed(&state, &id, None).await?))
 }
 
 async fn revoke(
@@ -339,9 +351,7 @@ async fn revoke(
         .revoke_key(&id, now_us())
         .await
         .map_err(failed)?;
-    applied(&state).await;
-    let key = find(&state, &id).await?;
-    Ok(Json(shown_now(&state, &key).await?))
+    Ok(Json(changed(&state, &id, None).await?))
 }
 
 async fn rotate(
@@ -351,10 +361,7 @@ async fn rotate(
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let rotation: Rotation = parse(&body)?;
-    let key = find(&state, &id).await?;
-    if key.revoked_at_us.is_some() {
-        return Err(ApiError::Conflict("the key is revoked".into()));
-    }
+    live(&state, &id).await?;
     let secret = secret();
     let now = now_us();
     let until = now + i64::from(rotation.grace_s.unwrap_or(0)) * 1_000_000;
@@ -364,9 +371,5 @@ async fn rotate(
         .rotate_key(&id, &digest_hex(&secret), &prefix, until, now)
         .await
         .map_err(failed)?;
-    applied(&state).await;
-    let key = find(&state, &id).await?;
-    let mut shown = shown_now(&state, &key).await?;
-    shown["key"] = json!(secret);
-    Ok(Json(shown))
+    Ok(Json(changed(&state, &id, Some(&secret)).await?))
 }

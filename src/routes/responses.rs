@@ -229,8 +229,10 @@ async fn create(
                 None => events.collect().await,
             };
             let reply = snapshot(logged.iter().map(|e| &e[..])).ok_or(ApiError::Internal)?;
-            let cost = reply["usage"]["cost"].as_f64();
-            return Ok(crate::http::with_cost(Json(reply).into_response(), cost));
+            return Ok(crate::http::with_cost(
+                Json(&reply).into_response(),
+                cost_of(&reply),
+            ));
         }
         Ok(match slot {
             Some(slot) => {
@@ -369,4 +371,18 @@ async fn delete(
         Ok(Json(json!({"id": id, "object": "response", "deleted": true})).into_response())
     };
     super::streams::admitted(&state, &who, &exchange, &id, answer).await
+}
+
+/// What a response's usage says it cost (`usage.cost`), when its model has a price.
+fn cost_of(response: &Value) -> Option<f64> {
+    #[derive(serde::Deserialize)]
+    struct Costed {
+        usage: Option<Cost>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Cost {
+        cost: Option<f64>,
+    }
+    use serde::Deserialize as _;
+    Costed::deserialize(response).ok()?.usage?.cost
 }

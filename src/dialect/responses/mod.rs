@@ -333,25 +333,21 @@ impl Encoder {
 }
 
 /// Usage in the Responses API's terms, with the upstream's details when it sent them.
-fn usage(usage: Usage, details: Option<&str>) -> Value {
-    let details: Map<String, Value> = details
-        .and_then(|d| serde_json::from_str(&format!("{{{d}}}")).ok())
+fn usage(usage: Usage, details: Option<&str>, cost: Option<f64>) -> Value {
+    let details = details
+        .map(crate::prices::Details::of_fields)
         .unwrap_or_default();
-    let cached = details
-        .get("prompt_tokens_details")
-        .and_then(|d| d.get("cached_tokens"))
-        .and_then(Value::as_u64)
-        .unwrap_or(0);
-    let reasoning = details
-        .get("completion_tokens_details")
-        .and_then(|d| d.get("reasoning_tokens"))
-        .and_then(Value::as_u64)
-        .unwrap_or(0);
-    json!({"input_tokens": usage.prompt_tokens,
-        "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
+    let mut usage = json!({"input_tokens": usage.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": details.cached,
+            "cache_write_tokens": details.cache_write},
         "output_tokens": usage.completion_tokens,
-        "output_tokens_details": {"reasoning_tokens": reasoning},
-        "total_tokens": usage.total_tokens})
+        "output_tokens_details": {"reasoning_tokens": details.reasoning},
+        "total_tokens": usage.total_tokens});
+    // What it cost, as a chat completion's usage says it (`cost`, USD), when priced.
+    if let (Some(cost), Value::Object(fields)) = (cost, &mut usage) {
+        fields.insert("cost".into(), json!(cost));
+    }
+    usage
 }
 
 impl crate::relay::Encoder for Encoder {
@@ -441,11 +437,7 @@ impl crate::relay::Encoder for Encoder {
 
     fn end(&mut self, end: &End, out: &mut Out) {
         self.close(out);
-        let mut usage = usage(end.usage, self.details.as_deref());
-        // What it cost, as a chat completion's usage says it (`cost`, USD), when priced.
-        if let Some(cost) = end.cost {
-            usage["cost"] = json!(cost);
-        }
+        let usage = usage(end.usage, self.details.as_deref(), end.cost);
         if self.finish.as_deref() == Some("length") {
             let mut object = self.meta.object("incomplete", &self.output, usage);
             object["incomplete_details"] = json!({"reason": "max_output_tokens"});
