@@ -22,6 +22,7 @@ fn limits() -> Limits {
         tpm: Some(1_000_000_000),
         max_streams: 1_000_000,
         models: None,
+        budget: None,
     }
 }
 

@@ -17,6 +17,8 @@
 //!     cargo run --release --example loadgen -- ledger       # CPU per chunk and RSS with the
 //!                                                           # ledger off, on SQLite, on
 //!                                                           # PostgreSQL; records/s each takes
+//!     cargo run --release --example loadgen -- budget       # CPU per chunk of a key with a
+//!                                                           # budget and of one without
 //!
 //! Separate processes, so each one's CPU is its own: this driver (the clients), a fast fake
 //! OpenAI upstream and sluice (both this same binary, started with `upstream` / `sluice`),
@@ -99,7 +101,13 @@ fn main() -> anyhow::Result<()> {
         Some("sluice-ledger") => {
             runtime.block_on(sluice(&args[1], None, None, args.get(2).cloned()))
         }
+        Some("sluice-budget") => runtime.block_on(sluice_budget(
+            &args[1],
+            &args[2],
+            args.get(3).is_some_and(|b| b == "budget"),
+        )),
         Some("ledger") => runtime.block_on(ledger()),
+        Some("budget") => runtime.block_on(budget()),
         Some("otel") => runtime.block_on(otel()),
         Some("resumable") => runtime.block_on(resumable()),
         Some("dialects") => runtime.block_on(dialects(args.get(1).cloned())),
@@ -215,6 +223,57 @@ async fn sluice(
     otel: Option<String>,
     database: Option<String>,
 ) -> anyhow::Result<()> {
+    sluice_with(upstream, redis, otel, database, |_| {}).await
+}
+
+/// The key every load client sends (sluice without keys takes no notice of it).
+const LOAD_KEY: &str = "sk-loadgen-budget-benchmark";
+
+/// sluice on the ledger at `database`, with one key made through the admin API
+/// (`LOAD_KEY`), with a budget it never reaches (`budgeted`) or none, and the load models
+/// priced: the same work but the budget's.
+async fn sluice_budget(upstream: &str, database: &str, budgeted: bool) -> anyhow::Result<()> {
+    use sluice::ledger::keys::{Key, Terms, digest_hex};
+    let db = sluice::ledger::Db::open(database).await?;
+    db.create_key(&Key {
+        id: "key_loadgen".into(),
+        name: "loadgen".into(),
+        prefix: LOAD_KEY.chars().take(14).collect(),
+        digest: digest_hex(LOAD_KEY),
+        previous_digest: None,
+        previous_until_us: None,
+        terms: Terms {
+            rpm: Some(10_000_000),
+            max_streams: Some(1_000_000),
+            budget_usd: budgeted.then_some(1e9),
+            budget_period: Some("month".into()),
+            ..Terms::default()
+        },
+        models: None,
+        team_id: None,
+        expires_at_us: None,
+        revoked_at_us: None,
+        end_streams: false,
+        created_us: 0,
+        updated_us: 0,
+    })
+    .await?;
+    let prices = std::env::current_dir()?.join("target/loadgen/budget-prices.toml");
+    std::fs::write(&prices, "[prices.\"load-*\"]\ninput = 1\noutput = 2\n")?;
+    let database = database.to_owned();
+    sluice_with(upstream, None, None, Some(database), move |config| {
+        config.config = Some(prices);
+    })
+    .await
+}
+
+async fn sluice_with(
+    upstream: &str,
+    redis: Option<String>,
+    otel: Option<String>,
+    database: Option<String>,
+    adjust: impl FnOnce(&mut sluice::Config),
+) -> anyhow::Result<()> {
     let mut config = sluice::Config::defaults();
     // No ledger but where one is measured (`ledger`).
     config.database_url = database.unwrap_or_else(|| "off".into());
@@ -230,6 +289,7 @@ async fn sluice(
     config.keepalive_s = 60.0;
     // Every client of the benchmark is one address.
     config.max_connections_per_ip = 1_000_000;
+    adjust(&mut config);
     let state = sluice::AppState::build(&config)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     println!("listening {}", listener.local_addr()?);
@@ -533,6 +593,10 @@ async fn stream(
     let request = request
         .header("host", addr)
         .header("content-type", "application/json")
+        .header(
+            "authorization",
+            concat!("Bearer ", "sk-loadgen-budget-benchmark"),
+        )
         .header("x-request-id", id)
         .body(Full::new(Bytes::from(body)));
     let Ok(request) = request else {
@@ -1073,6 +1137,72 @@ async fn ledger() -> anyhow::Result<()> {
     }
     std::fs::write(
         "target/loadgen/ledger.json",
+        serde_json::to_vec_pretty(&rows)?,
+    )?;
+    Ok(())
+}
+
+/// What a budget costs per chunk: 1,000 streams x 20 tokens/s through two sluices side by
+/// side, each on its own SQLite ledger with one key, priced models, passes interleaved: the
+/// key with a budget (never reached: every chunk is metered against it, a slice drawn every
+/// 16 tokens) and without one.
+async fn budget() -> anyhow::Result<()> {
+    raise_fd_limit();
+    std::fs::create_dir_all("target/loadgen")?;
+    let url = |name: &str| -> anyhow::Result<String> {
+        let path = std::env::current_dir()?.join(format!("target/loadgen/{name}.db"));
+        for end in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{end}", path.display()));
+        }
+        Ok(format!("sqlite://{}", path.display()))
+    };
+    let upstream = Proc::start(&["upstream"])?;
+    let paths = [
+        (
+            "key without a budget",
+            Proc::start(&["sluice-budget", &upstream.addr, &url("unbudgeted")?, "none"])?,
+        ),
+        (
+            "key with a budget",
+            Proc::start(&["sluice-budget", &upstream.addr, &url("budgeted")?, "budget"])?,
+        ),
+    ];
+    // Each takes its key from the database within a second of starting.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (c, model) = (1_000, "load-40-50");
+    let passes = 2 * REPEATS;
+    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+    let (mut chunks, mut errors) = (vec![0usize; paths.len()], vec![0usize; paths.len()]);
+    for _ in 0..passes {
+        for (i, (_, gateway)) in paths.iter().enumerate() {
+            let (per_chunk, pass) = cpu_pass(gateway, c, model, Duration::from_millis(500)).await;
+            cpu[i].push(per_chunk);
+            chunks[i] += pass.chunks.len();
+            errors[i] += pass.errors;
+        }
+    }
+    println!(
+        "1,000 streams x 20 tokens/s (40 tokens each), /v1/chat/completions, {passes} passes each, interleaved\n"
+    );
+    println!("| sluice | chunks | errors | CPU µs / chunk (median) | vs no budget |");
+    println!("|---|---|---|---|---|");
+    let medians: Vec<f64> = cpu.into_iter().map(median).collect();
+    let mut rows = Vec::new();
+    for (i, (name, _)) in paths.iter().enumerate() {
+        let ratio = medians[i] / medians[0];
+        println!(
+            "| {name} | {} | {} | {:.2} | {ratio:.3}x |",
+            chunks[i],
+            errors[i],
+            medians[i] * 1e6
+        );
+        rows.push(
+            json!({"sluice": name, "chunks": chunks[i], "errors": errors[i],
+            "cpu_us_per_chunk": medians[i] * 1e6, "vs_no_budget": ratio}),
+        );
+    }
+    std::fs::write(
+        "target/loadgen/budget.json",
         serde_json::to_vec_pretty(&rows)?,
     )?;
     Ok(())

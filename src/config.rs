@@ -456,6 +456,7 @@ impl Config {
             tpm: self.tpm,
             max_streams: self.max_streams,
             models: None,
+            budget: None,
         }
     }
 
@@ -499,15 +500,94 @@ impl Config {
     }
 }
 
+/// A calendar period, UTC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Period {
+    Day,
+    Week,
+    Month,
+    Total,
+}
+
+impl Period {
+    pub const NAMES: [&str; 4] = ["day", "week", "month", "total"];
+
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "day" => Some(Period::Day),
+            "week" => Some(Period::Week),
+            "month" => Some(Period::Month),
+            "total" => Some(Period::Total),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Period::Day => "day",
+            Period::Week => "week",
+            Period::Month => "month",
+            Period::Total => "total",
+        }
+    }
+
+    /// The period holding `now_us` (microseconds since 1970): when it began, and when the
+    /// next begins (never, for `total`). Weeks begin on Monday.
+    pub fn bounds(self, now_us: i64) -> (i64, Option<i64>) {
+        let now = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(now_us) * 1000)
+            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+        let date = now.date();
+        let (start, next): (time::Date, Option<time::Date>) = match self {
+            Period::Total => return (0, None),
+            Period::Day => (date, date.next_day()),
+            Period::Week => {
+                let monday = date
+                    - time::Duration::days(i64::from(date.weekday().number_days_from_monday()));
+                (monday, Some(monday + time::Duration::days(7)))
+            }
+            Period::Month => {
+                let first = date.replace_day(1).unwrap_or(date);
+                let next = match first.month() {
+                    time::Month::December => {
+                        time::Date::from_calendar_date(first.year() + 1, time::Month::January, 1)
+                    }
+                    month => time::Date::from_calendar_date(first.year(), month.next(), 1),
+                };
+                (first, next.ok())
+            }
+        };
+        let us = |d: time::Date| {
+            i64::try_from(
+                d.with_time(time::Time::MIDNIGHT)
+                    .assume_utc()
+                    .unix_timestamp_nanos()
+                    / 1000,
+            )
+            .unwrap_or(0)
+        };
+        (us(start), next.map(us))
+    }
+}
+
+/// What a key or a team may spend in a period: USD, tokens, or both.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Budget {
+    pub usd: Option<f64>,
+    pub tokens: Option<u64>,
+    pub period: Period,
+}
+
 /// One client's limits.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Limits {
     pub rpm: u32,
     pub burst: u32,
     pub tpm: Option<u32>,
     pub max_streams: u32,
-    /// Models this client may use; all when `None`.
+    /// Models this client may use (names, or patterns ending in `*`); all when `None`.
     pub models: Option<HashSet<String>>,
+    /// What it may spend in a period (keys and teams made through the admin API).
+    pub budget: Option<Budget>,
 }
 
 /// What the TOML config holds.
@@ -570,6 +650,7 @@ impl KeyConfig {
             tpm: self.tpm.or(defaults.tpm),
             max_streams: self.max_streams.unwrap_or(defaults.max_streams),
             models: self.models.as_ref().map(|m| m.iter().cloned().collect()),
+            budget: None,
         };
         if limits.rpm == 0 || limits.burst == 0 || limits.max_streams == 0 || limits.tpm == Some(0)
         {

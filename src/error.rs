@@ -94,6 +94,16 @@ pub enum ApiError {
         retry_after: Duration,
         quota: Option<Quota>,
     },
+    /// A budget (the key's or its team's) is spent: OpenAI's `insufficient_quota`, until
+    /// the period resets (never, for `total`).
+    #[error("{message}")]
+    InsufficientQuota {
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    /// The key was revoked, and its streams ended with it.
+    #[error("the API key was revoked; its streams were ended")]
+    KeyRevoked,
     /// sluice as a whole is at its limit.
     #[error("{message}")]
     Busy {
@@ -203,7 +213,10 @@ impl ApiError {
             | ApiError::InvalidMetricsToken
             | ApiError::InvalidAdminKey
             | ApiError::AdminKeyForInference => StatusCode::UNAUTHORIZED,
-            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::RateLimited { .. } | ApiError::InsufficientQuota { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            ApiError::KeyRevoked => StatusCode::UNAUTHORIZED,
             ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::StreamNotFound(_) | ApiError::PreviousResponseNotFound(_) => {
@@ -238,6 +251,9 @@ impl ApiError {
             ApiError::UpstreamRateLimited { .. }
             | ApiError::RateLimited { .. }
             | ApiError::PoolFull { .. } => "rate_limit_error",
+            // OpenAI's type and code for a quota that is spent.
+            ApiError::InsufficientQuota { .. } => "insufficient_quota",
+            ApiError::KeyRevoked => "invalid_request_error",
             ApiError::InvalidApiKey
             | ApiError::InvalidMetricsToken
             | ApiError::InvalidAdminKey
@@ -282,6 +298,8 @@ impl ApiError {
             | ApiError::InvalidAdminKey
             | ApiError::AdminKeyForInference => "invalid_api_key",
             ApiError::RateLimited { .. } => "rate_limit_exceeded",
+            ApiError::InsufficientQuota { .. } => "insufficient_quota",
+            ApiError::KeyRevoked => "key_revoked",
             ApiError::Busy { .. } => "server_busy",
             ApiError::PoolFull { .. } => "model_at_capacity",
             ApiError::NoHealthyUpstream { .. } => "no_healthy_upstream",
@@ -340,6 +358,7 @@ impl ApiError {
             | ApiError::Busy { retry_after: d, .. }
             | ApiError::PoolFull { retry_after: d, .. }
             | ApiError::NoHealthyUpstream { retry_after: d, .. } => Some(*d),
+            ApiError::InsufficientQuota { retry_after, .. } => *retry_after,
             ApiError::Restarting => Some(Duration::from_secs(1)),
             _ => None,
         }
@@ -396,6 +415,8 @@ impl From<BackendError> for ApiError {
                 ApiError::UpstreamTimeout(format!("no {wait} within the limit"))
             }
             BackendError::ShuttingDown => ApiError::Restarting,
+            BackendError::BudgetSpent(exhausted) => ApiError::from(Refusal::Budget(exhausted)),
+            BackendError::KeyRevoked => ApiError::KeyRevoked,
         }
     }
 }
@@ -458,6 +479,10 @@ impl From<Refusal> for ApiError {
                 retry_after: wait,
                 quota: Some(quota),
             },
+            Refusal::Budget(exhausted) => ApiError::InsufficientQuota {
+                message: exhausted.message(),
+                retry_after: exhausted.reset,
+            },
         }
     }
 }
@@ -485,6 +510,20 @@ pub fn rate_headers(quota: &Quota, headers: &mut HeaderMap) {
             if let (Ok(name), Ok(value)) = (name, HeaderValue::from_str(&value)) {
                 headers.insert(name, value);
             }
+        }
+    }
+    if let Some(left) = quota.budget {
+        if let Some(usd) = left.usd {
+            let value = HeaderValue::from_str(&format!("{usd:.6}"));
+            if let Ok(value) = value {
+                headers.insert("x-ratelimit-remaining-budget-usd", value);
+            }
+        }
+        if let Some(tokens) = left.tokens {
+            headers.insert(
+                "x-ratelimit-remaining-budget-tokens",
+                HeaderValue::from(tokens),
+            );
         }
     }
 }

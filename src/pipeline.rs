@@ -128,6 +128,9 @@ impl Admitted {
         permit
             .reserve(sent_tokens.saturating_add(reply_tokens))
             .await?;
+        // Its budgets: the prompt and a first slice of the reply, never its `max_tokens`.
+        let price = state.prices.of(&chat.model);
+        permit.budget(sent_tokens, price).await?;
         let rate = permit.quota().clone();
         // Metric labels only for admitted requests, and only from a bounded set of names.
         let label = state.routes.label(&chat.model);
@@ -185,7 +188,7 @@ impl Admitted {
             prompt_tokens,
             Bounds::of(sent_tokens, chat.max_tokens.unwrap_or(MAX_TOKENS)),
         )
-        .priced(state.prices.of(&chat.model))
+        .priced(price)
         .recorded(state.ledger.clone());
         // A target of the route's pool, waiting in its queue while every one is full.
         // A request still waiting when the shutdown grace period ends is told so.

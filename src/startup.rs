@@ -161,6 +161,9 @@ impl AppState {
             admission.refuse_admin_key(key);
         }
         let ledger = ledger(config, &metrics);
+        if let Some(ledger) = ledger.clone() {
+            admission.budget_history(budget_history(ledger));
+        }
 
         let closing = CancellationToken::new();
         Ok(AppState {
@@ -193,8 +196,28 @@ impl AppState {
             tokens: crate::tokens::Counter::default(),
             prices,
             closing,
+            keys_applied: Arc::default(),
         })
     }
+}
+
+/// What a key or a team spent since a period began, by the ledger: where budgets'
+/// balances start (and a flushed Redis's are rebuilt from).
+fn budget_history(ledger: crate::ledger::Ledger) -> crate::admission::budget::History {
+    Arc::new(move |owner, since| {
+        let ledger = ledger.clone();
+        Box::pin(async move {
+            let db = ledger
+                .db()
+                .await
+                .ok_or_else(|| anyhow::anyhow!("the ledger's database is not reachable"))?;
+            let (usd, tokens) = db.spent(owner.team, &owner.name, since).await?;
+            Ok(crate::admission::budget::Amount {
+                nanos: (usd * 1e9) as i64,
+                tokens,
+            })
+        })
+    })
 }
 
 /// The ledger on `SLUICE_DATABASE_URL`, unless it is `off`. A URL sluice cannot use does not
@@ -258,6 +281,39 @@ fn keys(config: &Config, file: &FileConfig) -> anyhow::Result<Vec<ApiKey>> {
     Ok(keys)
 }
 
+/// The limits a key's or a team's terms give (what they leave unset: sluice's defaults).
+fn limits(
+    terms: &crate::ledger::keys::Terms,
+    models: Option<&[String]>,
+    defaults: &crate::config::Limits,
+) -> crate::config::Limits {
+    let limit = |value: Option<i64>| value.map(|v| u32::try_from(v).unwrap_or(u32::MAX));
+    let rpm = limit(terms.rpm).unwrap_or(defaults.rpm);
+    let budget = (terms.budget_usd.is_some() || terms.budget_tokens.is_some()).then(|| {
+        crate::config::Budget {
+            usd: terms.budget_usd,
+            tokens: terms.budget_tokens.map(|t| u64::try_from(t).unwrap_or(0)),
+            period: terms
+                .budget_period
+                .as_deref()
+                .and_then(crate::config::Period::parse)
+                .unwrap_or(crate::config::Period::Month),
+        }
+    });
+    crate::config::Limits {
+        rpm,
+        burst: if terms.rpm.is_some() {
+            rpm
+        } else {
+            defaults.burst
+        },
+        tpm: limit(terms.tpm).or(defaults.tpm),
+        max_streams: limit(terms.max_streams).unwrap_or(defaults.max_streams),
+        models: models.map(|m| m.iter().cloned().collect()),
+        budget,
+    }
+}
+
 impl AppState {
     /// Takes the keys made through the admin API from the ledger's database every second
     /// (when they changed: their number or latest change), until `stop`. Every instance on
@@ -292,10 +348,13 @@ impl AppState {
         }
     }
 
-    /// Puts the database's live keys in admission's hands now: whether they were read.
+    /// Puts the database's live keys, with their teams, in admission's hands now: whether
+    /// they were read. One at a time: a read is applied before any later read is, so an
+    /// older view never replaces a newer one.
     pub async fn apply_keys(&self, db: &crate::ledger::Db) -> bool {
-        let keys = match db.keys().await {
-            Ok(keys) => keys,
+        let _one_at_a_time = self.keys_applied.lock().await;
+        let (keys, teams) = match tokio::try_join!(db.keys(), db.teams()) {
+            Ok(read) => read,
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "keys: the database cannot be read; the keys in use are kept");
                 return false;
@@ -305,28 +364,25 @@ impl AppState {
         let micros =
             |us: i64| std::time::UNIX_EPOCH + Duration::from_micros(u64::try_from(us).unwrap_or(0));
         let mut managed = Vec::new();
+        for key in &keys {
+            if key.revoked_at_us.is_some() && key.end_streams {
+                self.admission.end_streams(&key.name);
+            }
+        }
         for key in keys
             .iter()
-            .filter(|k| k.revoked_at_us.is_none() && !k.disabled)
+            .filter(|k| k.revoked_at_us.is_none() && !k.terms.disabled)
         {
-            let limit = |value: Option<i64>, default: u32| {
-                value.map_or(default, |v| u32::try_from(v).unwrap_or(u32::MAX))
-            };
-            let rpm = limit(key.rpm, defaults.rpm);
-            let limits = crate::config::Limits {
-                rpm,
-                burst: if key.rpm.is_some() {
-                    rpm
-                } else {
-                    defaults.burst
+            let team = match &key.team_id {
+                Some(id) => match teams.iter().find(|t| &t.id == id) {
+                    // A key of a disabled team is refused with it.
+                    Some(team) if team.terms.disabled => continue,
+                    Some(team) => Some((team.name.clone(), limits(&team.terms, None, &defaults))),
+                    None => None,
                 },
-                tpm: key
-                    .tpm
-                    .map(|v| u32::try_from(v).unwrap_or(u32::MAX))
-                    .or(defaults.tpm),
-                max_streams: limit(key.max_streams, defaults.max_streams),
-                models: key.models.as_ref().map(|m| m.iter().cloned().collect()),
+                None => None,
             };
+            let limits = limits(&key.terms, key.models.as_deref(), &defaults);
             let expires = key.expires_at_us.map(micros);
             let secrets = [
                 (Some(key.digest.as_str()), expires),
@@ -344,6 +400,7 @@ impl AppState {
                         digest,
                         limits: limits.clone(),
                         until,
+                        team: team.clone(),
                     });
                 }
             }

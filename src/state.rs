@@ -54,6 +54,8 @@ pub struct AppState {
     pub prices: crate::prices::PriceTable,
     /// The built-in mock model, which configured routes may name.
     pub mock: Arc<dyn crate::backend::Backend>,
+    /// Held while the database's keys are applied: one view at a time, in order.
+    pub keys_applied: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// How connections are served, from the configuration.

@@ -19,7 +19,9 @@ use ipnet::IpNet;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+pub mod budget;
 pub mod shared;
+use budget::{Amount, Balances, Exhausted, Left, Owner};
 use shared::{Decision, Release, Shared, TokenDecision};
 
 /// Reserved for the reply when a request sets no `max_tokens`.
@@ -38,6 +40,8 @@ type RequestLimiter = RateLimiter<
 struct Policy {
     limits: Limits,
     requests: RequestLimiter,
+    /// Its key was revoked with `end_streams`: the streams it holds end at their next chunk.
+    ended: std::sync::atomic::AtomicBool,
 }
 
 impl Policy {
@@ -48,6 +52,7 @@ impl Policy {
         Arc::new(Policy {
             limits,
             requests: RateLimiter::keyed(quota).with_middleware::<StateInformationMiddleware>(),
+            ended: std::sync::atomic::AtomicBool::new(false),
         })
     }
 }
@@ -65,6 +70,8 @@ struct StoredKey {
     policy: Arc<Policy>,
     /// When it stops working (its expiry, or the end of a rotation's grace), if ever.
     until: Option<std::time::SystemTime>,
+    /// Its team, whose limits and budget hold it too.
+    team: Option<Arc<Principal>>,
 }
 
 /// A key made through the admin API, as its store gives it: its secret's digest only.
@@ -73,6 +80,8 @@ pub struct ManagedKey {
     pub digest: [u8; 32],
     pub limits: Limits,
     pub until: Option<std::time::SystemTime>,
+    /// Its team's name and limits.
+    pub team: Option<(String, Limits)>,
 }
 
 /// Who is asking: a key's name or an IP, and the policy that applies.
@@ -82,16 +91,39 @@ pub struct Principal {
     policy: Arc<Policy>,
     /// Whether `name` is a key's (else it is the client's address: sluice has no keys).
     pub keyed: bool,
+    /// The key's team, held to its own limits and budget (named `team:<name>`).
+    pub team: Option<Arc<Principal>>,
 }
 
+/// The prefix of a team's name where limits are kept: no key's name can take it.
+const TEAM: &str = "team:";
+
 impl Principal {
-    /// Whether this client's key may use `model` (every model, unless its key names some).
+    /// Whether this client's key may use `model` (every model, unless its key names some:
+    /// names, or patterns ending in `*`).
     pub fn may_use(&self, model: &str) -> bool {
-        self.policy
-            .limits
-            .models
-            .as_ref()
-            .is_none_or(|models| models.contains(model))
+        self.policy.limits.models.as_ref().is_none_or(|models| {
+            models.contains(model)
+                || models.iter().any(|m| {
+                    m.strip_suffix('*')
+                        .is_some_and(|prefix| model.starts_with(prefix))
+                })
+        })
+    }
+
+    /// The team's name, when the key has one.
+    pub fn team_name(&self) -> Option<&str> {
+        self.team.as_ref().map(|t| &t.name[TEAM.len()..])
+    }
+
+    /// The budget it is held to, and whose.
+    fn budget(&self) -> Option<(Owner, budget::Budget)> {
+        let budget = self.policy.limits.budget?;
+        let (team, name) = match self.name.strip_prefix(TEAM) {
+            Some(team) => (true, Arc::from(team)),
+            None => (false, self.name.clone()),
+        };
+        Some((Owner { team, name }, budget))
     }
 }
 
@@ -127,6 +159,8 @@ pub struct Admission {
     global_max: usize,
     /// The digest of `SLUICE_ADMIN_KEY`, which inference refuses.
     admin: std::sync::OnceLock<[u8; 32]>,
+    /// Every budget's balance.
+    balances: Balances,
 }
 
 impl Admission {
@@ -152,6 +186,7 @@ impl Admission {
             None => (None, None),
         };
         let keys = Arc::new(keys);
+        let shared_link = shared.clone();
         Ok(Arc::new(Admission {
             keys: std::sync::RwLock::new(keys.clone()),
             configured: std::sync::RwLock::new(keys),
@@ -169,6 +204,7 @@ impl Admission {
             global_streams: AtomicUsize::new(0),
             global_max,
             admin: std::sync::OnceLock::new(),
+            balances: Balances::new(shared_link),
         }))
     }
 
@@ -199,6 +235,7 @@ impl Admission {
                 name: ip.map_or_else(|| "unknown".into(), |ip| client_name(ip).into()),
                 policy: self.default_policy.clone(),
                 keyed: false,
+                team: None,
             });
         }
         let presented = key.ok_or(Refusal::InvalidKey)?;
@@ -221,6 +258,7 @@ impl Admission {
             name: key.name.clone(),
             policy: key.policy.clone(),
             keyed: true,
+            team: key.team.clone(),
         })
     }
 
@@ -254,11 +292,20 @@ impl Admission {
     /// checks that cost nothing come first; tokens are counted and reserved afterwards
     /// ([`Permit::reserve`]). On yes, the permit holds a stream slot until it is dropped.
     /// With Redis, the limits are every instance's together.
+    /// A key of a team is admitted by both, its own limits first.
     pub async fn admit(self: &Arc<Self>, who: &Principal, model: &str) -> Result<Permit, Refusal> {
-        let limits = &who.policy.limits;
         if !who.may_use(model) {
             return Err(Refusal::ModelNotAllowed(model.to_owned()));
         }
+        let mut permit = self.admit_one(who).await?;
+        if let Some(team) = &who.team {
+            permit.team = Some(Box::new(self.admit_one(team).await?));
+        }
+        Ok(permit)
+    }
+
+    async fn admit_one(self: &Arc<Self>, who: &Principal) -> Result<Permit, Refusal> {
+        let limits = &who.policy.limits;
         if let Some(shared) = &self.shared {
             let id = uuid::Uuid::new_v4().simple().to_string();
             match shared.admit(&who.name, limits, self.global_max, &id).await {
@@ -365,14 +412,12 @@ impl Admission {
             Decision::Admitted {
                 remaining_requests,
                 reset_requests,
-            } => Ok(Permit {
-                admission: self.clone(),
-                client: who.name.clone(),
-                tpm: limits.tpm,
-                reserved: 0,
-                hold: Hold::Shared { id, give_back: 0 },
-                quota: Quota::requests(limits, remaining_requests, reset_requests),
-            }),
+            } => Ok(Permit::of(
+                self,
+                who,
+                Hold::Shared { id, give_back: 0 },
+                Quota::requests(limits, remaining_requests, reset_requests),
+            )),
             Decision::TooManyStreams {
                 remaining_requests,
                 reset_requests,
@@ -406,17 +451,15 @@ impl Admission {
                 max_streams: self.global_max,
             });
         }
-        let mut permit = Permit {
-            admission: self.clone(),
-            client: who.name.clone(),
-            tpm: limits.tpm,
-            reserved: 0,
-            hold: Hold::Local {
+        let mut permit = Permit::of(
+            self,
+            who,
+            Hold::Local {
                 stream: false,
                 shared: None,
             },
-            quota: Quota::default(),
-        };
+            Quota::default(),
+        );
 
         // Requests per minute: every answer from here on counts as a request.
         permit.quota = self.requests_locally(who)?;
@@ -487,7 +530,14 @@ impl Admission {
         let tpm = |name: &Arc<str>| {
             keys.iter()
                 .find(|k| k.name == *name)
-                .map_or(&self.default_policy, |k| &k.policy)
+                .map(|k| &k.policy)
+                .or_else(|| {
+                    keys.iter()
+                        .filter_map(|k| k.team.as_ref())
+                        .find(|t| t.name == *name)
+                        .map(|t| &t.policy)
+                })
+                .unwrap_or(&self.default_policy)
                 .limits
                 .tpm
                 .unwrap_or(u32::MAX)
@@ -523,17 +573,55 @@ impl Admission {
     pub fn replace_managed(&self, keys: Vec<ManagedKey>, made: bool) {
         self.managing.fetch_or(made, Ordering::Relaxed);
         let old = self.keys();
+        let old_teams: Vec<Arc<Principal>> = old.iter().filter_map(|k| k.team.clone()).collect();
+        let mut teams: Vec<Arc<Principal>> = Vec::new();
         let keys = keys
             .into_iter()
-            .map(|key| StoredKey {
-                policy: kept_policy(&old, &key.name, key.limits),
-                name: key.name.into(),
-                digest: key.digest,
-                until: key.until,
+            .map(|key| {
+                let team = key.team.map(|(name, limits)| {
+                    let name = format!("{TEAM}{name}");
+                    let known = teams
+                        .iter()
+                        .chain(old_teams.iter())
+                        .find(|t| *t.name == *name && t.policy.limits == limits);
+                    match known {
+                        Some(team) => team.clone(),
+                        None => {
+                            let team = Arc::new(Principal {
+                                name: name.into(),
+                                policy: Policy::new(limits),
+                                keyed: true,
+                                team: None,
+                            });
+                            teams.push(team.clone());
+                            team
+                        }
+                    }
+                });
+                StoredKey {
+                    policy: kept_policy(&old, &key.name, key.limits),
+                    name: key.name.into(),
+                    digest: key.digest,
+                    until: key.until,
+                    team,
+                }
             })
             .collect();
         *self.managed.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
         self.merge();
+    }
+
+    /// Ends the open streams of the key named `name` (revoked with `end_streams`): each at
+    /// its next chunk, on this instance.
+    pub fn end_streams(&self, name: &str) {
+        for key in self.keys().iter().filter(|k| &*k.name == name) {
+            key.policy.ended.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Budgets' balances start from what the ledger says was spent in their period.
+    pub fn budget_history(&self, history: budget::History) {
+        self.balances.with_history(history);
     }
 
     /// Whether keys have been made through the admin API (then a key is always required).
@@ -566,6 +654,7 @@ impl Admission {
                 digest: k.digest,
                 policy: k.policy.clone(),
                 until: k.until,
+                team: k.team.clone(),
             })
             .collect();
         *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(all);
@@ -610,6 +699,7 @@ fn stored(keys: Vec<ApiKey>, default_policy: &Arc<Policy>, old: &[StoredKey]) ->
                 digest: Sha256::digest(key.secret.as_bytes()).into(),
                 policy,
                 until: None,
+                team: None,
             }
         })
         .collect()
@@ -718,11 +808,35 @@ impl Bucket {
 pub struct Permit {
     admission: Arc<Admission>,
     client: Arc<str>,
+    policy: Arc<Policy>,
     /// The client's tokens per minute, when limited.
     tpm: Option<u32>,
     reserved: u32,
     hold: Hold,
     quota: Quota,
+    /// The team's permit, for a key of a team.
+    team: Option<Box<Permit>>,
+    /// What the stream holds of its budgets, once [`Permit::budget`] took its first slice.
+    spending: Option<Spending>,
+}
+
+/// What a take from several budgets took: the same of each; the least left after it; the
+/// account that gave least.
+struct Taken {
+    amount: Amount,
+    left: Option<Left>,
+    least: usize,
+}
+
+/// A stream's hold on its budgets (its key's, its team's): what it holds of each, and the
+/// price its chunks are charged at.
+struct Spending {
+    accounts: Vec<(Owner, budget::Budget)>,
+    price: Option<crate::prices::Price>,
+    /// Taken from every account, not yet spent or given back.
+    held: Amount,
+    /// Spent so far, as the stream counted it.
+    used: Amount,
 }
 
 /// Where the permit's stream slot is held.
@@ -738,6 +852,20 @@ enum Hold {
 }
 
 impl Permit {
+    fn of(admission: &Arc<Admission>, who: &Principal, hold: Hold, quota: Quota) -> Self {
+        Permit {
+            admission: admission.clone(),
+            client: who.name.clone(),
+            policy: who.policy.clone(),
+            tpm: who.policy.limits.tpm,
+            reserved: 0,
+            hold,
+            quota,
+            team: None,
+            spending: None,
+        }
+    }
+
     /// The client's standing after this request: for `x-ratelimit-*`.
     pub fn quota(&self) -> &Quota {
         &self.quota
@@ -747,10 +875,183 @@ impl Permit {
         &self.client
     }
 
+    /// The key was revoked with its streams ended.
+    pub fn ended(&self) -> bool {
+        self.policy.ended.load(Ordering::Relaxed)
+    }
+
+    /// Whether the stream is held to a budget.
+    pub fn budgeted(&self) -> bool {
+        self.spending.is_some()
+    }
+
+    /// Takes `want` from every budget (all of it, `whole`, or what each has left): what was
+    /// taken of each, the same; what was taken of one and not another goes back.
+    async fn take(
+        &self,
+        accounts: &[(Owner, budget::Budget)],
+        want: Amount,
+        whole: bool,
+    ) -> Result<Taken, Refusal> {
+        let balances = &self.admission.balances;
+        let failed = |e: &redis::RedisError| self.admission.redis_failed(e);
+        let mut taken: Vec<Amount> = Vec::with_capacity(accounts.len());
+        let mut left: Option<Left> = None;
+        let mut common = want;
+        let mut least = 0;
+        for (i, (owner, budget)) in accounts.iter().enumerate() {
+            match balances.take(owner, budget, common, whole, failed).await {
+                Ok((got, after)) => {
+                    if got != common {
+                        least = i;
+                    }
+                    common = got;
+                    taken.push(got);
+                    left = Some(left.map_or(after, |l| l.min(after)));
+                }
+                Err(refusal) => {
+                    for ((owner, budget), got) in accounts.iter().zip(&taken) {
+                        balances.give(owner, budget, *got);
+                    }
+                    return Err(refusal);
+                }
+            }
+        }
+        // An account later in the list took less: the earlier ones give the rest back.
+        for ((owner, budget), got) in accounts.iter().zip(&taken) {
+            balances.give(
+                owner,
+                budget,
+                Amount {
+                    nanos: got.nanos - common.nanos,
+                    tokens: got.tokens - common.tokens,
+                },
+            );
+        }
+        Ok(Taken {
+            amount: common,
+            left,
+            least,
+        })
+    }
+
+    /// Admits the request to its budgets (its key's, its team's): its prompt and a first
+    /// slice of output must fit what is left, at `price` (none: only a tokens budget
+    /// counts it). Refused: 429 `insufficient_quota`, until the period resets.
+    pub async fn budget(
+        &mut self,
+        prompt_tokens: u32,
+        price: Option<crate::prices::Price>,
+    ) -> Result<(), Refusal> {
+        let accounts: Vec<_> = [
+            self.policy_owner(),
+            self.team.as_ref().and_then(|t| t.policy_owner()),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if accounts.is_empty() {
+            return Ok(());
+        }
+        let default = crate::prices::Details::default();
+        let want = Amount::of(price.as_ref(), prompt_tokens, budget::SLICE_TOKENS, default);
+        let taken = self.take(&accounts, want, true).await?;
+        self.quota.budget = taken.left;
+        self.spending = Some(Spending {
+            accounts,
+            price,
+            held: taken.amount,
+            used: Amount::default(),
+        });
+        Ok(())
+    }
+
+    fn policy_owner(&self) -> Option<(Owner, budget::Budget)> {
+        Principal {
+            name: self.client.clone(),
+            policy: self.policy.clone(),
+            keyed: true,
+            team: None,
+        }
+        .budget()
+    }
+
+    /// The stream has used `prompt` and `completion` tokens so far: charged to what it
+    /// holds, drawing another slice when that is spent. `Err` when its budget has run out
+    /// (the stream ends at this chunk). Arithmetic, unless a slice is drawn.
+    pub async fn spend(&mut self, prompt: u32, completion: u32) -> Result<(), Exhausted> {
+        let Some(spending) = &self.spending else {
+            return Ok(());
+        };
+        let default = crate::prices::Details::default();
+        let used = Amount::of(spending.price.as_ref(), prompt, completion, default);
+        if spending.held.nanos >= used.nanos && spending.held.tokens >= used.tokens {
+            if let Some(spending) = &mut self.spending {
+                spending.used = used;
+            }
+            return Ok(());
+        }
+        let slice = Amount::of(spending.price.as_ref(), 0, budget::SLICE_TOKENS, default);
+        let short = Amount {
+            nanos: (used.nanos - spending.held.nanos).max(0) + slice.nanos,
+            tokens: (used.tokens - spending.held.tokens).max(0) + slice.tokens,
+        };
+        let accounts = spending.accounts.clone();
+        let taken = self.take(&accounts, short, false).await;
+        let Some(spending) = &mut self.spending else {
+            return Ok(());
+        };
+        spending.used = used;
+        match taken {
+            Ok(taken) => {
+                spending.held.nanos += taken.amount.nanos;
+                spending.held.tokens += taken.amount.tokens;
+                if spending.held.nanos >= used.nanos && spending.held.tokens >= used.tokens {
+                    return Ok(());
+                }
+                let (owner, budget) = accounts[taken.least].clone();
+                let side = if budget.usd.is_some() && spending.held.nanos < used.nanos {
+                    "usd"
+                } else {
+                    "tokens"
+                };
+                Err(Exhausted {
+                    owner,
+                    reset: budget::reset(&budget),
+                    budget,
+                    side,
+                })
+            }
+            Err(Refusal::Budget(exhausted)) => Err(exhausted),
+            // Redis failed and sluice fails closed: the stream goes on with what it holds
+            // rather than fail a reply it has started; its account is charged at the end.
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// The stream ended having used `used` (its usage at its price, as it is billed): what
+    /// it held and did not use goes back to its budgets.
+    pub fn charge(&mut self, prompt: u32, completion: u32, details: crate::prices::Details) {
+        let Some(spending) = self.spending.take() else {
+            return;
+        };
+        let used = Amount::of(spending.price.as_ref(), prompt, completion, details);
+        let back = Amount {
+            nanos: spending.held.nanos - used.nanos,
+            tokens: spending.held.tokens - used.tokens,
+        };
+        for (owner, budget) in &spending.accounts {
+            self.admission.balances.give(owner, budget, back);
+        }
+    }
+
     /// Reserves `tokens` (prompt and the most the reply may use) of the client's tokens per
     /// minute, when they are limited; settled to the real usage by [`Permit::settle`].
     /// Refused: 429 when they fit later, 400 naming `max_tokens` when they never can.
     pub async fn reserve(&mut self, tokens: u32) -> Result<(), Refusal> {
+        if let Some(team) = &mut self.team {
+            Box::pin(team.reserve(tokens)).await?;
+        }
         let Some(tpm) = self.tpm else {
             return Ok(());
         };
@@ -797,6 +1098,9 @@ impl Permit {
 
     /// Charges `used` tokens in place of the reservation: the rest comes back.
     pub fn settle(&mut self, used: u32) {
+        if let Some(team) = &mut self.team {
+            team.settle(used);
+        }
         let reserved = std::mem::take(&mut self.reserved);
         let Some(tpm) = self.tpm else {
             return;
@@ -819,6 +1123,16 @@ impl Drop for Permit {
     fn drop(&mut self) {
         if self.reserved > 0 {
             self.settle(0);
+        }
+        // Never charged (the stream was never metered): what it held goes back.
+        if let Some(spending) = self.spending.take() {
+            let back = Amount {
+                nanos: spending.held.nanos - spending.used.nanos,
+                tokens: spending.held.tokens - spending.used.tokens,
+            };
+            for (owner, budget) in &spending.accounts {
+                self.admission.balances.give(owner, budget, back);
+            }
         }
         match &mut self.hold {
             Hold::Local { stream, shared } => {
@@ -904,6 +1218,8 @@ pub enum Refusal {
         wait: Duration,
         quota: Quota,
     },
+    /// A budget (the key's or its team's) has nothing left for the request.
+    Budget(Exhausted),
 }
 
 /// A client's standing against its limits, as OpenAI's `x-ratelimit-*` headers tell it.
@@ -911,6 +1227,8 @@ pub enum Refusal {
 pub struct Quota {
     pub requests: Option<Window>,
     pub tokens: Option<Window>,
+    /// What the budgets (the key's, its team's) have left, the least of them.
+    pub budget: Option<Left>,
 }
 
 /// One limit: its size, what is left, and when it is whole again.
@@ -930,6 +1248,7 @@ impl Quota {
                 reset,
             }),
             tokens: None,
+            budget: None,
         }
     }
 

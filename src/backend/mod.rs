@@ -326,6 +326,12 @@ pub enum BackendError {
     /// sluice is shutting down and its grace period is over.
     #[error("the server is restarting")]
     ShuttingDown,
+    /// The stream's budget (its key's or its team's) ran out under it: sluice's own end.
+    #[error("{}", .0.message())]
+    BudgetSpent(crate::admission::budget::Exhausted),
+    /// The stream's key was revoked with its streams ended: sluice's own end.
+    #[error("the API key was revoked; its streams were ended")]
+    KeyRevoked,
 }
 
 /// What a stream was waiting for when a limit ran out.

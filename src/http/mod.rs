@@ -214,7 +214,7 @@ where
         });
         let who = Arc::<Admission>::from_ref(state).identify(key, forwarded, peer)?;
         if let Some(exchange) = parts.extensions.get::<Exchange>() {
-            exchange.set_key(who.name.clone(), who.keyed);
+            exchange.set_key(who.name.clone(), who.keyed, who.team_name());
         }
         Ok(who)
     }

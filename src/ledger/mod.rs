@@ -60,7 +60,8 @@ pub struct Record {
     /// The client's API: `openai`, `anthropic`, `sluice`.
     pub api: String,
     pub stream_id: Option<String>,
-    /// `completed`, `cancelled`, `timed_out`, `upstream_error`, `shutdown`.
+    /// `completed`, `cancelled`, `timed_out`, `upstream_error`, `shutdown`, `budget_exceeded`,
+    /// `revoked`.
     pub outcome: String,
     pub error: Option<String>,
     pub input_tokens: i64,

@@ -235,12 +235,15 @@ fn steps<E: Encoder>(
                 Some(Ok(delta)) => delta,
                 Some(Err(e)) => break Some(e),
             };
+            // A piece of the reply went out: the stream's budget (and its key) are checked.
+            let mut metered = false;
             match delta {
                 Delta::Queued(ahead) => out.comment(&format!("queued: {ahead} ahead")),
                 Delta::Event(raw) => {
                     let seen = encoder.relay(raw.json(), &mut out);
                     if seen.text {
                         guard.delivered();
+                        metered = true;
                     }
                     if let Some(usage) = seen.usage {
                         guard.reported = Some(usage);
@@ -260,6 +263,7 @@ fn steps<E: Encoder>(
                     match &delta {
                         Delta::Text(text) => {
                             guard.delivered();
+                            metered = true;
                             size = size.saturating_add(text.len());
                         }
                         Delta::Fields(fields) => {
@@ -281,6 +285,9 @@ fn steps<E: Encoder>(
             }
             for event in out.take() {
                 yield Ok(event);
+            }
+            if metered && let Err(e) = guard.may_go_on().await {
+                break Some(e);
             }
             item = opened.next().await;
         };

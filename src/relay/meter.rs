@@ -132,6 +132,24 @@ impl StreamGuard {
         self.outcome.get_or_insert(outcome);
     }
 
+    /// After a chunk went out: whether the stream may go on. Its key revoked with its
+    /// streams ended, or its budget spent (the chunk's cost taken from what the stream holds,
+    /// another slice drawn when that is spent), end it here. Two loads and a comparison,
+    /// unless a slice is drawn.
+    pub(super) async fn may_go_on(&mut self) -> Result<(), BackendError> {
+        if self.permit.ended() {
+            return Err(BackendError::KeyRevoked);
+        }
+        if !self.permit.budgeted() {
+            return Ok(());
+        }
+        let usage = self.usage();
+        self.permit
+            .spend(usage.prompt_tokens, usage.completion_tokens)
+            .await
+            .map_err(BackendError::BudgetSpent)
+    }
+
     pub(super) fn failed(&mut self, error: &BackendError) {
         self.exchange.failed(error);
         self.finish(Outcome::of(error));
@@ -146,6 +164,8 @@ impl Drop for StreamGuard {
         let cost = self.cost();
         // A cancelled stream is charged what it delivered; a failed one, what it used.
         self.permit.settle(usage.total_tokens);
+        self.permit
+            .charge(usage.prompt_tokens, usage.completion_tokens, details);
         self.exchange.ended(outcome, self.times.first, usage, cost);
         self.metrics.stream_ended(
             outcome,

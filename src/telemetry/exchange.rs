@@ -36,6 +36,8 @@ struct Record {
     key: Option<Arc<str>>,
     /// Whether `key` is a key's name (else the client's address: sluice has no keys).
     keyed: bool,
+    /// The key's team, when it has one.
+    team: Option<Arc<str>>,
     model: Option<String>,
     /// The target that served the request (the last one tried), and its name for the model.
     target: Option<Arc<str>>,
@@ -154,10 +156,11 @@ impl Exchange {
     }
 
     /// The client's key name (or address, when `keyed` is false), once identified.
-    pub fn set_key(&self, key: Arc<str>, keyed: bool) {
+    pub fn set_key(&self, key: Arc<str>, keyed: bool, team: Option<&str>) {
         let mut record = self.record();
         record.key = Some(key);
         record.keyed = keyed;
+        record.team = team.map(Arc::from);
     }
 
     /// The client as a metric labels it: its key's name, or `open` (addresses are not a
@@ -217,6 +220,7 @@ impl Exchange {
             request_id: self.0.request_id.clone(),
             at_us,
             key: r.key.as_deref().unwrap_or("unknown").to_owned(),
+            team: r.team.as_deref().map(str::to_owned),
             route: r.route.clone().unwrap_or_else(|| self.0.path.clone()),
             model: r.model.clone().unwrap_or_default(),
             served_model: r.served.clone(),

@@ -38,21 +38,29 @@ pub enum Outcome {
     UpstreamError,
     /// sluice shut down before the reply was finished.
     Shutdown,
+    /// The key's or its team's budget ran out under the stream.
+    BudgetExceeded,
+    /// The key was revoked with its streams ended.
+    Revoked,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 5] = [
+    pub const ALL: [Outcome; 7] = [
         Outcome::Completed,
         Outcome::Cancelled,
         Outcome::TimedOut,
         Outcome::UpstreamError,
         Outcome::Shutdown,
+        Outcome::BudgetExceeded,
+        Outcome::Revoked,
     ];
 
     pub fn of(error: &BackendError) -> Outcome {
         match error {
             BackendError::Timeout(_) => Outcome::TimedOut,
             BackendError::ShuttingDown => Outcome::Shutdown,
+            BackendError::BudgetSpent(_) => Outcome::BudgetExceeded,
+            BackendError::KeyRevoked => Outcome::Revoked,
             _ => Outcome::UpstreamError,
         }
     }
@@ -65,6 +73,8 @@ impl Outcome {
             Outcome::TimedOut => Some("timeout"),
             Outcome::UpstreamError => Some("upstream_error"),
             Outcome::Shutdown => Some("server_restarting"),
+            Outcome::BudgetExceeded => Some("insufficient_quota"),
+            Outcome::Revoked => Some("key_revoked"),
         }
     }
 
@@ -75,6 +85,8 @@ impl Outcome {
             Outcome::TimedOut => "timed_out",
             Outcome::UpstreamError => "upstream_error",
             Outcome::Shutdown => "shutdown",
+            Outcome::BudgetExceeded => "budget_exceeded",
+            Outcome::Revoked => "revoked",
         }
     }
 }
@@ -164,7 +176,7 @@ struct Inner {
     active: Gauge,
     upstream_in_flight: Gauge,
     /// Indexed like [`Outcome::ALL`].
-    ended: [Counter; 5],
+    ended: [Counter; Outcome::ALL.len()],
     mock_tokens: Counter,
     local_tokens: Counter,
     redis_errors: Counter,

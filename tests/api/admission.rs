@@ -270,6 +270,7 @@ async fn memory_stays_bounded_with_100_000_clients() {
         tpm: Some(100_000),
         max_streams: 4,
         models: None,
+        budget: None,
     };
     let admission: Arc<Admission> =
         Admission::new(Vec::new(), limits, Vec::new(), 1_000_000, None).expect("admission");

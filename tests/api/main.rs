@@ -8,6 +8,7 @@ mod admission;
 mod agents;
 mod anthropic;
 mod browser;
+mod budgets;
 mod cancel;
 mod chat;
 mod cluster;
