@@ -415,7 +415,13 @@ impl From<BackendError> for ApiError {
                 ApiError::UpstreamTimeout(format!("no {wait} within the limit"))
             }
             BackendError::ShuttingDown => ApiError::Restarting,
-            BackendError::BudgetSpent(exhausted) => ApiError::from(Refusal::Budget(exhausted)),
+            BackendError::BudgetSpent {
+                message,
+                retry_after,
+            } => ApiError::InsufficientQuota {
+                message,
+                retry_after,
+            },
             BackendError::KeyRevoked => ApiError::KeyRevoked,
         }
     }

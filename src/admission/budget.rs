@@ -131,11 +131,19 @@ impl Exhausted {
             _ => format!("{} tokens", self.budget.tokens.unwrap_or(0)),
         };
         let when = match self.reset {
-            Some(reset) => format!(
-                "; it resets at the start of the next {} (UTC), in {}",
-                self.budget.period.name(),
-                crate::error::duration(reset)
-            ),
+            Some(reset) => {
+                let at = std::time::SystemTime::now() + reset;
+                let at = time::OffsetDateTime::from(at)
+                    .replace_nanosecond(0)
+                    .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+                let at = at
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default();
+                format!(
+                    "; it resets at the start of the next {} (UTC), at {at}",
+                    self.budget.period.name()
+                )
+            }
             None => "; it is a total, which does not reset".into(),
         };
         let period = match self.budget.period {

@@ -326,9 +326,13 @@ pub enum BackendError {
     /// sluice is shutting down and its grace period is over.
     #[error("the server is restarting")]
     ShuttingDown,
-    /// The stream's budget (its key's or its team's) ran out under it: sluice's own end.
-    #[error("{}", .0.message())]
-    BudgetSpent(crate::admission::budget::Exhausted),
+    /// The stream's budget (its key's or its team's) ran out under it: sluice's own end,
+    /// with what the client is told and when the budget resets.
+    #[error("{message}")]
+    BudgetSpent {
+        message: String,
+        retry_after: Option<Duration>,
+    },
     /// The stream's key was revoked with its streams ended: sluice's own end.
     #[error("the API key was revoked; its streams were ended")]
     KeyRevoked,

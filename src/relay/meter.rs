@@ -147,7 +147,10 @@ impl StreamGuard {
         self.permit
             .spend(usage.prompt_tokens, usage.completion_tokens)
             .await
-            .map_err(BackendError::BudgetSpent)
+            .map_err(|exhausted| BackendError::BudgetSpent {
+                message: exhausted.message(),
+                retry_after: exhausted.reset,
+            })
     }
 
     pub(super) fn failed(&mut self, error: &BackendError) {

@@ -156,7 +156,7 @@ fn error_type(error: &BackendError) -> String {
         BackendError::Overloaded { .. } => "overloaded".into(),
         BackendError::TooLarge(_) => "too_large".into(),
         BackendError::ShuttingDown => "server_restarting".into(),
-        BackendError::BudgetSpent(_) => "insufficient_quota".into(),
+        BackendError::BudgetSpent { .. } => "insufficient_quota".into(),
         BackendError::KeyRevoked => "key_revoked".into(),
     }
 }

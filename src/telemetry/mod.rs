@@ -59,7 +59,7 @@ impl Outcome {
         match error {
             BackendError::Timeout(_) => Outcome::TimedOut,
             BackendError::ShuttingDown => Outcome::Shutdown,
-            BackendError::BudgetSpent(_) => Outcome::BudgetExceeded,
+            BackendError::BudgetSpent { .. } => Outcome::BudgetExceeded,
             BackendError::KeyRevoked => Outcome::Revoked,
             _ => Outcome::UpstreamError,
         }
