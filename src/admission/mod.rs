@@ -526,6 +526,9 @@ impl Admission {
         let keys = self.keys();
         for key in keys.iter() {
             key.policy.requests.retain_recent();
+            if let Some(team) = &key.team {
+                team.policy.requests.retain_recent();
+            }
         }
         let tpm = |name: &Arc<str>| {
             keys.iter()
