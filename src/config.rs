@@ -522,6 +522,11 @@ impl Period {
         }
     }
 
+    /// The period `name` names, else a month (the default).
+    pub fn or_month(name: Option<&str>) -> Self {
+        name.and_then(Self::parse).unwrap_or(Period::Month)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Period::Day => "day",

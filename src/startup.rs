@@ -293,11 +293,7 @@ fn limits(
         crate::config::Budget {
             usd: terms.budget_usd,
             tokens: terms.budget_tokens.map(|t| u64::try_from(t).unwrap_or(0)),
-            period: terms
-                .budget_period
-                .as_deref()
-                .and_then(crate::config::Period::parse)
-                .unwrap_or(crate::config::Period::Month),
+            period: crate::config::Period::or_month(terms.budget_period.as_deref()),
         }
     });
     crate::config::Limits {

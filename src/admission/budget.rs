@@ -60,21 +60,29 @@ impl Amount {
         }
     }
 
-    fn covers(self, other: Amount) -> bool {
+    pub fn covers(self, other: Amount) -> bool {
         self.nanos >= other.nanos && self.tokens >= other.tokens
     }
 
-    fn minus(self, other: Amount) -> Amount {
+    pub fn minus(self, other: Amount) -> Amount {
         Amount {
             nanos: self.nanos - other.nanos,
             tokens: self.tokens - other.tokens,
         }
     }
 
-    fn plus(self, other: Amount) -> Amount {
+    pub fn plus(self, other: Amount) -> Amount {
         Amount {
             nanos: self.nanos + other.nanos,
             tokens: self.tokens + other.tokens,
+        }
+    }
+
+    /// Each side, or 0 where it is below.
+    pub fn at_least_zero(self) -> Amount {
+        Amount {
+            nanos: self.nanos.max(0),
+            tokens: self.tokens.max(0),
         }
     }
 
@@ -174,16 +182,15 @@ impl Left {
 
     /// The lesser of each side, of two balances (a key's and its team's).
     pub fn min(self, other: Left) -> Left {
-        let least = |a: Option<f64>, b: Option<f64>| match (a, b) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        fn least<T: PartialOrd>(a: Option<T>, b: Option<T>) -> Option<T> {
+            match (a, b) {
+                (Some(a), Some(b)) => Some(if b < a { b } else { a }),
+                (a, b) => a.or(b),
+            }
+        }
         Left {
             usd: least(self.usd, other.usd),
-            tokens: match (self.tokens, other.tokens) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            },
+            tokens: least(self.tokens, other.tokens),
         }
     }
 }

@@ -115,16 +115,6 @@ impl Principal {
     pub fn team_name(&self) -> Option<&str> {
         self.team.as_ref().map(|t| &t.name[TEAM.len()..])
     }
-
-    /// The budget it is held to, and whose.
-    fn budget(&self) -> Option<(Owner, budget::Budget)> {
-        let budget = self.policy.limits.budget?;
-        let (team, name) = match self.name.strip_prefix(TEAM) {
-            Some(team) => (true, Arc::from(team)),
-            None => (false, self.name.clone()),
-        };
-        Some((Owner { team, name }, budget))
-    }
 }
 
 /// Limits shared through Redis, and what to do when it cannot be reached.
@@ -614,6 +604,51 @@ impl Admission {
         self.merge();
     }
 
+    /// Takes `want` from every budget in `accounts` (all of it, `whole`, or what each has
+    /// left): the same of each; what one took past what a later one could give goes back.
+    async fn take(
+        &self,
+        accounts: &[(Owner, budget::Budget)],
+        want: Amount,
+        whole: bool,
+    ) -> Result<Taken, Refusal> {
+        let failed = |e: &redis::RedisError| self.redis_failed(e);
+        let mut taken: Vec<Amount> = Vec::with_capacity(accounts.len());
+        let mut left: Option<Left> = None;
+        let mut common = want;
+        let mut least = 0;
+        for (i, (owner, budget)) in accounts.iter().enumerate() {
+            match self
+                .balances
+                .take(owner, budget, common, whole, failed)
+                .await
+            {
+                Ok((got, after)) => {
+                    if got != common {
+                        least = i;
+                    }
+                    common = got;
+                    taken.push(got);
+                    left = Some(left.map_or(after, |l| l.min(after)));
+                }
+                Err(refusal) => {
+                    for ((owner, budget), got) in accounts.iter().zip(&taken) {
+                        self.balances.give(owner, budget, *got);
+                    }
+                    return Err(refusal);
+                }
+            }
+        }
+        for ((owner, budget), got) in accounts.iter().zip(&taken) {
+            self.balances.give(owner, budget, got.minus(common));
+        }
+        Ok(Taken {
+            amount: common,
+            left,
+            least,
+        })
+    }
+
     /// Ends the open streams of the key named `name` (revoked with `end_streams`): each at
     /// its next chunk, on this instance.
     pub fn end_streams(&self, name: &str) {
@@ -685,6 +720,20 @@ impl Admission {
 
     pub fn open_streams(&self) -> usize {
         self.global_streams.load(Ordering::Acquire)
+    }
+}
+
+/// Whose budget a client's is: a team's (its limits kept as `team:<name>`) or a key's.
+fn owner(client: &Arc<str>) -> Owner {
+    match client.strip_prefix(TEAM) {
+        Some(team) => Owner {
+            team: true,
+            name: Arc::from(team),
+        },
+        None => Owner {
+            team: false,
+            name: client.clone(),
+        },
     }
 }
 
@@ -888,56 +937,6 @@ impl Permit {
         self.spending.is_some()
     }
 
-    /// Takes `want` from every budget (all of it, `whole`, or what each has left): what was
-    /// taken of each, the same; what was taken of one and not another goes back.
-    async fn take(
-        &self,
-        accounts: &[(Owner, budget::Budget)],
-        want: Amount,
-        whole: bool,
-    ) -> Result<Taken, Refusal> {
-        let balances = &self.admission.balances;
-        let failed = |e: &redis::RedisError| self.admission.redis_failed(e);
-        let mut taken: Vec<Amount> = Vec::with_capacity(accounts.len());
-        let mut left: Option<Left> = None;
-        let mut common = want;
-        let mut least = 0;
-        for (i, (owner, budget)) in accounts.iter().enumerate() {
-            match balances.take(owner, budget, common, whole, failed).await {
-                Ok((got, after)) => {
-                    if got != common {
-                        least = i;
-                    }
-                    common = got;
-                    taken.push(got);
-                    left = Some(left.map_or(after, |l| l.min(after)));
-                }
-                Err(refusal) => {
-                    for ((owner, budget), got) in accounts.iter().zip(&taken) {
-                        balances.give(owner, budget, *got);
-                    }
-                    return Err(refusal);
-                }
-            }
-        }
-        // An account later in the list took less: the earlier ones give the rest back.
-        for ((owner, budget), got) in accounts.iter().zip(&taken) {
-            balances.give(
-                owner,
-                budget,
-                Amount {
-                    nanos: got.nanos - common.nanos,
-                    tokens: got.tokens - common.tokens,
-                },
-            );
-        }
-        Ok(Taken {
-            amount: common,
-            left,
-            least,
-        })
-    }
-
     /// Admits the request to its budgets (its key's, its team's): its prompt and a first
     /// slice of output must fit what is left, at `price` (none: only a tokens budget
     /// counts it). Refused: 429 `insufficient_quota`, until the period resets.
@@ -946,19 +945,20 @@ impl Permit {
         prompt_tokens: u32,
         price: Option<crate::prices::Price>,
     ) -> Result<(), Refusal> {
-        let accounts: Vec<_> = [
-            self.policy_owner(),
-            self.team.as_ref().and_then(|t| t.policy_owner()),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
+        let accounts: Vec<_> = std::iter::once(self as &Permit)
+            .chain(self.team.as_deref())
+            .filter_map(|permit| Some((owner(&permit.client), permit.policy.limits.budget?)))
+            .collect();
         if accounts.is_empty() {
             return Ok(());
         }
-        let default = crate::prices::Details::default();
-        let want = Amount::of(price.as_ref(), prompt_tokens, budget::SLICE_TOKENS, default);
-        let taken = self.take(&accounts, want, true).await?;
+        let want = Amount::of(
+            price.as_ref(),
+            prompt_tokens,
+            budget::SLICE_TOKENS,
+            Default::default(),
+        );
+        let taken = self.admission.take(&accounts, want, true).await?;
         self.quota.budget = taken.left;
         self.spending = Some(Spending {
             accounts,
@@ -969,60 +969,41 @@ impl Permit {
         Ok(())
     }
 
-    fn policy_owner(&self) -> Option<(Owner, budget::Budget)> {
-        Principal {
-            name: self.client.clone(),
-            policy: self.policy.clone(),
-            keyed: true,
-            team: None,
-        }
-        .budget()
-    }
-
     /// The stream has used `prompt` and `completion` tokens so far: charged to what it
     /// holds, drawing another slice when that is spent. `Err` when its budget has run out
     /// (the stream ends at this chunk). Arithmetic, unless a slice is drawn.
     pub async fn spend(&mut self, prompt: u32, completion: u32) -> Result<(), Exhausted> {
-        let Some(spending) = &self.spending else {
-            return Ok(());
-        };
-        let default = crate::prices::Details::default();
-        let used = Amount::of(spending.price.as_ref(), prompt, completion, default);
-        if spending.held.nanos >= used.nanos && spending.held.tokens >= used.tokens {
-            if let Some(spending) = &mut self.spending {
-                spending.used = used;
-            }
-            return Ok(());
-        }
-        let slice = Amount::of(spending.price.as_ref(), 0, budget::SLICE_TOKENS, default);
-        let short = Amount {
-            nanos: (used.nanos - spending.held.nanos).max(0) + slice.nanos,
-            tokens: (used.tokens - spending.held.tokens).max(0) + slice.tokens,
-        };
-        let accounts = spending.accounts.clone();
-        let taken = self.take(&accounts, short, false).await;
         let Some(spending) = &mut self.spending else {
             return Ok(());
         };
-        spending.used = used;
-        match taken {
+        let price = spending.price.as_ref();
+        spending.used = Amount::of(price, prompt, completion, Default::default());
+        if spending.held.covers(spending.used) {
+            return Ok(());
+        }
+        let slice = Amount::of(price, 0, budget::SLICE_TOKENS, Default::default());
+        let short = spending
+            .used
+            .minus(spending.held)
+            .at_least_zero()
+            .plus(slice);
+        match self.admission.take(&spending.accounts, short, false).await {
             Ok(taken) => {
-                spending.held.nanos += taken.amount.nanos;
-                spending.held.tokens += taken.amount.tokens;
-                if spending.held.nanos >= used.nanos && spending.held.tokens >= used.tokens {
+                spending.held = spending.held.plus(taken.amount);
+                if spending.held.covers(spending.used) {
                     return Ok(());
                 }
-                let (owner, budget) = accounts[taken.least].clone();
-                let side = if budget.usd.is_some() && spending.held.nanos < used.nanos {
-                    "usd"
-                } else {
-                    "tokens"
-                };
+                let (owner, budget) = spending.accounts[taken.least].clone();
+                let usd_short = spending.held.nanos < spending.used.nanos;
                 Err(Exhausted {
                     owner,
+                    side: if budget.usd.is_some() && usd_short {
+                        "usd"
+                    } else {
+                        "tokens"
+                    },
                     reset: budget::reset(&budget),
                     budget,
-                    side,
                 })
             }
             Err(Refusal::Budget(exhausted)) => Err(exhausted),
@@ -1032,19 +1013,23 @@ impl Permit {
         }
     }
 
-    /// The stream ended having used `used` (its usage at its price, as it is billed): what
-    /// it held and did not use goes back to its budgets.
+    /// The stream ended having used `prompt` and `completion` tokens (its usage, as it is
+    /// billed): what it held and did not use goes back to its budgets.
     pub fn charge(&mut self, prompt: u32, completion: u32, details: crate::prices::Details) {
-        let Some(spending) = self.spending.take() else {
-            return;
-        };
-        let used = Amount::of(spending.price.as_ref(), prompt, completion, details);
-        let back = Amount {
-            nanos: spending.held.nanos - used.nanos,
-            tokens: spending.held.tokens - used.tokens,
-        };
-        for (owner, budget) in &spending.accounts {
-            self.admission.balances.give(owner, budget, back);
+        if let Some(spending) = &mut self.spending {
+            spending.used = Amount::of(spending.price.as_ref(), prompt, completion, details);
+        }
+        self.give_back();
+    }
+
+    /// What the stream held and did not use goes back (negative: what it used past it is
+    /// charged), once.
+    fn give_back(&mut self) {
+        if let Some(spending) = self.spending.take() {
+            let back = spending.held.minus(spending.used);
+            for (owner, budget) in &spending.accounts {
+                self.admission.balances.give(owner, budget, back);
+            }
         }
     }
 
@@ -1127,16 +1112,8 @@ impl Drop for Permit {
         if self.reserved > 0 {
             self.settle(0);
         }
-        // Never charged (the stream was never metered): what it held goes back.
-        if let Some(spending) = self.spending.take() {
-            let back = Amount {
-                nanos: spending.held.nanos - spending.used.nanos,
-                tokens: spending.held.tokens - spending.used.tokens,
-            };
-            for (owner, budget) in &spending.accounts {
-                self.admission.balances.give(owner, budget, back);
-            }
-        }
+        // Not charged yet (the stream was never metered): what it held goes back.
+        self.give_back();
         match &mut self.hold {
             Hold::Local { stream, shared } => {
                 if *stream && let Some(open) = lock(&self.admission.streams).get_mut(&self.client) {

@@ -144,6 +144,21 @@ const KEY_COLUMNS: &str = "id, name, prefix, digest, previous_digest, previous_u
 const TEAM_COLUMNS: &str = "id, name, rpm, tpm, max_streams, budget_usd, budget_tokens, \
      budget_period, disabled, metadata, deleted_at_us, created_us, updated_us";
 
+/// `query` with a key's or a team's terms bound, in their columns' order.
+macro_rules! bind_terms {
+    ($query:expr, $terms:expr) => {
+        $query
+            .bind($terms.rpm)
+            .bind($terms.tpm)
+            .bind($terms.max_streams)
+            .bind($terms.budget_usd)
+            .bind($terms.budget_tokens)
+            .bind($terms.budget_period.clone())
+            .bind(i64::from($terms.disabled))
+            .bind(json(&$terms.metadata))
+    };
+}
+
 /// The terms in a row of either table (of either database's rows).
 macro_rules! terms {
     ($row:expr) => {{
@@ -199,21 +214,14 @@ impl Db {
         );
         let t = &key.terms;
         on!(self, pool => {
-            sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
+            let query = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
                 .bind(key.id.clone())
                 .bind(key.name.clone())
                 .bind(key.prefix.clone())
                 .bind(key.digest.clone())
                 .bind(key.previous_digest.clone())
-                .bind(key.previous_until_us)
-                .bind(t.rpm)
-                .bind(t.tpm)
-                .bind(t.max_streams)
-                .bind(t.budget_usd)
-                .bind(t.budget_tokens)
-                .bind(t.budget_period.clone())
-                .bind(i64::from(t.disabled))
-                .bind(json(&t.metadata))
+                .bind(key.previous_until_us);
+            bind_terms!(query, t)
                 .bind(json(&key.models))
                 .bind(key.team_id.clone())
                 .bind(key.expires_at_us)
@@ -263,17 +271,10 @@ impl Db {
         );
         let t = &team.terms;
         on!(self, pool => {
-            sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
+            let query = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
                 .bind(team.id.clone())
-                .bind(team.name.clone())
-                .bind(t.rpm)
-                .bind(t.tpm)
-                .bind(t.max_streams)
-                .bind(t.budget_usd)
-                .bind(t.budget_tokens)
-                .bind(t.budget_period.clone())
-                .bind(i64::from(t.disabled))
-                .bind(json(&t.metadata))
+                .bind(team.name.clone());
+            bind_terms!(query, t)
                 .bind(team.deleted_at_us)
                 .bind(team.created_us)
                 .bind(team.updated_us)

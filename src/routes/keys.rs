@@ -218,11 +218,7 @@ async fn spend(
     name: &str,
     terms: &Terms,
 ) -> Result<Value, ApiError> {
-    let period = terms
-        .budget_period
-        .as_deref()
-        .and_then(Period::parse)
-        .unwrap_or(Period::Month);
+    let period = Period::or_month(terms.budget_period.as_deref());
     let (since, next) = period.bounds(now_us());
     let (usd, tokens) = db.spent(team, name, since).await.map_err(failed)?;
     Ok(json!({
@@ -294,12 +290,9 @@ async fn live(state: &AppState, id: &str) -> Result<Key, ApiError> {
 /// The key of `id`, or a 404.
 async fn find(state: &AppState, id: &str) -> Result<Key, ApiError> {
     let keys = db(state).await?.keys().await.map_err(failed)?;
-    keys.into_iter().find(|k| k.id == id).ok_or_else(|| {
-        ApiError::NotFound(format!(
-            "no key {:?}",
-            id.chars().take(64).collect::<String>()
-        ))
-    })
+    keys.into_iter()
+        .find(|k| k.id == id)
+        .ok_or_else(|| ApiError::NotFound(no("key", id)))
 }
 
 /// Takes the database's keys on this instance at once (the others within a second).
@@ -391,10 +384,7 @@ async fn check_team(state: &AppState, change: &Change) -> Result<(), ApiError> {
     if teams.iter().any(|t| &t.id == id) {
         return Ok(());
     }
-    Err(ApiError::invalid(
-        format!("no team {:?}", id.chars().take(64).collect::<String>()),
-        Some("team_id"),
-    ))
+    Err(ApiError::invalid(no("team", id), Some("team_id")))
 }
 
 async fn list(_: Admin, State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
@@ -535,15 +525,32 @@ fn team_change(body: Body) -> Result<Change, ApiError> {
     body.change()
 }
 
+/// A name no other team (than `id`) has.
+async fn check_team_name(state: &AppState, name: &str, id: Option<&str>) -> Result<(), ApiError> {
+    let teams = db(state).await?.teams().await.map_err(failed)?;
+    if teams
+        .iter()
+        .any(|t| t.name == name && Some(t.id.as_str()) != id)
+    {
+        return Err(ApiError::Conflict(format!(
+            "a team is already named {name:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// `no key "…"`: an id as a client sent it, shortened.
+fn no(what: &str, id: &str) -> String {
+    format!("no {what} {:?}", id.chars().take(64).collect::<String>())
+}
+
 /// The team of `id`, or a 404.
 async fn find_team(state: &AppState, id: &str) -> Result<Team, ApiError> {
     let teams = db(state).await?.teams().await.map_err(failed)?;
-    teams.into_iter().find(|t| t.id == id).ok_or_else(|| {
-        ApiError::NotFound(format!(
-            "no team {:?}",
-            id.chars().take(64).collect::<String>()
-        ))
-    })
+    teams
+        .into_iter()
+        .find(|t| t.id == id)
+        .ok_or_else(|| ApiError::NotFound(no("team", id)))
 }
 
 async fn create_team(
@@ -556,18 +563,8 @@ async fn create_team(
         .name
         .clone()
         .ok_or_else(|| ApiError::invalid("a team needs a `name`", Some("name")))?;
+    check_team_name(&state, &name, None).await?;
     let db = db(&state).await?;
-    if db
-        .teams()
-        .await
-        .map_err(failed)?
-        .iter()
-        .any(|t| t.name == name)
-    {
-        return Err(ApiError::Conflict(format!(
-            "a team is already named {name:?}"
-        )));
-    }
     let now = now_us();
     let team = Team {
         id: format!("team_{}", uuid::Uuid::new_v4().simple()),
@@ -609,19 +606,10 @@ async fn change_team(
 ) -> Result<Json<Value>, ApiError> {
     let change = team_change(parse(&body)?)?;
     find_team(&state, &id).await?;
-    let db = db(&state).await?;
-    if let Some(name) = &change.name
-        && db
-            .teams()
-            .await
-            .map_err(failed)?
-            .iter()
-            .any(|t| &t.name == name && t.id != id)
-    {
-        return Err(ApiError::Conflict(format!(
-            "a team is already named {name:?}"
-        )));
+    if let Some(name) = &change.name {
+        check_team_name(&state, name, Some(&id)).await?;
     }
+    let db = db(&state).await?;
     if !db
         .change_team(&id, &change, now_us())
         .await

@@ -11,24 +11,14 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 
 use crate::shared::Redis;
-use crate::support::{TestApp, all_events, config_file, events, payloads};
-
-const ADMIN: &str = "sk-admin-test";
+use crate::support::{
+    ADMIN, TestApp, admin, all_events, config_file, events, payloads, sqlite_url,
+};
 
 /// The mock at $1 a million prompt tokens and $1,000 a million reply tokens: a reply token
 /// costs $0.001.
 const PRICES: &str = "[prices.mock]\ninput = 1\noutput = 1000\n";
 const CHUNK_USD: f64 = 0.001;
-
-fn sqlite_url() -> String {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let path = std::env::temp_dir().join(format!("sluice-budgets-{}-{n}.db", std::process::id()));
-    for end in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{end}", path.display()));
-    }
-    format!("sqlite://{}", path.display())
-}
 
 async fn instance(database: &str, redis: Option<&str>, tokens_per_s: f64) -> TestApp {
     let (database, redis) = (database.to_owned(), redis.map(str::to_owned));
@@ -43,17 +33,6 @@ async fn instance(database: &str, redis: Option<&str>, tokens_per_s: f64) -> Tes
         c.rpm = 10_000;
     })
     .await
-}
-
-async fn admin(app: &TestApp, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    let method = reqwest::Method::from_bytes(method.as_bytes()).expect("a method");
-    let mut request = app.http.request(method, app.url(path)).bearer_auth(ADMIN);
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let response = request.send().await.expect("answers");
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
 }
 
 /// A key made with `terms`: its id and secret.
@@ -226,7 +205,7 @@ async fn fifty_streams_hold_one_budget(apps: &[&TestApp]) {
 
 #[tokio::test]
 async fn fifty_streams_on_one_instance_spend_no_more_than_the_budget() {
-    let app = instance(&sqlite_url(), None, 400.0).await;
+    let app = instance(&sqlite_url("budgets"), None, 400.0).await;
     fifty_streams_hold_one_budget(&[&app]).await;
 }
 
@@ -235,7 +214,7 @@ async fn fifty_streams_on_two_instances_on_one_redis_hold_one_budget() {
     let Some(redis) = Redis::start() else {
         return;
     };
-    let url = sqlite_url();
+    let url = sqlite_url("budgets");
     let a = instance(&url, Some(&redis.url), 400.0).await;
     let b = instance(&url, Some(&redis.url), 400.0).await;
     fifty_streams_hold_one_budget(&[&a, &b]).await;
@@ -245,7 +224,7 @@ async fn fifty_streams_on_two_instances_on_one_redis_hold_one_budget() {
 /// that API's error event.
 #[tokio::test]
 async fn a_stream_out_of_budget_ends_with_its_apis_error_event() {
-    let app = instance(&sqlite_url(), None, 0.0).await;
+    let app = instance(&sqlite_url("budgets"), None, 0.0).await;
     let messages = json!([{"role": "user", "content": "Tell me about rivers and the sea"}]);
     let routes = [
         (
@@ -273,16 +252,16 @@ async fn a_stream_out_of_budget_ends_with_its_apis_error_event() {
             json!({"name": format!("small-{i}"), "budget_usd": 0.025, "budget_period": "day"}),
         )
         .await;
-        let response = app
-            .http
-            .post(app.url(route))
-            .bearer_auth(&secret)
-            .header("x-api-key", &secret)
-            .header("anthropic-version", "2023-06-01")
-            .json(&body)
-            .send()
-            .await
-            .expect("answers");
+        let send = || {
+            app.http
+                .post(app.url(route))
+                .bearer_auth(&secret)
+                .header("x-api-key", &secret)
+                .header("anthropic-version", "2023-06-01")
+                .json(&body)
+                .send()
+        };
+        let response = send().await.expect("answers");
         assert_eq!(response.status(), 200, "{route}");
         assert!(
             response
@@ -320,16 +299,7 @@ async fn a_stream_out_of_budget_ends_with_its_apis_error_event() {
             }
         }
         // The next request is refused, in the route's own error shape.
-        let refused = app
-            .http
-            .post(app.url(route))
-            .bearer_auth(&secret)
-            .header("x-api-key", &secret)
-            .header("anthropic-version", "2023-06-01")
-            .json(&body)
-            .send()
-            .await
-            .expect("answers");
+        let refused = send().await.expect("answers");
         assert_eq!(refused.status(), 429, "{route}");
         assert!(refused.headers().contains_key("retry-after"));
     }
@@ -337,7 +307,7 @@ async fn a_stream_out_of_budget_ends_with_its_apis_error_event() {
 
 #[tokio::test]
 async fn a_team_budget_holds_over_two_of_its_keys_and_a_rich_key_is_never_refused() {
-    let app = instance(&sqlite_url(), None, 0.0).await;
+    let app = instance(&sqlite_url("budgets"), None, 0.0).await;
     let (status, team) = admin(
         &app,
         "POST",
@@ -409,7 +379,7 @@ async fn a_flushed_redis_keeps_every_keys_spend() {
     let Some(redis) = Redis::start() else {
         return;
     };
-    let app = instance(&sqlite_url(), Some(&redis.url), 0.0).await;
+    let app = instance(&sqlite_url("budgets"), Some(&redis.url), 0.0).await;
     let (_, secret) = key(&app, json!({"name": "kept", "budget_usd": 1.0})).await;
     let ask = || {
         app.http
@@ -444,7 +414,7 @@ async fn a_flushed_redis_keeps_every_keys_spend() {
 
 #[tokio::test]
 async fn a_key_revoked_with_end_streams_ends_its_open_streams() {
-    let app = instance(&sqlite_url(), None, 50.0).await;
+    let app = instance(&sqlite_url("budgets"), None, 50.0).await;
     for end_streams in [false, true] {
         let (id, secret) = key(&app, json!({"name": format!("leaving-{end_streams}")})).await;
         let response = app
@@ -490,7 +460,7 @@ async fn a_key_revoked_with_end_streams_ends_its_open_streams() {
 
 #[tokio::test]
 async fn bad_budgets_are_400s_naming_the_field_and_patches_are_not_lost() {
-    let app = instance(&sqlite_url(), None, 0.0).await;
+    let app = instance(&sqlite_url("budgets"), None, 0.0).await;
     for (body, param) in [
         (json!({"name": "x", "budget_usd": -1}), "budget_usd"),
         (json!({"name": "x", "budget_usd": "lots"}), "budget_usd"),

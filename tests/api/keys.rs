@@ -6,19 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::TestApp;
-
-const ADMIN: &str = "sk-admin-test";
-
-fn sqlite_url() -> String {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let path = std::env::temp_dir().join(format!("sluice-keys-{}-{n}.db", std::process::id()));
-    for end in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{end}", path.display()));
-    }
-    format!("sqlite://{}", path.display())
-}
+use crate::support::{ADMIN, TestApp, admin, sqlite_url};
 
 async fn app_on(url: &str, keys: Vec<String>) -> TestApp {
     let url = url.to_owned();
@@ -28,17 +16,6 @@ async fn app_on(url: &str, keys: Vec<String>) -> TestApp {
         c.api_keys = keys;
     })
     .await
-}
-
-async fn admin(app: &TestApp, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    let method = reqwest::Method::from_bytes(method.as_bytes()).expect("a method");
-    let mut request = app.http.request(method, app.url(path)).bearer_auth(ADMIN);
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let response = request.send().await.expect("answers");
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
 }
 
 /// The status of a chat request with `key`.
@@ -70,7 +47,7 @@ async fn until(app: &TestApp, key: Option<&str>, status: u16) -> Duration {
 
 #[tokio::test]
 async fn a_key_made_changed_and_revoked_on_one_instance_holds_on_another() {
-    let url = sqlite_url();
+    let url = sqlite_url("keys");
     let (a, b) = (
         app_on(&url, Vec::new()).await,
         app_on(&url, Vec::new()).await,
@@ -177,7 +154,7 @@ async fn a_key_made_changed_and_revoked_on_one_instance_holds_on_another() {
 
 #[tokio::test]
 async fn bad_key_requests_are_refused_naming_what_is_wrong() {
-    let url = sqlite_url();
+    let url = sqlite_url("keys");
     let app = app_on(&url, vec!["sk-configured".into()]).await;
     for (body, param) in [
         (json!({"name": "x", "rpm": -1}), "rpm"),

@@ -307,6 +307,32 @@ pub async fn python(script: &str, args: &[&str]) -> String {
     stdout
 }
 
+/// `SLUICE_ADMIN_KEY` of the tests that use the admin API.
+pub const ADMIN: &str = "sk-admin-test";
+
+/// A SQLite file of the test's own (`what` names its tests in the file's name).
+pub fn sqlite_url(what: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("sluice-{what}-{}-{n}.db", std::process::id()));
+    for end in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{end}", path.display()));
+    }
+    format!("sqlite://{}", path.display())
+}
+
+/// An admin API call with [`ADMIN`]: its status and its JSON body (`Null` when none).
+pub async fn admin(app: &TestApp, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let method = reqwest::Method::from_bytes(method.as_bytes()).expect("a method");
+    let mut request = app.http.request(method, app.url(path)).bearer_auth(ADMIN);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.expect("answers");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
 /// A TOML config in a file of its own; a fresh path each call.
 pub fn config_file(toml: &str) -> std::path::PathBuf {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
