@@ -657,6 +657,34 @@ impl Admission {
         }
     }
 
+    /// The streams each key has open: in Redis, every instance's (`true`), else (or when
+    /// Redis fails) this instance's.
+    pub async fn open_by_client(&self) -> (bool, Vec<(Arc<str>, u64)>) {
+        let mut names: Vec<Arc<str>> = self.keys().iter().map(|k| k.name.clone()).collect();
+        names.dedup();
+        if let Some(shared) = &self.shared {
+            let mut open = Vec::with_capacity(names.len());
+            for name in &names {
+                match shared.streams_of(name).await {
+                    Ok(n) => open.push((name.clone(), n)),
+                    Err(_) => break,
+                }
+            }
+            if open.len() == names.len() {
+                return (true, open);
+            }
+        }
+        let streams = lock(&self.streams);
+        let open = names
+            .into_iter()
+            .map(|name| {
+                let n = streams.get(&name).copied().unwrap_or(0);
+                (name, u64::from(n))
+            })
+            .collect();
+        (false, open)
+    }
+
     /// Budgets' balances start from what the ledger says was spent in their period.
     pub fn budget_history(&self, history: budget::History) {
         self.balances.with_history(history);

@@ -335,6 +335,15 @@ impl Shared {
         Ok(decision)
     }
 
+    /// The stream permits `client` holds in Redis now, every instance's.
+    pub async fn streams_of(&self, client: &str) -> Result<u64, redis::RedisError> {
+        let mut connection = self.connection().await?;
+        redis::cmd("ZCARD")
+            .arg(client_key(client, "streams"))
+            .query_async(&mut connection)
+            .await
+    }
+
     /// Counts a request that holds no stream permit.
     pub async fn request(
         &self,

@@ -1,6 +1,9 @@
 //! The admin API's reports, mounted only when `SLUICE_ADMIN_KEY` is set and open only to
-//! it: `GET /admin/usage` (requests, tokens and cost in a time range, grouped) and
-//! `GET /admin/requests` (the ledger's records, newest first, a page at a time).
+//! it: `GET /admin/usage` (requests, tokens and cost in a time range, grouped),
+//! `GET /admin/requests` (the ledger's records, newest first, a page at a time) and
+//! `GET /admin/streams` (the streams open now, per key); and `GET /admin`, the page in
+//! web/ that manages keys and teams (it asks for the admin key, which it keeps in the
+//! tab's session storage only).
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{FromRef, FromRequestParts, Query, State};
@@ -24,6 +27,8 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/admin/usage", get(usage))
         .route("/admin/requests", get(requests))
+        .route("/admin/streams", get(streams))
+        .route("/admin", get(page))
         .merge(super::keys::router())
 }
 
@@ -49,6 +54,27 @@ where
             Err(ApiError::InvalidAdminKey)
         }
     }
+}
+
+/// The admin page: static, like the chat page, under the same policy; every figure on it
+/// comes from the API with the admin key.
+async fn page() -> axum::response::Response {
+    use axum::response::IntoResponse;
+    (
+        super::ui::PAGE_HEADERS,
+        axum::response::Html(include_str!("../../web/admin.html")),
+    )
+        .into_response()
+}
+
+/// The streams open now, per key: across every instance with Redis, else this instance's.
+async fn streams(_: Admin, State(state): State<AppState>) -> Json<Value> {
+    let (shared, open) = state.admission.open_by_client().await;
+    let data: Vec<Value> = open
+        .into_iter()
+        .map(|(key, open)| json!({"key": key, "open": open}))
+        .collect();
+    Json(json!({"object": "list", "shared": shared, "data": data}))
 }
 
 #[derive(Deserialize)]

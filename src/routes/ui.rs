@@ -19,6 +19,12 @@ pub fn router() -> Router<AppState> {
 /// The page's files: path under /ui/, content type, body.
 const FILES: &[(&str, &str, &str)] = &[
     ("app.js", JS, include_str!("../../web/app.js")),
+    ("admin.js", JS, include_str!("../../web/admin.js")),
+    (
+        "admin.css",
+        "text/css; charset=utf-8",
+        include_str!("../../web/admin.css"),
+    ),
     (
         "app.css",
         "text/css; charset=utf-8",
@@ -59,7 +65,7 @@ const JS: &str = "text/javascript; charset=utf-8";
 
 /// The page shows model output, which is untrusted: it may load and run only its own files,
 /// send nothing to other hosts, and be framed by no one.
-const PAGE_HEADERS: [(header::HeaderName, &str); 4] = [
+pub(super) const PAGE_HEADERS: [(header::HeaderName, &str); 4] = [
     (
         header::CONTENT_SECURITY_POLICY,
         "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \

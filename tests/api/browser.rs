@@ -171,7 +171,7 @@ pub(crate) async fn type_and_send(client: &Client, text: &str) {
         .expect("typing");
 }
 
-fn screenshot(name: &str, png: &[u8]) {
+pub(crate) fn screenshot(name: &str, png: &[u8]) {
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("screenshots");
     std::fs::create_dir_all(&dir).expect("screenshot folder");
     std::fs::write(dir.join(name), png).expect("screenshot saved");

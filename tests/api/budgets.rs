@@ -519,3 +519,173 @@ async fn bad_budgets_are_400s_naming_the_field_and_patches_are_not_lost() {
         assert_eq!(shown[field], value, "{field}: {shown}");
     }
 }
+
+/// The admin page in Chromium: signs in with the admin key, makes a key with a budget,
+/// shows what the key spent after a request, and disables it.
+#[tokio::test]
+async fn the_admin_page_makes_a_key_shows_its_spend_and_disables_it() {
+    use crate::browser::{browser, js, screenshot, start_driver, wait_for};
+    use fantoccini::Locator;
+    let Some(driver) = start_driver() else { return };
+    let app = instance(&sqlite_url("budgets"), None, 0.0).await;
+    let client = browser(&driver).await;
+    client
+        .goto(&app.url("/admin"))
+        .await
+        .expect("the page loads");
+    let ready = "return document.body.dataset.ready === 'true'";
+    wait_for(&client, ready, Duration::from_secs(10)).await;
+    // Asked for the admin key first, with the focus in its field.
+    assert_eq!(
+        js(&client, "return document.activeElement.id").await,
+        "admin-key"
+    );
+    let field = client
+        .find(Locator::Id("admin-key"))
+        .await
+        .expect("the field");
+    field
+        .send_keys(&format!("{ADMIN}\n"))
+        .await
+        .expect("typing");
+    wait_for(
+        &client,
+        "return document.body.dataset.ready === 'true' && !document.getElementById('console').hidden",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(
+        js(&client, "return sessionStorage.getItem('sluice-admin-key')").await,
+        ADMIN
+    );
+    assert_eq!(js(&client, "return localStorage.length").await, 0);
+
+    // A new key with a budget of $1 a month: its secret is shown once.
+    client
+        .find(Locator::Css("#new-key-box summary"))
+        .await
+        .expect("the form's summary")
+        .click()
+        .await
+        .expect("opens");
+    for (name, value) in [("name", "web-key"), ("budget_usd", "1")] {
+        client
+            .find(Locator::Css(&format!("#new-key [name={name}]")))
+            .await
+            .expect("a field")
+            .send_keys(value)
+            .await
+            .expect("typing");
+    }
+    client
+        .find(Locator::Css("#new-key button[type=submit]"))
+        .await
+        .expect("the button")
+        .click()
+        .await
+        .expect("click");
+    wait_for(
+        &client,
+        "return document.getElementById('secret-value').textContent.startsWith('sk-sluice-') && !!document.querySelector('#keys tr[data-name=\"web-key\"]')",
+        Duration::from_secs(10),
+    )
+    .await;
+    let secret = js(
+        &client,
+        "return document.getElementById('secret-value').textContent",
+    )
+    .await;
+    let secret = secret.as_str().expect("the secret").to_owned();
+
+    // A request on it; the page shows what it spent once the ledger has it.
+    let ask = || {
+        app.http
+            .post(app.url("/v1/chat/completions"))
+            .bearer_auth(&secret)
+            .json(&json!({"model": "mock", "max_tokens": 20,
+                "messages": [{"role": "user", "content": "Hi"}]}))
+            .send()
+    };
+    assert_eq!(ask().await.expect("answers").status(), 200);
+    let spent =
+        "return (document.querySelector('#keys tr[data-name=\"web-key\"] meter') || {}).value > 0";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while js(&client, spent).await != json!(true) {
+        assert!(Instant::now() < deadline, "the page never showed the spend");
+        client
+            .find(Locator::Id("refresh"))
+            .await
+            .expect("refresh")
+            .click()
+            .await
+            .expect("click");
+        wait_for(&client, ready, Duration::from_secs(10)).await;
+    }
+    let row = js(
+        &client,
+        "return document.querySelector('#keys tr[data-name=\"web-key\"] .spend').textContent",
+    )
+    .await;
+    assert!(
+        row.as_str()
+            .is_some_and(|t| t.contains("of $1.00 this month")),
+        "{row}"
+    );
+    // The chart has the day's spend.
+    assert_eq!(
+        js(
+            &client,
+            "return document.querySelectorAll('#chart rect').length > 0"
+        )
+        .await,
+        true
+    );
+    // The secret, once copied, is put away.
+    client
+        .find(Locator::Id("secret-done"))
+        .await
+        .expect("Done")
+        .click()
+        .await
+        .expect("click");
+    assert_eq!(
+        js(&client, "return document.getElementById('secret').hidden").await,
+        true
+    );
+    // With the form folded, the page shows the keys, the teams and the chart.
+    js(&client, "document.getElementById('new-key-box').open = false").await;
+    screenshot(
+        "admin-desktop.png",
+        &client.screenshot().await.expect("png"),
+    );
+
+    // Disabled from the page: refused at once.
+    client
+        .find(Locator::Css("button[aria-label='Disable web-key']"))
+        .await
+        .expect("the button")
+        .click()
+        .await
+        .expect("click");
+    wait_for(
+        &client,
+        "return (document.querySelector('#keys tr[data-name=\"web-key\"] td.state-disabled') || {}).textContent === 'disabled'",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(ask().await.expect("answers").status(), 401);
+
+    // At a phone's width nothing but the tables scrolls sideways.
+    client.set_window_size(390, 844).await.expect("resize");
+    assert_eq!(
+        js(
+            &client,
+            "return document.documentElement.scrollWidth <= window.innerWidth"
+        )
+        .await,
+        true,
+        "wider than a phone"
+    );
+    screenshot("admin-phone.png", &client.screenshot().await.expect("png"));
+    let _ = client.close().await;
+}
