@@ -653,7 +653,11 @@ async fn the_admin_page_makes_a_key_shows_its_spend_and_disables_it() {
         true
     );
     // With the form folded, the page shows the keys, the teams and the chart.
-    js(&client, "document.getElementById('new-key-box').open = false").await;
+    js(
+        &client,
+        "document.getElementById('new-key-box').open = false",
+    )
+    .await;
     screenshot(
         "admin-desktop.png",
         &client.screenshot().await.expect("png"),
