@@ -27,6 +27,9 @@ use crate::telemetry::{Metrics, Otel, OtelSettings};
 
 /// How often `SLUICE_CONFIG_WATCH` looks at the file.
 const WATCH_EVERY: Duration = Duration::from_secs(1);
+/// How often each instance looks for changed keys and teams: twice within the second a
+/// change must take to hold everywhere (the look itself is one small query).
+const KEYS_EVERY: Duration = Duration::from_millis(500);
 
 /// Descriptors kept back from client connections: the listener, logs, Redis, the model.
 const RESERVED_FDS: u64 = 64;
@@ -311,7 +314,7 @@ fn limits(
 }
 
 impl AppState {
-    /// Takes the keys made through the admin API from the ledger's database every second
+    /// Takes the keys made through the admin API from the ledger's database twice a second
     /// (when they changed: their number or latest change), until `stop`. Every instance on
     /// the database does, so a key made, changed or revoked on one holds on all within a
     /// second.
@@ -320,7 +323,7 @@ impl AppState {
             return;
         };
         let mut seen = None;
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut tick = tokio::time::interval(KEYS_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
