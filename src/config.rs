@@ -156,6 +156,25 @@ pub struct Config {
           default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
     pub local_queue: u32,
 
+    /// Sequences the local model decodes together.
+    #[arg(long, env = "SLUICE_LOCAL_BATCH", value_name = "SLUICE_LOCAL_BATCH",
+          default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub local_batch: u32,
+
+    /// The local model's context in tokens, at most what its file says.
+    #[arg(long, env = "SLUICE_LOCAL_CONTEXT", value_name = "SLUICE_LOCAL_CONTEXT",
+          default_value_t = 8192, value_parser = clap::value_parser!(u32).range(16..))]
+    pub local_context: u32,
+
+    /// Memory for the local model's kept prefixes (their keys and values), in MiB; 0 keeps none.
+    #[arg(
+        long,
+        env = "SLUICE_LOCAL_CACHE_MB",
+        value_name = "SLUICE_LOCAL_CACHE_MB",
+        default_value_t = 256
+    )]
+    pub local_cache_mb: u32,
+
     /// Folder of prompt templates [default: `prompts` when that folder exists, else the
     /// templates built into the binary].
     #[arg(long, env = "SLUICE_PROMPTS", value_name = "SLUICE_PROMPTS")]

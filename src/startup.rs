@@ -697,9 +697,22 @@ fn local_route(config: &Config, metrics: &Metrics) -> anyhow::Result<Option<(Str
     }
     #[cfg(feature = "local")]
     {
-        use crate::backend::local::{LocalBackend, MODEL_NAME};
-        let backend =
-            LocalBackend::start(&path, config.local_queue as usize, metrics.local_tokens())?;
+        use crate::backend::local::{LocalBackend, MODEL_NAME, Meters, Settings};
+        let settings = Settings {
+            queue: config.local_queue as usize,
+            batch: config.local_batch as usize,
+            context: config.local_context as usize,
+            cache_bytes: config.local_cache_mb as usize * 1024 * 1024,
+        };
+        let prompt =
+            |source| metrics.counter("sluice_local_prompt_tokens_total", &[("source", source)]);
+        let meters = Meters {
+            generated: metrics.local_tokens(),
+            computed: prompt("computed"),
+            cached: prompt("cache"),
+            cache_bytes: metrics.gauge("sluice_local_cache_bytes"),
+        };
+        let backend = LocalBackend::start(&path, settings, meters)?;
         Ok(Some((
             MODEL_NAME.to_owned(),
             Route::to(

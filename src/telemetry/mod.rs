@@ -305,6 +305,11 @@ impl Metrics {
             "Tokens the in-process model computed.",
         );
         describe(
+            "sluice_local_prompt_tokens_total",
+            "Prompt tokens of the in-process model, by source: computed, or taken from its prefix cache.",
+        );
+
+        describe(
             "sluice_redis_errors_total",
             "Admissions that could not reach Redis (then failed open or closed).",
         );
@@ -366,6 +371,12 @@ impl Metrics {
             "sluice_stream_log_bytes".into(),
             None,
             "Memory held by resumable streams' event logs.".into(),
+        );
+        recorder.describe_gauge(
+            "sluice_local_cache_bytes".into(),
+            None,
+            "Memory the in-process model's prefix cache holds (SLUICE_LOCAL_CACHE_MB at most)."
+                .into(),
         );
         recorder.describe_gauge(
             "sluice_active_streams".into(),
