@@ -21,7 +21,7 @@ struct Sizes {
     runs: usize,
     prefill: [usize; 2],
     decode: usize,
-    /// Sentences of filler in the conversation (~20 tokens each).
+    /// Sentences of filler in the conversation (~35 tokens each).
     sentences: usize,
 }
 
@@ -29,7 +29,7 @@ const FULL: Sizes = Sizes {
     runs: 3,
     prefill: [512, 2048],
     decode: 128,
-    sentences: 115,
+    sentences: 67,
 };
 const SHORT: Sizes = Sizes {
     runs: 1,
@@ -159,7 +159,7 @@ fn ask(messages: &Value, max_tokens: usize) -> Value {
         "stream_options": {"include_usage": true}, "messages": messages})
 }
 
-/// A conversation of three turns whose prompt is about `20 · sentences` tokens.
+/// A conversation of three turns whose prompt is about `35 · sentences` tokens.
 fn conversation(sentences: usize) -> Vec<Value> {
     let filler = |from: usize, to: usize| -> String {
         (from..to)
@@ -267,16 +267,17 @@ async fn main() {
         secs(warm.first),
     );
 
-    let count = |i: usize| {
+    let topics = ["a river", "a lighthouse", "a mountain village", "an old train"];
+    let story = |topic: &str| {
         ask(
-            &json!([{"role": "user", "content": format!("Count from {} to {}, separated by commas.", i * 100, i * 100 + 300)}]),
+            &json!([{"role": "user", "content": format!("Write a long story about {topic}.")}]),
             sizes.decode,
         )
     };
     let rate = |s: &Seen| s.usage["completion_tokens"].as_f64().unwrap_or(0.0) / secs(s.total);
-    let alone = rate(&stream(&http, &url, &count(9)).await);
+    let alone = rate(&stream(&http, &url, &story("a harbour")).await);
     let started = Instant::now();
-    let bodies: Vec<Value> = (0..4).map(count).collect();
+    let bodies: Vec<Value> = topics.iter().map(|t| story(t)).collect();
     let together = futures::future::join_all(bodies.iter().map(|b| stream(&http, &url, b))).await;
     let wall = secs(started.elapsed());
     let generated: f64 = together

@@ -4,8 +4,8 @@
 //! batch slows the others' tokens rather than stopping them. A request joins at the next
 //! step; a finished or cancelled one leaves at once, its state kept in the prefix cache.
 //!
-//! A sequence whose client reads slowly waits (its channel of [`super::CHANNEL_TOKENS`] is
-//! full) without holding back the others.
+//! A sequence whose client reads slowly waits (its channel of [`super::CHANNEL_TOKENS`]
+//! and [`OUTBOX`] pieces beside it are full) without holding back the others.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -21,6 +21,10 @@ use super::text::{Chat, TextStream};
 use super::{Job, Meters, Place, Settings};
 use crate::backend::{BackendError, ChatRequest, Delta, Text, Usage};
 
+/// Pieces of text a sequence may hold while its client's channel is full before it waits:
+/// enough that a client a moment behind (its task not yet scheduled on a busy machine)
+/// does not hold the model back, few enough that one that left costs little.
+const OUTBOX: usize = 4;
 /// Reply length when a request sets no `max_tokens`.
 const DEFAULT_MAX_TOKENS: u32 = 512;
 /// Small models loop without it; llama.cpp's classic default.
@@ -143,7 +147,7 @@ impl Worker {
             });
             let ready = active
                 .iter()
-                .any(|s| !s.done && s.outbox.is_empty() && s.job.reply.capacity() > 0);
+                .any(|s| !s.done && s.outbox.len() < OUTBOX);
             if !ready {
                 if !active.is_empty() {
                     // Every client is behind: give them a moment to read.
@@ -227,7 +231,7 @@ impl Worker {
         let mut sampled = Vec::new();
         let mut groups = Vec::new();
         for (i, seq) in active.iter_mut().enumerate() {
-            if seq.done || !seq.outbox.is_empty() || seq.job.reply.capacity() == 0 {
+            if seq.done || seq.outbox.len() >= OUTBOX {
                 continue;
             }
             if seq.reading_prompt() {
