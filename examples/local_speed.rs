@@ -267,7 +267,12 @@ async fn main() {
         secs(warm.first),
     );
 
-    let topics = ["a river", "a lighthouse", "a mountain village", "an old train"];
+    let topics = [
+        "a river",
+        "a lighthouse",
+        "a mountain village",
+        "an old train",
+    ];
     let story = |topic: &str| {
         ask(
             &json!([{"role": "user", "content": format!("Write a long story about {topic}.")}]),

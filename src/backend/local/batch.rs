@@ -145,9 +145,7 @@ impl Worker {
                 };
                 std::mem::replace(p, now) != now
             });
-            let ready = active
-                .iter()
-                .any(|s| !s.done && s.outbox.len() < OUTBOX);
+            let ready = active.iter().any(|s| !s.done && s.outbox.len() < OUTBOX);
             if !ready {
                 if !active.is_empty() {
                     // Every client is behind: give them a moment to read.
