@@ -50,12 +50,19 @@ impl PrefixCache {
         Some((entry.kv.prefix(len), len))
     }
 
-    /// Keeps the state of `tokens`; a kept sequence it extends goes, and the least recently
-    /// used go until the cache is within its budget.
-    pub fn keep(&mut self, tokens: Vec<u32>, mut kv: Kv) {
+    /// Keeps the state of `tokens` (as much of its start as the budget holds: an agent's
+    /// long reply must not cost the next call its system prompt); a kept sequence it
+    /// extends goes, and the least recently used go until the cache is within its budget.
+    pub fn keep(&mut self, mut tokens: Vec<u32>, mut kv: Kv) {
+        let per_token = kv.bytes_per_token();
+        if per_token == 0 {
+            return;
+        }
+        let fits = self.budget / per_token;
+        tokens.truncate(fits.min(kv.len()));
+        kv.truncate(tokens.len());
         kv.shrink();
-        let size = kv.bytes();
-        if size > self.budget || tokens.is_empty() {
+        if tokens.is_empty() {
             return;
         }
         self.entries.retain(|e| !tokens.starts_with(&e.tokens));

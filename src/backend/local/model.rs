@@ -44,11 +44,6 @@ impl Dims {
     fn kv_row(&self) -> usize {
         self.kv_heads * self.head_dim
     }
-
-    /// Bytes one token's keys and values take in every layer.
-    pub fn kv_bytes_per_token(&self) -> usize {
-        2 * self.layers * self.kv_row() * std::mem::size_of::<f32>()
-    }
 }
 
 struct Layer {
@@ -116,6 +111,19 @@ impl Kv {
             len: n,
             row: self.row,
         }
+    }
+
+    /// Bytes a token takes in every layer, keys and values.
+    pub fn bytes_per_token(&self) -> usize {
+        2 * self.keys.len() * self.row * std::mem::size_of::<f32>()
+    }
+
+    /// Keeps only its first `n` tokens.
+    pub fn truncate(&mut self, n: usize) {
+        self.len = self.len.min(n);
+        let floats = self.len * self.row;
+        self.keys.iter_mut().for_each(|k| k.truncate(floats));
+        self.values.iter_mut().for_each(|v| v.truncate(floats));
     }
 
     /// Memory it takes, in bytes.
