@@ -529,16 +529,10 @@ pub enum Period {
 }
 
 impl Period {
-    pub const NAMES: [&str; 4] = ["day", "week", "month", "total"];
+    pub const ALL: [Period; 4] = [Period::Day, Period::Week, Period::Month, Period::Total];
 
     pub fn parse(name: &str) -> Option<Self> {
-        match name {
-            "day" => Some(Period::Day),
-            "week" => Some(Period::Week),
-            "month" => Some(Period::Month),
-            "total" => Some(Period::Total),
-            _ => None,
-        }
+        Self::ALL.into_iter().find(|p| p.name() == name)
     }
 
     /// The period `name` names, else a month (the default).

@@ -126,6 +126,7 @@ impl pulp::WithSimd for Rows<'_> {
                             for (t, s) in row.iter_mut().enumerate() {
                                 let (key, _) =
                                     S::as_simd_f32s(&keys[t * kvw + at..t * kvw + at + hd]);
+                                // A key has its query's length: eight vectors too.
                                 let key: &[S::f32s; 8] =
                                     key.try_into().unwrap_or_else(|_| unreachable!());
                                 let mut a = simd.mul_f32s(qh[0], key[0]);

@@ -161,7 +161,7 @@ impl Body {
             return Err(ApiError::invalid(
                 format!(
                     "`budget_period` must be one of {}",
-                    Period::NAMES.join(", ")
+                    Period::ALL.map(Period::name).join(", ")
                 ),
                 Some("budget_period"),
             ));
