@@ -15,7 +15,8 @@
 //! resumable stream's producer belongs to the stream registry, which drops it on cancel or
 //! when nobody has come back within the grace period.
 //!
-//! Below them: `config`, `prices` (what tokens cost), `tokens`, `prompts`, `wake` (plain data and helpers), `link` (the
+//! Below them: `pivot` (the events every dialect reads a reply into and writes one from),
+//! `config`, `prices` (what tokens cost), `tokens`, `prompts`, `wake` (plain data and helpers), `link` (the
 //! Redis link, one server or a Cluster, that the shared parts use), `telemetry`
 //! (metrics, the per-request log record), `admission` (identity and limits, no HTTP),
 //! `ledger` (a record of every request in a database, written off the hot path),
@@ -34,6 +35,7 @@ pub mod http;
 pub mod ledger;
 pub mod link;
 pub mod pipeline;
+pub mod pivot;
 pub mod prices;
 pub mod prompts;
 pub mod relay;

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
-use super::{BackendError, Delta, Fields, Text, Usage};
+use super::{BackendError, Delta, Fields, Finish, Text, ToolCall, Usage};
 
 #[derive(Deserialize)]
 struct Chunk<'a> {
@@ -37,12 +37,56 @@ struct Choice<'a> {
     logprobs: Option<&'a RawValue>,
 }
 
-/// A delta split into its text (the literal as sent) and every other field that is set.
+/// A delta split into its text and reasoning (the literals as sent), its tool calls, and
+/// every other field that is set.
 #[derive(Default)]
 struct DeltaParts<'a> {
     content: Option<&'a str>,
-    /// `{"tool_calls":…,"refusal":…}`: the rest, as written, or empty.
+    /// `reasoning_content` (DeepSeek, vLLM) or `reasoning` (OpenRouter, Ollama).
+    reasoning: Option<&'a str>,
+    calls: Vec<CallPiece<'a>>,
+    /// `{"refusal":…,"annotations":…}`: the rest, as written, or empty.
     rest: String,
+}
+
+/// A piece of a tool call in a chat delta.
+#[derive(Deserialize)]
+struct CallPiece<'a> {
+    #[serde(default)]
+    index: u32,
+    #[serde(default, borrow)]
+    id: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    function: Option<FunctionPiece<'a>>,
+}
+
+#[derive(Deserialize)]
+struct FunctionPiece<'a> {
+    #[serde(default, borrow)]
+    name: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    arguments: Option<&'a RawValue>,
+}
+
+impl CallPiece<'_> {
+    fn into_delta(self) -> Delta {
+        let (name, arguments) = match self.function {
+            Some(f) => (f.name, f.arguments),
+            None => (None, None),
+        };
+        let arguments = match arguments.map(RawValue::get) {
+            Some(raw) if raw.starts_with('"') => Text::literal(raw),
+            // Arguments written as an object, not as the text of one (some servers do).
+            Some(raw) if raw != "null" => Text::plain(raw),
+            _ => Text::plain(""),
+        };
+        Delta::ToolCall(ToolCall {
+            index: self.index,
+            id: self.id.map(Cow::into_owned),
+            name: name.map(Cow::into_owned),
+            arguments,
+        })
+    }
 }
 
 /// What one stream's chunks have said of themselves so far.
@@ -91,16 +135,23 @@ pub fn deltas(data: &str, out: &mut Vec<Delta>, seen: &mut Seen) -> Result<(), B
     match chunk.choices {
         Some(First(Some(choice))) => {
             let delta = choice.delta.unwrap_or_default();
-            let carries = delta.content.is_some() || !delta.rest.is_empty();
+            let carries = delta.content.is_some()
+                || delta.reasoning.is_some()
+                || !delta.calls.is_empty()
+                || !delta.rest.is_empty();
             if carries || choice.finish_reason.is_some() {
                 seen.send(out);
             }
             if carries && let Some(logprobs) = choice.logprobs.filter(|l| l.get() != "null") {
                 out.push(Delta::Logprobs(Fields(logprobs.to_owned())));
             }
+            if let Some(reasoning) = delta.reasoning {
+                out.push(Delta::Reasoning(Text::literal(reasoning)));
+            }
             if let Some(text) = delta.content {
                 out.push(Delta::Text(Text::literal(text)));
             }
+            out.extend(delta.calls.into_iter().map(CallPiece::into_delta));
             if !delta.rest.is_empty() {
                 let fields = RawValue::from_string(delta.rest).map_err(|e| {
                     BackendError::Protocol(format!("a delta that is not JSON ({e})"))
@@ -108,7 +159,7 @@ pub fn deltas(data: &str, out: &mut Vec<Delta>, seen: &mut Seen) -> Result<(), B
                 out.push(Delta::Fields(Fields(fields)));
             }
             if let Some(reason) = choice.finish_reason {
-                out.push(Delta::Finish(reason.into_owned()));
+                out.push(Delta::Finish(Finish::from_chat(&reason)));
             }
         }
         Some(First(None)) => {}
@@ -220,10 +271,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for DeltaParts<'a> {
                 f.write_str("a delta object")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<DeltaParts<'a>, A::Error> {
-                let mut parts = DeltaParts {
-                    content: None,
-                    rest: String::new(),
-                };
+                let mut parts = DeltaParts::default();
                 while let Some(key) = map.next_key::<Cow<'de, str>>()? {
                     let value: &'de RawValue = map.next_value()?;
                     let raw = value.get();
@@ -235,21 +283,21 @@ impl<'de: 'a, 'a> Deserialize<'de> for DeltaParts<'a> {
                                 parts.content = Some(raw);
                             }
                         }
-                        _ if raw == "null" => {}
-                        _ => {
-                            parts
-                                .rest
-                                .push(if parts.rest.is_empty() { '{' } else { ',' });
-                            parts
-                                .rest
-                                .push_str(&serde_json::to_string(&*key).unwrap_or_default());
-                            parts.rest.push(':');
-                            parts.rest.push_str(raw);
+                        "reasoning_content" | "reasoning"
+                            if raw.starts_with('"') && raw != "\"\"" =>
+                        {
+                            parts.reasoning = Some(raw);
                         }
+                        "tool_calls" => match serde_json::from_str::<Vec<CallPiece>>(raw) {
+                            Ok(calls) => parts.calls = calls,
+                            Err(_) => push_field(&mut parts.rest, &key, raw),
+                        },
+                        _ if raw == "null" => {}
+                        _ => push_field(&mut parts.rest, &key, raw),
                     }
                 }
                 if !parts.rest.is_empty() {
-                    parts.rest.push('}');
+                    parts.rest = format!("{{{}}}", parts.rest);
                 }
                 Ok(parts)
             }
@@ -265,20 +313,27 @@ mod tests {
     #[test]
     fn a_chunk_yields_text_fields_finish_and_usage() {
         let chunk = r#"{"id":"x","choices":[{"index":0,"delta":{"role":"assistant","content":"Hi \"you\"",
-            "tool_calls":[{"index":0,"id":"c1"}],"refusal":null,"reasoning_content":"hm"},"finish_reason":"stop"}],
+            "tool_calls":[{"index":0,"id":"c1"}],"refusal":null,"audio":{"id":"a"},"reasoning_content":"hm"},"finish_reason":"stop"}],
             "usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
         let mut out = Vec::new();
         deltas(chunk, &mut out, &mut Seen::default()).expect("a valid chunk");
-        assert_eq!(out[0], Delta::Text(Text::plain("Hi \"you\"")));
-        let Delta::Fields(fields) = &out[1] else {
-            panic!("{:?}", out[1])
-        };
+        assert_eq!(out[0], Delta::Reasoning(Text::plain("hm")));
+        assert_eq!(out[1], Delta::Text(Text::plain("Hi \"you\"")));
         assert_eq!(
-            fields.json(),
-            r#"{"tool_calls":[{"index":0,"id":"c1"}],"reasoning_content":"hm"}"#
+            out[2],
+            Delta::ToolCall(ToolCall {
+                index: 0,
+                id: Some("c1".into()),
+                name: None,
+                arguments: Text::plain(""),
+            })
         );
-        assert_eq!(out[2], Delta::Finish("stop".into()));
-        assert_eq!(out[3], Delta::Usage(Usage::new(3, 1)));
+        let Delta::Fields(fields) = &out[3] else {
+            panic!("{:?}", out[3])
+        };
+        assert_eq!(fields.json(), r#"{"audio":{"id":"a"}}"#);
+        assert_eq!(out[4], Delta::Finish(Finish::Stop));
+        assert_eq!(out[5], Delta::Usage(Usage::new(3, 1)));
     }
 
     #[test]

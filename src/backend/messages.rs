@@ -9,7 +9,9 @@ use serde_json::{Map, Value, json};
 
 use super::shown;
 
-use super::{BackendError, ChatRequest, Delta, Fields, Native, Signature, Text, Usage};
+use super::{
+    BackendError, ChatRequest, Delta, Fields, Finish, Native, Signature, Text, ToolCall, Usage,
+};
 
 /// The `anthropic-version` sent when the client named none.
 const VERSION: &str = "2023-06-01";
@@ -206,13 +208,13 @@ fn content_blocks(content: &Value) -> Vec<Value> {
 /// What has been read of one message.
 #[derive(Default)]
 pub struct Reader {
-    /// The kind of each content block by index, and for tool use its chat `index`.
-    blocks: Vec<Option<u64>>,
-    calls: u64,
+    /// The kind of each content block by index, and for tool use its call's `index`.
+    blocks: Vec<Option<u32>>,
+    calls: u32,
     input_tokens: u32,
     /// Prompt tokens read from, and written to, the upstream's cache (not in `input_tokens`).
     cache: (u32, u32),
-    finish: Option<&'static str>,
+    finish: Option<Finish>,
 }
 
 /// The prompt tokens an Anthropic usage object counts apart from `input_tokens`: those read
@@ -266,11 +268,14 @@ impl Reader {
                     let data = block["data"].as_str().unwrap_or_default();
                     ready.push(Delta::Redacted(data.to_owned()));
                 } else if block["type"] == "tool_use" {
-                    let call = json!({"tool_calls": [{"index": self.calls, "id": block["id"],
-                        "type": "function", "function": {"name": block["name"], "arguments": ""}}]});
+                    ready.push(Delta::ToolCall(ToolCall {
+                        index: self.calls,
+                        id: block["id"].as_str().map(str::to_owned),
+                        name: block["name"].as_str().map(str::to_owned),
+                        arguments: Text::plain(""),
+                    }));
                     self.blocks.push(Some(self.calls));
                     self.calls += 1;
-                    ready.push(Fields::delta(&call)?);
                 } else {
                     self.blocks.push(None);
                     let kind = block["type"].as_str().unwrap_or_default();
@@ -288,23 +293,28 @@ impl Reader {
                         }
                     }
                     Some("thinking_delta") => {
-                        ready.push(Fields::delta(
-                            &json!({"reasoning_content": delta["thinking"]}),
-                        )?);
+                        if let Some(thinking) = delta["thinking"].as_str() {
+                            ready.push(Delta::Reasoning(Text::plain(thinking)));
+                        }
                     }
                     Some("signature_delta") => {
                         let signature = delta["signature"].as_str().unwrap_or_default();
                         ready.push(Delta::Signature(Signature::Anthropic(signature.to_owned())));
                     }
                     Some("citations_delta") => {
-                        ready.push(Delta::Annotation(Fields::raw(&delta["citation"])?));
+                        ready.push(Delta::Annotation(Fields::raw(&delta["citation"])));
                     }
                     Some("input_json_delta") => {
                         // A server tool's input (its block is not a tool call) has none.
                         let index = event["index"].as_u64().unwrap_or(0) as usize;
                         if let Some(call) = self.blocks.get(index).copied().flatten() {
-                            ready.push(Fields::delta(&json!({"tool_calls": [{"index": call,
-                                "function": {"arguments": delta["partial_json"]}}]}))?);
+                            let piece = delta["partial_json"].as_str().unwrap_or_default();
+                            ready.push(Delta::ToolCall(ToolCall {
+                                index: call,
+                                id: None,
+                                name: None,
+                                arguments: Text::plain(piece),
+                            }));
                         }
                     }
                     _ => {}
@@ -312,10 +322,10 @@ impl Reader {
             }
             "message_delta" => {
                 self.finish = Some(match event["delta"]["stop_reason"].as_str() {
-                    Some("max_tokens") => "length",
-                    Some("tool_use") => "tool_calls",
-                    Some("refusal") => "content_filter",
-                    _ => "stop",
+                    Some("max_tokens") => Finish::Length,
+                    Some("tool_use") => Finish::ToolUse,
+                    Some("refusal") => Finish::Filtered,
+                    _ => Finish::Stop,
                 });
                 let usage = &event["usage"];
                 if let Some(input) = usage["input_tokens"].as_u64() {
@@ -337,7 +347,7 @@ impl Reader {
                     ready.push(Delta::Usage(Usage::new(prompt, clamp(output))));
                 }
             }
-            "message_stop" => ready.push(Delta::Finish(self.finish.unwrap_or("stop").into())),
+            "message_stop" => ready.push(Delta::Finish(self.finish.take().unwrap_or(Finish::Stop))),
             "error" => {
                 let message = event["error"]["message"]
                     .as_str()

@@ -21,7 +21,9 @@ use serde::Deserialize;
 
 use serde_json::{Value, json};
 
-use super::{Backend, BackendError, ChatRequest, Delta, DeltaStream, Fields, Message, Text, Usage};
+use super::{
+    Backend, BackendError, ChatRequest, Delta, DeltaStream, Finish, Message, Text, ToolCall, Usage,
+};
 
 /// How the mock behaves, chosen by the model name a client asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -324,9 +326,9 @@ impl Backend for MockBackend {
         let limit = request.max_tokens.map_or(usize::MAX, |n| n as usize);
         let finish = if tokens.len() > limit {
             tokens.truncate(limit);
-            "length"
+            Finish::Length
         } else {
-            "stop"
+            Finish::Stop
         };
         let prompt_tokens = request.prompt_tokens;
         let interval = self.interval;
@@ -362,7 +364,7 @@ impl Backend for MockBackend {
                 generated.increment(1);
                 yield Ok(Delta::Text(Text::plain(&token)));
             }
-            yield Ok(Delta::Finish(finish.to_owned()));
+            yield Ok(Delta::Finish(finish));
             yield Ok(Delta::Usage(Usage::new(prompt_tokens, count)));
         })
     }
@@ -396,31 +398,38 @@ fn tool_call_stream(
         .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
         });
-    let head = json!({"tool_calls": [{"index": 0, "id": format!("call_{hash:016x}"), "type": "function",
-        "function": {"name": name, "arguments": ""}}]});
+    let piece = |id: Option<String>, name: Option<String>, arguments: &str| {
+        Delta::ToolCall(ToolCall {
+            index: 0,
+            id,
+            name,
+            arguments: Text::plain(arguments),
+        })
+    };
     let split = arguments
         .char_indices()
         .map(|(i, _)| i)
         .nth(arguments.chars().count() / 2)
         .unwrap_or(arguments.len());
-    let mut deltas = vec![head];
-    for piece in [&arguments[..split], &arguments[split..]] {
-        if !piece.is_empty() {
-            deltas.push(json!({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}));
+    let mut deltas = vec![piece(
+        Some(format!("call_{hash:016x}")),
+        Some(name.to_owned()),
+        "",
+    )];
+    for part in [&arguments[..split], &arguments[split..]] {
+        if !part.is_empty() {
+            deltas.push(piece(None, None, part));
         }
     }
     let count = deltas.len() as u32;
+    generated.increment(u64::from(count));
     let events: Vec<Result<Delta, BackendError>> = deltas
         .into_iter()
-        .filter_map(|d| serde_json::value::to_raw_value(&d).ok())
-        .map(|raw| {
-            generated.increment(1);
-            Ok(Delta::Fields(Fields(raw)))
-        })
         .chain([
-            Ok(Delta::Finish("tool_calls".into())),
-            Ok(Delta::Usage(Usage::new(prompt_tokens, count))),
+            Delta::Finish(Finish::ToolUse),
+            Delta::Usage(Usage::new(prompt_tokens, count)),
         ])
+        .map(Ok)
         .collect();
     futures::stream::iter(events).boxed()
 }

@@ -17,6 +17,8 @@ mod responses;
 pub mod sse;
 pub use messages::cache_tokens as anthropic_cache_tokens;
 
+pub use crate::pivot::{Delta, Fields, Finish, Signature, Text, ToolCall, Usage};
+
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -144,141 +146,6 @@ impl ChatRequest {
             .find(|m| m.role == "user")
             .map_or("", |m| m.content.as_str())
     }
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct Usage {
-    pub prompt_tokens: u32,
-    pub completion_tokens: u32,
-    pub total_tokens: u32,
-}
-
-impl Usage {
-    pub fn new(prompt_tokens: u32, completion_tokens: u32) -> Self {
-        Usage {
-            prompt_tokens,
-            completion_tokens,
-            total_tokens: prompt_tokens.saturating_add(completion_tokens),
-        }
-    }
-}
-
-/// Generated text, kept as the JSON string literal it is written as (quotes included): an
-/// upstream's arrives that way and goes to the client without being unescaped and escaped
-/// again; a model sluice runs escapes its text once.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Text(Box<str>);
-
-impl Text {
-    /// Plain text, escaped once.
-    pub fn plain(text: &str) -> Self {
-        Text(serde_json::to_string(text).unwrap_or_default().into())
-    }
-
-    /// A JSON string literal as it came, quotes included.
-    fn literal(raw: &str) -> Self {
-        Text(raw.into())
-    }
-
-    /// The JSON string literal.
-    pub fn json(&self) -> &str {
-        &self.0
-    }
-
-    /// Appends the text itself to `out`.
-    pub fn push_to(&self, out: &mut String) {
-        match self.0.strip_prefix('"').and_then(|s| s.strip_suffix('"')) {
-            Some(inner) if !inner.contains('\\') => out.push_str(inner),
-            _ => out.push_str(&serde_json::from_str::<String>(&self.0).unwrap_or_default()),
-        }
-    }
-
-    /// The text's size as written, in bytes.
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.len() <= 2
-    }
-}
-
-/// Delta fields as the JSON object the upstream wrote them in.
-#[derive(Debug, Clone)]
-pub struct Fields(pub Box<serde_json::value::RawValue>);
-
-impl Fields {
-    pub fn json(&self) -> &str {
-        self.0.get()
-    }
-
-    /// A JSON value as written.
-    pub fn raw(value: &Value) -> Result<Fields, BackendError> {
-        serde_json::value::to_raw_value(value)
-            .map(Fields)
-            .map_err(|e| BackendError::Protocol(format!("a value that is not JSON ({e})")))
-    }
-
-    /// A delta of fields written from a JSON value.
-    pub fn delta(value: &Value) -> Result<Delta, BackendError> {
-        Fields::raw(value).map(Delta::Fields)
-    }
-}
-
-impl PartialEq for Fields {
-    fn eq(&self, other: &Self) -> bool {
-        self.json() == other.json()
-    }
-}
-
-/// One step of a generated reply: the canonical events every encoder writes from.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Delta {
-    /// Generated text.
-    Text(Text),
-    /// Delta fields other than `role` and `content` (`tool_calls`, `refusal`,
-    /// `reasoning_content`, any other), relayed to OpenAI clients unchanged.
-    Fields(Fields),
-    /// Fields of the upstream's chunks themselves, `"system_fingerprint":…,"service_tier":…`
-    /// as written: sent before the first event they came with, and again when they change.
-    Identity(Box<str>),
-    /// The `logprobs` of the choice whose text or fields follow.
-    Logprobs(Fields),
-    /// Usage fields beyond the three counts (`prompt_tokens_details`…), `"k":v,…` as
-    /// written: sent just before the [`Delta::Usage`] they belong to.
-    UsageDetails(Box<str>),
-    /// The reply is complete: `stop`, `length`, `tool_calls`, `content_filter`.
-    Finish(String),
-    /// Token counts as the backend reports them.
-    Usage(Usage),
-    /// Waiting for the model, with this many requests ahead: shown to the client as a
-    /// keep-alive comment.
-    Queued(usize),
-    /// The signature of the reasoning just streamed (Anthropic's `signature_delta`), or
-    /// reasoning the upstream sent encrypted (a Responses reasoning item's
-    /// `encrypted_content`): what a client sends back for the model to continue from it.
-    Signature(Signature),
-    /// Reasoning the upstream redacted (Anthropic's `redacted_thinking` block): its data.
-    Redacted(String),
-    /// A citation or annotation on the text just streamed, as the upstream wrote it.
-    Annotation(Fields),
-    /// Content of the upstream's own API that no canonical event carries (a server tool's
-    /// use and result, a block or item of a type to come), named: an encoder says it was
-    /// left out, so that nothing vanishes without a word.
-    Untranslated(String),
-    /// One event of an upstream that speaks the client's own API (a Responses API
-    /// upstream answering a `/v1/responses` request), to relay as it came.
-    Event(Fields),
-}
-
-/// Which kind of proof of reasoning a [`Delta::Signature`] is: each goes back only to
-/// the API that made it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Signature {
-    /// Anthropic's thinking signature.
-    Anthropic(String),
-    /// OpenAI's encrypted reasoning.
-    Encrypted(String),
 }
 
 /// Why a backend could not produce (the rest of) a reply.

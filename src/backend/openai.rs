@@ -63,7 +63,7 @@ impl Foreign {
                 serde_json::value::RawValue::from_string(data.to_owned()).map_err(not_json)?;
             ready.push(Delta::Event(super::Fields(raw)));
             if ended {
-                ready.push(Delta::Finish("stop".into()));
+                ready.push(Delta::Finish(super::Finish::Stop));
             }
             return Ok(ended);
         }
@@ -74,6 +74,27 @@ impl Foreign {
         }
         Ok(ended)
     }
+}
+
+/// An upstream's recorded events (each one's `data`) read as a translating route reads
+/// them: the events of the reply, and the error it ended with, if any.
+#[cfg(test)]
+pub(crate) fn read_recorded(api: Api, events: &[String]) -> (Vec<Delta>, Option<BackendError>) {
+    let (mut foreign, mut seen) = (Foreign::of(api), chunk::Seen::default());
+    let mut ready = Vec::new();
+    for data in events {
+        let read = match api {
+            Api::Chat if data == "[DONE]" => Ok(true),
+            Api::Chat => chunk::deltas(data, &mut ready, &mut seen).map(|()| false),
+            _ => foreign.event(data, false, &mut ready),
+        };
+        match read {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(e) => return (ready, Some(e)),
+        }
+    }
+    (ready, None)
 }
 
 /// How long sluice waits, after `[DONE]`, for the response body to end.

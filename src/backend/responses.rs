@@ -1,13 +1,13 @@
 //! Reading an upstream that speaks OpenAI's Responses API (`api = "responses"` in its
 //! route): for a client of that same API, each event goes on as it came
 //! ([`Delta::Event`]); for any other, the events become canonical ones — text, function
-//! call deltas (as chat `tool_calls`), the finish and the usage.
+//! call pieces, the finish and the usage.
 
 use serde_json::{Map, Value, json};
 
 use super::shown;
 
-use super::{BackendError, Delta, Fields, Signature, Text, Usage};
+use super::{BackendError, Delta, Fields, Finish, Signature, Text, ToolCall, Usage};
 
 /// The chat request fields [`from_chat`] carries (or that need no carrying).
 pub const CARRIED: [&str; 17] = [
@@ -144,7 +144,7 @@ fn content(content: &Value, assistant: bool) -> Option<Value> {
 #[derive(Default)]
 pub struct Reader {
     /// Function calls seen so far: the chat `index` of the next one.
-    calls: u64,
+    calls: u32,
 }
 
 /// The events after which a response has no more.
@@ -171,14 +171,17 @@ impl Reader {
             }
             "response.output_item.added" if event["item"]["type"] == "function_call" => {
                 let item = &event["item"];
-                let call = json!({"tool_calls": [{"index": self.calls, "id": item["call_id"],
-                    "type": "function", "function": {"name": item["name"], "arguments": ""}}]});
+                ready.push(Delta::ToolCall(ToolCall {
+                    index: self.calls,
+                    id: item["call_id"].as_str().map(str::to_owned),
+                    name: item["name"].as_str().map(str::to_owned),
+                    arguments: Text::plain(""),
+                }));
                 self.calls += 1;
-                ready.push(Fields::delta(&call)?);
             }
             "response.reasoning_text.delta" | "response.reasoning_summary_text.delta" => {
                 if let Some(text) = event["delta"].as_str() {
-                    ready.push(Fields::delta(&json!({"reasoning_content": text}))?);
+                    ready.push(Delta::Reasoning(Text::plain(text)));
                 }
             }
             "response.output_item.done" if event["item"]["type"] == "reasoning" => {
@@ -197,22 +200,24 @@ impl Reader {
                 ready.push(Delta::Untranslated(format!("{} item", shown(kind))));
             }
             "response.output_text.annotation.added" => {
-                ready.push(Delta::Annotation(Fields::raw(&event["annotation"])?));
+                ready.push(Delta::Annotation(Fields::raw(&event["annotation"])));
             }
             "response.function_call_arguments.delta" => {
-                let call = json!({"tool_calls": [{"index": self.calls.saturating_sub(1),
-                    "function": {"arguments": event["delta"]}}]});
-                ready.push(Fields::delta(&call)?);
+                ready.push(Delta::ToolCall(ToolCall {
+                    index: self.calls.saturating_sub(1),
+                    id: None,
+                    name: None,
+                    arguments: Text::plain(event["delta"].as_str().unwrap_or_default()),
+                }));
             }
             "response.completed" | "response.incomplete" => {
-                let reason = if kind == "response.incomplete" {
-                    "length"
+                ready.push(Delta::Finish(if kind == "response.incomplete" {
+                    Finish::Length
                 } else if self.calls > 0 {
-                    "tool_calls"
+                    Finish::ToolUse
                 } else {
-                    "stop"
-                };
-                ready.push(Delta::Finish(reason.into()));
+                    Finish::Stop
+                }));
                 let usage = &event["response"]["usage"];
                 if let (Some(input), Some(output)) = (
                     usage["input_tokens"].as_u64(),

@@ -14,6 +14,8 @@
 
 pub mod anthropic;
 pub mod chat;
+#[cfg(test)]
+mod golden;
 pub mod responses;
 pub mod sluice;
 

@@ -160,13 +160,15 @@ pub fn upstream(
                         waiting_for = Wait::Chunk;
                     }
                     Delta::Fields(_)
+                    | Delta::Reasoning(_)
+                    | Delta::ToolCall(_)
                     | Delta::Event(_)
                     | Delta::Signature(_)
                     | Delta::Redacted(_)
                     | Delta::Annotation(_)
                     | Delta::Untranslated(_) => waiting_for = Wait::Chunk,
                     Delta::Finish(reason) => {
-                        call.finished(reason);
+                        call.finished(reason.chat());
                         finished = true;
                     }
                     // Moving up the queue is progress: the wait for a first token starts

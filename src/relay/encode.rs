@@ -270,11 +270,19 @@ fn steps<E: Encoder>(
                             guard.times.token(guard.exchange.arrived().elapsed());
                             size = size.saturating_add(fields.json().len());
                         }
+                        Delta::Reasoning(text) => {
+                            guard.times.token(guard.exchange.arrived().elapsed());
+                            size = size.saturating_add(text.len());
+                        }
+                        Delta::ToolCall(call) => {
+                            guard.times.token(guard.exchange.arrived().elapsed());
+                            size = size.saturating_add(call.arguments.len());
+                        }
                         Delta::Usage(usage) => guard.reported = Some(*usage),
                         Delta::UsageDetails(fields) => {
                             guard.details = crate::prices::Details::of_fields(fields);
                         }
-                        Delta::Finish(reason) => guard.exchange.set_finish(reason),
+                        Delta::Finish(reason) => guard.exchange.set_finish(reason.chat()),
                         _ => {}
                     }
                     if size > max_bytes {

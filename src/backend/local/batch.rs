@@ -19,7 +19,7 @@ use super::cache::PrefixCache;
 use super::model::{Kv, Llama, PREFILL_CHUNK, Rows};
 use super::text::{Chat, TextStream};
 use super::{Job, Meters, Place, Settings};
-use crate::backend::{BackendError, ChatRequest, Delta, Text, Usage};
+use crate::backend::{BackendError, ChatRequest, Delta, Finish, Text, Usage};
 
 /// Pieces of text a sequence may hold while its client's channel is full before it waits:
 /// enough that a client a moment behind (its task not yet scheduled on a busy machine)
@@ -275,7 +275,7 @@ impl Worker {
             let token = seq.sampler.sample(&penalised).map_err(failed)?;
             self.meters.generated.increment(1);
             if self.chat.stop.contains(&token) {
-                self.finish(seq, "stop");
+                self.finish(seq, Finish::Stop);
                 continue;
             }
             seq.generated.push(token);
@@ -284,17 +284,17 @@ impl Worker {
                 seq.send(Ok(Delta::Text(Text::plain(&piece))));
             }
             if seq.generated.len() == seq.max_tokens {
-                self.finish(seq, "length");
+                self.finish(seq, Finish::Length);
             }
         }
         Ok(())
     }
 
-    fn finish(&self, seq: &mut Seq, reason: &str) {
+    fn finish(&self, seq: &mut Seq, reason: Finish) {
         if let Some(rest) = seq.text.finish(&self.chat.tokenizer, &seq.generated) {
             seq.send(Ok(Delta::Text(Text::plain(&rest))));
         }
-        seq.send(Ok(Delta::Finish(reason.into())));
+        seq.send(Ok(Delta::Finish(reason)));
         if seq.cached > 0 {
             seq.send(Ok(Delta::UsageDetails(
                 format!(

@@ -12,7 +12,7 @@ use std::fmt::Write as _;
 
 use serde_json::{Map, Value, json};
 
-use crate::backend::{Delta, Signature, Usage};
+use crate::backend::{Delta, Finish, Signature, ToolCall, Usage};
 use crate::error::ApiError;
 use crate::relay::{End, Out, Relayed, payload, put};
 
@@ -49,12 +49,12 @@ pub fn error_body(error: &ApiError) -> Value {
         "message": error.to_string()}})
 }
 
-/// The stop reason of a chat finish reason.
-fn stop_reason(finish: Option<&str>) -> &'static str {
-    match finish {
-        Some("length") => "max_tokens",
-        Some("tool_calls" | "function_call") => "tool_use",
-        Some("content_filter") => "refusal",
+/// The stop reason of a finish.
+fn stop_reason(finish: Option<&Finish>) -> &'static str {
+    match finish.map(Finish::kind) {
+        Some(Finish::Length) => "max_tokens",
+        Some(Finish::ToolUse) => "tool_use",
+        Some(Finish::Filtered) => "refusal",
         _ => "end_turn",
     }
 }
@@ -63,8 +63,8 @@ fn stop_reason(finish: Option<&str>) -> &'static str {
 enum Block {
     Text,
     Thinking,
-    /// A tool call: the chat `index` its later deltas name.
-    Tool(u64),
+    /// A tool call: the `index` its later pieces name.
+    Tool(u32),
 }
 
 /// The Messages encoder for one message.
@@ -75,7 +75,7 @@ pub struct Encoder {
     /// The block open now, and its index.
     open: Option<(Block, usize)>,
     next: usize,
-    finish: Option<String>,
+    finish: Option<Finish>,
     /// A relayed message's input tokens, from its `message_start`.
     relayed_input: Option<u32>,
     /// A relayed message's prompt tokens read from and written to the cache (counted apart
@@ -146,48 +146,45 @@ impl Encoder {
         index
     }
 
-    /// Upstream fields beyond text: reasoning, tool call deltas.
-    fn fields(&mut self, delta: &Map<String, Value>, out: &mut Out) {
-        let reasoning = ["reasoning_content", "reasoning"]
-            .iter()
-            .find_map(|k| delta.get(*k).and_then(Value::as_str))
-            .filter(|r| !r.is_empty());
-        if let Some(reasoning) = reasoning {
-            let index = self.start(
-                Block::Thinking,
-                json!({"type": "thinking", "thinking": "", "signature": ""}),
-                out,
-            );
-            event(
-                out,
-                "content_block_delta",
-                &json!({"type": "content_block_delta",
-                "index": index, "delta": {"type": "thinking_delta", "thinking": reasoning}}),
-            );
-        }
-        let Some(Value::Array(calls)) = delta.get("tool_calls") else {
+    /// Reasoning, in a thinking block.
+    fn reasoning(&mut self, text: &crate::backend::Text, out: &mut Out) {
+        if text.is_empty() {
             return;
-        };
-        for call in calls {
-            let tool = call.get("index").and_then(Value::as_u64).unwrap_or(0);
-            let block = json!({"type": "tool_use",
-                "id": call.get("id").and_then(Value::as_str).map_or_else(
-                    || format!("toolu_{}", uuid::Uuid::new_v4().simple()), str::to_owned),
-                "name": call.pointer("/function/name").and_then(Value::as_str).unwrap_or_default(),
-                "input": {}});
-            let index = self.start(Block::Tool(tool), block, out);
-            let arguments = call
-                .pointer("/function/arguments")
-                .and_then(Value::as_str)
-                .unwrap_or_default();
-            if !arguments.is_empty() {
-                event(
-                    out,
-                    "content_block_delta",
-                    &json!({"type": "content_block_delta",
-                    "index": index, "delta": {"type": "input_json_delta", "partial_json": arguments}}),
+        }
+        let index = self.start(
+            Block::Thinking,
+            json!({"type": "thinking", "thinking": "", "signature": ""}),
+            out,
+        );
+        out.event(Some("content_block_delta"), |b| {
+            put(b, "{\"type\":\"content_block_delta\",\"index\":");
+            let _ = write!(b, "{index}");
+            put(b, ",\"delta\":{\"type\":\"thinking_delta\",\"thinking\":");
+            put(b, text.json());
+            put(b, "}}");
+        });
+    }
+
+    /// A piece of a tool call: its `tool_use` block (opened by its first piece) and the
+    /// arguments as `input_json_delta`.
+    fn tool_call(&mut self, call: ToolCall, out: &mut Out) {
+        let id = call
+            .id
+            .unwrap_or_else(|| format!("toolu_{}", uuid::Uuid::new_v4().simple()));
+        let block = json!({"type": "tool_use", "id": id,
+            "name": call.name.unwrap_or_default(), "input": {}});
+        let index = self.start(Block::Tool(call.index), block, out);
+        if !call.arguments.is_empty() {
+            out.event(Some("content_block_delta"), |b| {
+                put(b, "{\"type\":\"content_block_delta\",\"index\":");
+                let _ = write!(b, "{index}");
+                put(
+                    b,
+                    ",\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":",
                 );
-            }
+                put(b, call.arguments.json());
+                put(b, "}}");
+            });
         }
     }
 }
@@ -215,11 +212,8 @@ impl crate::relay::Encoder for Encoder {
                     put(b, "}}");
                 });
             }
-            Delta::Fields(fields) => {
-                if let Ok(Value::Object(delta)) = serde_json::from_str(fields.json()) {
-                    self.fields(&delta, out);
-                }
-            }
+            Delta::Reasoning(text) => self.reasoning(&text, out),
+            Delta::ToolCall(call) => self.tool_call(call, out),
             Delta::Signature(Signature::Anthropic(signature)) => {
                 let index = self.start(
                     Block::Thinking,
@@ -275,7 +269,7 @@ impl crate::relay::Encoder for Encoder {
             out,
             "message_delta",
             &json!({"type": "message_delta",
-            "delta": {"stop_reason": stop_reason(self.finish.as_deref()), "stop_sequence": null, "stop_details": null},
+            "delta": {"stop_reason": stop_reason(self.finish.as_ref()), "stop_sequence": null, "stop_details": null},
             "usage": {"input_tokens": usage.prompt_tokens, "output_tokens": usage.completion_tokens,
                 "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}),
         );
@@ -452,13 +446,12 @@ mod tests {
     #[test]
     fn text_then_a_tool_call_are_two_blocks_and_a_tool_use_stop() -> Result<(), String> {
         let mut encoder = encoder();
-        let call = json!({"tool_calls": [{"index": 0, "id": "toolu_1", "function": {"name": "Bash", "arguments": "{\"c\":"}}]});
-        let more = json!({"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]});
         let deltas = vec![
             Delta::Text(Text::plain("Let me.")),
-            Fields::delta(&call).must("fields")?,
-            Fields::delta(&more).must("fields")?,
-            Delta::Finish("tool_calls".into()),
+            ToolCall::start(0, "toolu_1", "Bash"),
+            ToolCall::more(0, "{\"c\":"),
+            ToolCall::more(0, "1}"),
+            Delta::Finish(Finish::ToolUse),
         ];
         let events = canned(&mut encoder, deltas, Some(&CANNED_END));
         let data: Vec<Value> = events
@@ -494,9 +487,8 @@ mod tests {
     #[test]
     fn signed_and_redacted_reasoning_and_citations_keep_their_place() -> Result<(), String> {
         let mut encoder = encoder();
-        let thinking = Fields::delta(&json!({"reasoning_content": "hm"})).must("fields")?;
-        let citation =
-            Fields::raw(&json!({"type": "char_location", "cited_text": "x"})).must("raw")?;
+        let thinking = Delta::Reasoning(Text::plain("hm"));
+        let citation = Fields::raw(&json!({"type": "char_location", "cited_text": "x"}));
         let deltas = vec![
             thinking,
             Delta::Signature(Signature::Anthropic("sig".into())),

@@ -8,7 +8,7 @@ pub mod request;
 use bytes::BytesMut;
 use serde_json::{Map, Value, json};
 
-use crate::backend::{Delta, Fields, Usage};
+use crate::backend::{Delta, Fields, ToolCall, Usage};
 use crate::error::ApiError;
 use crate::relay::{Completion, End, Out, put};
 
@@ -125,7 +125,9 @@ impl crate::relay::Encoder for Encoder {
             // As OpenAI writes it: `content: null` before tool calls (and other fields),
             // `""` before text.
             let role = match delta {
-                Delta::Fields(_) => r#"{"role":"assistant","content":null}"#,
+                Delta::Fields(_) | Delta::Reasoning(_) | Delta::ToolCall(_) => {
+                    r#"{"role":"assistant","content":null}"#
+                }
                 _ => r#"{"role":"assistant","content":""}"#,
             };
             out.event(None, |b| writer.choice(b, &[role], None));
@@ -135,8 +137,19 @@ impl crate::relay::Encoder for Encoder {
             Delta::Text(text) => out.event(None, |b| {
                 writer.choice(b, &["{\"content\":", text.json(), "}"], None)
             }),
+            Delta::Reasoning(text) => out.event(None, |b| {
+                writer.choice(b, &["{\"reasoning_content\":", text.json(), "}"], None)
+            }),
+            Delta::ToolCall(call) => {
+                let head = tool_call_head(&call);
+                out.event(None, |b| {
+                    writer.choice(b, &[&head, call.arguments.json(), "}}]}"], None)
+                })
+            }
             Delta::Fields(fields) => out.event(None, |b| writer.choice(b, &[fields.json()], None)),
-            Delta::Finish(reason) => out.event(None, |b| writer.choice(b, &["{}"], Some(&reason))),
+            Delta::Finish(reason) => {
+                out.event(None, |b| writer.choice(b, &["{}"], Some(reason.chat())))
+            }
             Delta::Identity(identity) => {
                 writer.head = ChunkWriter::head(&self.completion, &identity)
             }
@@ -165,6 +178,26 @@ impl crate::relay::Encoder for Encoder {
     fn fail(&mut self, error: &ApiError, out: &mut Out) {
         self::error(error, out);
     }
+}
+
+/// A tool call piece's delta up to its arguments: `{"tool_calls":[{"index":0,"id":…,
+/// "type":"function","function":{"name":…,"arguments":`, as OpenAI writes it (the id,
+/// type and name in the first piece only).
+fn tool_call_head(call: &ToolCall) -> String {
+    let mut head = format!("{{\"tool_calls\":[{{\"index\":{}", call.index);
+    if let Some(id) = &call.id {
+        head.push_str(",\"id\":");
+        head.push_str(&json!(id).to_string());
+        head.push_str(",\"type\":\"function\"");
+    }
+    head.push_str(",\"function\":{");
+    if let Some(name) = &call.name {
+        head.push_str("\"name\":");
+        head.push_str(&json!(name).to_string());
+        head.push(',');
+    }
+    head.push_str("\"arguments\":");
+    head
 }
 
 /// The event that ends a stream with `error`: OpenAI's error body, no `[DONE]`.
@@ -332,7 +365,7 @@ fn merge_fields(into: &mut Map<String, Value>, delta: Map<String, Value>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::Text;
+    use crate::backend::{Finish, Text};
     use crate::relay::Must;
     use crate::relay::{CANNED_END, Encoder as _, canned, payloads};
 
@@ -342,7 +375,7 @@ mod tests {
         let deltas = vec![
             Delta::Text(Text::plain("Hel")),
             Delta::Text(Text::plain("lo")),
-            Delta::Finish("stop".into()),
+            Delta::Finish(Finish::Stop),
         ];
         let events = canned(&mut encoder, deltas, Some(&CANNED_END));
         let data = payloads(&events);
@@ -368,14 +401,10 @@ mod tests {
     #[test]
     fn tool_calls_open_with_content_null_and_assemble_whole() -> Result<(), String> {
         let mut encoder = Encoder::new(Completion::new("m"), false);
-        let call = |v: Value| Fields::delta(&v).must("fields");
         let deltas = vec![
-            call(
-                json!({"tool_calls": [{"index": 0, "id": "c1", "type": "function",
-                "function": {"name": "f", "arguments": ""}}]}),
-            )?,
-            call(json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"a\":1}"}}]}))?,
-            Delta::Finish("tool_calls".into()),
+            ToolCall::start(0, "c1", "f"),
+            ToolCall::more(0, "{\"a\":1}"),
+            Delta::Finish(Finish::ToolUse),
         ];
         let events = canned(&mut encoder, deltas, Some(&CANNED_END));
         let data = payloads(&events);

@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 
 use serde_json::{Map, Value, json};
 
-use crate::backend::{Delta, Signature, Usage};
+use crate::backend::{Delta, Finish, Signature, Text, ToolCall, Usage};
 use crate::error::ApiError;
 use crate::relay::{End, Out, Relayed, payload, put};
 
@@ -80,8 +80,8 @@ enum Open {
     Function {
         id: String,
         index: usize,
-        /// The chat tool call's `index`, which its later deltas name.
-        tool: u64,
+        /// The tool call's `index`, which its later pieces name.
+        tool: u32,
         call_id: String,
         name: String,
         /// The namespace tool the function belongs to, if it does.
@@ -97,7 +97,7 @@ pub struct Encoder {
     /// Finished output items, in order.
     output: Vec<Value>,
     open: Open,
-    finish: Option<String>,
+    finish: Option<Finish>,
     /// The upstream's usage fields beyond the counts.
     details: Option<Box<str>>,
 }
@@ -249,85 +249,74 @@ impl Encoder {
         }
     }
 
-    /// Upstream fields beyond text: tool call deltas, reasoning.
-    fn fields(&mut self, delta: &Map<String, Value>, out: &mut Out) {
-        let reasoning = ["reasoning_content", "reasoning"]
-            .iter()
-            .find_map(|k| delta.get(*k).and_then(Value::as_str))
-            .filter(|r| !r.is_empty());
-        if let Some(reasoning) = reasoning {
-            if !matches!(self.open, Open::Reasoning { .. }) {
-                self.close(out);
-                self.open_reasoning(out);
-            }
-            if let Open::Reasoning {
-                id, index, text, ..
-            } = &mut self.open
-            {
-                text.push_str(reasoning);
-                let data = json!({"item_id": id, "output_index": index, "content_index": 0, "delta": reasoning});
-                event(out, "response.reasoning_text.delta", data);
-            }
-        }
-        let Some(Value::Array(calls)) = delta.get("tool_calls") else {
+    /// Reasoning, in a reasoning item.
+    fn reasoning(&mut self, piece: &Text, out: &mut Out) {
+        if piece.is_empty() {
             return;
-        };
-        for call in calls {
-            let tool = call.get("index").and_then(Value::as_u64).unwrap_or(0);
-            let same = matches!(&self.open, Open::Function { tool: t, .. } if *t == tool);
-            if !same {
-                self.close(out);
-                let (id, index) = (item_id("fc"), self.next_index());
-                let call_id = call
-                    .get("id")
-                    .and_then(Value::as_str)
-                    .map_or_else(|| item_id("call"), str::to_owned);
-                let chat_name = call
-                    .pointer("/function/name")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default();
-                let namespaces = &self.meta.namespaces;
-                let (name, namespace) = match namespaces.iter().find(|(flat, ..)| flat == chat_name)
-                {
-                    Some((_, namespace, name)) => (name.clone(), Some(namespace.clone())),
-                    None => (chat_name.to_owned(), None),
-                };
-                let mut item = json!({"id": id, "type": "function_call",
-                    "status": "in_progress", "arguments": "", "call_id": call_id, "name": name});
-                if let Some(namespace) = &namespace {
-                    item["namespace"] = json!(namespace);
-                }
-                event(
-                    out,
-                    "response.output_item.added",
-                    json!({"output_index": index, "item": item}),
-                );
-                self.open = Open::Function {
-                    id,
-                    index,
-                    tool,
-                    call_id,
-                    name,
-                    namespace,
-                    arguments: String::new(),
-                };
+        }
+        if !matches!(self.open, Open::Reasoning { .. }) {
+            self.close(out);
+            self.open_reasoning(out);
+        }
+        if let Open::Reasoning {
+            id, index, text, ..
+        } = &mut self.open
+        {
+            let mut reasoning = String::new();
+            piece.push_to(&mut reasoning);
+            text.push_str(&reasoning);
+            let data = json!({"item_id": id, "output_index": index, "content_index": 0, "delta": reasoning});
+            event(out, "response.reasoning_text.delta", data);
+        }
+    }
+
+    /// A piece of a tool call: its `function_call` item (opened by its first piece, under
+    /// the name the client gave the tool) and its arguments.
+    fn tool_call(&mut self, call: ToolCall, out: &mut Out) {
+        let same = matches!(&self.open, Open::Function { tool, .. } if *tool == call.index);
+        if !same {
+            self.close(out);
+            let (id, index) = (item_id("fc"), self.next_index());
+            let call_id = call.id.unwrap_or_else(|| item_id("call"));
+            let chat_name = call.name.unwrap_or_default();
+            let namespaces = &self.meta.namespaces;
+            let (name, namespace) = match namespaces.iter().find(|(flat, ..)| *flat == chat_name) {
+                Some((_, namespace, name)) => (name.clone(), Some(namespace.clone())),
+                None => (chat_name, None),
+            };
+            let mut item = json!({"id": id, "type": "function_call",
+                "status": "in_progress", "arguments": "", "call_id": call_id, "name": name});
+            if let Some(namespace) = &namespace {
+                item["namespace"] = json!(namespace);
             }
-            let more = call
-                .pointer("/function/arguments")
-                .and_then(Value::as_str)
-                .unwrap_or_default();
-            if let Open::Function {
+            event(
+                out,
+                "response.output_item.added",
+                json!({"output_index": index, "item": item}),
+            );
+            self.open = Open::Function {
                 id,
                 index,
-                arguments,
-                ..
-            } = &mut self.open
-                && !more.is_empty()
-            {
-                arguments.push_str(more);
-                let data = json!({"item_id": id, "output_index": index, "delta": more});
-                event(out, "response.function_call_arguments.delta", data);
-            }
+                tool: call.index,
+                call_id,
+                name,
+                namespace,
+                arguments: String::new(),
+            };
+        }
+        if let Open::Function {
+            id,
+            index,
+            arguments,
+            ..
+        } = &mut self.open
+            && !call.arguments.is_empty()
+        {
+            let mut more = String::new();
+            call.arguments.push_to(&mut more);
+            arguments.push_str(&more);
+            let data = json!({"item_id": id, "output_index": index, "delta": more});
+            event(out, "response.function_call_arguments.delta", data);
         }
     }
 }
@@ -394,11 +383,8 @@ impl crate::relay::Encoder for Encoder {
                     });
                 }
             }
-            Delta::Fields(fields) => {
-                if let Ok(Value::Object(delta)) = serde_json::from_str(fields.json()) {
-                    self.fields(&delta, out);
-                }
-            }
+            Delta::Reasoning(text) => self.reasoning(&text, out),
+            Delta::ToolCall(call) => self.tool_call(call, out),
             Delta::Signature(Signature::Encrypted(encrypted)) => {
                 if !matches!(self.open, Open::Reasoning { .. }) {
                     self.close(out);
@@ -438,7 +424,7 @@ impl crate::relay::Encoder for Encoder {
     fn end(&mut self, end: &End, out: &mut Out) {
         self.close(out);
         let usage = usage(end.usage, self.details.as_deref(), end.cost);
-        if self.finish.as_deref() == Some("length") {
+        if self.finish.as_ref().map(Finish::kind) == Some(Finish::Length) {
             let mut object = self.meta.object("incomplete", &self.output, usage);
             object["incomplete_details"] = json!({"reason": "max_output_tokens"});
             event(out, "response.incomplete", json!({"response": object}));
@@ -585,7 +571,7 @@ mod tests {
         let deltas = vec![
             Delta::Text(Text::plain("Hel")),
             Delta::Text(Text::plain("lo")),
-            Delta::Finish("stop".into()),
+            Delta::Finish(Finish::Stop),
         ];
         let events = canned(&mut encoder, deltas, Some(&CANNED_END));
         let data = payloads(&events);
@@ -621,10 +607,10 @@ mod tests {
     fn a_namespaced_call_is_named_as_the_client_named_it() -> Result<(), String> {
         let flat = ("ns__f".to_owned(), "ns".to_owned(), "f".to_owned());
         let mut encoder = Encoder::new(meta(vec![flat]));
-        let call = json!({"tool_calls": [{"index": 0, "id": "c1", "function": {"name": "ns__f", "arguments": "{}"}}]});
         let deltas = vec![
-            Fields::delta(&call).must("fields")?,
-            Delta::Finish("tool_calls".into()),
+            ToolCall::start(0, "c1", "ns__f"),
+            ToolCall::more(0, "{}"),
+            Delta::Finish(Finish::ToolUse),
         ];
         let events = canned(&mut encoder, deltas, Some(&CANNED_END));
         let response = snapshot(events.iter().map(|e| e.as_bytes())).must("a response")?;
@@ -641,10 +627,7 @@ mod tests {
     #[test]
     fn the_token_limit_is_incomplete_and_a_failure_keeps_what_was_done() -> Result<(), String> {
         let mut encoder = Encoder::new(meta(Vec::new()));
-        let deltas = vec![
-            Delta::Text(Text::plain("a")),
-            Delta::Finish("length".into()),
-        ];
+        let deltas = vec![Delta::Text(Text::plain("a")), Delta::Finish(Finish::Length)];
         let events = canned(&mut encoder, deltas, Some(&CANNED_END));
         let last = payloads(&events).pop().must("an end")?;
         assert_eq!(last["type"], "response.incomplete");
@@ -654,7 +637,7 @@ mod tests {
         );
 
         let mut encoder = Encoder::new(meta(Vec::new()));
-        let reasoning = Fields::delta(&json!({"reasoning_content": "hm"})).must("fields")?;
+        let reasoning = Delta::Reasoning(Text::plain("hm"));
         let mut out = Out::new();
         encoder.open(&mut out);
         encoder.event(reasoning, &mut out);
@@ -675,9 +658,8 @@ mod tests {
     #[test]
     fn encrypted_reasoning_and_annotations_reach_their_items() -> Result<(), String> {
         let mut encoder = Encoder::new(meta(Vec::new()));
-        let thinking = Fields::delta(&json!({"reasoning_content": "hm"})).must("fields")?;
-        let annotation =
-            Fields::raw(&json!({"type": "url_citation", "url": "https://x"})).must("raw")?;
+        let thinking = Delta::Reasoning(Text::plain("hm"));
+        let annotation = Fields::raw(&json!({"type": "url_citation", "url": "https://x"}));
         let deltas = vec![
             thinking,
             Delta::Signature(Signature::Encrypted("gAAA".into())),

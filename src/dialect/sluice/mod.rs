@@ -6,7 +6,7 @@ pub mod request;
 
 use serde_json::{Value, json};
 
-use crate::backend::Delta;
+use crate::backend::{Delta, Finish};
 use crate::error::ApiError;
 use crate::relay::{Completion, End, Out, put};
 
@@ -16,7 +16,7 @@ pub const ID_PREFIX: &str = "chat-";
 /// The `/api/chat` encoder for one reply.
 pub struct Encoder {
     completion: Completion,
-    finish: Option<String>,
+    finish: Option<Finish>,
 }
 
 impl Encoder {
@@ -56,7 +56,7 @@ impl crate::relay::Encoder for Encoder {
         let done = Done {
             cost: end.cost,
             duration_ms: end.duration.as_millis() as u64,
-            finish_reason: self.finish.as_deref(),
+            finish_reason: self.finish.as_ref().map(Finish::chat),
             ttft_ms: end.first_token.map(|d| d.as_millis() as u64),
             usage: json!(end.usage),
         };
@@ -105,7 +105,7 @@ mod tests {
         let mut out = Out::new();
         encoder.open(&mut out);
         encoder.event(Delta::Text(Text::plain("Hi \"you\"")), &mut out);
-        encoder.event(Delta::Finish("stop".into()), &mut out);
+        encoder.event(Delta::Finish(Finish::Stop), &mut out);
         let end = End {
             usage: Usage::new(3, 1),
             cost: Some(0.5),
