@@ -77,10 +77,10 @@ pub fn app(state: AppState) -> Router {
     };
     Router::new()
         .merge(admin)
-        .merge(routes::openai::router())
+        .merge(routes::completions::router())
         .merge(routes::responses::router())
         .merge(routes::anthropic::router())
-        .merge(routes::chat::router())
+        .merge(routes::sluice::router())
         .merge(routes::models::router())
         .merge(routes::prompts::router())
         .merge(routes::health::router())

@@ -4,7 +4,7 @@
 //! stream with its meter.
 
 use crate::admission::{DEFAULT_REPLY_TOKENS, Permit, Principal, Quota};
-use crate::backend::{ChatRequest, DeltaStream, MAX_MODEL_NAME};
+use crate::backend::{DeltaStream, MAX_MODEL_NAME, ModelRequest};
 use crate::dispatch::{self, Route, Unavailable};
 use crate::error::ApiError;
 use crate::relay::{Bounds, StreamGuard};
@@ -15,7 +15,7 @@ use crate::telemetry::Exchange;
 /// sluice's arithmetic.
 pub const MAX_TOKENS: u32 = 1_000_000;
 
-pub use crate::dialect::{Chat, Dropped};
+pub use crate::dialect::{ClientRequest, Dropped};
 
 /// An admitted request with its backend stream started (lazily: nothing runs until the
 /// stream is polled) and its meter.
@@ -36,7 +36,7 @@ pub async fn start(
     state: &AppState,
     who: &Principal,
     exchange: &Exchange,
-    chat: Chat,
+    chat: ClientRequest,
 ) -> Result<Started, ApiError> {
     admit(
         state,
@@ -112,7 +112,7 @@ impl Admitted {
         self,
         state: &AppState,
         exchange: &Exchange,
-        chat: Chat,
+        chat: ClientRequest,
     ) -> Result<Started, ApiError> {
         let Admitted {
             mut permit,
@@ -166,7 +166,7 @@ impl Admitted {
             );
             state.metrics.dropped(&dropped);
         }
-        let request = ChatRequest {
+        let request = ModelRequest {
             // Each target of the route has its own name for the model: dispatch sets it.
             model: chat.model.clone(),
             messages,

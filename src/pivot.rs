@@ -3,7 +3,7 @@
 //! of [`Delta`]s; each client API's encoder writes its own events from them. Nothing here
 //! is any one API's JSON: text and reasoning are JSON string literals (an upstream's go to
 //! the client as they came, copied once), tool calls and finish reasons are typed, and
-//! what only one API has travels as an opaque event ([`Delta::Fields`], [`Delta::Event`],
+//! what only one API has travels as an opaque event ([`Delta::ChatFields`], [`Delta::Event`],
 //! [`Delta::Untranslated`]) that the other dialects name or leave out.
 
 use serde::Serialize;
@@ -67,23 +67,24 @@ impl Text {
     }
 }
 
-/// Delta fields as the JSON object the upstream wrote them in.
+/// JSON as an upstream wrote it (an object of delta fields, an annotation, an event),
+/// carried without being parsed into a `Value`.
 #[derive(Debug, Clone)]
-pub struct Fields(pub Box<serde_json::value::RawValue>);
+pub struct Raw(pub Box<serde_json::value::RawValue>);
 
-impl Fields {
+impl Raw {
     pub fn json(&self) -> &str {
         self.0.get()
     }
 
     /// A JSON value as written.
-    pub fn raw(value: &Value) -> Fields {
+    pub fn of(value: &Value) -> Raw {
         // A `Value` always serialises; `null` stands in for the impossible.
-        Fields(serde_json::value::to_raw_value(value).unwrap_or_else(|_| RawValue::NULL.to_owned()))
+        Raw(serde_json::value::to_raw_value(value).unwrap_or_else(|_| RawValue::NULL.to_owned()))
     }
 }
 
-impl PartialEq for Fields {
+impl PartialEq for Raw {
     fn eq(&self, other: &Self) -> bool {
         self.json() == other.json()
     }
@@ -102,12 +103,12 @@ pub enum Delta {
     /// Chat delta fields no other event carries (`refusal`, `audio`, any to come), as an
     /// OpenAI-compatible upstream wrote them: relayed to chat clients unchanged, left to
     /// the rest.
-    Fields(Fields),
+    ChatFields(Raw),
     /// Fields of the upstream's chunks themselves, `"system_fingerprint":…,"service_tier":…`
     /// as written: sent before the first event they came with, and again when they change.
     Identity(Box<str>),
     /// The `logprobs` of the choice whose text or fields follow.
-    Logprobs(Fields),
+    Logprobs(Raw),
     /// Usage fields beyond the three counts (`prompt_tokens_details`…), `"k":v,…` as
     /// written: sent just before the [`Delta::Usage`] they belong to.
     UsageDetails(Box<str>),
@@ -125,14 +126,14 @@ pub enum Delta {
     /// Reasoning the upstream redacted (Anthropic's `redacted_thinking` block): its data.
     Redacted(String),
     /// A citation or annotation on the text just streamed, as the upstream wrote it.
-    Annotation(Fields),
+    Annotation(Raw),
     /// Content of the upstream's own API that no canonical event carries (a server tool's
     /// use and result, a block or item of a type to come), named: an encoder says it was
     /// left out, so that nothing vanishes without a word.
     Untranslated(String),
     /// One event of an upstream that speaks the client's own API (a Responses API
     /// upstream answering a `/v1/responses` request), to relay as it came.
-    Event(Fields),
+    Event(Raw),
 }
 
 /// Which kind of proof of reasoning a [`Delta::Signature`] is: each goes back only to

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
-use super::{BackendError, Delta, Fields, Finish, Text, ToolCall, Usage};
+use super::{BackendError, Delta, Finish, Raw, Text, ToolCall, Usage};
 
 #[derive(Deserialize)]
 struct Chunk<'a> {
@@ -143,7 +143,7 @@ pub fn deltas(data: &str, out: &mut Vec<Delta>, seen: &mut Seen) -> Result<(), B
                 seen.send(out);
             }
             if carries && let Some(logprobs) = choice.logprobs.filter(|l| l.get() != "null") {
-                out.push(Delta::Logprobs(Fields(logprobs.to_owned())));
+                out.push(Delta::Logprobs(Raw(logprobs.to_owned())));
             }
             if let Some(reasoning) = delta.reasoning {
                 out.push(Delta::Reasoning(Text::literal(reasoning)));
@@ -156,7 +156,7 @@ pub fn deltas(data: &str, out: &mut Vec<Delta>, seen: &mut Seen) -> Result<(), B
                 let fields = RawValue::from_string(delta.rest).map_err(|e| {
                     BackendError::Protocol(format!("a delta that is not JSON ({e})"))
                 })?;
-                out.push(Delta::Fields(Fields(fields)));
+                out.push(Delta::ChatFields(Raw(fields)));
             }
             if let Some(reason) = choice.finish_reason {
                 out.push(Delta::Finish(Finish::from_chat(&reason)));
@@ -264,8 +264,8 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for First<T> {
 
 impl<'de: 'a, 'a> Deserialize<'de> for DeltaParts<'a> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Fields<'a>(PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for Fields<'a> {
+        struct DeltaVisitor<'a>(PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for DeltaVisitor<'a> {
             type Value = DeltaParts<'a>;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a delta object")
@@ -302,7 +302,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for DeltaParts<'a> {
                 Ok(parts)
             }
         }
-        deserializer.deserialize_map(Fields(PhantomData))
+        deserializer.deserialize_map(DeltaVisitor(PhantomData))
     }
 }
 
@@ -328,7 +328,7 @@ mod tests {
                 arguments: Text::plain(""),
             })
         );
-        let Delta::Fields(fields) = &out[3] else {
+        let Delta::ChatFields(fields) = &out[3] else {
             panic!("{:?}", out[3])
         };
         assert_eq!(fields.json(), r#"{"audio":{"id":"a"}}"#);

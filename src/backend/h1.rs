@@ -39,7 +39,7 @@ const READ_SIZE: usize = 4096;
 const MAX_INTERIM: usize = 8;
 
 /// The kept connections to one upstream, and how to open another.
-pub struct Pool {
+pub struct Connections {
     /// `host:port`, to connect to.
     authority: String,
     /// The `Host` header.
@@ -59,24 +59,24 @@ pub enum Failure {
     Request(String),
 }
 
-/// An answer's status and headers, and its body unread ([`Answer::into_parts`]).
-pub struct Answer {
+/// An answer's status and headers, and its body unread ([`Reply::into_parts`]).
+pub struct Reply {
     status: u16,
     headers: HeaderMap,
     body: Reader,
 }
 
-impl Pool {
+impl Connections {
     /// The pool for `url`'s upstream, when it is a plain `http://` URL without credentials
     /// (anything else goes through reqwest: TLS, proxies, basic auth).
-    pub fn for_url(url: &str, connect_timeout: Duration) -> Option<Arc<Pool>> {
+    pub fn for_url(url: &str, connect_timeout: Duration) -> Option<Arc<Connections>> {
         let parsed = reqwest::Url::parse(url).ok()?;
         if parsed.scheme() != "http" || !parsed.username().is_empty() || proxied() {
             return None;
         }
         let host = parsed.host_str()?;
         let port = parsed.port_or_known_default()?;
-        Some(Arc::new(Pool {
+        Some(Arc::new(Connections {
             authority: format!("{host}:{port}"),
             host: match parsed.port() {
                 Some(port) => format!("{host}:{port}"),
@@ -115,8 +115,8 @@ impl Pool {
         out.freeze()
     }
 
-    /// Sends `request` (from [`Pool::request`]) and reads the head of its answer.
-    pub async fn send(self: &Arc<Self>, request: &[u8]) -> Result<Answer, Failure> {
+    /// Sends `request` (from [`Connections::request`]) and reads the head of its answer.
+    pub async fn send(self: &Arc<Self>, request: &[u8]) -> Result<Reply, Failure> {
         let mut resent = false;
         loop {
             let (mut tcp, kept) = match self.take().filter(|_| !resent) {
@@ -126,7 +126,7 @@ impl Pool {
             let mut buf = BytesMut::with_capacity(READ_SIZE);
             match exchange(&mut tcp, request, &mut buf).await {
                 Ok(head) => {
-                    return Ok(Answer {
+                    return Ok(Reply {
                         status: head.status,
                         headers: head.headers,
                         body: Reader {
@@ -140,18 +140,18 @@ impl Pool {
                 }
                 // A kept connection the upstream closed before it took the request: once
                 // more, on a new one.
-                Err(Exchange::NotSent) if kept && !resent => resent = true,
-                Err(Exchange::NotSent) => {
+                Err(Attempt::NotSent) if kept && !resent => resent = true,
+                Err(Attempt::NotSent) => {
                     return Err(Failure::Request(
                         "the upstream closed the connection before the request was sent".into(),
                     ));
                 }
-                Err(Exchange::Closed) => {
+                Err(Attempt::Closed) => {
                     return Err(Failure::Request(
                         "the upstream closed the connection without answering".into(),
                     ));
                 }
-                Err(Exchange::Failed(e)) => return Err(Failure::Request(e)),
+                Err(Attempt::Failed(e)) => return Err(Failure::Request(e)),
             }
         }
     }
@@ -213,7 +213,7 @@ fn proxied() -> bool {
         .any(|name| std::env::var_os(name).is_some_and(|v| !v.is_empty()))
 }
 
-enum Exchange {
+enum Attempt {
     /// The request could not be written: the upstream has not seen it whole.
     NotSent,
     /// The connection ended, after the request was written, before any of an answer came.
@@ -257,9 +257,9 @@ async fn exchange(
     tcp: &mut TcpStream,
     request: &[u8],
     buf: &mut BytesMut,
-) -> Result<Head, Exchange> {
+) -> Result<Head, Attempt> {
     if tcp.write_all(request).await.is_err() {
-        return Err(Exchange::NotSent);
+        return Err(Attempt::NotSent);
     }
     // Interim answers taken, and the bytes they took: both bounded, whatever the upstream.
     let mut interim = (0, 0);
@@ -268,21 +268,21 @@ async fn exchange(
             return Ok(head);
         }
         if buf.len() + interim.1 > MAX_HEAD {
-            return Err(Exchange::Failed(format!(
+            return Err(Attempt::Failed(format!(
                 "an answer whose head is over {MAX_HEAD} bytes"
             )));
         }
         buf.reserve(READ_SIZE);
         match tcp.read_buf(buf).await {
-            Ok(0) if buf.is_empty() => return Err(Exchange::Closed),
+            Ok(0) if buf.is_empty() => return Err(Attempt::Closed),
             Ok(0) => {
-                return Err(Exchange::Failed(
+                return Err(Attempt::Failed(
                     "the upstream closed the connection mid-answer".into(),
                 ));
             }
             Ok(_) => {}
-            Err(_) if buf.is_empty() => return Err(Exchange::Closed),
-            Err(e) => return Err(Exchange::Failed(format!("reading the answer: {e}"))),
+            Err(_) if buf.is_empty() => return Err(Attempt::Closed),
+            Err(e) => return Err(Attempt::Failed(format!("reading the answer: {e}"))),
         }
     }
 }
@@ -290,20 +290,20 @@ async fn exchange(
 /// The head at the start of `buf`, taken from it, once it is whole; interim (`1xx`)
 /// answers are skipped, counted in `interim` (how many, and their bytes) up to
 /// [`MAX_INTERIM`].
-fn parse_head(buf: &mut BytesMut, interim: &mut (usize, usize)) -> Result<Option<Head>, Exchange> {
+fn parse_head(buf: &mut BytesMut, interim: &mut (usize, usize)) -> Result<Option<Head>, Attempt> {
     loop {
         let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut response = httparse::Response::new(&mut slots);
         let len = match response.parse(buf) {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) => return Ok(None),
-            Err(e) => return Err(Exchange::Failed(format!("not an HTTP answer ({e})"))),
+            Err(e) => return Err(Attempt::Failed(format!("not an HTTP answer ({e})"))),
         };
         let status = response.code.unwrap_or(0);
         if (100..200).contains(&status) {
             *interim = (interim.0 + 1, interim.1 + len);
             if interim.0 > MAX_INTERIM || interim.1 > MAX_HEAD {
-                return Err(Exchange::Failed(format!(
+                return Err(Attempt::Failed(format!(
                     "more than {MAX_INTERIM} interim (1xx) answers before the final one"
                 )));
             }
@@ -332,7 +332,7 @@ fn parse_head(buf: &mut BytesMut, interim: &mut (usize, usize)) -> Result<Option
         } else if let Some(length) = headers.get("content-length") {
             match length.to_str().ok().and_then(|l| l.trim().parse().ok()) {
                 Some(length) => Framing::Length(length),
-                None => return Err(Exchange::Failed("an unreadable Content-Length".into())),
+                None => return Err(Attempt::Failed("an unreadable Content-Length".into())),
             }
         } else {
             Framing::Close
@@ -370,7 +370,7 @@ struct Reader {
     framing: Framing,
     /// The connection may serve another request once the body has ended.
     keep: bool,
-    pool: Arc<Pool>,
+    pool: Arc<Connections>,
 }
 
 /// What the buffer holds next.
@@ -467,7 +467,7 @@ impl Reader {
     }
 }
 
-impl Answer {
+impl Reply {
     /// The status, the headers, and the body piece by piece as it arrives: an error once
     /// the connection fails or the framing breaks. Dropping the body before its end closes
     /// the connection.
@@ -526,7 +526,7 @@ mod tests {
             buf: BytesMut::from(bytes),
             framing,
             keep: false,
-            pool: Arc::new(Pool {
+            pool: Arc::new(Connections {
                 authority: String::new(),
                 host: String::new(),
                 connect_timeout: Duration::ZERO,
@@ -617,7 +617,7 @@ mod tests {
         flood.extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
         assert!(matches!(
             parse_head(&mut flood, &mut (0, 0)),
-            Err(Exchange::Failed(_))
+            Err(Attempt::Failed(_))
         ));
     }
 }

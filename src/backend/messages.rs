@@ -10,7 +10,7 @@ use serde_json::{Map, Value, json};
 use super::shown;
 
 use super::{
-    BackendError, ChatRequest, Delta, Fields, Finish, Native, Signature, Text, ToolCall, Usage,
+    BackendError, Delta, Finish, ModelRequest, Native, Raw, Signature, Text, ToolCall, Usage,
 };
 
 /// The `anthropic-version` sent when the client named none.
@@ -19,7 +19,7 @@ const VERSION: &str = "2023-06-01";
 const DEFAULT_MAX_TOKENS: u32 = 4096;
 
 /// The body of the call, its `anthropic-version`, and its `anthropic-beta` if any.
-pub fn body(mut request: ChatRequest) -> (Map<String, Value>, String, Option<String>) {
+pub fn body(mut request: ModelRequest) -> (Map<String, Value>, String, Option<String>) {
     let model = request.model.clone();
     let (mut body, version, beta) = match request.native.take() {
         Some(Native::Messages {
@@ -302,7 +302,7 @@ impl Reader {
                         ready.push(Delta::Signature(Signature::Anthropic(signature.to_owned())));
                     }
                     Some("citations_delta") => {
-                        ready.push(Delta::Annotation(Fields::raw(&delta["citation"])));
+                        ready.push(Delta::Annotation(Raw::of(&delta["citation"])));
                     }
                     Some("input_json_delta") => {
                         // A server tool's input (its block is not a tool call) has none.

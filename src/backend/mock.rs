@@ -22,7 +22,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
-    Backend, BackendError, ChatRequest, Delta, DeltaStream, Finish, Message, Text, ToolCall, Usage,
+    Backend, BackendError, Delta, DeltaStream, Finish, Message, ModelRequest, Text, ToolCall, Usage,
 };
 
 /// How the mock behaves, chosen by the model name a client asks for.
@@ -143,7 +143,7 @@ impl MockBackend {
     }
 
     /// The whole reply for a request, before `max_tokens` cuts it.
-    fn reply(&self, request: &ChatRequest) -> String {
+    fn reply(&self, request: &ModelRequest) -> String {
         if let Some(result) = tool_result_this_turn(&request.messages) {
             return format!("The tool returned: {result}");
         }
@@ -157,7 +157,7 @@ impl MockBackend {
     }
 
     /// The function call the request gets instead of text, if any: name and arguments.
-    fn tool_call(&self, request: &ChatRequest) -> Option<(String, String)> {
+    fn tool_call(&self, request: &ModelRequest) -> Option<(String, String)> {
         let tools = request.body.get("tools")?.as_array()?;
         let choice = request.body.get("tool_choice");
         // One call a user turn: after its result the mock answers in text, so an agent's
@@ -303,7 +303,7 @@ fn without_reminders(text: &str) -> std::borrow::Cow<'_, str> {
 }
 
 impl Backend for MockBackend {
-    fn stream(&self, request: ChatRequest) -> DeltaStream {
+    fn stream(&self, request: ModelRequest) -> DeltaStream {
         let Some(mode) = Mode::from_model(&request.model) else {
             let message = format!("the mock backend has no model {}", request.model);
             return futures::stream::iter([Err(BackendError::Protocol(message))]).boxed();
@@ -371,7 +371,7 @@ impl Backend for MockBackend {
 }
 
 /// The request's `stop` sequences (a string or a list of them).
-fn stop_sequences(request: &ChatRequest) -> Vec<String> {
+fn stop_sequences(request: &ModelRequest) -> Vec<String> {
     match request.body.get("stop") {
         Some(Value::String(s)) if !s.is_empty() => vec![s.clone()],
         Some(Value::Array(list)) => list

@@ -1,8 +1,8 @@
-//! Backends behind one trait: what a backend is asked ([`ChatRequest`]), what it answers
+//! Backends behind one trait: what a backend is asked ([`ModelRequest`]), what it answers
 //! (a stream of [`Delta`]s, the canonical events of a reply), and how it fails
 //! ([`BackendError`], with typed waits and fallback reasons).
 //!
-//! A backend turns a [`ChatRequest`] into a stream of [`Delta`]s. It knows nothing of HTTP
+//! A backend turns a [`ModelRequest`] into a stream of [`Delta`]s. It knows nothing of HTTP
 //! or SSE; dropping its stream must stop its work (an upstream request closes its
 //! connection, a generator stops at its next token).
 
@@ -17,7 +17,7 @@ mod responses;
 pub mod sse;
 pub use messages::cache_tokens as anthropic_cache_tokens;
 
-pub use crate::pivot::{Delta, Fields, Finish, Signature, Text, ToolCall, Usage};
+pub use crate::pivot::{Delta, Finish, Raw, Signature, Text, ToolCall, Usage};
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -53,7 +53,7 @@ pub fn decimal(v: f32) -> serde_json::Value {
 
 /// A validated chat request, routed: `model` is the name the backend knows.
 #[derive(Debug, Clone, Default)]
-pub struct ChatRequest {
+pub struct ModelRequest {
     pub model: String,
     pub messages: Vec<Message>,
     /// The prompt's size in o200k tokens, counted once by the pipeline.
@@ -103,7 +103,7 @@ impl Native {
 /// The request as chat completions take it: the body as the client's dialect wrote it
 /// (taken out of `request`), or, when it wrote none (`/api/chat`), written from the
 /// canonical messages and options.
-pub fn chat_body(request: &mut ChatRequest) -> Map<String, Value> {
+pub fn chat_body(request: &mut ModelRequest) -> Map<String, Value> {
     let mut body = std::mem::take(&mut request.body);
     if !body.contains_key("messages") {
         let messages = request
@@ -131,13 +131,13 @@ pub fn chat_body(request: &mut ChatRequest) -> Map<String, Value> {
 /// empty list).
 pub fn carried(api: openai::Api) -> &'static [&'static str] {
     match api {
-        openai::Api::Chat => &[],
+        openai::Api::Completions => &[],
         openai::Api::Responses => &responses::CARRIED,
         openai::Api::Messages => &messages::CARRIED,
     }
 }
 
-impl ChatRequest {
+impl ModelRequest {
     /// The text of the last user message: what the mock model answers to.
     pub fn last_user_text(&self) -> &str {
         self.messages
@@ -309,7 +309,7 @@ pub type DeltaStream = Pin<Box<dyn Stream<Item = Result<Delta, BackendError>> + 
 
 pub trait Backend: Send + Sync {
     /// Starts generating. The stream is lazy: no work happens until it is first polled.
-    fn stream(&self, request: ChatRequest) -> DeltaStream;
+    fn stream(&self, request: ModelRequest) -> DeltaStream;
 
     /// The base URL of the upstream this backend calls, if it calls one, with any
     /// credentials in it masked.
@@ -325,7 +325,7 @@ pub trait Backend: Send + Sync {
     /// The API this backend is called with: a client of that same API has its request
     /// relayed as it sent it; any other client's is translated.
     fn speaks(&self) -> openai::Api {
-        openai::Api::Chat
+        openai::Api::Completions
     }
 
     /// `gen_ai.provider.name` (OpenTelemetry) of what it calls: the maker of the API an

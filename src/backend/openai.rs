@@ -22,7 +22,7 @@ use serde_json::{Map, Value, json};
 use super::chunk;
 use super::h1;
 use super::sse::{self, StreamError};
-use super::{Backend, BackendError, ChatRequest, Delta, DeltaStream, Native};
+use super::{Backend, BackendError, Delta, DeltaStream, ModelRequest, Native};
 
 /// Reads the events of an upstream that speaks another API than chat completions.
 enum Foreign {
@@ -34,7 +34,7 @@ enum Foreign {
 impl Foreign {
     fn of(api: Api) -> Self {
         match api {
-            Api::Chat => Foreign::None,
+            Api::Completions => Foreign::None,
             Api::Responses => Foreign::Responses(Default::default()),
             Api::Messages => Foreign::Messages(Default::default()),
         }
@@ -61,7 +61,7 @@ impl Foreign {
         if native {
             let raw =
                 serde_json::value::RawValue::from_string(data.to_owned()).map_err(not_json)?;
-            ready.push(Delta::Event(super::Fields(raw)));
+            ready.push(Delta::Event(super::Raw(raw)));
             if ended {
                 ready.push(Delta::Finish(super::Finish::Stop));
             }
@@ -84,8 +84,8 @@ pub(crate) fn read_recorded(api: Api, events: &[String]) -> (Vec<Delta>, Option<
     let mut ready = Vec::new();
     for data in events {
         let read = match api {
-            Api::Chat if data == "[DONE]" => Ok(true),
-            Api::Chat => chunk::deltas(data, &mut ready, &mut seen).map(|()| false),
+            Api::Completions if data == "[DONE]" => Ok(true),
+            Api::Completions => chunk::deltas(data, &mut ready, &mut seen).map(|()| false),
             _ => foreign.event(data, false, &mut ready),
         };
         match read {
@@ -111,7 +111,7 @@ pub struct OpenAiBackend {
     http: reqwest::Client,
     /// A plain-HTTP upstream's connections, read in the stream's own task (see [`h1`]);
     /// `None` for any other (TLS, a proxy, credentials in the URL), which reqwest calls.
-    direct: Option<Arc<h1::Pool>>,
+    direct: Option<Arc<h1::Connections>>,
     base_url: String,
     /// `base_url` with any credentials in it masked: for logs and `/readyz`.
     shown_url: String,
@@ -133,7 +133,7 @@ pub struct OpenAiBackend {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Api {
     /// `{base}/chat/completions`.
-    Chat,
+    Completions,
     /// OpenAI's Responses API, `{base}/responses`.
     Responses,
     /// Anthropic's Messages API, `{base}/messages`.
@@ -172,11 +172,11 @@ impl OpenAiBackend {
         let endpoint = format!("{base_url}/chat/completions");
         Ok(OpenAiBackend {
             http,
-            direct: h1::Pool::for_url(&base_url, connect_timeout),
+            direct: h1::Connections::for_url(&base_url, connect_timeout),
             target: target(&endpoint),
             endpoint,
             copy_max_tokens: !base_url.contains("api.openai.com"),
-            api: Api::Chat,
+            api: Api::Completions,
             shown_url: masked_url(&base_url),
             base_url,
             api_key,
@@ -187,7 +187,7 @@ impl OpenAiBackend {
     /// Calls this upstream with `api` instead of chat completions.
     pub fn speaking(mut self, api: Api) -> Self {
         self.endpoint = match api {
-            Api::Chat => format!("{}/chat/completions", self.base_url),
+            Api::Completions => format!("{}/chat/completions", self.base_url),
             Api::Responses => format!("{}/responses", self.base_url),
             Api::Messages => format!("{}/messages", self.base_url),
         };
@@ -198,7 +198,7 @@ impl OpenAiBackend {
 
     /// The body of a Responses API call: the client's own when it spoke that API (with the
     /// upstream's model name), else the chat request written as one.
-    fn responses_body(mut request: ChatRequest) -> Map<String, Value> {
+    fn responses_body(mut request: ModelRequest) -> Map<String, Value> {
         let mut body = match request.native.take() {
             Some(Native::Responses(native)) => native,
             _ => super::responses::from_chat(&super::chat_body(&mut request)),
@@ -214,7 +214,7 @@ impl OpenAiBackend {
     /// A client that spoke OpenAI's format sent its messages and options as they go
     /// upstream (content parts, tools, unknown fields pass through); for any other, they
     /// are written from the canonical request.
-    fn upstream_body(&self, mut request: ChatRequest) -> Map<String, Value> {
+    fn upstream_body(&self, mut request: ModelRequest) -> Map<String, Value> {
         let mut body = super::chat_body(&mut request);
         body.insert("model".into(), Value::String(request.model));
         body.insert("stream".into(), Value::Bool(true));
@@ -235,12 +235,12 @@ impl OpenAiBackend {
 }
 
 impl Backend for OpenAiBackend {
-    fn stream(&self, request: ChatRequest) -> DeltaStream {
+    fn stream(&self, request: ModelRequest) -> DeltaStream {
         let request_id = request.request_id.clone();
         // An upstream of another API relays its events to a client of that same API, and
         // is read into canonical events for any other.
         let native = match (self.api, &request.native) {
-            (Api::Chat, _) => None,
+            (Api::Completions, _) => None,
             (api, Some(native)) if native.spoken_by(api) => Some(true),
             _ => Some(false),
         };
@@ -255,7 +255,7 @@ impl Backend for OpenAiBackend {
             header(name, value);
         }
         let body = match self.api {
-            Api::Chat => Value::Object(self.upstream_body(request)).to_string(),
+            Api::Completions => Value::Object(self.upstream_body(request)).to_string(),
             Api::Responses => Value::Object(Self::responses_body(request)).to_string(),
             Api::Messages => {
                 let (body, version, beta) = super::messages::body(request);
@@ -277,7 +277,7 @@ impl Backend for OpenAiBackend {
             });
         }
         let call = match &self.direct {
-            Some(pool) => Call::Direct(
+            Some(pool) => Sending::Direct(
                 pool.clone(),
                 pool.request(&self.target, &headers, body.as_bytes()),
             ),
@@ -286,7 +286,7 @@ impl Backend for OpenAiBackend {
                 for (name, value) in headers {
                     call = call.header(name, value);
                 }
-                Call::Reqwest(Box::new(call))
+                Sending::Reqwest(Box::new(call))
             }
         };
         let self_api = self.api;
@@ -435,11 +435,11 @@ impl OpenAiBackend {
 }
 
 /// One upstream call, made ready before its stream runs.
-enum Call {
+enum Sending {
     /// Through reqwest's pool: TLS, proxies, credentials in the URL.
     Reqwest(Box<reqwest::RequestBuilder>),
     /// To a plain-HTTP upstream, on a connection read in the stream's own task.
-    Direct(Arc<h1::Pool>, Bytes),
+    Direct(Arc<h1::Connections>, Bytes),
 }
 
 /// An upstream's answer: its status and headers, and its body as it arrives.
@@ -449,10 +449,10 @@ struct Answer {
     body: Pin<Box<dyn Stream<Item = Result<Bytes, String>> + Send>>,
 }
 
-impl Call {
+impl Sending {
     async fn send(self) -> Result<Answer, BackendError> {
         match self {
-            Call::Reqwest(call) => {
+            Sending::Reqwest(call) => {
                 let response = (*call).send().await.map_err(|e| request_error(&e))?;
                 Ok(Answer {
                     status: response.status().as_u16(),
@@ -464,7 +464,7 @@ impl Call {
                     ),
                 })
             }
-            Call::Direct(pool, request) => match pool.send(&request).await {
+            Sending::Direct(pool, request) => match pool.send(&request).await {
                 Ok(answer) => {
                     let (status, headers, body) = answer.into_parts();
                     Ok(Answer {

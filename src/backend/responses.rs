@@ -7,7 +7,7 @@ use serde_json::{Map, Value, json};
 
 use super::shown;
 
-use super::{BackendError, Delta, Fields, Finish, Signature, Text, ToolCall, Usage};
+use super::{BackendError, Delta, Finish, Raw, Signature, Text, ToolCall, Usage};
 
 /// The chat request fields [`from_chat`] carries (or that need no carrying).
 pub const CARRIED: [&str; 17] = [
@@ -200,7 +200,7 @@ impl Reader {
                 ready.push(Delta::Untranslated(format!("{} item", shown(kind))));
             }
             "response.output_text.annotation.added" => {
-                ready.push(Delta::Annotation(Fields::raw(&event["annotation"])));
+                ready.push(Delta::Annotation(Raw::of(&event["annotation"])));
             }
             "response.function_call_arguments.delta" => {
                 ready.push(Delta::ToolCall(ToolCall {

@@ -15,7 +15,7 @@ use crate::relay::{Completion, Encoder, End, Out};
 const FIXTURES: [(&str, Api); 3] = [
     ("anthropic-thinking", Api::Messages),
     ("responses-reasoning", Api::Responses),
-    ("chat-annotations", Api::Chat),
+    ("chat-annotations", Api::Completions),
 ];
 
 const END: End = End {
@@ -67,7 +67,7 @@ fn encode(encoder: &mut impl Encoder, deltas: &[Delta], failure: Option<&ApiErro
 /// What every client is sent for `deltas`.
 fn clients(deltas: &[Delta], failure: Option<&ApiError>) -> Vec<(&'static str, String)> {
     let completion = || Completion {
-        id: "chatcmpl-1".into(),
+        token: "1".into(),
         created: 1,
         model: "m".into(),
     };
@@ -87,7 +87,7 @@ fn clients(deltas: &[Delta], failure: Option<&ApiError>) -> Vec<(&'static str, S
         (
             "chat",
             encode(
-                &mut super::chat::Encoder::new(completion(), true),
+                &mut super::completions::Encoder::new(completion(), true),
                 deltas,
                 failure,
             ),

@@ -1,9 +1,9 @@
 //! One dialect per wire format. Everything about one API lives in its folder and nothing
-//! else does: how its request becomes the canonical request ([`Chat`]), its pure encoder
+//! else does: how its request becomes the canonical request ([`ClientRequest`]), its pure encoder
 //! (canonical events in, SSE events out: see [`crate::relay::Encoder`]), how it assembles a
 //! whole reply from its events, its errors in its own shape and words, and its stream ids.
 //!
-//! - `chat/`: OpenAI chat completions (`/v1/chat/completions`).
+//! - `completions/`: OpenAI chat completions (`/v1/chat/completions`).
 //! - `responses/`: OpenAI's Responses API (`/v1/responses`).
 //! - `anthropic/`: Anthropic's Messages API (`/v1/messages`).
 //! - `sluice/`: sluice's own `/api/chat` events.
@@ -13,7 +13,7 @@
 //! one encode loop. A new API is a new folder here, a [`Wire`] variant, and a route.
 
 pub mod anthropic;
-pub mod chat;
+pub mod completions;
 #[cfg(test)]
 mod golden;
 pub mod responses;
@@ -27,7 +27,7 @@ use crate::error::ApiError;
 use crate::relay::{Completion, Out};
 
 /// A request as its dialect parsed it: the one shape the pipeline takes.
-pub struct Chat {
+pub struct ClientRequest {
     pub model: String,
     /// The conversation as the models sluice runs itself read it (role and text).
     pub messages: Vec<Message>,
@@ -97,9 +97,9 @@ impl Dropped {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Wire {
     /// sluice's `/api/chat` events.
-    Chat,
+    Sluice,
     /// OpenAI's chat completion chunks.
-    OpenAi,
+    Completions,
     /// OpenAI's Responses API events.
     Responses,
     /// Anthropic's Messages API events.
@@ -109,8 +109,8 @@ pub enum Wire {
 impl Wire {
     pub fn as_str(self) -> &'static str {
         match self {
-            Wire::Chat => "chat",
-            Wire::OpenAi => "openai",
+            Wire::Sluice => "chat",
+            Wire::Completions => "openai",
             Wire::Responses => "responses",
             Wire::Anthropic => "anthropic",
         }
@@ -120,16 +120,16 @@ impl Wire {
     /// speaks, `sluice` for sluice's own.
     pub fn provider(self) -> &'static str {
         match self {
-            Wire::Chat => "sluice",
-            Wire::OpenAi | Wire::Responses => "openai",
+            Wire::Sluice => "sluice",
+            Wire::Completions | Wire::Responses => "openai",
             Wire::Anthropic => "anthropic",
         }
     }
 
     pub fn parse(name: &str) -> Option<Wire> {
         match name {
-            "chat" => Some(Wire::Chat),
-            "openai" => Some(Wire::OpenAi),
+            "chat" => Some(Wire::Sluice),
+            "openai" => Some(Wire::Completions),
             "responses" => Some(Wire::Responses),
             "anthropic" => Some(Wire::Anthropic),
             _ => None,
@@ -139,12 +139,12 @@ impl Wire {
     /// The id clients know a reply's stream by, in this dialect's form.
     pub fn stream_id(self, completion: &Completion) -> String {
         let prefix = match self {
-            Wire::OpenAi => return completion.id.clone(),
-            Wire::Chat => sluice::ID_PREFIX,
+            Wire::Completions => completions::ID_PREFIX,
+            Wire::Sluice => sluice::ID_PREFIX,
             Wire::Responses => responses::ID_PREFIX,
             Wire::Anthropic => anthropic::ID_PREFIX,
         };
-        completion.id.replacen("chatcmpl-", prefix, 1)
+        format!("{prefix}{}", completion.token)
     }
 
     /// What a quiet stream of this dialect is sent to keep it open.
@@ -160,8 +160,8 @@ impl Wire {
     pub fn error_event(self, stream_id: &str, id: u64, error: &ApiError) -> Bytes {
         let mut out = Out::numbered_from(id.saturating_sub(1));
         match self {
-            Wire::Chat => sluice::error(error, &mut out),
-            Wire::OpenAi => chat::error(error, &mut out),
+            Wire::Sluice => sluice::error(error, &mut out),
+            Wire::Completions => completions::error(error, &mut out),
             Wire::Responses => responses::ended_by(stream_id, error, &mut out),
             Wire::Anthropic => anthropic::error(error, &mut out),
         }

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Plan;
 use super::pool::Lease;
-use crate::backend::{BackendError, ChatRequest, Delta, DeltaStream, Wait};
+use crate::backend::{BackendError, Delta, DeltaStream, ModelRequest, Wait};
 use crate::telemetry::{Call, Exchange, Metrics};
 use crate::wake::Woken;
 
@@ -44,7 +44,7 @@ pub fn upstream(
     exchange: &Exchange,
     (mut plan, mut lease): (Plan, Lease),
     label: &str,
-    request: ChatRequest,
+    request: ModelRequest,
 ) -> DeltaStream {
     let label = label.to_owned();
     let limits = dispatcher.timeouts;
@@ -159,7 +159,7 @@ pub fn upstream(
                         call.text(text);
                         waiting_for = Wait::Chunk;
                     }
-                    Delta::Fields(_)
+                    Delta::ChatFields(_)
                     | Delta::Reasoning(_)
                     | Delta::ToolCall(_)
                     | Delta::Event(_)

@@ -266,7 +266,7 @@ fn steps<E: Encoder>(
                             metered = true;
                             size = size.saturating_add(text.len());
                         }
-                        Delta::Fields(fields) => {
+                        Delta::ChatFields(fields) => {
                             guard.times.token(guard.exchange.arrived().elapsed());
                             size = size.saturating_add(fields.json().len());
                         }

@@ -221,10 +221,10 @@ pub fn sse(
     response
 }
 
-/// A reply's identity: its id (`chatcmpl-…`, which each dialect names its own way), when
-/// it was made, and the model it is from.
+/// A reply's identity: its random token (each dialect writes its id as its own prefix and
+/// this token), when it was made, and the model it is from.
 pub struct Completion {
-    pub id: String,
+    pub token: String,
     pub created: u64,
     pub model: String,
 }
@@ -235,7 +235,7 @@ impl Completion {
         let (a, b) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
         let more = &b.simple().to_string()[..8];
         Completion {
-            id: format!("chatcmpl-{}{more}", a.simple()),
+            token: format!("{}{more}", a.simple()),
             created: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),

@@ -3,13 +3,13 @@
 
 pub mod admin;
 pub mod anthropic;
-pub mod chat;
+pub mod completions;
 pub mod health;
 pub mod keys;
 pub mod models;
-pub mod openai;
 pub mod prompts;
 pub mod responses;
+pub mod sluice;
 pub mod streams;
 pub mod ui;
 

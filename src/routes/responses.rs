@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use crate::admission::Principal;
 use crate::dialect::Wire;
-use crate::dialect::responses::request::{Fields, Request, invalid, output_messages};
+use crate::dialect::responses::request::{Body, Request, invalid, output_messages};
 use crate::dialect::responses::{self, Meta, snapshot};
 use crate::error::ApiError;
 use crate::http::{JsonObject, typed, with_dropped, with_rate_headers};
@@ -112,7 +112,7 @@ async fn create(
     headers: HeaderMap,
     JsonObject(mut body, size): JsonObject,
 ) -> Result<Response, ApiError> {
-    let fields: Fields = typed(&mut body)?;
+    let fields: Body = typed(&mut body)?;
     let store = fields.store.unwrap_or(true);
     if fields.background && !store {
         return Err(invalid(

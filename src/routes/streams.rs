@@ -152,7 +152,7 @@ pub async fn resume_chat(
 ) -> Result<Response, ApiError> {
     let query = Resume::of(query);
     let after = cursor(&headers, &query)?;
-    follow(&state, &who, &exchange, &id, Wire::Chat, after).await
+    follow(&state, &who, &exchange, &id, Wire::Sluice, after).await
 }
 
 /// `GET /v1/chat/completions/{id}`: with `stream=true` the chunks after the cursor; without,
@@ -169,18 +169,18 @@ pub async fn resume_completion(
     let query = Resume::of(query);
     if query.stream {
         let after = cursor(&headers, &query)?;
-        return follow(&state, &who, &exchange, &id, Wire::OpenAi, after).await;
+        return follow(&state, &who, &exchange, &id, Wire::Completions, after).await;
     }
     let answer = async {
         let reply = state
             .streams
-            .reply(&id, &who.name, Wire::OpenAi, |events| {
-                let (ok, body) = match crate::dialect::chat::assemble(events.iter().map(|e| &e[..]))
-                {
-                    Ok(reply) => (true, reply),
-                    // It ended in an error: that error, as the stream said it.
-                    Err(body) => (false, body),
-                };
+            .reply(&id, &who.name, Wire::Completions, |events| {
+                let (ok, body) =
+                    match crate::dialect::completions::assemble(events.iter().map(|e| &e[..])) {
+                        Ok(reply) => (true, reply),
+                        // It ended in an error: that error, as the stream said it.
+                        Err(body) => (false, body),
+                    };
                 Reply {
                     ok,
                     body: serde_json::to_vec(&body).unwrap_or_default().into(),
@@ -257,7 +257,7 @@ pub async fn cancel_chat(
     Extension(exchange): Extension<Exchange>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    cancel(&state, &who, &exchange, &id, Wire::Chat).await
+    cancel(&state, &who, &exchange, &id, Wire::Sluice).await
 }
 
 /// `POST /v1/chat/completions/{id}/cancel`.
@@ -267,5 +267,5 @@ pub async fn cancel_completion(
     Extension(exchange): Extension<Exchange>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    cancel(&state, &who, &exchange, &id, Wire::OpenAi).await
+    cancel(&state, &who, &exchange, &id, Wire::Completions).await
 }

@@ -13,7 +13,7 @@ use opentelemetry_sdk::trace::Span;
 
 use super::otel::{finish_reasons, kv};
 use super::{Exchange, GenAi, Metrics, OPERATION};
-use crate::backend::{BackendError, ChatRequest, Text, Usage};
+use crate::backend::{BackendError, ModelRequest, Text, Usage};
 
 /// What an attempt is: where it goes and what it asks.
 pub struct Call<'a> {
@@ -24,7 +24,7 @@ pub struct Call<'a> {
     pub provider: &'static str,
     /// The upstream, when it is one (its URL, credentials masked).
     pub server: Option<&'a str>,
-    pub request: &'a ChatRequest,
+    pub request: &'a ModelRequest,
 }
 
 /// One open upstream attempt; see [`Metrics::upstream_call`]. Dropping it ends it.
@@ -254,7 +254,7 @@ fn host_port(url: &str) -> Option<(String, i64)> {
 }
 
 /// `gen_ai.input.messages` in the conventions' shape: role and text parts.
-fn messages(request: &ChatRequest) -> String {
+fn messages(request: &ModelRequest) -> String {
     let messages: Vec<_> = request
         .messages
         .iter()

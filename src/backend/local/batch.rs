@@ -19,7 +19,7 @@ use super::cache::PrefixCache;
 use super::model::{Kv, Llama, PREFILL_CHUNK, Rows};
 use super::text::{Chat, TextStream};
 use super::{Job, Meters, Place, Settings};
-use crate::backend::{BackendError, ChatRequest, Delta, Finish, Text, Usage};
+use crate::backend::{BackendError, Delta, Finish, ModelRequest, Text, Usage};
 
 /// Pieces of text a sequence may hold while its client's channel is full before it waits:
 /// enough that a client a moment behind (its task not yet scheduled on a busy machine)
@@ -167,7 +167,7 @@ impl Worker {
     /// Tokenises a request and finds what the cache already holds of its prompt; a request
     /// that cannot start is answered with its error.
     fn begin(&mut self, job: Job) -> Option<Seq> {
-        let request: &ChatRequest = &job.request;
+        let request: &ModelRequest = &job.request;
         let prompt = match self.chat.prompt(&request.messages) {
             Ok(prompt) => prompt,
             Err(e) => {

@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, watch};
 
 pub use text::{TextStream, load_tokenizer};
 
-use super::{Backend, BackendError, ChatRequest, Delta, DeltaStream};
+use super::{Backend, BackendError, Delta, DeltaStream, ModelRequest};
 
 /// The name clients ask for.
 pub const MODEL_NAME: &str = "smollm2";
@@ -66,7 +66,7 @@ struct Place {
 
 struct Job {
     ticket: u64,
-    request: ChatRequest,
+    request: ModelRequest,
     reply: Reply,
 }
 
@@ -130,7 +130,7 @@ impl LocalBackend {
 }
 
 impl Backend for LocalBackend {
-    fn stream(&self, request: ChatRequest) -> DeltaStream {
+    fn stream(&self, request: ModelRequest) -> DeltaStream {
         let jobs = self.jobs.clone();
         let mut place = self.place.clone();
         let next_ticket = self.next_ticket.clone();

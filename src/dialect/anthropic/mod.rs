@@ -16,7 +16,7 @@ use crate::backend::{Delta, Finish, Signature, ToolCall, Usage};
 use crate::error::ApiError;
 use crate::relay::{End, Out, Relayed, payload, put};
 
-/// What a chat completion id (`chatcmpl-…`) begins with as a message's.
+/// What a message's id begins with.
 pub const ID_PREFIX: &str = "msg_";
 
 /// What Anthropic's clients are sent to keep a quiet stream open.
@@ -431,7 +431,7 @@ pub fn assemble<'a>(events: impl IntoIterator<Item = &'a [u8]>) -> Result<Value,
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{Fields, Signature, Text};
+    use crate::backend::{Raw, Signature, Text};
     use crate::relay::Must;
     use crate::relay::{CANNED_END, Encoder as _, canned};
 
@@ -488,7 +488,7 @@ mod tests {
     fn signed_and_redacted_reasoning_and_citations_keep_their_place() -> Result<(), String> {
         let mut encoder = encoder();
         let thinking = Delta::Reasoning(Text::plain("hm"));
-        let citation = Fields::raw(&json!({"type": "char_location", "cited_text": "x"}));
+        let citation = Raw::of(&json!({"type": "char_location", "cited_text": "x"}));
         let deltas = vec![
             thinking,
             Delta::Signature(Signature::Anthropic("sig".into())),

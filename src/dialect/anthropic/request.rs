@@ -8,13 +8,13 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use crate::backend::{Message, Native};
-use crate::dialect::{Chat, Dropped};
+use crate::dialect::{ClientRequest, Dropped};
 use crate::error::ApiError;
 use crate::http::typed;
 
 /// The fields sluice reads.
 #[derive(Deserialize)]
-struct Fields {
+struct Body {
     model: String,
     max_tokens: Option<u32>,
     messages: Vec<Value>,
@@ -288,7 +288,7 @@ const NOT_FOR_CHAT: [&str; 5] = [
 
 /// The chat request an OpenAI-compatible upstream receives.
 fn chat(
-    fields: &Fields,
+    fields: &Body,
     sent: &Map<String, Value>,
     dropped: &mut Dropped,
 ) -> Result<(Vec<Value>, Map<String, Value>), ApiError> {
@@ -362,8 +362,8 @@ pub fn parse(
     size: usize,
     version: Option<String>,
     beta: Option<String>,
-) -> Result<(Chat, bool), ApiError> {
-    let fields: Fields = typed(&mut body)?;
+) -> Result<(ClientRequest, bool), ApiError> {
+    let fields: Body = typed(&mut body)?;
     if fields.max_tokens.is_none() {
         return Err(invalid("max_tokens: Field required", "max_tokens"));
     }
@@ -375,7 +375,7 @@ pub fn parse(
         version,
         beta,
     };
-    let chat = Chat {
+    let chat = ClientRequest {
         model: fields.model,
         messages: canonical(&messages),
         max_tokens: fields.max_tokens,
@@ -394,7 +394,7 @@ pub fn parse(
 /// A request's input tokens as sluice counts a prompt (o200k): the messages' text, and
 /// every other part that goes upstream (tools, schemas, options) but the model's name.
 pub fn count(mut body: Map<String, Value>) -> Result<u32, ApiError> {
-    let fields: Fields = typed(&mut body)?;
+    let fields: Body = typed(&mut body)?;
     let (messages, upstream) = chat(&fields, &body, &mut Dropped::default())?;
     let mut count = crate::tokens::prompt(&canonical(&messages));
     for (field, value) in &upstream {
@@ -455,7 +455,7 @@ mod tests {
 
     #[test]
     fn any_with_every_tool_left_out_is_refused_not_sent_without_tools() {
-        let fields: Fields = serde_json::from_value(json!({
+        let fields: Body = serde_json::from_value(json!({
             "model": "m", "max_tokens": 10,
             "messages": [{"role": "user", "content": "search"}],
             "tools": [{"type": "web_search_20250305", "name": "web_search"}],

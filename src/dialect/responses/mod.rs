@@ -15,7 +15,7 @@ use crate::backend::{Delta, Finish, Signature, Text, ToolCall, Usage};
 use crate::error::ApiError;
 use crate::relay::{End, Out, Relayed, payload, put};
 
-/// What a chat completion id (`chatcmpl-…`) begins with as a response's.
+/// What a response's id begins with.
 pub const ID_PREFIX: &str = "resp_";
 
 /// A response's identity and the request fields its object repeats.
@@ -550,7 +550,7 @@ pub fn snapshot<'a>(events: impl IntoIterator<Item = &'a [u8]>) -> Option<Value>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{Fields, Signature, Text};
+    use crate::backend::{Raw, Signature, Text};
     use crate::relay::Must;
     use crate::relay::{CANNED_END, Encoder as _, canned, payloads};
 
@@ -659,7 +659,7 @@ mod tests {
     fn encrypted_reasoning_and_annotations_reach_their_items() -> Result<(), String> {
         let mut encoder = Encoder::new(meta(Vec::new()));
         let thinking = Delta::Reasoning(Text::plain("hm"));
-        let annotation = Fields::raw(&json!({"type": "url_citation", "url": "https://x"}));
+        let annotation = Raw::of(&json!({"type": "url_citation", "url": "https://x"}));
         let deltas = vec![
             thinking,
             Delta::Signature(Signature::Encrypted("gAAA".into())),

@@ -9,13 +9,13 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use crate::backend::Message;
-use crate::dialect::{Chat, Dropped};
+use crate::dialect::{ClientRequest, Dropped};
 use crate::error::{ApiError, shown};
 use crate::http::BODY_LIMIT;
 
 /// The fields sluice reads; the others are accepted and ignored (`include`, `truncation`…).
 #[derive(Deserialize)]
-pub struct Fields {
+pub struct Body {
     pub model: String,
     pub input: Option<Input>,
     pub instructions: Option<String>,
@@ -513,7 +513,7 @@ fn response_format(text: &Value) -> Result<Option<Value>, ApiError> {
 
 /// A Responses request as the pipeline takes it, and what the response object repeats.
 pub struct Request {
-    pub chat: Chat,
+    pub chat: ClientRequest,
     pub echo: Map<String, Value>,
     /// The conversation so far, kept beside a stored response to continue it.
     pub context: Option<Bytes>,
@@ -525,7 +525,7 @@ pub struct Request {
 /// chat request an OpenAI-compatible upstream takes, every field sluice does not know kept.
 /// What goes upstream is capped like a request body, whatever `previous` held.
 pub fn request(
-    fields: Fields,
+    fields: Body,
     mut body: Map<String, Value>,
     mut conversation: Vec<Value>,
     size: usize,
@@ -669,7 +669,7 @@ pub fn request(
     echo.insert("user".into(), json!(fields.user));
 
     let context = store.then(|| Bytes::from(kept));
-    let chat = Chat {
+    let chat = ClientRequest {
         model: fields.model,
         messages: canonical_messages,
         max_tokens: fields.max_output_tokens,
@@ -699,7 +699,7 @@ mod tests {
         let Value::Object(map) = body.clone() else {
             unreachable!("an object")
         };
-        let fields: Fields = serde_json::from_value(body).expect("fields");
+        let fields: Body = serde_json::from_value(body).expect("fields");
         request(fields, map, Vec::new(), 0, false).map(|r| r.chat.body)
     }
 

@@ -10,7 +10,7 @@ use crate::backend::{Delta, Finish};
 use crate::error::ApiError;
 use crate::relay::{Completion, End, Out, put};
 
-/// What a chat completion id (`chatcmpl-…`) begins with as an `/api/chat` stream's.
+/// What an `/api/chat` stream's id begins with.
 pub const ID_PREFIX: &str = "chat-";
 
 /// The `/api/chat` encoder for one reply.
@@ -30,7 +30,7 @@ impl Encoder {
 
 impl crate::relay::Encoder for Encoder {
     fn open(&mut self, out: &mut Out) {
-        let id = super::Wire::Chat.stream_id(&self.completion);
+        let id = super::Wire::Sluice.stream_id(&self.completion);
         let meta =
             json!({"id": id, "model": self.completion.model, "created": self.completion.created});
         out.json(Some("meta"), &meta.to_string());

@@ -5,7 +5,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::backend::Message;
-use crate::dialect::{Chat, Dropped};
+use crate::dialect::{ClientRequest, Dropped};
 use crate::error::ApiError;
 use crate::http::typed;
 use crate::prompts::{Prompts, RenderError};
@@ -40,7 +40,7 @@ pub fn parse(
     size: usize,
     prompts: &Prompts,
     default_model: &str,
-) -> Result<Chat, ApiError> {
+) -> Result<ClientRequest, ApiError> {
     let req: ChatBody = typed(&mut body)?;
     if req.prompt.trim().is_empty() {
         return Err(ApiError::invalid(
@@ -87,7 +87,7 @@ pub fn parse(
 
     let model = req.model.unwrap_or_else(|| default_model.to_owned());
 
-    Ok(Chat {
+    Ok(ClientRequest {
         dropped: Dropped::default(),
         model,
         messages,

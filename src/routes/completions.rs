@@ -8,7 +8,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 
 use crate::admission::Principal;
-use crate::dialect::{Wire, chat};
+use crate::dialect::{Wire, completions};
 use crate::error::ApiError;
 use crate::http::{JsonObject, with_dropped, with_rate_headers};
 use crate::pipeline;
@@ -38,8 +38,8 @@ async fn chat_completions(
 ) -> Result<Response, ApiError> {
     // A stream that outlives its connection, when asked for.
     let resumable = crate::http::asks_resumable(&headers);
-    let (request, asked) = chat::request::parse(body, size)?;
-    exchange.set_chat(Wire::OpenAi.provider(), asked.stream);
+    let (request, asked) = completions::request::parse(body, size)?;
+    exchange.set_chat(Wire::Completions.provider(), asked.stream);
     let started = pipeline::start(&state, &who, &exchange, request).await?;
     let rate = started.rate;
     let dropped = started.dropped;
@@ -47,9 +47,9 @@ async fn chat_completions(
     let mut guard = started.guard;
     let response = if !asked.stream {
         // Read whole (the usage always there), then assembled as one `chat.completion`.
-        let encoder = chat::Encoder::new(completion, true);
+        let encoder = completions::Encoder::new(completion, true);
         let opened = relay::Opened::unpeeked(started.stream);
-        let mut reply = chat::Assembler::default();
+        let mut reply = completions::Assembler::default();
         let max = state.max_reply_bytes;
         match relay::collect(opened, encoder, guard, max, |e| reply.push(&e)).await {
             Ok(cost) => reply
@@ -60,11 +60,11 @@ async fn chat_completions(
         }
     } else {
         // Peek before committing, so a failure before the first token is a real status.
-        let id = Wire::OpenAi.stream_id(&completion);
+        let id = Wire::Completions.stream_id(&completion);
         exchange.set_stream(&id);
         match relay::open(started.stream, state.keep_alive, &mut guard).await {
             Ok(opened) => {
-                let encoder = chat::Encoder::new(completion, asked.include_usage);
+                let encoder = completions::Encoder::new(completion, asked.include_usage);
                 let events = relay::encode(opened, encoder, guard);
                 state
                     .streams
@@ -72,7 +72,7 @@ async fn chat_completions(
                         events,
                         id,
                         &who.name,
-                        Wire::OpenAi,
+                        Wire::Completions,
                         resumable,
                         exchange.span_context(),
                     )

@@ -7,13 +7,13 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::backend::Message;
-use crate::dialect::{Chat, Dropped};
+use crate::dialect::{ClientRequest, Dropped};
 use crate::error::ApiError;
 use crate::http::typed;
 
 /// The fields sluice reads; every other field stays in the body and goes to the upstream.
 #[derive(Deserialize)]
-struct Fields {
+struct Body {
     model: String,
     messages: Vec<MessageIn>,
     #[serde(default)]
@@ -104,8 +104,11 @@ pub struct Asked {
 
 /// Parses and checks a request body of `size` bytes: a client's mistake is a 400 and
 /// nothing else happens.
-pub fn parse(mut body: Map<String, Value>, size: usize) -> Result<(Chat, Asked), ApiError> {
-    let fields: Fields = typed(&mut body)?;
+pub fn parse(
+    mut body: Map<String, Value>,
+    size: usize,
+) -> Result<(ClientRequest, Asked), ApiError> {
+    let fields: Body = typed(&mut body)?;
     if fields.n.is_some_and(|n| n != 1) {
         return Err(ApiError::invalid("sluice supports only n = 1", Some("n")));
     }
@@ -118,7 +121,7 @@ pub fn parse(mut body: Map<String, Value>, size: usize) -> Result<(Chat, Asked),
         stream: fields.stream,
         include_usage: fields.stream_options.is_some_and(|o| o.include_usage),
     };
-    let chat = Chat {
+    let chat = ClientRequest {
         model: fields.model,
         messages,
         max_tokens,

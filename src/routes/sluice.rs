@@ -31,11 +31,11 @@ async fn chat(
 ) -> Result<Response, ApiError> {
     let default_model = state.routes.default_model().to_owned();
     let chat = sluice::request::parse(body, size, &state.prompts, &default_model)?;
-    exchange.set_chat(Wire::Chat.provider(), true);
+    exchange.set_chat(Wire::Sluice.provider(), true);
     let started = pipeline::start(&state, &who, &exchange, chat).await?;
     let mut guard = started.guard;
     let completion = Completion::new(&started.model);
-    let id = Wire::Chat.stream_id(&completion);
+    let id = Wire::Sluice.stream_id(&completion);
     exchange.set_stream(&id);
     let response = match relay::open(started.stream, state.keep_alive, &mut guard).await {
         Ok(opened) => {
@@ -48,7 +48,7 @@ async fn chat(
                     events,
                     id,
                     &who.name,
-                    Wire::Chat,
+                    Wire::Sluice,
                     resumable,
                     exchange.span_context(),
                 )

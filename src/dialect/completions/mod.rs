@@ -8,9 +8,12 @@ pub mod request;
 use bytes::BytesMut;
 use serde_json::{Map, Value, json};
 
-use crate::backend::{Delta, Fields, ToolCall, Usage};
+use crate::backend::{Delta, Raw, ToolCall, Usage};
 use crate::error::ApiError;
 use crate::relay::{Completion, End, Out, put};
+
+/// What a chat completion's id begins with.
+pub const ID_PREFIX: &str = "chatcmpl-";
 
 /// Writes `chat.completion.chunk` JSON around a prefix built once per stream (again only
 /// when the upstream's own chunk fields change).
@@ -20,7 +23,7 @@ struct ChunkWriter {
     /// `}` or `,"usage":null}`: what closes a chunk that carries a choice.
     tail: &'static str,
     /// The upstream's `logprobs` for the next choice written.
-    logprobs: Option<Fields>,
+    logprobs: Option<Raw>,
     /// The upstream's usage fields beyond the counts.
     usage_details: Option<Box<str>>,
 }
@@ -42,7 +45,8 @@ impl ChunkWriter {
 
     /// The chunk's own fields: sluice's identity, then the upstream's (`identity`).
     fn head(c: &Completion, identity: &str) -> String {
-        let head = json!({"id": c.id, "object": "chat.completion.chunk", "created": c.created,
+        let id = format!("{ID_PREFIX}{}", c.token);
+        let head = json!({"id": id, "object": "chat.completion.chunk", "created": c.created,
             "model": c.model})
         .to_string();
         // Reopen the object to append the rest.
@@ -125,7 +129,7 @@ impl crate::relay::Encoder for Encoder {
             // As OpenAI writes it: `content: null` before tool calls (and other fields),
             // `""` before text.
             let role = match delta {
-                Delta::Fields(_) | Delta::Reasoning(_) | Delta::ToolCall(_) => {
+                Delta::ChatFields(_) | Delta::Reasoning(_) | Delta::ToolCall(_) => {
                     r#"{"role":"assistant","content":null}"#
                 }
                 _ => r#"{"role":"assistant","content":""}"#,
@@ -146,7 +150,9 @@ impl crate::relay::Encoder for Encoder {
                     writer.choice(b, &[&head, call.arguments.json(), "}}]}"], None)
                 })
             }
-            Delta::Fields(fields) => out.event(None, |b| writer.choice(b, &[fields.json()], None)),
+            Delta::ChatFields(fields) => {
+                out.event(None, |b| writer.choice(b, &[fields.json()], None))
+            }
             Delta::Finish(reason) => {
                 out.event(None, |b| writer.choice(b, &["{}"], Some(reason.chat())))
             }
