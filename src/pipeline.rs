@@ -149,7 +149,7 @@ impl Admitted {
             Vec::new()
         } else {
             let mut dropped = chat.dropped;
-            let carried = api.map_or(&[][..], crate::backend::carried);
+            let carried = route.first().map_or(&[][..], |t| t.backend.carried());
             if !carried.is_empty() {
                 for field in chat.body.keys().filter(|f| !carried.contains(&f.as_str())) {
                     dropped.add(field);

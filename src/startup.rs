@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admission::{Admission, ApiKey, SharedLimits};
 use crate::backend::Backend;
 use crate::backend::mock::{self, MockBackend};
-use crate::backend::openai::{Api, OpenAiBackend};
+use crate::backend::openai::OpenAiBackend;
 use crate::config::{
     Config, DEFAULT_LOCAL_MODEL, DEFAULT_OPENAI_BASE_URL, DEFAULT_QUEUE, DEFAULT_QUEUE_TIMEOUT,
     FileConfig, ModelRoute,
@@ -50,8 +50,13 @@ impl AppState {
         ));
         let default_upstream = match config.default_upstream() {
             Some((base, key)) => Some(Arc::new(
-                OpenAiBackend::new(base, key, config.connect_timeout())
-                    .context("OPENAI_BASE_URL")?,
+                OpenAiBackend::new(
+                    base,
+                    key,
+                    config.connect_timeout(),
+                    crate::dialect::speaker("chat", base),
+                )
+                .context("OPENAI_BASE_URL")?,
             ) as Arc<dyn Backend>),
             None => None,
         };
@@ -647,13 +652,13 @@ fn target(
         Some(var) => std::env::var(var).ok(),
         None => config.openai_api_key.clone(),
     };
-    let mut backend = OpenAiBackend::new(base, key.as_deref(), config.connect_timeout())
-        .with_context(|| format!("SLUICE_CONFIG: model {name:?}"))?;
-    match spec.api.as_str() {
-        "responses" => backend = backend.speaking(Api::Responses),
-        "anthropic" => backend = backend.speaking(Api::Messages),
-        _ => {}
-    }
+    let backend = OpenAiBackend::new(
+        base,
+        key.as_deref(),
+        config.connect_timeout(),
+        crate::dialect::speaker(&spec.api, base),
+    )
+    .with_context(|| format!("SLUICE_CONFIG: model {name:?}"))?;
     let url = crate::backend::openai::masked_url(base);
     let mut label = format!("{}@{url}", model.as_deref().unwrap_or(name));
     if let Some(var) = &key_env {

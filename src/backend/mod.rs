@@ -6,16 +6,13 @@
 //! or SSE; dropping its stream must stop its work (an upstream request closes its
 //! connection, a generator stops at its next token).
 
-mod chunk;
 mod h1;
 #[cfg(feature = "local")]
 pub mod local;
-mod messages;
 pub mod mock;
 pub mod openai;
-mod responses;
+pub mod speaker;
 pub mod sse;
-pub use messages::cache_tokens as anthropic_cache_tokens;
 
 pub use crate::pivot::{Delta, Finish, Raw, Signature, Text, ToolCall, Usage};
 
@@ -125,16 +122,6 @@ pub fn chat_body(request: &mut ModelRequest) -> Map<String, Value> {
         }
     }
     body
-}
-
-/// The chat request fields a call in `api` carries; every one, for chat completions (an
-/// empty list).
-pub fn carried(api: openai::Api) -> &'static [&'static str] {
-    match api {
-        openai::Api::Completions => &[],
-        openai::Api::Responses => &responses::CARRIED,
-        openai::Api::Messages => &messages::CARRIED,
-    }
 }
 
 impl ModelRequest {
@@ -326,6 +313,12 @@ pub trait Backend: Send + Sync {
     /// relayed as it sent it; any other client's is translated.
     fn speaks(&self) -> openai::Api {
         openai::Api::Completions
+    }
+
+    /// The chat request fields a call to it carries: every one (an empty list) unless it
+    /// speaks another API.
+    fn carried(&self) -> &'static [&'static str] {
+        &[]
     }
 
     /// `gen_ai.provider.name` (OpenTelemetry) of what it calls: the maker of the API an

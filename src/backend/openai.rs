@@ -17,85 +17,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
-use serde_json::{Map, Value, json};
+use serde_json::Value;
 
-use super::chunk;
 use super::h1;
 use super::sse::{self, StreamError};
-use super::{Backend, BackendError, Delta, DeltaStream, ModelRequest, Native};
-
-/// Reads the events of an upstream that speaks another API than chat completions.
-enum Foreign {
-    None,
-    Responses(super::responses::Reader),
-    Messages(super::messages::Reader),
-}
-
-impl Foreign {
-    fn of(api: Api) -> Self {
-        match api {
-            Api::Completions => Foreign::None,
-            Api::Responses => Foreign::Responses(Default::default()),
-            Api::Messages => Foreign::Messages(Default::default()),
-        }
-    }
-
-    /// Reads one event's data into `ready`: as it came for a client of the same API
-    /// (`native`), else as canonical events. `Ok(true)` once the upstream's reply has ended.
-    fn event(
-        &mut self,
-        data: &str,
-        native: bool,
-        ready: &mut Vec<Delta>,
-    ) -> Result<bool, BackendError> {
-        let not_json = |e: serde_json::Error| {
-            BackendError::Protocol(format!("an event that is not JSON ({e})"))
-        };
-        let event: Value = serde_json::from_str(data).map_err(not_json)?;
-        let kind = event["type"].as_str().unwrap_or_default();
-        let ended = match self {
-            Foreign::None => false,
-            Foreign::Responses(_) => super::responses::ENDINGS.contains(&kind),
-            Foreign::Messages(_) => super::messages::ENDINGS.contains(&kind),
-        };
-        if native {
-            let raw =
-                serde_json::value::RawValue::from_string(data.to_owned()).map_err(not_json)?;
-            ready.push(Delta::Event(super::Raw(raw)));
-            if ended {
-                ready.push(Delta::Finish(super::Finish::Stop));
-            }
-            return Ok(ended);
-        }
-        match self {
-            Foreign::None => {}
-            Foreign::Responses(reader) => reader.translate(kind, &event, ready)?,
-            Foreign::Messages(reader) => reader.translate(kind, &event, ready)?,
-        }
-        Ok(ended)
-    }
-}
-
-/// An upstream's recorded events (each one's `data`) read as a translating route reads
-/// them: the events of the reply, and the error it ended with, if any.
-#[cfg(test)]
-pub(crate) fn read_recorded(api: Api, events: &[String]) -> (Vec<Delta>, Option<BackendError>) {
-    let (mut foreign, mut seen) = (Foreign::of(api), chunk::Seen::default());
-    let mut ready = Vec::new();
-    for data in events {
-        let read = match api {
-            Api::Completions if data == "[DONE]" => Ok(true),
-            Api::Completions => chunk::deltas(data, &mut ready, &mut seen).map(|()| false),
-            _ => foreign.event(data, false, &mut ready),
-        };
-        match read {
-            Ok(true) => break,
-            Ok(false) => {}
-            Err(e) => return (ready, Some(e)),
-        }
-    }
-    (ready, None)
-}
+use super::{Backend, BackendError, DeltaStream, ModelRequest};
 
 /// How long sluice waits, after `[DONE]`, for the response body to end.
 const BODY_END: Duration = Duration::from_millis(100);
@@ -118,119 +44,46 @@ pub struct OpenAiBackend {
     endpoint: String,
     /// `endpoint`'s path and query, as an HTTP/1.1 request names it.
     target: String,
-    api_key: Option<HeaderValue>,
-    /// The key as it goes in `x-api-key` (Anthropic's header), when there is one.
-    anthropic_key: Option<HeaderValue>,
-    /// Also send `max_tokens` when the client set only `max_completion_tokens`: servers
-    /// such as llama-cpp-python ignore the newer name. OpenAI itself rejects the old one
-    /// for some models, so not there.
-    copy_max_tokens: bool,
-    /// The API the upstream is called with (`api` in its route).
-    api: Api,
+    /// The header that carries the key, as the API wants it.
+    key: Option<(HeaderName, HeaderValue)>,
+    /// The API the upstream is called with (`api` in its route): the request's shape and
+    /// how its reply is read.
+    speaker: Arc<dyn Speaker>,
 }
 
-/// The APIs an upstream may speak.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Api {
-    /// `{base}/chat/completions`.
-    Completions,
-    /// OpenAI's Responses API, `{base}/responses`.
-    Responses,
-    /// Anthropic's Messages API, `{base}/messages`.
-    Messages,
-}
+pub use super::speaker::Api;
+use super::speaker::Speaker;
 
 impl OpenAiBackend {
     pub fn new(
         base_url: &str,
         api_key: Option<&str>,
         connect_timeout: Duration,
+        speaker: Arc<dyn Speaker>,
     ) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
             .connect_timeout(connect_timeout)
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
         let base_url = base_url.trim_end_matches('/').to_owned();
-        let anthropic_key = match api_key.filter(|k| !k.is_empty()) {
-            Some(key) => {
-                let mut value = HeaderValue::from_str(key)
-                    .map_err(|_| anyhow::anyhow!("the API key holds characters a header cannot"))?;
-                value.set_sensitive(true);
-                Some(value)
-            }
-            None => None,
-        };
-        let api_key = match api_key.filter(|k| !k.is_empty()) {
-            Some(key) => {
-                let mut value = HeaderValue::from_str(&format!("Bearer {key}"))
-                    .map_err(|_| anyhow::anyhow!("the API key holds characters a header cannot"))?;
-                value.set_sensitive(true);
-                Some(value)
-            }
-            None => None,
-        };
-        let endpoint = format!("{base_url}/chat/completions");
+        let key =
+            match api_key.filter(|k| !k.is_empty()) {
+                Some(key) => Some(speaker.key(key).ok_or_else(|| {
+                    anyhow::anyhow!("the API key holds characters a header cannot")
+                })?),
+                None => None,
+            };
+        let endpoint = format!("{base_url}{}", speaker.path());
         Ok(OpenAiBackend {
             http,
             direct: h1::Connections::for_url(&base_url, connect_timeout),
             target: target(&endpoint),
             endpoint,
-            copy_max_tokens: !base_url.contains("api.openai.com"),
-            api: Api::Completions,
             shown_url: masked_url(&base_url),
             base_url,
-            api_key,
-            anthropic_key,
+            key,
+            speaker,
         })
-    }
-
-    /// Calls this upstream with `api` instead of chat completions.
-    pub fn speaking(mut self, api: Api) -> Self {
-        self.endpoint = match api {
-            Api::Completions => format!("{}/chat/completions", self.base_url),
-            Api::Responses => format!("{}/responses", self.base_url),
-            Api::Messages => format!("{}/messages", self.base_url),
-        };
-        self.target = target(&self.endpoint);
-        self.api = api;
-        self
-    }
-
-    /// The body of a Responses API call: the client's own when it spoke that API (with the
-    /// upstream's model name), else the chat request written as one.
-    fn responses_body(mut request: ModelRequest) -> Map<String, Value> {
-        let mut body = match request.native.take() {
-            Some(Native::Responses(native)) => native,
-            _ => super::responses::from_chat(&super::chat_body(&mut request)),
-        };
-        body.insert("model".into(), Value::String(request.model));
-        body.insert("stream".into(), Value::Bool(true));
-        // A response runs where the client is: its background and storage are sluice's.
-        body.remove("background");
-        body
-    }
-
-    /// The client's body with the upstream's model name, always streamed, always with usage.
-    /// A client that spoke OpenAI's format sent its messages and options as they go
-    /// upstream (content parts, tools, unknown fields pass through); for any other, they
-    /// are written from the canonical request.
-    fn upstream_body(&self, mut request: ModelRequest) -> Map<String, Value> {
-        let mut body = super::chat_body(&mut request);
-        body.insert("model".into(), Value::String(request.model));
-        body.insert("stream".into(), Value::Bool(true));
-        let options = body.entry("stream_options").or_insert_with(|| json!({}));
-        if let Value::Object(options) = options {
-            options.insert("include_usage".into(), Value::Bool(true));
-        } else {
-            *options = json!({"include_usage": true});
-        }
-        if self.copy_max_tokens
-            && !body.contains_key("max_tokens")
-            && let Some(n) = body.get("max_completion_tokens").cloned()
-        {
-            body.insert("max_tokens".into(), n);
-        }
-        body
     }
 }
 
@@ -238,12 +91,11 @@ impl Backend for OpenAiBackend {
     fn stream(&self, request: ModelRequest) -> DeltaStream {
         let request_id = request.request_id.clone();
         // An upstream of another API relays its events to a client of that same API, and
-        // is read into canonical events for any other.
-        let native = match (self.api, &request.native) {
-            (Api::Completions, _) => None,
-            (api, Some(native)) if native.spoken_by(api) => Some(true),
-            _ => Some(false),
-        };
+        // is read into the pivot's events for any other.
+        let native = request
+            .native
+            .as_ref()
+            .is_some_and(|n| n.spoken_by(self.speaker.api()));
         let mut headers = vec![(CONTENT_TYPE, HeaderValue::from_static("application/json"))];
         let mut header = |name: &'static str, value: &str| {
             if let Ok(value) = HeaderValue::from_str(value) {
@@ -254,28 +106,8 @@ impl Backend for OpenAiBackend {
         for (name, value) in &request.trace {
             header(name, value);
         }
-        let body = match self.api {
-            Api::Completions => Value::Object(self.upstream_body(request)).to_string(),
-            Api::Responses => Value::Object(Self::responses_body(request)).to_string(),
-            Api::Messages => {
-                let (body, version, beta) = super::messages::body(request);
-                header("anthropic-version", &version);
-                if let Some(beta) = beta {
-                    header("anthropic-beta", &beta);
-                }
-                Value::Object(body).to_string()
-            }
-        };
-        if let Some(key) = &self.api_key {
-            headers.push(match self.api {
-                // Anthropic's own key header (a Bearer token works on compatible servers).
-                Api::Messages => (
-                    HeaderName::from_static("x-api-key"),
-                    self.anthropic_key.clone().unwrap_or_else(|| key.clone()),
-                ),
-                _ => (reqwest::header::AUTHORIZATION, key.clone()),
-            });
-        }
+        let body = self.speaker.body(request, &mut headers);
+        headers.extend(self.key.clone());
         let call = match &self.direct {
             Some(pool) => Sending::Direct(
                 pool.clone(),
@@ -289,7 +121,7 @@ impl Backend for OpenAiBackend {
                 Sending::Reqwest(Box::new(call))
             }
         };
-        let self_api = self.api;
+        let mut reader = self.speaker.reader(native);
         Box::pin(async_stream::stream! {
             let answer = match call.send().await {
                 Ok(answer) => answer,
@@ -305,8 +137,6 @@ impl Backend for OpenAiBackend {
             let mut events = std::pin::pin!(sse::data(answer.body));
             // A chunk's deltas, in one buffer kept for the whole stream.
             let mut ready = Vec::with_capacity(4);
-            let mut seen = chunk::Seen::default();
-            let mut reading = Foreign::of(self_api);
             while let Some(event) = events.next().await {
                 let data = match event {
                     Ok(data) => data,
@@ -319,36 +149,23 @@ impl Backend for OpenAiBackend {
                         return;
                     }
                 };
-                if let Some(native) = native {
-                    match reading.event(&data, native, &mut ready) {
-                        Ok(ended) => {
-                            for delta in ready.drain(..) {
-                                yield Ok(delta);
-                            }
-                            if ended {
-                                let _ = tokio::time::timeout(BODY_END, events.next()).await;
-                                return;
-                            }
+                match reader.event(&data, &mut ready) {
+                    Ok(ended) => {
+                        for delta in ready.drain(..) {
+                            yield Ok(delta);
                         }
-                        Err(e) => {
-                            yield Err(e);
+                        if ended {
+                            // Read on to the body's end, which is right behind: a response
+                            // read to its end gives its connection back to the pool for the
+                            // next request.
+                            let _ = tokio::time::timeout(BODY_END, events.next()).await;
                             return;
                         }
                     }
-                    continue;
-                }
-                if data == "[DONE]" {
-                    // Read on to the body's end, which is right behind: a response read to
-                    // its end gives its connection back to the pool for the next request.
-                    let _ = tokio::time::timeout(BODY_END, events.next()).await;
-                    return;
-                }
-                if let Err(e) = chunk::deltas(&data, &mut ready, &mut seen) {
-                    yield Err(e);
-                    return;
-                }
-                for delta in ready.drain(..) {
-                    yield Ok(delta);
+                    Err(e) => {
+                        yield Err(e);
+                        return;
+                    }
                 }
             }
             // A bare end of stream: the relay treats a reply without a finish_reason as
@@ -357,7 +174,11 @@ impl Backend for OpenAiBackend {
     }
 
     fn speaks(&self) -> Api {
-        self.api
+        self.speaker.api()
+    }
+
+    fn carried(&self) -> &'static [&'static str] {
+        self.speaker.carried()
     }
 
     fn upstream(&self) -> Option<&str> {
@@ -408,8 +229,8 @@ impl OpenAiBackend {
             .http
             .get(format!("{}/models", self.base_url))
             .timeout(Duration::from_secs(5));
-        if let Some(key) = &self.api_key {
-            call = call.header(reqwest::header::AUTHORIZATION, key.clone());
+        if let Some((name, value)) = &self.key {
+            call = call.header(name, value);
         }
         let response = call.send().await.map_err(|e| without_url(&e))?;
         if !response.status().is_success() {

@@ -6,16 +6,16 @@
 
 use std::path::PathBuf;
 
-use crate::backend::openai::{Api, read_recorded};
+use crate::backend::speaker::read_recorded;
 use crate::backend::{Delta, Usage};
 use crate::error::ApiError;
 use crate::relay::{Completion, Encoder, End, Out};
 
-/// The fixtures and the API each is in.
-const FIXTURES: [(&str, Api); 3] = [
-    ("anthropic-thinking", Api::Messages),
-    ("responses-reasoning", Api::Responses),
-    ("chat-annotations", Api::Completions),
+/// The fixtures and the API each is in (as a route names it).
+const FIXTURES: [(&str, &str); 3] = [
+    ("anthropic-thinking", "anthropic"),
+    ("responses-reasoning", "responses"),
+    ("chat-annotations", "chat"),
 ];
 
 const END: End = End {
@@ -146,7 +146,7 @@ fn every_recorded_stream_through_every_client_api_is_as_golden() {
     for (name, api) in FIXTURES {
         let data = recorded(name);
         assert!(!data.is_empty(), "tests/fixtures/{name}.sse");
-        let (deltas, error) = read_recorded(api, &data);
+        let (deltas, error) = read_recorded(&*super::speaker(api, "http://upstream"), &data);
         let mut events: String = deltas.iter().map(|d| format!("{d:?}\n")).collect();
         if let Some(error) = &error {
             events.push_str(&format!("ended by: {error}\n"));

@@ -93,6 +93,16 @@ impl Dropped {
     }
 }
 
+/// The upstream role of the dialect an upstream's route names (`api = "chat"`,
+/// `"responses"`, `"anthropic"`): how the HTTP upstream at `base_url` is called and read.
+pub fn speaker(api: &str, base_url: &str) -> std::sync::Arc<dyn crate::backend::speaker::Speaker> {
+    match api {
+        "responses" => std::sync::Arc::new(responses::upstream::Upstream),
+        "anthropic" => std::sync::Arc::new(anthropic::upstream::Upstream),
+        _ => std::sync::Arc::new(completions::upstream::Upstream::new(base_url)),
+    }
+}
+
 /// Which dialect wrote a stream: a resumed stream is read in the format it was written in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Wire {

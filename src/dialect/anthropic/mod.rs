@@ -7,6 +7,7 @@
 //! stream's events add up to, and Anthropic's error body for any [`ApiError`].
 
 pub mod request;
+pub mod upstream;
 
 use std::fmt::Write as _;
 
@@ -298,7 +299,7 @@ impl crate::relay::Encoder for Encoder {
                     id_at = Some("/message/id");
                 }
                 let usage = &event["message"]["usage"];
-                self.relayed_cache = crate::backend::anthropic_cache_tokens(usage);
+                self.relayed_cache = upstream::cache_tokens(usage);
                 if let Some(input) = clamp(&usage["input_tokens"]) {
                     self.relayed_input = Some(input);
                     seen.usage = Some(Usage::new(self.whole_prompt(input), 0));
@@ -310,7 +311,7 @@ impl crate::relay::Encoder for Encoder {
                 let input = clamp(&event["usage"]["input_tokens"])
                     .or(self.relayed_input)
                     .unwrap_or(0);
-                if let Some(cache) = crate::backend::anthropic_cache_tokens(&event["usage"]) {
+                if let Some(cache) = upstream::cache_tokens(&event["usage"]) {
                     self.relayed_cache = Some(cache);
                 }
                 if let Some(output) = clamp(&event["usage"]["output_tokens"]) {

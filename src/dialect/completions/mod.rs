@@ -4,6 +4,7 @@
 //! `stream: false`, and for a finished stream read back whole).
 
 pub mod request;
+pub mod upstream;
 
 use bytes::BytesMut;
 use serde_json::{Map, Value, json};

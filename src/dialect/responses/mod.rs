@@ -6,6 +6,7 @@
 //! response object a finished (or running) stream's events add up to.
 
 pub mod request;
+pub mod upstream;
 
 use std::fmt::Write as _;
 

@@ -1,5 +1,7 @@
-//! One upstream `chat.completion.chunk`, read in place: a typed view that borrows from the
-//! event's text, so a token costs one small copy (its JSON string literal) and no
+//! Chat completions as an upstream speaks them: the request (the client's body with the
+//! upstream's model name, always streamed, always with usage), and each
+//! `chat.completion.chunk` read in place — a typed view that borrows from the event's
+//! text, so a token costs one small copy (its JSON string literal) and no
 //! `serde_json::Value`. Fields sluice does not interpret pass through as the upstream wrote
 //! them.
 
@@ -11,7 +13,77 @@ use serde::Deserialize;
 use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
-use super::{BackendError, Delta, Finish, Raw, Text, ToolCall, Usage};
+use serde_json::{Value, json};
+
+use crate::backend::speaker::{Api, Headers, Reader, Speaker};
+use crate::backend::{BackendError, Delta, Finish, ModelRequest, Raw, Text, ToolCall, Usage};
+
+/// An upstream that speaks chat completions.
+pub struct Upstream {
+    /// Also send `max_tokens` when the client set only `max_completion_tokens`: servers
+    /// such as llama-cpp-python ignore the newer name. OpenAI itself rejects the old one
+    /// for some models, so not there.
+    copy_max_tokens: bool,
+}
+
+impl Upstream {
+    pub fn new(base_url: &str) -> Self {
+        Upstream {
+            copy_max_tokens: !base_url.contains("api.openai.com"),
+        }
+    }
+}
+
+impl Speaker for Upstream {
+    fn api(&self) -> Api {
+        Api::Completions
+    }
+
+    fn path(&self) -> &'static str {
+        "/chat/completions"
+    }
+
+    /// A client that spoke OpenAI's format sent its messages and options as they go
+    /// upstream (content parts, tools, unknown fields pass through); for any other, they
+    /// are written from the canonical request.
+    fn body(&self, mut request: ModelRequest, _: &mut Headers) -> String {
+        let mut body = crate::backend::chat_body(&mut request);
+        body.insert("model".into(), Value::String(request.model));
+        body.insert("stream".into(), Value::Bool(true));
+        let options = body.entry("stream_options").or_insert_with(|| json!({}));
+        if let Value::Object(options) = options {
+            options.insert("include_usage".into(), Value::Bool(true));
+        } else {
+            *options = json!({"include_usage": true});
+        }
+        if self.copy_max_tokens
+            && !body.contains_key("max_tokens")
+            && let Some(n) = body.get("max_completion_tokens").cloned()
+        {
+            body.insert("max_tokens".into(), n);
+        }
+        Value::Object(body).to_string()
+    }
+
+    fn reader(&self, _native: bool) -> Box<dyn Reader> {
+        Box::<Chunks>::default()
+    }
+}
+
+/// Reads a chat completions stream's chunks, up to `[DONE]`.
+#[derive(Default)]
+struct Chunks {
+    seen: Seen,
+}
+
+impl Reader for Chunks {
+    fn event(&mut self, data: &str, ready: &mut Vec<Delta>) -> Result<bool, BackendError> {
+        if data == "[DONE]" {
+            return Ok(true);
+        }
+        deltas(data, ready, &mut self.seen).map(|()| false)
+    }
+}
 
 #[derive(Deserialize)]
 struct Chunk<'a> {

@@ -1,17 +1,82 @@
-//! Calling an upstream that speaks Anthropic's Messages API (`api = "anthropic"` in its
-//! route): the client's own request when it spoke that API, else the chat request written
-//! as one; for a client of that same API each event goes on as it came
-//! ([`Delta::Event`]), for any other the events become canonical ones — text, thinking (as
-//! `reasoning_content`), tool use (as chat `tool_calls`), the finish and the usage.
+//! Anthropic's Messages API as an upstream speaks it (`api = "anthropic"` in its route):
+//! the client's own request when it spoke that API, else the chat request written as one;
+//! for a client of that same API each event goes on as it came ([`Delta::Event`]), for
+//! any other the events become the pivot's — text, reasoning and its signature, tool call
+//! pieces, citations, the finish and the usage.
 
+use reqwest::header::{HeaderName, HeaderValue};
 use serde::Deserialize as _;
 use serde_json::{Map, Value, json};
 
-use super::shown;
-
-use super::{
+use crate::backend::shown;
+use crate::backend::speaker::{self, Api, Headers, Speaker};
+use crate::backend::{
     BackendError, Delta, Finish, ModelRequest, Native, Raw, Signature, Text, ToolCall, Usage,
 };
+
+/// An upstream that speaks the Messages API.
+pub struct Upstream;
+
+impl Speaker for Upstream {
+    fn api(&self) -> Api {
+        Api::Messages
+    }
+
+    fn path(&self) -> &'static str {
+        "/messages"
+    }
+
+    /// Anthropic's own key header (a Bearer token works on compatible servers).
+    fn key(&self, key: &str) -> Option<(HeaderName, HeaderValue)> {
+        let mut value = HeaderValue::from_str(key).ok()?;
+        value.set_sensitive(true);
+        Some((HeaderName::from_static("x-api-key"), value))
+    }
+
+    fn body(&self, request: ModelRequest, headers: &mut Headers) -> String {
+        let (body, version, beta) = body(request);
+        let mut header = |name: &'static str, value: &str| {
+            if let Ok(value) = HeaderValue::from_str(value) {
+                headers.push((HeaderName::from_static(name), value));
+            }
+        };
+        header("anthropic-version", &version);
+        if let Some(beta) = beta {
+            header("anthropic-beta", &beta);
+        }
+        Value::Object(body).to_string()
+    }
+
+    fn reader(&self, native: bool) -> Box<dyn speaker::Reader> {
+        Box::new(Events {
+            native,
+            reader: Reader::default(),
+        })
+    }
+
+    fn carried(&self) -> &'static [&'static str] {
+        &CARRIED
+    }
+}
+
+/// One reply's events, relayed or read.
+struct Events {
+    native: bool,
+    reader: Reader,
+}
+
+impl speaker::Reader for Events {
+    fn event(&mut self, data: &str, ready: &mut Vec<Delta>) -> Result<bool, BackendError> {
+        let event: Event = serde_json::from_str(data)
+            .map_err(|e| BackendError::Protocol(format!("an event sluice cannot read ({e})")))?;
+        let ended = event.ends();
+        if self.native {
+            return speaker::relay(data, ended, ready);
+        }
+        self.reader.translate(event, ready)?;
+        Ok(ended)
+    }
+}
 
 /// The `anthropic-version` sent when the client named none.
 const VERSION: &str = "2023-06-01";
@@ -27,7 +92,11 @@ pub fn body(mut request: ModelRequest) -> (Map<String, Value>, String, Option<St
             version,
             beta,
         }) => (body, version, beta),
-        _ => (from_chat(&super::chat_body(&mut request)), None, None),
+        _ => (
+            from_chat(&crate::backend::chat_body(&mut request)),
+            None,
+            None,
+        ),
     };
     body.insert("model".into(), Value::String(model));
     body.insert("stream".into(), Value::Bool(true));
@@ -220,18 +289,7 @@ pub struct Reader {
 /// The prompt tokens an Anthropic usage object counts apart from `input_tokens`: those read
 /// from its cache and those written to it, when it says.
 pub fn cache_tokens(usage: &Value) -> Option<(u32, u32)> {
-    #[derive(serde::Deserialize)]
-    struct Cache {
-        cache_read_input_tokens: Option<u64>,
-        cache_creation_input_tokens: Option<u64>,
-    }
-    let cache = Cache::deserialize(usage).ok()?;
-    let (read, written) = (
-        cache.cache_read_input_tokens,
-        cache.cache_creation_input_tokens,
-    );
-    (read.is_some() || written.is_some())
-        .then(|| (clamp(read.unwrap_or(0)), clamp(written.unwrap_or(0))))
+    Counts::deserialize(usage).ok()?.cache()
 }
 
 /// The usage fields that carry `cache` as chat completions say it (`cached_tokens`, and
@@ -244,97 +302,207 @@ fn clamp(n: u64) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
-/// The events after which a message has no more.
-pub const ENDINGS: [&str; 2] = ["message_stop", "error"];
+/// One event of a Messages stream, as far as sluice reads it.
+#[derive(serde::Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Event {
+    MessageStart {
+        #[serde(default)]
+        message: Started,
+    },
+    ContentBlockStart {
+        #[serde(default)]
+        content_block: Block,
+    },
+    ContentBlockDelta {
+        #[serde(default)]
+        index: usize,
+        #[serde(default)]
+        delta: BlockDelta,
+    },
+    MessageDelta {
+        #[serde(default)]
+        delta: Stop,
+        #[serde(default)]
+        usage: Counts,
+    },
+    MessageStop,
+    Error {
+        #[serde(default)]
+        error: Failure,
+    },
+    /// `ping`, `content_block_stop`, and types to come.
+    #[serde(other)]
+    Other,
+}
+
+#[derive(serde::Deserialize, Default)]
+struct Started {
+    #[serde(default)]
+    usage: Counts,
+}
+
+/// A usage object's counts.
+#[derive(serde::Deserialize, Default)]
+struct Counts {
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    cache_read_input_tokens: Option<u64>,
+    cache_creation_input_tokens: Option<u64>,
+}
+
+impl Counts {
+    /// Prompt tokens read from and written to the cache, when it says.
+    fn cache(&self) -> Option<(u32, u32)> {
+        let (read, written) = (
+            self.cache_read_input_tokens,
+            self.cache_creation_input_tokens,
+        );
+        (read.is_some() || written.is_some())
+            .then(|| (clamp(read.unwrap_or(0)), clamp(written.unwrap_or(0))))
+    }
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Block {
+    #[default]
+    Text,
+    Thinking,
+    RedactedThinking {
+        #[serde(default)]
+        data: String,
+    },
+    ToolUse {
+        id: Option<String>,
+        name: Option<String>,
+    },
+    /// A server tool's use or result, and block types to come, by their type.
+    #[serde(untagged)]
+    Other {
+        #[serde(rename = "type")]
+        kind: Option<String>,
+    },
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum BlockDelta {
+    TextDelta {
+        text: Option<String>,
+    },
+    ThinkingDelta {
+        #[serde(default)]
+        thinking: String,
+    },
+    SignatureDelta {
+        #[serde(default)]
+        signature: String,
+    },
+    CitationsDelta {
+        #[serde(default)]
+        citation: Value,
+    },
+    InputJsonDelta {
+        #[serde(default)]
+        partial_json: String,
+    },
+    #[default]
+    #[serde(other)]
+    Other,
+}
+
+#[derive(serde::Deserialize, Default)]
+struct Stop {
+    stop_reason: Option<String>,
+}
+
+#[derive(serde::Deserialize, Default)]
+struct Failure {
+    message: Option<String>,
+}
+
+impl Event {
+    /// After it the message has no more.
+    fn ends(&self) -> bool {
+        matches!(self, Event::MessageStop | Event::Error { .. })
+    }
+}
 
 impl Reader {
-    /// Reads one event (of type `kind`) into canonical events in `ready`.
-    pub fn translate(
-        &mut self,
-        kind: &str,
-        event: &Value,
-        ready: &mut Vec<Delta>,
-    ) -> Result<(), BackendError> {
-        match kind {
-            "message_start" => {
-                let usage = &event["message"]["usage"];
-                self.input_tokens = clamp(usage["input_tokens"].as_u64().unwrap_or(0));
-                self.cache = cache_tokens(usage).unwrap_or_default();
+    /// Reads one event into the pivot's events in `ready`.
+    fn translate(&mut self, event: Event, ready: &mut Vec<Delta>) -> Result<(), BackendError> {
+        match event {
+            Event::MessageStart { message } => {
+                self.input_tokens = clamp(message.usage.input_tokens.unwrap_or(0));
+                self.cache = message.usage.cache().unwrap_or_default();
             }
-            "content_block_start" => {
-                let block = &event["content_block"];
-                if block["type"] == "redacted_thinking" {
+            Event::ContentBlockStart { content_block } => match content_block {
+                Block::RedactedThinking { data } => {
                     self.blocks.push(None);
-                    let data = block["data"].as_str().unwrap_or_default();
-                    ready.push(Delta::Redacted(data.to_owned()));
-                } else if block["type"] == "tool_use" {
+                    ready.push(Delta::Redacted(data));
+                }
+                Block::ToolUse { id, name } => {
                     ready.push(Delta::ToolCall(ToolCall {
                         index: self.calls,
-                        id: block["id"].as_str().map(str::to_owned),
-                        name: block["name"].as_str().map(str::to_owned),
+                        id,
+                        name,
                         arguments: Text::plain(""),
                     }));
                     self.blocks.push(Some(self.calls));
                     self.calls += 1;
-                } else {
+                }
+                Block::Text | Block::Thinking => self.blocks.push(None),
+                Block::Other { kind } => {
                     self.blocks.push(None);
-                    let kind = block["type"].as_str().unwrap_or_default();
-                    if !matches!(kind, "text" | "thinking") {
-                        ready.push(Delta::Untranslated(format!("{} block", shown(Some(kind)))));
+                    ready.push(Delta::Untranslated(format!(
+                        "{} block",
+                        shown(kind.as_deref())
+                    )));
+                }
+            },
+            Event::ContentBlockDelta { index, delta } => match delta {
+                BlockDelta::TextDelta { text } => {
+                    if let Some(text) = text {
+                        ready.push(Delta::Text(Text::plain(&text)));
                     }
                 }
-            }
-            "content_block_delta" => {
-                let delta = &event["delta"];
-                match delta["type"].as_str() {
-                    Some("text_delta") => {
-                        if let Some(text) = delta["text"].as_str() {
-                            ready.push(Delta::Text(Text::plain(text)));
-                        }
-                    }
-                    Some("thinking_delta") => {
-                        if let Some(thinking) = delta["thinking"].as_str() {
-                            ready.push(Delta::Reasoning(Text::plain(thinking)));
-                        }
-                    }
-                    Some("signature_delta") => {
-                        let signature = delta["signature"].as_str().unwrap_or_default();
-                        ready.push(Delta::Signature(Signature::Anthropic(signature.to_owned())));
-                    }
-                    Some("citations_delta") => {
-                        ready.push(Delta::Annotation(Raw::of(&delta["citation"])));
-                    }
-                    Some("input_json_delta") => {
-                        // A server tool's input (its block is not a tool call) has none.
-                        let index = event["index"].as_u64().unwrap_or(0) as usize;
-                        if let Some(call) = self.blocks.get(index).copied().flatten() {
-                            let piece = delta["partial_json"].as_str().unwrap_or_default();
-                            ready.push(Delta::ToolCall(ToolCall {
-                                index: call,
-                                id: None,
-                                name: None,
-                                arguments: Text::plain(piece),
-                            }));
-                        }
-                    }
-                    _ => {}
+                BlockDelta::ThinkingDelta { thinking } => {
+                    ready.push(Delta::Reasoning(Text::plain(&thinking)));
                 }
-            }
-            "message_delta" => {
-                self.finish = Some(match event["delta"]["stop_reason"].as_str() {
+                BlockDelta::SignatureDelta { signature } => {
+                    ready.push(Delta::Signature(Signature::Anthropic(signature)));
+                }
+                BlockDelta::CitationsDelta { citation } => {
+                    ready.push(Delta::Annotation(Raw::of(&citation)));
+                }
+                // A server tool's input (its block is not a tool call) has none.
+                BlockDelta::InputJsonDelta { partial_json } => {
+                    if let Some(call) = self.blocks.get(index).copied().flatten() {
+                        ready.push(Delta::ToolCall(ToolCall {
+                            index: call,
+                            id: None,
+                            name: None,
+                            arguments: Text::plain(&partial_json),
+                        }));
+                    }
+                }
+                BlockDelta::Other => {}
+            },
+            Event::MessageDelta { delta, usage } => {
+                self.finish = Some(match delta.stop_reason.as_deref() {
                     Some("max_tokens") => Finish::Length,
                     Some("tool_use") => Finish::ToolUse,
                     Some("refusal") => Finish::Filtered,
                     _ => Finish::Stop,
                 });
-                let usage = &event["usage"];
-                if let Some(input) = usage["input_tokens"].as_u64() {
+                if let Some(input) = usage.input_tokens {
                     self.input_tokens = clamp(input);
                 }
-                if let Some(cache) = cache_tokens(usage) {
+                if let Some(cache) = usage.cache() {
                     self.cache = cache;
                 }
-                if let Some(output) = usage["output_tokens"].as_u64() {
+                if let Some(output) = usage.output_tokens {
                     // The whole prompt, as chat completions count it, cached parts within.
                     let (read, written) = self.cache;
                     if read > 0 || written > 0 {
@@ -347,14 +515,16 @@ impl Reader {
                     ready.push(Delta::Usage(Usage::new(prompt, clamp(output))));
                 }
             }
-            "message_stop" => ready.push(Delta::Finish(self.finish.take().unwrap_or(Finish::Stop))),
-            "error" => {
-                let message = event["error"]["message"]
-                    .as_str()
-                    .unwrap_or("the upstream's message failed");
-                return Err(BackendError::Interrupted(message.to_owned()));
+            Event::MessageStop => {
+                ready.push(Delta::Finish(self.finish.take().unwrap_or(Finish::Stop)));
             }
-            _ => {}
+            Event::Error { error } => {
+                let message = error
+                    .message
+                    .unwrap_or_else(|| "the upstream's message failed".to_owned());
+                return Err(BackendError::Interrupted(message));
+            }
+            Event::Other => {}
         }
         Ok(())
     }
@@ -373,8 +543,8 @@ mod tests {
         let delta = json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"},
             "usage": {"output_tokens": 4}});
         for event in [start, delta] {
-            let kind = event["type"].as_str().unwrap_or_default().to_owned();
-            assert!(reader.translate(&kind, &event, &mut ready).is_ok());
+            let event = serde_json::from_value(event).expect("an event");
+            assert!(reader.translate(event, &mut ready).is_ok());
         }
         assert_eq!(
             ready,

@@ -1,0 +1,381 @@
+//! OpenAI's Responses API as an upstream speaks it (`api = "responses"` in its route): the
+//! client's own request when it spoke that API, else the chat request written as one; for
+//! a client of that same API, each event goes on as it came ([`Delta::Event`]); for any
+//! other, the events become the pivot's — text, reasoning, encrypted reasoning, function
+//! call pieces, annotations, the finish and the usage.
+
+use serde_json::{Map, Value, json};
+
+use crate::backend::shown;
+use crate::backend::speaker::{self, Api, Headers, Speaker};
+use crate::backend::{
+    BackendError, Delta, Finish, ModelRequest, Native, Raw, Signature, Text, ToolCall, Usage,
+};
+
+/// An upstream that speaks the Responses API.
+pub struct Upstream;
+
+impl Speaker for Upstream {
+    fn api(&self) -> Api {
+        Api::Responses
+    }
+
+    fn path(&self) -> &'static str {
+        "/responses"
+    }
+
+    /// The client's own body when it spoke this API (with the upstream's model name), else
+    /// the chat request written as one.
+    fn body(&self, mut request: ModelRequest, _: &mut Headers) -> String {
+        let mut body = match request.native.take() {
+            Some(Native::Responses(native)) => native,
+            _ => from_chat(&crate::backend::chat_body(&mut request)),
+        };
+        body.insert("model".into(), Value::String(request.model));
+        body.insert("stream".into(), Value::Bool(true));
+        // A response runs where the client is: its background and storage are sluice's.
+        body.remove("background");
+        Value::Object(body).to_string()
+    }
+
+    fn reader(&self, native: bool) -> Box<dyn speaker::Reader> {
+        Box::new(Events {
+            native,
+            reader: Reader::default(),
+        })
+    }
+
+    fn carried(&self) -> &'static [&'static str] {
+        &CARRIED
+    }
+}
+
+/// One reply's events, relayed or read.
+struct Events {
+    native: bool,
+    reader: Reader,
+}
+
+impl speaker::Reader for Events {
+    fn event(&mut self, data: &str, ready: &mut Vec<Delta>) -> Result<bool, BackendError> {
+        let event: Event = serde_json::from_str(data)
+            .map_err(|e| BackendError::Protocol(format!("an event sluice cannot read ({e})")))?;
+        let ended = event.ends();
+        if self.native {
+            return speaker::relay(data, ended, ready);
+        }
+        self.reader.translate(event, ready)?;
+        Ok(ended)
+    }
+}
+
+/// The chat request fields [`from_chat`] carries (or that need no carrying).
+pub const CARRIED: [&str; 17] = [
+    "model",
+    "messages",
+    "stream",
+    "stream_options",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "response_format",
+    "max_tokens",
+    "max_completion_tokens",
+    "reasoning_effort",
+    "temperature",
+    "top_p",
+    "user",
+    "metadata",
+    "service_tier",
+    "n",
+];
+
+/// A chat completions request as a Responses request: messages as input items (text and
+/// image parts in the Responses API's own types), an assistant's `tool_calls` as
+/// `function_call` items and tool messages as `function_call_output` items; function tools,
+/// `tool_choice`, `response_format`, `max_tokens`, `reasoning_effort` and the options both
+/// APIs share. Never stored upstream: storage is sluice's.
+pub fn from_chat(chat: &Map<String, Value>) -> Map<String, Value> {
+    let mut body = Map::new();
+    let mut input = Vec::new();
+    for m in chat
+        .get("messages")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        match m["role"].as_str() {
+            Some("tool") => input.push(json!({"type": "function_call_output",
+                "call_id": m["tool_call_id"], "output": m["content"]})),
+            Some(role) => {
+                if let Some(content) = content(&m["content"], role == "assistant") {
+                    input.push(json!({"role": role, "content": content}));
+                }
+                for call in m["tool_calls"].as_array().into_iter().flatten() {
+                    input.push(json!({"type": "function_call", "call_id": call["id"],
+                        "name": call["function"]["name"], "arguments": call["function"]["arguments"]}));
+                }
+            }
+            None => {}
+        }
+    }
+    body.insert("input".into(), Value::Array(input));
+    let tools: Vec<Value> = chat
+        .get("tools")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|t| {
+            let mut tool = t.get("function")?.as_object()?.clone();
+            tool.insert("type".into(), json!("function"));
+            Some(Value::Object(tool))
+        })
+        .collect();
+    if !tools.is_empty() {
+        body.insert("tools".into(), Value::Array(tools));
+    }
+    if let Some(choice) = chat.get("tool_choice") {
+        let choice = match choice {
+            Value::Object(c) => json!({"type": "function", "name": c["function"]["name"]}),
+            other => other.clone(),
+        };
+        body.insert("tool_choice".into(), choice);
+    }
+    if let Some(format) = chat.get("response_format") {
+        let format = match format["type"].as_str() {
+            Some("json_schema") => {
+                let mut f = format["json_schema"]
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default();
+                f.insert("type".into(), json!("json_schema"));
+                Value::Object(f)
+            }
+            _ => format.clone(),
+        };
+        body.insert("text".into(), json!({"format": format}));
+    }
+    if let Some(n) = chat.get("max_completion_tokens").or(chat.get("max_tokens")) {
+        body.insert("max_output_tokens".into(), n.clone());
+    }
+    if let Some(effort) = chat.get("reasoning_effort") {
+        body.insert("reasoning".into(), json!({"effort": effort}));
+    }
+    for key in [
+        "temperature",
+        "top_p",
+        "parallel_tool_calls",
+        "user",
+        "metadata",
+        "service_tier",
+    ] {
+        if let Some(v) = chat.get(key) {
+            body.insert(key.into(), v.clone());
+        }
+    }
+    body.insert("store".into(), Value::Bool(false));
+    body
+}
+
+/// Chat content as Responses content: a string as it is, parts in the Responses API's
+/// types (`input_text` or, for the assistant, `output_text`; `input_image`).
+fn content(content: &Value, assistant: bool) -> Option<Value> {
+    match content {
+        Value::Null => None,
+        Value::Array(parts) => Some(Value::Array(
+            parts
+                .iter()
+                .filter_map(|p| match p["type"].as_str() {
+                    Some("text") => {
+                        let kind = if assistant { "output_text" } else { "input_text" };
+                        Some(json!({"type": kind, "text": p["text"]}))
+                    }
+                    Some("image_url") => Some(json!({"type": "input_image",
+                        "image_url": p["image_url"]["url"], "detail": p["image_url"].get("detail").cloned().unwrap_or(json!("auto"))})),
+                    _ => None,
+                })
+                .collect(),
+        )),
+        other => Some(other.clone()),
+    }
+}
+
+/// What has been read of one response.
+#[derive(Default)]
+pub struct Reader {
+    /// Function calls seen so far: the chat `index` of the next one.
+    calls: u32,
+}
+
+/// One event of a Responses stream, as far as sluice reads it.
+#[derive(serde::Deserialize)]
+#[serde(tag = "type")]
+enum Event {
+    #[serde(rename = "response.output_text.delta")]
+    TextDelta { delta: Option<String> },
+    #[serde(rename = "response.output_item.added")]
+    ItemAdded {
+        #[serde(default)]
+        item: Item,
+    },
+    #[serde(
+        rename = "response.reasoning_text.delta",
+        alias = "response.reasoning_summary_text.delta"
+    )]
+    ReasoningDelta { delta: Option<String> },
+    #[serde(rename = "response.output_item.done")]
+    ItemDone {
+        #[serde(default)]
+        item: Item,
+    },
+    #[serde(rename = "response.output_text.annotation.added")]
+    Annotation {
+        #[serde(default)]
+        annotation: Value,
+    },
+    #[serde(rename = "response.function_call_arguments.delta")]
+    ArgumentsDelta {
+        #[serde(default)]
+        delta: String,
+    },
+    #[serde(rename = "response.completed")]
+    Completed {
+        #[serde(default)]
+        response: Finished,
+    },
+    #[serde(rename = "response.incomplete")]
+    Incomplete {
+        #[serde(default)]
+        response: Finished,
+    },
+    #[serde(rename = "response.failed")]
+    Failed {
+        #[serde(default)]
+        response: Finished,
+    },
+    #[serde(rename = "error")]
+    Error { message: Option<String> },
+    /// `keepalive`, the many events sluice does not read, and types to come.
+    #[serde(other)]
+    Other,
+}
+
+/// An output item, as far as sluice reads it.
+#[derive(serde::Deserialize, Default)]
+struct Item {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    call_id: Option<String>,
+    name: Option<String>,
+    encrypted_content: Option<String>,
+}
+
+/// A response as it ends.
+#[derive(serde::Deserialize, Default)]
+struct Finished {
+    #[serde(default)]
+    usage: Option<Counts>,
+    #[serde(default)]
+    error: Option<Failure>,
+}
+
+#[derive(serde::Deserialize)]
+struct Counts {
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+}
+
+#[derive(serde::Deserialize)]
+struct Failure {
+    message: Option<String>,
+}
+
+impl Event {
+    /// After it the response has no more.
+    fn ends(&self) -> bool {
+        matches!(
+            self,
+            Event::Completed { .. }
+                | Event::Incomplete { .. }
+                | Event::Failed { .. }
+                | Event::Error { .. }
+        )
+    }
+}
+
+impl Reader {
+    /// The finish (`cut` short by the token limit, or not) and the usage.
+    fn finish(&self, cut: bool, response: Finished, ready: &mut Vec<Delta>) {
+        ready.push(Delta::Finish(if cut {
+            Finish::Length
+        } else if self.calls > 0 {
+            Finish::ToolUse
+        } else {
+            Finish::Stop
+        }));
+        if let Some(Counts {
+            input_tokens: Some(input),
+            output_tokens: Some(output),
+        }) = response.usage
+        {
+            let clamp = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+            ready.push(Delta::Usage(Usage::new(clamp(input), clamp(output))));
+        }
+    }
+
+    /// Reads one event into the pivot's events in `ready`.
+    fn translate(&mut self, event: Event, ready: &mut Vec<Delta>) -> Result<(), BackendError> {
+        match event {
+            Event::TextDelta { delta: Some(text) } => ready.push(Delta::Text(Text::plain(&text))),
+            Event::ItemAdded { item } if item.kind.as_deref() == Some("function_call") => {
+                ready.push(Delta::ToolCall(ToolCall {
+                    index: self.calls,
+                    id: item.call_id,
+                    name: item.name,
+                    arguments: Text::plain(""),
+                }));
+                self.calls += 1;
+            }
+            Event::ReasoningDelta { delta: Some(text) } => {
+                ready.push(Delta::Reasoning(Text::plain(&text)));
+            }
+            Event::ItemDone { item } => match item.kind.as_deref() {
+                Some("reasoning") => {
+                    if let Some(encrypted) = item.encrypted_content {
+                        ready.push(Delta::Signature(Signature::Encrypted(encrypted)));
+                    }
+                }
+                Some("message" | "function_call") => {}
+                // Built-in tools' calls (`web_search_call`…) and items to come.
+                kind => ready.push(Delta::Untranslated(format!("{} item", shown(kind)))),
+            },
+            Event::Annotation { annotation } => {
+                ready.push(Delta::Annotation(Raw::of(&annotation)));
+            }
+            Event::ArgumentsDelta { delta } => {
+                ready.push(Delta::ToolCall(ToolCall {
+                    index: self.calls.saturating_sub(1),
+                    id: None,
+                    name: None,
+                    arguments: Text::plain(&delta),
+                }));
+            }
+            Event::Completed { response } => self.finish(false, response, ready),
+            Event::Incomplete { response } => self.finish(true, response, ready),
+            Event::Failed { response } => {
+                let message = response
+                    .error
+                    .and_then(|e| e.message)
+                    .unwrap_or_else(|| "the upstream's response failed".to_owned());
+                return Err(BackendError::Interrupted(message));
+            }
+            Event::Error { message } => {
+                let message =
+                    message.unwrap_or_else(|| "the upstream's response failed".to_owned());
+                return Err(BackendError::Interrupted(message));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
