@@ -1,11 +1,17 @@
-//! Golden tests of every pair: each recorded upstream stream (`tests/fixtures/*.sse`) read
-//! by its API's upstream reader into the pivot's events, and those events written by every
-//! client API's encoder. What each step gives is kept in `tests/fixtures/golden/`
-//! (`<fixture>.events`, `<fixture>.<client>.sse`), ids sluice draws at random written as
-//! `<random>`; `SLUICE_BLESS=1 cargo test golden` writes them anew, for review as a diff.
+//! Golden tests of every pair of client API and upstream API, both ways:
+//! - replies: each recorded upstream stream (`tests/fixtures/*.sse`) read by its API's
+//!   upstream role into the pivot's events, and those events written by every client API's
+//!   encoder (`golden/<fixture>.events`, `golden/<fixture>.<client>.sse`);
+//! - requests: each client API's request (`tests/fixtures/requests/<client>.json`) parsed by
+//!   its client role and written by every upstream role as its call, with what was left
+//!   out and named (`golden/<client>-to-<upstream>.request`).
+//!
+//! Ids sluice draws at random are written as `<random>`; `SLUICE_BLESS=1 cargo test golden`
+//! writes the files anew, for review as a diff.
 
 use std::path::PathBuf;
 
+use crate::backend::ModelRequest;
 use crate::backend::speaker::read_recorded;
 use crate::backend::{Delta, Usage};
 use crate::error::ApiError;
@@ -155,6 +161,87 @@ fn every_recorded_stream_through_every_client_api_is_as_golden() {
         let failure = error.map(ApiError::from);
         for (client, sse) in clients(&deltas, failure.as_ref()) {
             golden(&format!("{name}.{client}.sse"), &settled(&sse), &mut differ);
+        }
+    }
+    assert!(
+        differ.is_empty(),
+        "{} golden files differ (SLUICE_BLESS=1 writes them):\n{}",
+        differ.len(),
+        differ.join("\n")
+    );
+}
+
+/// A client API's request fixture, parsed by its client role.
+fn parsed(client: &str) -> super::ClientRequest {
+    let path = dir().join("requests").join(format!("{client}.json"));
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    let mut body: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let size = text.len();
+    let parsed = match client {
+        "chat" => super::completions::request::parse(body, size).map(|(c, _)| c),
+        "anthropic" => super::anthropic::request::parse(body, size, None, None).map(|(c, _)| c),
+        _ => crate::http::typed(&mut body).and_then(|fields| {
+            super::responses::request::request(fields, body, Vec::new(), size, false)
+                .map(|r| r.chat)
+        }),
+    };
+    parsed.unwrap_or_else(|e| panic!("{client}.json is refused: {e}"))
+}
+
+#[test]
+fn every_client_request_through_every_upstream_api_is_as_golden() {
+    let mut differ = Vec::new();
+    for client in ["chat", "anthropic", "responses"] {
+        for upstream in ["chat", "anthropic", "responses"] {
+            let chat = parsed(client);
+            let speaker = super::speaker(upstream, "http://upstream");
+            // As the pipeline decides it: relayed as sent, or translated and what was
+            // left out named.
+            let relayed = chat
+                .native
+                .as_ref()
+                .is_some_and(|n| n.spoken_by(speaker.api()));
+            let mut dropped = chat.dropped;
+            if !relayed {
+                let carried = speaker.carried();
+                if !carried.is_empty() {
+                    for field in chat.body.keys().filter(|f| !carried.contains(&f.as_str())) {
+                        dropped.add(field);
+                    }
+                }
+            }
+            let dropped = if relayed {
+                Vec::new()
+            } else {
+                dropped.into_names()
+            };
+            let request = ModelRequest {
+                model: "upstream-model".into(),
+                messages: chat.messages,
+                max_tokens: chat.max_tokens,
+                temperature: chat.temperature,
+                top_p: chat.top_p,
+                seed: chat.seed,
+                body: chat.body,
+                native: chat.native,
+                ..ModelRequest::default()
+            };
+            let mut headers = Vec::new();
+            let body = speaker.body(request, &mut headers);
+            let body: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            let mut text = format!("POST {}\n", speaker.path());
+            for (name, value) in &headers {
+                text.push_str(&format!("{name}: {}\n", value.to_str().unwrap_or("?")));
+            }
+            text.push_str(&format!("x-sluice-dropped: {}\n\n", dropped.join(",")));
+            text.push_str(&serde_json::to_string_pretty(&body).unwrap_or_default());
+            text.push('\n');
+            golden(
+                &format!("{client}-to-{upstream}.request"),
+                &settled(&text),
+                &mut differ,
+            );
         }
     }
     assert!(

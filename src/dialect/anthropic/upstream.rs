@@ -13,6 +13,7 @@ use crate::backend::speaker::{self, Api, Headers, Speaker};
 use crate::backend::{
     BackendError, Delta, Finish, ModelRequest, Native, Raw, Signature, Text, ToolCall, Usage,
 };
+use crate::dialect::completions::wire::{Body, Content, Part, Stop, ToolChoice};
 
 /// An upstream that speaks the Messages API.
 pub struct Upstream;
@@ -128,33 +129,30 @@ pub const CARRIED: [&str; 15] = [
 /// tools, `tool_choice`, `stop`, `max_tokens` (required here), the sampling options and
 /// `user`.
 pub fn from_chat(chat: &Map<String, Value>) -> Map<String, Value> {
+    let chat = Body::of(chat);
     let mut body = Map::new();
     let mut system = Vec::new();
-    let mut messages: Vec<Value> = Vec::new();
-    for m in chat
-        .get("messages")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        let role = m["role"].as_str().unwrap_or("user");
+    // Turns alternate: a tool result and the user's words after it are one user turn.
+    let mut turns: Vec<(&'static str, Vec<Value>)> = Vec::new();
+    for m in &chat.messages {
+        let role = m.role.as_deref().unwrap_or("user");
+        let text = || m.content.as_ref().map(Content::text).unwrap_or_default();
         if matches!(role, "system" | "developer") {
-            system.push(text_of(&m["content"]));
+            system.push(text());
             continue;
         }
         let mut blocks = Vec::new();
         if role == "tool" {
-            blocks.push(
-                json!({"type": "tool_result", "tool_use_id": m["tool_call_id"],
-                "content": text_of(&m["content"])}),
-            );
+            blocks.push(json!({"type": "tool_result",
+                "tool_use_id": m.tool_call_id.clone().unwrap_or(Value::Null), "content": text()}));
         } else {
-            blocks.extend(content_blocks(&m["content"]));
-            for call in m["tool_calls"].as_array().into_iter().flatten() {
-                let arguments = call["function"]["arguments"].as_str().unwrap_or("{}");
-                let input: Value = serde_json::from_str(arguments).unwrap_or_else(|_| json!({}));
-                blocks.push(json!({"type": "tool_use", "id": call["id"],
-                    "name": call["function"]["name"], "input": input}));
+            blocks.extend(m.content.as_ref().map(content_blocks).unwrap_or_default());
+            for call in &m.tool_calls {
+                let arguments = call.function.arguments.as_ref().and_then(Value::as_str);
+                let input: Value =
+                    serde_json::from_str(arguments.unwrap_or("{}")).unwrap_or_else(|_| json!({}));
+                blocks.push(json!({"type": "tool_use", "id": call.id,
+                    "name": call.function.name, "input": input}));
             }
         }
         let role = if role == "assistant" {
@@ -162,100 +160,95 @@ pub fn from_chat(chat: &Map<String, Value>) -> Map<String, Value> {
         } else {
             "user"
         };
-        // Turns alternate: a tool result and the user's words after it are one user turn.
-        match messages.last_mut() {
-            Some(last) if last["role"] == role => {
-                if let Some(content) = last["content"].as_array_mut() {
-                    content.extend(blocks);
+        match turns.last_mut() {
+            Some((last, content)) if *last == role => content.extend(blocks),
+            _ => turns.push((role, blocks)),
+        }
+    }
+    let messages = turns
+        .into_iter()
+        .map(|(role, mut blocks)| {
+            // A turn of text alone is a string, as clients write it.
+            let content = match blocks.as_mut_slice() {
+                [Value::Object(block)] if block.get("type") == Some(&json!("text")) => {
+                    block.remove("text").unwrap_or_default()
                 }
-            }
-            _ => messages.push(json!({"role": role, "content": blocks})),
-        }
-    }
-    // A turn of text alone is a string, as clients write it.
-    for m in &mut messages {
-        if let Some([block]) = m["content"].as_array().map(Vec::as_slice)
-            && block["type"] == "text"
-        {
-            m["content"] = block["text"].clone();
-        }
-    }
+                _ => Value::Array(blocks),
+            };
+            json!({"role": role, "content": content})
+        })
+        .collect();
     if !system.is_empty() {
         body.insert("system".into(), json!(system.join("\n")));
     }
     body.insert("messages".into(), Value::Array(messages));
     let tools: Vec<Value> = chat
-        .get("tools")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
+        .tools
+        .iter()
         .filter_map(|t| {
-            let f = t.get("function")?;
-            Some(json!({"name": f["name"], "description": f.get("description").cloned().unwrap_or(json!("")),
-                "input_schema": f.get("parameters").cloned().unwrap_or(json!({"type": "object"}))}))
+            let f = t.function.as_ref()?;
+            let field = |name: &str| f.get(name).cloned();
+            Some(json!({"name": field("name"),
+                "description": field("description").unwrap_or(json!("")),
+                "input_schema": field("parameters").unwrap_or(json!({"type": "object"}))}))
         })
         .collect();
     if !tools.is_empty() {
         body.insert("tools".into(), Value::Array(tools));
     }
-    let mut choice = match chat.get("tool_choice") {
-        Some(Value::String(c)) if c == "required" => Some(json!({"type": "any"})),
-        Some(Value::String(c)) if c == "none" => Some(json!({"type": "none"})),
-        Some(Value::Object(c)) => Some(json!({"type": "tool", "name": c["function"]["name"]})),
+    let mut choice = match &chat.tool_choice {
+        Some(ToolChoice::Mode(c)) if c == "required" => Some(json!({"type": "any"})),
+        Some(ToolChoice::Mode(c)) if c == "none" => Some(json!({"type": "none"})),
+        Some(ToolChoice::Named { function }) => {
+            Some(json!({"type": "tool", "name": function.name}))
+        }
         _ => None,
     };
-    if chat.get("parallel_tool_calls") == Some(&Value::Bool(false)) {
+    if chat.parallel_tool_calls == Some(false) {
         let choice = choice.get_or_insert_with(|| json!({"type": "auto"}));
-        choice["disable_parallel_tool_use"] = Value::Bool(true);
+        if let Value::Object(choice) = choice {
+            choice.insert("disable_parallel_tool_use".into(), Value::Bool(true));
+        }
     }
     if let Some(choice) = choice {
         body.insert("tool_choice".into(), choice);
     }
-    let max_tokens = chat
-        .get("max_completion_tokens")
-        .or(chat.get("max_tokens"))
-        .cloned()
-        .unwrap_or(json!(DEFAULT_MAX_TOKENS));
+    let max_tokens = chat.limit().cloned().unwrap_or(json!(DEFAULT_MAX_TOKENS));
     body.insert("max_tokens".into(), max_tokens);
-    match chat.get("stop") {
-        Some(Value::String(stop)) => {
+    match chat.stop {
+        Some(Stop::One(stop)) => {
             body.insert("stop_sequences".into(), json!([stop]));
         }
-        Some(stop @ Value::Array(_)) => {
-            body.insert("stop_sequences".into(), stop.clone());
+        Some(Stop::Many(stops)) => {
+            body.insert("stop_sequences".into(), Value::Array(stops));
         }
         _ => {}
     }
-    for key in ["temperature", "top_p", "top_k"] {
-        if let Some(v) = chat.get(key) {
-            body.insert(key.into(), v.clone());
+    for (key, value) in [
+        ("temperature", chat.temperature),
+        ("top_p", chat.top_p),
+        ("top_k", chat.top_k),
+    ] {
+        if let Some(v) = value {
+            body.insert(key.into(), v);
         }
     }
-    if let Some(user) = chat.get("user") {
+    if let Some(user) = chat.user {
         body.insert("metadata".into(), json!({"user_id": user}));
     }
     body
 }
 
-/// The text of chat content: a string, or its text parts joined.
-fn text_of(content: &Value) -> String {
-    match content {
-        Value::String(s) => s.clone(),
-        Value::Array(parts) => parts.iter().filter_map(|p| p["text"].as_str()).collect(),
-        _ => String::new(),
-    }
-}
-
 /// Chat content as Messages blocks: text, and images (a data URL as base64, else by URL).
-fn content_blocks(content: &Value) -> Vec<Value> {
+fn content_blocks(content: &Content) -> Vec<Value> {
     match content {
-        Value::String(s) if !s.is_empty() => vec![json!({"type": "text", "text": s})],
-        Value::Array(parts) => parts
+        Content::Text(s) if !s.is_empty() => vec![json!({"type": "text", "text": s})],
+        Content::Parts(parts) => parts
             .iter()
-            .filter_map(|p| match p["type"].as_str() {
-                Some("text") => Some(json!({"type": "text", "text": p["text"]})),
-                Some("image_url") => {
-                    let url = p["image_url"]["url"].as_str().unwrap_or_default();
+            .filter_map(|p| match p {
+                Part::Text { text } => Some(json!({"type": "text", "text": text})),
+                Part::ImageUrl { image_url } => {
+                    let url = image_url.url.as_str();
                     let source = match url
                         .strip_prefix("data:")
                         .and_then(|rest| rest.split_once(";base64,"))
@@ -267,7 +260,7 @@ fn content_blocks(content: &Value) -> Vec<Value> {
                     };
                     Some(json!({"type": "image", "source": source}))
                 }
-                _ => None,
+                Part::Other => None,
             })
             .collect(),
         _ => Vec::new(),
@@ -322,7 +315,7 @@ enum Event {
     },
     MessageDelta {
         #[serde(default)]
-        delta: Stop,
+        delta: StopReason,
         #[serde(default)]
         usage: Counts,
     },
@@ -413,7 +406,7 @@ enum BlockDelta {
 }
 
 #[derive(serde::Deserialize, Default)]
-struct Stop {
+struct StopReason {
     stop_reason: Option<String>,
 }
 

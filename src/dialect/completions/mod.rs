@@ -5,6 +5,7 @@
 
 pub mod request;
 pub mod upstream;
+pub mod wire;
 
 use bytes::BytesMut;
 use serde_json::{Map, Value, json};

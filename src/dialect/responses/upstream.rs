@@ -4,6 +4,7 @@
 //! other, the events become the pivot's — text, reasoning, encrypted reasoning, function
 //! call pieces, annotations, the finish and the usage.
 
+use serde::Deserialize as _;
 use serde_json::{Map, Value, json};
 
 use crate::backend::shown;
@@ -11,6 +12,7 @@ use crate::backend::speaker::{self, Api, Headers, Speaker};
 use crate::backend::{
     BackendError, Delta, Finish, ModelRequest, Native, Raw, Signature, Text, ToolCall, Usage,
 };
+use crate::dialect::completions::wire::{Body, Content, Part, ToolChoice};
 
 /// An upstream that speaks the Responses API.
 pub struct Upstream;
@@ -96,24 +98,20 @@ pub const CARRIED: [&str; 17] = [
 /// `tool_choice`, `response_format`, `max_tokens`, `reasoning_effort` and the options both
 /// APIs share. Never stored upstream: storage is sluice's.
 pub fn from_chat(chat: &Map<String, Value>) -> Map<String, Value> {
+    let chat = Body::of(chat);
     let mut body = Map::new();
     let mut input = Vec::new();
-    for m in chat
-        .get("messages")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        match m["role"].as_str() {
+    for m in &chat.messages {
+        match m.role.as_deref() {
             Some("tool") => input.push(json!({"type": "function_call_output",
-                "call_id": m["tool_call_id"], "output": m["content"]})),
+                "call_id": m.tool_call_id, "output": m.content.as_ref().map(Content::text)})),
             Some(role) => {
-                if let Some(content) = content(&m["content"], role == "assistant") {
+                if let Some(content) = m.content.as_ref().map(|c| content(c, role == "assistant")) {
                     input.push(json!({"role": role, "content": content}));
                 }
-                for call in m["tool_calls"].as_array().into_iter().flatten() {
-                    input.push(json!({"type": "function_call", "call_id": call["id"],
-                        "name": call["function"]["name"], "arguments": call["function"]["arguments"]}));
+                for call in &m.tool_calls {
+                    input.push(json!({"type": "function_call", "call_id": call.id,
+                        "name": call.function.name, "arguments": call.function.arguments}));
                 }
             }
             None => {}
@@ -121,12 +119,10 @@ pub fn from_chat(chat: &Map<String, Value>) -> Map<String, Value> {
     }
     body.insert("input".into(), Value::Array(input));
     let tools: Vec<Value> = chat
-        .get("tools")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
+        .tools
+        .iter()
         .filter_map(|t| {
-            let mut tool = t.get("function")?.as_object()?.clone();
+            let mut tool = t.function.clone()?;
             tool.insert("type".into(), json!("function"));
             Some(Value::Object(tool))
         })
@@ -134,69 +130,84 @@ pub fn from_chat(chat: &Map<String, Value>) -> Map<String, Value> {
     if !tools.is_empty() {
         body.insert("tools".into(), Value::Array(tools));
     }
-    if let Some(choice) = chat.get("tool_choice") {
+    if let Some(choice) = &chat.tool_choice {
         let choice = match choice {
-            Value::Object(c) => json!({"type": "function", "name": c["function"]["name"]}),
-            other => other.clone(),
+            ToolChoice::Named { function } => json!({"type": "function", "name": function.name}),
+            ToolChoice::Mode(mode) => json!(mode),
+            ToolChoice::Other(other) => other.clone(),
         };
         body.insert("tool_choice".into(), choice);
     }
-    if let Some(format) = chat.get("response_format") {
-        let format = match format["type"].as_str() {
-            Some("json_schema") => {
-                let mut f = format["json_schema"]
-                    .as_object()
-                    .cloned()
-                    .unwrap_or_default();
-                f.insert("type".into(), json!("json_schema"));
-                Value::Object(f)
-            }
-            _ => format.clone(),
-        };
-        body.insert("text".into(), json!({"format": format}));
+    if let Some(format) = &chat.response_format {
+        body.insert("text".into(), json!({"format": text_format(format)}));
     }
-    if let Some(n) = chat.get("max_completion_tokens").or(chat.get("max_tokens")) {
+    if let Some(n) = chat.limit() {
         body.insert("max_output_tokens".into(), n.clone());
     }
-    if let Some(effort) = chat.get("reasoning_effort") {
+    if let Some(effort) = &chat.reasoning_effort {
         body.insert("reasoning".into(), json!({"effort": effort}));
     }
-    for key in [
-        "temperature",
-        "top_p",
-        "parallel_tool_calls",
-        "user",
-        "metadata",
-        "service_tier",
+    for (key, value) in [
+        ("temperature", chat.temperature),
+        ("top_p", chat.top_p),
+        (
+            "parallel_tool_calls",
+            chat.parallel_tool_calls.map(Value::Bool),
+        ),
+        ("user", chat.user),
+        ("metadata", chat.metadata),
+        ("service_tier", chat.service_tier),
     ] {
-        if let Some(v) = chat.get(key) {
-            body.insert(key.into(), v.clone());
+        if let Some(v) = value {
+            body.insert(key.into(), v);
         }
     }
     body.insert("store".into(), Value::Bool(false));
     body
 }
 
+/// A chat `response_format` as the Responses API's `text.format`: a JSON schema's fields
+/// beside its `type`, any other as it is.
+fn text_format(format: &Value) -> Value {
+    #[derive(serde::Deserialize)]
+    #[serde(tag = "type", rename_all = "snake_case")]
+    enum Format {
+        JsonSchema { json_schema: Map<String, Value> },
+    }
+    match Format::deserialize(format) {
+        Ok(Format::JsonSchema { mut json_schema }) => {
+            json_schema.insert("type".into(), json!("json_schema"));
+            Value::Object(json_schema)
+        }
+        Err(_) => format.clone(),
+    }
+}
+
 /// Chat content as Responses content: a string as it is, parts in the Responses API's
 /// types (`input_text` or, for the assistant, `output_text`; `input_image`).
-fn content(content: &Value, assistant: bool) -> Option<Value> {
+fn content(content: &Content, assistant: bool) -> Value {
     match content {
-        Value::Null => None,
-        Value::Array(parts) => Some(Value::Array(
+        Content::Text(text) => json!(text),
+        Content::Parts(parts) => Value::Array(
             parts
                 .iter()
-                .filter_map(|p| match p["type"].as_str() {
-                    Some("text") => {
-                        let kind = if assistant { "output_text" } else { "input_text" };
-                        Some(json!({"type": kind, "text": p["text"]}))
+                .filter_map(|p| match p {
+                    Part::Text { text } => {
+                        let kind = if assistant {
+                            "output_text"
+                        } else {
+                            "input_text"
+                        };
+                        Some(json!({"type": kind, "text": text}))
                     }
-                    Some("image_url") => Some(json!({"type": "input_image",
-                        "image_url": p["image_url"]["url"], "detail": p["image_url"].get("detail").cloned().unwrap_or(json!("auto"))})),
-                    _ => None,
+                    Part::ImageUrl { image_url } => Some(json!({"type": "input_image",
+                        "image_url": image_url.url,
+                        "detail": image_url.detail.clone().unwrap_or(json!("auto"))})),
+                    Part::Other => None,
                 })
                 .collect(),
-        )),
-        other => Some(other.clone()),
+        ),
+        Content::Other(other) => other.clone(),
     }
 }
 
