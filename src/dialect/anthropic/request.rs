@@ -23,16 +23,132 @@ struct Body {
     temperature: Option<f32>,
     top_p: Option<f32>,
     top_k: Option<u32>,
-    metadata: Option<Value>,
+    metadata: Option<Metadata>,
     #[serde(default)]
-    tools: Vec<Value>,
-    tool_choice: Option<Value>,
+    tools: Vec<Tool>,
+    tool_choice: Option<ToolChoice>,
     #[serde(default)]
     stream: bool,
 }
 
+#[derive(Deserialize)]
+struct Metadata {
+    user_id: Option<Value>,
+}
+
+/// A tool offered: a client tool (`custom`, or no type) or a server tool.
+#[derive(Deserialize)]
+struct Tool {
+    name: Option<Value>,
+    #[serde(rename = "type")]
+    kind: Option<Value>,
+    description: Option<Value>,
+    input_schema: Option<Value>,
+    cache_control: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct ToolChoice {
+    #[serde(rename = "type")]
+    kind: Option<Value>,
+    name: Option<Value>,
+    disable_parallel_tool_use: Option<Value>,
+}
+
+/// One message of the conversation, its role and content checked as it is read.
+#[derive(Deserialize, Default)]
+struct Turn {
+    role: Option<Value>,
+    #[serde(default)]
+    content: Value,
+}
+
+/// A content block, as far as a chat upstream can take it.
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Block {
+    Text {
+        #[serde(default)]
+        text: Value,
+    },
+    Image {
+        #[serde(default)]
+        source: Source,
+    },
+    ToolUse {
+        #[serde(default)]
+        id: Value,
+        #[serde(default)]
+        name: Value,
+        #[serde(default)]
+        input: Value,
+    },
+    ToolResult {
+        #[serde(default)]
+        tool_use_id: Value,
+        #[serde(default)]
+        content: Value,
+        #[serde(default)]
+        is_error: Value,
+    },
+    /// Signed reasoning, documents, server tools' calls and results, and any block to
+    /// come.
+    #[serde(other)]
+    Other,
+}
+
+#[derive(Deserialize, Default)]
+struct Source {
+    #[serde(rename = "type")]
+    kind: Option<Value>,
+    media_type: Option<Value>,
+    data: Option<Value>,
+    url: Option<Value>,
+}
+
+/// What every block may carry.
+#[derive(Deserialize, Default)]
+struct Marks {
+    cache_control: Option<Value>,
+    /// A text block's text, for the places that take text blocks only.
+    text: Option<Value>,
+    #[serde(rename = "type")]
+    kind: Option<Value>,
+}
+
+/// A chat message as written for an OpenAI-compatible upstream.
+#[derive(serde::Serialize, Debug)]
+struct Said {
+    role: &'static str,
+    content: Value,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tool_calls: Vec<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_call_id: Option<Value>,
+}
+
+impl Said {
+    fn new(role: &'static str, content: Value) -> Self {
+        Said {
+            role,
+            content,
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+        }
+    }
+}
+
 fn invalid(message: impl Into<String>, param: &str) -> ApiError {
     ApiError::invalid(message, Some(param))
+}
+
+fn str_of(value: &Value) -> Option<&str> {
+    value.as_str()
+}
+
+/// The marks of a block (any shape: a block that is not an object has none).
+fn marks(block: &Value) -> Marks {
+    Marks::deserialize(block).unwrap_or_default()
 }
 
 /// The text of a `tool_result`'s content (a string, or text blocks).
@@ -41,12 +157,13 @@ fn result_text(content: &Value, dropped: &mut Dropped) -> String {
         Value::String(s) => s.clone(),
         Value::Array(blocks) => blocks
             .iter()
-            .filter_map(|b| match b["text"].as_str() {
-                Some(text) => Some(text),
+            .map(marks)
+            .filter_map(|b| match b.text.as_ref().and_then(str_of) {
+                Some(text) => Some(text.to_owned()),
                 // A chat tool message carries text only: an image (or any other block) in
                 // a result is named, never silently lost.
                 None => {
-                    let kind = b["type"].as_str().unwrap_or("block");
+                    let kind = b.kind.as_ref().and_then(str_of).unwrap_or("block");
                     dropped.add(&format!("tool_result.{kind}"));
                     None
                 }
@@ -64,7 +181,7 @@ fn system_text(system: &Value, at: &str) -> Result<String, ApiError> {
         Value::String(s) => Ok(s.clone()),
         Value::Array(blocks) => Ok(blocks
             .iter()
-            .filter_map(|b| b["text"].as_str())
+            .filter_map(|b| marks(b).text.and_then(|t| t.as_str().map(str::to_owned)))
             .collect::<Vec<_>>()
             .join("\n")),
         _ => Err(invalid(
@@ -83,10 +200,10 @@ fn translate(
     system: Option<&Value>,
     messages: &[Value],
     dropped: &mut Dropped,
-) -> Result<Vec<Value>, ApiError> {
-    let mut out = Vec::with_capacity(messages.len() + 1);
+) -> Result<Vec<Said>, ApiError> {
+    let mut out: Vec<Said> = Vec::with_capacity(messages.len() + 1);
     if let Some(system) = system.filter(|s| !s.is_null()) {
-        out.push(json!({"role": "system", "content": system_text(system, "system")?}));
+        out.push(Said::new("system", json!(system_text(system, "system")?)));
     }
     if messages.is_empty() {
         return Err(invalid(
@@ -96,35 +213,39 @@ fn translate(
     }
     // System messages that came between an assistant's tool calls and their results: a
     // chat API refuses anything between the two, so they follow the results.
-    let mut deferred: Vec<Value> = Vec::new();
+    let mut deferred: Vec<Said> = Vec::new();
     for (i, m) in messages.iter().enumerate() {
-        let role = m["role"].as_str().unwrap_or_default();
-        if role == "system" {
-            let at = format!("messages.{i}.content");
-            let system = json!({"role": "system", "content": system_text(&m["content"], &at)?});
-            let calls_open = out.last().is_some_and(|last: &Value| {
-                last["role"] == "assistant" && last.get("tool_calls").is_some()
-            });
-            if calls_open || !deferred.is_empty() {
-                deferred.push(system);
-            } else {
-                out.push(system);
+        let turn = Turn::deserialize(m).unwrap_or_default();
+        let role = match turn.role.as_ref().and_then(str_of) {
+            Some("user") => "user",
+            Some("assistant") => "assistant",
+            Some("system") => {
+                let at = format!("messages.{i}.content");
+                let system = Said::new("system", json!(system_text(&turn.content, &at)?));
+                let calls_open = out
+                    .last()
+                    .is_some_and(|last| last.role == "assistant" && !last.tool_calls.is_empty());
+                if calls_open || !deferred.is_empty() {
+                    deferred.push(system);
+                } else {
+                    out.push(system);
+                }
+                continue;
             }
-            continue;
-        }
+            _ => {
+                return Err(invalid(
+                    format!("messages.{i}.role: Input should be 'user', 'assistant' or 'system'"),
+                    &format!("messages.{i}.role"),
+                ));
+            }
+        };
         if role == "assistant" {
             out.append(&mut deferred);
         }
-        if !matches!(role, "user" | "assistant") {
-            return Err(invalid(
-                format!("messages.{i}.role: Input should be 'user', 'assistant' or 'system'"),
-                &format!("messages.{i}.role"),
-            ));
-        }
-        let blocks = match &m["content"] {
+        let blocks = match &turn.content {
             Value::String(s) => {
                 out.append(&mut deferred);
-                out.push(json!({"role": role, "content": s}));
+                out.push(Said::new(role, json!(s)));
                 continue;
             }
             Value::Array(blocks) => blocks,
@@ -137,28 +258,31 @@ fn translate(
                 ));
             }
         };
-        let mut parts = Vec::new();
+        let mut parts: Vec<Value> = Vec::new();
+        let mut text = String::new();
+        let mut only_text = true;
         let mut calls = Vec::new();
         for (j, block) in blocks.iter().enumerate() {
             let at = format!("messages.{i}.content.{j}");
-            if block.get("cache_control").is_some() {
+            if marks(block).cache_control.is_some() {
                 dropped.add("cache_control");
             }
-            match block["type"].as_str() {
-                Some("text") => {
-                    parts.push(
-                        json!({"type": "text", "text": block["text"].as_str().unwrap_or_default()}),
-                    );
+            let typed = Block::deserialize(block).unwrap_or(Block::Other);
+            match typed {
+                Block::Text { text: t } => {
+                    let t = t.as_str().unwrap_or_default();
+                    text.push_str(t);
+                    parts.push(json!({"type": "text", "text": t}));
                 }
-                Some("image") => {
-                    let source = &block["source"];
-                    let url = match source["type"].as_str() {
+                Block::Image { source } => {
+                    let field = |v: &Option<Value>| v.as_ref().and_then(str_of).map(str::to_owned);
+                    let url = match source.kind.as_ref().and_then(str_of) {
                         Some("base64") => format!(
                             "data:{};base64,{}",
-                            source["media_type"].as_str().unwrap_or("image/png"),
-                            source["data"].as_str().unwrap_or_default()
+                            field(&source.media_type).unwrap_or_else(|| "image/png".into()),
+                            field(&source.data).unwrap_or_default()
                         ),
-                        Some("url") => source["url"].as_str().unwrap_or_default().to_owned(),
+                        Some("url") => field(&source.url).unwrap_or_default(),
                         _ => {
                             return Err(invalid(
                                 format!("{at}.source: an image source is base64 or url"),
@@ -166,28 +290,36 @@ fn translate(
                             ));
                         }
                     };
+                    only_text = false;
                     parts.push(json!({"type": "image_url", "image_url": {"url": url}}));
                 }
-                Some("tool_use") if role == "assistant" => calls.push(json!({
-                    "id": block["id"], "type": "function",
-                    "function": {"name": block["name"], "arguments": block["input"].to_string()}})),
-                Some("tool_result") if role == "user" => {
+                Block::ToolUse { id, name, input } if role == "assistant" => calls.push(json!({
+                    "id": id, "type": "function",
+                    "function": {"name": name, "arguments": input.to_string()}})),
+                Block::ToolResult {
+                    tool_use_id,
+                    content,
+                    is_error,
+                } if role == "user" => {
                     // A chat tool message has no error flag: named, not silently lost.
-                    if block["is_error"] == json!(true) {
+                    if is_error == json!(true) {
                         dropped.add("tool_result.is_error");
                     }
-                    let content = result_text(&block["content"], dropped);
-                    out.push(json!({"role": "tool", "tool_call_id": block["tool_use_id"], "content": content}));
+                    let mut said = Said::new("tool", json!(result_text(&content, dropped)));
+                    said.tool_call_id = Some(tool_use_id);
+                    out.push(said);
                 }
-                // Signed reasoning, documents, server tools' calls and results, and any block
-                // to come: nothing a chat upstream takes. Named, never silently lost.
-                Some(kind) => dropped.add(kind),
-                None => {
-                    return Err(invalid(
-                        format!("{at}.type: Field required"),
-                        &format!("{at}.type"),
-                    ));
-                }
+                // Signed reasoning, documents, server tools' calls and results, and any
+                // block to come: nothing a chat upstream takes. Named, never silently lost.
+                _ => match marks(block).kind.as_ref().and_then(str_of) {
+                    Some(kind) => dropped.add(kind),
+                    None => {
+                        return Err(invalid(
+                            format!("{at}.type: Field required"),
+                            &format!("{at}.type"),
+                        ));
+                    }
+                },
             }
         }
         // The results are in: what waited for them follows.
@@ -195,34 +327,33 @@ fn translate(
         if parts.is_empty() && calls.is_empty() {
             continue;
         }
-        let only_text = parts.iter().all(|p| p["type"] == "text");
         let content = if parts.is_empty() {
             Value::Null
         } else if only_text {
-            let text: Vec<&str> = parts.iter().filter_map(|p| p["text"].as_str()).collect();
-            Value::String(text.join(""))
+            Value::String(text)
         } else {
             Value::Array(parts)
         };
-        let mut message = json!({"role": role, "content": content});
-        if !calls.is_empty() {
-            message["tool_calls"] = Value::Array(calls);
-        }
-        out.push(message);
+        let mut said = Said::new(role, content);
+        said.tool_calls = calls;
+        out.push(said);
     }
     out.append(&mut deferred);
     Ok(out)
 }
 
 /// What the models sluice runs itself read of chat messages: each one's text.
-fn canonical(messages: &[Value]) -> Vec<Message> {
+fn canonical(messages: &[Said]) -> Vec<Message> {
     messages
         .iter()
         .map(|m| Message {
-            role: m["role"].as_str().unwrap_or("user").to_owned(),
-            content: match &m["content"] {
+            role: m.role.to_owned(),
+            content: match &m.content {
                 Value::String(s) => s.clone(),
-                Value::Array(parts) => parts.iter().filter_map(|p| p["text"].as_str()).collect(),
+                Value::Array(parts) => parts
+                    .iter()
+                    .filter_map(|p| marks(p).text.and_then(|t| t.as_str().map(str::to_owned)))
+                    .collect(),
                 _ => String::new(),
             },
         })
@@ -233,20 +364,29 @@ fn canonical(messages: &[Value]) -> Vec<Message> {
 /// any `type` but `custom`) have no chat counterpart: left out and named in `dropped`,
 /// unless `tool_choice` forces one, which a chat upstream could not honour.
 fn tools(
-    tools: &[Value],
-    choice: Option<&Value>,
+    tools: &[Tool],
+    choice: Option<&ToolChoice>,
     dropped: &mut Dropped,
 ) -> Result<Vec<Value>, ApiError> {
     let mut out = Vec::with_capacity(tools.len());
     for (i, tool) in tools.iter().enumerate() {
-        let Some(name) = tool["name"].as_str() else {
+        let Some(name) = tool.name.as_ref().and_then(str_of) else {
             return Err(invalid(
                 format!("tools.{i}.name: Field required"),
                 &format!("tools.{i}.name"),
             ));
         };
-        if let Some(kind) = tool["type"].as_str().filter(|t| *t != "custom") {
-            if choice.is_some_and(|c| c["type"] == "tool" && c["name"] == name) {
+        if let Some(kind) = tool
+            .kind
+            .as_ref()
+            .and_then(str_of)
+            .filter(|t| *t != "custom")
+        {
+            let forced = choice.is_some_and(|c| {
+                c.kind.as_ref().and_then(str_of) == Some("tool")
+                    && c.name.as_ref().and_then(str_of) == Some(name)
+            });
+            if forced {
                 return Err(invalid(
                     format!(
                         "tool_choice: the server tool {name} ({kind}) cannot be run by this model's upstream"
@@ -259,16 +399,16 @@ fn tools(
         }
         let mut function = Map::new();
         function.insert("name".into(), json!(name));
-        if let Some(d) = tool.get("description") {
+        if let Some(d) = &tool.description {
             function.insert("description".into(), d.clone());
         }
         function.insert(
             "parameters".into(),
-            tool.get("input_schema")
-                .cloned()
+            tool.input_schema
+                .clone()
                 .unwrap_or(json!({"type": "object"})),
         );
-        if tool.get("cache_control").is_some() {
+        if tool.cache_control.is_some() {
             dropped.add("cache_control");
         }
         out.push(json!({"type": "function", "function": function}));
@@ -291,7 +431,7 @@ fn chat(
     fields: &Body,
     sent: &Map<String, Value>,
     dropped: &mut Dropped,
-) -> Result<(Vec<Value>, Map<String, Value>), ApiError> {
+) -> Result<(Vec<Said>, Map<String, Value>), ApiError> {
     let messages = translate(fields.system.as_ref(), &fields.messages, dropped)?;
     for field in NOT_FOR_CHAT {
         if sent.get(field).is_some_and(|v| !v.is_null()) {
@@ -299,10 +439,13 @@ fn chat(
         }
     }
     let mut body = Map::new();
-    body.insert("messages".into(), Value::Array(messages.clone()));
+    body.insert(
+        "messages".into(),
+        serde_json::to_value(&messages).unwrap_or_default(),
+    );
     let chat_tools = tools(&fields.tools, fields.tool_choice.as_ref(), dropped)?;
     if let Some(choice) = &fields.tool_choice {
-        let chosen = match choice["type"].as_str() {
+        let chosen = match choice.kind.as_ref().and_then(str_of) {
             // Every tool offered was a server tool, left out: a call cannot be required.
             Some("any") if chat_tools.is_empty() && !fields.tools.is_empty() => {
                 return Err(invalid(
@@ -314,7 +457,7 @@ fn chat(
             Some("auto") => json!("auto"),
             Some("any") => json!("required"),
             Some("none") => json!("none"),
-            Some("tool") => json!({"type": "function", "function": {"name": choice["name"]}}),
+            Some("tool") => json!({"type": "function", "function": {"name": choice.name}}),
             _ => {
                 return Err(invalid(
                     "tool_choice: auto, any, tool or none",
@@ -326,7 +469,7 @@ fn chat(
         if !chat_tools.is_empty() {
             body.insert("tool_choice".into(), chosen);
         }
-        if choice["disable_parallel_tool_use"] == json!(true) {
+        if choice.disable_parallel_tool_use == Some(json!(true)) {
             body.insert("parallel_tool_calls".into(), json!(false));
         }
     }
@@ -349,7 +492,12 @@ fn chat(
     if let Some(n) = fields.max_tokens {
         body.insert("max_tokens".into(), json!(n));
     }
-    if let Some(user) = fields.metadata.as_ref().and_then(|m| m["user_id"].as_str()) {
+    if let Some(user) = fields
+        .metadata
+        .as_ref()
+        .and_then(|m| m.user_id.as_ref())
+        .and_then(str_of)
+    {
         body.insert("user".into(), json!(user));
     }
     Ok((messages, body))
@@ -410,11 +558,8 @@ pub fn count(mut body: Map<String, Value>) -> Result<u32, ApiError> {
 mod tests {
     use super::*;
 
-    fn roles(messages: &[Value]) -> Vec<&str> {
-        messages
-            .iter()
-            .map(|m| m["role"].as_str().unwrap_or_default())
-            .collect()
+    fn roles(messages: &[Said]) -> Vec<&str> {
+        messages.iter().map(|m| m.role).collect()
     }
 
     #[test]
@@ -446,7 +591,7 @@ mod tests {
         ];
         let mut dropped = Dropped::default();
         let out = translate(None, &messages, &mut dropped).expect("translated");
-        assert_eq!(out[1]["content"], "failed");
+        assert_eq!(out[1].content, "failed");
         assert_eq!(
             dropped.into_names(),
             ["tool_result.is_error", "tool_result.image"]
