@@ -27,8 +27,9 @@ pub struct Started {
     pub model: String,
     /// The prompt's size as sluice counted it.
     pub prompt_tokens: u32,
-    /// What the upstream was not sent of the client's request (see [`Chat::dropped`]).
-    pub dropped: Vec<String>,
+    /// What the target that serves was not sent of the client's request, once its first
+    /// event came (see [`ClientRequest::dropped`]).
+    pub dropped: dispatch::Unsent,
 }
 
 /// Checks, resolves and admits `chat`, then starts it.
@@ -136,36 +137,6 @@ impl Admitted {
         let label = state.routes.label(&chat.model);
         exchange.set_label(label.clone());
 
-        // Relayed as sent when the route's first upstream speaks the client's API; else
-        // what the translation left out, and what the chat request it became cannot carry
-        // to an upstream of a third API.
-        let api = route.first().map(|t| t.backend.speaks());
-        let relayed = chat
-            .native
-            .as_ref()
-            .zip(api)
-            .is_some_and(|(native, api)| native.spoken_by(api));
-        let dropped = if relayed {
-            Vec::new()
-        } else {
-            let mut dropped = chat.dropped;
-            let carried = route.first().map_or(&[][..], |t| t.backend.carried());
-            if !carried.is_empty() {
-                for field in chat.body.keys().filter(|f| !carried.contains(&f.as_str())) {
-                    dropped.add(field);
-                }
-            }
-            dropped.into_names()
-        };
-        // Documented and named to the client (`x-sluice-dropped`): a debug line and a
-        // count by name, not a warning on every request of an agent that sends them.
-        if !dropped.is_empty() {
-            tracing::debug!(
-                dropped = %dropped.join(","),
-                "the upstream does not speak the client's API: these request fields were left out"
-            );
-            state.metrics.dropped(&dropped);
-        }
         let request = ModelRequest {
             // Each target of the route has its own name for the model: dispatch sets it.
             model: chat.model.clone(),
@@ -179,6 +150,9 @@ impl Admitted {
             request_id: exchange.request_id().to_owned(),
             trace: Vec::new(),
             native: chat.native,
+            // Dispatch decides, for the target it chooses.
+            relayed: false,
+            dropped: chat.dropped,
         };
         let guard = StreamGuard::new(
             state.metrics.clone(),
@@ -209,7 +183,15 @@ impl Admitted {
                 retry_after,
             },
         })?;
-        let stream = dispatch::upstream(&state.dispatcher, exchange, start, &label, request);
+        let unsent = dispatch::Unsent::default();
+        let stream = dispatch::upstream(
+            &state.dispatcher,
+            exchange,
+            start,
+            &label,
+            request,
+            unsent.clone(),
+        );
         // A name a pattern route served is one `/v1/models` lists from then on.
         let stream = match state.routes.pattern_of(&chat.model) {
             Some(pattern) => {
@@ -232,7 +214,7 @@ impl Admitted {
             rate,
             model: chat.model,
             prompt_tokens,
-            dropped,
+            dropped: unsent,
         })
     }
 }

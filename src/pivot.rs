@@ -228,3 +228,47 @@ impl Finish {
         }
     }
 }
+
+/// The names of what a translation left out, each once, in the order met. Names can be a
+/// client's (unknown fields), so they are held to [`Dropped::MOST`] names of printable
+/// ASCII of at most [`Dropped::LONGEST`] bytes each, the rest counted: the header and the
+/// log line stay small whatever a request holds.
+#[derive(Debug, Default, Clone)]
+pub struct Dropped {
+    names: Vec<String>,
+    more: usize,
+}
+
+impl Dropped {
+    pub const MOST: usize = 32;
+    pub const LONGEST: usize = 64;
+
+    pub fn add(&mut self, name: &str) {
+        let name: String = name
+            .chars()
+            .take(Self::LONGEST)
+            .map(|c| {
+                if c.is_ascii_graphic() && c != ',' {
+                    c
+                } else {
+                    '?'
+                }
+            })
+            .collect();
+        if self.names.contains(&name) {
+            return;
+        }
+        if self.names.len() < Self::MOST {
+            self.names.push(name);
+        } else {
+            self.more += 1;
+        }
+    }
+
+    pub fn into_names(mut self) -> Vec<String> {
+        if self.more > 0 {
+            self.names.push(format!("+{} more", self.more));
+        }
+        self.names
+    }
+}

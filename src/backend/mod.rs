@@ -70,6 +70,12 @@ pub struct ModelRequest {
     /// upstream that speaks that API itself receives (and relays back event by event, as
     /// [`Delta::Event`]s).
     pub native: Option<Native>,
+    /// Whether the target called speaks the client's own API, so that `native` is sent and
+    /// its events relayed as they come: decided once, by dispatch, for the target chosen.
+    pub relayed: bool,
+    /// What translating the client's request left out (for a target that does not relay
+    /// it), beyond the fields the target's API cannot carry.
+    pub dropped: crate::pivot::Dropped,
 }
 
 /// A request in the client's own API, for an upstream that speaks it.

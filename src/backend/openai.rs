@@ -92,10 +92,7 @@ impl Backend for OpenAiBackend {
         let request_id = request.request_id.clone();
         // An upstream of another API relays its events to a client of that same API, and
         // is read into the pivot's events for any other.
-        let native = request
-            .native
-            .as_ref()
-            .is_some_and(|n| n.spoken_by(self.speaker.api()));
+        let native = request.relayed;
         let mut headers = vec![(CONTENT_TYPE, HeaderValue::from_static("application/json"))];
         let mut header = |name: &'static str, value: &str| {
             if let Ok(value) = HeaderValue::from_str(value) {

@@ -196,27 +196,14 @@ fn every_client_request_through_every_upstream_api_is_as_golden() {
         for upstream in ["chat", "anthropic", "responses"] {
             let chat = parsed(client);
             let speaker = super::speaker(upstream, "http://upstream");
-            // As the pipeline decides it: relayed as sent, or translated and what was
-            // left out named.
-            let relayed = chat
-                .native
-                .as_ref()
-                .is_some_and(|n| n.spoken_by(speaker.api()));
-            let mut dropped = chat.dropped;
-            if !relayed {
-                let carried = speaker.carried();
-                if !carried.is_empty() {
-                    for field in chat.body.keys().filter(|f| !carried.contains(&f.as_str())) {
-                        dropped.add(field);
-                    }
-                }
-            }
-            let dropped = if relayed {
-                Vec::new()
-            } else {
-                dropped.into_names()
-            };
-            let request = ModelRequest {
+            let target = crate::backend::openai::OpenAiBackend::new(
+                "http://upstream",
+                None,
+                std::time::Duration::from_secs(1),
+                speaker.clone(),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            let mut request = ModelRequest {
                 model: "upstream-model".into(),
                 messages: chat.messages,
                 max_tokens: chat.max_tokens,
@@ -225,8 +212,12 @@ fn every_client_request_through_every_upstream_api_is_as_golden() {
                 seed: chat.seed,
                 body: chat.body,
                 native: chat.native,
+                dropped: chat.dropped,
                 ..ModelRequest::default()
             };
+            // As dispatch decides it for the target: relayed as sent, or translated and
+            // what was left out named.
+            let dropped = crate::dispatch::verdict(&mut request, &target);
             let mut headers = Vec::new();
             let body = speaker.body(request, &mut headers);
             let body: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();

@@ -24,6 +24,7 @@ use serde_json::{Map, Value};
 
 use crate::backend::{Message, Native};
 use crate::error::ApiError;
+pub use crate::pivot::Dropped;
 use crate::relay::{Completion, Out};
 
 /// A request as its dialect parsed it: the one shape the pipeline takes.
@@ -47,50 +48,6 @@ pub struct ClientRequest {
     /// What translating `native` into `body` left out (`web_search`, `thinking`…): named to
     /// the client (`x-sluice-dropped`) when the upstream does not speak the client's API.
     pub dropped: Dropped,
-}
-
-/// The names of what a translation left out, each once, in the order met. Names can be a
-/// client's (unknown fields), so they are held to [`Dropped::MOST`] names of printable
-/// ASCII of at most [`Dropped::LONGEST`] bytes each, the rest counted: the header and the
-/// log line stay small whatever a request holds.
-#[derive(Debug, Default)]
-pub struct Dropped {
-    names: Vec<String>,
-    more: usize,
-}
-
-impl Dropped {
-    pub const MOST: usize = 32;
-    pub const LONGEST: usize = 64;
-
-    pub fn add(&mut self, name: &str) {
-        let name: String = name
-            .chars()
-            .take(Self::LONGEST)
-            .map(|c| {
-                if c.is_ascii_graphic() && c != ',' {
-                    c
-                } else {
-                    '?'
-                }
-            })
-            .collect();
-        if self.names.contains(&name) {
-            return;
-        }
-        if self.names.len() < Self::MOST {
-            self.names.push(name);
-        } else {
-            self.more += 1;
-        }
-    }
-
-    pub fn into_names(mut self) -> Vec<String> {
-        if self.more > 0 {
-            self.names.push(format!("+{} more", self.more));
-        }
-        self.names
-    }
 }
 
 /// The upstream role of the dialect an upstream's route names (`api = "chat"`,

@@ -2,6 +2,7 @@
 //! has gone out, then the limits on the chosen one (first token, between chunks, the whole
 //! reply), and the end of every stream when sluice shuts down.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -37,6 +38,48 @@ pub struct Timeouts {
 /// [`BackendError::Timeout`]; time spent waiting on a slow client does not count) and ends
 /// the stream when sluice shuts down.
 ///
+/// What of a client's request the target that served it was not sent
+/// (`x-sluice-dropped`): known once the target's first event is relayed.
+#[derive(Clone, Default)]
+pub struct Unsent(Arc<std::sync::Mutex<Vec<String>>>);
+
+impl Unsent {
+    pub fn names(&self) -> Vec<String> {
+        self.0.lock().map(|n| n.clone()).unwrap_or_default()
+    }
+
+    fn set(&self, names: Vec<String>) {
+        if let Ok(mut held) = self.0.lock() {
+            *held = names;
+        }
+    }
+}
+
+/// Decides for `attempt` whether `backend` takes the client's request as sent (its events
+/// relayed as they come) or translated, and returns what the translation leaves out: the
+/// client role's names and the fields the backend's API cannot carry.
+pub fn verdict(attempt: &mut ModelRequest, backend: &dyn crate::backend::Backend) -> Vec<String> {
+    attempt.relayed = attempt
+        .native
+        .as_ref()
+        .is_some_and(|native| native.spoken_by(backend.speaks()));
+    if attempt.relayed {
+        return Vec::new();
+    }
+    let mut dropped = attempt.dropped.clone();
+    let carried = backend.carried();
+    if !carried.is_empty() {
+        for field in attempt
+            .body
+            .keys()
+            .filter(|f| !carried.contains(&f.as_str()))
+        {
+            dropped.add(field);
+        }
+    }
+    dropped.into_names()
+}
+
 /// A stream it returns ends either with [`Delta::Finish`] (and perhaps usage) or with an
 /// error: one that just stops did not complete, whatever the backend thought.
 pub fn upstream(
@@ -45,6 +88,7 @@ pub fn upstream(
     (mut plan, mut lease): (Plan, Lease),
     label: &str,
     request: ModelRequest,
+    unsent: Unsent,
 ) -> DeltaStream {
     let label = label.to_owned();
     let limits = dispatcher.timeouts;
@@ -67,6 +111,8 @@ pub fn upstream(
                 attempt.model.clone_from(model);
             }
             let target_label = target.model.as_deref().unwrap_or(&label);
+            // Relayed as sent, or translated: decided here, once, for this target.
+            let left_out = verdict(&mut attempt, target.backend.as_ref());
             exchange.set_target(target.state.name.clone(), &attempt.model);
             // The attempt's meter and, with OpenTelemetry, its span, named upstream.
             let mut call = metrics.upstream_call(
@@ -148,6 +194,15 @@ pub fn upstream(
                 };
                 let first = !relayed && !matches!(delta, Delta::Queued(_));
                 if first {
+                    // What the target that serves was not sent: named to the client.
+                    if !left_out.is_empty() {
+                        tracing::debug!(
+                            dropped = %left_out.join(","),
+                            "the upstream does not speak the client's API: these request fields were left out"
+                        );
+                        metrics.dropped(&left_out);
+                    }
+                    unsent.set(left_out.clone());
                     lease.succeeded(started.elapsed());
                     call.first_chunk();
                     for suspect in suspects.drain(..) {

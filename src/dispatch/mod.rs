@@ -8,7 +8,7 @@ mod routes;
 pub mod shared;
 pub mod target;
 
-pub use failover::{Dispatcher, Timeouts, upstream};
+pub use failover::{Dispatcher, Timeouts, Unsent, upstream, verdict};
 pub use pool::{Balance, Pool, PoolSettings, Target};
 pub use routes::{Plan, Route, Routes, Unavailable};
 pub use target::TargetState;

@@ -131,7 +131,7 @@ async fn messages(
         Ok(crate::http::with_cost(Json(message).into_response(), cost))
     }
     .await;
-    let response = response.map(|r| with_dropped(r, &started.dropped));
+    let response = response.map(|r| with_dropped(r, &started.dropped.names()));
     Ok(with_rate_headers(response, &rate))
 }
 

@@ -81,6 +81,6 @@ async fn chat_completions(
             Err(e) => Err(ApiError::from(e)),
         }
     };
-    let response = response.map(|r| with_dropped(r, &dropped));
+    let response = response.map(|r| with_dropped(r, &dropped.names()));
     Ok(with_rate_headers(response, &rate))
 }

@@ -259,7 +259,7 @@ async fn create(
         })
     }
     .await;
-    let response = response.map(|r| with_dropped(r, &dropped));
+    let response = response.map(|r| with_dropped(r, &dropped.names()));
     Ok(with_rate_headers(response, &rate))
 }
 

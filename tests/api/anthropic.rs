@@ -583,3 +583,52 @@ async fn claude_code_s_requests_are_accepted_and_what_a_chat_upstream_cannot_tak
     let head = app.http.head(app.url("/")).send().await.expect("answers");
     assert!(head.status().is_success());
 }
+
+/// `x-sluice-dropped` names what the target that served could not carry, not what the
+/// route's first target could: an Anthropic client's `thinking` is named when a chat
+/// fallback serves it, and not when an Anthropic fallback relays it as sent.
+#[tokio::test]
+async fn what_was_left_out_is_named_for_the_target_that_served() {
+    let upstream = FakeUpstream::spawn().await;
+    let base = upstream.base_url();
+    let dead = format!("http://127.0.0.1:{}/v1", crate::support::free_port());
+    let config = crate::support::config_file(&format!(
+        r#"
+[models.to-chat]
+base_url = "{dead}"
+model = "claude-up"
+api = "anthropic"
+fallbacks = [{{ base_url = "{base}", model = "gpt-test" }}]
+
+[models.to-anthropic]
+base_url = "{dead}"
+model = "gpt-test"
+fallbacks = [{{ base_url = "{base}", model = "claude-up", api = "anthropic" }}]
+"#
+    ));
+    let app = TestApp::in_front_of_with(&upstream, |c| c.config = Some(config)).await;
+    for (model, named) in [("to-chat", Some("thinking")), ("to-anthropic", None)] {
+        let request = json!({"model": model, "max_tokens": 50, "stream": true,
+            "thinking": {"type": "enabled", "budget_tokens": 1024},
+            "messages": [{"role": "user", "content": "Hi"}]});
+        let answer = app
+            .http
+            .post(app.url("/v1/messages"))
+            .header("anthropic-version", "2023-06-01")
+            .json(&request)
+            .send()
+            .await
+            .expect("answers");
+        assert_eq!(answer.status(), 200, "{model}");
+        let header = answer
+            .headers()
+            .get("x-sluice-dropped")
+            .map(|v| v.to_str().expect("ascii").to_owned());
+        assert_eq!(header.as_deref(), named, "{model}");
+        all_events(answer).await;
+    }
+    // The chat fallback was sent a chat request, the Anthropic one the request as sent.
+    let sent = upstream.requests();
+    assert!(sent[0].body.get("messages").is_some() && sent[0].body.get("thinking").is_none());
+    assert_eq!(sent[1].body["thinking"]["type"], "enabled");
+}
