@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 
 use crate::admission::Principal;
 use crate::dialect::Wire;
+use crate::dialect::completions::wire::Said;
 use crate::dialect::responses::request::{Body, Request, invalid, output_messages};
 use crate::dialect::responses::{self, Meta, snapshot};
 use crate::error::ApiError;
@@ -35,7 +36,7 @@ pub fn router() -> Router<AppState> {
 }
 
 /// The conversation a stored response ends: its input and its output, as chat messages.
-async fn previous(state: &AppState, who: &Principal, id: &str) -> Result<Vec<Value>, ApiError> {
+async fn previous(state: &AppState, who: &Principal, id: &str) -> Result<Vec<Said>, ApiError> {
     let stored = state
         .streams
         .stored(id, &who.name, Wire::Responses)
@@ -65,9 +66,9 @@ async fn previous(state: &AppState, who: &Principal, id: &str) -> Result<Vec<Val
 #[derive(serde::Deserialize)]
 #[serde(untagged)]
 enum Kept {
-    Conversation(Vec<Value>),
+    Conversation(Vec<Said>),
     Background {
-        conversation: Vec<Value>,
+        conversation: Vec<Said>,
         created: Value,
     },
     Nothing,
@@ -80,7 +81,7 @@ impl Kept {
             .unwrap_or(Kept::Nothing)
     }
 
-    fn conversation(self) -> Vec<Value> {
+    fn conversation(self) -> Vec<Said> {
         match self {
             Kept::Conversation(conversation) | Kept::Background { conversation, .. } => {
                 conversation

@@ -8,6 +8,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use crate::backend::{Message, Native};
+use crate::dialect::completions::wire::{Said, SaidCall};
 use crate::dialect::{ClientRequest, Dropped};
 use crate::error::ApiError;
 use crate::http::typed;
@@ -114,28 +115,6 @@ struct Marks {
     text: Option<Value>,
     #[serde(rename = "type")]
     kind: Option<Value>,
-}
-
-/// A chat message as written for an OpenAI-compatible upstream.
-#[derive(serde::Serialize, Debug)]
-struct Said {
-    role: &'static str,
-    content: Value,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    tool_calls: Vec<Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tool_call_id: Option<Value>,
-}
-
-impl Said {
-    fn new(role: &'static str, content: Value) -> Self {
-        Said {
-            role,
-            content,
-            tool_calls: Vec::new(),
-            tool_call_id: None,
-        }
-    }
 }
 
 fn invalid(message: impl Into<String>, param: &str) -> ApiError {
@@ -293,9 +272,9 @@ fn translate(
                     only_text = false;
                     parts.push(json!({"type": "image_url", "image_url": {"url": url}}));
                 }
-                Block::ToolUse { id, name, input } if role == "assistant" => calls.push(json!({
-                    "id": id, "type": "function",
-                    "function": {"name": name, "arguments": input.to_string()}})),
+                Block::ToolUse { id, name, input } if role == "assistant" => {
+                    calls.push(SaidCall::new(id, name, json!(input.to_string())));
+                }
                 Block::ToolResult {
                     tool_use_id,
                     content,
@@ -305,9 +284,7 @@ fn translate(
                     if is_error == json!(true) {
                         dropped.add("tool_result.is_error");
                     }
-                    let mut said = Said::new("tool", json!(result_text(&content, dropped)));
-                    said.tool_call_id = Some(tool_use_id);
-                    out.push(said);
+                    out.push(Said::tool(tool_use_id, result_text(&content, dropped)));
                 }
                 // Signed reasoning, documents, server tools' calls and results, and any
                 // block to come: nothing a chat upstream takes. Named, never silently lost.
@@ -347,15 +324,8 @@ fn canonical(messages: &[Said]) -> Vec<Message> {
     messages
         .iter()
         .map(|m| Message {
-            role: m.role.to_owned(),
-            content: match &m.content {
-                Value::String(s) => s.clone(),
-                Value::Array(parts) => parts
-                    .iter()
-                    .filter_map(|p| marks(p).text.and_then(|t| t.as_str().map(str::to_owned)))
-                    .collect(),
-                _ => String::new(),
-            },
+            role: m.role.clone(),
+            content: m.text(),
         })
         .collect()
 }
@@ -559,7 +529,7 @@ mod tests {
     use super::*;
 
     fn roles(messages: &[Said]) -> Vec<&str> {
-        messages.iter().map(|m| m.role).collect()
+        messages.iter().map(|m| m.role.as_str()).collect()
     }
 
     #[test]

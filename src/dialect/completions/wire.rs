@@ -190,3 +190,81 @@ pub enum Stop {
     Many(Vec<Value>),
     Other(Value),
 }
+
+/// A chat message as sluice writes it from another API's request (and keeps it, for a
+/// stored conversation to continue): its role, its content (a string, parts, or null
+/// beside tool calls), the tool calls of an assistant's, the call a tool message answers.
+#[derive(serde::Serialize, Deserialize, Debug, Clone)]
+pub struct Said {
+    #[serde(default)]
+    pub role: String,
+    #[serde(default)]
+    pub content: Value,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<SaidCall>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<Value>,
+}
+
+impl Said {
+    pub fn new(role: &str, content: Value) -> Self {
+        Said {
+            role: role.to_owned(),
+            content,
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+        }
+    }
+
+    /// A tool's answer to call `id`.
+    pub fn tool(id: Value, content: String) -> Self {
+        Said {
+            tool_call_id: Some(id),
+            ..Said::new("tool", Value::String(content))
+        }
+    }
+
+    /// Its text: the string, or its text parts joined.
+    pub fn text(&self) -> String {
+        match &self.content {
+            Value::String(s) => s.clone(),
+            Value::Array(_) => Content::deserialize(&self.content)
+                .map(|c| c.text())
+                .unwrap_or_default(),
+            _ => String::new(),
+        }
+    }
+}
+
+/// A tool call as a chat assistant message holds it.
+#[derive(serde::Serialize, Deserialize, Debug, Clone)]
+pub struct SaidCall {
+    #[serde(default)]
+    pub id: Value,
+    #[serde(rename = "type", default = "function_kind")]
+    pub kind: String,
+    #[serde(default)]
+    pub function: SaidFunction,
+}
+
+#[derive(serde::Serialize, Deserialize, Debug, Clone, Default)]
+pub struct SaidFunction {
+    #[serde(default)]
+    pub name: Value,
+    #[serde(default)]
+    pub arguments: Value,
+}
+
+fn function_kind() -> String {
+    "function".to_owned()
+}
+
+impl SaidCall {
+    pub fn new(id: Value, name: Value, arguments: Value) -> Self {
+        SaidCall {
+            id,
+            kind: function_kind(),
+            function: SaidFunction { name, arguments },
+        }
+    }
+}

@@ -9,6 +9,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use crate::backend::Message;
+use crate::dialect::completions::wire::{Said, SaidCall};
 use crate::dialect::{ClientRequest, Dropped};
 use crate::error::{ApiError, shown};
 use crate::http::BODY_LIMIT;
@@ -91,6 +92,38 @@ pub fn invalid(message: impl Into<String>, param: &str) -> ApiError {
     ApiError::invalid(message, Some(param))
 }
 
+/// An input item, as far as a chat upstream can take it (read leniently: what is missing or
+/// of another shape is refused below by the path of the field, or left out and named).
+#[derive(Deserialize, Default)]
+struct Item {
+    #[serde(rename = "type")]
+    kind: Option<Value>,
+    role: Option<Value>,
+    #[serde(default)]
+    content: Value,
+    call_id: Option<Value>,
+    name: Option<Value>,
+    namespace: Option<Value>,
+    arguments: Option<Value>,
+    #[serde(default)]
+    output: Value,
+    encrypted_content: Option<Value>,
+}
+
+/// A content part of a message item.
+#[derive(Deserialize, Default)]
+struct Part {
+    #[serde(rename = "type")]
+    kind: Option<Value>,
+    text: Option<Value>,
+    image_url: Option<Value>,
+    detail: Option<Value>,
+}
+
+fn str_of(value: &Option<Value>) -> Option<&str> {
+    value.as_ref().and_then(Value::as_str)
+}
+
 /// The text of a message's content parts, and the chat content they become.
 fn content(content: &Value, at: &str, dropped: &mut Dropped) -> Result<Value, ApiError> {
     let parts = match content {
@@ -99,25 +132,26 @@ fn content(content: &Value, at: &str, dropped: &mut Dropped) -> Result<Value, Ap
         _ => return Err(invalid("content must be a string or a list of parts", at)),
     };
     let mut out = Vec::with_capacity(parts.len());
+    let mut text = String::new();
     let mut only_text = true;
     for (i, part) in parts.iter().enumerate() {
         let at = format!("{at}[{i}]");
-        match part["type"].as_str() {
+        let part = Part::deserialize(part).unwrap_or_default();
+        match str_of(&part.kind) {
             Some("input_text" | "output_text" | "text") => {
-                let text = part["text"]
-                    .as_str()
-                    .ok_or_else(|| invalid("a text part needs `text`", &at))?;
-                out.push(json!({"type": "text", "text": text}));
+                let t =
+                    str_of(&part.text).ok_or_else(|| invalid("a text part needs `text`", &at))?;
+                text.push_str(t);
+                out.push(json!({"type": "text", "text": t}));
             }
             Some("input_image") => {
                 only_text = false;
-                let url = part["image_url"]
-                    .as_str()
+                let url = str_of(&part.image_url)
                     .ok_or_else(|| invalid("sluice passes images on by `image_url` only", &at))?;
-                let mut image = json!({"url": url});
-                if let Some(detail) = part.get("detail") {
-                    image["detail"] = detail.clone();
-                }
+                let image = match &part.detail {
+                    Some(detail) => json!({"url": url, "detail": detail}),
+                    None => json!({"url": url}),
+                };
                 out.push(json!({"type": "image_url", "image_url": image}));
             }
             Some("refusal") => {}
@@ -132,11 +166,6 @@ fn content(content: &Value, at: &str, dropped: &mut Dropped) -> Result<Value, Ap
         }
     }
     if only_text {
-        let text: String = out
-            .iter()
-            .filter_map(|p| p["text"].as_str())
-            .collect::<Vec<_>>()
-            .join("");
         return Ok(Value::String(text));
     }
     Ok(Value::Array(out))
@@ -146,24 +175,19 @@ const ROLES: [&str; 4] = ["user", "system", "developer", "assistant"];
 
 /// `input` as chat messages: messages, `function_call` items (merged into the assistant
 /// message before them, as parallel calls are) and `function_call_output` items.
-fn translate(input: Input, dropped: &mut Dropped) -> Result<Vec<Value>, ApiError> {
+fn translate(input: Input, dropped: &mut Dropped) -> Result<Vec<Said>, ApiError> {
     let items = match input {
-        Input::Text(text) => return Ok(vec![json!({"role": "user", "content": text})]),
+        Input::Text(text) => return Ok(vec![Said::new("user", json!(text))]),
         Input::Items(items) => items,
     };
-    let mut messages: Vec<Value> = Vec::with_capacity(items.len());
+    let mut messages: Vec<Said> = Vec::with_capacity(items.len());
     for (i, item) in items.into_iter().enumerate() {
         let at = format!("input[{i}]");
-        let kind = item["type"]
-            .as_str()
-            .unwrap_or(if item.get("role").is_some() {
-                "message"
-            } else {
-                ""
-            });
+        let item = Item::deserialize(&item).unwrap_or_default();
+        let kind = str_of(&item.kind).unwrap_or(if item.role.is_some() { "message" } else { "" });
         match kind {
             "message" => {
-                let role = item["role"].as_str().unwrap_or_default();
+                let role = str_of(&item.role).unwrap_or_default();
                 if !ROLES.contains(&role) {
                     return Err(invalid(
                         format!(
@@ -173,36 +197,37 @@ fn translate(input: Input, dropped: &mut Dropped) -> Result<Vec<Value>, ApiError
                         &format!("{at}.role"),
                     ));
                 }
-                let content = content(&item["content"], &format!("{at}.content"), dropped)?;
-                messages.push(json!({"role": role, "content": content}));
+                let content = content(&item.content, &format!("{at}.content"), dropped)?;
+                messages.push(Said::new(role, content));
             }
             "function_call" => {
-                let (Some(call_id), Some(name)) = (item["call_id"].as_str(), item["name"].as_str())
+                let (Some(call_id), Some(name)) = (str_of(&item.call_id), str_of(&item.name))
                 else {
                     return Err(invalid("a function_call needs `call_id` and `name`", &at));
                 };
-                let name = match item["namespace"].as_str() {
+                let name = match str_of(&item.namespace) {
                     Some(namespace) => flat_name(namespace, name),
                     None => name.to_owned(),
                 };
-                let call = json!({"id": call_id, "type": "function", "function": {"name": name,
-                    "arguments": item["arguments"].as_str().unwrap_or("{}")}});
-                push_call(&mut messages, call);
+                let arguments = str_of(&item.arguments).unwrap_or("{}");
+                push_call(
+                    &mut messages,
+                    SaidCall::new(json!(call_id), json!(name), json!(arguments)),
+                );
             }
             "function_call_output" => {
-                let call_id = item["call_id"]
-                    .as_str()
+                let call_id = str_of(&item.call_id)
                     .ok_or_else(|| invalid("a function_call_output needs `call_id`", &at))?;
-                let output = match &item["output"] {
+                let output = match &item.output {
                     Value::String(s) => s.clone(),
                     other => other.to_string(),
                 };
-                messages.push(json!({"role": "tool", "tool_call_id": call_id, "content": output}));
+                messages.push(Said::tool(json!(call_id), output));
             }
             // Reasoning the model did before: a chat upstream takes none back. Encrypted
             // reasoning is named as left out, never lost silently.
             "reasoning" => {
-                if item.get("encrypted_content").is_some_and(|c| !c.is_null()) {
+                if item.encrypted_content.is_some() {
                     dropped.add("reasoning.encrypted_content");
                 }
             }
@@ -221,79 +246,85 @@ fn translate(input: Input, dropped: &mut Dropped) -> Result<Vec<Value>, ApiError
 
 /// A tool call joins the assistant message before it (parallel calls are one message), or
 /// opens one.
-fn push_call(messages: &mut Vec<Value>, call: Value) {
+fn push_call(messages: &mut Vec<Said>, call: SaidCall) {
     match messages.last_mut() {
-        Some(last) if last["role"] == "assistant" => {
-            match last.get_mut("tool_calls").and_then(Value::as_array_mut) {
-                Some(calls) => calls.push(call),
-                None => last["tool_calls"] = json!([call]),
-            }
+        Some(last) if last.role == "assistant" => last.tool_calls.push(call),
+        _ => {
+            let mut said = Said::new("assistant", Value::Null);
+            said.tool_calls.push(call);
+            messages.push(said);
         }
-        _ => messages.push(json!({"role": "assistant", "content": null, "tool_calls": [call]})),
     }
 }
 
 /// Chat messages as Responses input items (for an upstream that speaks that API).
-fn items(messages: &[Value]) -> Vec<Value> {
+fn items(messages: &[Said]) -> Vec<Value> {
     let mut items = Vec::with_capacity(messages.len());
     for m in messages {
-        match m["role"].as_str() {
-            Some("tool") => items.push(json!({"type": "function_call_output",
-                "call_id": m["tool_call_id"], "output": m["content"]})),
-            Some(role) => {
-                if !m["content"].is_null() {
-                    items.push(json!({"role": role, "content": m["content"]}));
-                }
-                for call in m["tool_calls"].as_array().into_iter().flatten() {
-                    items.push(json!({"type": "function_call", "call_id": call["id"],
-                        "name": call["function"]["name"], "arguments": call["function"]["arguments"]}));
-                }
-            }
-            None => {}
+        if m.role == "tool" {
+            items.push(json!({"type": "function_call_output",
+                "call_id": m.tool_call_id, "output": m.content}));
+            continue;
+        }
+        if !m.content.is_null() {
+            items.push(json!({"role": m.role, "content": m.content}));
+        }
+        for call in &m.tool_calls {
+            items.push(json!({"type": "function_call", "call_id": call.id,
+                "name": call.function.name, "arguments": call.function.arguments}));
         }
     }
     items
 }
 
 /// What the models sluice runs itself read of chat messages: each one's text.
-fn canonical(messages: &[Value]) -> Vec<Message> {
+fn canonical(messages: &[Said]) -> Vec<Message> {
     messages
         .iter()
-        .map(|m| {
-            let content = match &m["content"] {
-                Value::String(s) => s.clone(),
-                Value::Array(parts) => parts.iter().filter_map(|p| p["text"].as_str()).collect(),
-                _ => String::new(),
-            };
-            Message {
-                role: m["role"].as_str().unwrap_or("user").to_owned(),
-                content,
-            }
+        .map(|m| Message {
+            role: m.role.clone(),
+            content: m.text(),
         })
         .collect()
 }
 
+/// An output item of a stored response, as far as its continuation reads it.
+#[derive(Deserialize, Default)]
+struct Output {
+    #[serde(rename = "type")]
+    kind: Option<Value>,
+    #[serde(default)]
+    content: Vec<Part>,
+    call_id: Option<Value>,
+    name: Option<Value>,
+    namespace: Option<Value>,
+    arguments: Option<Value>,
+}
+
 /// A response's output items as the chat messages that continue from it.
-pub fn output_messages(output: &[Value]) -> Vec<Value> {
-    let mut messages: Vec<Value> = Vec::new();
+pub fn output_messages(output: &[Value]) -> Vec<Said> {
+    let mut messages: Vec<Said> = Vec::new();
     for item in output {
-        match item["type"].as_str() {
+        let item = Output::deserialize(item).unwrap_or_default();
+        match str_of(&item.kind) {
             Some("message") => {
-                let text: String = item["content"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|p| p["text"].as_str())
+                let text: String = item
+                    .content
+                    .iter()
+                    .filter_map(|p| str_of(&p.text))
                     .collect();
-                messages.push(json!({"role": "assistant", "content": text}));
+                messages.push(Said::new("assistant", json!(text)));
             }
             Some("function_call") => {
-                let name = match (item["namespace"].as_str(), item["name"].as_str()) {
+                let name = match (str_of(&item.namespace), str_of(&item.name)) {
                     (Some(namespace), Some(name)) => json!(flat_name(namespace, name)),
-                    _ => item["name"].clone(),
+                    _ => item.name.clone().unwrap_or_default(),
                 };
-                let call = json!({"id": item["call_id"], "type": "function", "function": {
-                    "name": name, "arguments": item["arguments"]}});
+                let call = SaidCall::new(
+                    item.call_id.unwrap_or_default(),
+                    name,
+                    item.arguments.unwrap_or_default(),
+                );
                 push_call(&mut messages, call);
             }
             _ => {}
@@ -527,7 +558,7 @@ pub struct Request {
 pub fn request(
     fields: Body,
     mut body: Map<String, Value>,
-    mut conversation: Vec<Value>,
+    mut conversation: Vec<Said>,
     size: usize,
     store: bool,
 ) -> Result<Request, ApiError> {
@@ -563,7 +594,7 @@ pub fn request(
     }
     let mut messages = Vec::with_capacity(conversation.len() + 1);
     if let Some(instructions) = &fields.instructions {
-        messages.push(json!({"role": "system", "content": instructions}));
+        messages.push(Said::new("system", json!(instructions)));
     }
     messages.extend(conversation.iter().cloned());
 
@@ -579,7 +610,10 @@ pub fn request(
     }
     let mut upstream = body;
     let canonical_messages = canonical(&messages);
-    upstream.insert("messages".into(), Value::Array(messages));
+    upstream.insert(
+        "messages".into(),
+        serde_json::to_value(&messages).map_err(|_| ApiError::Internal)?,
+    );
     let mut namespaces = Vec::new();
     let mut chat_tools = tools(&fields.tools, &mut namespaces, &mut dropped)?;
     if let Some(choice) = &fields.tool_choice {
