@@ -316,19 +316,9 @@ impl Llama {
                 let n = g.tokens.len();
                 g.kv.keys[l].extend_from_slice(&k[row * kvw..(row + n) * kvw]);
                 g.kv.values[l].extend_from_slice(&v[row * kvw..(row + n) * kvw]);
-                let q = &q[row * qw..(row + n) * qw];
-                let out = &mut out[row * d.width..(row + n) * d.width];
-                sluice_kernels::attend(
-                    self.heads(),
-                    q,
-                    &g.kv.keys[l],
-                    &g.kv.values[l],
-                    g.kv.len,
-                    out,
-                    d.width,
-                );
                 row += n;
             }
+            self.attend(l, groups, &q, &mut out);
             let attended = Tensor::from_vec(out, (rows, d.width), &device)?;
             x = (x + self.widen(layer.o.forward(&attended)?)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.eps)?;
@@ -345,6 +335,41 @@ impl Llama {
         let last = x.index_select(&Tensor::new(lasts.as_slice(), &device)?, 0)?;
         let last = candle_nn::ops::rms_norm(&last, &self.norm, self.eps)?;
         Ok(Some(self.head.forward(&last)?))
+    }
+
+    /// Attention of layer `l` for every group, its keys and values already appended, into
+    /// `out` (rows of the residual width). Several sequences attend on both cores (candle's
+    /// pool, whose threads would otherwise wait for this one), each on one: the same
+    /// arithmetic as alone, so a sequence's tokens do not depend on its company.
+    fn attend(&self, l: usize, groups: &[Rows<'_>], q: &[f32], out: &mut [f32]) {
+        let (width, qw) = (self.dims.width, self.dims.heads * self.dims.head_dim);
+        let mut tasks = Vec::with_capacity(groups.len());
+        let (mut q, mut out) = (q, out);
+        for g in groups {
+            let n = g.tokens.len();
+            let (mine, rest) = q.split_at(n * qw);
+            let (into, more) = std::mem::take(&mut out).split_at_mut(n * width);
+            (q, out) = (rest, more);
+            tasks.push(std::sync::Mutex::new((g, mine, into)));
+        }
+        let run = |task: &std::sync::Mutex<(&Rows<'_>, &[f32], &mut [f32])>| {
+            let mut task = task.lock().unwrap_or_else(|e| e.into_inner());
+            let (g, q, into) = &mut *task;
+            sluice_kernels::attend(
+                self.heads(),
+                q,
+                &g.kv.keys[l],
+                &g.kv.values[l],
+                g.kv.len,
+                into,
+                width,
+            );
+        };
+        match tasks.as_slice() {
+            [one] => run(one),
+            _ => candle_core::utils::barrier_pool()
+                .execute_chunked(tasks.len(), |range| tasks[range].iter().for_each(run)),
+        }
     }
 
     /// A matrix's output of the model's width, padded to the residual stream's: padding
