@@ -89,19 +89,19 @@ impl Out {
         self.event(name, |b| super::put(b, json));
     }
 
-    /// A relayed event as it came (named by its `type`), but for the upstream's id at
-    /// `id_at` (`/response/id`), written as sluice's `id`: in place, so that every other
-    /// byte stays the upstream's, or (an id not written as expected) the event written again.
-    pub fn relayed(&mut self, raw: &str, event: &mut Value, id_at: Option<&str>, id: &str) {
-        let kind = event["type"].as_str().unwrap_or_default().to_owned();
-        let name = (!kind.is_empty()).then_some(kind.as_str());
-        let Some(at) = id_at else {
+    /// A relayed event as it came (named `name`, its `type`), but for the upstream's id
+    /// at `swap` (a JSON pointer, `/response/id`, and the id found there), written as
+    /// sluice's `id`: in place, so that every other byte stays the upstream's, or (an id not
+    /// written as expected) the event written again.
+    pub fn relayed(&mut self, raw: &str, name: &str, swap: Option<(&str, Option<&str>)>, id: &str) {
+        let name = (!name.is_empty()).then_some(name);
+        let Some((at, upstream)) = swap else {
             return self.json(name, raw);
         };
-        let upstream = event.pointer(at).and_then(Value::as_str);
         match swap_string(raw, upstream, id) {
             Some(swapped) => self.json(name, &swapped),
             None => {
+                let mut event: Value = serde_json::from_str(raw).unwrap_or_default();
                 let (parent, key) = at.rsplit_once('/').unwrap_or(("", at));
                 if let Some(Value::Object(parent)) = event.pointer_mut(parent) {
                     parent.insert(key.to_owned(), Value::String(id.to_owned()));

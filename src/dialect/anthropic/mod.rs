@@ -13,6 +13,7 @@ use std::fmt::Write as _;
 
 use serde_json::{Map, Value, json};
 
+use super::completions::wire::lenient;
 use crate::backend::{Delta, Finish, Signature, ToolCall, Usage};
 use crate::error::ApiError;
 use crate::relay::{End, Out, Relayed, payload, put};
@@ -285,53 +286,85 @@ impl crate::relay::Encoder for Encoder {
     /// message's `id` (sluice's, so the stream can be resumed under it).
     fn relay(&mut self, raw: &str, out: &mut Out) -> Relayed {
         let mut seen = Relayed::default();
-        let Ok(mut event) = serde_json::from_str::<Value>(raw) else {
+        let Ok(event) = serde_json::from_str::<Head>(raw) else {
             out.json(None, raw);
             return seen;
         };
-        let kind = event["type"].as_str().unwrap_or_default().to_owned();
-        let clamp = |n: &Value| n.as_u64().map(|n| u32::try_from(n).unwrap_or(u32::MAX));
+        let clamp = |n: Option<u64>| n.map(|n| u32::try_from(n).unwrap_or(u32::MAX));
         // Where the event holds the upstream's id for the message, to write as sluice's.
-        let mut id_at = None;
-        match kind.as_str() {
+        let mut swap = None;
+        match &*event.kind {
             "message_start" => {
-                if event["message"].is_object() {
-                    id_at = Some("/message/id");
-                }
-                let usage = &event["message"]["usage"];
-                self.relayed_cache = upstream::cache_tokens(usage);
-                if let Some(input) = clamp(&usage["input_tokens"]) {
+                let message = event.message.unwrap_or_default();
+                swap = Some(("/message/id", message.id.as_deref()));
+                let usage = message.usage.unwrap_or_default();
+                self.relayed_cache = usage.cache();
+                if let Some(input) = clamp(usage.input_tokens) {
                     self.relayed_input = Some(input);
                     seen.usage = Some(Usage::new(self.whole_prompt(input), 0));
                     seen.details = self.relayed_details();
                 }
+                out.relayed(raw, &event.kind, swap, &self.meta.id);
+                return seen;
             }
-            "content_block_delta" if event["delta"]["type"] == "text_delta" => seen.text = true,
+            "content_block_delta" => {
+                seen.text = event.delta.and_then(|d| d.kind).as_deref() == Some("text_delta");
+            }
             "message_delta" => {
-                let input = clamp(&event["usage"]["input_tokens"])
+                let usage = event.usage.unwrap_or_default();
+                let input = clamp(usage.input_tokens)
                     .or(self.relayed_input)
                     .unwrap_or(0);
-                if let Some(cache) = upstream::cache_tokens(&event["usage"]) {
+                if let Some(cache) = usage.cache() {
                     self.relayed_cache = Some(cache);
                 }
-                if let Some(output) = clamp(&event["usage"]["output_tokens"]) {
+                if let Some(output) = clamp(usage.output_tokens) {
                     seen.usage = Some(Usage::new(self.whole_prompt(input), output));
                     seen.details = self.relayed_details();
                 }
             }
             "message_stop" => seen.ended = Some(Ok(())),
             "error" => {
-                let message = event["error"]["message"]
-                    .as_str()
-                    .unwrap_or("the upstream's message failed")
-                    .to_owned();
+                let message = event
+                    .error
+                    .and_then(|e| e.message)
+                    .unwrap_or_else(|| "the upstream's message failed".to_owned());
                 seen.ended = Some(Err(message));
             }
             _ => {}
         }
-        out.relayed(raw, &mut event, id_at, &self.meta.id);
+        out.relayed(raw, &event.kind, swap, &self.meta.id);
         seen
     }
+}
+
+/// What the relay reads of an event of an upstream that speaks the Messages API.
+#[derive(serde::Deserialize)]
+struct Head<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: std::borrow::Cow<'a, str>,
+    #[serde(default, deserialize_with = "lenient")]
+    message: Option<MessageHead>,
+    #[serde(default, borrow)]
+    delta: Option<DeltaHead<'a>>,
+    #[serde(default, deserialize_with = "lenient")]
+    usage: Option<upstream::Counts>,
+    #[serde(default, deserialize_with = "lenient")]
+    error: Option<upstream::Failure>,
+}
+
+#[derive(serde::Deserialize, Default)]
+struct MessageHead {
+    #[serde(default, deserialize_with = "lenient")]
+    id: Option<String>,
+    #[serde(default, deserialize_with = "lenient")]
+    usage: Option<upstream::Counts>,
+}
+
+#[derive(serde::Deserialize)]
+struct DeltaHead<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: Option<std::borrow::Cow<'a, str>>,
 }
 
 /// The `error` event that ends a stream, in Anthropic's shape.

@@ -337,16 +337,16 @@ struct Started {
 
 /// A usage object's counts.
 #[derive(serde::Deserialize, Default)]
-struct Counts {
-    input_tokens: Option<u64>,
-    output_tokens: Option<u64>,
+pub(crate) struct Counts {
+    pub(crate) input_tokens: Option<u64>,
+    pub(crate) output_tokens: Option<u64>,
     cache_read_input_tokens: Option<u64>,
     cache_creation_input_tokens: Option<u64>,
 }
 
 impl Counts {
     /// Prompt tokens read from and written to the cache, when it says.
-    fn cache(&self) -> Option<(u32, u32)> {
+    pub(crate) fn cache(&self) -> Option<(u32, u32)> {
         let (read, written) = (
             self.cache_read_input_tokens,
             self.cache_creation_input_tokens,
@@ -411,8 +411,8 @@ struct StopReason {
 }
 
 #[derive(serde::Deserialize, Default)]
-struct Failure {
-    message: Option<String>,
+pub(crate) struct Failure {
+    pub(crate) message: Option<String>,
 }
 
 impl Event {

@@ -7,7 +7,7 @@ use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value};
 
 /// A field that is null, or of a shape other than the one expected, is as if absent.
-fn lenient<'de, D: Deserializer<'de>, T: serde::de::DeserializeOwned>(
+pub(crate) fn lenient<'de, D: Deserializer<'de>, T: serde::de::DeserializeOwned>(
     d: D,
 ) -> Result<Option<T>, D::Error> {
     Ok(Value::deserialize(d)

@@ -12,6 +12,7 @@ use std::fmt::Write as _;
 
 use serde_json::{Map, Value, json};
 
+use super::completions::wire::lenient;
 use crate::backend::{Delta, Finish, Signature, Text, ToolCall, Usage};
 use crate::error::ApiError;
 use crate::relay::{End, Out, Relayed, payload, put};
@@ -446,14 +447,13 @@ impl crate::relay::Encoder for Encoder {
     /// back and continued here).
     fn relay(&mut self, raw: &str, out: &mut Out) -> Relayed {
         let mut seen = Relayed::default();
-        let Ok(mut event) = serde_json::from_str::<Value>(raw) else {
+        let Ok(event) = serde_json::from_str::<Head>(raw) else {
             out.json(None, raw);
             return seen;
         };
-        let kind = event["type"].as_str().unwrap_or_default().to_owned();
         // Where the event holds the upstream's id for the response, to write as sluice's.
-        let mut id_at = None;
-        match kind.as_str() {
+        let mut swap = None;
+        match &*event.kind {
             "response.output_text.delta" => seen.text = true,
             "response.created"
             | "response.queued"
@@ -461,24 +461,25 @@ impl crate::relay::Encoder for Encoder {
             | "response.completed"
             | "response.incomplete"
             | "response.failed" => {
-                if let Some(response) = event.get("response").filter(|r| r.is_object()) {
-                    id_at = Some("/response/id");
-                    let usage = &response["usage"];
-                    if let (Some(input), Some(output)) = (
-                        usage["input_tokens"].as_u64(),
-                        usage["output_tokens"].as_u64(),
-                    ) {
+                if let Some(response) = &event.response {
+                    swap = Some(("/response/id", response.id.as_deref()));
+                    if let Some(Counts {
+                        input_tokens: Some(input),
+                        output_tokens: Some(output),
+                    }) = response.usage
+                    {
                         let clamp = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
                         seen.usage = Some(Usage::new(clamp(input), clamp(output)));
                     }
-                    if kind == "response.failed" {
-                        let message = response["error"]["message"]
-                            .as_str()
-                            .unwrap_or("the upstream's response failed")
-                            .to_owned();
+                    if event.kind == "response.failed" {
+                        let message = response
+                            .error
+                            .as_ref()
+                            .and_then(|e| e.message.clone())
+                            .unwrap_or_else(|| "the upstream's response failed".to_owned());
                         seen.ended = Some(Err(message));
                     } else if !matches!(
-                        kind.as_str(),
+                        &*event.kind,
                         "response.created" | "response.queued" | "response.in_progress"
                     ) {
                         seen.ended = Some(Ok(()));
@@ -487,9 +488,39 @@ impl crate::relay::Encoder for Encoder {
             }
             _ => {}
         }
-        out.relayed(raw, &mut event, id_at, &self.meta.id);
+        out.relayed(raw, &event.kind, swap, &self.meta.id);
         seen
     }
+}
+
+/// What the relay reads of an event of an upstream that speaks the Responses API.
+#[derive(serde::Deserialize)]
+struct Head<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: std::borrow::Cow<'a, str>,
+    #[serde(default, deserialize_with = "lenient")]
+    response: Option<ResponseHead>,
+}
+
+#[derive(serde::Deserialize)]
+struct ResponseHead {
+    #[serde(default, deserialize_with = "lenient")]
+    id: Option<String>,
+    #[serde(default, deserialize_with = "lenient")]
+    usage: Option<Counts>,
+    #[serde(default, deserialize_with = "lenient")]
+    error: Option<Failure>,
+}
+
+#[derive(serde::Deserialize, Clone, Copy)]
+struct Counts {
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+}
+
+#[derive(serde::Deserialize)]
+struct Failure {
+    message: Option<String>,
 }
 
 /// A response's `error`: `{code, message}`.
