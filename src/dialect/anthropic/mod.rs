@@ -11,6 +11,7 @@ pub mod upstream;
 
 use std::fmt::Write as _;
 
+use serde::Deserialize as _;
 use serde_json::{Map, Value, json};
 
 use super::completions::wire::lenient;
@@ -375,91 +376,119 @@ pub fn error(error: &ApiError, out: &mut Out) {
 /// The message a stream's events add up to (for `stream: false`), or the error body it
 /// ended with.
 pub fn assemble<'a>(events: impl IntoIterator<Item = &'a [u8]>) -> Result<Value, Value> {
-    let mut message = Value::Null;
-    let mut inputs: Vec<String> = Vec::new();
+    let mut message: Option<Map<String, Value>> = None;
+    // Each block as it started, and what its deltas added: text, thinking, tool input.
+    let mut blocks: Vec<(Value, String, String, String)> = Vec::new();
     for event in events {
-        let Some(mut event) = payload(event) else {
+        let Some(payload) = payload(event) else {
             continue;
         };
-        match event["type"].as_str().unwrap_or_default() {
-            "message_start" => message = event["message"].take(),
-            _ if !message.is_object() => {}
-            "content_block_start" => {
-                if let Some(content) = message["content"].as_array_mut() {
-                    content.push(event["content_block"].take());
-                    inputs.push(String::new());
-                }
+        let Ok(event) = Logged::deserialize(&payload) else {
+            continue;
+        };
+        match (event.kind.as_str(), message.as_mut()) {
+            ("message_start", _) => {
+                message = match event.message {
+                    Value::Object(m) => Some(m),
+                    _ => None,
+                };
+                blocks.clear();
             }
-            "content_block_delta" => {
-                let index = event["index"].as_u64().unwrap_or(0) as usize;
-                let delta = &event["delta"];
+            ("content_block_start", Some(_)) => {
+                blocks.push((
+                    event.content_block,
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                ));
+            }
+            ("content_block_delta", Some(_)) => {
                 // An index no block has (an upstream's mistake) is skipped, not a panic.
-                let Some(block) = message
-                    .get_mut("content")
-                    .and_then(Value::as_array_mut)
-                    .and_then(|content| content.get_mut(index))
-                    .filter(|block| block.is_object())
-                else {
+                let Some((_, text, thinking, input)) = blocks.get_mut(event.index) else {
                     continue;
                 };
-                match delta["type"].as_str() {
-                    Some("text_delta") => {
-                        let text = format!(
-                            "{}{}",
-                            block["text"].as_str().unwrap_or_default(),
-                            delta["text"].as_str().unwrap_or_default()
-                        );
-                        block["text"] = Value::String(text);
-                    }
-                    Some("thinking_delta") => {
-                        let text = format!(
-                            "{}{}",
-                            block["thinking"].as_str().unwrap_or_default(),
-                            delta["thinking"].as_str().unwrap_or_default()
-                        );
-                        block["thinking"] = Value::String(text);
-                    }
-                    Some("input_json_delta") => {
-                        if let Some(input) = inputs.get_mut(index) {
-                            input.push_str(delta["partial_json"].as_str().unwrap_or_default());
-                        }
-                    }
+                let delta = event.delta.unwrap_or_default();
+                match delta.kind.as_deref() {
+                    Some("text_delta") => text.push_str(&delta.text),
+                    Some("thinking_delta") => thinking.push_str(&delta.thinking),
+                    Some("input_json_delta") => input.push_str(&delta.partial_json),
                     _ => {}
                 }
             }
-            "message_delta" => {
-                let Some(message) = message.as_object_mut() else {
-                    continue;
-                };
-                message.insert("stop_reason".into(), event["delta"]["stop_reason"].take());
-                message.insert(
-                    "stop_sequence".into(),
-                    event["delta"]["stop_sequence"].take(),
-                );
-                if let (Some(Value::Object(have)), Some(usage)) =
-                    (message.get_mut("usage"), event["usage"].as_object())
-                {
-                    for (key, value) in usage {
-                        have.insert(key.clone(), value.clone());
-                    }
+            ("message_delta", Some(message)) => {
+                let delta = event.delta.unwrap_or_default();
+                message.insert("stop_reason".into(), delta.stop_reason);
+                message.insert("stop_sequence".into(), delta.stop_sequence);
+                if let Some(Value::Object(have)) = message.get_mut("usage") {
+                    have.extend(event.usage.unwrap_or_default());
                 }
             }
-            "error" => return Err(event),
+            ("error", _) => return Err(payload),
             _ => {}
         }
     }
-    if let Some(content) = message.get_mut("content").and_then(Value::as_array_mut) {
-        for (block, input) in content.iter_mut().zip(inputs) {
-            if let Some(block) = block.as_object_mut()
-                && block.get("type").is_some_and(|t| t == "tool_use")
-                && !input.is_empty()
-            {
-                let input = serde_json::from_str(&input).unwrap_or(Value::Object(Map::new()));
-                block.insert("input".into(), input);
+    let Some(mut message) = message else {
+        return Ok(Value::Null);
+    };
+    let content: Vec<Value> = blocks
+        .into_iter()
+        .map(|(mut block, text, thinking, input)| {
+            if let Value::Object(block) = &mut block {
+                let kind = block
+                    .get_mut("type")
+                    .and_then(|t| t.as_str().map(str::to_owned));
+                for (key, more) in [("text", text), ("thinking", thinking)] {
+                    if let Some(Value::String(have)) = block.get_mut(key) {
+                        have.push_str(&more);
+                    } else if !more.is_empty() {
+                        block.insert(key.into(), Value::String(more));
+                    }
+                }
+                if kind.as_deref() == Some("tool_use") && !input.is_empty() {
+                    let input = serde_json::from_str(&input).unwrap_or(Value::Object(Map::new()));
+                    block.insert("input".into(), input);
+                }
             }
-        }
+            block
+        })
+        .collect();
+    if let Some(Value::Array(have)) = message.get_mut("content") {
+        have.extend(content);
     }
-    Ok(message)
+    Ok(Value::Object(message))
+}
+
+/// What the fold reads of a logged event.
+#[derive(serde::Deserialize)]
+struct Logged {
+    #[serde(rename = "type", default)]
+    kind: String,
+    #[serde(default)]
+    message: Value,
+    #[serde(default)]
+    content_block: Value,
+    #[serde(default)]
+    index: usize,
+    #[serde(default, deserialize_with = "lenient")]
+    delta: Option<LoggedDelta>,
+    #[serde(default, deserialize_with = "lenient")]
+    usage: Option<Map<String, Value>>,
+}
+
+#[derive(serde::Deserialize, Default)]
+struct LoggedDelta {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    #[serde(default)]
+    text: String,
+    #[serde(default)]
+    thinking: String,
+    #[serde(default)]
+    partial_json: String,
+    #[serde(default)]
+    stop_reason: Value,
+    #[serde(default)]
+    stop_sequence: Value,
 }
 
 #[cfg(test)]

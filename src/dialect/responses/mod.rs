@@ -10,6 +10,7 @@ pub mod upstream;
 
 use std::fmt::Write as _;
 
+use serde::Deserialize as _;
 use serde_json::{Map, Value, json};
 
 use super::completions::wire::lenient;
@@ -213,7 +214,7 @@ impl Encoder {
                 let mut item = json!({"id": id, "type": "reasoning", "status": "completed", "summary": [],
                     "content": [{"type": "reasoning_text", "text": text}]});
                 if let Some(encrypted) = encrypted {
-                    item["encrypted_content"] = json!(encrypted);
+                    set(&mut item, "encrypted_content", json!(encrypted));
                 }
                 event(
                     out,
@@ -239,7 +240,7 @@ impl Encoder {
                 let mut item = json!({"id": id, "type": "function_call", "status": "completed",
                     "arguments": arguments, "call_id": call_id, "name": name});
                 if let Some(namespace) = namespace {
-                    item["namespace"] = json!(namespace);
+                    set(&mut item, "namespace", json!(namespace));
                 }
                 event(
                     out,
@@ -289,7 +290,7 @@ impl Encoder {
             let mut item = json!({"id": id, "type": "function_call",
                 "status": "in_progress", "arguments": "", "call_id": call_id, "name": name});
             if let Some(namespace) = &namespace {
-                item["namespace"] = json!(namespace);
+                set(&mut item, "namespace", json!(namespace));
             }
             event(
                 out,
@@ -428,7 +429,11 @@ impl crate::relay::Encoder for Encoder {
         let usage = usage(end.usage, self.details.as_deref(), end.cost);
         if self.finish.as_ref().map(Finish::kind) == Some(Finish::Length) {
             let mut object = self.meta.object("incomplete", &self.output, usage);
-            object["incomplete_details"] = json!({"reason": "max_output_tokens"});
+            set(
+                &mut object,
+                "incomplete_details",
+                json!({"reason": "max_output_tokens"}),
+            );
             event(out, "response.incomplete", json!({"response": object}));
         } else {
             let object = self.meta.object("completed", &self.output, usage);
@@ -438,7 +443,7 @@ impl crate::relay::Encoder for Encoder {
 
     fn fail(&mut self, error: &ApiError, out: &mut Out) {
         let mut object = self.meta.object("failed", &self.output, Value::Null);
-        object["error"] = error_object(error);
+        set(&mut object, "error", error_object(error));
         event(out, "response.failed", json!({"response": object}));
     }
 
@@ -525,8 +530,38 @@ struct Failure {
 
 /// A response's `error`: `{code, message}`.
 fn error_object(error: &ApiError) -> Value {
-    let body = error.body();
-    json!({"code": body["error"]["code"], "message": body["error"]["message"]})
+    #[derive(serde::Deserialize, Default)]
+    struct Body {
+        #[serde(default)]
+        error: Inner,
+    }
+    #[derive(serde::Deserialize, Default)]
+    struct Inner {
+        #[serde(default)]
+        code: Value,
+        #[serde(default)]
+        message: Value,
+    }
+    let body = Body::deserialize(error.body()).unwrap_or_default();
+    json!({"code": body.error.code, "message": body.error.message})
+}
+
+/// Sets field `key` of `object` (an object, as every one written here is).
+fn set(object: &mut Value, key: &str, value: Value) {
+    if let Value::Object(object) = object {
+        object.insert(key.to_owned(), value);
+    }
+}
+
+/// What the fold reads of a logged event.
+#[derive(serde::Deserialize)]
+struct Logged {
+    #[serde(rename = "type", default)]
+    kind: String,
+    #[serde(default)]
+    response: Value,
+    #[serde(default)]
+    item: Value,
 }
 
 /// The `response.failed` that ends stream `id` cut short by `error` (a cancel, its
@@ -548,15 +583,19 @@ pub fn snapshot<'a>(events: impl IntoIterator<Item = &'a [u8]>) -> Option<Value>
     let mut latest: Option<Value> = None;
     let mut output = Vec::new();
     for event in events {
-        let Some(mut event) = payload(event) else {
+        let Some(event) = payload(event).and_then(|e| Logged::deserialize(e).ok()) else {
             continue;
         };
-        match event["type"].as_str().unwrap_or_default() {
+        match event.kind.as_str() {
             "response.completed" | "response.incomplete" | "response.failed" => {
-                let mut response = event["response"].take();
+                let mut response = event.response;
                 // A cut-short ending carries no output: the items finished before it.
-                if response["output"].as_array().is_some_and(Vec::is_empty) && !output.is_empty() {
-                    response["output"] = Value::Array(std::mem::take(&mut output));
+                if let Value::Object(end) = &mut response
+                    && !output.is_empty()
+                    && let Some(outputs) = end.get_mut("output")
+                    && outputs.as_array().is_some_and(Vec::is_empty)
+                {
+                    *outputs = Value::Array(std::mem::take(&mut output));
                 }
                 if let (Some(Value::Object(base)), Value::Object(end)) = (&latest, &mut response) {
                     for (key, value) in base {
@@ -566,9 +605,9 @@ pub fn snapshot<'a>(events: impl IntoIterator<Item = &'a [u8]>) -> Option<Value>
                 return Some(response);
             }
             "response.created" | "response.in_progress" | "response.queued" => {
-                latest = Some(event["response"].take());
+                latest = Some(event.response);
             }
-            "response.output_item.done" => output.push(event["item"].take()),
+            "response.output_item.done" => output.push(event.item),
             _ => {}
         }
     }
