@@ -58,6 +58,47 @@ pub trait Reader: Send {
     fn event(&mut self, data: &str, ready: &mut Vec<Delta>) -> Result<bool, BackendError>;
 }
 
+/// An API whose events are read as typed values: what ends a reply, and what an event is
+/// in the pivot's terms.
+pub trait Translate: Default + Send + 'static {
+    type Event: serde::de::DeserializeOwned;
+
+    /// After it the reply has no more.
+    fn ends(event: &Self::Event) -> bool;
+
+    /// Reads one event into the pivot's events in `ready`.
+    fn translate(&mut self, event: Self::Event, ready: &mut Vec<Delta>)
+    -> Result<(), BackendError>;
+}
+
+/// One reply's events of such an API: relayed as they came (`native`), or read.
+pub struct Typed<T> {
+    native: bool,
+    reader: T,
+}
+
+impl<T: Translate> Typed<T> {
+    pub fn reader(native: bool) -> Box<dyn Reader> {
+        Box::new(Typed {
+            native,
+            reader: T::default(),
+        })
+    }
+}
+
+impl<T: Translate> Reader for Typed<T> {
+    fn event(&mut self, data: &str, ready: &mut Vec<Delta>) -> Result<bool, BackendError> {
+        let event: T::Event = serde_json::from_str(data)
+            .map_err(|e| BackendError::Protocol(format!("an event sluice cannot read ({e})")))?;
+        let ended = T::ends(&event);
+        if self.native {
+            return relay(data, ended, ready);
+        }
+        self.reader.translate(event, ready)?;
+        Ok(ended)
+    }
+}
+
 /// An event of an upstream that speaks the client's own API, to relay as it came; the
 /// reply's end (`ended`) is its finish.
 pub fn relay(data: &str, ended: bool, ready: &mut Vec<Delta>) -> Result<bool, BackendError> {

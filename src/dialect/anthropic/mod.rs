@@ -131,7 +131,8 @@ impl Encoder {
     }
 
     /// Opens a block of `kind` (closing the one before) unless one is open already.
-    fn start(&mut self, kind: Block, block: Value, out: &mut Out) -> usize {
+    /// (`block` is written only when one opens: not once per token.)
+    fn start(&mut self, kind: Block, block: impl FnOnce() -> Value, out: &mut Out) -> usize {
         if let Some((open, index)) = &self.open
             && *open == kind
         {
@@ -143,7 +144,7 @@ impl Encoder {
         event(
             out,
             "content_block_start",
-            &json!({"type": "content_block_start", "index": index, "content_block": block}),
+            &json!({"type": "content_block_start", "index": index, "content_block": block()}),
         );
         self.open = Some((kind, index));
         index
@@ -156,7 +157,7 @@ impl Encoder {
         }
         let index = self.start(
             Block::Thinking,
-            json!({"type": "thinking", "thinking": "", "signature": ""}),
+            || json!({"type": "thinking", "thinking": "", "signature": ""}),
             out,
         );
         out.event(Some("content_block_delta"), |b| {
@@ -171,11 +172,11 @@ impl Encoder {
     /// A piece of a tool call: its `tool_use` block (opened by its first piece) and the
     /// arguments as `input_json_delta`.
     fn tool_call(&mut self, call: ToolCall, out: &mut Out) {
-        let id = call
-            .id
-            .unwrap_or_else(|| format!("toolu_{}", uuid::Uuid::new_v4().simple()));
-        let block = json!({"type": "tool_use", "id": id,
-            "name": call.name.unwrap_or_default(), "input": {}});
+        let (id, name) = (call.id, call.name);
+        let block = || {
+            let id = id.unwrap_or_else(|| format!("toolu_{}", uuid::Uuid::new_v4().simple()));
+            json!({"type": "tool_use", "id": id, "name": name.unwrap_or_default(), "input": {}})
+        };
         let index = self.start(Block::Tool(call.index), block, out);
         if !call.arguments.is_empty() {
             out.event(Some("content_block_delta"), |b| {
@@ -205,7 +206,7 @@ impl crate::relay::Encoder for Encoder {
     fn event(&mut self, delta: Delta, out: &mut Out) {
         match delta {
             Delta::Text(text) => {
-                let index = self.start(Block::Text, json!({"type": "text", "text": ""}), out);
+                let index = self.start(Block::Text, || json!({"type": "text", "text": ""}), out);
                 // Per token: the text's JSON literal, as it came.
                 out.event(Some("content_block_delta"), |b| {
                     put(b, "{\"type\":\"content_block_delta\",\"index\":");
@@ -220,7 +221,7 @@ impl crate::relay::Encoder for Encoder {
             Delta::Signature(Signature::Anthropic(signature)) => {
                 let index = self.start(
                     Block::Thinking,
-                    json!({"type": "thinking", "thinking": "", "signature": ""}),
+                    || json!({"type": "thinking", "thinking": "", "signature": ""}),
                     out,
                 );
                 event(

@@ -49,33 +49,11 @@ impl Speaker for Upstream {
     }
 
     fn reader(&self, native: bool) -> Box<dyn speaker::Reader> {
-        Box::new(Events {
-            native,
-            reader: Reader::default(),
-        })
+        speaker::Typed::<Reader>::reader(native)
     }
 
     fn carried(&self) -> &'static [&'static str] {
         &CARRIED
-    }
-}
-
-/// One reply's events, relayed or read.
-struct Events {
-    native: bool,
-    reader: Reader,
-}
-
-impl speaker::Reader for Events {
-    fn event(&mut self, data: &str, ready: &mut Vec<Delta>) -> Result<bool, BackendError> {
-        let event: Event = serde_json::from_str(data)
-            .map_err(|e| BackendError::Protocol(format!("an event sluice cannot read ({e})")))?;
-        let ended = event.ends();
-        if self.native {
-            return speaker::relay(data, ended, ready);
-        }
-        self.reader.translate(event, ready)?;
-        Ok(ended)
     }
 }
 
@@ -269,7 +247,7 @@ fn content_blocks(content: &Content) -> Vec<Value> {
 
 /// What has been read of one message.
 #[derive(Default)]
-pub struct Reader {
+struct Reader {
     /// The kind of each content block by index, and for tool use its call's `index`.
     blocks: Vec<Option<u32>>,
     calls: u32,
@@ -422,8 +400,13 @@ impl Event {
     }
 }
 
-impl Reader {
-    /// Reads one event into the pivot's events in `ready`.
+impl speaker::Translate for Reader {
+    type Event = Event;
+
+    fn ends(event: &Event) -> bool {
+        event.ends()
+    }
+
     fn translate(&mut self, event: Event, ready: &mut Vec<Delta>) -> Result<(), BackendError> {
         match event {
             Event::MessageStart { message } => {
@@ -526,6 +509,7 @@ impl Reader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::speaker::Translate as _;
 
     #[test]
     fn a_cached_prompt_is_counted_whole_with_its_cached_parts_named() {

@@ -17,6 +17,7 @@ use super::completions::wire::lenient;
 use crate::backend::{Delta, Finish, Signature, Text, ToolCall, Usage};
 use crate::error::ApiError;
 use crate::relay::{End, Out, Relayed, payload, put};
+use upstream::{Counts, Failure};
 
 /// What a response's id begins with.
 pub const ID_PREFIX: &str = "resp_";
@@ -515,17 +516,6 @@ struct ResponseHead {
     usage: Option<Counts>,
     #[serde(default, deserialize_with = "lenient")]
     error: Option<Failure>,
-}
-
-#[derive(serde::Deserialize, Clone, Copy)]
-struct Counts {
-    input_tokens: Option<u64>,
-    output_tokens: Option<u64>,
-}
-
-#[derive(serde::Deserialize)]
-struct Failure {
-    message: Option<String>,
 }
 
 /// A response's `error`: `{code, message}`.

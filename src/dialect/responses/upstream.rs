@@ -41,33 +41,11 @@ impl Speaker for Upstream {
     }
 
     fn reader(&self, native: bool) -> Box<dyn speaker::Reader> {
-        Box::new(Events {
-            native,
-            reader: Reader::default(),
-        })
+        speaker::Typed::<Reader>::reader(native)
     }
 
     fn carried(&self) -> &'static [&'static str] {
         &CARRIED
-    }
-}
-
-/// One reply's events, relayed or read.
-struct Events {
-    native: bool,
-    reader: Reader,
-}
-
-impl speaker::Reader for Events {
-    fn event(&mut self, data: &str, ready: &mut Vec<Delta>) -> Result<bool, BackendError> {
-        let event: Event = serde_json::from_str(data)
-            .map_err(|e| BackendError::Protocol(format!("an event sluice cannot read ({e})")))?;
-        let ended = event.ends();
-        if self.native {
-            return speaker::relay(data, ended, ready);
-        }
-        self.reader.translate(event, ready)?;
-        Ok(ended)
     }
 }
 
@@ -213,7 +191,7 @@ fn content(content: &Content, assistant: bool) -> Value {
 
 /// What has been read of one response.
 #[derive(Default)]
-pub struct Reader {
+struct Reader {
     /// Function calls seen so far: the chat `index` of the next one.
     calls: u32,
 }
@@ -290,15 +268,16 @@ struct Finished {
     error: Option<Failure>,
 }
 
-#[derive(serde::Deserialize)]
-struct Counts {
-    input_tokens: Option<u64>,
-    output_tokens: Option<u64>,
+/// A usage object's two counts.
+#[derive(serde::Deserialize, Clone, Copy)]
+pub(crate) struct Counts {
+    pub(crate) input_tokens: Option<u64>,
+    pub(crate) output_tokens: Option<u64>,
 }
 
 #[derive(serde::Deserialize)]
-struct Failure {
-    message: Option<String>,
+pub(crate) struct Failure {
+    pub(crate) message: Option<String>,
 }
 
 impl Event {
@@ -333,8 +312,15 @@ impl Reader {
             ready.push(Delta::Usage(Usage::new(clamp(input), clamp(output))));
         }
     }
+}
 
-    /// Reads one event into the pivot's events in `ready`.
+impl speaker::Translate for Reader {
+    type Event = Event;
+
+    fn ends(event: &Event) -> bool {
+        event.ends()
+    }
+
     fn translate(&mut self, event: Event, ready: &mut Vec<Delta>) -> Result<(), BackendError> {
         match event {
             Event::TextDelta { delta: Some(text) } => ready.push(Delta::Text(Text::plain(&text))),
